@@ -1,0 +1,1 @@
+"""pytest fixtures for applications built on btcchannel (regtest bitcoind)."""
