@@ -1,1 +1,111 @@
-"""pytest fixtures for applications built on btcchannel (regtest bitcoind)."""
+"""pytest fixtures for applications built on btcchannel: a real regtest bitcoind.
+
+Registered through the ``pytest11`` entry point, so any project that installs
+btcchannel gets them:
+
+- ``bitcoind`` (session): a running :class:`~btcchannel.regtest.RegtestNode`
+  past height 200, with a ``miner`` wallet holding mature coins;
+- ``funded_wallet``: the name of a fresh wallet on it holding 10 BTC, confirmed;
+- ``node_datadir``: a per-test folder, removed when the test passes and kept
+  (its path printed) when it fails;
+- ``node_factory``: starts more nodes for a test (stopped at its end).
+
+The session node's datadir is kept when any test of the session failed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from btcchannel.regtest import BitcoindBinary, RegtestNode, find_bitcoind
+
+FUNDED_WALLET_SAT = 10 * 100_000_000
+_wallet_numbers = itertools.count(1)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    report = yield
+    setattr(item, f"btcchannel_rep_{report.when}", report)
+    return report
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(
+        getattr(request.node, f"btcchannel_rep_{when}", None) is not None
+        and getattr(request.node, f"btcchannel_rep_{when}").failed
+        for when in ("setup", "call")
+    )
+
+
+@pytest.fixture(scope="session")
+def bitcoind_binary() -> BitcoindBinary:
+    """The bitcoind every node of the session runs (found or fetched once)."""
+    return find_bitcoind()
+
+
+@pytest.fixture(scope="session")
+def bitcoind(
+    bitcoind_binary: BitcoindBinary, tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[RegtestNode]:
+    """A regtest node for the whole session, mined past height 200."""
+    datadir = tmp_path_factory.mktemp("bitcoind")
+    node = RegtestNode(datadir=datadir, binary=bitcoind_binary)
+    node.start()
+    try:
+        node.prepare(201)
+        yield node
+    finally:
+        node.stop()
+        if request.session.testsfailed:
+            print(f"\nbitcoind datadir kept: {datadir}")
+        else:
+            shutil.rmtree(datadir, ignore_errors=True)
+
+
+@pytest.fixture
+def node_datadir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A folder for this test's node; kept (and named) if the test fails."""
+    path = tmp_path_factory.mktemp("node")
+    yield path
+    if _failed(request):
+        print(f"\ndatadir kept: {path}")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def funded_wallet(bitcoind: RegtestNode) -> str:
+    """The name of a fresh wallet holding 10 BTC, confirmed."""
+    name = f"funded{next(_wallet_numbers)}"
+    bitcoind.fund_wallet(name, FUNDED_WALLET_SAT)
+    return name
+
+
+@pytest.fixture
+def node_factory(
+    bitcoind_binary: BitcoindBinary, request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[], RegtestNode]]:
+    """Start extra regtest nodes for one test; all are stopped when it ends."""
+    nodes: list[RegtestNode] = []
+
+    def start() -> RegtestNode:
+        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary)
+        nodes.append(node)
+        return node.start()
+
+    yield start
+    for node in nodes:
+        node.stop()
+        if _failed(request):
+            print(f"\ndatadir kept: {node.datadir}")
+        else:
+            shutil.rmtree(node.datadir, ignore_errors=True)
