@@ -42,6 +42,8 @@ from typing import Any, Iterable
 
 from btcchannel.errors import BadRequest, UnknownChannel
 
+_Inputs = list[list[Any]]
+
 __all__ = [
     "PayeeRecord",
     "PayeeStore",
@@ -112,6 +114,8 @@ class PayeeRecord:
     units: int = 0
     owed_sat: int = 0
     owed_since: float | None = None
+    created_height: int = 0
+    funding_inputs: list[list[Any]] = field(default_factory=list)
     updated_at: float = 0.0
 
 
@@ -142,6 +146,8 @@ CREATE TABLE IF NOT EXISTS channels (
     units INTEGER NOT NULL DEFAULT 0,
     owed_sat INTEGER NOT NULL DEFAULT 0,
     owed_since REAL,
+    created_height INTEGER NOT NULL DEFAULT 0,
+    funding_inputs TEXT NOT NULL DEFAULT '[]',
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS channels_state ON channels(state);
@@ -154,6 +160,7 @@ def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
     d = dict(row)
     d["params"] = json.loads(d["params"])
     d["close_txids"] = json.loads(d["close_txids"])
+    d["funding_inputs"] = json.loads(d["funding_inputs"])
     d["privkey"] = bytes(d["privkey"])
     if d["signature"] is not None:
         d["signature"] = bytes(d["signature"])
@@ -212,20 +219,28 @@ class PayeeStore:
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " lapse_at, max_units, max_total_sat, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " lapse_at, max_units, max_total_sat, created_height, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id, "proposed", json.dumps(rec.params), rec.privkey, rec.deposit_sat,
-                rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat, now,
+                rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
+                rec.created_height, now,
             ),
         )
 
-    def set_funding(self, channel_id: str, txid: str, vout: int, confirmations: int) -> bool:
-        """``proposed`` -> ``funding`` with the funding outpoint; False if not proposed any more."""
+    def set_funding(
+        self, channel_id: str, txid: str, vout: int, confirmations: int,
+        funding_inputs: _Inputs | None = None,
+    ) -> bool:
+        """``proposed`` -> ``funding`` with the funding outpoint; False if not proposed any more.
+
+        ``funding_inputs`` ([txid, vout] pairs the funding transaction spends)
+        let the watcher name the transaction that double-spent a funding.
+        """
         try:
             return self._update(
                 "UPDATE channels SET state='funding', funding_txid=?, funding_vout=?, confirmations=?,"
-                " lapse_at=NULL, updated_at=? WHERE channel_id=? AND state='proposed'",
-                (txid, vout, confirmations, time.time(), channel_id),
+                " funding_inputs=?, lapse_at=NULL, updated_at=? WHERE channel_id=? AND state='proposed'",
+                (txid, vout, confirmations, json.dumps(funding_inputs or []), time.time(), channel_id),
             )
         except sqlite3.IntegrityError as exc:
             raise BadRequest("this funding outpoint is already used by another channel") from exc
@@ -253,7 +268,8 @@ class PayeeStore:
     ) -> bool:
         """Store a new best payment if the channel is open and it beats the stored one.
 
-        ``owed_sat`` (metered postpay) resets the owed total and its timer.
+        ``owed_sat`` (metered postpay): the owed total this payment settles;
+        the payment timer is cleared only if nothing more is owed by now.
         Returns False (nothing written) if the row changed under us: the
         caller re-reads it and decides again.
         """
@@ -264,7 +280,8 @@ class PayeeStore:
                 (amount_sat, signature, units_delta, time.time(), channel_id, amount_sat),
             )
         return self._update(
-            "UPDATE channels SET amount_sat=?, signature=?, units=units+?, owed_sat=?, owed_since=NULL,"
+            "UPDATE channels SET amount_sat=?, signature=?, units=units+?,"
+            " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
             " updated_at=? WHERE channel_id=? AND state='open' AND amount_sat<?",
             (amount_sat, signature, units_delta, owed_sat, time.time(), channel_id, amount_sat),
         )

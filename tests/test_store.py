@@ -84,9 +84,12 @@ def test_postpay_credit_cas(tmp_path: Path) -> None:
     assert not s.record_credit(cid, 0, 100, 1)
     rec = s.get(cid)
     assert rec.owed_sat == 100 and rec.owed_since is not None
+    assert s.record_credit(cid, 100, 200, 1)
     assert s.record_payment(cid, 100, b"s", owed_sat=100)
+    assert s.get(cid).owed_since is not None  # 100 more owed since
+    assert s.record_payment(cid, 200, b"t", owed_sat=200)
     rec = s.get(cid)
-    assert rec.owed_since is None and rec.amount_sat == 100
+    assert rec.owed_since is None and rec.amount_sat == 200 and rec.owed_sat == 200
 
 
 def test_lapse(tmp_path: Path) -> None:

@@ -1,0 +1,355 @@
+"""The payer's client: opens, funds, pays, closes and refunds channels over HTTP.
+
+Entry points (what the CLI calls)::
+
+    class PayerClient:
+        def __init__(self, datadir: str | os.PathLike[str], node: Node, *, network: str = "regtest",
+                     timeout: float = 30.0, fee_rate_sat_vb: float | None = None) -> None
+        async def aclose(self) -> None                      # also: async with PayerClient(...) as c
+        async def info(self, server_url: str) -> dict[str, Any]
+        async def open_channel(self, server_url: str, deposit_sat: int, lifetime_blocks: int, *,
+                               wait_open: bool = True, open_timeout: float = 600.0,
+                               max_units: int | None = None, max_total_sat: int | None = None) -> str
+        async def wait_open(self, channel_id: str, timeout: float = 600.0) -> dict[str, Any]
+        async def pay(self, channel_id: str, increment: int | None = None, *,
+                      amount: int | None = None) -> int          # returns the acknowledged total
+        async def sign_next(self, channel_id: str, amount: int) -> Payment   # stored, not sent (metered)
+        async def resume(self, channel_id: str) -> dict[str, Any]    # reconcile with the payee
+        async def status(self, channel_id: str) -> dict[str, Any]    # GET /v1/channels/{id}
+        async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
+        async def refund(self, channel_id: str, *, fee_rate_sat_vb: float | None = None,
+                         dest_address: str | None = None) -> str     # refund txid (after expiry)
+        def list(self) -> list[PayerRecord]
+        def export_backup(self) -> dict[str, Any]
+        def import_backup(self, data: dict[str, Any]) -> int
+
+The payer's state lives in ``<datadir>/payer.db`` (``PayerStore``). A payment
+is signed, **stored**, and only then sent; after a crash ``resume`` re-sends
+the stored payment if the payee has not acknowledged it, so the payer never
+signs a lower amount than one it may have handed out. Every HTTP call has a
+timeout; the payee's error codes come back as the typed errors of
+``btcchannel.errors``; an answer that contradicts the protocol raises
+``ProtocolViolation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from btcchannel import keys, script
+from btcchannel.channel import ChannelParams, ChannelState, PayerChannel, Payment
+from btcchannel.errors import (
+    BadRequest,
+    ChannelError,
+    NodeUnavailable,
+    NotOpen,
+    ProtocolViolation,
+    StalePayment,
+    error_for_code,
+)
+from btcchannel.node import Node
+from btcchannel.store import PayerRecord, PayerStore
+from btcchannel.tx import OutPoint
+
+__all__ = ["PayerClient"]
+
+
+class PayerClient:
+    """The payer: one datadir (its ``payer.db``) and one node wallet that funds channels."""
+
+    def __init__(
+        self,
+        datadir: str | os.PathLike[str],
+        node: Node,
+        *,
+        network: str = "regtest",
+        timeout: float = 30.0,
+        fee_rate_sat_vb: float | None = None,
+    ) -> None:
+        self.datadir = Path(datadir)
+        self.node = node
+        self.network = script.check_network(network)
+        self.timeout = timeout
+        self.fee_rate_sat_vb = fee_rate_sat_vb
+        self.store = PayerStore(self.datadir / "payer.db")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> PayerClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP session and the store."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self.store.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared HTTP session (created on first use)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        return self._session
+
+    # -- HTTP -----------------------------------------------------------------------
+    async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+        """One JSON request; typed errors for error bodies, ``NodeUnavailable`` if unreachable."""
+        try:
+            async with self.session.request(method, url, json=body) as resp:
+                status = resp.status
+                try:
+                    data = await resp.json(content_type=None)
+                except ValueError as exc:
+                    raise ProtocolViolation(f"{method} {url}: answer is not JSON (HTTP {status})") from exc
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise NodeUnavailable(f"payee unreachable: {method} {url}: {exc!r}") from exc
+        if status >= 400:
+            err = data.get("error") if isinstance(data, dict) else None
+            if isinstance(err, dict) and isinstance(err.get("code"), str):
+                raise error_for_code(err["code"], str(err.get("message", "")))
+            raise ProtocolViolation(f"{method} {url}: HTTP {status} without an error body")
+        return status, data
+
+    async def info(self, server_url: str) -> dict[str, Any]:
+        """The payee's ``GET /v1/info``."""
+        _, data = await self.request("GET", f"{server_url.rstrip('/')}/v1/info")
+        if not isinstance(data, dict):
+            raise ProtocolViolation("info is not an object")
+        return data
+
+    # -- channels ---------------------------------------------------------------------
+    def _channel(self, rec: PayerRecord) -> PayerChannel:
+        params = ChannelParams.from_json(rec.params)
+        if params.funding is None and rec.funding_txid is not None and rec.funding_vout is not None:
+            params = params.with_funding(OutPoint(rec.funding_txid, rec.funding_vout))
+        payment = Payment(rec.amount_sat, rec.signature) if rec.signature is not None else None
+        state = ChannelState(rec.state) if params.funding is not None else ChannelState.PROPOSED
+        return PayerChannel(params, rec.privkey, state=state, payment=payment)
+
+    def _url(self, rec: PayerRecord, suffix: str = "") -> str:
+        return f"{rec.server_url.rstrip('/')}/v1/channels/{rec.channel_id}{suffix}"
+
+    async def open_channel(
+        self,
+        server_url: str,
+        deposit_sat: int,
+        lifetime_blocks: int,
+        *,
+        wait_open: bool = True,
+        open_timeout: float = 600.0,
+        max_units: int | None = None,
+        max_total_sat: int | None = None,
+    ) -> str:
+        """Propose, check, fund and register a channel; returns its id.
+
+        The payee's answer is checked against the witness script recomputed
+        from both keys and the expiry; any difference raises
+        ``ProtocolViolation`` before a satoshi is spent. With ``wait_open``
+        it waits (up to ``open_timeout`` s) for the payee to report ``open``.
+        """
+        info = await self.info(server_url)
+        if info.get("network") != self.network:
+            raise ProtocolViolation(f"payee runs on {info.get('network')!r}, not {self.network!r}")
+        tip = await self.node.tip_height()
+        expiry = tip + lifetime_blocks
+        privkey = keys.generate_private_key()
+        pubkey = keys.public_key(privkey)
+        payer_script = script.address_to_script(await self.node.new_address(), self.network)
+        body: dict[str, Any] = {
+            "payer_pubkey": pubkey.hex(), "deposit_sat": deposit_sat,
+            "expiry_height": expiry, "payer_script": payer_script.hex(),
+        }
+        if max_units is not None:
+            body["max_units"] = max_units
+        if max_total_sat is not None:
+            body["max_total_sat"] = max_total_sat
+        _, ans = await self.request("POST", f"{server_url.rstrip('/')}/v1/channels", body)
+        params = self._check_proposal(ans, pubkey, payer_script, deposit_sat, expiry)
+        cid = ans["channel_id"]
+        self.store.insert(
+            PayerRecord(
+                channel_id=cid, server_url=server_url, state="proposed", params=params.to_json(),
+                privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry,
+            )
+        )
+        outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
+        params = params.with_funding(outpoint)
+        self.store.set_state(cid, "funding", funding_txid=outpoint.txid, funding_vout=outpoint.vout,
+                             params=params.to_json())
+        await self._register_funding(cid)
+        if wait_open:
+            await self.wait_open(cid, open_timeout)
+        return str(cid)
+
+    def _check_proposal(
+        self, ans: Any, pubkey: bytes, payer_script: bytes, deposit_sat: int, expiry: int
+    ) -> ChannelParams:
+        want = {"channel_id", "payee_pubkey", "witness_script", "funding_address", "funding_script",
+                "deposit_sat", "expiry_height"}
+        if not isinstance(ans, dict) or not want <= set(ans):
+            raise ProtocolViolation("the proposal answer lacks fields")
+        cid = ans["channel_id"]
+        if not isinstance(cid, str) or len(cid) != 32 or any(c not in "0123456789abcdef" for c in cid):
+            raise ProtocolViolation("bad channel_id")
+        try:
+            payee_pubkey = keys.check_public_key(bytes.fromhex(ans["payee_pubkey"]))
+            params = ChannelParams(network=self.network, payer_pubkey=pubkey, payee_pubkey=payee_pubkey,
+                                   expiry_height=expiry, deposit_sat=deposit_sat, payer_script=payer_script)
+        except (ChannelError, TypeError, ValueError) as exc:
+            raise ProtocolViolation(f"the payee's proposal is invalid: {exc}") from exc
+        if (
+            ans["witness_script"] != params.witness_script.hex()
+            or ans["funding_script"] != params.funding_script.hex()
+            or ans["funding_address"] != params.funding_address
+            or ans["deposit_sat"] != deposit_sat
+            or ans["expiry_height"] != expiry
+        ):
+            raise ProtocolViolation("the payee's funding script differs from the one recomputed: not funding")
+        return params
+
+    async def _register_funding(self, cid: str) -> dict[str, Any]:
+        rec = self.store.get(cid)
+        _, obj = await self.request("POST", self._url(rec, "/funding"),
+                                    {"txid": rec.funding_txid, "vout": rec.funding_vout})
+        self._note_remote(rec, obj)
+        return dict(obj)
+
+    def _note_remote(self, rec: PayerRecord, obj: Any) -> None:
+        if not isinstance(obj, dict) or obj.get("channel_id") != rec.channel_id:
+            raise ProtocolViolation("the channel object names another channel")
+        state = obj.get("state")
+        if state in ("open", "closing", "closed", "refunded", "failed") and state != rec.state:
+            if not (rec.state == "refunded"):
+                fields: dict[str, Any] = {}
+                if obj.get("close_txid"):
+                    fields["close_txid"] = obj["close_txid"]
+                self.store.set_state(rec.channel_id, state, **fields)
+        amt = obj.get("amount_sat")
+        if isinstance(amt, int) and not isinstance(amt, bool):
+            if amt > rec.amount_sat:
+                raise ProtocolViolation(f"the payee claims {amt} sat but we never signed more than {rec.amount_sat}")
+            self.store.set_acked(rec.channel_id, amt)
+
+    async def status(self, channel_id: str) -> dict[str, Any]:
+        """The payee's channel object (and the local record updated from it)."""
+        rec = self.store.get(channel_id)
+        _, obj = await self.request("GET", self._url(rec))
+        self._note_remote(rec, obj)
+        return dict(obj)
+
+    async def wait_open(self, channel_id: str, timeout: float = 600.0) -> dict[str, Any]:
+        """Poll the payee until the channel is ``open`` (``TimeoutError`` after ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = await self.status(channel_id)
+            if obj["state"] == "open":
+                return obj
+            if obj["state"] not in ("proposed", "funding"):
+                raise NotOpen(f"the channel is {obj['state']}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"channel {channel_id} not open after {timeout} s")
+            await asyncio.sleep(0.2)
+
+    async def sign_next(self, channel_id: str, amount: int) -> Payment:
+        """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered."""
+        rec = self.store.get(channel_id)
+        if rec.state == "funding":
+            await self.status(channel_id)  # the payee decides when it is open
+            rec = self.store.get(channel_id)
+        if rec.state != "open":
+            raise NotOpen(f"the channel is {rec.state}")
+        ch = self._channel(rec)
+        payment = ch.sign_payment(amount)
+        if not self.store.save_signed(channel_id, payment.amount_sat, payment.signature):
+            raise StalePayment("a higher payment is already stored")
+        ch.commit_payment(payment)
+        return payment
+
+    async def _send(self, rec: PayerRecord, payment: Payment) -> int:
+        _, ans = await self.request("POST", self._url(rec, "/payments"), payment.to_json())
+        if not isinstance(ans, dict) or ans.get("amount_sat") != payment.amount_sat:
+            raise ProtocolViolation(f"payment of {payment.amount_sat} answered with {ans!r}")
+        self.store.set_acked(rec.channel_id, payment.amount_sat)
+        if ans.get("state") in ("closing", "closed"):
+            self.store.set_state(rec.channel_id, str(ans["state"]))
+        return payment.amount_sat
+
+    async def pay(self, channel_id: str, increment: int | None = None, *, amount: int | None = None) -> int:
+        """Pay ``increment`` more, or up to the cumulative ``amount``; returns the acknowledged total.
+
+        An unacknowledged stored payment is re-sent first (``resume``).
+        """
+        if (increment is None) == (amount is None):
+            raise BadRequest("give exactly one of increment and amount")
+        rec = self.store.get(channel_id)
+        if rec.amount_sat > rec.acked_sat:
+            await self.resume(channel_id)
+            rec = self.store.get(channel_id)
+        target = rec.amount_sat + increment if increment is not None else amount
+        assert target is not None
+        payment = await self.sign_next(channel_id, target)
+        return await self._send(self.store.get(channel_id), payment)
+
+    async def resume(self, channel_id: str) -> dict[str, Any]:
+        """Reconcile with the payee after a restart: re-send the stored payment if it was not acknowledged."""
+        rec = self.store.get(channel_id)
+        if rec.state == "funding" and rec.funding_txid is not None:
+            obj = await self.status(channel_id)
+            if obj["state"] == "proposed":
+                await self._register_funding(channel_id)
+        obj = await self.status(channel_id)
+        rec = self.store.get(channel_id)
+        if obj["state"] == "open" and rec.signature is not None and obj["amount_sat"] < rec.amount_sat:
+            await self._send(rec, Payment(rec.amount_sat, rec.signature))
+            obj = await self.status(channel_id)
+        return obj
+
+    async def close(self, channel_id: str) -> dict[str, Any]:
+        """Ask the payee to close with the last payment (signed close request)."""
+        rec = self.store.get(channel_id)
+        ch = self._channel(rec)
+        sig = ch.close_request_signature(channel_id)
+        _, obj = await self.request("POST", self._url(rec, "/close"), {"signature": sig.hex()})
+        self._note_remote(rec, obj)
+        return dict(obj)
+
+    async def refund(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> str:
+        """Take the whole deposit back through the timelocked path (``NotExpired`` before expiry)."""
+        rec = self.store.get(channel_id)
+        params = ChannelParams.from_json(rec.params)
+        if params.funding is None:
+            raise NotOpen("the channel was never funded")
+        ch = PayerChannel(params, rec.privkey, state=ChannelState.OPEN)
+        tip = await self.node.tip_height()
+        rate = fee_rate_sat_vb or self.fee_rate_sat_vb or await self.node.estimate_fee_rate()
+        dest = script.address_to_script(dest_address, self.network) if dest_address else None
+        tx = ch.build_refund(tip, rate, dest)
+        txid = await self.node.broadcast(tx.serialize().hex())
+        self.store.set_state(channel_id, "refunded", refund_txid=txid)
+        return txid
+
+    def list(self) -> list[PayerRecord]:
+        """Every channel in the payer's store."""
+        return self.store.list()
+
+    def export_backup(self) -> dict[str, Any]:
+        """All channels with their keys (keep it secret)."""
+        return self.store.export_backup()
+
+    def import_backup(self, data: dict[str, Any]) -> int:
+        """Merge a backup (keeps the higher signed amount per channel)."""
+        return self.store.import_backup(data)
