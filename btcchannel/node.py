@@ -1,0 +1,472 @@
+"""The Bitcoin node, as the rest of btcchannel sees it (asynchronous).
+
+:class:`Node` wraps bitcoind's JSON-RPC interface through the ``bitcoinrpc``
+package and exposes only what payment channels need: the chain tip, unspent
+outputs and confirmations, ``testmempoolaccept`` and broadcast, fee estimates,
+finding the transaction that spends an outpoint, and funding an output from the
+node's wallet.
+
+This module is the RPC edge of the library:
+
+- amounts are integer satoshis on the Python side; bitcoind's BTC floats are
+  converted exactly on the way in and amounts are sent as decimal strings on
+  the way out (never floats);
+- failures are typed: an unreachable, timed-out, warming-up or
+  credential-refusing node raises :class:`~btcchannel.errors.NodeUnavailable`,
+  an RPC error raises :class:`~btcchannel.errors.NodeError` with the node's
+  ``rpc_code`` (see the ``RPC_*`` constants below);
+- authentication is either ``rpcuser``/``rpcpassword`` (``auth=``) or the
+  node's cookie file (``cookie_file=``, normally ``<datadir>/<network>/.cookie``),
+  which is read lazily and read again when the node refuses it (bitcoind writes
+  a new cookie every time it starts);
+- wallet calls go to ``<url>/wallet/<name>``; every endpoint shares one HTTP
+  connection pool.
+
+Example::
+
+    async with Node("http://127.0.0.1:18443", cookie_file=datadir / "regtest/.cookie",
+                    wallet="payer") as node:
+        outpoint = await node.fund_output(funding_script, 100_000)
+        print(await node.tx_confirmations(outpoint.txid))
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import orjson
+from bitcoinrpc import BitcoinRPC, RPCError
+
+from btcchannel.amounts import btc_to_sat, sat_to_btc
+from btcchannel.errors import NodeError, NodeUnavailable
+from btcchannel.tx import OutPoint
+
+__all__ = [
+    "Node",
+    "TxOutInfo",
+    "RPC_MISC_ERROR",
+    "RPC_INVALID_ADDRESS_OR_KEY",
+    "RPC_WALLET_ERROR",
+    "RPC_WALLET_INSUFFICIENT_FUNDS",
+    "RPC_VERIFY_ERROR",
+    "RPC_VERIFY_REJECTED",
+    "RPC_VERIFY_ALREADY_IN_CHAIN",
+    "RPC_IN_WARMUP",
+    "RPC_INVALID_PARAMETER",
+    "RPC_METHOD_NOT_FOUND",
+    "RPC_WALLET_NOT_FOUND",
+    "RPC_WALLET_NOT_SPECIFIED",
+]
+
+# bitcoind's RPC error codes (src/rpc/protocol.h) that callers may want to test for.
+RPC_MISC_ERROR = -1
+RPC_INVALID_ADDRESS_OR_KEY = -5      # also "No such mempool or blockchain transaction"
+RPC_WALLET_ERROR = -4                # fundrawtransaction's "Insufficient funds", among others
+RPC_WALLET_INSUFFICIENT_FUNDS = -6
+RPC_WALLET_NOT_FOUND = -18
+RPC_WALLET_NOT_SPECIFIED = -19
+RPC_VERIFY_ERROR = -25               # e.g. missing inputs / bad-txns-inputs-missingorspent
+RPC_VERIFY_REJECTED = -26            # rejected by policy or consensus (e.g. non-final)
+RPC_VERIFY_ALREADY_IN_CHAIN = -27
+RPC_IN_WARMUP = -28
+RPC_INVALID_PARAMETER = -8
+RPC_METHOD_NOT_FOUND = -32601
+
+_HEADERS = {"content-type": "application/json"}
+_BTC_PER_KVB_IN_SAT_PER_VB = 100_000_000 / 1000  # a fee rate in BTC/kvB times this is sat/vB
+
+
+@dataclass(frozen=True)
+class TxOutInfo:
+    """An unspent transaction output as the node reports it.
+
+    ``confirmations`` is 0 for an output created by a transaction still in the
+    mempool.
+    """
+
+    value_sat: int
+    script: bytes
+    confirmations: int
+
+
+def _sats(value: Any, what: str) -> int:
+    """A BTC amount from a node reply in satoshis (NodeError if it is not one)."""
+    try:
+        return btc_to_sat(value)
+    except (ValueError, ArithmeticError) as e:
+        raise NodeError(f"the node returned an invalid amount for {what}: {value!r}") from e
+
+
+class Node:
+    """An asynchronous client of one bitcoind (Bitcoin Core >= 25 or Bitcoin Knots).
+
+    :param url: the RPC URL, e.g. ``"http://127.0.0.1:8332"`` (no wallet path).
+    :param auth: ``(rpcuser, rpcpassword)``; mutually exclusive with ``cookie_file``.
+    :param cookie_file: the node's ``.cookie`` file (``<datadir>/<network>/.cookie``).
+    :param wallet: the wallet used by the wallet methods (:meth:`new_address`,
+        :meth:`fund_output`); ``None`` uses the node's default wallet (works when
+        exactly one wallet is loaded).
+    :param timeout: seconds for any single RPC (connect, write, read).
+
+    Use it as an async context manager or call :meth:`aclose` when done.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth: tuple[str, str] | None = None,
+        cookie_file: Path | None = None,
+        wallet: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        if auth is not None and cookie_file is not None:
+            raise ValueError("give either auth or cookie_file, not both")
+        self.url = url.rstrip("/")
+        self.wallet = wallet
+        self.timeout = timeout
+        self._cookie_file = Path(cookie_file) if cookie_file is not None else None
+        self._cookie: tuple[str, str] | None = None
+        self._cookie_lock = asyncio.Lock()
+        self._client = httpx.AsyncClient(
+            auth=auth, headers=_HEADERS, timeout=httpx.Timeout(timeout)
+        )
+        self._rpcs: dict[str | None, BitcoinRPC] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def __aenter__(self) -> Node:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool (idempotent)."""
+        await self._client.aclose()
+
+    def _endpoint(self, wallet: str | None) -> BitcoinRPC:
+        rpc = self._rpcs.get(wallet)
+        if rpc is None:
+            url = self.url if wallet is None else f"{self.url}/wallet/{quote(wallet, safe='')}"
+            rpc = BitcoinRPC(url, client=self._client)
+            self._rpcs[wallet] = rpc
+        return rpc
+
+    def _read_cookie(self) -> tuple[str, str]:
+        assert self._cookie_file is not None
+        try:
+            text = self._cookie_file.read_text().strip()
+        except OSError as e:
+            raise NodeUnavailable(
+                f"cannot read the node's cookie file {self._cookie_file} (is bitcoind running?): {e}"
+            ) from e
+        user, sep, password = text.partition(":")
+        if not sep:
+            raise NodeUnavailable(f"malformed cookie file {self._cookie_file}")
+        return user, password
+
+    async def _load_cookie(self, refresh: bool) -> bool:
+        """Install the cookie as the client's auth; with ``refresh``, True if it changed."""
+        async with self._cookie_lock:
+            if self._cookie is not None and not refresh:
+                return False
+            cookie = self._read_cookie()
+            changed = cookie != self._cookie
+            self._cookie = cookie
+            self._client.auth = httpx.BasicAuth(*cookie)
+            return changed
+
+    async def _acall_once(self, method: str, params: list[Any], wallet: str | None) -> Any:
+        try:
+            return await self._endpoint(wallet).acall(method, params)
+        except RPCError as e:
+            code = int(e.error.get("code", 0))
+            message = str(e.error.get("message", ""))
+            if code == RPC_IN_WARMUP:
+                raise NodeUnavailable(f"{method}: the node is starting: {message}") from e
+            raise NodeError(f"{method}: {message}", rpc_code=code) from e
+        except httpx.HTTPStatusError:
+            raise  # handled by call(), which may refresh the cookie
+        except httpx.TimeoutException as e:
+            raise NodeUnavailable(f"{method}: no answer from {self.url} in {self.timeout:g}s") from e
+        except httpx.HTTPError as e:  # transport errors: refused, reset, DNS, protocol
+            raise NodeUnavailable(f"{method}: cannot reach {self.url}: {type(e).__name__}: {e}") from e
+        except orjson.JSONDecodeError as e:
+            raise NodeError(f"{method}: malformed reply from the node: {e}") from e
+
+    async def call(self, method: str, *params: Any, wallet: str | None = None) -> Any:
+        """One RPC call; returns the ``result`` of the reply.
+
+        ``wallet`` routes the call to ``/wallet/<wallet>`` (``None``: the node
+        endpoint, which also serves the default wallet). Parameters go out as
+        JSON: pass amounts as BTC strings (see :func:`btcchannel.amounts.sat_to_btc`).
+
+        Raises :class:`NodeError` (with ``rpc_code``) when the node answers with
+        an error, :class:`NodeUnavailable` when it cannot be reached, times out,
+        is still starting, or refuses the credentials.
+        """
+        plist = list(params)
+        if self._cookie_file is not None:
+            await self._load_cookie(refresh=False)
+        try:
+            return await self._acall_once(method, plist, wallet)
+        except httpx.HTTPStatusError as e:
+            status = e.response.status_code
+            if status == 401 and self._cookie_file is not None:
+                # bitcoind writes a fresh cookie each time it starts: re-read and retry once
+                if await self._load_cookie(refresh=True):
+                    try:
+                        return await self._acall_once(method, plist, wallet)
+                    except httpx.HTTPStatusError as e2:
+                        e, status = e2, e2.response.status_code
+            if status in (401, 403):
+                raise NodeUnavailable(
+                    f"{method}: the node refused the RPC credentials (HTTP {status})"
+                ) from e
+            if status == 503:
+                raise NodeUnavailable(f"{method}: the node is busy (HTTP 503)") from e
+            raise NodeError(f"{method}: HTTP {status} from the node") from e
+
+    # ------------------------------------------------------------------ chain
+
+    async def tip_height(self) -> int:
+        """The height of the node's best block."""
+        return int(await self.call("getblockcount"))
+
+    async def get_txout(self, outpoint: OutPoint, include_mempool: bool = True) -> TxOutInfo | None:
+        """The unspent output at ``outpoint``, or ``None`` if it is spent or unknown.
+
+        With ``include_mempool`` (the default) an output spent in the mempool is
+        ``None`` and one created in the mempool is returned with 0 confirmations.
+        """
+        res = await self.call("gettxout", outpoint.txid, outpoint.vout, include_mempool)
+        if res is None:
+            return None
+        return TxOutInfo(
+            value_sat=_sats(res["value"], "gettxout value"),
+            script=bytes.fromhex(res["scriptPubKey"]["hex"]),
+            confirmations=int(res.get("confirmations", 0)),
+        )
+
+    async def get_transaction(self, txid: str) -> dict[str, Any] | None:
+        """``getrawtransaction txid true`` (a dict), or ``None`` if the node does not know it.
+
+        Confirmed transactions are found through the node's ``-txindex`` (or, for
+        wallet transactions, its wallet); amounts in the dict are bitcoind's BTC
+        floats, untouched.
+        """
+        try:
+            res = await self.call("getrawtransaction", txid, True)
+        except NodeError as e:
+            if e.rpc_code == RPC_INVALID_ADDRESS_OR_KEY:
+                return None
+            raise
+        return dict(res)
+
+    async def tx_confirmations(self, txid: str) -> int | None:
+        """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool."""
+        tx = await self.get_transaction(txid)
+        if tx is None:
+            if self.wallet is None:
+                return None
+            try:  # without -txindex the wallet still knows its own transactions
+                wtx = await self.call("gettransaction", txid, wallet=self.wallet)
+            except NodeError as e:
+                if e.rpc_code in (RPC_INVALID_ADDRESS_OR_KEY, RPC_WALLET_NOT_FOUND):
+                    return None
+                raise
+            conf = int(wtx.get("confirmations", 0))
+            if conf < 0:  # conflicted by a confirmed transaction
+                return None
+        else:
+            conf = int(tx.get("confirmations", 0))
+            if conf > 0 or "blockhash" not in tx:
+                return conf
+        # a wallet transaction that was replaced, or one indexed in a block that is no
+        # longer in the active chain: it counts only if it is (back) in the mempool
+        if conf == 0 and not await self._in_mempool(txid):
+            return None
+        return conf
+
+    async def _in_mempool(self, txid: str) -> bool:
+        try:
+            await self.call("getmempoolentry", txid)
+        except NodeError as e:
+            if e.rpc_code == RPC_INVALID_ADDRESS_OR_KEY:
+                return False
+            raise
+        return True
+
+    async def test_mempool_accept(self, tx_hex: str) -> tuple[bool, str | None]:
+        """Would the node's mempool accept this transaction now?
+
+        Returns ``(True, None)`` or ``(False, reject_reason)`` where the reason is
+        bitcoind's ``reject-reason`` (e.g. ``"non-final"``,
+        ``"missing-inputs"``, ``"txn-mempool-conflict"``), followed by
+        ``": <reject-details>"`` when the node gives details.
+        """
+        res = await self.call("testmempoolaccept", [tx_hex])
+        entry = res[0]
+        if entry.get("allowed"):
+            return True, None
+        reason = str(entry.get("reject-reason") or entry.get("package-error") or "rejected")
+        details = entry.get("reject-details")
+        if details and details != reason:
+            reason = f"{reason}: {details}"
+        return False, reason
+
+    async def broadcast(self, tx_hex: str) -> str:
+        """Send a signed transaction to the network; returns its txid.
+
+        Broadcasting a transaction already in the mempool returns its txid again;
+        one already confirmed raises :class:`NodeError` with
+        ``rpc_code == RPC_VERIFY_ALREADY_IN_CHAIN``; a rejected one
+        ``RPC_VERIFY_REJECTED`` or ``RPC_VERIFY_ERROR`` (missing or spent inputs).
+        """
+        return str(await self.call("sendrawtransaction", tx_hex))
+
+    async def estimate_fee_rate(self, conf_target: int = 6, fallback_sat_vb: float = 2.0) -> float:
+        """A fee rate in sat/vB for confirmation within ``conf_target`` blocks.
+
+        Uses ``estimatesmartfee``; when the node has no estimate (always the case
+        on regtest, and on a node that has just started) ``fallback_sat_vb`` is
+        used. The result is never below the node's current mempool minimum fee.
+        """
+        rate = fallback_sat_vb
+        res = await self.call("estimatesmartfee", conf_target)
+        if isinstance(res, dict) and res.get("feerate") is not None:
+            rate = float(res["feerate"]) * _BTC_PER_KVB_IN_SAT_PER_VB
+        info = await self.call("getmempoolinfo")
+        floor = max(float(info.get("mempoolminfee", 0)), float(info.get("minrelaytxfee", 0)))
+        return max(rate, floor * _BTC_PER_KVB_IN_SAT_PER_VB)
+
+    # ------------------------------------------------------------------ wallet
+
+    async def new_address(self) -> str:
+        """A fresh bech32 (P2WPKH) receiving address of the wallet."""
+        return str(await self.call("getnewaddress", "", "bech32", wallet=self.wallet))
+
+    async def _script_address(self, script: bytes) -> str:
+        res = await self.call("decodescript", script.hex())
+        address = res.get("address") if isinstance(res, dict) else None
+        if not address:
+            raise NodeError(f"script {script.hex()} has no address form", rpc_code=RPC_MISC_ERROR)
+        return str(address)
+
+    async def fund_output(
+        self, script: bytes, amount_sat: int, *, fee_rate_sat_vb: float | None = None
+    ) -> OutPoint:
+        """Pay exactly ``amount_sat`` to ``script`` from the wallet, broadcast, return the outpoint.
+
+        The transaction is built with ``createrawtransaction`` (the funded output
+        first, locktime 0), funded by the wallet with bech32 change placed
+        after it, signed, checked with ``testmempoolaccept``, broadcast, and
+        checked to be in the mempool. ``fee_rate_sat_vb`` overrides the wallet's
+        own fee choice. Raises :class:`NodeError` if any step fails (an
+        underfunded wallet: ``RPC_WALLET_ERROR``, "Insufficient funds"); the wallet's coins
+        are not left locked.
+        """
+        if isinstance(amount_sat, bool) or not isinstance(amount_sat, int) or amount_sat <= 0:
+            raise ValueError("amount_sat must be a positive integer")
+        address = await self._script_address(script)
+        raw = await self.call("createrawtransaction", [], [{address: sat_to_btc(amount_sat)}], 0, True)
+        options: dict[str, Any] = {"change_type": "bech32", "changePosition": 1, "lockUnspents": True}
+        if fee_rate_sat_vb is not None:
+            options["fee_rate"] = f"{fee_rate_sat_vb:.3f}"
+        funded = await self.call("fundrawtransaction", raw, options, wallet=self.wallet)
+        unfunded_inputs: list[dict[str, Any]] = []
+        try:
+            decoded = await self.call("decoderawtransaction", funded["hex"])
+            unfunded_inputs = [{"txid": i["txid"], "vout": i["vout"]} for i in decoded["vin"]]
+            out0 = decoded["vout"][0]
+            if (
+                bytes.fromhex(out0["scriptPubKey"]["hex"]) != script
+                or _sats(out0["value"], "funded output") != amount_sat
+                or int(funded.get("changepos", -1)) == 0
+            ):
+                raise NodeError("the wallet did not keep the funded output first", rpc_code=RPC_MISC_ERROR)
+            signed = await self.call("signrawtransactionwithwallet", funded["hex"], wallet=self.wallet)
+            if not signed.get("complete"):
+                raise NodeError(
+                    f"the wallet could not sign the funding transaction: {signed.get('errors')}",
+                    rpc_code=RPC_MISC_ERROR,
+                )
+            ok, reason = await self.test_mempool_accept(signed["hex"])
+            if not ok:
+                raise NodeError(
+                    f"the funding transaction would be rejected: {reason}", rpc_code=RPC_VERIFY_REJECTED
+                )
+            txid = await self.broadcast(signed["hex"])
+            if not await self._in_mempool(txid):
+                raise NodeError(
+                    f"funding transaction {txid} was sent but is not in the mempool",
+                    rpc_code=RPC_VERIFY_REJECTED,
+                )
+            unfunded_inputs = []
+        finally:
+            if unfunded_inputs:
+                try:
+                    await self.call("lockunspent", True, unfunded_inputs, wallet=self.wallet)
+                except (NodeError, NodeUnavailable):
+                    pass  # the original error matters more; a restart unlocks anyway
+        return OutPoint(txid, 0)
+
+    # ------------------------------------------------------------------ spends
+
+    async def find_spender(self, outpoint: OutPoint, from_height: int) -> str | None:
+        """The txid of the transaction spending ``outpoint``, in a block or in the mempool.
+
+        Confirmed spends are searched in the blocks from ``from_height`` (for
+        example the funding transaction's height) up to the tip; mempool spends
+        through ``gettxspendingprevout``. ``None`` if nothing spends it.
+        """
+        scanned_to = from_height - 1  # blocks up to here are known not to spend it
+        while True:
+            tip = await self.tip_height()
+            if await self.get_txout(outpoint, include_mempool=False) is not None:
+                scanned_to = max(scanned_to, tip)  # unspent in the chain as of (at least) tip
+            elif tip > scanned_to:
+                found, complete = await self._scan_blocks(outpoint, scanned_to + 1, tip)
+                if found is not None:
+                    return found
+                if complete:
+                    scanned_to = tip
+            spender = await self._mempool_spender(outpoint)
+            if spender is not None:
+                return spender
+            # a block found meanwhile may have moved the spend out of the mempool: look again
+            if scanned_to >= tip and await self.tip_height() == tip:
+                return None
+
+    async def _mempool_spender(self, outpoint: OutPoint) -> str | None:
+        res = await self.call("gettxspendingprevout", [{"txid": outpoint.txid, "vout": outpoint.vout}])
+        spender = res[0].get("spendingtxid") if res else None
+        return str(spender) if spender else None
+
+    async def _scan_blocks(self, outpoint: OutPoint, start: int, end: int) -> tuple[str | None, bool]:
+        """(spending txid or None, whether every block start..end was scanned)."""
+        for height in range(max(start, 0), end + 1):
+            try:
+                block_hash = await self.call("getblockhash", height)
+                block = await self.call("getblock", block_hash, 2)
+            except NodeError as e:
+                if e.rpc_code in (RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER):
+                    return None, False  # the chain was reorganised meanwhile: the caller retries
+                raise
+            for tx in block["tx"]:
+                for txin in tx["vin"]:
+                    if txin.get("txid") == outpoint.txid and txin.get("vout") == outpoint.vout:
+                        return str(tx["txid"]), True
+        return None, True
