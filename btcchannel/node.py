@@ -138,6 +138,7 @@ class Node:
             auth=auth, headers=_HEADERS, timeout=httpx.Timeout(timeout)
         )
         self._rpcs: dict[str | None, BitcoinRPC] = {}
+        self._confirmed_spends: dict[OutPoint, tuple[str, int]] = {}  # outpoint -> (txid, height)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -429,9 +430,17 @@ class Node:
         """The txid of the transaction spending ``outpoint``, in a block or in the mempool.
 
         Confirmed spends are searched in the blocks from ``from_height`` (for
-        example the funding transaction's height) up to the tip; mempool spends
-        through ``gettxspendingprevout``. ``None`` if nothing spends it.
+        example the height at which the channel was created) up to the tip,
+        newest first, and remembered (a remembered spend is checked to be still
+        confirmed before it is returned, so a reorganisation is noticed); mempool
+        spends are found through ``gettxspendingprevout``. ``None`` if nothing
+        spends it.
         """
+        known = self._confirmed_spends.get(outpoint)
+        if known is not None and known[1] >= from_height:
+            if (await self.tx_confirmations(known[0]) or 0) > 0:
+                return known[0]
+            del self._confirmed_spends[outpoint]
         scanned_to = from_height - 1  # blocks up to here are known not to spend it
         while True:
             tip = await self.tip_height()
@@ -440,7 +449,8 @@ class Node:
             elif tip > scanned_to:
                 found, complete = await self._scan_blocks(outpoint, scanned_to + 1, tip)
                 if found is not None:
-                    return found
+                    self._confirmed_spends[outpoint] = found
+                    return found[0]
                 if complete:
                     scanned_to = tip
             spender = await self._mempool_spender(outpoint)
@@ -455,9 +465,11 @@ class Node:
         spender = res[0].get("spendingtxid") if res else None
         return str(spender) if spender else None
 
-    async def _scan_blocks(self, outpoint: OutPoint, start: int, end: int) -> tuple[str | None, bool]:
-        """(spending txid or None, whether every block start..end was scanned)."""
-        for height in range(max(start, 0), end + 1):
+    async def _scan_blocks(
+        self, outpoint: OutPoint, start: int, end: int
+    ) -> tuple[tuple[str, int] | None, bool]:
+        """((spending txid, height) or None, whether every block end..start was scanned)."""
+        for height in range(end, max(start, 0) - 1, -1):
             try:
                 block_hash = await self.call("getblockhash", height)
                 block = await self.call("getblock", block_hash, 2)
@@ -468,5 +480,5 @@ class Node:
             for tx in block["tx"]:
                 for txin in tx["vin"]:
                     if txin.get("txid") == outpoint.txid and txin.get("vout") == outpoint.vout:
-                        return str(tx["txid"]), True
+                        return (str(tx["txid"]), height), True
         return None, True

@@ -256,6 +256,29 @@ async def test_find_spender_of_an_output_spent_in_its_own_block(
     assert await node.find_spender(outpoint, start + 1) == child
 
 
+async def test_find_spender_and_confirmations_follow_a_reorg(
+    node: Node, bitcoind: RegtestNode, funded_wallet: str
+) -> None:
+    _, script = wallet_script(bitcoind, funded_wallet)
+    outpoint = await node.fund_output(script, 300_000)
+    bitcoind.mine(1)
+    start = await node.tip_height()
+    spend = await node.broadcast(spend_hex(bitcoind, funded_wallet, outpoint, 290_000))
+    [block] = bitcoind.mine(1)
+    assert await node.find_spender(outpoint, start) == spend
+    assert await node.tx_confirmations(spend) == 1
+    bitcoind.rpc("invalidateblock", block)
+    try:
+        # the spend is back in the mempool; the remembered confirmed spend is not trusted
+        assert await node.tx_confirmations(spend) == 0
+        assert await node.find_spender(outpoint, start) == spend
+    finally:
+        bitcoind.rpc("reconsiderblock", block)
+    assert await node.tip_height() == start + 1
+    assert await node.tx_confirmations(spend) == 1
+    assert await node.find_spender(outpoint, start) == spend
+
+
 # ---------------------------------------------------------------------------- reachability and auth
 
 
