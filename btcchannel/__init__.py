@@ -5,7 +5,34 @@ machines) is re-exported here; the service, client, node and regtest layers
 are imported from their own modules.
 """
 
+from btcchannel.channel import (
+    ChannelParams,
+    ChannelState,
+    PayeeChannel,
+    PayerChannel,
+    Payment,
+    build_multi_close,
+)
 from btcchannel.errors import ChannelError
+from btcchannel.keys import generate_private_key, public_key
+from btcchannel.script import address_to_script, script_to_address
+from btcchannel.tx import OutPoint, tx_hex, tx_id, tx_vsize
 
-__all__ = ["ChannelError"]
+__all__ = [
+    "ChannelError",
+    "ChannelParams",
+    "ChannelState",
+    "OutPoint",
+    "PayeeChannel",
+    "PayerChannel",
+    "Payment",
+    "address_to_script",
+    "build_multi_close",
+    "generate_private_key",
+    "public_key",
+    "script_to_address",
+    "tx_hex",
+    "tx_id",
+    "tx_vsize",
+]
 __version__ = "0.1.0"
