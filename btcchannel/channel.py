@@ -143,6 +143,7 @@ class ChannelParams:
         if self.payer_pubkey == self.payee_pubkey:
             raise BadPubkey("payer and payee keys must differ")
         check_payout_script(self.payer_script)
+        self.witness_script  # noqa: B018 - validates the expiry (ExpiryOutOfRange)
         if not _is_int(self.deposit_sat) or not dust_limit(self.funding_script) <= self.deposit_sat <= MAX_MONEY:
             raise DepositOutOfRange(f"deposit must be an integer in [330, {MAX_MONEY}] sat")
         if self.funding is not None and not isinstance(self.funding, OutPoint):
@@ -205,7 +206,7 @@ class ChannelParams:
         except (TypeError, ValueError):
             raise BadRequest("malformed hex in channel parameters") from None
         funding = d.get("funding")
-        params = cls(
+        return cls(
             network=d["network"],
             payer_pubkey=payer,
             payee_pubkey=payee,
@@ -214,8 +215,6 @@ class ChannelParams:
             payer_script=payer_script,
             funding=None if funding is None else OutPoint.from_json(funding),
         )
-        params.witness_script  # noqa: B018 - validates the expiry
-        return params
 
 
 @dataclass(frozen=True)

@@ -265,3 +265,26 @@ def test_fee_for_vsize() -> None:
     for bad in (-0.1, float("nan"), float("inf"), True, "1"):
         with pytest.raises(BadRequest):
             fee_for_vsize(bad, 100)  # type: ignore[arg-type]
+
+
+def _varint_len(n: int) -> int:
+    return 1 if n < 0xFD else 3
+
+
+def test_vsize_from_first_principles() -> None:
+    """The close's vsize recomputed by hand from its parts equals tx_vsize and bitcoinlib's weight."""
+    a = _close_input(OutPoint("a1" * 32, 0), 100_000, 30_000)
+    b = _close_input(OutPoint("b2" * 32, 0), 80_000, 80_000)
+    tx = build_close_tx([a, b], PAYEE_SCRIPT, 1.0)
+    outs = [a.payer_script, PAYEE_SCRIPT]
+    base = 4 + 1 + 2 * (36 + 1 + 4) + 1 + sum(8 + _varint_len(len(s)) + len(s) for s in outs) + 4
+    witness = 2 + sum(
+        1 + (1 + len(i.payer_signature)) + (1 + 71) + (1 + 1) + (_varint_len(len(WS)) + len(WS)) for i in (a, b)
+    )
+    weight = 4 * base + witness
+    assert tx.calc_weight() == weight
+    assert tx_vsize(tx) == (weight + 3) // 4
+    refund = build_refund_tx(OutPoint("c3" * 32, 0), 50_000, WS, 1000, PAYER_KEY, PAYER_SCRIPT, 1.0)
+    base = 4 + 1 + 41 + 1 + (8 + 1 + len(PAYER_SCRIPT)) + 4
+    witness = 2 + 1 + (1 + 71) + 1 + (1 + len(WS))
+    assert tx_vsize(refund) == (4 * base + witness + 3) // 4
