@@ -534,7 +534,9 @@ class RegtestNode:
         if self.process is not None and self.process.poll() is None:
             return self
         for attempt in range(3):
-            self.rpc_port, self.p2p_port = free_port(), free_port()
+            if attempt > 0 or not (self.rpc_port and self.p2p_port):
+                # a restart keeps its ports (so clients keep their URL) unless they are taken
+                self.rpc_port, self.p2p_port = free_port(), free_port()
             self._write_conf()
             stdout = open(self.datadir / "stdout.log", "ab")
             stderr = open(self.datadir / "stderr.log", "ab")

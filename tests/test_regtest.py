@@ -165,3 +165,13 @@ def test_cli_regtest_lifecycle(tmp_path: Path) -> None:
     assert "node_unavailable" in gone.output
     usage = runner.invoke(main, ["regtest", "mine", "zero"])
     assert usage.exit_code == 2
+
+
+def test_restart_keeps_ports_and_chain(node_factory: Callable[[], RegtestNode]) -> None:
+    node = node_factory()
+    node.mine(3)
+    url = node.rpc_url
+    node.stop()
+    node.start()
+    assert node.rpc_url == url
+    assert node.tip_height() == 3
