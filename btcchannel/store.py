@@ -340,6 +340,15 @@ class PayeeStore:
             (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, previous_txid),
         )
 
+    def mark_uneconomic(self, channel_id: str) -> bool:
+        """A claimed close whose payments do not pay for its fee (``end_reason`` gains ``+close_uneconomic``)."""
+        return self._update(
+            "UPDATE channels SET end_reason=COALESCE(end_reason, '') || '+close_uneconomic', updated_at=?"
+            " WHERE channel_id=? AND state='closing' AND close_txid IS NULL"
+            " AND COALESCE(end_reason, '') NOT LIKE '%+close_uneconomic'",
+            (time.time(), channel_id),
+        )
+
     def mark_closed(self, channel_id: str, txid: str) -> bool:
         """``closing`` -> ``closed`` once ``txid`` (one of our closes) confirmed."""
         rec = self.get(channel_id)

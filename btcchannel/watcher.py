@@ -48,6 +48,8 @@ __all__ = ["Watcher", "operator_close", "operator_bump"]
 
 log = logging.getLogger("btcchannel.watcher")
 
+UNECONOMIC = "+close_uneconomic"
+
 #: a closing claim whose process never recorded a close txid is taken over after this
 STALE_CLAIM_S = 30.0
 
@@ -115,10 +117,15 @@ class Watcher:
             try:
                 tx = ch.build_close(self.svc.payee_script, rate)
             except CloseUneconomic:
-                if rate <= 1.0:
-                    raise
-                rate = 1.0
-                tx = ch.build_close(self.svc.payee_script, rate)
+                try:
+                    rate = 1.0
+                    tx = ch.build_close(self.svc.payee_script, rate)
+                except CloseUneconomic:
+                    # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
+                    self.store.mark_uneconomic(cid)
+                    log.warning("channel %s: %d sat do not pay for a close; left to the payer's refund",
+                                cid, rec.amount_sat)
+                    return None
             txid = await self.node.broadcast(tx.serialize().hex())
             tip = await self.node.tip_height()
             if not self.store.set_close_tx(cid, txid, rate, tip, previous_txid):
@@ -218,8 +225,8 @@ class Watcher:
         cid = rec.channel_id
         cfg = self.svc.config
         if rec.close_txid is None:
-            if rec.signature is None:
-                # ended without any payment: nothing to broadcast; the payer refunds after expiry
+            if rec.signature is None or (rec.end_reason or "").endswith(UNECONOMIC):
+                # ended without any (economic) payment: nothing to broadcast; the payer refunds after expiry
                 if await self.node.get_txout(self._outpoint(rec), include_mempool=True) is None:
                     await self._spent_elsewhere(rec)
                 return

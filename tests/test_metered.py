@@ -1,0 +1,166 @@
+"""Metered service: prepay and postpay over a real channel, the 402 answer, the end conditions."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from btcchannel.client import PayerClient
+from btcchannel.errors import BadRequest, ChannelClosing, WrongAmount
+from btcchannel.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
+from btcchannel.regtest import RegtestNode
+
+from _service import fast_config, node_for, open_channel, sats, server, tx_of, until
+
+CHUNK = 100
+
+
+def _file(tmp_path: Path, chunks: int = 12) -> Path:
+    p = tmp_path / "data.bin"
+    p.write_bytes(os.urandom(CHUNK * chunks - 37))
+    return p
+
+
+async def _closed_with(bitcoind: RegtestNode, srv, cid: str, amount: int) -> dict:  # type: ignore[no-untyped-def]
+    await until(lambda: srv.store.get(cid).close_txid is not None, what="close broadcast")
+    rec = srv.store.get(cid)
+    assert rec.amount_sat == amount
+    bitcoind.mine(1)
+    await until(lambda: srv.store.get(cid).state == "closed", what="closed")
+    close = tx_of(bitcoind, srv.store.get(cid).close_txid)
+    payer_out = [sats(o["value"]) for o in close["vout"] if o["scriptPubKey"]["hex"] == rec.params["payer_script"]]
+    assert payer_out == ([rec.deposit_sat - amount] if amount < rec.deposit_sat else [])
+    return close
+
+
+async def test_prepay_file_chunks(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    data = _file(tmp_path)
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee", price_sat=100, mode="prepay")
+    async with server(cfg, payee_node, hook=lambda app: add_file_route(app, data, chunk_size=CHUNK)) as srv, \
+            PayerClient(tmp_path / "payer", payer_node) as client, aiohttp.ClientSession() as s:
+        # unpaid: 402 with the price and where to open a channel
+        async with s.get(f"{srv.url}/v1/file/0") as r:
+            assert r.status == 402
+            body = (await r.json())["payment"]
+            assert body["price_sat"] == 100 and body["mode"] == "prepay" and body["channel_endpoint"] == "/v1/channels"
+        async with s.get(f"{srv.url}/v1/file") as r:
+            meta = await r.json()
+        assert meta["chunks"] == 12
+        cid = await open_channel(client, bitcoind, srv.url, 200_000)
+        async with s.get(f"{srv.url}/v1/file/0", headers={HDR_CHANNEL: cid}) as r:
+            assert r.status == 402 and (await r.json())["payment"]["next_amount_sat"] == 100
+        payer = MeteredPayer(client, cid)
+        got = b""
+        for i in range(10):
+            status, chunk = await payer.fetch(f"{srv.url}/v1/file/{i}")
+            assert status == 200
+            got += chunk
+        assert got == data.read_bytes()[: 10 * CHUNK]
+        rec = srv.store.get(cid)
+        assert (rec.amount_sat, rec.units) == (1000, 10)
+        # a bad index is refused before anything is charged
+        with pytest.raises(BadRequest):
+            await payer.fetch(f"{srv.url}/v1/file/99")
+        assert srv.store.get(cid).amount_sat == 1000
+        # replaying the last payment buys nothing
+        last = srv.store.get(cid)
+        hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: str(last.amount_sat), HDR_SIGNATURE: last.signature.hex()}
+        async with s.get(f"{srv.url}/v1/file/3", headers=hdr) as r:
+            assert r.status == 409 and (await r.json())["error"]["code"] == "stale_payment"
+        # a forged payment of the wrong amount does not end the channel
+        hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: "1200", HDR_SIGNATURE: last.signature.hex()}
+        async with s.get(f"{srv.url}/v1/file/3", headers=hdr) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "bad_signature"
+        assert srv.store.get(cid).state == "open"
+        # the payment signed for the refused chunk is used for the next one
+        assert (await payer.fetch(f"{srv.url}/v1/file/10"))[0] == 200
+        assert srv.store.get(cid).amount_sat == 1100
+        # a signed payment of the wrong amount ends it: closed with the last correct payment
+        await client.sign_next(cid, 1350)
+        wrong = client.store.get(cid)
+        hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: "1350", HDR_SIGNATURE: wrong.signature.hex()}
+        async with s.get(f"{srv.url}/v1/file/10", headers=hdr) as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "wrong_amount"
+        assert srv.store.get(cid).end_reason == "wrong_amount"
+        await _closed_with(bitcoind, srv, cid, 1100)
+    await payee_node.aclose()
+    await payer_node.aclose()
+
+
+async def test_prepay_unit_count_and_capacity(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    data = _file(tmp_path)
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee", price_sat=5000, mode="prepay", min_deposit_sat=15_000)
+    async with server(cfg, payee_node, hook=lambda app: add_file_route(app, data, chunk_size=CHUNK)) as srv, \
+            PayerClient(tmp_path / "payer", payer_node) as client:
+        units = await client.open_channel(srv.url, 100_000, 60, wait_open=False, max_units=3)
+        capacity = await client.open_channel(srv.url, 20_000, 60, wait_open=False)
+        bitcoind.mine(1)
+        await client.wait_open(units)
+        await client.wait_open(capacity)
+        p_units, p_cap = MeteredPayer(client, units), MeteredPayer(client, capacity)
+        for i in range(3):
+            assert (await p_units.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
+        assert srv.store.get(units).end_reason == "unit_count_reached"
+        with pytest.raises(ChannelClosing):
+            await p_units.fetch(f"{srv.url}/v1/file/3")
+        # 20,000 sat at 5,000 a unit: the 4th unit takes the whole deposit (no payer output)
+        for i in range(4):
+            assert (await p_cap.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
+        assert srv.store.get(capacity).end_reason == "capacity_exhausted"
+        await _closed_with(bitcoind, srv, units, 15_000)
+        close = await _closed_with(bitcoind, srv, capacity, 20_000)
+        assert len(close["vout"]) == 1
+    await payee_node.aclose()
+    await payer_node.aclose()
+
+
+async def test_postpay_credit_timeout_and_wrong_amount(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    data = _file(tmp_path)
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee", price_sat=1000, mode="postpay", credit_limit_sat=3000, payment_timeout_s=1.0)
+    async with server(cfg, payee_node, hook=lambda app: add_file_route(app, data, chunk_size=CHUNK)) as srv, \
+            PayerClient(tmp_path / "payer", payer_node) as client, aiohttp.ClientSession() as s:
+        good = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+        late = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+        wrong = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+        bitcoind.mine(1)
+        for cid in (good, late, wrong):
+            await client.wait_open(cid)
+        payer = MeteredPayer(client, good)
+        for i in range(12):
+            assert (await payer.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
+        rec = srv.store.get(good)
+        assert rec.units == 12 and rec.owed_sat == 12000 and rec.owed_sat - rec.amount_sat <= 3000
+        assert await payer.settle() == 12000
+        # beyond the credit limit without paying: 402 with the owed total
+        for i in range(3):
+            async with s.get(f"{srv.url}/v1/file/{i}", headers={HDR_CHANNEL: late}) as r:
+                assert r.status == 200
+        async with s.get(f"{srv.url}/v1/file/3", headers={HDR_CHANNEL: late}) as r:
+            assert r.status == 402 and (await r.json())["payment"]["owed_sat"] == 3000
+        with pytest.raises(WrongAmount):
+            await client.pay(late, amount=2000)  # wrong: owes 3000
+        # the payee closes with the last correct payment (none here)
+        await until(lambda: srv.store.get(late).state == "closing", what="closing")
+        assert srv.store.get(late).end_reason == "wrong_amount"
+        assert srv.store.get(late).amount_sat == 0
+        # timeout: units served on credit, never paid
+        for i in range(2):
+            async with s.get(f"{srv.url}/v1/file/{i}", headers={HDR_CHANNEL: wrong}) as r:
+                assert r.status == 200
+        await client.pay(wrong, amount=2000)
+        async with s.get(f"{srv.url}/v1/file/2", headers={HDR_CHANNEL: wrong}) as r:
+            assert r.status == 200
+        await until(lambda: srv.store.get(wrong).state == "closing", timeout=10, what="timeout close")
+        assert srv.store.get(wrong).end_reason == "payment_timeout"
+        await _closed_with(bitcoind, srv, wrong, 2000)
+        await client.close(good)
+        await _closed_with(bitcoind, srv, good, 12000)
+    await payee_node.aclose()
+    await payer_node.aclose()
