@@ -47,6 +47,8 @@ from btcchannel import keys, script
 from btcchannel.channel import ChannelParams, ChannelState, PayerChannel, Payment
 from btcchannel.errors import (
     BadRequest,
+    ChannelClosed,
+    ChannelClosing,
     ChannelError,
     NodeUnavailable,
     NotOpen,
@@ -268,6 +270,10 @@ class PayerClient:
         if rec.state == "funding":
             await self.status(channel_id)  # the payee decides when it is open
             rec = self.store.get(channel_id)
+        if rec.state == "closing":
+            raise ChannelClosing("the channel is closing")
+        if rec.state in ("closed", "refunded", "failed"):
+            raise ChannelClosed(f"the channel is {rec.state}")
         if rec.state != "open":
             raise NotOpen(f"the channel is {rec.state}")
         ch = self._channel(rec)

@@ -1,0 +1,145 @@
+"""The payee's watcher on a real regtest node: end conditions, refunds, conflicts, RBF bumps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from btcchannel.client import PayerClient
+from btcchannel.errors import ChannelClosing, NotExpired
+from btcchannel.regtest import RegtestNode
+from btcchannel.watcher import operator_bump, operator_close
+
+from _service import fast_config, node_for, sats, server, start_server, tx_of, until
+
+
+def _mine_empty(bitcoind: RegtestNode, n: int) -> None:
+    addr = bitcoind.new_address("miner")
+    for _ in range(n):
+        bitcoind.rpc("generateblock", addr, [])
+
+
+async def _mined_close(bitcoind: RegtestNode, srv, cid: str) -> dict:  # type: ignore[no-untyped-def]
+    await until(lambda: srv.store.get(cid).close_txid is not None, what="close broadcast")
+    bitcoind.mine(1)
+    await until(lambda: srv.store.get(cid).state == "closed", what="closed")
+    return tx_of(bitcoind, srv.store.get(cid).close_txid)
+
+
+async def test_end_conditions_total_operator_expiry(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee")
+    async with server(cfg, payee_node) as srv, PayerClient(tmp_path / "payer", payer_node) as client:
+        total = await client.open_channel(srv.url, 100_000, 60, wait_open=False, max_total_sat=30_000)
+        operator = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+        expiring = await client.open_channel(srv.url, 100_000, 9, wait_open=False)
+        bitcoind.mine(1)
+        for cid in (total, operator, expiring):
+            await client.wait_open(cid)
+            await client.pay(cid, 10_000)
+        # agreed total reached
+        await client.pay(total, 10_000)
+        await client.pay(total, 10_000)
+        assert srv.store.get(total).end_reason == "agreed_total_reached"
+        with pytest.raises(ChannelClosing):
+            await client.pay(total, 10_000)
+        # operator's command, from another process-like service on the same datadir
+        obj = await operator_close(cfg, payee_node, operator)
+        assert obj["state"] == "closing" and obj["close_txid"] and obj["end_reason"] == "operator"
+        with pytest.raises(ChannelClosing):
+            await client.pay(operator, 1000)
+        # expiry margin: the watcher closes at expiry - close_margin_blocks
+        exp = srv.store.get(expiring).expiry_height
+        bitcoind.mine(exp - cfg.close_margin_blocks - bitcoind.tip_height() - 1)
+        await client.pay(expiring, 5_000)
+        bitcoind.mine(1)
+        await until(lambda: srv.store.get(expiring).state == "closing", what="auto-close")
+        assert srv.store.get(expiring).end_reason == "expiry_margin"
+        with pytest.raises(ChannelClosing):
+            await client.pay(expiring, 1000)
+        for cid, amount in ((total, 30_000), (operator, 10_000), (expiring, 15_000)):
+            close = await _mined_close(bitcoind, srv, cid)
+            assert sats(close["vout"][0]["value"]) == 100_000 - amount
+            assert close["vout"][0]["scriptPubKey"]["hex"] == srv.store.get(cid).params["payer_script"]
+    await payee_node.aclose()
+    await payer_node.aclose()
+
+
+async def test_refund_when_payee_gone_is_detected(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee")
+    async with PayerClient(tmp_path / "payer", payer_node) as client:
+        srv = await start_server(cfg, payee_node)
+        cid = await client.open_channel(srv.url, 100_000, 10, wait_open=False)
+        bitcoind.mine(1)
+        await client.wait_open(cid)
+        await client.pay(cid, 4_000)
+        await srv.stop()  # the payee vanishes
+        with pytest.raises(NotExpired):
+            await client.refund(cid)
+        rec = client.store.get(cid)
+        bitcoind.mine(rec.expiry_height - bitcoind.tip_height())
+        refund_txid = await client.refund(cid)
+        bitcoind.mine(1)
+        refund = tx_of(bitcoind, refund_txid)
+        assert refund["locktime"] == rec.expiry_height and refund["confirmations"] == 1
+        assert 99_000 < sats(refund["vout"][0]["value"]) < 100_000
+        assert client.store.get(cid).state == "refunded"
+        # the payee comes back: the watcher records the on-chain exception
+        srv = await start_server(cfg, payee_node)
+        try:
+            await until(lambda: srv.store.get(cid).state == "refunded", what="refund detected")
+            assert srv.store.get(cid).exception_txid == refund_txid
+            assert srv.store.get(cid).end_reason == "payer_refund"
+        finally:
+            await srv.stop()
+    await payee_node.aclose()
+    await payer_node.aclose()
+
+
+async def test_double_spent_funding_detected(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    async with server(fast_config(tmp_path / "payee"), payee_node) as srv, \
+            PayerClient(tmp_path / "payer", payer_node) as client:
+        cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+        funding = srv.store.get(cid).funding_txid
+        assert srv.store.get(cid).state == "funding"
+        conflict = bitcoind.rpc("bumpfee", funding, wallet=funded_wallet)["txid"]
+        await until(lambda: srv.store.get(cid).state == "failed", what="conflict detected")
+        rec = srv.store.get(cid)
+        assert rec.exception_txid == conflict and rec.end_reason == "funding_double_spent"
+    await payee_node.aclose()
+    await payer_node.aclose()
+
+
+async def test_rbf_bump_of_stuck_close(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee", bump_after_blocks=2, close_fee_rate_sat_vb=2.0)
+    async with server(cfg, payee_node) as srv, PayerClient(tmp_path / "payer", payer_node) as client:
+        cid = await client.open_channel(srv.url, 200_000, 60, wait_open=False)
+        bitcoind.mine(1)
+        await client.wait_open(cid)
+        await client.pay(cid, 50_000)
+        first = (await client.close(cid))["close_txid"]
+        assert first in bitcoind.rpc("getrawmempool")
+        _mine_empty(bitcoind, 2)  # blocks that leave the close out: it is stuck
+        await until(lambda: srv.store.get(cid).close_txid != first, what="RBF bump")
+        second = srv.store.get(cid).close_txid
+        mempool = bitcoind.rpc("getrawmempool")
+        assert second in mempool and first not in mempool
+        assert srv.store.get(cid).close_fee_rate == 4.0
+        # the operator bumps again by hand
+        obj = await operator_bump(cfg, payee_node, cid, 10.0)
+        third = obj["close_txid"]
+        assert third not in (first, second) and third in bitcoind.rpc("getrawmempool")
+        bitcoind.mine(1)
+        await until(lambda: srv.store.get(cid).state == "closed", what="closed")
+        rec = srv.store.get(cid)
+        assert rec.close_txid == third and rec.close_txids == [first, second, third]
+        close = tx_of(bitcoind, third)
+        fee = 200_000 - sum(sats(o["value"]) for o in close["vout"])
+        assert fee >= 10 * close["vsize"]
+        assert sats(close["vout"][0]["value"]) == 150_000
+    await payee_node.aclose()
+    await payer_node.aclose()
