@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -46,7 +50,7 @@ class Running:
 
 async def start_server(
     config: ServerConfig, node: Node, hook: Callable[[web.Application], None] | None = None,
-    run_watcher: bool = True,
+    run_watcher: bool = True, port: int = 0,
 ) -> Running:
     store = PayeeStore(config.db_path)
     app = create_app(config, store, node, run_watcher=run_watcher)
@@ -54,7 +58,7 @@ async def start_server(
         hook(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return Running(app, runner, f"http://127.0.0.1:{port}", store)
@@ -97,3 +101,39 @@ def tx_of(bitcoind: RegtestNode, txid: str) -> dict[str, Any]:
 
 def sats(btc: float) -> int:
     return round(btc * 100_000_000)
+
+
+class ServerProcess:
+    """The payee service as a real subprocess (``python -m btcchannel.server``)."""
+
+    def __init__(self, config: ServerConfig, bitcoind: RegtestNode, wallet: str = "miner") -> None:
+        self.config = config
+        self.spec = config.datadir.parent / f"{config.datadir.name}-server.json"
+        self.bitcoind = bitcoind
+        self.wallet = wallet
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url: str | None = None
+
+    async def start(self) -> str:
+        cfg = self.config.to_json()
+        if self.url is not None:
+            cfg["port"] = int(self.url.rsplit(":", 1)[1])  # keep the URL the payer knows
+        self.config.datadir.mkdir(parents=True, exist_ok=True)
+        info = self.config.datadir / "server.json"
+        info.unlink(missing_ok=True)
+        self.spec.write_text(json.dumps({"config": cfg, "node": {
+            "url": self.bitcoind.rpc_url, "cookie_file": str(self.bitcoind.cookie_file), "wallet": self.wallet}}))
+        log = open(self.config.datadir.parent / f"{self.config.datadir.name}-server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "btcchannel.server", str(self.spec)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        await until(lambda: info.exists() or self.proc.poll() is not None, timeout=30, what="server start")  # type: ignore[union-attr]
+        assert self.proc.poll() is None, "server process died"
+        self.url = json.loads(info.read_text())["url"]
+        return self.url
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        await until(lambda: self.proc.poll() is not None, timeout=30, what="server exit")  # type: ignore[union-attr]
+        return int(self.proc.returncode)
