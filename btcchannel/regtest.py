@@ -416,6 +416,17 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec (Linu
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def recorded_rpc(datadir: Path) -> tuple[str, str, str] | None:
+    """``(url, user, password)`` of a node left running in ``datadir`` by :meth:`RegtestNode.detach`."""
+    try:
+        rec = json.loads((Path(datadir) / "node.json").read_text())
+        if not _pid_alive(int(rec["pid"])):
+            return None
+        return f"http://127.0.0.1:{int(rec['rpc_port'])}", str(rec["rpc_user"]), str(rec["rpc_password"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class RegtestNode:
     """One regtest bitcoind process in its own datadir, on free loopback ports."""
 

@@ -1,0 +1,5 @@
+"""``python -m btcchannel``: the command line."""
+
+from btcchannel.cli import main
+
+main()

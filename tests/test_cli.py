@@ -1,0 +1,174 @@
+"""The ``btcchannel`` command line: CliRunner checks and real processes on a regtest node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from btcchannel.amounts import btc_to_sat
+from btcchannel.cli import main
+from btcchannel.regtest import RegtestNode, wait_until
+
+
+def invoke(*args: str) -> Any:
+    result = CliRunner().invoke(main, list(args))
+    return result
+
+
+def test_every_command_has_an_example() -> None:
+    def walk(group: Any, path: list[str]) -> Iterator[list[str]]:
+        for name, cmd in group.commands.items():
+            yield [*path, name]
+            if hasattr(cmd, "commands"):
+                yield from walk(cmd, [*path, name])
+
+    for path in walk(main, []):
+        out = invoke(*path, "--help")
+        assert out.exit_code == 0, (path, out.output)
+        assert "Example" in out.output, path
+
+
+def test_errors_are_one_line_with_a_code(tmp_path: Path) -> None:
+    out = invoke("--datadir", str(tmp_path), "channel", "00" * 16)
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines() == [out.output.strip()]
+    assert out.output.startswith("error: unknown_channel:")
+    assert "Traceback" not in out.output
+    out = invoke("--datadir", str(tmp_path), "pay", "00" * 16, "--amount-sat", "-5")
+    assert out.exit_code == 2
+    out = invoke("--datadir", str(tmp_path), "--rpc-url", "http://127.0.0.1:1", "--rpc-user", "u",
+                 "--rpc-password", "p", "open", "http://127.0.0.1:1", "--deposit-sat", "100000",
+                 "--lifetime-blocks", "20")
+    assert out.exit_code == 1 and "error: " in out.output
+    out = invoke("--datadir", str(tmp_path), "backup", "import", str(tmp_path / "nope.json"))
+    assert out.exit_code == 2
+    (tmp_path / "bad.json").write_text("{")
+    out = invoke("--datadir", str(tmp_path), "backup", "import", str(tmp_path / "bad.json"))
+    assert out.exit_code == 1 and out.output.startswith("error: bad_request:")
+
+
+def test_json_output_of_empty_lists(tmp_path: Path) -> None:
+    out = invoke("--datadir", str(tmp_path), "--json", "list")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"channels": []}
+    out = invoke("--datadir", str(tmp_path), "--json", "--rpc-url", "http://127.0.0.1:1", "channels")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output) == {"channels": [], "tip_height": None}
+
+
+def test_env_vars_set_global_options(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["list"], env={"BTCCHANNEL_DATADIR": str(tmp_path), "BTCCHANNEL_JSON": "1"})
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["channels"] == []
+
+
+# ----------------------------------------------------------------------- real processes
+
+
+class Cli:
+    """Runs ``btcchannel`` as a separate process with one datadir and wallet."""
+
+    def __init__(self, node: RegtestNode, datadir: Path, wallet: str) -> None:
+        self.env = {
+            **os.environ,
+            "BTCCHANNEL_DATADIR": str(datadir),
+            "BTCCHANNEL_RPC_URL": node.rpc_url,
+            "BTCCHANNEL_RPC_USER": node.rpc_user,
+            "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
+            "BTCCHANNEL_WALLET": wallet,
+        }
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "btcchannel", *args]
+
+    def json(self, *args: str) -> Any:
+        out = subprocess.run(self.argv("--json", *args), env=self.env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        return json.loads(out.stdout)
+
+    def fails(self, *args: str) -> str:
+        out = subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1, (args, out.stdout, out.stderr)
+        return out.stderr
+
+
+@pytest.fixture
+def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subprocess.Popen[str], str]]:
+    bitcoind.create_wallet("cli-payee")
+    cli = Cli(bitcoind, tmp_path / "payee", "cli-payee")
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(10 * 1000))
+    proc = subprocess.Popen(
+        cli.argv("--json", "serve", "--port", "0", "--price-sat", "100", "--serve-file", str(data),
+                 "--chunk-size", "1000"),
+        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        url = json.loads(line)["url"]
+        yield cli, proc, url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+def test_two_processes_open_fetch_close_and_refund(
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    payee_process: tuple[Cli, subprocess.Popen[str], str],
+) -> None:
+    payee, server, url = payee_process
+    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+
+    # a channel opened, used for a paid download and an extra payment, then closed
+    opened = payer.json("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50", "--no-wait")
+    cid = opened["channel_id"]
+    assert opened["state"] == "funding"
+    bitcoind.mine(1)
+    out = tmp_path / "got.bin"
+    fetched = payer.json("fetch", f"{url}/v1/file", "--out", str(out))
+    assert out.read_bytes() == (tmp_path / "data.bin").read_bytes()
+    assert fetched["units"] == 10 and fetched["amount_sat"] == 1000
+    assert payer.json("pay", cid, "--amount-sat", "5000")["amount_sat"] == 6000
+    listed = {c["channel_id"]: c for c in payee.json("channels")["channels"]}
+    assert listed[cid]["amount_sat"] == 6000 and listed[cid]["state"] == "open"
+    closing = payer.json("close", cid)
+    close_txid = closing["close_txid"]
+    bitcoind.mine(1)
+    tx = bitcoind.rpc("getrawtransaction", close_txid, 2)
+    assert tx["vin"][0]["txid"] == opened["funding_txid"]
+    values = [btc_to_sat(v["value"]) for v in tx["vout"]]
+    assert values[0] == 200000 - 6000  # the payer's change, exactly
+    assert values[1] == 6000 - btc_to_sat(tx["fee"])
+    wait_until(lambda: payee.json("channel", cid)["state"] == "closed", 30, what="payee sees the close")
+
+    # a second channel: the payee vanishes, the payer restores a backup elsewhere and refunds
+    second = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "12", "--no-wait")
+    cid2 = second["channel_id"]
+    bitcoind.mine(1)
+    assert payer.json("fetch", f"{url}/v1/file/0")["amount_sat"] == 100
+    server.send_signal(signal.SIGKILL)
+    server.wait(30)
+    payer.json("backup", "export", str(tmp_path / "backup.json"))
+    assert (tmp_path / "backup.json").stat().st_mode & 0o077 == 0
+    restored = Cli(bitcoind, tmp_path / "restored", funded_wallet)
+    assert restored.json("backup", "import", str(tmp_path / "backup.json"))["imported"] == 2
+    assert "not_expired" in restored.fails("refund", cid2)
+    bitcoind.mine(second["expiry_height"] - bitcoind.tip_height())
+    refund_txid = restored.json("refund", cid2)["refund_txid"]
+    bitcoind.mine(1)
+    rtx = bitcoind.rpc("getrawtransaction", refund_txid, 2)
+    assert rtx["confirmations"] == 1
+    assert rtx["vin"][0]["txid"] == second["funding_txid"]
+    assert btc_to_sat(rtx["vout"][0]["value"]) == 100000 - btc_to_sat(rtx["fee"])
