@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from btcchannel.errors import BadRequest, UnknownChannel
+from btcchannel.errors import BadRequest, FundingMismatch, UnknownChannel
 
 _Inputs = list[list[Any]]
 
@@ -243,7 +243,7 @@ class PayeeStore:
                 (txid, vout, confirmations, json.dumps(funding_inputs or []), time.time(), channel_id),
             )
         except sqlite3.IntegrityError as exc:
-            raise BadRequest("this funding outpoint is already used by another channel") from exc
+            raise FundingMismatch("this funding outpoint is already used by another channel") from exc
 
     def set_confirmations(self, channel_id: str, confirmations: int, open_now: bool) -> bool:
         """Record funding confirmations; with ``open_now`` also ``funding`` -> ``open``."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from btcchannel.errors import BadRequest, UnknownChannel
+from btcchannel.errors import BadRequest, FundingMismatch, UnknownChannel
 from btcchannel.store import PayeeRecord, PayeeStore, PayerRecord, PayerStore
 
 
@@ -58,7 +58,7 @@ def test_payee_lifecycle_and_best_payment(tmp_path: Path) -> None:
     assert (rec.amount_sat, rec.signature, rec.units, rec.state) == (20, b"s20", 1, "open")
     # the same funding outpoint can't be claimed by a second channel
     s.insert_proposal(_proposal("ef" * 16))
-    with pytest.raises(BadRequest):
+    with pytest.raises(FundingMismatch):
         s.set_funding("ef" * 16, "11" * 32, 0, 0)
     claimed = s.claim_close(cid, "payer_request")
     assert claimed is not None and claimed.amount_sat == 20 and claimed.state == "closing"
