@@ -154,6 +154,8 @@ class Watcher:
                 await self.step()
             except ChannelError as err:
                 log.warning("watcher step failed: %s", err)
+            except Exception:  # a bug must not stop the watcher for good: log it, try again
+                log.exception("watcher step crashed")
             await asyncio.sleep(self.svc.config.poll_interval_s)
 
     async def step(self) -> None:

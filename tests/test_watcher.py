@@ -84,7 +84,8 @@ async def test_refund_when_payee_gone_is_detected(bitcoind: RegtestNode, funded_
         bitcoind.mine(1)
         refund = tx_of(bitcoind, refund_txid)
         assert refund["locktime"] == rec.expiry_height and refund["confirmations"] == 1
-        assert 99_000 < sats(refund["vout"][0]["value"]) < 100_000
+        assert 90_000 < sats(refund["vout"][0]["value"]) < 100_000
+        assert refund["vin"][0]["txid"] == rec.funding_txid
         assert client.store.get(cid).state == "refunded"
         # the payee comes back: the watcher records the on-chain exception
         srv = await start_server(cfg, payee_node)
