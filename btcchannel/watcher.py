@@ -293,6 +293,17 @@ class Watcher:
         await self._record_conflict(rec, spender)
 
     async def _record_conflict(self, rec: PayeeRecord, spender: str) -> None:
+        # decide on fresh data: a close may have been claimed and broadcast since ``rec`` was read
+        rec = self.store.get(rec.channel_id)
+        if rec.state in ("closed", "refunded", "failed"):
+            return
+        if spender in rec.close_txids:
+            conf = await self.node.tx_confirmations(spender)
+            if conf is not None and conf >= 1:
+                self.store.mark_closed(rec.channel_id, spender)
+            return
+        if rec.state == "closing" and rec.close_txid is None and rec.signature is not None:
+            return  # our close is being broadcast right now: look again next pass
         state, reason = "failed", "conflicting_spend"
         tx = await self.node.get_transaction(spender)
         if tx is not None:
@@ -301,6 +312,13 @@ class Watcher:
                     wit = vin.get("txinwitness", [])
                     if len(wit) == 3 and wit[1] == "":
                         state, reason = "refunded", "payer_refund"
+                    elif len(wit) == 4 and rec.state == "closing":
+                        # the payee branch: only this payee can sign it, so it is one of our closes
+                        # (e.g. recorded by another process); adopt it
+                        conf = int(tx.get("confirmations", 0))
+                        if conf >= 1:
+                            self.store.mark_closed(rec.channel_id, spender)
+                        return
         self.store.mark_exception(rec.channel_id, state, spender, reason)
         self.svc.invalidate(rec.channel_id)
         log.warning("channel %s: funding spent by %s (%s)", rec.channel_id, spender, reason)

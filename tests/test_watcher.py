@@ -40,8 +40,12 @@ async def test_end_conditions_total_operator_expiry(bitcoind: RegtestNode, funde
             await client.pay(cid, 10_000)
         # agreed total reached
         await client.pay(total, 10_000)
+        stale = srv.store.get(total)  # the watcher may still hold this 'open' row when the close goes out
         await client.pay(total, 10_000)
         assert srv.store.get(total).end_reason == "agreed_total_reached"
+        await until(lambda: srv.store.get(total).close_txid is not None, what="close broadcast")
+        await srv.svc.watcher._check(stale, bitcoind.tip_height())
+        assert srv.store.get(total).state == "closing"  # our own close is not a conflicting spend
         with pytest.raises(ChannelClosing):
             await client.pay(total, 10_000)
         # operator's command, from another process-like service on the same datadir
