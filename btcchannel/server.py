@@ -625,11 +625,21 @@ async def _close(request: web.Request) -> web.Response:
     cid = check_channel_id(request.match_info["cid"])
     body = parse_body(await read_body(request, svc.config.max_body_bytes), ("signature",))
     rec = svc.close_request(cid, body)
-    if rec.state == "closing" and rec.close_txid is None and rec.signature is not None:
-        # give the background broadcast a moment so the answer can carry close_txid
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(svc.watcher.close_done(cid), timeout=10.0)
+    # give the broadcast (ours, or another process's that won the claim) up to 10 s so the
+    # answer can carry close_txid
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while (
+        rec.state == "closing" and rec.close_txid is None and rec.signature is not None
+        and not (rec.end_reason or "").endswith("+close_uneconomic")
+        and asyncio.get_running_loop().time() < deadline
+    ):
+        try:
+            await asyncio.wait_for(svc.watcher.close_done(cid), timeout=0.05)
+        except asyncio.TimeoutError:
+            rec = svc.store.get(cid)
+            continue
         rec = svc.store.get(cid)
+        break  # our own broadcast attempt is over (failed ones are retried by the watcher)
     return web.json_response(channel_object(rec))
 
 

@@ -98,3 +98,49 @@ async def open_channel_and_pay(client: PayerClient, bitcoind: RegtestNode, url: 
     for _ in range(10):
         await client.pay(cid, 100)
     return cid
+
+
+async def test_two_payee_processes_share_one_database(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    payer_node = node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee")
+    a, b = ServerProcess(cfg, bitcoind), ServerProcess(cfg, bitcoind)
+    url_a = await a.start()
+    b.spec = tmp_path / "payee-server-b.json"
+    url_b = await b.start()
+    assert url_a != url_b
+    try:
+        async with PayerClient(tmp_path / "payer", payer_node, timeout=10) as client:
+            cid = await client.open_channel(url_a, 200_000, 60, wait_open=False)
+            bitcoind.mine(1)
+            await client.wait_open(cid)
+            for i in range(20):  # alternate between the two processes
+                p = await client.sign_next(cid, 1_000 * (i + 1))
+                url = url_a if i % 2 else url_b
+                _, ans = await client.request("POST", f"{url}/v1/channels/{cid}/payments", p.to_json())
+                assert ans["amount_sat"] == 1_000 * (i + 1)
+            # a lower payment is refused by the process that did not see the last one
+            stale = await client.sign_next(cid, 21_000)
+            await client.request("POST", f"{url_b}/v1/channels/{cid}/payments", stale.to_json())
+            sig = client._channel(client.store.get(cid)).close_request_signature(cid).hex()
+            answers = await asyncio.gather(
+                client.request("POST", f"{url_a}/v1/channels/{cid}/close", {"signature": sig}),
+                client.request("POST", f"{url_b}/v1/channels/{cid}/close", {"signature": sig}),
+            )
+            store = PayeeStore(cfg.db_path)
+            await until(lambda: store.get(cid).close_txid is not None, what="close")
+            rec = store.get(cid)
+            assert rec.close_txids == [rec.close_txid]  # exactly one close
+            assert all(ans[1]["state"] == "closing" for ans in answers)
+            assert {ans[1]["close_txid"] for ans in answers} == {rec.close_txid}
+            spenders = [t for t in bitcoind.rpc("getrawmempool")
+                        if any(v.get("txid") == rec.funding_txid for v in tx_of(bitcoind, t)["vin"])]
+            assert spenders == [rec.close_txid]
+            bitcoind.mine(1)
+            await until(lambda: store.get(cid).state == "closed", what="closed")
+            close = tx_of(bitcoind, store.get(cid).close_txid)
+            assert sats(close["vout"][0]["value"]) == 200_000 - 21_000
+            store.close()
+    finally:
+        await a.stop(signal.SIGTERM)
+        await b.stop(signal.SIGTERM)
+        await payer_node.aclose()
