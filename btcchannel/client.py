@@ -50,6 +50,7 @@ from btcchannel.errors import (
     ChannelClosed,
     ChannelClosing,
     ChannelError,
+    FundingNotFound,
     NodeUnavailable,
     NotOpen,
     ProtocolViolation,
@@ -221,10 +222,19 @@ class PayerClient:
             raise ProtocolViolation("the payee's funding script differs from the one recomputed: not funding")
         return params
 
-    async def _register_funding(self, cid: str) -> dict[str, Any]:
+    async def _register_funding(self, cid: str, patience: float = 15.0) -> dict[str, Any]:
         rec = self.store.get(cid)
-        _, obj = await self.request("POST", self._url(rec, "/funding"),
-                                    {"txid": rec.funding_txid, "vout": rec.funding_vout})
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                _, obj = await self.request("POST", self._url(rec, "/funding"),
+                                            {"txid": rec.funding_txid, "vout": rec.funding_vout})
+                break
+            except FundingNotFound:
+                # the payee's node may not have seen our transaction yet (propagation)
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
         self._note_remote(rec, obj)
         return dict(obj)
 
