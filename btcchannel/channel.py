@@ -547,6 +547,12 @@ class PayeeChannel(_Machine):
         """
         return build_close_tx([self.close_input()], payee_script, fee_rate_sat_vb, min_fee_sat=min_fee_sat)
 
+    def max_close_fee_sat(self, payee_script: bytes) -> int:
+        """The largest close fee that still leaves the payee output at its dust limit (0: none)."""
+        if self.best is None:
+            raise NotOpen("no payment to close with")
+        return max(0, self.best.amount_sat - dust_limit(payee_script))
+
     def verify_close_request(self, channel_id: str, signature: bytes) -> None:
         """BadSignature unless ``signature`` is the payer's close request for ``channel_id``."""
         if not isinstance(signature, bytes) or not self._verifier.verify(signature, close_request_digest(channel_id)):

@@ -35,10 +35,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from btcchannel.channel import ChannelState
+from btcchannel.channel import ChannelState, PayeeChannel
 from btcchannel.errors import ChannelError, CloseUneconomic, NodeError
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.tx import OutPoint
+from btcchannel.tx import OutPoint, tx_vsize
 
 if TYPE_CHECKING:
     from btcchannel.node import Node
@@ -114,18 +114,10 @@ class Watcher:
             rate = fee_rate if fee_rate is not None else await self.fee_rate()
             rate = min(rate, self.svc.config.max_fee_rate_sat_vb)
             ch = self.svc.build_channel(rec, state=ChannelState.OPEN)
-            try:
-                tx = ch.build_close(self.svc.payee_script, rate)
-            except CloseUneconomic:
-                try:
-                    rate = 1.0
-                    tx = ch.build_close(self.svc.payee_script, rate)
-                except CloseUneconomic:
-                    # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
-                    self.store.mark_uneconomic(cid)
-                    log.warning("channel %s: %d sat do not pay for a close; left to the payer's refund",
-                                cid, rec.amount_sat)
-                    return None
+            built = self._build_close(ch, rec, rate, bump=previous_txid is not None)
+            if built is None:
+                return None
+            tx, rate = built
             txid = await self.node.broadcast(tx.serialize().hex())
             tip = await self.node.tip_height()
             if not self.store.set_close_tx(cid, txid, rate, tip, previous_txid):
@@ -133,6 +125,32 @@ class Watcher:
             log.info("close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)", cid, txid, rate, rec.amount_sat)
             self.claimed.discard(cid)
             return txid
+
+    def _build_close(self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool) -> tuple[Any, float] | None:
+        """Our close at ``rate``, or what the payment can afford; None if it affords no close at all."""
+        script = self.svc.payee_script
+        try:
+            return ch.build_close(script, rate), rate
+        except CloseUneconomic:
+            if not bump:
+                try:
+                    return ch.build_close(script, 1.0), 1.0
+                except CloseUneconomic:
+                    # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
+                    self.store.mark_uneconomic(rec.channel_id)
+                    log.warning("channel %s: %d sat do not pay for a close; left to the payer's refund",
+                                rec.channel_id, rec.amount_sat)
+                    return None
+        # a bump the payment cannot afford: the most it can pay, if that still raises the rate
+        most = ch.max_close_fee_sat(script)
+        tx = ch.build_close(script, 0, min_fee_sat=most)
+        affordable = most / tx_vsize(tx)
+        if affordable <= (rec.close_fee_rate or 0.0):
+            raise CloseUneconomic(
+                f"a close of {rec.amount_sat} sat cannot pay more than {affordable:.2f} sat/vB "
+                f"and already pays {rec.close_fee_rate or 0.0:.2f}"
+            )
+        return tx, affordable
 
     async def bump(self, cid: str, fee_rate: float | None = None) -> str | None:
         """RBF: replace our unconfirmed close with one at a higher fee rate."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from btcchannel.client import PayerClient
-from btcchannel.errors import ChannelClosing, NotExpired
+from btcchannel.errors import ChannelClosing, CloseUneconomic, NotExpired
 from btcchannel.regtest import RegtestNode
 from btcchannel.watcher import operator_bump, operator_close
 
@@ -146,5 +146,30 @@ async def test_rbf_bump_of_stuck_close(bitcoind: RegtestNode, funded_wallet: str
         fee = 200_000 - sum(sats(o["value"]) for o in close["vout"])
         assert fee >= 10 * close["vsize"]
         assert sats(close["vout"][0]["value"]) == 150_000
+    await payee_node.aclose()
+    await payer_node.aclose()
+
+
+async def test_bump_beyond_what_the_payment_affords(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+    """A bump the payment cannot fully pay takes the most it can; past that it is refused, not faked."""
+    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
+    cfg = fast_config(tmp_path / "payee", bump_after_blocks=1000, close_fee_rate_sat_vb=1.0)
+    async with server(cfg, payee_node) as srv, PayerClient(tmp_path / "payer", payer_node) as client:
+        cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+        bitcoind.mine(1)
+        await client.wait_open(cid)
+        await client.pay(cid, 1_000)
+        first = (await client.close(cid))["close_txid"]
+        obj = await operator_bump(cfg, payee_node, cid, 25.0)  # 25 sat/vB would cost more than 1,000 sat
+        second = obj["close_txid"]
+        assert second != first and second in bitcoind.rpc("getrawmempool")
+        close = tx_of(bitcoind, second)
+        assert sats(close["vout"][1]["value"]) == 294  # the payee keeps exactly its dust limit
+        assert srv.store.get(cid).close_fee_rate is not None and srv.store.get(cid).close_fee_rate > 1.0
+        with pytest.raises(CloseUneconomic):
+            await operator_bump(cfg, payee_node, cid, 50.0)
+        assert srv.store.get(cid).close_txid == second
+        bitcoind.mine(1)
+        await until(lambda: srv.store.get(cid).state == "closed", what="closed")
     await payee_node.aclose()
     await payer_node.aclose()
