@@ -13,6 +13,12 @@ States (both sides)::
     proposed/funding/open/closing --failed--> failed
 
 The table is :data:`TRANSITIONS`; any other event raises IllegalTransition.
+
+The payee's service terms are rules too, and live here as values:
+:class:`ProposalLimits` (which deposits and expiries a payee accepts),
+:class:`Capacity` (which cumulative amounts a channel can carry) and
+:class:`Metering` (a metered service: the prepay amount, postpay credit and
+settlement, the agreed end conditions). The service layers call them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import enum
 from dataclasses import dataclass, replace
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, Final, Mapping, Sequence
+from typing import Any, Callable, Final, Mapping, Sequence
 
 from btcchannel.errors import (
     AmountOutOfRange,
@@ -31,10 +37,12 @@ from btcchannel.errors import (
     ChannelClosed,
     ChannelClosing,
     DepositOutOfRange,
+    ExpiryOutOfRange,
     IllegalTransition,
     NotExpired,
     NotOpen,
     StalePayment,
+    WrongAmount,
 )
 from btcchannel.keys import (
     HALF_ORDER,
@@ -76,6 +84,10 @@ __all__ = [
     "PayeeChannel",
     "check_payment_amount",
     "build_multi_close",
+    "Capacity",
+    "Metering",
+    "METERING_MODES",
+    "ProposalLimits",
 ]
 
 
@@ -169,6 +181,11 @@ class ChannelParams:
         """The largest amount short of the whole deposit (change exactly the payer's dust limit)."""
         return self.deposit_sat - dust_limit(self.payer_script)
 
+    @cached_property
+    def capacity(self) -> Capacity:
+        """The cumulative amounts this channel can carry."""
+        return Capacity(self.deposit_sat, self.max_partial_amount)
+
     def with_funding(self, outpoint: OutPoint) -> ChannelParams:
         """A copy with the funding outpoint set."""
         if not isinstance(outpoint, OutPoint):
@@ -253,6 +270,23 @@ def check_payment_amount(params: ChannelParams, amount_sat: int) -> None:
             f"the payer's change would be below its dust limit: pay at most {params.max_partial_amount} "
             f"or the whole deposit {params.deposit_sat}"
         )
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Which cumulative amounts a channel can carry: up to ``deposit - dust(payer_script)``
+    (``max_partial_sat``), or exactly the whole deposit (no payer output)."""
+
+    deposit_sat: int
+    max_partial_sat: int
+
+    def carries(self, amount_sat: int) -> bool:
+        """Whether a cumulative payment of ``amount_sat`` fits (the upper bounds of :func:`check_payment_amount`)."""
+        if amount_sat == self.deposit_sat:
+            return True
+        if amount_sat > self.deposit_sat:
+            return False
+        return amount_sat <= self.max_partial_sat
 
 
 def _require_open(state: ChannelState) -> None:
@@ -573,3 +607,163 @@ def build_multi_close(
     sum of the payments minus the fee.
     """
     return build_close_tx([c.close_input() for c in channels], payee_script, fee_rate_sat_vb, min_fee_sat=min_fee_sat)
+
+
+# ----------------------------------------------------------------------------- service terms
+
+
+@dataclass(frozen=True)
+class ProposalLimits:
+    """What a payee accepts in a channel proposal: the deposit range and the channel's lifetime."""
+
+    min_deposit_sat: int
+    max_deposit_sat: int
+    min_lifetime_blocks: int
+    max_lifetime_blocks: int
+
+    def __post_init__(self) -> None:
+        for name in ("min_deposit_sat", "max_deposit_sat"):
+            if getattr(self, name) < 0:
+                raise BadRequest(f"{name} must not be negative")
+
+    def check_proposal(self, deposit_sat: int, expiry_height: int, tip_height: int) -> None:
+        """DepositOutOfRange unless ``deposit_sat`` is within ``[min_deposit_sat, max_deposit_sat]``;
+        ExpiryOutOfRange unless ``expiry_height`` is within ``tip + [min_lifetime, max_lifetime]``."""
+        if not self.min_deposit_sat <= deposit_sat <= self.max_deposit_sat:
+            raise DepositOutOfRange(
+                f"deposit must be within [{self.min_deposit_sat}, {self.max_deposit_sat}] sat"
+            )
+        lo, hi = tip_height + self.min_lifetime_blocks, tip_height + self.max_lifetime_blocks
+        if not lo <= expiry_height <= hi:
+            raise ExpiryOutOfRange(f"expiry_height must be within [{lo}, {hi}] (tip {tip_height})")
+
+
+#: The metered service's modes: pay each unit before it is served, or pay the owed total after.
+METERING_MODES: Final = ("prepay", "postpay")
+
+
+@dataclass(frozen=True)
+class Metering:
+    """The amount rules of a metered service: ``price_sat`` per unit (0: nothing is metered).
+
+    - prepay: each paid request carries a payment of exactly the previous total plus
+      ``price_sat * units`` (:meth:`prepay_amount`, :meth:`check_prepay`);
+    - postpay: units are served on credit while the owed total minus the paid total stays
+      within ``credit_limit_sat`` and the channel can carry the owed total (:meth:`credit`);
+      the payer then pays exactly the owed total (:meth:`check_settlement`).
+
+    A signed payment of the wrong amount is answered with WrongAmount and ends the channel
+    (the payee closes with the last correct payment). Amounts are cumulative totals in sat:
+    ``paid_sat`` the best stored payment, ``owed_sat`` the owed total recorded so far.
+    """
+
+    price_sat: int
+    mode: str = "prepay"
+    credit_limit_sat: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in METERING_MODES:
+            raise BadRequest("mode must be 'prepay' or 'postpay'")
+        for name in ("price_sat", "credit_limit_sat"):
+            if getattr(self, name) < 0:
+                raise BadRequest(f"{name} must not be negative")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether units are sold at all (``price_sat > 0``)."""
+        return self.price_sat > 0
+
+    @property
+    def settles_owed(self) -> bool:
+        """Whether a plain payment must settle the owed total (metered and postpay)."""
+        return self.price_sat > 0 and self.mode == "postpay"
+
+    def cost(self, units: int = 1) -> int:
+        """The price of ``units`` units."""
+        return self.price_sat * units
+
+    def prepay_amount(self, paid_sat: int, units: int = 1) -> int:
+        """Prepay: the cumulative amount that pays for ``units`` more units."""
+        return paid_sat + self.price_sat * units
+
+    def check_prepay(self, paid_sat: int, amount_sat: int, units: int = 1) -> None:
+        """Prepay: StalePayment unless ``amount_sat`` is above ``paid_sat``; WrongAmount unless it is
+        exactly :meth:`prepay_amount` (the caller ends the channel once the signature checks out)."""
+        expected = self.prepay_amount(paid_sat, units)
+        if amount_sat <= paid_sat:
+            raise StalePayment(f"a unit costs a payment of exactly {expected} sat (current {paid_sat})")
+        if amount_sat != expected:
+            raise WrongAmount(f"expected exactly {expected} sat, got {amount_sat}; the channel is closing")
+
+    @staticmethod
+    def owed_total(owed_sat: int, paid_sat: int) -> int:
+        """The total the payer owes: the recorded owed total, or what it paid if that is more."""
+        return max(owed_sat, paid_sat)
+
+    def next_amount(self, paid_sat: int, owed_sat: int, units: int = 1) -> int:
+        """The cumulative amount the payer should pay next: prepay, :meth:`prepay_amount`;
+        postpay, :meth:`owed_total`."""
+        if self.mode == "prepay":
+            return self.prepay_amount(paid_sat, units)
+        return self.owed_total(owed_sat, paid_sat)
+
+    def exceeds_credit(self, owed_total_sat: int, paid_sat: int, units: int = 1) -> bool:
+        """Postpay: whether ``units`` more units on top of ``owed_total_sat`` would leave more than
+        ``credit_limit_sat`` unpaid."""
+        return owed_total_sat + self.price_sat * units - paid_sat > self.credit_limit_sat
+
+    def credit(self, owed_sat: int, paid_sat: int, units: int, capacity: Capacity) -> int | None:
+        """Postpay: the new owed total after serving ``units`` more units on credit, or None if refused
+        (past ``credit_limit_sat`` unpaid, or more than the channel can carry)."""
+        owed_total = self.owed_total(owed_sat, paid_sat)
+        if self.exceeds_credit(owed_total, paid_sat, units):
+            return None
+        new_owed = owed_total + self.price_sat * units
+        if not capacity.carries(new_owed):
+            return None
+        return new_owed
+
+    @staticmethod
+    def check_settlement(owed_sat: int, paid_sat: int, amount_sat: int) -> bool:
+        """Postpay: a payment must be exactly the owed total. False for an exact retry of the paid
+        total, True for a payment settling ``owed_sat``; StalePayment below the paid total,
+        WrongAmount for any other amount (the caller ends the channel once the signature checks out)."""
+        if amount_sat == paid_sat:
+            return False
+        if amount_sat < paid_sat:
+            raise StalePayment(f"amount below the current total {paid_sat}")
+        if amount_sat != owed_sat:
+            raise WrongAmount(f"owed total is {owed_sat} sat, got {amount_sat}; the channel is closing")
+        return True
+
+    @staticmethod
+    def check_units(served_units: int, max_units: int | None, units: int = 1) -> None:
+        """ChannelClosing if serving ``units`` more units would pass the agreed ``max_units``."""
+        if max_units is not None and served_units + units > max_units:
+            raise ChannelClosing("the agreed unit count is reached")
+
+    def end_condition(
+        self,
+        *,
+        units: int,
+        max_units: int | None,
+        paid_sat: int,
+        owed_sat: int,
+        max_total_sat: int | None,
+        deposit_sat: int,
+        capacity: Callable[[], Capacity],
+    ) -> str | None:
+        """The agreed end condition a channel has reached, if any (checked after each payment):
+        ``unit_count_reached`` (all agreed units served and paid), ``agreed_total_reached``,
+        ``capacity_exhausted`` (the deposit is paid, or, when metered and nothing is owed, the
+        channel cannot carry one more unit). ``capacity`` is called only when needed."""
+        if max_units is not None and units >= max_units and owed_sat <= paid_sat:
+            return "unit_count_reached"
+        if max_total_sat is not None and paid_sat >= max_total_sat:
+            return "agreed_total_reached"
+        if paid_sat >= deposit_sat:
+            return "capacity_exhausted"
+        price = self.price_sat
+        if price > 0 and owed_sat <= paid_sat and not capacity().carries(paid_sat + price):
+            return "capacity_exhausted"
+        return None

@@ -36,6 +36,10 @@ The payer side::
         async def fetch(self, url: str, method: str = "GET", *, units: int = 1,
                         data: bytes | None = None) -> tuple[int, bytes]
         async def settle(self) -> int          # postpay: pay the owed total now
+
+The amount rules (prepay amount, credit, owed total, settlement, end
+conditions) are the core's :class:`btcchannel.channel.Metering`; this module
+only carries them over HTTP.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from btcchannel.channel import Payment
+from btcchannel.channel import Metering, Payment
 from btcchannel.client import PayerClient
-from btcchannel.errors import BadRequest, NodeUnavailable, ProtocolViolation, error_for_code
+from btcchannel.errors import BadRequest, ChannelError, NodeUnavailable, ProtocolViolation, error_for_code
 from btcchannel.server import SERVICE, PayeeService, check_channel_id
 
 __all__ = [
@@ -74,6 +78,7 @@ _HEX = re.compile(r"^(?:[0-9a-f]{2}){1,80}$")
 def payment_required(svc: PayeeService, cid: str | None, units: int) -> web.Response:
     """The 402 answer: price, mode and where to open a channel / what to pay next."""
     cfg = svc.config
+    metering = cfg.metering
     body: dict[str, Any] = {
         "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
         "units": units, "info_endpoint": "/v1/info", "channel_endpoint": "/v1/channels",
@@ -82,10 +87,8 @@ def payment_required(svc: PayeeService, cid: str | None, units: int) -> web.Resp
     if cid is not None:
         rec = svc.store.get(cid)
         body["amount_sat"] = rec.amount_sat
-        body["owed_sat"] = max(rec.owed_sat, rec.amount_sat)
-        body["next_amount_sat"] = (
-            rec.amount_sat + cfg.price_sat * units if cfg.mode == "prepay" else max(rec.owed_sat, rec.amount_sat)
-        )
+        body["owed_sat"] = metering.owed_total(rec.owed_sat, rec.amount_sat)
+        body["next_amount_sat"] = metering.next_amount(rec.amount_sat, rec.owed_sat, units)
         body["state"] = rec.state
     return web.json_response({"payment": body}, status=402)
 
@@ -109,15 +112,15 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
             svc = request.app[SERVICE]
-            cfg = svc.config
-            if cfg.price_sat <= 0:
+            metering = svc.config.metering
+            if not metering.enabled:
                 return await handler(request)
             cid_h = request.headers.get(HDR_CHANNEL)
             if cid_h is None:
                 return payment_required(svc, None, units)
             cid = check_channel_id(cid_h)
             pay = _payment_headers(request)
-            if cfg.mode == "prepay":
+            if metering.mode == "prepay":
                 if pay is None:
                     return payment_required(svc, cid, units)
                 svc.charge_prepay(cid, pay[0], pay[1], units)
@@ -131,7 +134,7 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
             rec = svc.store.get(cid)
             if not resp.prepared:
                 resp.headers[HDR_PAID] = str(state["amount_sat"])
-                resp.headers[HDR_OWED] = str(max(rec.owed_sat, rec.amount_sat))
+                resp.headers[HDR_OWED] = str(metering.owed_total(rec.owed_sat, rec.amount_sat))
             return resp
 
         return wrapper
@@ -194,6 +197,7 @@ class MeteredPayer:
         self.client = client
         self.channel_id = channel_id
         self._info: dict[str, Any] | None = None
+        self._metering: Metering | None = None
 
     async def terms(self) -> dict[str, Any]:
         """The payee's price, mode and credit limit (``GET /v1/info``, cached)."""
@@ -201,6 +205,16 @@ class MeteredPayer:
             rec = self.client.store.get(self.channel_id)
             self._info = await self.client.info(rec.server_url)
         return self._info
+
+    async def metering(self) -> Metering:
+        """The payee's terms as the core's :class:`Metering` (cached); ProtocolViolation if they make no sense."""
+        if self._metering is None:
+            terms = await self.terms()
+            try:
+                self._metering = Metering(int(terms["price_sat"]), terms["mode"], int(terms["credit_limit_sat"]))
+            except ChannelError as exc:
+                raise ProtocolViolation(f"the payee's terms are invalid: {exc.message}") from None
+        return self._metering
 
     async def settle(self) -> int:
         """Postpay: pay exactly the owed total now (no-op if nothing is owed). Returns the paid total."""
@@ -210,30 +224,32 @@ class MeteredPayer:
             return await self.client.pay(self.channel_id, amount=owed)
         return int(obj["amount_sat"])
 
-    async def _prepay_payment(self, price: int) -> Payment:
+    async def _prepay_payment(self, metering: Metering, units: int) -> Payment:
         store = self.client.store
         rec = store.get(self.channel_id)
         if rec.amount_sat > rec.acked_sat:
             await self.client.status(self.channel_id)  # did the payee get our last one?
             rec = store.get(self.channel_id)
-            if rec.amount_sat > rec.acked_sat and rec.signature is not None and rec.amount_sat == rec.acked_sat + price:
+            if (
+                rec.amount_sat > rec.acked_sat and rec.signature is not None
+                and rec.amount_sat == metering.prepay_amount(rec.acked_sat, units)
+            ):
                 return Payment(rec.amount_sat, rec.signature)  # never reached the payee: send it again
-        return await self.client.sign_next(self.channel_id, rec.amount_sat + price)
+        return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units))
 
     async def fetch(self, url: str, method: str = "GET", *, units: int = 1, data: bytes | None = None) -> tuple[int, bytes]:
         """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed."""
-        terms = await self.terms()
-        price = int(terms["price_sat"]) * units
+        metering = await self.metering()
         headers = {HDR_CHANNEL: self.channel_id}
         payment: Payment | None = None
         for _attempt in range(3):
-            if terms["mode"] == "prepay" and price > 0:
-                payment = await self._prepay_payment(price)
+            if metering.mode == "prepay" and metering.cost(units) > 0:
+                payment = await self._prepay_payment(metering, units)
                 headers[HDR_AMOUNT] = str(payment.amount_sat)
                 headers[HDR_SIGNATURE] = payment.signature.hex()
             status, body, resp_headers = await self._request(method, url, headers, data)
             if status == 402:
-                if terms["mode"] == "postpay":
+                if metering.mode == "postpay":
                     before = self.client.store.get(self.channel_id).acked_sat
                     if await self.settle() > before:
                         continue
@@ -242,10 +258,10 @@ class MeteredPayer:
                 self._raise(status, body)
             if payment is not None:
                 self.client.store.set_acked(self.channel_id, payment.amount_sat)
-            if terms["mode"] == "postpay":
+            if metering.mode == "postpay":
                 owed = int(resp_headers.get(HDR_OWED, "0"))
                 paid_total = int(resp_headers.get(HDR_PAID, "0"))
-                if owed - paid_total + price > int(terms["credit_limit_sat"]):
+                if metering.exceeds_credit(owed, paid_total, units):
                     await self.client.pay(self.channel_id, amount=owed)
             return status, body
         raise ProtocolViolation("the payee keeps asking for payment")

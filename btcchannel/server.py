@@ -33,8 +33,11 @@ Operator commands on a datadir (also usable while a server runs on it) live in
 
 Design: requests are validated strictly (size limit, exact JSON fields and
 types, hex, ranges) before anything touches the channel; every rule about
-amounts, signatures and states is the core's (``btcchannel.channel``); a
-payment is answered 200 only after ``PayeeStore.record_payment`` committed it.
+amounts, signatures and states is the core's (``btcchannel.channel``: the
+proposal limits, the metered service's prepay/postpay amounts, credit and end
+conditions included; ``ServerConfig.metering`` / ``.proposal_limits`` hand the
+configured terms to it); a payment is answered 200 only after
+``PayeeStore.record_payment`` committed it.
 Errors leave as ``{"error": {"code", "message"}}`` with the code's HTTP status;
 bad input never yields a 500.
 """
@@ -58,7 +61,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from btcchannel import keys, script
-from btcchannel.channel import ChannelParams, ChannelState, PayeeChannel, Payment
+from btcchannel.channel import Capacity, ChannelParams, ChannelState, Metering, PayeeChannel, Payment, ProposalLimits
 from btcchannel.errors import (
     AmountOutOfRange,
     BadPubkey,
@@ -67,8 +70,6 @@ from btcchannel.errors import (
     ChannelClosed,
     ChannelClosing,
     ChannelError,
-    DepositOutOfRange,
-    ExpiryOutOfRange,
     FundingMismatch,
     FundingNotFound,
     InternalError,
@@ -125,11 +126,21 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.datadir = Path(self.datadir)
         script.check_network(self.network)
-        if self.mode not in ("prepay", "postpay"):
-            raise ValueError("mode must be 'prepay' or 'postpay'")
-        for name in ("price_sat", "credit_limit_sat", "min_deposit_sat", "max_deposit_sat"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
+        try:
+            self.metering  # noqa: B018 - the core validates the terms
+            self.proposal_limits  # noqa: B018
+        except ChannelError as err:
+            raise ValueError(err.message) from None
+
+    @property
+    def metering(self) -> Metering:
+        """The metered service's terms, as the core's rules."""
+        return Metering(self.price_sat, self.mode, self.credit_limit_sat)
+
+    @property
+    def proposal_limits(self) -> ProposalLimits:
+        """The accepted deposit range and channel lifetime, as the core's rules."""
+        return ProposalLimits(self.min_deposit_sat, self.max_deposit_sat, self.min_lifetime_blocks, self.max_lifetime_blocks)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of the fields."""
@@ -316,12 +327,8 @@ class PayeeService:
         expiry = _int(body, "expiry_height", 0, 500_000_000 - 1)
         max_units = _int(body, "max_units", 1) if body.get("max_units") is not None else None
         max_total = _int(body, "max_total_sat", 1) if body.get("max_total_sat") is not None else None
-        if not cfg.min_deposit_sat <= deposit <= cfg.max_deposit_sat:
-            raise DepositOutOfRange(f"deposit must be within [{cfg.min_deposit_sat}, {cfg.max_deposit_sat}] sat")
         tip = self.tip_height
-        lo, hi = tip + cfg.min_lifetime_blocks, tip + cfg.max_lifetime_blocks
-        if not lo <= expiry <= hi:
-            raise ExpiryOutOfRange(f"expiry_height must be within [{lo}, {hi}] (tip {tip})")
+        cfg.proposal_limits.check_proposal(deposit, expiry, tip)
         self.store.lapse_proposals()
         if self.store.count_proposals() >= cfg.max_proposals:
             raise TooManyChannels("too many unfunded proposals, try later")
@@ -429,24 +436,18 @@ class PayeeService:
 
     def end_condition(self, rec: PayeeRecord) -> str | None:
         """The agreed end condition a channel has reached, if any (checked after each payment)."""
-        price = self.config.price_sat
-        if rec.max_units is not None and rec.units >= rec.max_units and rec.owed_sat <= rec.amount_sat:
-            return "unit_count_reached"
-        if rec.max_total_sat is not None and rec.amount_sat >= rec.max_total_sat:
-            return "agreed_total_reached"
-        if rec.amount_sat >= rec.deposit_sat:
-            return "capacity_exhausted"
-        if price > 0 and rec.owed_sat <= rec.amount_sat and not self.can_pay(rec, rec.amount_sat + price):
-            return "capacity_exhausted"
-        return None
+        return self.config.metering.end_condition(
+            units=rec.units, max_units=rec.max_units, paid_sat=rec.amount_sat, owed_sat=rec.owed_sat,
+            max_total_sat=rec.max_total_sat, deposit_sat=rec.deposit_sat, capacity=lambda: self.capacity_of(rec),
+        )
+
+    def capacity_of(self, rec: PayeeRecord) -> Capacity:
+        """Which cumulative amounts the channel can carry (the core's dust rule)."""
+        return ChannelParams.from_json(rec.params).capacity
 
     def can_pay(self, rec: PayeeRecord, amount_sat: int) -> bool:
         """Whether the channel can carry a payment of ``amount_sat`` (the core's dust rule)."""
-        if amount_sat == rec.deposit_sat:
-            return True
-        if amount_sat > rec.deposit_sat:
-            return False
-        return amount_sat <= ChannelParams.from_json(rec.params).max_partial_amount
+        return self.capacity_of(rec).carries(amount_sat)
 
     def after_payment(self, cid: str) -> dict[str, Any]:
         """Check end conditions after a stored payment; start the close if one is met."""
@@ -471,7 +472,7 @@ class PayeeService:
         """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered)."""
         amount = _int(body, "amount_sat", 1)
         sig = _hex(body, "signature", 80)
-        if self.config.price_sat > 0 and self.config.mode == "postpay":
+        if self.config.metering.settles_owed:
             return self.pay_owed(cid, amount, sig)
         self.accept(cid, amount, sig)
         return self.after_payment(cid)
@@ -481,15 +482,15 @@ class PayeeService:
         rec = self.store.get(cid)
         if rec.state != "open":
             raise self._state_error(rec)
-        if amount == rec.amount_sat:
-            self.accept(cid, amount, sig)  # exact retry (or stale/bad signature)
-            return self.after_payment(cid)
-        if amount < rec.amount_sat:
-            raise StalePayment(f"amount below the current total {rec.amount_sat}")
-        if amount != rec.owed_sat:
+        try:
+            settles = Metering.check_settlement(rec.owed_sat, rec.amount_sat, amount)
+        except WrongAmount:
             self.verify_only(cid, amount, sig)  # a forged request must not end the channel
             self.claim_close(cid, "wrong_amount")
-            raise WrongAmount(f"owed total is {rec.owed_sat} sat, got {amount}; the channel is closing")
+            raise
+        if not settles:
+            self.accept(cid, amount, sig)  # exact retry (or stale/bad signature)
+            return self.after_payment(cid)
         self.accept(cid, amount, sig, owed_sat=amount)
         return self.after_payment(cid)
 
@@ -498,30 +499,27 @@ class PayeeService:
         rec = self.store.get(cid)
         if rec.state != "open":
             raise self._state_error(rec)
-        if rec.max_units is not None and rec.units + units > rec.max_units:
-            raise ChannelClosing("the agreed unit count is reached")
-        expected = rec.amount_sat + self.config.price_sat * units
-        if amount <= rec.amount_sat:
-            raise StalePayment(f"a unit costs a payment of exactly {expected} sat (current {rec.amount_sat})")
-        if amount != expected:
-            self.verify_only(cid, amount, sig)
+        Metering.check_units(rec.units, rec.max_units, units)
+        try:
+            self.config.metering.check_prepay(rec.amount_sat, amount, units)
+        except WrongAmount:
+            self.verify_only(cid, amount, sig)  # a forged request must not end the channel
             self.claim_close(cid, "wrong_amount")
-            raise WrongAmount(f"expected exactly {expected} sat, got {amount}; the channel is closing")
+            raise
         if not self.accept(cid, amount, sig, units_delta=units):
             raise StalePayment("payment already used")
         return self.store.get(cid)
 
     def charge_postpay(self, cid: str, units: int = 1) -> PayeeRecord | None:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not)."""
-        price = self.config.price_sat * units
+        metering = self.config.metering
         for _attempt in range(5):
             rec = self.store.get(cid)
             if rec.state != "open":
                 raise self._state_error(rec)
-            if rec.max_units is not None and rec.units + units > rec.max_units:
-                raise ChannelClosing("the agreed unit count is reached")
-            new_owed = max(rec.owed_sat, rec.amount_sat) + price
-            if new_owed - rec.amount_sat > self.config.credit_limit_sat or not self.can_pay(rec, new_owed):
+            Metering.check_units(rec.units, rec.max_units, units)
+            new_owed = metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
+            if new_owed is None:
                 return None
             if self.store.record_credit(cid, rec.owed_sat, new_owed, units):
                 return self.store.get(cid)
