@@ -443,6 +443,11 @@ def _sighash_byte(params: ChannelParams, amount_sat: int) -> int:
     return SIGHASH_NONE_ACP if amount_sat == params.deposit_sat else SIGHASH_SINGLE_ACP
 
 
+def closing_height(expiry_height: int, close_margin_blocks: int) -> int:
+    """The height from which the payee refuses payments and must close: ``expiry - margin``."""
+    return expiry_height - close_margin_blocks
+
+
 class PayeeChannel(_Machine):
     """The payee's side: accepts payments (keeping only the best), closes before expiry."""
 
@@ -489,7 +494,7 @@ class PayeeChannel(_Machine):
     @property
     def closing_height(self) -> int:
         """From this tip height on the payee refuses payments and must close."""
-        return self.params.expiry_height - self.close_margin_blocks
+        return closing_height(self.params.expiry_height, self.close_margin_blocks)
 
     def funding_seen(self, outpoint: OutPoint) -> None:
         """The payer reported its funding: proposed -> funding; the params gain the outpoint."""
@@ -513,7 +518,7 @@ class PayeeChannel(_Machine):
         """
         if self.state is not ChannelState.OPEN:
             _require_open(self.state)
-        if tip_height is not None and tip_height >= self.params.expiry_height - self.close_margin_blocks:
+        if tip_height is not None and tip_height >= self.closing_height:
             raise ChannelClosing(f"tip {tip_height} is within {self.close_margin_blocks} blocks of the expiry")
         deposit = self._deposit
         if (
@@ -549,7 +554,7 @@ class PayeeChannel(_Machine):
         return (
             self.state is ChannelState.OPEN
             and self.best is not None
-            and tip_height >= self.params.expiry_height - self.close_margin_blocks
+            and tip_height >= self.closing_height
         )
 
     def close_input(self) -> CloseInput:
@@ -735,6 +740,12 @@ class Metering:
         if amount_sat != owed_sat:
             raise WrongAmount(f"owed total is {owed_sat} sat, got {amount_sat}; the channel is closing")
         return True
+
+    @staticmethod
+    def payment_overdue(owed_sat: int, paid_sat: int, owed_since: float | None, now: float,
+                        payment_timeout_s: float) -> bool:
+        """Postpay: whether an owed total has stayed unpaid for longer than the payment timeout."""
+        return owed_since is not None and owed_sat > paid_sat and now - owed_since > payment_timeout_s
 
     @staticmethod
     def check_units(served_units: int, max_units: int | None, units: int = 1) -> None:

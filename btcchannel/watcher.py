@@ -35,7 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from btcchannel.channel import ChannelState, PayeeChannel
+from btcchannel.channel import ChannelState, Metering, PayeeChannel, closing_height
 from btcchannel.errors import ChannelError, CloseUneconomic, NodeError
 from btcchannel.store import PayeeRecord, PayeeStore
 from btcchannel.tx import OutPoint, tx_vsize
@@ -231,14 +231,10 @@ class Watcher:
             return
         if info.confirmations != rec.confirmations:
             self.store.set_confirmations(cid, info.confirmations, open_now=False)
-        if tip >= rec.expiry_height - cfg.close_margin_blocks:
+        if tip >= closing_height(rec.expiry_height, cfg.close_margin_blocks):
             await self.close(cid, "expiry_margin")
             return
-        if (
-            rec.owed_since is not None
-            and rec.owed_sat > rec.amount_sat
-            and time.time() - rec.owed_since > cfg.payment_timeout_s
-        ):
+        if Metering.payment_overdue(rec.owed_sat, rec.amount_sat, rec.owed_since, time.time(), cfg.payment_timeout_s):
             await self.close(cid, "payment_timeout")
 
     async def _check_closing(self, rec: PayeeRecord, tip: int) -> None:
