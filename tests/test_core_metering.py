@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btcchannel.channel import Capacity, ChannelParams, Metering, ProposalLimits
+from btcchannel.channel import Capacity, ChannelParams, Metering, ProposalLimits, closing_height
 from btcchannel.errors import (
     BadRequest,
     ChannelClosing,
@@ -282,8 +282,6 @@ def test_proposal_limits_accept_exactly_the_ranges(deposit: int, tip: int, lifet
 
 
 def test_payment_overdue_only_when_owed_past_the_timeout() -> None:
-    from btcchannel.channel import Metering
-
     assert not Metering.payment_overdue(500, 500, 100.0, 1000.0, 30.0)  # nothing owed
     assert not Metering.payment_overdue(600, 500, None, 1000.0, 30.0)  # never owed
     assert not Metering.payment_overdue(600, 500, 990.0, 1000.0, 30.0)  # within the timeout
@@ -291,7 +289,5 @@ def test_payment_overdue_only_when_owed_past_the_timeout() -> None:
 
 
 def test_closing_height_is_expiry_minus_margin() -> None:
-    from btcchannel.channel import closing_height
-
     assert closing_height(500, 6) == 494
     assert closing_height(500, 0) == 500
