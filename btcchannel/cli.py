@@ -448,14 +448,16 @@ def channel(settings: Settings, channel_id: str) -> None:
 @click.option("--payee", "as_payee", is_flag=True, help="Close as the payee (operator), not as the payer.")
 @click.pass_obj
 def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_payee: bool) -> None:
-    """Close a channel: the payer asks the payee; the payee (--payee) broadcasts its close.
+    """Close a channel: the payer asks the payee to close; the payee closes now with its best payment.
+
+    The role is the one this datadir holds the channel in (--payee when it holds both).
 
     \b
     Examples:
-      btcchannel close 5f0c...e1               # payer: signed close request
-      btcchannel close --payee 5f0c...e1       # payee: close now with the best payment
+      btcchannel close 5f0c...e1                  # payer: signed close request
+      btcchannel close 5f0c...e1 --fee-rate 12    # payee: broadcast the close now
     """
-    if as_payee:
+    if as_payee or _payee_only(settings, channel_id):
         from btcchannel.watcher import operator_close
 
         config = _server_config(settings, close_fee_rate_sat_vb=fee_rate)
@@ -463,6 +465,23 @@ def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_pa
     else:
         obj = run_async(_with_client(settings, lambda client: client.close(channel_id)))
     emit(settings, obj, f"closing: {obj.get('close_txid') or '-'} (state {obj['state']})")
+
+
+def _payee_only(settings: Settings, channel_id: str) -> bool:
+    """Whether this datadir knows ``channel_id`` as the payee's and not as the payer's."""
+    from btcchannel.store import PayeeStore, PayerStore
+
+    def known(store: PayeeStore | PayerStore) -> bool:
+        try:
+            store.get(channel_id)
+            return True
+        except ChannelError:
+            return False
+        finally:
+            store.close()
+
+    payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
+    return payee_db.exists() and known(PayeeStore(payee_db)) and not (payer_db.exists() and known(PayerStore(payer_db)))
 
 
 @main.command()
@@ -551,8 +570,8 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
             units = 1
         if out is not None:
             out.write_bytes(body)
-        else:
-            sys.stdout.buffer.write(body) if not settings.json else None
+        elif not settings.json:
+            sys.stdout.buffer.write(body)
         rec = client.store.get(cid)
         return {"channel_id": cid, "bytes": len(body), "units": units, "amount_sat": rec.acked_sat,
                 "out": str(out) if out else None}

@@ -153,6 +153,22 @@ def test_two_processes_open_fetch_close_and_refund(
     assert values[1] == 6000 - btc_to_sat(tx["fee"])
     wait_until(lambda: payee.json("channel", cid)["state"] == "closed", 30, what="payee sees the close")
 
+    # the payee closes a channel on its own, then bumps its close by RBF
+    third = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait")
+    cid3 = third["channel_id"]
+    bitcoind.mine(1)
+    payer.json("fetch", f"{url}/v1/file/1")
+    assert payer.json("pay", cid3, "--amount-sat", "20000")["amount_sat"] == 20100
+    first_close = payee.json("close", cid3, "--fee-rate", "3")["close_txid"]
+    bumped = payee.json("bump", cid3, "--fee-rate", "6")["close_txid"]
+    assert bumped != first_close
+    mempool = bitcoind.rpc("getrawmempool")
+    assert bumped in mempool and first_close not in mempool
+    bitcoind.mine(1)
+    btx = bitcoind.rpc("getrawtransaction", bumped, 2)
+    assert btx["confirmations"] == 1 and btc_to_sat(btx["fee"]) >= 6 * btx["vsize"]
+    assert btc_to_sat(btx["vout"][0]["value"]) == 100000 - 20100
+
     # a second channel: the payee vanishes, the payer restores a backup elsewhere and refunds
     second = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "12", "--no-wait")
     cid2 = second["channel_id"]
@@ -163,7 +179,7 @@ def test_two_processes_open_fetch_close_and_refund(
     payer.json("backup", "export", str(tmp_path / "backup.json"))
     assert (tmp_path / "backup.json").stat().st_mode & 0o077 == 0
     restored = Cli(bitcoind, tmp_path / "restored", funded_wallet)
-    assert restored.json("backup", "import", str(tmp_path / "backup.json"))["imported"] == 2
+    assert restored.json("backup", "import", str(tmp_path / "backup.json"))["imported"] == 3
     assert "not_expired" in restored.fails("refund", cid2)
     bitcoind.mine(second["expiry_height"] - bitcoind.tip_height())
     refund_txid = restored.json("refund", cid2)["refund_txid"]
