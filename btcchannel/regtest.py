@@ -102,7 +102,7 @@ def _acceptable(version: str) -> bool:
     if "Knots" in version:
         return True
     m = re.search(r"Bitcoin Core.*?v(\d+)\.", version)
-    return bool(m) and int(m.group(1)) >= MIN_CORE_MAJOR if m else False
+    return m is not None and int(m.group(1)) >= MIN_CORE_MAJOR
 
 
 def _sibling_cli(bitcoind: str) -> str:

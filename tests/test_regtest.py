@@ -175,3 +175,13 @@ def test_restart_keeps_ports_and_chain(node_factory: Callable[[], RegtestNode]) 
     node.start()
     assert node.rpc_url == url
     assert node.tip_height() == 3
+
+
+def test_version_policy() -> None:
+    from btcchannel.regtest import _acceptable
+
+    assert _acceptable("Bitcoin Core version v27.0.0")
+    assert _acceptable("Bitcoin Core daemon version v25.1.0")
+    assert not _acceptable("Bitcoin Core version v24.1.0")
+    assert _acceptable("Bitcoin Knots daemon version v29.4.3.knots20260508")
+    assert not _acceptable("Litecoin Core version v0.21.2")
