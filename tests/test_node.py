@@ -125,7 +125,8 @@ async def test_fund_output_with_fee_rate_and_any_script(
     tx = await node.get_transaction(outpoint.txid)
     assert tx is not None
     fee = btc_to_sat(bitcoind.rpc("getmempoolentry", outpoint.txid)["fees"]["base"])
-    assert fee == pytest.approx(7 * tx["vsize"], abs=2)
+    # the wallet sizes each input's signature at its maximum length: at most 1 vB over per input
+    assert 7 * tx["vsize"] <= fee <= 7 * (tx["vsize"] + len(tx["vin"]))
     assert tx["vout"][0]["scriptPubKey"]["address"] == address
 
 
