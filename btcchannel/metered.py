@@ -123,17 +123,18 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
             if metering.mode == "prepay":
                 if pay is None:
                     return payment_required(svc, cid, units)
-                svc.charge_prepay(cid, pay[0], pay[1], units)
+                charged = svc.charge_prepay(cid, pay[0], pay[1], units)
             else:
                 if pay is not None:
                     svc.pay_owed(cid, pay[0], pay[1])
-                if svc.charge_postpay(cid, units) is None:
+                credited = svc.charge_postpay(cid, units)
+                if credited is None:
                     return payment_required(svc, cid, units)
+                charged = credited
             resp = await handler(request)
-            state = svc.after_payment(cid)
-            rec = svc.store.get(cid)
+            rec = svc.after_payment(charged)
             if not resp.prepared:
-                resp.headers[HDR_PAID] = str(state["amount_sat"])
+                resp.headers[HDR_PAID] = str(rec.amount_sat)
                 resp.headers[HDR_OWED] = str(metering.owed_total(rec.owed_sat, rec.amount_sat))
             return resp
 

@@ -396,8 +396,8 @@ class PayeeService:
 
     def accept(
         self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None
-    ) -> bool:
-        """Verify with the core and durably store a payment. True if new, False if an exact retry.
+    ) -> PayeeRecord | None:
+        """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
         Returns only after the row is committed. Raises the core's errors.
         """
@@ -405,22 +405,15 @@ class PayeeService:
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
                 raise self._state_error(self.store.get(cid))
-            try:
-                new = ch.accept_payment(amount_sat, signature, tip_height=self.tip_height)
-            except ChannelError:
-                raise
-            except Exception:
-                self.invalidate(cid)
-                raise
-            if not new:
-                return False
+            if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
+                return None
             try:
                 stored = self.store.record_payment(cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat)
             except BaseException:
-                self.invalidate(cid)
+                self.invalidate(cid)  # the cached channel already holds the payment the store may not
                 raise
-            if stored:
-                return True
+            if stored is not None:
+                return stored
             # the row changed under us (another process, a close): decide again on fresh data
             self.invalidate(cid)
             rec = self.store.get(cid)
@@ -449,15 +442,18 @@ class PayeeService:
         """Whether the channel can carry a payment of ``amount_sat`` (the core's dust rule)."""
         return self.capacity_of(rec).carries(amount_sat)
 
-    def after_payment(self, cid: str) -> dict[str, Any]:
-        """Check end conditions after a stored payment; start the close if one is met."""
-        rec = self.store.get(cid)
+    def after_payment(self, rec: PayeeRecord) -> PayeeRecord:
+        """Check end conditions on a freshly stored row; start the close if one is met."""
         reason = self.end_condition(rec)
         if reason is not None:
-            claimed = self.claim_close(cid, reason)
+            claimed = self.claim_close(rec.channel_id, reason)
             if claimed is not None:
-                rec = claimed
-        return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
+                return claimed
+        return rec
+
+    def _stored(self, cid: str, rec: PayeeRecord | None) -> PayeeRecord:
+        """The row after ``accept``: the one it stored, or the current one after an exact retry."""
+        return self.after_payment(rec if rec is not None else self.store.get(cid))
 
     def claim_close(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) and broadcast it in the background."""
@@ -473,11 +469,12 @@ class PayeeService:
         amount = _int(body, "amount_sat", 1)
         sig = _hex(body, "signature", 80)
         if self.config.metering.settles_owed:
-            return self.pay_owed(cid, amount, sig)
-        self.accept(cid, amount, sig)
-        return self.after_payment(cid)
+            rec = self.pay_owed(cid, amount, sig)
+        else:
+            rec = self._stored(cid, self.accept(cid, amount, sig))
+        return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
-    def pay_owed(self, cid: str, amount: int, sig: bytes) -> dict[str, Any]:
+    def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:
         """Postpay: the payment must be exactly the owed total; anything else ends the channel."""
         rec = self.store.get(cid)
         if rec.state != "open":
@@ -488,11 +485,8 @@ class PayeeService:
             self.verify_only(cid, amount, sig)  # a forged request must not end the channel
             self.claim_close(cid, "wrong_amount")
             raise
-        if not settles:
-            self.accept(cid, amount, sig)  # exact retry (or stale/bad signature)
-            return self.after_payment(cid)
-        self.accept(cid, amount, sig, owed_sat=amount)
-        return self.after_payment(cid)
+        # not settling: an exact retry (or a stale or forged payment, which accept refuses)
+        return self._stored(cid, self.accept(cid, amount, sig, owed_sat=amount if settles else None))
 
     def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
@@ -506,9 +500,10 @@ class PayeeService:
             self.verify_only(cid, amount, sig)  # a forged request must not end the channel
             self.claim_close(cid, "wrong_amount")
             raise
-        if not self.accept(cid, amount, sig, units_delta=units):
+        stored = self.accept(cid, amount, sig, units_delta=units)
+        if stored is None:
             raise StalePayment("payment already used")
-        return self.store.get(cid)
+        return stored
 
     def charge_postpay(self, cid: str, units: int = 1) -> PayeeRecord | None:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not)."""

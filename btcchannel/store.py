@@ -265,26 +265,25 @@ class PayeeStore:
         *,
         units_delta: int = 0,
         owed_sat: int | None = None,
-    ) -> bool:
+    ) -> PayeeRecord | None:
         """Store a new best payment if the channel is open and it beats the stored one.
 
         ``owed_sat`` (metered postpay): the owed total this payment settles;
         the payment timer is cleared only if nothing more is owed by now.
-        Returns False (nothing written) if the row changed under us: the
-        caller re-reads it and decides again.
+        Returns the updated row, committed, or None (nothing written) if the
+        row changed under us: the caller re-reads it and decides again.
         """
         if owed_sat is None:
-            return self._update(
-                "UPDATE channels SET amount_sat=?, signature=?, units=units+?, updated_at=?"
-                " WHERE channel_id=? AND state='open' AND amount_sat<?",
-                (amount_sat, signature, units_delta, time.time(), channel_id, amount_sat),
-            )
-        return self._update(
-            "UPDATE channels SET amount_sat=?, signature=?, units=units+?,"
-            " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
-            " updated_at=? WHERE channel_id=? AND state='open' AND amount_sat<?",
-            (amount_sat, signature, units_delta, owed_sat, time.time(), channel_id, amount_sat),
-        )
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, updated_at=?"
+                   " WHERE channel_id=? AND state='open' AND amount_sat<? RETURNING *")
+            args: tuple[Any, ...] = (amount_sat, signature, units_delta, time.time(), channel_id, amount_sat)
+        else:
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?,"
+                   " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
+                   " updated_at=? WHERE channel_id=? AND state='open' AND amount_sat<? RETURNING *")
+            args = (amount_sat, signature, units_delta, owed_sat, time.time(), channel_id, amount_sat)
+        rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
+        return _payee_from_row(rows[0]) if rows else None
 
     def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int) -> bool:
         """Postpay: a unit served on credit (CAS on the owed total)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -151,3 +152,19 @@ def test_payer_store_signed_before_sent_and_backup(tmp_path: Path) -> None:
     assert q.get(cid).amount_sat == 200
     with pytest.raises(BadRequest):
         q.import_backup({"kind": "nope"})
+
+
+def test_record_payment_returns_the_committed_row(tmp_path: Path) -> None:
+    s = PayeeStore(tmp_path / "payee.db")
+    cid = "ab" * 16
+    s.insert_proposal(_proposal(cid))
+    s.set_funding(cid, "11" * 32, 0, 1)
+    s.set_confirmations(cid, 1, open_now=True)
+    rec = s.record_payment(cid, 10, b"s10", units_delta=2)
+    assert rec is not None and rec.amount_sat == 10 and rec.units == 2 and rec.signature == b"s10"
+    assert not s._db.in_transaction
+    # another connection sees it at once: the row was committed before record_payment returned
+    other = sqlite3.connect(str(tmp_path / "payee.db"))
+    assert other.execute("SELECT amount_sat FROM channels WHERE channel_id=?", (cid,)).fetchone()[0] == 10
+    other.close()
+    s.close()
