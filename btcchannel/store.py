@@ -38,7 +38,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 from btcchannel.errors import BadRequest, FundingMismatch, UnknownChannel
 
@@ -156,36 +156,48 @@ CREATE UNIQUE INDEX IF NOT EXISTS channels_funding ON channels(funding_txid, fun
 """
 
 
-def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
+def _decode_row(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
+    """A row as record fields: JSON columns parsed, key and signature as bytes."""
     d = dict(row)
-    d["params"] = json.loads(d["params"])
-    d["close_txids"] = json.loads(d["close_txids"])
-    d["funding_inputs"] = json.loads(d["funding_inputs"])
+    for name in json_columns:
+        d[name] = json.loads(d[name])
     d["privkey"] = bytes(d["privkey"])
     if d["signature"] is not None:
         d["signature"] = bytes(d["signature"])
-    return PayeeRecord(**d)
+    return d
 
 
-class PayeeStore:
-    """The payee's channels: one row each, best payment only, CAS state changes."""
+def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
+    return PayeeRecord(**_decode_row(row, ("params", "close_txids", "funding_inputs")))
+
+
+class _Database:
+    """One private SQLite file with its schema applied."""
+
+    SCHEMA: ClassVar[str] = ""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._db = _connect(self.path)
-        self._db.executescript(_PAYEE_SCHEMA)
+        self._db.executescript(self.SCHEMA)
 
     def close(self) -> None:
         """Close the database connection."""
         self._db.close()
 
+
+class PayeeStore(_Database):
+    """The payee's channels: one row each, best payment only, CAS state changes."""
+
+    SCHEMA = _PAYEE_SCHEMA
+
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
-        row = self._db.execute("SELECT * FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
-        if row is None:
+        rec = self.find(channel_id)
+        if rec is None:
             raise UnknownChannel(f"no channel {channel_id}")
-        return _payee_from_row(row)
+        return rec
 
     def find(self, channel_id: str) -> PayeeRecord | None:
         """The channel's row or None."""
@@ -433,25 +445,13 @@ _PAYER_FIELDS = (
 
 
 def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
-    d = dict(row)
-    d["params"] = json.loads(d["params"])
-    d["privkey"] = bytes(d["privkey"])
-    if d["signature"] is not None:
-        d["signature"] = bytes(d["signature"])
-    return PayerRecord(**d)
+    return PayerRecord(**_decode_row(row, ("params",)))
 
 
-class PayerStore:
+class PayerStore(_Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        self._db = _connect(self.path)
-        self._db.executescript(_PAYER_SCHEMA)
-
-    def close(self) -> None:
-        """Close the database connection."""
-        self._db.close()
+    SCHEMA = _PAYER_SCHEMA
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
