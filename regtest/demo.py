@@ -506,9 +506,7 @@ async def default_story(w: World) -> str:
     r, c, f = report.payee_sat, report.payer_sat, report.spend.fee_sat
     check(report.spend.txid == obj["close_txid"], "the confirmed spend is not the payee's close")
     check(report.onchain_transactions == 2, f"{report.onchain_transactions} on-chain transactions, not 2")
-    check(r + c + f == deposit, f"payee {r} + payer {c} + fee {f} != deposit {deposit}")
-    check(paid == r + f, f"paid {paid} != payee {r} + close fee {f}")
-    check(c == deposit - paid, f"payer change {c} != deposit {deposit} - paid {paid}")
+    check_close_split(report, deposit, paid)
     click.echo("\nWhat the node shows (getrawtransaction with the txindex):")
     show_tx("funding", report.funding, f"{deposit} sat into the channel")
     show_tx("close", report.spend, f"{r} sat to the payee's wallet, {c} sat back to the payer's wallet")
@@ -531,6 +529,24 @@ def scenario_line(name: str, outcome: str, deposit: int, paid: int, report: Chan
         f"payee_received_sat={report.payee_sat} payer_change_sat={report.payer_sat} fee_sat={report.spend.fee_sat} "
         f"onchain_transactions={report.onchain_transactions}"
     )
+
+
+def closed_story_end(name: str, report: ChannelReport, deposit: int, paid: int, note: str,
+                     first: TxView | None = None) -> str:
+    """Check a story's close against the node, show it, and return its ``scenario=`` line.
+
+    ``first``: a close that the confirmed one replaced (shown instead of the funding).
+    """
+    check_close_split(report, deposit, paid)
+    click.echo("What the node shows:")
+    if first is None:
+        show_tx("funding", report.funding, f"{deposit} sat into the channel")
+    else:
+        show_tx("close#1", first, "replaced: never confirmed", where="dropped")
+    show_tx("close" if first is None else "close#2", report.spend,
+            f"{report.payee_sat} sat to the payee, {report.payer_sat} sat back to the payer")
+    click.echo(f"  {note}")
+    return scenario_line(name, "closed", deposit, paid, report)
 
 
 def check_close_split(report: ChannelReport, deposit: int, paid: int) -> None:
@@ -574,12 +590,9 @@ async def payer_timeout_story(w: World) -> str:
                    f"with the last correct payment, {paid} sat: {obj['close_txid']}")
         await confirm_close(client, chain, cid, obj["close_txid"])
         report = await read_channel(chain, client, cid)
-    check_close_split(report, deposit, paid)
-    click.echo("What the node shows:")
-    show_tx("funding", report.funding, f"{deposit} sat into the channel")
-    show_tx("close", report.spend, f"{report.payee_sat} sat to the payee, {report.payer_sat} sat back to the payer")
-    click.echo(f"  the {unpaid * SCENARIO_PRICE_SAT} sat served on credit were never paid: the payee's risk is its credit line")
-    return scenario_line("payer-timeout", "closed", deposit, paid, report)
+    return closed_story_end(
+        "payer-timeout", report, deposit, paid,
+        f"the {unpaid * SCENARIO_PRICE_SAT} sat served on credit were never paid: the payee's risk is its credit line")
 
 
 async def wrong_amount_story(w: World) -> str:
@@ -611,12 +624,7 @@ async def wrong_amount_story(w: World) -> str:
         click.echo(f"the payee closes with the last correct payment, {paid} sat: {obj['close_txid']}")
         await confirm_close(client, chain, cid, obj["close_txid"])
         report = await read_channel(chain, client, cid)
-    check_close_split(report, deposit, paid)
-    click.echo("What the node shows:")
-    show_tx("funding", report.funding, f"{deposit} sat into the channel")
-    show_tx("close", report.spend, f"{report.payee_sat} sat to the payee, {report.payer_sat} sat back to the payer "
-            f"(the {wrong} sat payment was never used)")
-    return scenario_line("wrong-amount", "closed", deposit, paid, report)
+    return closed_story_end("wrong-amount", report, deposit, paid, f"the {wrong} sat payment was never used")
 
 
 async def payee_vanishes_story(w: World) -> str:
@@ -696,13 +704,10 @@ async def fee_spike_story(w: World) -> str:
         check(await chain.confirmations(first) <= 0, "the replaced close confirmed")
         report = await read_channel(chain, client, cid)
     check(report.spend.txid == second, "the confirmed spend is not the replacement")
-    check_close_split(report, deposit, paid)
-    click.echo("What the node shows:")
-    show_tx("close#1", low, "replaced: never confirmed", where="dropped")
-    show_tx("close#2", report.spend, f"{report.payee_sat} sat to the payee, {report.payer_sat} sat back to the payer")
-    click.echo(f"  the payee paid the higher fee ({report.spend.fee_sat - low.fee_sat} sat more); "
-               f"the payer's change is unchanged: its signature never committed to the fee")
-    return scenario_line("fee-spike", "closed", deposit, paid, report)
+    return closed_story_end(
+        "fee-spike", report, deposit, paid,
+        f"the payee paid the higher fee ({report.spend.fee_sat - low.fee_sat} sat more); "
+        f"the payer's change is unchanged: its signature never committed to the fee", first=low)
 
 
 STORIES: tuple[tuple[str, Callable[[World], Awaitable[str]]], ...] = (
