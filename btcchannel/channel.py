@@ -36,6 +36,7 @@ from btcchannel.errors import (
     BadSignature,
     ChannelClosed,
     ChannelClosing,
+    ChannelError,
     DepositOutOfRange,
     ExpiryOutOfRange,
     IllegalTransition,
@@ -289,14 +290,18 @@ class Capacity:
         return amount_sat <= self.max_partial_sat
 
 
-def _require_open(state: ChannelState) -> None:
-    if state is ChannelState.OPEN:
-        return
+def not_open_error(state: ChannelState) -> ChannelError:
+    """Why a channel in ``state`` takes no payment: ChannelClosing, ChannelClosed or NotOpen."""
     if state is ChannelState.CLOSING:
-        raise ChannelClosing("the channel is closing")
+        return ChannelClosing("the channel is closing")
     if state in TERMINAL_STATES:
-        raise ChannelClosed(f"the channel is {state.value}")
-    raise NotOpen(f"the channel is {state.value}")
+        return ChannelClosed(f"the channel is {state.value}")
+    return NotOpen(f"the channel is {state.value}")
+
+
+def _require_open(state: ChannelState) -> None:
+    if state is not ChannelState.OPEN:
+        raise not_open_error(state)
 
 
 class _Machine:

@@ -44,11 +44,9 @@ from typing import Any
 import aiohttp
 
 from btcchannel import keys, script
-from btcchannel.channel import ChannelParams, ChannelState, PayerChannel, Payment
+from btcchannel.channel import ChannelParams, ChannelState, PayerChannel, Payment, not_open_error
 from btcchannel.errors import (
     BadRequest,
-    ChannelClosed,
-    ChannelClosing,
     ChannelError,
     FundingNotFound,
     NodeUnavailable,
@@ -280,12 +278,8 @@ class PayerClient:
         if rec.state == "funding":
             await self.status(channel_id)  # the payee decides when it is open
             rec = self.store.get(channel_id)
-        if rec.state == "closing":
-            raise ChannelClosing("the channel is closing")
-        if rec.state in ("closed", "refunded", "failed"):
-            raise ChannelClosed(f"the channel is {rec.state}")
         if rec.state != "open":
-            raise NotOpen(f"the channel is {rec.state}")
+            raise not_open_error(ChannelState(rec.state))
         ch = self._channel(rec)
         payment = ch.sign_payment(amount)
         if not self.store.save_signed(channel_id, payment.amount_sat, payment.signature):

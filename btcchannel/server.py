@@ -61,14 +61,19 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from btcchannel import keys, script
-from btcchannel.channel import Capacity, ChannelParams, ChannelState, Metering, PayeeChannel, Payment, ProposalLimits
+from btcchannel.channel import (
+    Capacity,
+    ChannelParams,
+    ChannelState,
+    Metering,
+    PayeeChannel,
+    Payment,
+    ProposalLimits,
+    not_open_error,
+)
 from btcchannel.errors import (
-    AmountOutOfRange,
-    BadPubkey,
     BadRequest,
-    BadScript,
     ChannelClosed,
-    ChannelClosing,
     ChannelError,
     FundingMismatch,
     FundingNotFound,
@@ -387,12 +392,9 @@ class PayeeService:
         return channel_object(self.store.get(cid))
 
     # -- payments ----------------------------------------------------------------
-    def _state_error(self, rec: PayeeRecord) -> ChannelError:
-        if rec.state == "closing":
-            return ChannelClosing("the channel is closing")
-        if rec.state in ("closed", "refunded", "failed"):
-            return ChannelClosed(f"the channel is {rec.state}")
-        return NotOpen(f"the channel is {rec.state}")
+    @staticmethod
+    def _state_error(rec: PayeeRecord) -> ChannelError:
+        return not_open_error(ChannelState(rec.state))
 
     def accept(
         self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None
