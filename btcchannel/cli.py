@@ -395,11 +395,8 @@ def channels(settings: Settings) -> None:
     from btcchannel.store import PayeeStore
 
     tip = _tip_or_none(settings, "payee")
-    store = PayeeStore(settings.datadir / "payee.db")
-    try:
+    with PayeeStore(settings.datadir / "payee.db") as store:
         objs = [channel_object(r) for r in store.list()]
-    finally:
-        store.close()
     for o in objs:
         o["blocks_left"] = None if tip is None else o["expiry_height"] - tip
     rows = [[o["channel_id"], o["state"], o["amount_sat"], o["deposit_sat"], o["expiry_height"],
@@ -432,11 +429,8 @@ def channel(settings: Settings, channel_id: str) -> None:
     from btcchannel.server import channel_object
     from btcchannel.store import PayeeStore
 
-    store = PayeeStore(settings.datadir / "payee.db")
-    try:
+    with PayeeStore(settings.datadir / "payee.db") as store:
         obj = channel_object(store.get(channel_id))
-    finally:
-        store.close()
     tip = _tip_or_none(settings, "payee")
     obj["blocks_left"] = None if tip is None else obj["expiry_height"] - tip
     emit(settings, obj, _channel_text(obj))
@@ -472,13 +466,8 @@ def _payee_only(settings: Settings, channel_id: str) -> bool:
     from btcchannel.store import PayeeStore, PayerStore
 
     def known(store: PayeeStore | PayerStore) -> bool:
-        try:
-            store.get(channel_id)
-            return True
-        except ChannelError:
-            return False
-        finally:
-            store.close()
+        with store:
+            return store.find(channel_id) is not None
 
     payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
     return payee_db.exists() and known(PayeeStore(payee_db)) and not (payer_db.exists() and known(PayerStore(payer_db)))
@@ -644,11 +633,8 @@ def list_cmd(settings: Settings) -> None:
     """
     from btcchannel.store import PayerStore
 
-    store = PayerStore(settings.datadir / "payer.db")
-    try:
+    with PayerStore(settings.datadir / "payer.db") as store:
         recs = store.list()
-    finally:
-        store.close()
     objs = [{"channel_id": r.channel_id, "server_url": r.server_url, "state": r.state,
              "deposit_sat": r.deposit_sat, "amount_sat": r.acked_sat, "signed_sat": r.amount_sat,
              "expiry_height": r.expiry_height} for r in recs]
@@ -680,11 +666,8 @@ def backup_export(settings: Settings, file: Path) -> None:
     """
     from btcchannel.store import PayerStore, open_private_file
 
-    store = PayerStore(settings.datadir / "payer.db")
-    try:
+    with PayerStore(settings.datadir / "payer.db") as store:
         data = store.export_backup()
-    finally:
-        store.close()
     open_private_file(file)
     file.write_text(json.dumps(data, indent=1))
     emit(settings, {"file": str(file), "channels": len(data["channels"])},
@@ -707,9 +690,6 @@ def backup_import(settings: Settings, file: Path) -> None:
         data = json.loads(file.read_text())
     except ValueError as e:
         raise BadRequest(f"{file} is not JSON: {e}") from e
-    store = PayerStore(settings.datadir / "payer.db")
-    try:
+    with PayerStore(settings.datadir / "payer.db") as store:
         n = store.import_backup(data)
-    finally:
-        store.close()
     emit(settings, {"file": str(file), "imported": n}, f"{n} channels imported from {file}")

@@ -38,7 +38,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, TypeVar
 
 from btcchannel.errors import BadRequest, FundingMismatch, UnknownChannel
 
@@ -171,6 +171,9 @@ def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
     return PayeeRecord(**_decode_row(row, ("params", "close_txids", "funding_inputs")))
 
 
+_D = TypeVar("_D", bound="_Database")
+
+
 class _Database:
     """One private SQLite file with its schema applied."""
 
@@ -184,6 +187,17 @@ class _Database:
     def close(self) -> None:
         """Close the database connection."""
         self._db.close()
+
+    def _row(self, channel_id: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(
+            "SELECT * FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+        return row
+
+    def __enter__(self: _D) -> _D:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class PayeeStore(_Database):
@@ -201,7 +215,7 @@ class PayeeStore(_Database):
 
     def find(self, channel_id: str) -> PayeeRecord | None:
         """The channel's row or None."""
-        row = self._db.execute("SELECT * FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
+        row = self._row(channel_id)
         return None if row is None else _payee_from_row(row)
 
     def list(self, states: Iterable[str] | None = None) -> list[PayeeRecord]:
@@ -455,10 +469,15 @@ class PayerStore(_Database):
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
-        row = self._db.execute("SELECT * FROM channels WHERE channel_id=?", (channel_id,)).fetchone()
-        if row is None:
+        rec = self.find(channel_id)
+        if rec is None:
             raise UnknownChannel(f"no channel {channel_id}")
-        return _payer_from_row(row)
+        return rec
+
+    def find(self, channel_id: str) -> PayerRecord | None:
+        """The channel's row or None."""
+        row = self._row(channel_id)
+        return None if row is None else _payer_from_row(row)
 
     def list(self) -> list[PayerRecord]:
         """All channels, oldest first."""
