@@ -41,11 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-from bitcoinrpc import BitcoinRPC, RPCError
-
 from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.errors import BitcoindNotFound, NodeError, NodeUnavailable
+from btcchannel.node import Node
 
 MIN_CORE_MAJOR = 25
 INSTALL_HINT = (
@@ -328,37 +326,17 @@ def free_port() -> int:
 
 
 class _RpcLoop:
-    """A private event loop on a daemon thread, carrying the async bitcoinrpc client."""
+    """A private event loop on a daemon thread, carrying an async :class:`~btcchannel.node.Node`."""
 
     def __init__(self, url: str, auth: tuple[str, str], timeout: float) -> None:
-        self._url = url
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="bitcoind-rpc", daemon=True)
         self._thread.start()
-        self._client = httpx.AsyncClient(
-            auth=auth, headers={"content-type": "application/json"}, timeout=timeout
-        )
-        self._rpcs: dict[str | None, BitcoinRPC] = {}
-
-    def _rpc(self, wallet: str | None) -> BitcoinRPC:
-        if wallet not in self._rpcs:
-            url = self._url if wallet is None else f"{self._url}/wallet/{wallet}"
-            self._rpcs[wallet] = BitcoinRPC(url, client=self._client)
-        return self._rpcs[wallet]
-
-    async def _acall(self, method: str, params: list[Any], wallet: str | None) -> Any:
-        try:
-            return await self._rpc(wallet).acall(method, params)
-        except RPCError as e:
-            raise NodeError(f"{method}: {e.error.get('message')}", rpc_code=int(e.error.get("code", 0))) from e
-        except httpx.HTTPStatusError as e:
-            raise NodeUnavailable(f"{method}: HTTP {e.response.status_code}") from e
-        except (httpx.TransportError, OSError) as e:
-            raise NodeUnavailable(f"{method}: {type(e).__name__}: {e}") from e
+        self._node = Node(url, auth=auth, timeout=timeout)
 
     def call(self, method: str, params: list[Any], wallet: str | None) -> Any:
-        fut = asyncio.run_coroutine_threadsafe(self._acall(method, params, wallet), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._node.call(method, *params, wallet=wallet), self._loop)
         try:
             return fut.result(self._timeout + 10)
         except FutureTimeout as e:
@@ -368,7 +346,7 @@ class _RpcLoop:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result(10)
+        asyncio.run_coroutine_threadsafe(self._node.aclose(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
