@@ -37,6 +37,7 @@ from btcchannel.errors import (
     ChannelClosed,
     ChannelClosing,
     ChannelError,
+    CloseUneconomic,
     DepositOutOfRange,
     ExpiryOutOfRange,
     IllegalTransition,
@@ -72,6 +73,7 @@ from btcchannel.tx import (
     PaymentSighash,
     build_close_tx,
     build_refund_tx,
+    tx_vsize,
 )
 
 __all__ = [
@@ -86,6 +88,10 @@ __all__ = [
     "check_payment_amount",
     "build_multi_close",
     "Capacity",
+    "MIN_RELAY_FEE_RATE",
+    "bump_fee_rate",
+    "closing_height",
+    "not_open_error",
     "Metering",
     "METERING_MODES",
     "ProposalLimits",
@@ -288,6 +294,18 @@ class Capacity:
         if amount_sat > self.deposit_sat:
             return False
         return amount_sat <= self.max_partial_sat
+
+
+#: The lowest fee rate (sat/vB) a node relays by default: the floor of every close.
+MIN_RELAY_FEE_RATE: Final = 1.0
+
+
+def bump_fee_rate(old_rate: float | None, requested: float | None, factor: float, estimate: float) -> float:
+    """The fee rate of a replacement close (RBF): the requested one, else ``factor`` times the old
+    rate or the current estimate, whichever is higher; always at least 1 sat/vB above the old rate."""
+    old = old_rate or MIN_RELAY_FEE_RATE
+    rate = requested if requested is not None else max(old * factor, old + 1.0, estimate)
+    return rate if rate > old else old + 1.0
 
 
 def not_open_error(state: ChannelState) -> ChannelError:
@@ -596,6 +614,16 @@ class PayeeChannel(_Machine):
         if self.best is None:
             raise NotOpen("no payment to close with")
         return max(0, self.best.amount_sat - dust_limit(payee_script))
+
+    def build_close_at_most(self, payee_script: bytes, fee_rate_sat_vb: float) -> tuple[Any, float]:
+        """The close at ``fee_rate_sat_vb``, or, when the payment cannot pay that much, at the highest
+        rate it can (the payee output left at its dust limit). Returns the transaction and its rate."""
+        try:
+            return self.build_close(payee_script, fee_rate_sat_vb), fee_rate_sat_vb
+        except CloseUneconomic:
+            most = self.max_close_fee_sat(payee_script)
+            tx = self.build_close(payee_script, 0, min_fee_sat=most)
+            return tx, most / tx_vsize(tx)
 
     def verify_close_request(self, channel_id: str, signature: bytes) -> None:
         """BadSignature unless ``signature`` is the payer's close request for ``channel_id``."""

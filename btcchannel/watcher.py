@@ -35,10 +35,17 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from btcchannel.channel import ChannelState, Metering, PayeeChannel, closing_height
+from btcchannel.channel import (
+    MIN_RELAY_FEE_RATE,
+    ChannelState,
+    Metering,
+    PayeeChannel,
+    bump_fee_rate,
+    closing_height,
+)
 from btcchannel.errors import ChannelError, CloseUneconomic, NodeError
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.tx import OutPoint, tx_vsize
+from btcchannel.tx import OutPoint
 
 if TYPE_CHECKING:
     from btcchannel.node import Node
@@ -134,7 +141,7 @@ class Watcher:
         except CloseUneconomic:
             if not bump:
                 try:
-                    return ch.build_close(script, 1.0), 1.0
+                    return ch.build_close(script, MIN_RELAY_FEE_RATE), MIN_RELAY_FEE_RATE
                 except CloseUneconomic:
                     # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
                     self.store.mark_uneconomic(rec.channel_id)
@@ -142,9 +149,7 @@ class Watcher:
                                 rec.channel_id, rec.amount_sat)
                     return None
         # a bump the payment cannot afford: the most it can pay, if that still raises the rate
-        most = ch.max_close_fee_sat(script)
-        tx = ch.build_close(script, 0, min_fee_sat=most)
-        affordable = most / tx_vsize(tx)
+        tx, affordable = ch.build_close_at_most(script, rate)
         if affordable <= (rec.close_fee_rate or 0.0):
             raise CloseUneconomic(
                 f"a close of {rec.amount_sat} sat cannot pay more than {affordable:.2f} sat/vB "
@@ -157,11 +162,8 @@ class Watcher:
         rec = self.store.get(cid)
         if rec.state != "closing" or rec.close_txid is None:
             return rec.close_txid
-        old = rec.close_fee_rate or 1.0
-        cfg = self.svc.config
-        rate = fee_rate if fee_rate is not None else max(old * cfg.bump_factor, old + 1.0, await self.fee_rate())
-        if rate <= old:
-            rate = old + 1.0
+        estimate = await self.fee_rate() if fee_rate is None else 0.0
+        rate = bump_fee_rate(rec.close_fee_rate, fee_rate, self.svc.config.bump_factor, estimate)
         return await self.broadcast_close(cid, rate, rec.close_txid)
 
     # -- the loop ------------------------------------------------------------------
@@ -285,7 +287,7 @@ class Watcher:
 
     async def _rebroadcast(self, rec: PayeeRecord) -> None:
         cid = rec.channel_id
-        rate = max(rec.close_fee_rate or 1.0, await self.fee_rate())
+        rate = max(rec.close_fee_rate or MIN_RELAY_FEE_RATE, await self.fee_rate())
         async with self._lock:
             fresh = self.store.get(cid)
             if fresh.close_txid != rec.close_txid:

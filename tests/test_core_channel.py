@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
-from btcchannel.channel import TERMINAL_STATES, TRANSITIONS, next_state
+from btcchannel.channel import MIN_RELAY_FEE_RATE, TERMINAL_STATES, TRANSITIONS, bump_fee_rate, next_state
 from btcchannel.errors import (
     AmountOutOfRange,
     BadPubkey,
@@ -460,3 +460,27 @@ def test_public_api_reexports() -> None:
     for name in ("PayerChannel", "PayeeChannel", "ChannelParams", "Payment", "OutPoint", "ChannelState"):
         assert hasattr(btcchannel, name)
     assert PaymentSighash is not None
+
+
+def test_close_at_most_caps_the_fee_at_what_the_payment_affords() -> None:
+    payer, payee = open_pair()
+    p = payer.sign_payment(1_000)
+    payee.accept_payment(p.amount_sat, p.signature)
+    tx, rate = payee.build_close_at_most(PAYEE_SCRIPT, 2.0)  # affordable: the rate as asked
+    assert rate == 2.0 and tx.vout[1].nValue == 1_000 - math.ceil(2.0 * tx_vsize(tx))
+    tx, rate = payee.build_close_at_most(PAYEE_SCRIPT, 50.0)  # not affordable: the most it can pay
+    assert tx.vout[1].nValue == DUST and tx.vout[0].nValue == DEPOSIT - 1_000
+    assert rate == (1_000 - DUST) / tx_vsize(tx) < 50.0
+
+
+@given(old=st.one_of(st.none(), st.floats(0.5, 500)), requested=st.one_of(st.none(), st.floats(0.1, 1000)),
+       factor=st.floats(1.0, 4.0), estimate=st.floats(0.0, 1000))
+def test_bump_rate_always_raises_the_old_rate(old: float | None, requested: float | None, factor: float,
+                                             estimate: float) -> None:
+    rate = bump_fee_rate(old, requested, factor, estimate)
+    base = old or MIN_RELAY_FEE_RATE
+    assert rate > base
+    if requested is not None and requested > base:
+        assert rate == requested
+    if requested is None:
+        assert rate >= max(base * factor, estimate)
