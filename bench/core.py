@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from coincurve import PublicKey  # noqa: E402
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel  # noqa: E402
-from btcchannel.keys import generate_private_key, public_key  # noqa: E402
-from btcchannel.script import p2wpkh_script  # noqa: E402
+from btcchannel.core.keys import generate_private_key, public_key  # noqa: E402
+from btcchannel.core.script import p2wpkh_script  # noqa: E402
 
 N = 3000
 ROUNDS = 3

@@ -31,11 +31,11 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from btcchannel.channel import ChannelParams, ChannelState, PayeeChannel, PayerChannel  # noqa: E402
-from btcchannel.client import PayerClient  # noqa: E402
-from btcchannel.node import Node  # noqa: E402
-from btcchannel.regtest import RegtestNode  # noqa: E402
-from btcchannel.server import SERVICE, ServerConfig, create_app  # noqa: E402
+from btcchannel.core.channel import ChannelParams, ChannelState, PayeeChannel, PayerChannel  # noqa: E402
+from btcchannel.payer.client import PayerClient  # noqa: E402
+from btcchannel.bitcoind.rpc import Node  # noqa: E402
+from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
+from btcchannel.payee.service import SERVICE, ServerConfig, create_app  # noqa: E402
 from btcchannel.store import PayeeStore  # noqa: E402
 
 

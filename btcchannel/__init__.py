@@ -5,7 +5,7 @@ machines) is re-exported here; the service, client, node and regtest layers
 are imported from their own modules.
 """
 
-from btcchannel.channel import (
+from btcchannel.core.channel import (
     ChannelParams,
     ChannelState,
     PayeeChannel,
@@ -14,9 +14,9 @@ from btcchannel.channel import (
     build_multi_close,
 )
 from btcchannel.errors import ChannelError
-from btcchannel.keys import generate_private_key, public_key
-from btcchannel.script import address_to_script, script_to_address
-from btcchannel.tx import OutPoint, tx_hex, tx_id, tx_vsize
+from btcchannel.core.keys import generate_private_key, public_key
+from btcchannel.core.script import address_to_script, script_to_address
+from btcchannel.core.tx import OutPoint, tx_hex, tx_id, tx_vsize
 
 __all__ = [
     "ChannelError",

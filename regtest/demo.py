@@ -10,8 +10,8 @@ It starts its own regtest ``bitcoind`` (or uses ``--rpc-url``), mines past
 height 200, creates the wallets ``payer`` and ``payee`` (and ``miner``),
 funds the payer, runs the payee's service in-process on a free loopback port
 selling a generated file chunk by chunk, opens a channel with
-:class:`~btcchannel.client.PayerClient`, downloads the file in paid chunks
-with :class:`~btcchannel.metered.MeteredPayer`, checks the bytes, asks the
+:class:`~btcchannel.payer.client.PayerClient`, downloads the file in paid chunks
+with :class:`~btcchannel.payee.metered.MeteredPayer`, checks the bytes, asks the
 payee to close, mines, and prints what the node shows: the channel's on-chain
 transactions with their sizes and fees, what the payee received and the
 payer's change. Its last line (default scenario) is::
@@ -60,14 +60,14 @@ import click
 from aiohttp import web
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.channel import ChannelParams
-from btcchannel.client import PayerClient
+from btcchannel.core.channel import ChannelParams
+from btcchannel.payer.client import PayerClient
 from btcchannel.errors import ChannelError, NodeError, NotExpired
-from btcchannel.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
-from btcchannel.node import Node
-from btcchannel.regtest import RegtestNode
-from btcchannel.server import SERVICE, PayeeService, ServerConfig, serve
-from btcchannel.watcher import operator_bump
+from btcchannel.payee.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
+from btcchannel.bitcoind.rpc import Node
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.payee.service import SERVICE, PayeeService, ServerConfig, serve
+from btcchannel.payee.watcher import operator_bump
 
 PRICE_SAT = 100                 # per chunk (default scenario)
 SCENARIO_PRICE_SAT = 1_000      # per chunk in the side stories: worth closing even at a spiked fee rate
@@ -130,7 +130,7 @@ class TxView:
 
 
 class Chain:
-    """The node as the demo reads it: RPC through :class:`btcchannel.node.Node`."""
+    """The node as the demo reads it: RPC through :class:`btcchannel.bitcoind.rpc.Node`."""
 
     def __init__(self, url: str, auth: tuple[str, str]) -> None:
         self.url = url

@@ -34,9 +34,9 @@ from btcchannel import (
 )
 from btcchannel.amounts import btc_to_sat
 from btcchannel.errors import NodeError, NotExpired
-from btcchannel.node import RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, Node
-from btcchannel.regtest import RegtestNode
-from btcchannel.tx import SIGHASH_NONE_ACP, SIGHASH_SINGLE_ACP
+from btcchannel.bitcoind.rpc import RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, Node
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.core.tx import SIGHASH_NONE_ACP, SIGHASH_SINGLE_ACP
 
 NET = "regtest"
 FEE_RATE = 2.0  # sat/vB

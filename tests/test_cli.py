@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
-from btcchannel.regtest import RegtestNode, wait_until
+from btcchannel.bitcoind.regtest import RegtestNode, wait_until
 
 
 def invoke(*args: str) -> Any:

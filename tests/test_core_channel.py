@@ -1,4 +1,4 @@
-"""Unit and property tests of the channel state machines (btcchannel.channel), pure."""
+"""Unit and property tests of the channel state machines (btcchannel.core.channel), pure."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
-from btcchannel.channel import MIN_RELAY_FEE_RATE, TERMINAL_STATES, TRANSITIONS, bump_fee_rate, next_state
+from btcchannel.core.channel import MIN_RELAY_FEE_RATE, TERMINAL_STATES, TRANSITIONS, bump_fee_rate, next_state
 from btcchannel.errors import (
     AmountOutOfRange,
     BadPubkey,
@@ -30,9 +30,9 @@ from btcchannel.errors import (
     NotOpen,
     StalePayment,
 )
-from btcchannel.keys import CURVE_ORDER, _sign, public_key, sign_digest
-from btcchannel.script import address_to_script, p2pkh_script, p2wpkh_script, p2wsh_script
-from btcchannel.tx import ITERATIVE_SEQUENCE, PaymentSighash, tx_vsize
+from btcchannel.core.keys import CURVE_ORDER, _sign, public_key, sign_digest
+from btcchannel.core.script import address_to_script, p2pkh_script, p2wpkh_script, p2wsh_script
+from btcchannel.core.tx import ITERATIVE_SEQUENCE, PaymentSighash, tx_vsize
 
 PAYER_KEY = hashlib.sha256(b"payer-key").digest()
 PAYEE_KEY = hashlib.sha256(b"payee-key").digest()

@@ -1,4 +1,4 @@
-"""Unit and property tests of btcchannel.keys (pure, no node)."""
+"""Unit and property tests of btcchannel.core.keys (pure, no node)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel.errors import BadPubkey, BadRequest
-from btcchannel.keys import (
+from btcchannel.core.keys import (
     CURVE_ORDER,
     HALF_ORDER,
     Verifier,

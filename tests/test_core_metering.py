@@ -1,4 +1,4 @@
-"""Unit and property tests of the service terms in btcchannel.channel: Capacity, Metering, ProposalLimits (pure)."""
+"""Unit and property tests of the service terms in btcchannel.core.channel: Capacity, Metering, ProposalLimits (pure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btcchannel.channel import Capacity, ChannelParams, Metering, ProposalLimits, closing_height
+from btcchannel.core.channel import Capacity, ChannelParams, Metering, ProposalLimits, closing_height
 from btcchannel.errors import (
     BadRequest,
     ChannelClosing,
@@ -17,8 +17,8 @@ from btcchannel.errors import (
     StalePayment,
     WrongAmount,
 )
-from btcchannel.keys import public_key
-from btcchannel.script import p2pkh_script, p2wpkh_script
+from btcchannel.core.keys import public_key
+from btcchannel.core.script import p2pkh_script, p2wpkh_script
 
 PAYER = public_key(hashlib.sha256(b"payer-key").digest())
 PAYEE = public_key(hashlib.sha256(b"payee-key").digest())

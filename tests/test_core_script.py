@@ -1,4 +1,4 @@
-"""Unit and property tests of btcchannel.script: channel script, bech32/bech32m, base58, dust."""
+"""Unit and property tests of btcchannel.core.script: channel script, bech32/bech32m, base58, dust."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel.errors import BadRequest, BadScript, ExpiryOutOfRange
-from btcchannel.keys import public_key
-from btcchannel.script import (
+from btcchannel.core.keys import public_key
+from btcchannel.core.script import (
     NETWORKS,
     address_to_script,
     bech32_decode,
@@ -163,7 +163,7 @@ def test_segwit_vectors(network: str, address: str, script_hex: str) -> None:
 def test_segwit_checksum_variant_enforced() -> None:
     program = bytes(range(32))
     # v1 with the bech32 constant and v0 with bech32m are invalid (BIP350)
-    from btcchannel.script import _convertbits  # noqa: PLC0415 - test of a private helper
+    from btcchannel.core.script import _convertbits  # noqa: PLC0415 - test of a private helper
 
     v1_bech32 = bech32_encode("bc", [1] + _convertbits(program, 8, 5, True), BECH32_CONST)
     v0_bech32m = bech32_encode("bc", [0] + _convertbits(program, 8, 5, True), BECH32M_CONST)

@@ -1,4 +1,4 @@
-"""Unit and property tests of btcchannel.tx: BIP143 sighash, close/refund templates, vsize and fees.
+"""Unit and property tests of btcchannel.core.tx: BIP143 sighash, close/refund templates, vsize and fees.
 
 The fast per-channel sighash and the general BIP143 code are cross-checked
 against python-bitcoinlib's ``SignatureHash(..., sigversion=SIGVERSION_WITNESS_V0)``;
@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel.errors import BadRequest, BadSignature, CloseUneconomic
-from btcchannel.keys import public_key, sign_digest, verify_digest
-from btcchannel.script import funding_witness_script, p2pkh_script, p2sh_script, p2wpkh_script
-from btcchannel.tx import (
+from btcchannel.core.keys import public_key, sign_digest, verify_digest
+from btcchannel.core.script import funding_witness_script, p2pkh_script, p2sh_script, p2wpkh_script
+from btcchannel.core.tx import (
     ITERATIVE_SEQUENCE,
     REFUND_SEQUENCE,
     SIGHASH_ALL,

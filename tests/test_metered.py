@@ -9,10 +9,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from btcchannel.client import PayerClient
+from btcchannel.payer.client import PayerClient
 from btcchannel.errors import BadRequest, ChannelClosing, WrongAmount
-from btcchannel.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
-from btcchannel.regtest import RegtestNode
+from btcchannel.payee.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
+from btcchannel.bitcoind.regtest import RegtestNode
 
 from _service import fast_config, node_for, open_channel, sats, server, tx_of, until
 

@@ -1,4 +1,4 @@
-"""btcchannel.node.Node against a real regtest bitcoind (no mocks)."""
+"""btcchannel.bitcoind.rpc.Node against a real regtest bitcoind (no mocks)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.errors import NodeError, NodeUnavailable
-from btcchannel.node import (
+from btcchannel.bitcoind.rpc import (
     RPC_INVALID_ADDRESS_OR_KEY,
     RPC_METHOD_NOT_FOUND,
     RPC_VERIFY_ALREADY_IN_CHAIN,
@@ -22,8 +22,8 @@ from btcchannel.node import (
     Node,
     TxOutInfo,
 )
-from btcchannel.regtest import RegtestNode, free_port
-from btcchannel.tx import OutPoint
+from btcchannel.bitcoind.regtest import RegtestNode, free_port
+from btcchannel.core.tx import OutPoint
 
 
 def p2wsh(witness_script: bytes) -> bytes:

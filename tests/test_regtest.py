@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
 from btcchannel.errors import NodeError, NodeUnavailable
-from btcchannel.regtest import (
+from btcchannel.bitcoind.regtest import (
     BitcoindBinary,
     RegtestNode,
     _pid_alive,
@@ -178,7 +178,7 @@ def test_restart_keeps_ports_and_chain(node_factory: Callable[[], RegtestNode]) 
 
 
 def test_version_policy() -> None:
-    from btcchannel.regtest import _acceptable
+    from btcchannel.bitcoind.regtest import _acceptable
 
     assert _acceptable("Bitcoin Core version v27.0.0")
     assert _acceptable("Bitcoin Core daemon version v25.1.0")

@@ -8,11 +8,11 @@ from typing import Any
 
 import aiohttp
 
-from btcchannel import keys, script
-from btcchannel.channel import ChannelParams, PayerChannel, ChannelState
-from btcchannel.client import PayerClient
-from btcchannel.regtest import RegtestNode
-from btcchannel.tx import OutPoint
+from btcchannel.core import keys, script
+from btcchannel.core.channel import ChannelParams, PayerChannel, ChannelState
+from btcchannel.payer.client import PayerClient
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.core.tx import OutPoint
 
 from _service import fast_config, node_for, open_channel, server
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from btcchannel.client import PayerClient
-from btcchannel.regtest import RegtestNode
+from btcchannel.payer.client import PayerClient
+from btcchannel.bitcoind.regtest import RegtestNode
 
 from _service import fast_config, node_for, open_channel, sats, server, tx_of, until
 

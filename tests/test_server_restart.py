@@ -6,9 +6,9 @@ import asyncio
 import signal
 from pathlib import Path
 
-from btcchannel.client import PayerClient
+from btcchannel.payer.client import PayerClient
 from btcchannel.errors import NodeUnavailable
-from btcchannel.regtest import RegtestNode
+from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.store import PayeeStore
 
 from _service import ServerProcess, fast_config, node_for, sats, server, tx_of, until

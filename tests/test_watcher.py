@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from btcchannel.client import PayerClient
+from btcchannel.payer.client import PayerClient
 from btcchannel.errors import ChannelClosing, CloseUneconomic, NotExpired
-from btcchannel.regtest import RegtestNode
-from btcchannel.watcher import operator_bump, operator_close
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.payee.watcher import operator_bump, operator_close
 
 from _service import fast_config, node_for, sats, server, start_server, tx_of, until
 

@@ -43,7 +43,7 @@ from typing import Any
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.errors import BitcoindNotFound, NodeError, NodeUnavailable
-from btcchannel.node import Node
+from btcchannel.bitcoind.rpc import Node
 
 MIN_CORE_MAJOR = 25
 INSTALL_HINT = (
@@ -326,7 +326,7 @@ def free_port() -> int:
 
 
 class _RpcLoop:
-    """A private event loop on a daemon thread, carrying an async :class:`~btcchannel.node.Node`."""
+    """A private event loop on a daemon thread, carrying an async :class:`~btcchannel.bitcoind.rpc.Node`."""
 
     def __init__(self, url: str, auth: tuple[str, str], timeout: float) -> None:
         self._timeout = timeout

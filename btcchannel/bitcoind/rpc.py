@@ -45,7 +45,7 @@ from bitcoinrpc import BitcoinRPC, RPCError
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.errors import NodeError, NodeUnavailable
-from btcchannel.tx import OutPoint
+from btcchannel.core.tx import OutPoint
 
 __all__ = [
     "Node",

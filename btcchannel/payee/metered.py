@@ -38,7 +38,7 @@ The payer side::
         async def settle(self) -> int          # postpay: pay the owed total now
 
 The amount rules (prepay amount, credit, owed total, settlement, end
-conditions) are the core's :class:`btcchannel.channel.Metering`; this module
+conditions) are the core's :class:`btcchannel.core.channel.Metering`; this module
 only carries them over HTTP.
 """
 
@@ -54,10 +54,10 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from btcchannel.channel import Metering, Payment
-from btcchannel.client import PayerClient
+from btcchannel.core.channel import Metering, Payment
+from btcchannel.payer.client import PayerClient
 from btcchannel.errors import BadRequest, ChannelError, NodeUnavailable, ProtocolViolation, error_for_code
-from btcchannel.server import SERVICE, PayeeService, check_channel_id
+from btcchannel.payee.service import SERVICE, PayeeService, check_channel_id
 
 __all__ = [
     "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED",

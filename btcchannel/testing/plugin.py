@@ -3,7 +3,7 @@
 Registered through the ``pytest11`` entry point, so any project that installs
 btcchannel gets them:
 
-- ``bitcoind`` (session): a running :class:`~btcchannel.regtest.RegtestNode`
+- ``bitcoind`` (session): a running :class:`~btcchannel.bitcoind.regtest.RegtestNode`
   past height 200, with a ``miner`` wallet holding mature coins;
 - ``funded_wallet``: the name of a fresh wallet on it holding 10 BTC, confirmed;
 - ``node_datadir``: a per-test folder, removed when the test passes and kept
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from btcchannel.regtest import BitcoindBinary, RegtestNode, find_bitcoind
+from btcchannel.bitcoind.regtest import BitcoindBinary, RegtestNode, find_bitcoind
 
 FUNDED_WALLET_SAT = 10 * 100_000_000
 _wallet_numbers = itertools.count(1)

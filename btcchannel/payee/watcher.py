@@ -35,7 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from btcchannel.channel import (
+from btcchannel.core.channel import (
     MIN_RELAY_FEE_RATE,
     ChannelState,
     Metering,
@@ -45,15 +45,15 @@ from btcchannel.channel import (
 )
 from btcchannel.errors import ChannelError, CloseUneconomic, NodeError
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.tx import OutPoint
+from btcchannel.core.tx import OutPoint
 
 if TYPE_CHECKING:
-    from btcchannel.node import Node
-    from btcchannel.server import PayeeService, ServerConfig
+    from btcchannel.bitcoind.rpc import Node
+    from btcchannel.payee.service import PayeeService, ServerConfig
 
 __all__ = ["Watcher", "operator_close", "operator_bump"]
 
-log = logging.getLogger("btcchannel.watcher")
+log = logging.getLogger("btcchannel.payee.watcher")
 
 UNECONOMIC = "+close_uneconomic"
 
@@ -344,7 +344,7 @@ class Watcher:
 
 
 async def _with_service(config: ServerConfig, node: Node) -> PayeeService:
-    from btcchannel.server import PayeeService
+    from btcchannel.payee.service import PayeeService
 
     svc = PayeeService(config, PayeeStore(config.db_path), node)
     await svc.start()
@@ -353,7 +353,7 @@ async def _with_service(config: ServerConfig, node: Node) -> PayeeService:
 
 async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> dict[str, Any]:
     """Close ``channel_id`` now with its best payment (the operator's end condition)."""
-    from btcchannel.server import channel_object
+    from btcchannel.payee.service import channel_object
 
     svc = await _with_service(config, node)
     try:
@@ -372,7 +372,7 @@ async def operator_bump(
     config: ServerConfig, node: Node, channel_id: str, fee_rate_sat_vb: float | None = None
 ) -> dict[str, Any]:
     """RBF-bump ``channel_id``'s unconfirmed close (default: ``bump_factor`` times its rate)."""
-    from btcchannel.server import channel_object
+    from btcchannel.payee.service import channel_object
 
     svc = await _with_service(config, node)
     try:

@@ -26,10 +26,10 @@ import click
 from btcchannel.errors import BadRequest, ChannelError, NodeUnavailable, NotOpen
 
 if TYPE_CHECKING:
-    from btcchannel.client import PayerClient
-    from btcchannel.metered import MeteredPayer
-    from btcchannel.node import Node
-    from btcchannel.server import ServerConfig
+    from btcchannel.payer.client import PayerClient
+    from btcchannel.payee.metered import MeteredPayer
+    from btcchannel.bitcoind.rpc import Node
+    from btcchannel.payee.service import ServerConfig
 
 T = TypeVar("T")
 
@@ -144,7 +144,7 @@ def regtest_install(settings: Settings) -> None:
     Example:
       btcchannel regtest install
     """
-    from btcchannel.regtest import find_bitcoind
+    from btcchannel.bitcoind.regtest import find_bitcoind
 
     binary = find_bitcoind()
     emit(settings, {"version": binary.version, "source": binary.source, "command": list(binary.bitcoind)},
@@ -177,7 +177,7 @@ def regtest_start(settings: Settings) -> None:
       btcchannel regtest start
     """
     from btcchannel.errors import NodeUnavailable
-    from btcchannel.regtest import RegtestNode
+    from btcchannel.bitcoind.regtest import RegtestNode
 
     try:
         node = RegtestNode.attach(settings.regtest_dir)
@@ -212,7 +212,7 @@ def regtest_stop(settings: Settings) -> None:
     Example:
       btcchannel regtest stop
     """
-    from btcchannel.regtest import RegtestNode
+    from btcchannel.bitcoind.regtest import RegtestNode
 
     node = RegtestNode.attach(settings.regtest_dir)
     pid = node.pid
@@ -229,7 +229,7 @@ def regtest_status(settings: Settings) -> None:
     Example:
       btcchannel regtest status
     """
-    from btcchannel.regtest import RegtestNode
+    from btcchannel.bitcoind.regtest import RegtestNode
 
     node = RegtestNode.attach(settings.regtest_dir)
     status = node.status()
@@ -251,7 +251,7 @@ def regtest_mine(settings: Settings, blocks: int, address: str | None) -> None:
     Example:
       btcchannel regtest mine 10
     """
-    from btcchannel.regtest import RegtestNode
+    from btcchannel.bitcoind.regtest import RegtestNode
 
     node = RegtestNode.attach(settings.regtest_dir)
     hashes = node.mine(blocks, address)
@@ -265,8 +265,8 @@ def regtest_mine(settings: Settings, blocks: int, address: str | None) -> None:
 
 def make_node(settings: Settings, default_wallet: str) -> Node:
     """The node of the global options, else the background regtest node of ``regtest start``."""
-    from btcchannel.node import Node
-    from btcchannel.regtest import recorded_rpc
+    from btcchannel.bitcoind.rpc import Node
+    from btcchannel.bitcoind.regtest import recorded_rpc
 
     wallet = settings.wallet or default_wallet
     if settings.rpc_url:
@@ -297,7 +297,7 @@ async def _with_node(settings: Settings, wallet: str, body: Callable[[Node], Awa
 
 
 async def _with_client(settings: Settings, body: Callable[[PayerClient], Awaitable[T]]) -> T:
-    from btcchannel.client import PayerClient
+    from btcchannel.payer.client import PayerClient
 
     async def inner(node: Node) -> T:
         async with PayerClient(settings.datadir, node, network=settings.network) as client:
@@ -307,7 +307,7 @@ async def _with_client(settings: Settings, body: Callable[[PayerClient], Awaitab
 
 
 def _server_config(settings: Settings, **fields: Any) -> ServerConfig:
-    from btcchannel.server import ServerConfig
+    from btcchannel.payee.service import ServerConfig
 
     given = {k: v for k, v in fields.items() if v is not None}
     try:
@@ -353,7 +353,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
     Example:
       btcchannel --wallet payee serve --port 8402 --price-sat 100 --serve-file data.bin
     """
-    from btcchannel import server
+    from btcchannel.payee import service as server
 
     config = _server_config(
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
@@ -363,7 +363,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
 
     def hook(app: Any) -> None:
         if serve_file is not None:
-            from btcchannel.metered import add_file_route
+            from btcchannel.payee.metered import add_file_route
 
             add_file_route(app, serve_file, chunk_size=chunk_size)
 
@@ -391,7 +391,7 @@ def channels(settings: Settings) -> None:
     Example:
       btcchannel channels
     """
-    from btcchannel.server import channel_object
+    from btcchannel.payee.service import channel_object
     from btcchannel.store import PayeeStore
 
     tip = _tip_or_none(settings, "payee")
@@ -426,7 +426,7 @@ def channel(settings: Settings, channel_id: str) -> None:
     Example:
       btcchannel channel 5f0c...e1
     """
-    from btcchannel.server import channel_object
+    from btcchannel.payee.service import channel_object
     from btcchannel.store import PayeeStore
 
     with PayeeStore(settings.datadir / "payee.db") as store:
@@ -452,7 +452,7 @@ def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_pa
       btcchannel close 5f0c...e1 --fee-rate 12    # payee: broadcast the close now
     """
     if as_payee or _payee_only(settings, channel_id):
-        from btcchannel.watcher import operator_close
+        from btcchannel.payee.watcher import operator_close
 
         config = _server_config(settings, close_fee_rate_sat_vb=fee_rate)
         obj = run_async(_with_node(settings, "payee", lambda node: operator_close(config, node, channel_id)))
@@ -484,7 +484,7 @@ def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
     Example:
       btcchannel bump 5f0c...e1 --fee-rate 25
     """
-    from btcchannel.watcher import operator_bump
+    from btcchannel.payee.watcher import operator_bump
 
     config = _server_config(settings)
     obj = run_async(_with_node(settings, "payee", lambda node: operator_bump(config, node, channel_id, fee_rate)))
@@ -546,7 +546,7 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
     Example:
       btcchannel fetch http://127.0.0.1:8402/v1/file --out data.bin
     """
-    from btcchannel.metered import MeteredPayer
+    from btcchannel.payee.metered import MeteredPayer
 
     async def run(client: PayerClient) -> dict[str, Any]:
         cid = channel_id or _channel_for(client, url)

@@ -3,7 +3,7 @@
 Everything here is pure: no I/O, no global state. Signatures are ECDSA over a
 32-byte digest, strict DER (the BIP66 encoding rules) and low-S only (BIP146's
 ``LOW_S``), i.e. exactly what the Bitcoin network relays. The sighash byte is
-not part of what these functions handle; :mod:`btcchannel.tx` adds and checks
+not part of what these functions handle; :mod:`btcchannel.core.tx` adds and checks
 it.
 """
 

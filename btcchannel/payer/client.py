@@ -43,8 +43,8 @@ from typing import Any
 
 import aiohttp
 
-from btcchannel import keys, script
-from btcchannel.channel import ChannelParams, ChannelState, PayerChannel, Payment, not_open_error
+from btcchannel.core import keys, script
+from btcchannel.core.channel import ChannelParams, ChannelState, PayerChannel, Payment, not_open_error
 from btcchannel.errors import (
     BadRequest,
     ChannelError,
@@ -55,9 +55,9 @@ from btcchannel.errors import (
     StalePayment,
     error_for_code,
 )
-from btcchannel.node import Node
+from btcchannel.bitcoind.rpc import Node
 from btcchannel.store import PayerRecord, PayerStore
-from btcchannel.tx import OutPoint
+from btcchannel.core.tx import OutPoint
 
 __all__ = ["PayerClient"]
 

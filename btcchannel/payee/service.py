@@ -25,15 +25,15 @@ Entry points (what the CLI calls)::
         # (metered.add_file_route, an application's own paid handlers).
 
     def main(argv: list[str] | None = None) -> None
-        # python -m btcchannel.server CONFIG.json : {"config": {ServerConfig fields},
+        # python -m btcchannel.payee.service CONFIG.json : {"config": {ServerConfig fields},
         #   "node": {"url": ..., "cookie_file": ..., "wallet": ...}, "file": optional path to sell}
 
 Operator commands on a datadir (also usable while a server runs on it) live in
-``btcchannel.watcher``: ``operator_close`` and ``operator_bump``.
+``btcchannel.payee.watcher``: ``operator_close`` and ``operator_bump``.
 
 Design: requests are validated strictly (size limit, exact JSON fields and
 types, hex, ranges) before anything touches the channel; every rule about
-amounts, signatures and states is the core's (``btcchannel.channel``: the
+amounts, signatures and states is the core's (``btcchannel.core.channel``: the
 proposal limits, the metered service's prepay/postpay amounts, credit and end
 conditions included; ``ServerConfig.metering`` / ``.proposal_limits`` hand the
 configured terms to it); a payment is answered 200 only after
@@ -60,8 +60,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from btcchannel import keys, script
-from btcchannel.channel import (
+from btcchannel.core import keys, script
+from btcchannel.core.channel import (
     Capacity,
     ChannelParams,
     ChannelState,
@@ -85,13 +85,13 @@ from btcchannel.errors import (
     UnknownChannel,
     WrongAmount,
 )
-from btcchannel.node import Node
+from btcchannel.bitcoind.rpc import Node
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.tx import OutPoint
+from btcchannel.core.tx import OutPoint
 
 __all__ = ["ServerConfig", "PayeeService", "create_app", "serve", "main", "SERVICE", "channel_object"]
 
-log = logging.getLogger("btcchannel.server")
+log = logging.getLogger("btcchannel.payee.service")
 
 MAX_BODY = 64 * 1024
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -263,7 +263,7 @@ class PayeeService:
     """The payee: validation + core + store + node. The HTTP layer is a thin shell over it."""
 
     def __init__(self, config: ServerConfig, store: PayeeStore, node: Node) -> None:
-        from btcchannel.watcher import Watcher  # the watcher needs the service's helpers
+        from btcchannel.payee.watcher import Watcher  # the watcher needs the service's helpers
 
         self.config = config
         self.store = store
@@ -699,10 +699,10 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m btcchannel.server CONFIG.json``: run a payee service (SIGTERM/SIGINT stop it cleanly)."""
+    """``python -m btcchannel.payee.service CONFIG.json``: run a payee service (SIGTERM/SIGINT stop it cleanly)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m btcchannel.server CONFIG.json")
+        raise SystemExit("usage: python -m btcchannel.payee.service CONFIG.json")
     spec = json.loads(Path(args[0]).read_text())
     config = ServerConfig.from_json(spec["config"])
     n = spec["node"]
@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
                     auth=tuple(n["auth"]) if n.get("auth") else None, wallet=n.get("wallet"))
         hook = None
         if spec.get("file"):
-            from btcchannel.metered import add_file_route
+            from btcchannel.payee.metered import add_file_route
 
             def hook(app: web.Application) -> None:
                 add_file_route(app, Path(spec["file"]), chunk_size=int(spec.get("chunk_size", 1024)))

@@ -46,7 +46,7 @@ from btcchannel.errors import (
     StalePayment,
     WrongAmount,
 )
-from btcchannel.keys import (
+from btcchannel.core.keys import (
     HALF_ORDER,
     Verifier,
     check_private_key,
@@ -56,7 +56,7 @@ from btcchannel.keys import (
     public_key,
     sign_digest,
 )
-from btcchannel.script import (
+from btcchannel.core.script import (
     check_network,
     check_payout_script,
     dust_limit,
@@ -64,7 +64,7 @@ from btcchannel.script import (
     p2wsh_script,
     script_to_address,
 )
-from btcchannel.tx import (
+from btcchannel.core.tx import (
     MAX_MONEY,
     SIGHASH_NONE_ACP,
     SIGHASH_SINGLE_ACP,
@@ -638,7 +638,7 @@ def build_multi_close(
     *,
     min_fee_sat: int = 0,
 ) -> Any:
-    """One signed close transaction settling several channels (see :func:`btcchannel.tx.build_close_tx`).
+    """One signed close transaction settling several channels (see :func:`btcchannel.core.tx.build_close_tx`).
 
     Partial payments' inputs come first, input ``i`` paired with its payer's
     change at output ``i``; full drains follow; one payee output receives the

@@ -41,8 +41,8 @@ from bitcoin.core import (
 from bitcoin.core.script import CScript, CScriptWitness
 
 from btcchannel.errors import BadRequest, BadSignature, CloseUneconomic, InternalError
-from btcchannel.keys import check_private_key, sign_digest_fixed_length
-from btcchannel.script import check_payout_script, dust_limit
+from btcchannel.core.keys import check_private_key, sign_digest_fixed_length
+from btcchannel.core.script import check_payout_script, dust_limit
 
 __all__ = [
     "OutPoint",

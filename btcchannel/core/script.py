@@ -12,7 +12,7 @@ import hashlib
 from typing import Final
 
 from btcchannel.errors import BadRequest, BadScript, ChannelError, ExpiryOutOfRange
-from btcchannel.keys import check_public_key
+from btcchannel.core.keys import check_public_key
 
 __all__ = [
     "NETWORKS",

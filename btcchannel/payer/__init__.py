@@ -1,0 +1,1 @@
+"""The payer: the HTTP client of a payee and metered fetching."""

@@ -1,0 +1,1 @@
+"""Helpers that tests, benchmarks and the demo share, and the pytest plugin."""
