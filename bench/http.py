@@ -35,7 +35,8 @@ from btcchannel.core.channel import ChannelParams, ChannelState, PayeeChannel, P
 from btcchannel.payer.client import PayerClient  # noqa: E402
 from btcchannel.bitcoind.rpc import Node  # noqa: E402
 from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
-from btcchannel.payee.service import SERVICE, ServerConfig, create_app  # noqa: E402
+from btcchannel.payee.config import ServerConfig  # noqa: E402
+from btcchannel.payee.http import SERVICE, create_app  # noqa: E402
 from btcchannel.store import PayeeStore  # noqa: E402
 
 

@@ -11,7 +11,7 @@ height 200, creates the wallets ``payer`` and ``payee`` (and ``miner``),
 funds the payer, runs the payee's service in-process on a free loopback port
 selling a generated file chunk by chunk, opens a channel with
 :class:`~btcchannel.payer.client.PayerClient`, downloads the file in paid chunks
-with :class:`~btcchannel.payee.metered.MeteredPayer`, checks the bytes, asks the
+with :class:`~btcchannel.payer.metered.MeteredPayer`, checks the bytes, asks the
 payee to close, mines, and prints what the node shows: the channel's on-chain
 transactions with their sizes and fees, what the payee received and the
 payer's change. Its last line (default scenario) is::
@@ -63,11 +63,15 @@ from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.core.channel import ChannelParams
 from btcchannel.payer.client import PayerClient
 from btcchannel.errors import ChannelError, NodeError, NotExpired
-from btcchannel.payee.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
+from btcchannel.payee.metered import add_file_route
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.payee.service import SERVICE, PayeeService, ServerConfig, serve
-from btcchannel.payee.watcher import operator_bump
+from btcchannel.payee.closer import operator_bump
+from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.http import SERVICE, serve
+from btcchannel.payee.service import PayeeService
+from btcchannel.payer.metered import MeteredPayer
+from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE
 
 PRICE_SAT = 100                 # per chunk (default scenario)
 SCENARIO_PRICE_SAT = 1_000      # per chunk in the side stories: worth closing even at a spiked fee rate

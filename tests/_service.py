@@ -18,7 +18,9 @@ from aiohttp import web
 from btcchannel.payer.client import PayerClient
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.payee.service import SERVICE, PayeeService, ServerConfig, create_app
+from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.http import SERVICE, create_app
+from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeStore
 
 
@@ -104,7 +106,7 @@ def sats(btc: float) -> int:
 
 
 class ServerProcess:
-    """The payee service as a real subprocess (``python -m btcchannel.payee.service``)."""
+    """The payee service as a real subprocess (``python -m btcchannel.payee``)."""
 
     def __init__(self, config: ServerConfig, bitcoind: RegtestNode, wallet: str = "miner") -> None:
         self.config = config
@@ -124,7 +126,7 @@ class ServerProcess:
         self.spec.write_text(json.dumps({"config": cfg, "node": {
             "url": self.bitcoind.rpc_url, "cookie_file": str(self.bitcoind.cookie_file), "wallet": self.wallet}}))
         log = open(self.config.datadir.parent / f"{self.config.datadir.name}-server.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "btcchannel.payee.service", str(self.spec)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "btcchannel.payee", str(self.spec)],
                                      stdout=log, stderr=subprocess.STDOUT)
         log.close()
         await until(lambda: info.exists() or self.proc.poll() is not None, timeout=30, what="server start")  # type: ignore[union-attr]

@@ -11,7 +11,9 @@ import pytest
 
 from btcchannel.payer.client import PayerClient
 from btcchannel.errors import BadRequest, ChannelClosing, WrongAmount
-from btcchannel.payee.metered import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE, MeteredPayer, add_file_route
+from btcchannel.payee.metered import add_file_route
+from btcchannel.payer.metered import MeteredPayer
+from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE
 from btcchannel.bitcoind.regtest import RegtestNode
 
 from _service import fast_config, node_for, open_channel, sats, server, tx_of, until

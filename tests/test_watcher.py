@@ -9,7 +9,8 @@ import pytest
 from btcchannel.payer.client import PayerClient
 from btcchannel.errors import ChannelClosing, CloseUneconomic, NotExpired
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.payee.watcher import operator_bump, operator_close
+from btcchannel.payee.closer import operator_bump, operator_close
+from btcchannel.payee.http import WATCHER
 
 from _service import fast_config, node_for, sats, server, start_server, tx_of, until
 
@@ -44,7 +45,7 @@ async def test_end_conditions_total_operator_expiry(bitcoind: RegtestNode, funde
         await client.pay(total, 10_000)
         assert srv.store.get(total).end_reason == "agreed_total_reached"
         await until(lambda: srv.store.get(total).close_txid is not None, what="close broadcast")
-        await srv.svc.watcher._check(stale, bitcoind.tip_height())
+        await srv.app[WATCHER].check(stale, bitcoind.tip_height())
         assert srv.store.get(total).state == "closing"  # our own close is not a conflicting spend
         with pytest.raises(ChannelClosing):
             await client.pay(total, 10_000)

@@ -27,9 +27,9 @@ from btcchannel.errors import BadRequest, ChannelError, NodeUnavailable, NotOpen
 
 if TYPE_CHECKING:
     from btcchannel.payer.client import PayerClient
-    from btcchannel.payee.metered import MeteredPayer
+    from btcchannel.payer.metered import MeteredPayer
     from btcchannel.bitcoind.rpc import Node
-    from btcchannel.payee.service import ServerConfig
+    from btcchannel.payee.config import ServerConfig
 
 T = TypeVar("T")
 
@@ -307,7 +307,7 @@ async def _with_client(settings: Settings, body: Callable[[PayerClient], Awaitab
 
 
 def _server_config(settings: Settings, **fields: Any) -> ServerConfig:
-    from btcchannel.payee.service import ServerConfig
+    from btcchannel.payee.config import ServerConfig
 
     given = {k: v for k, v in fields.items() if v is not None}
     try:
@@ -353,7 +353,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
     Example:
       btcchannel --wallet payee serve --port 8402 --price-sat 100 --serve-file data.bin
     """
-    from btcchannel.payee import service as server
+    from btcchannel.payee import http as server
 
     config = _server_config(
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
@@ -391,7 +391,7 @@ def channels(settings: Settings) -> None:
     Example:
       btcchannel channels
     """
-    from btcchannel.payee.service import channel_object
+    from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
 
     tip = _tip_or_none(settings, "payee")
@@ -426,7 +426,7 @@ def channel(settings: Settings, channel_id: str) -> None:
     Example:
       btcchannel channel 5f0c...e1
     """
-    from btcchannel.payee.service import channel_object
+    from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
 
     with PayeeStore(settings.datadir / "payee.db") as store:
@@ -452,7 +452,7 @@ def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_pa
       btcchannel close 5f0c...e1 --fee-rate 12    # payee: broadcast the close now
     """
     if as_payee or _payee_only(settings, channel_id):
-        from btcchannel.payee.watcher import operator_close
+        from btcchannel.payee.closer import operator_close
 
         config = _server_config(settings, close_fee_rate_sat_vb=fee_rate)
         obj = run_async(_with_node(settings, "payee", lambda node: operator_close(config, node, channel_id)))
@@ -484,7 +484,7 @@ def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
     Example:
       btcchannel bump 5f0c...e1 --fee-rate 25
     """
-    from btcchannel.payee.watcher import operator_bump
+    from btcchannel.payee.closer import operator_bump
 
     config = _server_config(settings)
     obj = run_async(_with_node(settings, "payee", lambda node: operator_bump(config, node, channel_id, fee_rate)))
@@ -546,7 +546,7 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
     Example:
       btcchannel fetch http://127.0.0.1:8402/v1/file --out data.bin
     """
-    from btcchannel.payee.metered import MeteredPayer
+    from btcchannel.payer.metered import MeteredPayer
 
     async def run(client: PayerClient) -> dict[str, Any]:
         cid = channel_id or _channel_for(client, url)

@@ -11,7 +11,7 @@ An application turns any aiohttp handler into a paid one with one decorator
     add_paid_route(app, "GET", "/v1/answer", handler, units=1)
     add_file_route(app, path, chunk_size=1024)   # built-in example: sells a file's chunks
 
-Request headers (see docs/PROTOCOL.md):
+Request headers (see docs/PROTOCOL.md; their names are in :mod:`btcchannel.wire`):
 
 - ``X-Btcchannel-Channel: <channel_id>`` on every paid request;
 - prepay: ``X-Btcchannel-Amount: <new cumulative total>`` and
@@ -24,83 +24,48 @@ Request headers (see docs/PROTOCOL.md):
 A request that can't be served for lack of payment gets **HTTP 402** with
 ``{"payment": {"price_sat", "mode", "credit_limit_sat", "units",
 "info_endpoint", "channel_endpoint", "channel_id", "amount_sat", "owed_sat",
-"next_amount_sat"}}``. A payment of the wrong amount (with a valid signature)
-ends the channel: the payee closes with the last correct payment and answers
-``wrong_amount``. Served responses carry ``X-Btcchannel-Paid`` (stored
-total) and ``X-Btcchannel-Owed`` (total owed, postpay).
+"next_amount_sat"}}`` (:func:`btcchannel.wire.payment_required_body`). A payment
+of the wrong amount (with a valid signature) ends the channel: the payee closes
+with the last correct payment and answers ``wrong_amount``. Served responses
+carry ``X-Btcchannel-Paid`` (stored total) and ``X-Btcchannel-Owed`` (total
+owed, postpay).
 
-The payer side::
-
-    class MeteredPayer:
-        def __init__(self, client: PayerClient, channel_id: str) -> None
-        async def fetch(self, url: str, method: str = "GET", *, units: int = 1,
-                        data: bytes | None = None) -> tuple[int, bytes]
-        async def settle(self) -> int          # postpay: pay the owed total now
-
-The amount rules (prepay amount, credit, owed total, settlement, end
-conditions) are the core's :class:`btcchannel.core.channel.Metering`; this module
-only carries them over HTTP.
+The payer's side is :class:`btcchannel.payer.metered.MeteredPayer`. The amount
+rules (prepay amount, credit, owed total, settlement, end conditions) are the
+core's :class:`btcchannel.core.channel.Metering`; this module only carries them
+over HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import json
-import re
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 
-from btcchannel.core.channel import Metering, Payment
-from btcchannel.payer.client import PayerClient
-from btcchannel.errors import BadRequest, ChannelError, NodeUnavailable, ProtocolViolation, error_for_code
-from btcchannel.payee.service import SERVICE, PayeeService, check_channel_id
+from btcchannel.errors import BadRequest
+from btcchannel.payee.appkeys import SERVICE
+from btcchannel.payee.service import PayeeService
+from btcchannel.wire import (
+    HDR_CHANNEL,
+    HDR_OWED,
+    HDR_PAID,
+    check_channel_id,
+    check_decimal,
+    parse_payment_headers,
+    payment_required_body,
+)
 
-__all__ = [
-    "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED",
-    "paid", "add_paid_route", "add_file_route", "MeteredPayer",
-]
-
-HDR_CHANNEL = "X-Btcchannel-Channel"
-HDR_AMOUNT = "X-Btcchannel-Amount"
-HDR_SIGNATURE = "X-Btcchannel-Signature"
-HDR_PAID = "X-Btcchannel-Paid"
-HDR_OWED = "X-Btcchannel-Owed"
+__all__ = ["paid", "add_paid_route", "add_file_route", "payment_required", "Handler"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_DIGITS = re.compile(r"^[0-9]{1,16}$")
-_HEX = re.compile(r"^(?:[0-9a-f]{2}){1,80}$")
 
 
 def payment_required(svc: PayeeService, cid: str | None, units: int) -> web.Response:
     """The 402 answer: price, mode and where to open a channel / what to pay next."""
-    cfg = svc.config
-    metering = cfg.metering
-    body: dict[str, Any] = {
-        "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
-        "units": units, "info_endpoint": "/v1/info", "channel_endpoint": "/v1/channels",
-        "channel_id": cid, "amount_sat": None, "owed_sat": None, "next_amount_sat": None,
-    }
-    if cid is not None:
-        rec = svc.store.get(cid)
-        body["amount_sat"] = rec.amount_sat
-        body["owed_sat"] = metering.owed_total(rec.owed_sat, rec.amount_sat)
-        body["next_amount_sat"] = metering.next_amount(rec.amount_sat, rec.owed_sat, units)
-        body["state"] = rec.state
-    return web.json_response({"payment": body}, status=402)
-
-
-def _payment_headers(request: web.Request) -> tuple[int, bytes] | None:
-    amount = request.headers.get(HDR_AMOUNT)
-    sig = request.headers.get(HDR_SIGNATURE)
-    if amount is None and sig is None:
-        return None
-    if amount is None or sig is None or not _DIGITS.match(amount) or not _HEX.match(sig):
-        raise BadRequest(f"{HDR_AMOUNT} must be decimal satoshis and {HDR_SIGNATURE} lowercase hex")
-    return int(amount), bytes.fromhex(sig)
+    rec = svc.store.get(cid) if cid is not None else None
+    return web.json_response(payment_required_body(svc.config.metering, units, rec), status=402)
 
 
 def paid(units: int = 1) -> Callable[[Handler], Handler]:
@@ -119,7 +84,7 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
             if cid_h is None:
                 return payment_required(svc, None, units)
             cid = check_channel_id(cid_h)
-            pay = _payment_headers(request)
+            pay = parse_payment_headers(request.headers)
             if metering.mode == "prepay":
                 if pay is None:
                     return payment_required(svc, cid, units)
@@ -165,10 +130,7 @@ def add_file_route(app: web.Application, path: Path, *, chunk_size: int = 1024, 
         })
 
     def _index(request: web.Request) -> int:
-        raw = request.match_info["index"]
-        if not _DIGITS.match(raw):
-            raise BadRequest("chunk index must be a decimal integer")
-        idx = int(raw)
+        idx = check_decimal(request.match_info["index"], "chunk index")
         size = data_path.stat().st_size
         if idx * chunk_size >= size:
             raise BadRequest("no such chunk")
@@ -189,98 +151,3 @@ def add_file_route(app: web.Application, path: Path, *, chunk_size: int = 1024, 
 
     app.router.add_get(prefix, meta)
     app.router.add_get(prefix + "/{index}", checked_chunk)
-
-
-class MeteredPayer:
-    """Pays for requests to a metered payee through one open channel, in either mode."""
-
-    def __init__(self, client: PayerClient, channel_id: str) -> None:
-        self.client = client
-        self.channel_id = channel_id
-        self._info: dict[str, Any] | None = None
-        self._metering: Metering | None = None
-
-    async def terms(self) -> dict[str, Any]:
-        """The payee's price, mode and credit limit (``GET /v1/info``, cached)."""
-        if self._info is None:
-            rec = self.client.store.get(self.channel_id)
-            self._info = await self.client.info(rec.server_url)
-        return self._info
-
-    async def metering(self) -> Metering:
-        """The payee's terms as the core's :class:`Metering` (cached); ProtocolViolation if they make no sense."""
-        if self._metering is None:
-            terms = await self.terms()
-            try:
-                self._metering = Metering(int(terms["price_sat"]), terms["mode"], int(terms["credit_limit_sat"]))
-            except ChannelError as exc:
-                raise ProtocolViolation(f"the payee's terms are invalid: {exc.message}") from None
-        return self._metering
-
-    async def settle(self) -> int:
-        """Postpay: pay exactly the owed total now (no-op if nothing is owed). Returns the paid total."""
-        obj = await self.client.status(self.channel_id)
-        owed = int(obj.get("owed_sat") or 0)
-        if owed > obj["amount_sat"]:
-            return await self.client.pay(self.channel_id, amount=owed)
-        return int(obj["amount_sat"])
-
-    async def _prepay_payment(self, metering: Metering, units: int) -> Payment:
-        store = self.client.store
-        rec = store.get(self.channel_id)
-        if rec.amount_sat > rec.acked_sat:
-            await self.client.status(self.channel_id)  # did the payee get our last one?
-            rec = store.get(self.channel_id)
-            if (
-                rec.amount_sat > rec.acked_sat and rec.signature is not None
-                and rec.amount_sat == metering.prepay_amount(rec.acked_sat, units)
-            ):
-                return Payment(rec.amount_sat, rec.signature)  # never reached the payee: send it again
-        return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units))
-
-    async def fetch(self, url: str, method: str = "GET", *, units: int = 1, data: bytes | None = None) -> tuple[int, bytes]:
-        """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed."""
-        metering = await self.metering()
-        headers = {HDR_CHANNEL: self.channel_id}
-        payment: Payment | None = None
-        for _attempt in range(3):
-            if metering.mode == "prepay" and metering.cost(units) > 0:
-                payment = await self._prepay_payment(metering, units)
-                headers[HDR_AMOUNT] = str(payment.amount_sat)
-                headers[HDR_SIGNATURE] = payment.signature.hex()
-            status, body, resp_headers = await self._request(method, url, headers, data)
-            if status == 402:
-                if metering.mode == "postpay":
-                    before = self.client.store.get(self.channel_id).acked_sat
-                    if await self.settle() > before:
-                        continue
-                raise ProtocolViolation(f"payment refused: {body[:200]!r}")
-            if status >= 400:
-                self._raise(status, body)
-            if payment is not None:
-                self.client.store.set_acked(self.channel_id, payment.amount_sat)
-            if metering.mode == "postpay":
-                owed = int(resp_headers.get(HDR_OWED, "0"))
-                paid_total = int(resp_headers.get(HDR_PAID, "0"))
-                if metering.exceeds_credit(owed, paid_total, units):
-                    await self.client.pay(self.channel_id, amount=owed)
-            return status, body
-        raise ProtocolViolation("the payee keeps asking for payment")
-
-    async def _request(
-        self, method: str, url: str, headers: dict[str, str], data: bytes | None
-    ) -> tuple[int, bytes, dict[str, str]]:
-        try:
-            async with self.client.session.request(method, url, headers=headers, data=data) as resp:
-                return resp.status, await resp.read(), dict(resp.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise NodeUnavailable(f"payee unreachable: {method} {url}: {exc!r}") from exc
-
-    @staticmethod
-    def _raise(status: int, body: bytes) -> None:
-        try:
-            err = json.loads(body)["error"]
-            code, msg = str(err["code"]), str(err.get("message", ""))
-        except (ValueError, KeyError, TypeError):
-            raise ProtocolViolation(f"HTTP {status} without an error body") from None
-        raise error_for_code(code, msg)

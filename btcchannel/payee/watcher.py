@@ -1,8 +1,10 @@
-"""The payee's chain watcher (runs inside the payee service).
+"""The payee's chain watcher (runs as a background task of the payee's HTTP app).
 
 Every ``poll_interval_s`` (and on demand through ``step()``) it recomputes
 everything from the store and the node, so it is restart-safe by
-construction: there are no in-memory timers.
+construction: there are no in-memory timers. It updates the shared
+:class:`~btcchannel.payee.shared.ChainTip` and leaves every close to the
+:class:`~btcchannel.payee.closer.Closer`.
 
 - ``proposed``: lapses after ``proposal_ttl_s``.
 - ``funding``: counts confirmations, opens at ``min_confirmations``; a funding
@@ -15,17 +17,9 @@ construction: there are no in-memory timers.
   ``exception_txid``).
 - ``closing``: broadcasts the close if the claim's process died before doing
   so, marks ``closed`` once our close (or one of its RBF replacements)
-  confirmed, bumps the fee by RBF (``build_close`` at a higher rate) when it
-  stayed unconfirmed for ``bump_after_blocks`` blocks, rebroadcasts a dropped
-  close, and records a conflicting spend.
-
-Operator entry points (for the CLI; usable while a server runs on the same
-datadir, the store arbitrates)::
-
-    async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> dict[str, Any]
-    async def operator_bump(config: ServerConfig, node: Node, channel_id: str,
-                            fee_rate_sat_vb: float | None = None) -> dict[str, Any]
-    # both return the channel object of server.channel_object
+  confirmed, bumps the fee by RBF when it stayed unconfirmed for
+  ``bump_after_blocks`` blocks, rebroadcasts a dropped close, and records a
+  conflicting spend.
 """
 
 from __future__ import annotations
@@ -33,138 +27,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
 
-from btcchannel.core.channel import (
-    MIN_RELAY_FEE_RATE,
-    ChannelState,
-    Metering,
-    PayeeChannel,
-    bump_fee_rate,
-    closing_height,
-)
-from btcchannel.errors import ChannelError, CloseUneconomic, NodeError
-from btcchannel.store import PayeeRecord, PayeeStore
+from btcchannel.bitcoind.rpc import Node
+from btcchannel.core.channel import Metering, closing_height
 from btcchannel.core.tx import OutPoint
+from btcchannel.errors import ChannelError, NodeError
+from btcchannel.payee.closer import Closer, is_uneconomic
+from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.shared import ChainTip
+from btcchannel.store import PayeeRecord, PayeeStore
 
-if TYPE_CHECKING:
-    from btcchannel.bitcoind.rpc import Node
-    from btcchannel.payee.service import PayeeService, ServerConfig
-
-__all__ = ["Watcher", "operator_close", "operator_bump"]
+__all__ = ["Watcher"]
 
 log = logging.getLogger("btcchannel.payee.watcher")
 
-UNECONOMIC = "+close_uneconomic"
 
-#: a closing claim whose process never recorded a close txid is taken over after this
-STALE_CLAIM_S = 30.0
+def _outpoint(rec: PayeeRecord) -> OutPoint:
+    assert rec.funding_txid is not None and rec.funding_vout is not None
+    return OutPoint(rec.funding_txid, rec.funding_vout)
 
 
 class Watcher:
-    """Chain watcher of one payee service."""
+    """Chain watcher of one payee: follows every live channel and hands closes to the closer."""
 
-    def __init__(self, service: PayeeService) -> None:
-        self.svc = service
-        self.claimed: set[str] = set()   # closes claimed by this process
-        self._events: dict[str, asyncio.Event] = {}
-        self._lock = asyncio.Lock()
+    def __init__(self, config: ServerConfig, store: PayeeStore, node: Node, closer: Closer, tip: ChainTip) -> None:
+        self.config = config
+        self.store = store
+        self.node = node
+        self.closer = closer
+        self.tip = tip
 
-    @property
-    def store(self) -> PayeeStore:
-        return self.svc.store
-
-    @property
-    def node(self) -> Node:
-        return self.svc.node
-
-    # -- closing -----------------------------------------------------------------
-    def _event(self, cid: str) -> asyncio.Event:
-        ev = self._events.get(cid)
-        if ev is None:
-            ev = self._events[cid] = asyncio.Event()
-        return ev
-
-    async def close_done(self, cid: str) -> None:
-        """Wait until this process finished its broadcast attempt for ``cid``."""
-        await self._event(cid).wait()
-
-    async def fee_rate(self) -> float:
-        """The close fee rate: configured, or the node's estimate (with fallback)."""
-        cfg = self.svc.config
-        if cfg.close_fee_rate_sat_vb is not None:
-            return cfg.close_fee_rate_sat_vb
-        return await self.node.estimate_fee_rate(cfg.fee_conf_target, cfg.fallback_fee_rate_sat_vb)
-
-    async def close(self, cid: str, reason: str) -> PayeeRecord:
-        """Claim and broadcast the close of ``cid`` (no-op if someone else claimed it)."""
-        rec = self.svc.claim_close(cid, reason)
-        if rec is not None:
-            await self.close_done(cid)
-        return self.store.get(cid)
-
-    async def broadcast_close_safely(self, cid: str) -> None:
-        """Background task: broadcast a claimed close, logging (not raising) failures."""
-        try:
-            await self.broadcast_close(cid, None, None)
-        except ChannelError as err:
-            log.warning("close of %s not broadcast yet (%s); the watcher retries", cid, err)
-        finally:
-            self._event(cid).set()
-
-    async def broadcast_close(self, cid: str, fee_rate: float | None, previous_txid: str | None) -> str | None:
-        """Build our close at ``fee_rate`` (default: estimate), broadcast, record. Returns the txid."""
-        async with self._lock:
-            rec = self.store.get(cid)
-            if rec.state != "closing" or rec.signature is None or rec.close_txid != previous_txid:
-                return rec.close_txid
-            rate = fee_rate if fee_rate is not None else await self.fee_rate()
-            rate = min(rate, self.svc.config.max_fee_rate_sat_vb)
-            ch = self.svc.build_channel(rec, state=ChannelState.OPEN)
-            built = self._build_close(ch, rec, rate, bump=previous_txid is not None)
-            if built is None:
-                return None
-            tx, rate = built
-            txid = await self.node.broadcast(tx.serialize().hex())
-            tip = await self.node.tip_height()
-            if not self.store.set_close_tx(cid, txid, rate, tip, previous_txid):
-                log.info("close of %s recorded by someone else meanwhile", cid)
-            log.info("close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)", cid, txid, rate, rec.amount_sat)
-            self.claimed.discard(cid)
-            return txid
-
-    def _build_close(self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool) -> tuple[Any, float] | None:
-        """Our close at ``rate``, or what the payment can afford; None if it affords no close at all."""
-        script = self.svc.payee_script
-        try:
-            return ch.build_close(script, rate), rate
-        except CloseUneconomic:
-            if not bump:
-                try:
-                    return ch.build_close(script, MIN_RELAY_FEE_RATE), MIN_RELAY_FEE_RATE
-                except CloseUneconomic:
-                    # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
-                    self.store.mark_uneconomic(rec.channel_id)
-                    log.warning("channel %s: %d sat do not pay for a close; left to the payer's refund",
-                                rec.channel_id, rec.amount_sat)
-                    return None
-        # a bump the payment cannot afford: the most it can pay, if that still raises the rate
-        tx, affordable = ch.build_close_at_most(script, rate)
-        if affordable <= (rec.close_fee_rate or 0.0):
-            raise CloseUneconomic(
-                f"a close of {rec.amount_sat} sat cannot pay more than {affordable:.2f} sat/vB "
-                f"and already pays {rec.close_fee_rate or 0.0:.2f}"
-            )
-        return tx, affordable
-
-    async def bump(self, cid: str, fee_rate: float | None = None) -> str | None:
-        """RBF: replace our unconfirmed close with one at a higher fee rate."""
-        rec = self.store.get(cid)
-        if rec.state != "closing" or rec.close_txid is None:
-            return rec.close_txid
-        estimate = await self.fee_rate() if fee_rate is None else 0.0
-        rate = bump_fee_rate(rec.close_fee_rate, fee_rate, self.svc.config.bump_factor, estimate)
-        return await self.broadcast_close(cid, rate, rec.close_txid)
+    async def start(self) -> None:
+        """Fetch the tip (before the service answers anything)."""
+        self.tip.height = await self.node.tip_height()
 
     # -- the loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -176,20 +71,21 @@ class Watcher:
                 log.warning("watcher step failed: %s", err)
             except Exception:  # a bug must not stop the watcher for good: log it, try again
                 log.exception("watcher step crashed")
-            await asyncio.sleep(self.svc.config.poll_interval_s)
+            await asyncio.sleep(self.config.poll_interval_s)
 
     async def step(self) -> None:
         """One pass over every live channel."""
         tip = await self.node.tip_height()
-        self.svc.tip_height = tip
+        self.tip.height = tip
         self.store.lapse_proposals()
         for rec in self.store.list(["funding", "open", "closing"]):
             try:
-                await self._check(rec, tip)
+                await self.check(rec, tip)
             except ChannelError as err:
                 log.warning("watcher: channel %s: %s", rec.channel_id, err)
 
-    async def _check(self, rec: PayeeRecord, tip: int) -> None:
+    async def check(self, rec: PayeeRecord, tip: int) -> None:
+        """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed."""
         if rec.state == "funding":
             await self._check_funding(rec)
         elif rec.state == "open":
@@ -197,21 +93,18 @@ class Watcher:
         elif rec.state == "closing":
             await self._check_closing(rec, tip)
 
-    def _outpoint(self, rec: PayeeRecord) -> OutPoint:
-        assert rec.funding_txid is not None and rec.funding_vout is not None
-        return OutPoint(rec.funding_txid, rec.funding_vout)
-
+    # -- per state -------------------------------------------------------------------
     async def _check_funding(self, rec: PayeeRecord) -> None:
         cid = rec.channel_id
-        info = await self.node.get_txout(self._outpoint(rec), include_mempool=True)
+        info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
         if info is not None:
-            if info.confirmations >= self.svc.config.min_confirmations:
+            if info.confirmations >= self.config.min_confirmations:
                 self.store.set_confirmations(cid, info.confirmations, open_now=True)
-                self.svc.invalidate(cid)
+                self.closer.channels.invalidate(cid)
             elif info.confirmations != rec.confirmations:
                 self.store.set_confirmations(cid, info.confirmations, open_now=False)
             return
-        if await self.node.tx_confirmations(self._outpoint(rec).txid) is None:
+        if await self.node.tx_confirmations(_outpoint(rec).txid) is None:
             # the funding transaction is gone: double-spent (or evicted)
             conflict = None
             for txid, vout in rec.funding_inputs:
@@ -226,35 +119,33 @@ class Watcher:
 
     async def _check_open(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id
-        cfg = self.svc.config
-        info = await self.node.get_txout(self._outpoint(rec), include_mempool=True)
+        cfg = self.config
+        info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
         if info is None:
             await self._spent_elsewhere(rec)
             return
         if info.confirmations != rec.confirmations:
             self.store.set_confirmations(cid, info.confirmations, open_now=False)
         if tip >= closing_height(rec.expiry_height, cfg.close_margin_blocks):
-            await self.close(cid, "expiry_margin")
+            await self.closer.close(cid, "expiry_margin")
             return
         if Metering.payment_overdue(rec.owed_sat, rec.amount_sat, rec.owed_since, time.time(), cfg.payment_timeout_s):
-            await self.close(cid, "payment_timeout")
+            await self.closer.close(cid, "payment_timeout")
 
     async def _check_closing(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id
-        cfg = self.svc.config
         if rec.close_txid is None:
-            if rec.signature is None or (rec.end_reason or "").endswith(UNECONOMIC):
+            if rec.signature is None or is_uneconomic(rec):
                 # ended without any (economic) payment: nothing to broadcast; the payer refunds after expiry
-                if await self.node.get_txout(self._outpoint(rec), include_mempool=True) is None:
+                if await self.node.get_txout(_outpoint(rec), include_mempool=True) is None:
                     await self._spent_elsewhere(rec)
                 return
-            if cid in self.claimed or self.store.reclaim_stale_close(cid, time.time() - STALE_CLAIM_S):
-                self.claimed.add(cid)
+            if self.closer.adopt(cid):
                 try:
-                    await self.broadcast_close(cid, None, None)
+                    await self.closer.broadcast(cid, None, None)
                 except ChannelError as err:
                     log.warning("close of %s failed: %s", cid, err)
-                    if await self.node.get_txout(self._outpoint(rec), include_mempool=True) is None:
+                    if await self.node.get_txout(_outpoint(rec), include_mempool=True) is None:
                         await self._spent_elsewhere(rec)
             return
         conf = await self.node.tx_confirmations(rec.close_txid)
@@ -263,18 +154,18 @@ class Watcher:
             log.info("channel %s closed by %s", cid, rec.close_txid)
             return
         if conf == 0:
-            if rec.close_height is not None and tip - rec.close_height >= cfg.bump_after_blocks:
+            if rec.close_height is not None and tip - rec.close_height >= self.config.bump_after_blocks:
                 log.info("close of %s unconfirmed after %d blocks: RBF bump", cid, tip - rec.close_height)
                 try:
-                    await self.bump(cid)
+                    await self.closer.bump(cid)
                 except NodeError as err:
                     log.warning("bump of %s refused: %s", cid, err)
             return
         # our last close is neither mined nor in the mempool: who spent the funding?
-        spender = await self.node.find_spender(self._outpoint(rec), rec.created_height)
+        spender = await self.node.find_spender(_outpoint(rec), rec.created_height)
         if spender is None:
             try:
-                await self._rebroadcast(rec)
+                await self.closer.rebroadcast(rec)
             except NodeError as err:
                 log.warning("rebroadcast of %s's close refused: %s", cid, err)
             return
@@ -285,20 +176,9 @@ class Watcher:
             return
         await self._record_conflict(rec, spender)
 
-    async def _rebroadcast(self, rec: PayeeRecord) -> None:
-        cid = rec.channel_id
-        rate = max(rec.close_fee_rate or MIN_RELAY_FEE_RATE, await self.fee_rate())
-        async with self._lock:
-            fresh = self.store.get(cid)
-            if fresh.close_txid != rec.close_txid:
-                return
-            ch = self.svc.build_channel(fresh, state=ChannelState.OPEN)
-            tx = ch.build_close(self.svc.payee_script, rate)
-            txid = await self.node.broadcast(tx.serialize().hex())
-            self.store.set_close_tx(cid, txid, rate, await self.node.tip_height(), rec.close_txid)
-
+    # -- spends of the funding output ----------------------------------------------------
     async def _spent_elsewhere(self, rec: PayeeRecord) -> None:
-        spender = await self.node.find_spender(self._outpoint(rec), rec.created_height)
+        spender = await self.node.find_spender(_outpoint(rec), rec.created_height)
         if spender is None:
             return
         if spender in rec.close_txids:
@@ -336,47 +216,5 @@ class Watcher:
                             self.store.mark_closed(rec.channel_id, spender)
                         return
         self.store.mark_exception(rec.channel_id, state, spender, reason)
-        self.svc.invalidate(rec.channel_id)
+        self.closer.channels.invalidate(rec.channel_id)
         log.warning("channel %s: funding spent by %s (%s)", rec.channel_id, spender, reason)
-
-
-# ----------------------------------------------------------------------------- operator
-
-
-async def _with_service(config: ServerConfig, node: Node) -> PayeeService:
-    from btcchannel.payee.service import PayeeService
-
-    svc = PayeeService(config, PayeeStore(config.db_path), node)
-    await svc.start()
-    return svc
-
-
-async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> dict[str, Any]:
-    """Close ``channel_id`` now with its best payment (the operator's end condition)."""
-    from btcchannel.payee.service import channel_object
-
-    svc = await _with_service(config, node)
-    try:
-        rec = svc.store.get(channel_id)
-        if rec.state == "proposed":
-            svc.store.mark_exception(channel_id, "failed", None, "cancelled_by_operator")
-        else:
-            await svc.watcher.close(channel_id, "operator")
-        await svc.aclose()
-        return channel_object(svc.store.get(channel_id))
-    finally:
-        svc.store.close()
-
-
-async def operator_bump(
-    config: ServerConfig, node: Node, channel_id: str, fee_rate_sat_vb: float | None = None
-) -> dict[str, Any]:
-    """RBF-bump ``channel_id``'s unconfirmed close (default: ``bump_factor`` times its rate)."""
-    from btcchannel.payee.service import channel_object
-
-    svc = await _with_service(config, node)
-    try:
-        await svc.watcher.bump(channel_id, fee_rate_sat_vb)
-        return channel_object(svc.store.get(channel_id))
-    finally:
-        svc.store.close()

@@ -1,0 +1,84 @@
+"""The payee's configuration: :class:`ServerConfig` (every field a service, closer and watcher read)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from btcchannel.core import script
+from btcchannel.core.channel import Metering, ProposalLimits
+from btcchannel.errors import ChannelError
+from btcchannel.wire import MAX_BODY
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass
+class ServerConfig:
+    """Everything the payee's service is configured with (amounts in satoshis)."""
+
+    datadir: Path
+    network: str = "regtest"
+    host: str = "127.0.0.1"
+    port: int = 0
+    payee_address: str | None = None        # where closes pay; None: a fresh node-wallet address
+    min_deposit_sat: int = 10_000
+    max_deposit_sat: int = 100_000_000
+    min_lifetime_blocks: int = 12
+    max_lifetime_blocks: int = 4320
+    close_margin_blocks: int = 6
+    min_confirmations: int = 1
+    proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
+    max_proposals: int = 100                # cap on unfunded proposals (too_many_channels)
+    close_fee_rate_sat_vb: float | None = None   # None: the node's estimate
+    fee_conf_target: int = 6
+    fallback_fee_rate_sat_vb: float = 2.0
+    bump_after_blocks: int = 3              # RBF-bump a close unconfirmed after this many blocks
+    bump_factor: float = 2.0
+    max_fee_rate_sat_vb: float = 1000.0
+    poll_interval_s: float = 1.0            # watcher period
+    price_sat: int = 0                      # metered service: price per unit (0: none)
+    mode: str = "prepay"                    # "prepay" or "postpay"
+    credit_limit_sat: int = 0               # postpay: unpaid total allowed
+    payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
+    max_body_bytes: int = MAX_BODY
+
+    def __post_init__(self) -> None:
+        self.datadir = Path(self.datadir)
+        script.check_network(self.network)
+        try:
+            self.metering  # noqa: B018 - the core validates the terms
+            self.proposal_limits  # noqa: B018
+        except ChannelError as err:
+            raise ValueError(err.message) from None
+
+    @property
+    def metering(self) -> Metering:
+        """The metered service's terms, as the core's rules."""
+        return Metering(self.price_sat, self.mode, self.credit_limit_sat)
+
+    @property
+    def proposal_limits(self) -> ProposalLimits:
+        """The accepted deposit range and channel lifetime, as the core's rules."""
+        return ProposalLimits(self.min_deposit_sat, self.max_deposit_sat, self.min_lifetime_blocks, self.max_lifetime_blocks)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict of the fields."""
+        d = asdict(self)
+        d["datadir"] = str(self.datadir)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ServerConfig:
+        """Inverse of ``to_json`` (unknown keys are an error)."""
+        names = {f.name for f in fields(cls)}
+        bad = set(d) - names
+        if bad:
+            raise ValueError(f"unknown config fields {sorted(bad)}")
+        return cls(**d)
+
+    @property
+    def db_path(self) -> Path:
+        """The payee's SQLite database: ``<datadir>/payee.db``."""
+        return self.datadir / "payee.db"

@@ -1,0 +1,274 @@
+"""The payee's HTTP service (aiohttp): the endpoints of ``docs/PROTOCOL.md`` over a
+:class:`~btcchannel.payee.service.PayeeService`.
+
+Entry points (what the CLI calls)::
+
+    def create_app(config: ServerConfig, store: PayeeStore, node: Node,
+                   *, run_watcher: bool = True) -> aiohttp.web.Application
+        # every endpoint of the protocol; assembles service, closer and watcher
+        # (app[SERVICE], app[CLOSER], app[WATCHER]); the watcher runs as a background task
+        # of the app (run_watcher=False: tests drive ``app[WATCHER].step()`` themselves)
+
+    async def serve(config: ServerConfig, node: Node, *,
+                    ready: Callable[[str], None] | None = None,
+                    app_hook: Callable[[web.Application], None] | None = None) -> None
+        # opens <datadir>/payee.db, binds host:port (port 0: a free one), writes
+        # <datadir>/server.json {"url": ...}, calls ready(url), runs until cancelled
+        # (e.g. SIGINT/SIGTERM), then shuts down cleanly. app_hook may add routes
+        # (metered.add_file_route, an application's own paid handlers).
+
+    def main(argv: list[str] | None = None) -> None
+        # python -m btcchannel.payee CONFIG.json : {"config": {ServerConfig fields},
+        #   "node": {"url": ..., "cookie_file": ..., "wallet": ...}, "file": optional path to sell}
+
+Errors leave as ``{"error": {"code", "message"}}`` with the code's HTTP status; bad input
+never yields a 500. Errors that are not the client's (the node's, the payee's own bugs)
+are logged and answered ``internal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from btcchannel.bitcoind.rpc import Node
+from btcchannel.errors import (
+    ChannelError,
+    CloseUneconomic,
+    IllegalTransition,
+    InternalError,
+    NodeError,
+    NotExpired,
+    NotOpen,
+    ProtocolViolation,
+    TooLarge,
+)
+from btcchannel.payee.appkeys import CLOSER, SERVICE, WATCHER
+from btcchannel.payee.closer import Closer, is_uneconomic
+from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.metered import add_file_route
+from btcchannel.payee.service import PayeeService
+from btcchannel.payee.shared import ChainTip
+from btcchannel.payee.watcher import Watcher
+from btcchannel.store import PayeeStore
+from btcchannel.wire import channel_object, check_channel_id, parse_body
+
+__all__ = ["SERVICE", "CLOSER", "WATCHER", "create_app", "serve", "main", "read_body", "error_response"]
+
+log = logging.getLogger("btcchannel.payee.http")
+
+#: errors that are not the client's: logged, answered ``internal``
+_INTERNAL: tuple[type[ChannelError], ...] = (NodeError, ProtocolViolation, IllegalTransition)
+#: errors that mean, to the client, that the channel takes no payment or close now
+_NOT_OPEN: tuple[type[ChannelError], ...] = (NotExpired, CloseUneconomic)
+
+#: how long POST .../close waits for the close's broadcast so the answer can carry close_txid
+CLOSE_WAIT_S = 10.0
+
+
+def error_response(err: ChannelError) -> web.Response:
+    """The protocol's error body with the code's status."""
+    return web.json_response(err.to_json(), status=err.http_status)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, ``TooLarge`` beyond ``limit`` bytes (read no further than that)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"request body over {limit} bytes")
+    data = await request.content.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"request body over {limit} bytes")
+    return data
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _INTERNAL as err:
+        log.warning("%s %s: %s", request.method, request.path, err)
+        return error_response(InternalError(err.message))
+    except _NOT_OPEN as err:
+        return error_response(NotOpen(err.message))
+    except ChannelError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return error_response(TooLarge("request body too large"))
+        if exc.status in (404, 405):
+            return web.json_response(
+                {"error": {"code": "bad_request", "message": f"no such endpoint: {request.method} {request.path}"}},
+                status=exc.status,
+            )
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(InternalError("internal error"))
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+async def _info(request: web.Request) -> web.Response:
+    return web.json_response(request.app[SERVICE].info())
+
+
+async def _propose(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    body = parse_body(
+        await read_body(request, svc.config.max_body_bytes),
+        ("payer_pubkey", "deposit_sat", "expiry_height", "payer_script"),
+        ("max_units", "max_total_sat"),
+    )
+    return web.json_response(svc.propose(body), status=201)
+
+
+async def _funding(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    cid = check_channel_id(request.match_info["cid"])
+    body = parse_body(await read_body(request, svc.config.max_body_bytes), ("txid", "vout"))
+    return web.json_response(await svc.register_funding(cid, body))
+
+
+async def _payment(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    cid = check_channel_id(request.match_info["cid"])
+    body = parse_body(await read_body(request, svc.config.max_body_bytes), ("amount_sat", "signature"))
+    return web.json_response(svc.pay(cid, body))
+
+
+async def _get_channel(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    cid = check_channel_id(request.match_info["cid"])
+    return web.json_response(channel_object(svc.store.get(cid)))
+
+
+async def _close(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    closer = request.app[CLOSER]
+    cid = check_channel_id(request.match_info["cid"])
+    body = parse_body(await read_body(request, svc.config.max_body_bytes), ("signature",))
+    rec = svc.close_request(cid, body)
+    # give the broadcast (ours, or another process's that won the claim) up to CLOSE_WAIT_S
+    # so the answer can carry close_txid
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CLOSE_WAIT_S
+    while (
+        rec.state == "closing" and rec.close_txid is None and rec.signature is not None
+        and not is_uneconomic(rec) and loop.time() < deadline
+    ):
+        try:
+            await asyncio.wait_for(closer.close_done(cid), timeout=0.05)
+        except asyncio.TimeoutError:
+            rec = svc.store.get(cid)
+            continue
+        rec = svc.store.get(cid)
+        break  # our own broadcast attempt is over (failed ones are retried by the watcher)
+    return web.json_response(channel_object(rec))
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watcher: bool = True) -> web.Application:
+    """The payee's aiohttp application: service, closer and watcher (its background task)."""
+    app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
+    tip = ChainTip()
+    closer = Closer(config, store, node)
+    watcher = Watcher(config, store, node, closer, tip)
+    app[SERVICE] = PayeeService(config, store, node, closer, tip)
+    app[CLOSER] = closer
+    app[WATCHER] = watcher
+    app.router.add_get("/v1/info", _info)
+    app.router.add_post("/v1/channels", _propose)
+    app.router.add_post("/v1/channels/{cid}/funding", _funding)
+    app.router.add_post("/v1/channels/{cid}/payments", _payment)
+    app.router.add_get("/v1/channels/{cid}", _get_channel)
+    app.router.add_post("/v1/channels/{cid}/close", _close)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await closer.start()
+        await watcher.start()
+        task = asyncio.ensure_future(watcher.run()) if run_watcher else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await closer.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(
+    config: ServerConfig,
+    node: Node,
+    *,
+    ready: Callable[[str], None] | None = None,
+    app_hook: Callable[[web.Application], None] | None = None,
+) -> None:
+    """Run the payee's service on ``config.host:config.port`` until cancelled."""
+    config.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = PayeeStore(config.db_path)
+    app = create_app(config, store, node)
+    if app_hook is not None:
+        app_hook(app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        server = site._server
+        assert server is not None and hasattr(server, "sockets")
+        port = server.sockets[0].getsockname()[1]
+        url = f"http://{config.host}:{port}"
+        tmp = config.datadir / "server.json.tmp"
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        os.replace(tmp, config.datadir / "server.json")
+        log.info("payee service on %s", url)
+        if ready is not None:
+            ready(url)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        store.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m btcchannel.payee CONFIG.json``: run a payee service (SIGTERM/SIGINT stop it cleanly)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m btcchannel.payee CONFIG.json")
+    spec = json.loads(Path(args[0]).read_text())
+    config = ServerConfig.from_json(spec["config"])
+    n = spec["node"]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def run() -> None:
+        node = Node(n["url"], cookie_file=Path(n["cookie_file"]) if n.get("cookie_file") else None,
+                    auth=tuple(n["auth"]) if n.get("auth") else None, wallet=n.get("wallet"))
+        hook = None
+        if spec.get("file"):
+
+            def hook(app: web.Application) -> None:
+                add_file_route(app, Path(spec["file"]), chunk_size=int(spec.get("chunk_size", 1024)))
+
+        task = asyncio.ensure_future(serve(config, node, app_hook=hook))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await node.aclose()
+
+    asyncio.run(run())

@@ -1,0 +1,122 @@
+"""The payer's side of a metered service: :class:`MeteredPayer` pays for requests to a
+metered payee (``btcchannel.payee.metered``) through one open channel, in either mode::
+
+    class MeteredPayer:
+        def __init__(self, client: PayerClient, channel_id: str) -> None
+        async def fetch(self, url: str, method: str = "GET", *, units: int = 1,
+                        data: bytes | None = None) -> tuple[int, bytes]
+        async def settle(self) -> int          # postpay: pay the owed total now
+
+The amount rules are the core's :class:`btcchannel.core.channel.Metering`; the header
+names are :mod:`btcchannel.wire`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+
+from btcchannel.core.channel import Metering, Payment
+from btcchannel.errors import ChannelError, NodeUnavailable, ProtocolViolation, error_for_code
+from btcchannel.payer.client import PayerClient
+from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_OWED, HDR_PAID, HDR_SIGNATURE
+
+__all__ = ["MeteredPayer"]
+
+
+class MeteredPayer:
+    """Pays for requests to a metered payee through one open channel, in either mode."""
+
+    def __init__(self, client: PayerClient, channel_id: str) -> None:
+        self.client = client
+        self.channel_id = channel_id
+        self._info: dict[str, Any] | None = None
+        self._metering: Metering | None = None
+
+    async def terms(self) -> dict[str, Any]:
+        """The payee's price, mode and credit limit (``GET /v1/info``, cached)."""
+        if self._info is None:
+            rec = self.client.store.get(self.channel_id)
+            self._info = await self.client.info(rec.server_url)
+        return self._info
+
+    async def metering(self) -> Metering:
+        """The payee's terms as the core's :class:`Metering` (cached); ProtocolViolation if they make no sense."""
+        if self._metering is None:
+            terms = await self.terms()
+            try:
+                self._metering = Metering(int(terms["price_sat"]), terms["mode"], int(terms["credit_limit_sat"]))
+            except ChannelError as exc:
+                raise ProtocolViolation(f"the payee's terms are invalid: {exc.message}") from None
+        return self._metering
+
+    async def settle(self) -> int:
+        """Postpay: pay exactly the owed total now (no-op if nothing is owed). Returns the paid total."""
+        obj = await self.client.status(self.channel_id)
+        owed = int(obj.get("owed_sat") or 0)
+        if owed > obj["amount_sat"]:
+            return await self.client.pay(self.channel_id, amount=owed)
+        return int(obj["amount_sat"])
+
+    async def _prepay_payment(self, metering: Metering, units: int) -> Payment:
+        store = self.client.store
+        rec = store.get(self.channel_id)
+        if rec.amount_sat > rec.acked_sat:
+            await self.client.status(self.channel_id)  # did the payee get our last one?
+            rec = store.get(self.channel_id)
+            if (
+                rec.amount_sat > rec.acked_sat and rec.signature is not None
+                and rec.amount_sat == metering.prepay_amount(rec.acked_sat, units)
+            ):
+                return Payment(rec.amount_sat, rec.signature)  # never reached the payee: send it again
+        return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units))
+
+    async def fetch(self, url: str, method: str = "GET", *, units: int = 1, data: bytes | None = None) -> tuple[int, bytes]:
+        """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed."""
+        metering = await self.metering()
+        headers = {HDR_CHANNEL: self.channel_id}
+        payment: Payment | None = None
+        for _attempt in range(3):
+            if metering.mode == "prepay" and metering.cost(units) > 0:
+                payment = await self._prepay_payment(metering, units)
+                headers[HDR_AMOUNT] = str(payment.amount_sat)
+                headers[HDR_SIGNATURE] = payment.signature.hex()
+            status, body, resp_headers = await self._request(method, url, headers, data)
+            if status == 402:
+                if metering.mode == "postpay":
+                    before = self.client.store.get(self.channel_id).acked_sat
+                    if await self.settle() > before:
+                        continue
+                raise ProtocolViolation(f"payment refused: {body[:200]!r}")
+            if status >= 400:
+                self._raise(status, body)
+            if payment is not None:
+                self.client.store.set_acked(self.channel_id, payment.amount_sat)
+            if metering.mode == "postpay":
+                owed = int(resp_headers.get(HDR_OWED, "0"))
+                paid_total = int(resp_headers.get(HDR_PAID, "0"))
+                if metering.exceeds_credit(owed, paid_total, units):
+                    await self.client.pay(self.channel_id, amount=owed)
+            return status, body
+        raise ProtocolViolation("the payee keeps asking for payment")
+
+    async def _request(
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            async with self.client.session.request(method, url, headers=headers, data=data) as resp:
+                return resp.status, await resp.read(), dict(resp.headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise NodeUnavailable(f"payee unreachable: {method} {url}: {exc!r}") from exc
+
+    @staticmethod
+    def _raise(status: int, body: bytes) -> None:
+        try:
+            err = json.loads(body)["error"]
+            code, msg = str(err["code"]), str(err.get("message", ""))
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolViolation(f"HTTP {status} without an error body") from None
+        raise error_for_code(code, msg)
