@@ -182,7 +182,7 @@ def channel_object(rec: PayeeRecord) -> dict[str, Any]:
         # extensions (documented in docs/PROTOCOL.md)
         "units": rec.units,
         "owed_sat": rec.owed_sat,
-        "end_reason": rec.end_reason,
+        "end_reason": rec.wire_end_reason,
         "exception_txid": rec.exception_txid,
     }
 
@@ -625,7 +625,7 @@ async def _close(request: web.Request) -> web.Response:
     deadline = asyncio.get_running_loop().time() + 10.0
     while (
         rec.state == "closing" and rec.close_txid is None and rec.signature is not None
-        and not (rec.end_reason or "").endswith("+close_uneconomic")
+        and not rec.close_uneconomic
         and asyncio.get_running_loop().time() < deadline
     ):
         try:

@@ -55,8 +55,6 @@ __all__ = ["Watcher", "operator_close", "operator_bump"]
 
 log = logging.getLogger("btcchannel.payee.watcher")
 
-UNECONOMIC = "+close_uneconomic"
-
 #: a closing claim whose process never recorded a close txid is taken over after this
 STALE_CLAIM_S = 30.0
 
@@ -243,7 +241,7 @@ class Watcher:
         cid = rec.channel_id
         cfg = self.svc.config
         if rec.close_txid is None:
-            if rec.signature is None or (rec.end_reason or "").endswith(UNECONOMIC):
+            if rec.signature is None or rec.close_uneconomic:
                 # ended without any (economic) payment: nothing to broadcast; the payer refunds after expiry
                 if await self.node.get_txout(self._outpoint(rec), include_mempool=True) is None:
                     await self._spent_elsewhere(rec)
