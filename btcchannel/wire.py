@@ -70,7 +70,7 @@ class ChannelRow(Protocol):
     @property
     def owed_sat(self) -> int: ...
     @property
-    def end_reason(self) -> str | None: ...
+    def wire_end_reason(self) -> str | None: ...
     @property
     def exception_txid(self) -> str | None: ...
 
@@ -162,7 +162,7 @@ def channel_object(rec: ChannelRow) -> dict[str, Any]:
         # extensions (documented in docs/PROTOCOL.md)
         "units": rec.units,
         "owed_sat": rec.owed_sat,
-        "end_reason": rec.end_reason,
+        "end_reason": rec.wire_end_reason,
         "exception_txid": rec.exception_txid,
     }
 

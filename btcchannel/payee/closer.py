@@ -36,15 +36,13 @@ __all__ = ["Closer", "operator_close", "operator_bump", "is_uneconomic", "STALE_
 
 log = logging.getLogger("btcchannel.payee.closer")
 
-UNECONOMIC = "+close_uneconomic"
-
 #: a closing claim whose process never recorded a close txid is taken over after this
 STALE_CLAIM_S = 30.0
 
 
 def is_uneconomic(rec: PayeeRecord) -> bool:
     """Whether the channel's payments were found not to pay for any close (left to the payer's refund)."""
-    return (rec.end_reason or "").endswith(UNECONOMIC)
+    return rec.close_uneconomic
 
 
 class Closer:

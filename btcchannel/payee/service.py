@@ -111,7 +111,7 @@ class PayeeService:
         now = time.time()
         self.store.insert_proposal(
             PayeeRecord(
-                channel_id=cid, state="proposed", params=params.to_json(), privkey=payee_priv,
+                channel_id=cid, state=ChannelState.PROPOSED, params=params.to_json(), privkey=payee_priv,
                 deposit_sat=deposit, expiry_height=expiry, created_at=now, lapse_at=now + cfg.proposal_ttl_s,
                 max_units=max_units, max_total_sat=max_total, created_height=tip,
             )

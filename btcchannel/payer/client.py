@@ -181,7 +181,7 @@ class PayerClient:
         cid = ans["channel_id"]
         self.store.insert(
             PayerRecord(
-                channel_id=cid, server_url=server_url, state="proposed", params=params.to_json(),
+                channel_id=cid, server_url=server_url, state=ChannelState.PROPOSED, params=params.to_json(),
                 privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry,
             )
         )

@@ -1,0 +1,418 @@
+"""The payee's durable state (``payee.db``): one row per channel, best payment only.
+
+A row holds the channel's parameters, the payee's channel key, the state and
+the **best** payment only (no per-payment growth). A payment is written with
+one conditional ``UPDATE ... WHERE state IN (open) AND amount_sat < ?`` in
+autocommit mode, so the method returns only once the row is committed and
+fsynced: the HTTP service answers 200 after that.
+
+Every state change is a compare-and-set on the current state through
+:meth:`PayeeStore.transition`: the new state and the ``WHERE state IN (...)``
+both come from the core's transition table, so two service processes sharing
+one database never both close a channel: the close is claimed by
+``claim_close`` (the ``closing`` event), and only the process whose update
+hit the row builds and broadcasts.
+
+Entry points::
+
+    PayeeStore(path)                                   # opens and migrates payee.db
+    PayeeStore.transition(channel_id, event, **fields) -> PayeeRecord | None
+    PayeeRecord                                        # one row; state is a ChannelState
+
+Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
+``+close_uneconomic`` suffix of ``end_reason`` into the boolean column
+``close_uneconomic``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Iterable, Mapping
+
+from btcchannel.core.channel import TRANSITIONS, ChannelState
+from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
+from btcchannel.store._db import Database, Migration, decode_row
+
+__all__ = ["CLOSE_UNECONOMIC_SUFFIX", "PayeeRecord", "PayeeStore"]
+
+_Inputs = list[list[Any]]
+_S = ChannelState
+
+#: how ``end_reason`` reported an uneconomic close before it became a column (and still does on the wire)
+CLOSE_UNECONOMIC_SUFFIX: Final = "+close_uneconomic"
+
+
+@dataclass
+class PayeeRecord:
+    """One channel as the payee stores it."""
+
+    channel_id: str
+    state: ChannelState
+    params: dict[str, Any]
+    privkey: bytes
+    deposit_sat: int
+    expiry_height: int
+    amount_sat: int = 0
+    signature: bytes | None = None
+    created_at: float = 0.0
+    lapse_at: float | None = None
+    funding_txid: str | None = None
+    funding_vout: int | None = None
+    confirmations: int = 0
+    close_txid: str | None = None
+    close_txids: list[str] = field(default_factory=list)
+    close_fee_rate: float | None = None
+    close_height: int | None = None
+    close_claimed_at: float | None = None
+    end_reason: str | None = None
+    exception_txid: str | None = None
+    max_units: int | None = None
+    max_total_sat: int | None = None
+    units: int = 0
+    owed_sat: int = 0
+    owed_since: float | None = None
+    created_height: int = 0
+    funding_inputs: list[list[Any]] = field(default_factory=list)
+    updated_at: float = 0.0
+    #: a claimed close whose payments do not pay for its fee: nothing is broadcast, the payer refunds
+    close_uneconomic: bool = False
+
+    def __post_init__(self) -> None:
+        self.state = ChannelState(self.state)
+        self.close_uneconomic = bool(self.close_uneconomic)
+
+    @property
+    def wire_end_reason(self) -> str | None:
+        """``end_reason`` as the protocol reports it: with the ``+close_uneconomic`` suffix when flagged."""
+        if not self.close_uneconomic:
+            return self.end_reason
+        return (self.end_reason or "") + CLOSE_UNECONOMIC_SUFFIX
+
+
+# ------------------------------------------------------------------ schema versions
+
+_V1: Migration = (
+    """CREATE TABLE IF NOT EXISTS channels (
+    channel_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    privkey BLOB NOT NULL,
+    deposit_sat INTEGER NOT NULL,
+    expiry_height INTEGER NOT NULL,
+    amount_sat INTEGER NOT NULL DEFAULT 0,
+    signature BLOB,
+    created_at REAL NOT NULL,
+    lapse_at REAL,
+    funding_txid TEXT,
+    funding_vout INTEGER,
+    confirmations INTEGER NOT NULL DEFAULT 0,
+    close_txid TEXT,
+    close_txids TEXT NOT NULL DEFAULT '[]',
+    close_fee_rate REAL,
+    close_height INTEGER,
+    close_claimed_at REAL,
+    end_reason TEXT,
+    exception_txid TEXT,
+    max_units INTEGER,
+    max_total_sat INTEGER,
+    units INTEGER NOT NULL DEFAULT 0,
+    owed_sat INTEGER NOT NULL DEFAULT 0,
+    owed_since REAL,
+    created_height INTEGER NOT NULL DEFAULT 0,
+    funding_inputs TEXT NOT NULL DEFAULT '[]',
+    updated_at REAL NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS channels_state ON channels(state)",
+    """CREATE UNIQUE INDEX IF NOT EXISTS channels_funding ON channels(funding_txid, funding_vout)
+    WHERE funding_txid IS NOT NULL""",
+)
+
+_V2_CLOSE_UNECONOMIC: Migration = (
+    "ALTER TABLE channels ADD COLUMN close_uneconomic INTEGER NOT NULL DEFAULT 0"
+    " CHECK (close_uneconomic IN (0, 1))",
+    "UPDATE channels SET close_uneconomic=1,"
+    " end_reason=NULLIF(substr(end_reason, 1, length(end_reason) - length('+close_uneconomic')), '')"
+    " WHERE substr(end_reason, -length('+close_uneconomic')) = '+close_uneconomic'",
+)
+
+# ------------------------------------------------------------------ the state table
+
+#: Edges this store has always taken that core.channel.TRANSITIONS lacks: a close claimed (or a
+#: refund seen) while the funding is still unconfirmed. They belong in the core's table.
+_STORE_EDGES: Final[Mapping[tuple[ChannelState, str], ChannelState]] = MappingProxyType({
+    (_S.FUNDING, "closing"): _S.CLOSING,
+    (_S.FUNDING, "refunded"): _S.REFUNDED,
+})
+
+
+def _event_name(event: str) -> str:
+    return str(event.value) if isinstance(event, enum.Enum) else str(event)
+
+
+def _edges() -> list[tuple[ChannelState, str, ChannelState]]:
+    table = [(s, _event_name(e), t) for (s, e), t in TRANSITIONS.items()]
+    return table + [(s, e, t) for (s, e), t in _STORE_EDGES.items() if (s, e) not in TRANSITIONS]
+
+
+def _sources(event: str) -> tuple[str, ...]:
+    """The states ``event`` may fire in (values, in ChannelState order)."""
+    name = _event_name(event)
+    found = {s for s, e, _ in _edges() if e == name}
+    return tuple(s.value for s in ChannelState if s in found)
+
+
+def _next_state(state: ChannelState, event: str) -> ChannelState:
+    name = _event_name(event)
+    for s, e, t in _edges():
+        if s is state and e == name:
+            return t
+    raise IllegalTransition(f"event {name!r} is not allowed in state {state.value!r}")
+
+
+def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
+    """The ``SET state=...`` fragment of ``event`` and the source states it applies to.
+
+    ``within`` narrows the sources (e.g. only ``proposed`` lapses). Returns
+    (sql, args of the SET fragment, the source state values for ``WHERE state IN``).
+    """
+    sources = _sources(event)
+    if within is not None:
+        keep = {ChannelState(s).value for s in within}
+        sources = tuple(s for s in sources if s in keep)
+    if not sources:
+        raise IllegalTransition(f"event {_event_name(event)!r} is not allowed in any state asked for")
+    sql = "state=CASE state " + " ".join("WHEN ? THEN ?" for _ in sources) + " END"
+    args = [v for s in sources for v in (s, _next_state(ChannelState(s), event).value)]
+    return sql, args, list(sources)
+
+
+def _marks(values: Iterable[object]) -> str:
+    return ",".join("?" for _ in values)
+
+
+#: columns :meth:`PayeeStore.transition` may set along with the state
+_TRANSITION_FIELDS: Final = frozenset({
+    "funding_txid", "funding_vout", "confirmations", "funding_inputs", "lapse_at", "end_reason",
+    "close_claimed_at", "close_txid", "close_txids", "exception_txid", "close_uneconomic",
+})
+_JSON_FIELDS: Final = frozenset({"funding_inputs", "close_txids"})
+_PAYEE_JSON = ("params", "close_txids", "funding_inputs")
+
+
+def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
+    return PayeeRecord(**decode_row(row, _PAYEE_JSON))
+
+
+# ------------------------------------------------------------------ the store
+
+
+class PayeeStore(Database):
+    """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
+
+    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC)
+
+    # -- reads ---------------------------------------------------------------
+    def get(self, channel_id: str) -> PayeeRecord:
+        """The channel's row; ``UnknownChannel`` if there is none."""
+        rec = self.find(channel_id)
+        if rec is None:
+            raise UnknownChannel(f"no channel {channel_id}")
+        return rec
+
+    def find(self, channel_id: str) -> PayeeRecord | None:
+        """The channel's row or None."""
+        row = self._row(channel_id)
+        return None if row is None else _payee_from_row(row)
+
+    def list(self, states: Iterable[str] | None = None) -> list[PayeeRecord]:
+        """All channels, or those in one of ``states``, oldest first."""
+        if states is None:
+            rows = self._db.execute("SELECT * FROM channels ORDER BY created_at").fetchall()
+        else:
+            st = [ChannelState(s).value for s in states]
+            rows = self._db.execute(
+                f"SELECT * FROM channels WHERE state IN ({_marks(st)}) ORDER BY created_at", st
+            ).fetchall()
+        return [_payee_from_row(r) for r in rows]
+
+    def count_proposals(self) -> int:
+        """Number of channels still waiting for their funding transaction."""
+        row = self._db.execute("SELECT COUNT(*) FROM channels WHERE state=?", (_S.PROPOSED.value,)).fetchone()
+        return int(row[0])
+
+    # -- writes (each one committed and fsynced before it returns) -------------
+    def _update(self, sql: str, args: tuple[Any, ...]) -> bool:
+        cur = self._db.execute(sql, args)
+        return cur.rowcount == 1
+
+    def transition(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
+        """Fire ``event`` on the row: the state moves by the core's table, ``fields`` are set with it.
+
+        A compare-and-set: ``UPDATE ... WHERE channel_id=? AND state IN
+        (states the event may fire in) RETURNING *``. Returns the updated row,
+        committed, or None when the row was in no such state (or is missing).
+        ``fields`` are columns from a fixed list (funding, confirmations,
+        close and exception columns); JSON columns take Python lists.
+        """
+        bad = set(fields) - _TRANSITION_FIELDS
+        if bad:
+            raise ValueError(f"transition cannot set {sorted(bad)}")
+        state_sql, args, sources = _state_change(event)
+        sets = [state_sql]
+        for name, value in fields.items():
+            sets.append(f"{name}=?")
+            args.append(json.dumps(value) if name in _JSON_FIELDS else value)
+        sets.append("updated_at=?")
+        sql = (f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=? AND state IN ({_marks(sources)})"
+               " RETURNING *")
+        rows = self._db.execute(sql, [*args, time.time(), channel_id, *sources]).fetchall()
+        return _payee_from_row(rows[0]) if rows else None  # stepped to the end: committed and fsynced
+
+    def insert_proposal(self, rec: PayeeRecord) -> None:
+        """Store a new proposal (state ``proposed``)."""
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
+            " lapse_at, max_units, max_total_sat, created_height, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
+                rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
+                rec.created_height, now,
+            ),
+        )
+
+    def set_funding(
+        self, channel_id: str, txid: str, vout: int, confirmations: int,
+        funding_inputs: _Inputs | None = None,
+    ) -> bool:
+        """``proposed`` -> ``funding`` with the funding outpoint; False if not proposed any more.
+
+        ``funding_inputs`` ([txid, vout] pairs the funding transaction spends)
+        let the watcher name the transaction that double-spent a funding.
+        """
+        try:
+            return self.transition(
+                channel_id, "funding", funding_txid=txid, funding_vout=vout, confirmations=confirmations,
+                funding_inputs=funding_inputs or [], lapse_at=None,
+            ) is not None
+        except sqlite3.IntegrityError as exc:
+            raise FundingMismatch("this funding outpoint is already used by another channel") from exc
+
+    def set_confirmations(self, channel_id: str, confirmations: int, open_now: bool) -> bool:
+        """Record funding confirmations; with ``open_now`` also ``funding`` -> ``open``."""
+        if open_now:
+            return self.transition(channel_id, "funding_confirmed", confirmations=confirmations) is not None
+        return self._update(
+            "UPDATE channels SET confirmations=?, updated_at=? WHERE channel_id=?",
+            (confirmations, time.time(), channel_id),
+        )
+
+    def record_payment(
+        self,
+        channel_id: str,
+        amount_sat: int,
+        signature: bytes,
+        *,
+        units_delta: int = 0,
+        owed_sat: int | None = None,
+    ) -> PayeeRecord | None:
+        """Store a new best payment if the channel is open and it beats the stored one.
+
+        ``owed_sat`` (metered postpay): the owed total this payment settles;
+        the payment timer is cleared only if nothing more is owed by now.
+        Returns the updated row, committed, or None (nothing written) if the
+        row changed under us: the caller re-reads it and decides again.
+        """
+        if owed_sat is None:
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, updated_at=?"
+                   " WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+            args: tuple[Any, ...] = (amount_sat, signature, units_delta, time.time(), channel_id,
+                                     _S.OPEN.value, amount_sat)
+        else:
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?,"
+                   " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
+                   " updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+            args = (amount_sat, signature, units_delta, owed_sat, time.time(), channel_id, _S.OPEN.value,
+                    amount_sat)
+        rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
+        return _payee_from_row(rows[0]) if rows else None
+
+    def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int) -> bool:
+        """Postpay: a unit served on credit (CAS on the owed total)."""
+        return self._update(
+            "UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?), updated_at=?"
+            " WHERE channel_id=? AND state=? AND owed_sat=?",
+            (new_owed, units_delta, time.time(), time.time(), channel_id, _S.OPEN.value, expected_owed),
+        )
+
+    def claim_close(self, channel_id: str, reason: str) -> PayeeRecord | None:
+        """Claim the right to close: ``open``/``funding`` -> ``closing``.
+
+        Returns the row as of the claim (with the best payment to close with)
+        to exactly one caller across all processes; None to everyone else.
+        """
+        return self.transition(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
+
+    def reclaim_stale_close(self, channel_id: str, older_than: float) -> bool:
+        """Take over a ``closing`` claim that never got a close txid (its process died)."""
+        now = time.time()
+        return self._update(
+            "UPDATE channels SET close_claimed_at=?, updated_at=? WHERE channel_id=? AND state=?"
+            " AND close_txid IS NULL AND close_claimed_at<?",
+            (now, now, channel_id, _S.CLOSING.value, older_than),
+        )
+
+    def set_close_tx(
+        self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None
+    ) -> bool:
+        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid."""
+        rec = self.get(channel_id)
+        txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        return self._update(
+            "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, updated_at=?"
+            " WHERE channel_id=? AND state=? AND close_txid IS ?",
+            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+        )
+
+    def mark_uneconomic(self, channel_id: str) -> bool:
+        """A claimed close whose payments do not pay for its fee: sets ``close_uneconomic`` (False if set)."""
+        return self._update(
+            "UPDATE channels SET close_uneconomic=1, updated_at=?"
+            " WHERE channel_id=? AND state=? AND close_txid IS NULL AND close_uneconomic=0",
+            (time.time(), channel_id, _S.CLOSING.value),
+        )
+
+    def mark_closed(self, channel_id: str, txid: str) -> bool:
+        """The ``closed`` event once ``txid`` (one of our closes) confirmed."""
+        rec = self.get(channel_id)
+        txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        return self.transition(channel_id, "closed", close_txid=txid, close_txids=txids) is not None
+
+    def mark_exception(self, channel_id: str, state: str, txid: str | None, reason: str) -> bool:
+        """An on-chain exception: the funding was spent by ``txid`` (not our close) or never existed.
+
+        ``state`` is ``refunded`` or ``failed`` (the event of that name fires).
+        ``reason`` replaces ``end_reason`` whole, so ``close_uneconomic`` is cleared with it.
+        """
+        if state not in (_S.REFUNDED, _S.FAILED):
+            raise ValueError(state)
+        event = ChannelState(state).value  # these events are named after the state they lead to
+        return self.transition(
+            channel_id, event, exception_txid=txid, end_reason=reason, close_uneconomic=False,
+        ) is not None
+
+    def lapse_proposals(self, now: float | None = None) -> int:
+        """Unfunded proposals past their lapse time -> ``failed`` (reason ``lapsed``)."""
+        t = time.time() if now is None else now
+        state_sql, args, sources = _state_change("failed", within=[_S.PROPOSED])
+        cur = self._db.execute(
+            f"UPDATE channels SET {state_sql}, end_reason=?, updated_at=?"
+            f" WHERE state IN ({_marks(sources)}) AND lapse_at IS NOT NULL AND lapse_at<?",
+            (*args, "lapsed", t, *sources, t),
+        )
+        return int(cur.rowcount)

@@ -1,0 +1,203 @@
+"""The payer's durable state (``payer.db``): keys, parameters and the latest signed payment.
+
+One row per channel with the payer's key, the parameters and the latest
+*signed* payment, written **before** it is sent (``save_signed``), plus the
+amount the payee has acknowledged. A crashed payer therefore never signs a
+lower amount than one it may already have handed out; on resume the client
+reconciles with ``GET /v1/channels/{id}``. The state is the payee's, as last
+reported (``set_state``), so it is recorded as given rather than stepped
+through the transition table.
+
+Entry points::
+
+    PayerStore(path)                  # opens and migrates payer.db
+    PayerStore.export_backup() / import_backup(data)
+    PayerRecord                       # one row; state is a ChannelState
+
+Schema versions: 1 is the unversioned schema of earlier releases.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from btcchannel.core.channel import ChannelState
+from btcchannel.errors import BadRequest, UnknownChannel
+from btcchannel.store._db import Database, Migration, decode_row
+
+__all__ = ["PayerRecord", "PayerStore"]
+
+
+@dataclass
+class PayerRecord:
+    """One channel as the payer stores it."""
+
+    channel_id: str
+    server_url: str
+    state: ChannelState
+    params: dict[str, Any]
+    privkey: bytes
+    deposit_sat: int
+    expiry_height: int
+    amount_sat: int = 0          # latest signed (stored before sending)
+    signature: bytes | None = None
+    acked_sat: int = 0           # latest the payee acknowledged
+    funding_txid: str | None = None
+    funding_vout: int | None = None
+    close_txid: str | None = None
+    refund_txid: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.state = ChannelState(self.state)
+
+
+_V1: Migration = (
+    """CREATE TABLE IF NOT EXISTS channels (
+    channel_id TEXT PRIMARY KEY,
+    server_url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    params TEXT NOT NULL,
+    privkey BLOB NOT NULL,
+    deposit_sat INTEGER NOT NULL,
+    expiry_height INTEGER NOT NULL,
+    amount_sat INTEGER NOT NULL DEFAULT 0,
+    signature BLOB,
+    acked_sat INTEGER NOT NULL DEFAULT 0,
+    funding_txid TEXT,
+    funding_vout INTEGER,
+    close_txid TEXT,
+    refund_txid TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+)""",
+)
+
+_PAYER_FIELDS = (
+    "channel_id", "server_url", "state", "params", "privkey", "deposit_sat", "expiry_height", "amount_sat",
+    "signature", "acked_sat", "funding_txid", "funding_vout", "close_txid", "refund_txid", "created_at",
+    "updated_at",
+)
+
+_SET_STATE_FIELDS = frozenset({"funding_txid", "funding_vout", "close_txid", "refund_txid", "params"})
+
+
+def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
+    return PayerRecord(**decode_row(row, ("params",)))
+
+
+class PayerStore(Database):
+    """The payer's channels; the signed state is saved before it is sent."""
+
+    MIGRATIONS = (_V1,)
+
+    def get(self, channel_id: str) -> PayerRecord:
+        """The channel's row; ``UnknownChannel`` if there is none."""
+        rec = self.find(channel_id)
+        if rec is None:
+            raise UnknownChannel(f"no channel {channel_id}")
+        return rec
+
+    def find(self, channel_id: str) -> PayerRecord | None:
+        """The channel's row or None."""
+        row = self._row(channel_id)
+        return None if row is None else _payer_from_row(row)
+
+    def list(self) -> list[PayerRecord]:
+        """All channels, oldest first."""
+        rows = self._db.execute("SELECT * FROM channels ORDER BY created_at").fetchall()
+        return [_payer_from_row(r) for r in rows]
+
+    def insert(self, rec: PayerRecord) -> None:
+        """Store a new channel (before anything is funded)."""
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO channels (channel_id, server_url, state, params, privkey, deposit_sat, expiry_height,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                rec.channel_id, rec.server_url, ChannelState(rec.state).value, json.dumps(rec.params),
+                rec.privkey, rec.deposit_sat, rec.expiry_height, rec.created_at or now, now,
+            ),
+        )
+
+    def set_state(self, channel_id: str, state: ChannelState | str, **fields: Any) -> None:
+        """Set the state and any of funding_txid/funding_vout/close_txid/refund_txid/params."""
+        bad = set(fields) - _SET_STATE_FIELDS
+        if bad:
+            raise ValueError(f"unknown fields {sorted(bad)}")
+        sets = ["state=?", "updated_at=?"]
+        args: list[Any] = [ChannelState(state).value, time.time()]
+        for k, v in fields.items():
+            sets.append(f"{k}=?")
+            args.append(json.dumps(v) if k == "params" else v)
+        args.append(channel_id)
+        cur = self._db.execute(f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=?", args)
+        if cur.rowcount != 1:
+            raise UnknownChannel(f"no channel {channel_id}")
+
+    def save_signed(self, channel_id: str, amount_sat: int, signature: bytes) -> bool:
+        """Durably store a signed payment before it is sent; False unless it is higher than the stored one."""
+        cur = self._db.execute(
+            "UPDATE channels SET amount_sat=?, signature=?, updated_at=? WHERE channel_id=? AND amount_sat<?",
+            (amount_sat, signature, time.time(), channel_id, amount_sat),
+        )
+        return cur.rowcount == 1
+
+    def set_acked(self, channel_id: str, amount_sat: int) -> None:
+        """Record the amount the payee acknowledged (never lowers it)."""
+        self._db.execute(
+            "UPDATE channels SET acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
+            (amount_sat, time.time(), channel_id),
+        )
+
+    # -- backup ----------------------------------------------------------------
+    def export_backup(self) -> dict[str, Any]:
+        """Every channel (keys included) as a JSON-able dict; keep it as secret as the database."""
+        out = []
+        for rec in self.list():
+            d = {k: getattr(rec, k) for k in _PAYER_FIELDS}
+            d["state"] = rec.state.value
+            d["privkey"] = rec.privkey.hex()
+            d["signature"] = rec.signature.hex() if rec.signature is not None else None
+            out.append(d)
+        return {"version": 1, "kind": "btcchannel-payer-backup", "channels": out}
+
+    def import_backup(self, data: dict[str, Any]) -> int:
+        """Merge a backup: unknown channels are added, known ones keep the higher signed amount.
+
+        Returns the number of channels added or raised.
+        """
+        if not isinstance(data, dict) or data.get("kind") != "btcchannel-payer-backup" or data.get("version") != 1:
+            raise BadRequest("not a btcchannel payer backup")
+        n = 0
+        chans = data.get("channels")
+        if not isinstance(chans, list):
+            raise BadRequest("backup has no channel list")
+        for d in chans:
+            try:
+                vals = {k: d[k] for k in _PAYER_FIELDS}
+                vals["state"] = ChannelState(vals["state"]).value
+                vals["privkey"] = bytes.fromhex(vals["privkey"])
+                vals["signature"] = bytes.fromhex(vals["signature"]) if vals["signature"] else None
+                vals["params"] = json.dumps(vals["params"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BadRequest(f"malformed backup entry: {exc}") from exc
+            cols = ",".join(_PAYER_FIELDS)
+            q = ",".join("?" * len(_PAYER_FIELDS))
+            cur = self._db.execute(
+                f"INSERT OR IGNORE INTO channels ({cols}) VALUES ({q})", [vals[k] for k in _PAYER_FIELDS]
+            )
+            if cur.rowcount == 1:
+                n += 1
+                continue
+            cur = self._db.execute(
+                "UPDATE channels SET amount_sat=?, signature=?, updated_at=? WHERE channel_id=? AND amount_sat<?",
+                (vals["amount_sat"], vals["signature"], time.time(), vals["channel_id"], vals["amount_sat"]),
+            )
+            n += cur.rowcount
+        return n
