@@ -14,14 +14,8 @@ from click.testing import CliRunner
 from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
 from btcchannel.errors import NodeError, NodeUnavailable
-from btcchannel.bitcoind.regtest import (
-    BitcoindBinary,
-    RegtestNode,
-    _pid_alive,
-    debian_archive_uri,
-    fetch_bitcoind,
-    wait_until,
-)
+from btcchannel.bitcoind.binary import BitcoindBinary, debian_archive_uri, fetch_bitcoind
+from btcchannel.bitcoind.regtest import RegtestNode, _pid_alive, wait_until
 
 pytest_plugins = ["pytester"]
 
@@ -178,7 +172,7 @@ def test_restart_keeps_ports_and_chain(node_factory: Callable[[], RegtestNode]) 
 
 
 def test_version_policy() -> None:
-    from btcchannel.bitcoind.regtest import _acceptable
+    from btcchannel.bitcoind.binary import _acceptable
 
     assert _acceptable("Bitcoin Core version v27.0.0")
     assert _acceptable("Bitcoin Core daemon version v25.1.0")
