@@ -80,6 +80,18 @@ def test_rpc_errors_are_typed(bitcoind: RegtestNode) -> None:
     assert btc_to_sat(amount) > 0
 
 
+def test_create_wallet_creates_loads_or_keeps(bitcoind: RegtestNode) -> None:
+    name = f"again-{os.getpid()}-{time.monotonic_ns()}"
+    bitcoind.create_wallet(name)
+    bitcoind.create_wallet(name)  # exists and is loaded: kept
+    assert name in bitcoind.rpc("listwallets")
+    bitcoind.rpc("unloadwallet", name)
+    assert name not in bitcoind.rpc("listwallets")
+    bitcoind.create_wallet(name)  # exists on disk: loaded
+    assert name in bitcoind.rpc("listwallets")
+    bitcoind.rpc("unloadwallet", name)
+
+
 def test_two_nodes_share_the_tip(node_factory: Callable[[], RegtestNode]) -> None:
     a, b = node_factory(), node_factory()
     a.connect(b)
