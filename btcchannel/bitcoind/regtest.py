@@ -285,6 +285,7 @@ class RegtestNode:
         (self.datadir / "bitcoin.conf").write_text(conf)
 
     def log_tail(self, lines: int = 25) -> str:
+        """The last ``lines`` of ``debug.log`` and of bitcoind's stderr."""
         parts = []
         for path in (self.debug_log, self.datadir / "stderr.log"):
             if path.exists():
@@ -326,6 +327,7 @@ class RegtestNode:
         return self
 
     def wait_for_rpc_connection(self, timeout: float = 60.0) -> None:
+        """Wait until the RPC answers; ``NodeUnavailable`` at once if the process exits."""
         deadline = time.monotonic() + timeout
         assert self.process is not None
         while True:
@@ -377,6 +379,7 @@ class RegtestNode:
         self.record_file.unlink(missing_ok=True)
 
     def is_running(self) -> bool:
+        """Whether the bitcoind process (started or attached) is alive."""
         if self.process is None:
             return self._attached_pid is not None and _pid_alive(self._attached_pid)
         return self.process.poll() is None
@@ -395,6 +398,7 @@ class RegtestNode:
         return self._rpc_loop.call(method, list(params), wallet)
 
     def tip_height(self) -> int:
+        """The height of the node's best block."""
         return int(self.rpc("getblockcount"))
 
     def create_wallet(self, name: str) -> None:
@@ -412,6 +416,7 @@ class RegtestNode:
         return str(self.rpc("getnewaddress", "", "bech32", wallet=wallet))
 
     def mine(self, n: int, address: str | None = None) -> list[str]:
+        """Mine ``n`` blocks (to the ``miner`` wallet unless ``address``); their hashes."""
         if address is None:
             if self._mining_address is None:
                 self.create_wallet("miner")
@@ -420,6 +425,7 @@ class RegtestNode:
         return [str(h) for h in self.rpc("generatetoaddress", n, address)]
 
     def balance_sat(self, wallet: str) -> int:
+        """The wallet's balance (``getbalance``: trusted coins) in satoshis."""
         return btc_to_sat(self.rpc("getbalance", wallet=wallet))
 
     def send(self, wallet: str, address: str, amount_sat: int) -> str:
@@ -430,10 +436,12 @@ class RegtestNode:
         return txid
 
     def connect(self, other: "RegtestNode") -> None:
+        """Connect to ``other`` over P2P and wait until the peer is there."""
         self.rpc("addnode", f"127.0.0.1:{other.p2p_port}", "onetry")
         wait_until(lambda: len(self.rpc("getpeerinfo")) > 0, 30, what="peer connection")
 
     def status(self) -> dict[str, Any]:
+        """Chain, height, best block, RPC URL, datadir, pid and version (for the CLI)."""
         info = self.rpc("getblockchaininfo")
         return {
             "chain": info["chain"], "blocks": info["blocks"], "bestblockhash": info["bestblockhash"],
