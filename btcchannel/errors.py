@@ -1,21 +1,37 @@
 """One error hierarchy for the whole library.
 
-Every error carries a stable ``code`` (the wire codes of ``docs/PROTOCOL.md``
-plus a few local ones) and the HTTP status the payee's service answers with.
-Errors are translated into messages and exit codes only at the edges (the HTTP
-server and the CLI); library code raises these and nothing else on purpose.
+Every error carries a stable ``code`` and the HTTP status the payee's service
+answers with. ``wire`` says whether the code is one of the wire protocol's
+(``docs/PROTOCOL.md``, "Error codes"; a payee sends it to payers) or a local one
+(raised and handled inside one process, never sent by a payee); the protocol's
+set, :data:`WIRE_CODES`, is derived from the classes. Errors are translated into
+messages and exit codes only at the edges (the HTTP server and the CLI); library
+code raises these and nothing else on purpose.
+
+:class:`NodeError` has one subclass per bitcoind RPC error code that callers
+test for (as python-bitcoinlib's ``rpc.py`` does), so callers write
+``except RpcInvalidAddressOrKey:`` instead of comparing numbers;
+:meth:`NodeError.from_rpc` picks the class for a code.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeVar
+
+_E = TypeVar("_E", bound="ChannelError")
 
 
 class ChannelError(Exception):
-    """Root of every error this library raises on purpose."""
+    """Root of every error this library raises on purpose (code ``internal``, HTTP 500).
+
+    Subclasses set ``code`` (stable, snake_case), ``http_status`` and ``wire``
+    (True only for the codes of the wire protocol; new codes are local until
+    the protocol names them).
+    """
 
     code: ClassVar[str] = "internal"
     http_status: ClassVar[int] = 500
+    wire: ClassVar[bool] = False
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.code.replace("_", " "))
@@ -30,171 +46,362 @@ class ChannelError(Exception):
 
 
 class BadRequest(ChannelError):
+    """A malformed request: not strict JSON, unknown/missing/duplicate fields,
+    non-integer amounts, uppercase hex. Wire code ``bad_request``, HTTP 400."""
+
     code = "bad_request"
     http_status = 400
+    wire = True
 
 
 class TooLarge(ChannelError):
+    """A request body over 64 KiB. Wire code ``too_large``, HTTP 413."""
+
     code = "too_large"
     http_status = 413
+    wire = True
 
 
 class UnknownChannel(ChannelError):
+    """No such channel (or a malformed channel id in a path).
+    Wire code ``unknown_channel``, HTTP 404."""
+
     code = "unknown_channel"
     http_status = 404
+    wire = True
 
 
 class BadPubkey(ChannelError):
+    """Not a valid compressed public key. Wire code ``bad_pubkey``, HTTP 400."""
+
     code = "bad_pubkey"
     http_status = 400
+    wire = True
 
 
 class BadScript(ChannelError):
+    """Not a standard payout script. Wire code ``bad_script``, HTTP 400."""
+
     code = "bad_script"
     http_status = 400
+    wire = True
 
 
 class DepositOutOfRange(ChannelError):
+    """A proposed deposit outside the payee's range.
+    Wire code ``deposit_out_of_range``, HTTP 400."""
+
     code = "deposit_out_of_range"
     http_status = 400
+    wire = True
 
 
 class ExpiryOutOfRange(ChannelError):
+    """A proposed expiry outside the payee's lifetime range.
+    Wire code ``expiry_out_of_range``, HTTP 400."""
+
     code = "expiry_out_of_range"
     http_status = 400
+    wire = True
 
 
 class FundingNotFound(ChannelError):
+    """The announced funding outpoint is not an unspent output the node knows.
+    Wire code ``funding_not_found``, HTTP 404."""
+
     code = "funding_not_found"
     http_status = 404
+    wire = True
 
 
 class FundingMismatch(ChannelError):
+    """The announced output does not fund this channel (script or amount).
+    Wire code ``funding_mismatch``, HTTP 400."""
+
     code = "funding_mismatch"
     http_status = 400
+    wire = True
 
 
 class NotOpen(ChannelError):
+    """A payment for a channel that is not open (yet). Wire code ``not_open``, HTTP 409."""
+
     code = "not_open"
     http_status = 409
+    wire = True
 
 
 class BadSignature(ChannelError):
+    """A payment signature that does not verify for this channel and amount.
+    Wire code ``bad_signature``, HTTP 400."""
+
     code = "bad_signature"
     http_status = 400
+    wire = True
 
 
 class StalePayment(ChannelError):
+    """A payment not above the channel's current total. Wire code ``stale_payment``, HTTP 409."""
+
     code = "stale_payment"
     http_status = 409
+    wire = True
 
 
 class AmountOutOfRange(ChannelError):
+    """A payment over the deposit, or one leaving the payer dust.
+    Wire code ``amount_out_of_range``, HTTP 400."""
+
     code = "amount_out_of_range"
     http_status = 400
+    wire = True
 
 
 class WrongAmount(ChannelError):
+    """Metered service: a payment that is not exactly the amount due (the channel
+    then closes). Wire code ``wrong_amount``, HTTP 400."""
+
     code = "wrong_amount"
     http_status = 400
+    wire = True
 
 
 class ChannelClosing(ChannelError):
+    """A payment or request after the channel's close was decided.
+    Wire code ``channel_closing``, HTTP 409."""
+
     code = "channel_closing"
     http_status = 409
+    wire = True
 
 
 class ChannelClosed(ChannelError):
+    """A payment or request for a channel that has ended.
+    Wire code ``channel_closed``, HTTP 409."""
+
     code = "channel_closed"
     http_status = 409
+    wire = True
 
 
 class TooManyChannels(ChannelError):
+    """A proposal while the payee holds too many unfunded proposals.
+    Wire code ``too_many_channels``, HTTP 503."""
+
     code = "too_many_channels"
     http_status = 503
+    wire = True
 
 
 class NodeUnavailable(ChannelError):
+    """The bitcoind does not answer: unreachable, timed out, still starting, or
+    refusing the RPC credentials. Wire code ``node_unavailable``, HTTP 503
+    (a payee sends it when its own node is down)."""
+
     code = "node_unavailable"
     http_status = 503
+    wire = True
 
 
 class InternalError(ChannelError):
+    """A bug, or a node failure on the payee's side. Wire code ``internal``, HTTP 500."""
+
     code = "internal"
     http_status = 500
+    wire = True
 
 
 # --- local codes (never sent by a payee, used by the library and the CLI) -----
 
 
 class IllegalTransition(ChannelError):
-    """An event that the channel's current state does not allow."""
+    """An event that the channel's current state does not allow.
+    Local code ``illegal_transition`` (HTTP 409 if it ever reaches the service's edge)."""
 
     code = "illegal_transition"
     http_status = 409
 
 
 class NotExpired(ChannelError):
-    """A refund was asked for before the chain reached the channel's expiry."""
+    """A refund was asked for before the chain reached the channel's expiry.
+    Local code ``not_expired``."""
 
     code = "not_expired"
     http_status = 409
 
 
 class CloseUneconomic(ChannelError):
-    """The close fee would eat the payee's whole output (or leave it dust)."""
+    """The close fee would eat the payee's whole output (or leave it dust).
+    Local code ``close_uneconomic``."""
 
     code = "close_uneconomic"
     http_status = 409
 
 
-class NodeError(ChannelError):
-    """The node answered an RPC call with an error (``rpc_code`` holds its code)."""
-
-    code = "node_error"
-    http_status = 502
-
-    def __init__(self, message: str = "", rpc_code: int = 0) -> None:
-        super().__init__(message)
-        self.rpc_code = rpc_code
-
-
 class BitcoindNotFound(ChannelError):
-    """No usable bitcoind was found and none could be fetched."""
+    """No usable bitcoind was found and none could be fetched.
+    Local code ``bitcoind_not_found``."""
 
     code = "bitcoind_not_found"
     http_status = 500
 
 
 class ProtocolViolation(ChannelError):
-    """The other party answered something the protocol does not allow."""
+    """The other party answered something the protocol does not allow.
+    Local code ``protocol_violation``, HTTP 502."""
 
     code = "protocol_violation"
     http_status = 502
 
 
-WIRE_CODES: frozenset[str] = frozenset(
-    cls.code
-    for cls in (
-        BadRequest, TooLarge, UnknownChannel, BadPubkey, BadScript,
-        DepositOutOfRange, ExpiryOutOfRange, FundingNotFound, FundingMismatch,
-        NotOpen, BadSignature, StalePayment, AmountOutOfRange, WrongAmount,
-        ChannelClosing, ChannelClosed, TooManyChannels, NodeUnavailable,
-        InternalError,
-    )
-)
+# --- the node's RPC errors (local code ``node_error``) ------------------------
+
+
+class NodeError(ChannelError):
+    """The node answered an RPC call with an error, or with something unusable.
+
+    Local code ``node_error``, HTTP 502. ``rpc_code`` holds bitcoind's RPC error
+    code (``src/rpc/protocol.h``; 0 when the failure is not an RPC error, e.g. a
+    malformed reply). Errors from the node are raised as the subclass for their
+    code (:meth:`from_rpc`), a plain ``NodeError`` for codes without one; every
+    subclass keeps the code ``node_error``.
+    """
+
+    code = "node_error"
+    http_status = 502
+    RPC_ERROR_CODE: ClassVar[int] = 0
+
+    def __init__(self, message: str = "", rpc_code: int | None = None) -> None:
+        super().__init__(message)
+        self.rpc_code: int = type(self).RPC_ERROR_CODE if rpc_code is None else rpc_code
+
+    @classmethod
+    def from_rpc(cls, rpc_code: int, message: str) -> NodeError:
+        """The error for an RPC error reply: the subclass for ``rpc_code``, else ``NodeError``."""
+        for sub in _subclasses(NodeError):
+            if sub.RPC_ERROR_CODE == rpc_code:
+                return sub(message, rpc_code=rpc_code)
+        return NodeError(message, rpc_code=rpc_code)
+
+
+class RpcMiscError(NodeError):
+    """RPC_MISC_ERROR (-1): a failure without a more specific code (also raised by
+    :class:`~btcchannel.bitcoind.rpc.Node` when a wallet step gives an unusable result)."""
+
+    RPC_ERROR_CODE = -1
+
+
+class RpcTypeError(NodeError):
+    """RPC_TYPE_ERROR (-3): a parameter of the wrong JSON type."""
+
+    RPC_ERROR_CODE = -3
+
+
+class RpcWalletError(NodeError):
+    """RPC_WALLET_ERROR (-4): an unspecified wallet error, e.g. ``fundrawtransaction``'s
+    "Insufficient funds" or ``createwallet`` of a wallet that already exists."""
+
+    RPC_ERROR_CODE = -4
+
+
+class RpcInvalidAddressOrKey(NodeError):
+    """RPC_INVALID_ADDRESS_OR_KEY (-5): also "No such mempool or blockchain
+    transaction" and an unknown block hash."""
+
+    RPC_ERROR_CODE = -5
+
+
+class RpcInsufficientFunds(NodeError):
+    """RPC_WALLET_INSUFFICIENT_FUNDS (-6): the wallet cannot pay (``sendtoaddress``)."""
+
+    RPC_ERROR_CODE = -6
+
+
+class RpcInvalidParameter(NodeError):
+    """RPC_INVALID_PARAMETER (-8): e.g. a block height beyond the tip."""
+
+    RPC_ERROR_CODE = -8
+
+
+class RpcWalletNotFound(NodeError):
+    """RPC_WALLET_NOT_FOUND (-18): no wallet of that name is loaded."""
+
+    RPC_ERROR_CODE = -18
+
+
+class RpcWalletNotSpecified(NodeError):
+    """RPC_WALLET_NOT_SPECIFIED (-19): several wallets are loaded and the call named none."""
+
+    RPC_ERROR_CODE = -19
+
+
+class RpcDeserializationError(NodeError):
+    """RPC_DESERIALIZATION_ERROR (-22): a transaction or block that does not decode."""
+
+    RPC_ERROR_CODE = -22
+
+
+class RpcVerifyError(NodeError):
+    """RPC_VERIFY_ERROR (-25): e.g. missing or already spent inputs."""
+
+    RPC_ERROR_CODE = -25
+
+
+class RpcVerifyRejected(NodeError):
+    """RPC_VERIFY_REJECTED (-26): rejected by policy or consensus (e.g. ``non-final``)."""
+
+    RPC_ERROR_CODE = -26
+
+
+class RpcAlreadyInChain(NodeError):
+    """RPC_VERIFY_ALREADY_IN_CHAIN (-27): the transaction is already confirmed."""
+
+    RPC_ERROR_CODE = -27
+
+
+class RpcInWarmup(NodeError):
+    """RPC_IN_WARMUP (-28): the node is still starting. :class:`~btcchannel.bitcoind.rpc.Node`
+    raises :class:`NodeUnavailable` instead, so this one never reaches its callers."""
+
+    RPC_ERROR_CODE = -28
+
+
+class RpcWalletAlreadyLoaded(NodeError):
+    """RPC_WALLET_ALREADY_LOADED (-35): ``loadwallet`` of a loaded wallet."""
+
+    RPC_ERROR_CODE = -35
+
+
+class RpcMethodNotFound(NodeError):
+    """RPC_METHOD_NOT_FOUND (-32601): the node has no such RPC (or it is disabled)."""
+
+    RPC_ERROR_CODE = -32601
+
+
+# --- codes --------------------------------------------------------------------
+
+
+def _subclasses(root: type[_E]) -> list[type[_E]]:
+    """Every subclass of ``root`` (not ``root`` itself), each before its own subclasses."""
+    out: list[type[_E]] = []
+    for sub in root.__subclasses__():
+        out.append(sub)
+        out.extend(_subclasses(sub))
+    return out
+
+
+WIRE_CODES: frozenset[str] = frozenset(cls.code for cls in _subclasses(ChannelError) if cls.wire)
+"""The error codes of the wire protocol (the classes with ``wire = True``)."""
 
 
 def error_for_code(code: str, message: str = "") -> ChannelError:
-    """Rebuild a typed error from a wire code (used by the payer's client)."""
+    """Rebuild a typed error from a code (used by the payer's client).
 
-    def walk(cls: type[ChannelError]) -> list[type[ChannelError]]:
-        out = [cls]
-        for sub in cls.__subclasses__():
-            out.extend(walk(sub))
-        return out
-
-    for cls in walk(ChannelError):
-        if cls.code == code and cls is not ChannelError:
+    A code shared by a family (``node_error``: :class:`NodeError` and its
+    per-RPC-code subclasses) gives the family's root; an unknown code a plain
+    :class:`ChannelError` whose message defaults to the code.
+    """
+    for cls in _subclasses(ChannelError):  # a class comes before its subclasses
+        if cls.code == code:
             return cls(message)
     return ChannelError(message or code)

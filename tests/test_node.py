@@ -11,7 +11,24 @@ from typing import Any
 import pytest
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.errors import NodeError, NodeUnavailable
+from btcchannel.errors import (
+    NodeError,
+    NodeUnavailable,
+    RpcAlreadyInChain,
+    RpcDeserializationError,
+    RpcInsufficientFunds,
+    RpcInvalidAddressOrKey,
+    RpcInvalidParameter,
+    RpcMethodNotFound,
+    RpcMiscError,
+    RpcTypeError,
+    RpcVerifyError,
+    RpcVerifyRejected,
+    RpcWalletAlreadyLoaded,
+    RpcWalletError,
+    RpcWalletNotFound,
+    RpcWalletNotSpecified,
+)
 from btcchannel.bitcoind.rpc import (
     RPC_INVALID_ADDRESS_OR_KEY,
     RPC_METHOD_NOT_FOUND,
@@ -344,3 +361,81 @@ def test_constructor_refuses_two_kinds_of_auth(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Node("http://127.0.0.1:1", auth=("u", "p"), cookie_file=tmp_path / ".cookie")
 
+
+
+# ---------------------------------------------------------------------------- typed RPC errors
+
+
+# (expected class, method, params, wallet); "{wallet}" / "{address}" stand for the funded
+# wallet's name and one of its addresses. None of these calls changes the node.
+RPC_ERROR_CASES: list[tuple[type[NodeError], str, tuple[Any, ...], str | None]] = [
+    (RpcMiscError, "pruneblockchain", (10,), None),  # "not in prune mode"
+    (RpcTypeError, "getblockhash", ("ten",), None),
+    (RpcWalletError, "createwallet", ("{wallet}",), None),  # it already exists
+    (RpcInvalidAddressOrKey, "getrawtransaction", ("22" * 32,), None),
+    (RpcInvalidAddressOrKey, "getmempoolentry", ("22" * 32,), None),
+    (RpcInsufficientFunds, "sendtoaddress", ("{address}", "1000"), "{wallet}"),
+    (RpcInvalidParameter, "getblockhash", (10**7,), None),
+    (RpcWalletNotFound, "getwalletinfo", (), "no-such-wallet"),
+    (RpcWalletNotSpecified, "getwalletinfo", (), None),  # several wallets are loaded
+    (RpcDeserializationError, "sendrawtransaction", ("00",), None),
+    (RpcDeserializationError, "decoderawtransaction", ("deadbeef",), None),
+    (RpcWalletAlreadyLoaded, "loadwallet", ("{wallet}",), None),
+    (RpcMethodNotFound, "nosuchmethod", (), None),
+]
+
+
+@pytest.mark.parametrize(
+    "expected,method,params,wallet", RPC_ERROR_CASES,
+    ids=[f"{cls.__name__}-{method}" for cls, method, _, _ in RPC_ERROR_CASES],
+)
+async def test_each_rpc_error_code_raises_its_class(
+    node: Node, bitcoind: RegtestNode, funded_wallet: str,
+    expected: type[NodeError], method: str, params: tuple[Any, ...], wallet: str | None,
+) -> None:
+    address = bitcoind.new_address(funded_wallet)
+
+    def fill(value: Any) -> Any:
+        return value.format(wallet=funded_wallet, address=address) if isinstance(value, str) else value
+
+    args = [fill(p) for p in params]
+    with pytest.raises(NodeError) as e:
+        await node.call(method, *args, wallet=fill(wallet))
+    assert type(e.value) is expected, (e.value.rpc_code, e.value.message)
+    assert e.value.rpc_code == expected.RPC_ERROR_CODE
+    assert e.value.code == "node_error"
+    assert e.value.message.startswith(f"{method}: ")
+    # the blocking client of RegtestNode raises the same classes
+    with pytest.raises(expected):
+        bitcoind.rpc(method, *args, wallet=fill(wallet))
+
+
+async def test_broadcast_errors_have_their_classes(
+    node: Node, bitcoind: RegtestNode, funded_wallet: str
+) -> None:
+    _, script = wallet_script(bitcoind, funded_wallet)
+    outpoint = await node.fund_output(script, 100_000)
+    bitcoind.mine(1)
+    tip = await node.tip_height()
+    future = spend_hex(bitcoind, funded_wallet, outpoint, 90_000, locktime=tip + 5, sequence=0xFFFFFFFE)
+    with pytest.raises(RpcVerifyRejected, match="non-final"):
+        await node.broadcast(future)
+    with pytest.raises(RpcDeserializationError):
+        await node.broadcast("00")
+    spend = spend_hex(bitcoind, funded_wallet, outpoint, 90_000)
+    await node.broadcast(spend)
+    bitcoind.mine(1)
+    with pytest.raises(RpcAlreadyInChain):
+        await node.broadcast(spend)
+    with pytest.raises(RpcVerifyError):  # a conflicting spend of a spent output: missing inputs
+        await node.broadcast(spend_hex(bitcoind, funded_wallet, outpoint, 80_000))
+
+
+async def test_lookups_absorb_only_their_error_classes(bitcoind: RegtestNode) -> None:
+    """An unknown transaction or wallet is None; any other RPC error still raises."""
+    unknown = "33" * 32
+    async with Node(bitcoind.rpc_url, cookie_file=bitcoind.cookie_file, wallet="no-such-wallet") as n:
+        assert await n.get_transaction(unknown) is None  # RpcInvalidAddressOrKey
+        assert await n.tx_confirmations(unknown) is None  # then RpcWalletNotFound
+        with pytest.raises(RpcInvalidParameter):
+            await n.get_transaction("33")  # not a txid at all

@@ -14,14 +14,8 @@ from click.testing import CliRunner
 from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
 from btcchannel.errors import NodeError, NodeUnavailable
-from btcchannel.bitcoind.regtest import (
-    BitcoindBinary,
-    RegtestNode,
-    _pid_alive,
-    debian_archive_uri,
-    fetch_bitcoind,
-    wait_until,
-)
+from btcchannel.bitcoind.binary import BitcoindBinary, debian_archive_uri, fetch_bitcoind
+from btcchannel.bitcoind.regtest import RegtestNode, _pid_alive, wait_until
 
 pytest_plugins = ["pytester"]
 
@@ -84,6 +78,18 @@ def test_rpc_errors_are_typed(bitcoind: RegtestNode) -> None:
         bitcoind.rpc("nosuchmethod")
     amount = bitcoind.rpc("getblock", bitcoind.rpc("getbestblockhash"), 2)["tx"][0]["vout"][0]["value"]
     assert btc_to_sat(amount) > 0
+
+
+def test_create_wallet_creates_loads_or_keeps(bitcoind: RegtestNode) -> None:
+    name = f"again-{os.getpid()}-{time.monotonic_ns()}"
+    bitcoind.create_wallet(name)
+    bitcoind.create_wallet(name)  # exists and is loaded: kept
+    assert name in bitcoind.rpc("listwallets")
+    bitcoind.rpc("unloadwallet", name)
+    assert name not in bitcoind.rpc("listwallets")
+    bitcoind.create_wallet(name)  # exists on disk: loaded
+    assert name in bitcoind.rpc("listwallets")
+    bitcoind.rpc("unloadwallet", name)
 
 
 def test_two_nodes_share_the_tip(node_factory: Callable[[], RegtestNode]) -> None:
@@ -178,7 +184,7 @@ def test_restart_keeps_ports_and_chain(node_factory: Callable[[], RegtestNode]) 
 
 
 def test_version_policy() -> None:
-    from btcchannel.bitcoind.regtest import _acceptable
+    from btcchannel.bitcoind.binary import _acceptable
 
     assert _acceptable("Bitcoin Core version v27.0.0")
     assert _acceptable("Bitcoin Core daemon version v25.1.0")

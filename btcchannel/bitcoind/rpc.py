@@ -13,8 +13,10 @@ This module is the RPC edge of the library:
   the way out (never floats);
 - failures are typed: an unreachable, timed-out, warming-up or
   credential-refusing node raises :class:`~btcchannel.errors.NodeUnavailable`,
-  an RPC error raises :class:`~btcchannel.errors.NodeError` with the node's
-  ``rpc_code`` (see the ``RPC_*`` constants below);
+  an RPC error raises the :class:`~btcchannel.errors.NodeError` subclass for
+  its code (e.g. :class:`~btcchannel.errors.RpcInvalidAddressOrKey`; a plain
+  ``NodeError`` for other codes), with the node's code in ``rpc_code`` (the
+  ``RPC_*`` constants below name the codes that have a class);
 - authentication is either ``rpcuser``/``rpcpassword`` (``auth=``) or the
   node's cookie file (``cookie_file=``, normally ``<datadir>/<network>/.cookie``),
   which is read lazily and read again when the node refuses it (bitcoind writes
@@ -44,13 +46,34 @@ import orjson
 from bitcoinrpc import BitcoinRPC, RPCError
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.errors import NodeError, NodeUnavailable
 from btcchannel.core.tx import OutPoint
+from btcchannel.errors import (
+    NodeError,
+    NodeUnavailable,
+    RpcAlreadyInChain,
+    RpcDeserializationError,
+    RpcInsufficientFunds,
+    RpcInvalidAddressOrKey,
+    RpcInvalidParameter,
+    RpcInWarmup,
+    RpcMethodNotFound,
+    RpcMiscError,
+    RpcTypeError,
+    RpcVerifyError,
+    RpcVerifyRejected,
+    RpcWalletAlreadyLoaded,
+    RpcWalletError,
+    RpcWalletNotFound,
+    RpcWalletNotSpecified,
+)
 
 __all__ = [
     "Node",
     "TxOutInfo",
     "RPC_MISC_ERROR",
+    "RPC_TYPE_ERROR",
+    "RPC_DESERIALIZATION_ERROR",
+    "RPC_WALLET_ALREADY_LOADED",
     "RPC_INVALID_ADDRESS_OR_KEY",
     "RPC_WALLET_ERROR",
     "RPC_WALLET_INSUFFICIENT_FUNDS",
@@ -64,19 +87,22 @@ __all__ = [
     "RPC_WALLET_NOT_SPECIFIED",
 ]
 
-# bitcoind's RPC error codes (src/rpc/protocol.h) that callers may want to test for.
-RPC_MISC_ERROR = -1
-RPC_INVALID_ADDRESS_OR_KEY = -5      # also "No such mempool or blockchain transaction"
-RPC_WALLET_ERROR = -4                # fundrawtransaction's "Insufficient funds", among others
-RPC_WALLET_INSUFFICIENT_FUNDS = -6
-RPC_WALLET_NOT_FOUND = -18
-RPC_WALLET_NOT_SPECIFIED = -19
-RPC_VERIFY_ERROR = -25               # e.g. missing inputs / bad-txns-inputs-missingorspent
-RPC_VERIFY_REJECTED = -26            # rejected by policy or consensus (e.g. non-final)
-RPC_VERIFY_ALREADY_IN_CHAIN = -27
-RPC_IN_WARMUP = -28
-RPC_INVALID_PARAMETER = -8
-RPC_METHOD_NOT_FOUND = -32601
+# bitcoind's RPC error codes (src/rpc/protocol.h), named after the error classes that carry them.
+RPC_MISC_ERROR = RpcMiscError.RPC_ERROR_CODE                         # -1
+RPC_TYPE_ERROR = RpcTypeError.RPC_ERROR_CODE                         # -3
+RPC_WALLET_ERROR = RpcWalletError.RPC_ERROR_CODE                     # -4
+RPC_INVALID_ADDRESS_OR_KEY = RpcInvalidAddressOrKey.RPC_ERROR_CODE   # -5
+RPC_WALLET_INSUFFICIENT_FUNDS = RpcInsufficientFunds.RPC_ERROR_CODE  # -6
+RPC_INVALID_PARAMETER = RpcInvalidParameter.RPC_ERROR_CODE           # -8
+RPC_WALLET_NOT_FOUND = RpcWalletNotFound.RPC_ERROR_CODE              # -18
+RPC_WALLET_NOT_SPECIFIED = RpcWalletNotSpecified.RPC_ERROR_CODE      # -19
+RPC_DESERIALIZATION_ERROR = RpcDeserializationError.RPC_ERROR_CODE   # -22
+RPC_VERIFY_ERROR = RpcVerifyError.RPC_ERROR_CODE                     # -25
+RPC_VERIFY_REJECTED = RpcVerifyRejected.RPC_ERROR_CODE               # -26
+RPC_VERIFY_ALREADY_IN_CHAIN = RpcAlreadyInChain.RPC_ERROR_CODE       # -27
+RPC_IN_WARMUP = RpcInWarmup.RPC_ERROR_CODE                           # -28
+RPC_WALLET_ALREADY_LOADED = RpcWalletAlreadyLoaded.RPC_ERROR_CODE    # -35
+RPC_METHOD_NOT_FOUND = RpcMethodNotFound.RPC_ERROR_CODE              # -32601
 
 _HEADERS = {"content-type": "application/json"}
 _BTC_PER_KVB_IN_SAT_PER_VB = 100_000_000 / 1000  # a fee rate in BTC/kvB times this is sat/vB
@@ -193,11 +219,11 @@ class Node:
         try:
             return await self._endpoint(wallet).acall(method, params)
         except RPCError as e:
-            code = int(e.error.get("code", 0))
             message = str(e.error.get("message", ""))
-            if code == RPC_IN_WARMUP:
+            error = NodeError.from_rpc(int(e.error.get("code", 0)), f"{method}: {message}")
+            if isinstance(error, RpcInWarmup):
                 raise NodeUnavailable(f"{method}: the node is starting: {message}") from e
-            raise NodeError(f"{method}: {message}", rpc_code=code) from e
+            raise error from e
         except httpx.HTTPStatusError:
             raise  # handled by call(), which may refresh the cookie
         except httpx.TimeoutException as e:
@@ -214,8 +240,8 @@ class Node:
         endpoint, which also serves the default wallet). Parameters go out as
         JSON: pass amounts as BTC strings (see :func:`btcchannel.amounts.sat_to_btc`).
 
-        Raises :class:`NodeError` (with ``rpc_code``) when the node answers with
-        an error, :class:`NodeUnavailable` when it cannot be reached, times out,
+        Raises the :class:`NodeError` subclass for the code (with ``rpc_code``;
+        see :meth:`NodeError.from_rpc`) when the node answers with an error, :class:`NodeUnavailable` when it cannot be reached, times out,
         is still starting, or refuses the credentials.
         """
         plist = list(params)
@@ -270,10 +296,8 @@ class Node:
         """
         try:
             res = await self.call("getrawtransaction", txid, True)
-        except NodeError as e:
-            if e.rpc_code == RPC_INVALID_ADDRESS_OR_KEY:
-                return None
-            raise
+        except RpcInvalidAddressOrKey:
+            return None
         return dict(res)
 
     async def tx_confirmations(self, txid: str) -> int | None:
@@ -284,10 +308,8 @@ class Node:
                 return None
             try:  # without -txindex the wallet still knows its own transactions
                 wtx = await self.call("gettransaction", txid, wallet=self.wallet)
-            except NodeError as e:
-                if e.rpc_code in (RPC_INVALID_ADDRESS_OR_KEY, RPC_WALLET_NOT_FOUND):
-                    return None
-                raise
+            except (RpcInvalidAddressOrKey, RpcWalletNotFound):
+                return None
             conf = int(wtx.get("confirmations", 0))
             if conf < 0:  # conflicted by a confirmed transaction
                 return None
@@ -304,10 +326,8 @@ class Node:
     async def _in_mempool(self, txid: str) -> bool:
         try:
             await self.call("getmempoolentry", txid)
-        except NodeError as e:
-            if e.rpc_code == RPC_INVALID_ADDRESS_OR_KEY:
-                return False
-            raise
+        except RpcInvalidAddressOrKey:
+            return False
         return True
 
     async def test_mempool_accept(self, tx_hex: str) -> tuple[bool, str | None]:
@@ -332,9 +352,10 @@ class Node:
         """Send a signed transaction to the network; returns its txid.
 
         Broadcasting a transaction already in the mempool returns its txid again;
-        one already confirmed raises :class:`NodeError` with
-        ``rpc_code == RPC_VERIFY_ALREADY_IN_CHAIN``; a rejected one
-        ``RPC_VERIFY_REJECTED`` or ``RPC_VERIFY_ERROR`` (missing or spent inputs).
+        one already confirmed raises :class:`~btcchannel.errors.RpcAlreadyInChain`;
+        a rejected one :class:`~btcchannel.errors.RpcVerifyRejected` or
+        :class:`~btcchannel.errors.RpcVerifyError` (missing or spent inputs), one
+        that does not decode :class:`~btcchannel.errors.RpcDeserializationError`.
         """
         return str(await self.call("sendrawtransaction", tx_hex))
 
@@ -363,7 +384,7 @@ class Node:
         res = await self.call("decodescript", script.hex())
         address = res.get("address") if isinstance(res, dict) else None
         if not address:
-            raise NodeError(f"script {script.hex()} has no address form", rpc_code=RPC_MISC_ERROR)
+            raise RpcMiscError(f"script {script.hex()} has no address form")
         return str(address)
 
     async def fund_output(
@@ -376,8 +397,8 @@ class Node:
         after it, signed, checked with ``testmempoolaccept``, broadcast, and
         checked to be in the mempool. ``fee_rate_sat_vb`` overrides the wallet's
         own fee choice. Raises :class:`NodeError` if any step fails (an
-        underfunded wallet: ``RPC_WALLET_ERROR``, "Insufficient funds"); the wallet's coins
-        are not left locked.
+        underfunded wallet: :class:`~btcchannel.errors.RpcWalletError`, "Insufficient
+        funds"); the wallet's coins are not left locked.
         """
         if isinstance(amount_sat, bool) or not isinstance(amount_sat, int) or amount_sat <= 0:
             raise ValueError("amount_sat must be a positive integer")
@@ -397,24 +418,18 @@ class Node:
                 or _sats(out0["value"], "funded output") != amount_sat
                 or int(funded.get("changepos", -1)) == 0
             ):
-                raise NodeError("the wallet did not keep the funded output first", rpc_code=RPC_MISC_ERROR)
+                raise RpcMiscError("the wallet did not keep the funded output first")
             signed = await self.call("signrawtransactionwithwallet", funded["hex"], wallet=self.wallet)
             if not signed.get("complete"):
-                raise NodeError(
-                    f"the wallet could not sign the funding transaction: {signed.get('errors')}",
-                    rpc_code=RPC_MISC_ERROR,
+                raise RpcMiscError(
+                    f"the wallet could not sign the funding transaction: {signed.get('errors')}"
                 )
             ok, reason = await self.test_mempool_accept(signed["hex"])
             if not ok:
-                raise NodeError(
-                    f"the funding transaction would be rejected: {reason}", rpc_code=RPC_VERIFY_REJECTED
-                )
+                raise RpcVerifyRejected(f"the funding transaction would be rejected: {reason}")
             txid = await self.broadcast(signed["hex"])
             if not await self._in_mempool(txid):
-                raise NodeError(
-                    f"funding transaction {txid} was sent but is not in the mempool",
-                    rpc_code=RPC_VERIFY_REJECTED,
-                )
+                raise RpcVerifyRejected(f"funding transaction {txid} was sent but is not in the mempool")
             unfunded_inputs = []
         finally:
             if unfunded_inputs:
@@ -473,10 +488,8 @@ class Node:
             try:
                 block_hash = await self.call("getblockhash", height)
                 block = await self.call("getblock", block_hash, 2)
-            except NodeError as e:
-                if e.rpc_code in (RPC_INVALID_ADDRESS_OR_KEY, RPC_INVALID_PARAMETER):
-                    return None, False  # the chain was reorganised meanwhile: the caller retries
-                raise
+            except (RpcInvalidAddressOrKey, RpcInvalidParameter):
+                return None, False  # the chain was reorganised meanwhile: the caller retries
             for tx in block["tx"]:
                 for txin in tx["vin"]:
                     if txin.get("txid") == outpoint.txid and txin.get("vout") == outpoint.vout:

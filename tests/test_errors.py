@@ -1,0 +1,141 @@
+"""The error hierarchy: wire codes against the protocol document, one class per code,
+typed RPC errors chosen by code (no node needed; test_node.py checks them on a real one)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import btcchannel.bitcoind.rpc as rpc
+from btcchannel import errors
+from btcchannel.errors import (
+    WIRE_CODES,
+    ChannelError,
+    InternalError,
+    NodeError,
+    RpcInvalidAddressOrKey,
+    RpcWalletError,
+    error_for_code,
+)
+
+PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
+
+
+def all_classes() -> list[type[ChannelError]]:
+    out: list[type[ChannelError]] = []
+    todo = list(ChannelError.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        out.append(cls)
+        todo.extend(cls.__subclasses__())
+    return out
+
+
+def node_family() -> list[type[NodeError]]:
+    return [c for c in all_classes() if issubclass(c, NodeError) and c is not NodeError]
+
+
+def protocol_codes() -> dict[str, int]:
+    """``code -> HTTP status`` from the table in PROTOCOL.md's "Error codes" section."""
+    text = PROTOCOL.read_text()
+    section = text.split("\n## Error codes\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*`([a-z_]+)`\s*\|\s*(\d{3})\s*\|", section, re.MULTILINE)
+    assert rows, "no error table found in PROTOCOL.md"
+    codes = dict((code, int(status)) for code, status in rows)
+    assert len(codes) == len(rows), "a code is listed twice in PROTOCOL.md"
+    return codes
+
+
+def test_wire_codes_are_the_protocols() -> None:
+    documented = protocol_codes()
+    assert WIRE_CODES == frozenset(documented)
+    for cls in all_classes():
+        assert cls.wire == (cls.code in documented), cls
+        if cls.wire:
+            assert cls.http_status == documented[cls.code], cls
+    assert not ChannelError.wire  # codes are local until the protocol names them
+
+
+def test_one_class_per_code_except_the_node_family() -> None:
+    seen: dict[str, type[ChannelError]] = {}
+    for cls in all_classes():
+        if issubclass(cls, NodeError) and cls is not NodeError:
+            continue
+        assert cls.code not in seen, f"{cls.__name__} and {seen[cls.code].__name__} share {cls.code!r}"
+        seen[cls.code] = cls
+    family = node_family()
+    assert len(family) >= 9
+    assert {cls.code for cls in family} == {"node_error"}
+    assert not any(cls.wire for cls in family)
+    rpc_codes = [cls.RPC_ERROR_CODE for cls in family]
+    assert len(set(rpc_codes)) == len(rpc_codes), "two classes claim one RPC code"
+    assert 0 not in rpc_codes
+
+
+def test_every_class_documents_its_code() -> None:
+    for cls in [ChannelError, *all_classes()]:
+        doc = cls.__dict__.get("__doc__") or ""
+        assert doc.strip(), f"{cls.__name__} has no docstring"
+        if issubclass(cls, NodeError) and cls is not NodeError:
+            assert f"({cls.RPC_ERROR_CODE})" in doc, cls
+        else:
+            assert cls.code in doc, cls
+
+
+def test_error_for_code() -> None:
+    for cls in all_classes():
+        if issubclass(cls, NodeError) and cls is not NodeError:
+            continue
+        err = error_for_code(cls.code, "why")
+        assert type(err) is cls and err.message == "why"
+    node = error_for_code("node_error", "boom")
+    assert type(node) is NodeError and node.rpc_code == 0
+    assert type(error_for_code("internal")) is InternalError
+    unknown = error_for_code("no_such_code")
+    assert type(unknown) is ChannelError and unknown.message == "no_such_code"
+
+
+def test_from_rpc_picks_the_class_for_the_code() -> None:
+    for cls in node_family():
+        err = NodeError.from_rpc(cls.RPC_ERROR_CODE, "getfoo: nope")
+        assert type(err) is cls
+        assert err.rpc_code == cls.RPC_ERROR_CODE and err.message == "getfoo: nope"
+        assert err.code == "node_error" and err.http_status == 502
+        assert err.to_json() == {"error": {"code": "node_error", "message": "getfoo: nope"}}
+    other = NodeError.from_rpc(-31, "p2p disabled")
+    assert type(other) is NodeError and other.rpc_code == -31
+    assert type(RpcWalletError.from_rpc(-5, "x")) is RpcInvalidAddressOrKey
+
+
+def test_node_error_constructors() -> None:
+    assert NodeError("x").rpc_code == 0
+    assert NodeError("x", rpc_code=-5).rpc_code == -5
+    assert NodeError("x", -5).rpc_code == -5
+    assert RpcInvalidAddressOrKey("x").rpc_code == -5
+    with pytest.raises(RpcInvalidAddressOrKey):
+        raise NodeError.from_rpc(-5, "No such mempool or blockchain transaction")
+
+
+def test_rpc_constants_are_bitcoinds_codes() -> None:
+    """The numbers of bitcoind's src/rpc/protocol.h, importable from bitcoind.rpc."""
+    expected = {
+        "RPC_MISC_ERROR": -1, "RPC_TYPE_ERROR": -3, "RPC_WALLET_ERROR": -4,
+        "RPC_INVALID_ADDRESS_OR_KEY": -5, "RPC_WALLET_INSUFFICIENT_FUNDS": -6,
+        "RPC_INVALID_PARAMETER": -8, "RPC_WALLET_NOT_FOUND": -18, "RPC_WALLET_NOT_SPECIFIED": -19,
+        "RPC_DESERIALIZATION_ERROR": -22, "RPC_VERIFY_ERROR": -25, "RPC_VERIFY_REJECTED": -26,
+        "RPC_VERIFY_ALREADY_IN_CHAIN": -27, "RPC_IN_WARMUP": -28, "RPC_WALLET_ALREADY_LOADED": -35,
+        "RPC_METHOD_NOT_FOUND": -32601,
+    }
+    for name, number in expected.items():
+        assert getattr(rpc, name) == number, name
+        assert name in rpc.__all__
+        assert type(NodeError.from_rpc(number, "")) is not NodeError, name
+    api = {
+        "RpcInvalidAddressOrKey": -5, "RpcWalletError": -4, "RpcInsufficientFunds": -6,
+        "RpcInvalidParameter": -8, "RpcWalletNotFound": -18, "RpcVerifyError": -25,
+        "RpcVerifyRejected": -26, "RpcAlreadyInChain": -27, "RpcMethodNotFound": -32601,
+    }
+    for name, number in api.items():
+        assert getattr(errors, name).RPC_ERROR_CODE == number, name
