@@ -254,6 +254,14 @@ class ProtocolViolation(ChannelError):
     http_status = 502
 
 
+class StoreSchemaError(ChannelError):
+    """A database file's schema is not one this code can use (written by a newer release, or of
+    an unknown layout); nothing is changed in it. Local code ``store_schema``, HTTP 500."""
+
+    code = "store_schema"
+    http_status = 500
+
+
 # --- the node's RPC errors (local code ``node_error``) ------------------------
 
 

@@ -30,7 +30,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from btcchannel.errors import ChannelError
+from btcchannel.errors import StoreSchemaError
 
 __all__ = ["Database", "Migration", "StoreSchemaError", "connect", "open_private_file"]
 
@@ -39,14 +39,6 @@ Migration = tuple[str, ...]
 
 #: the table every store keeps its channels in
 TABLE = "channels"
-
-
-class StoreSchemaError(ChannelError):
-    """The database file's schema is not one this code can use (newer, or unknown)."""
-
-    code = "store_schema"
-    http_status = 500
-    wire: ClassVar[bool] = False
 
 
 def open_private_file(path: str | os.PathLike[str]) -> None:
