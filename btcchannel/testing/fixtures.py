@@ -87,7 +87,7 @@ class PayeeFactory:
         return payee
 
     def process(self, config: ServerConfig, wallet: str = "miner") -> ServerProcess:
-        """A payee subprocess (not started yet; killed at teardown if still running)."""
+        """A payee subprocess (not started yet; stopped at teardown if still running)."""
         proc = ServerProcess(config, self.bitcoind, wallet)
         self.processes.append(proc)
         return proc
@@ -97,7 +97,10 @@ class PayeeFactory:
             for payee in self.payees:
                 await payee.stop()
             for proc in self.processes:
-                await proc.stop(signal.SIGKILL)
+                try:
+                    await proc.stop(signal.SIGTERM)
+                except TimeoutError:
+                    await proc.stop(signal.SIGKILL)
         finally:
             await self._nodes.aclose()
 
