@@ -40,7 +40,7 @@ def _timeout_error(predicate: Callable[..., object], timeout: float, what: str |
 
 
 def wait_until(
-    predicate: Callable[[], T], *, timeout: float, interval: float = 0.05, what: str | None = None
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = 0.05, what: str | None = None
 ) -> T:
     """Call ``predicate`` every ``interval`` s until its value is truthy and return that value.
 
@@ -58,18 +58,18 @@ def wait_until(
 
 @overload
 async def wait_until_async(
-    predicate: Callable[[], Awaitable[T]], *, timeout: float, interval: float = ..., what: str | None = ...,
+    predicate: Callable[[], Awaitable[T | None]], *, timeout: float, interval: float = ..., what: str | None = ...,
 ) -> T: ...
 
 
 @overload
 async def wait_until_async(
-    predicate: Callable[[], T], *, timeout: float, interval: float = ..., what: str | None = ...,
+    predicate: Callable[[], T | None], *, timeout: float, interval: float = ..., what: str | None = ...,
 ) -> T: ...
 
 
 async def wait_until_async(
-    predicate: Callable[[], T | Awaitable[T]], *, timeout: float, interval: float = 0.05,
+    predicate: Callable[[], T | None | Awaitable[T | None]], *, timeout: float, interval: float = 0.05,
     what: str | None = None,
 ) -> T:
     """:func:`wait_until` for an event loop: ``predicate`` may be a plain or a coroutine function."""

@@ -3,7 +3,8 @@
 - :func:`node_for`: a :class:`~btcchannel.bitcoind.rpc.Node` on a wallet of a regtest node;
 - :func:`sats`, :func:`tx_of`: BTC floats to satoshis, a decoded transaction;
 - :class:`Chain`: an async view of any regtest node (ours or one given by URL): mine, wallets
-  and balances, :class:`TxView` (size, fee, fee rate, outputs), spenders of an outpoint;
+  and balances, :class:`TxView` (size, fee, fee rate, outputs), spenders of an outpoint,
+  :class:`ChannelView` (a funding output, its confirmed spend and who that spend pays);
 - :func:`assert_node_error`, :func:`assert_node_error_async`: a call must fail with this RPC
   error (a code or a :class:`~btcchannel.errors.NodeError` class), like Bitcoin Core's
   ``assert_raises_rpc_error``.
@@ -92,6 +93,25 @@ class TxView:
     @property
     def fee_rate(self) -> float:
         return self.fee_sat / self.vsize
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    """A channel as the node shows it: its funding, the confirmed spends of the funding output,
+    and what the first spend pays each wallet asked about (``""``: outputs none of them own)."""
+
+    funding: TxView
+    spenders: list[str]
+    spend: TxView | None
+    paid_to: dict[str, int]
+
+    @property
+    def onchain_transactions(self) -> int:
+        return 1 + len(self.spenders)
+
+    @property
+    def channel_vbytes(self) -> int:
+        return self.funding.vsize + (self.spend.vsize if self.spend is not None else 0)
 
 
 class Chain:
@@ -217,6 +237,22 @@ class Chain:
 
     async def is_mine(self, address: str, wallet: str) -> bool:
         return bool(address) and bool((await self.rpc("getaddressinfo", address, wallet=wallet))["ismine"])
+
+    async def channel_view(self, funding_txid: str, funding_vout: int, wallets: tuple[str, ...]) -> ChannelView:
+        """The funding transaction, the confirmed spends of ``funding_txid:funding_vout`` and how
+        the first one's outputs split among ``wallets``."""
+        funding = await self.view(funding_txid)
+        spenders = [] if funding.height is None else await self.spenders(funding_txid, funding_vout, funding.height)
+        spend = await self.view(spenders[0]) if spenders else None
+        paid_to = dict.fromkeys((*wallets, ""), 0)
+        for value, _, address in spend.outputs if spend is not None else []:
+            owner = ""
+            for wallet in wallets:
+                if await self.is_mine(address, wallet):
+                    owner = wallet
+                    break
+            paid_to[owner] += value
+        return ChannelView(funding, spenders, spend, paid_to)
 
     async def prepare(self, wallets: tuple[str, ...], fund: dict[str, int], height: int = 201) -> None:
         """Check it is a regtest node with a synced txindex, mine past ``height``, create
