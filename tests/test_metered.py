@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,8 +15,8 @@ from btcchannel.payee.metered import add_file_route
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE
 from btcchannel.bitcoind.regtest import RegtestNode
-
-from _service import fast_config, node_for, open_channel, sats, server, tx_of, until
+from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
+from btcchannel.testing.fixtures import PayeeFactory
 
 CHUNK = 100
 
@@ -27,24 +27,26 @@ def _file(tmp_path: Path, chunks: int = 12) -> Path:
     return p
 
 
-async def _closed_with(bitcoind: RegtestNode, srv, cid: str, amount: int) -> dict:  # type: ignore[no-untyped-def]
-    await until(lambda: srv.store.get(cid).close_txid is not None, what="close broadcast")
+async def _closed_with(bitcoind: RegtestNode, srv: RunningPayee, cid: str, amount: int) -> dict[str, Any]:
+    await wait_until_async(lambda: srv.store.get(cid).close_txid is not None, timeout=30, what="close broadcast")
     rec = srv.store.get(cid)
     assert rec.amount_sat == amount
     bitcoind.mine(1)
-    await until(lambda: srv.store.get(cid).state == "closed", what="closed")
+    await wait_until_async(lambda: srv.store.get(cid).state == "closed", timeout=30, what="closed")
     close = tx_of(bitcoind, srv.store.get(cid).close_txid)
     payer_out = [sats(o["value"]) for o in close["vout"] if o["scriptPubKey"]["hex"] == rec.params["payer_script"]]
     assert payer_out == ([rec.deposit_sat - amount] if amount < rec.deposit_sat else [])
     return close
 
 
-async def test_prepay_file_chunks(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+async def test_prepay_file_chunks(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
     data = _file(tmp_path)
-    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
-    cfg = fast_config(tmp_path / "payee", price_sat=100, mode="prepay")
-    async with server(cfg, payee_node, hook=lambda app: add_file_route(app, data, chunk_size=CHUNK)) as srv, \
-            PayerClient(tmp_path / "payer", payer_node) as client, aiohttp.ClientSession() as s:
+    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+                                    price_sat=100, mode="prepay")
+    client = payer_client
+    async with aiohttp.ClientSession() as s:
         # unpaid: 402 with the price and where to open a channel
         async with s.get(f"{srv.url}/v1/file/0") as r:
             assert r.status == 402
@@ -90,44 +92,43 @@ async def test_prepay_file_chunks(bitcoind: RegtestNode, funded_wallet: str, tmp
             assert r.status == 400 and (await r.json())["error"]["code"] == "wrong_amount"
         assert srv.store.get(cid).end_reason == "wrong_amount"
         await _closed_with(bitcoind, srv, cid, 1100)
-    await payee_node.aclose()
-    await payer_node.aclose()
 
 
-async def test_prepay_unit_count_and_capacity(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+async def test_prepay_unit_count_and_capacity(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
     data = _file(tmp_path)
-    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
-    cfg = fast_config(tmp_path / "payee", price_sat=5000, mode="prepay", min_deposit_sat=15_000)
-    async with server(cfg, payee_node, hook=lambda app: add_file_route(app, data, chunk_size=CHUNK)) as srv, \
-            PayerClient(tmp_path / "payer", payer_node) as client:
-        units = await client.open_channel(srv.url, 100_000, 60, wait_open=False, max_units=3)
-        capacity = await client.open_channel(srv.url, 20_000, 60, wait_open=False)
-        bitcoind.mine(1)
-        await client.wait_open(units)
-        await client.wait_open(capacity)
-        p_units, p_cap = MeteredPayer(client, units), MeteredPayer(client, capacity)
-        for i in range(3):
-            assert (await p_units.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
-        assert srv.store.get(units).end_reason == "unit_count_reached"
-        with pytest.raises(ChannelClosing):
-            await p_units.fetch(f"{srv.url}/v1/file/3")
-        # 20,000 sat at 5,000 a unit: the 4th unit takes the whole deposit (no payer output)
-        for i in range(4):
-            assert (await p_cap.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
-        assert srv.store.get(capacity).end_reason == "capacity_exhausted"
-        await _closed_with(bitcoind, srv, units, 15_000)
-        close = await _closed_with(bitcoind, srv, capacity, 20_000)
-        assert len(close["vout"]) == 1
-    await payee_node.aclose()
-    await payer_node.aclose()
+    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+                                    price_sat=5000, mode="prepay", min_deposit_sat=15_000)
+    client = payer_client
+    units = await client.open_channel(srv.url, 100_000, 60, wait_open=False, max_units=3)
+    capacity = await client.open_channel(srv.url, 20_000, 60, wait_open=False)
+    bitcoind.mine(1)
+    await client.wait_open(units)
+    await client.wait_open(capacity)
+    p_units, p_cap = MeteredPayer(client, units), MeteredPayer(client, capacity)
+    for i in range(3):
+        assert (await p_units.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
+    assert srv.store.get(units).end_reason == "unit_count_reached"
+    with pytest.raises(ChannelClosing):
+        await p_units.fetch(f"{srv.url}/v1/file/3")
+    # 20,000 sat at 5,000 a unit: the 4th unit takes the whole deposit (no payer output)
+    for i in range(4):
+        assert (await p_cap.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
+    assert srv.store.get(capacity).end_reason == "capacity_exhausted"
+    await _closed_with(bitcoind, srv, units, 15_000)
+    close = await _closed_with(bitcoind, srv, capacity, 20_000)
+    assert len(close["vout"]) == 1
 
 
-async def test_postpay_credit_timeout_and_wrong_amount(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
+async def test_postpay_credit_timeout_and_wrong_amount(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
     data = _file(tmp_path)
-    payee_node, payer_node = node_for(bitcoind, "miner"), node_for(bitcoind, funded_wallet)
-    cfg = fast_config(tmp_path / "payee", price_sat=1000, mode="postpay", credit_limit_sat=3000, payment_timeout_s=1.0)
-    async with server(cfg, payee_node, hook=lambda app: add_file_route(app, data, chunk_size=CHUNK)) as srv, \
-            PayerClient(tmp_path / "payer", payer_node) as client, aiohttp.ClientSession() as s:
+    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+                                    price_sat=1000, mode="postpay", credit_limit_sat=3000, payment_timeout_s=1.0)
+    client = payer_client
+    async with aiohttp.ClientSession() as s:
         good = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
         late = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
         wrong = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
@@ -149,7 +150,7 @@ async def test_postpay_credit_timeout_and_wrong_amount(bitcoind: RegtestNode, fu
         with pytest.raises(WrongAmount):
             await client.pay(late, amount=2000)  # wrong: owes 3000
         # the payee closes with the last correct payment (none here)
-        await until(lambda: srv.store.get(late).state == "closing", what="closing")
+        await wait_until_async(lambda: srv.store.get(late).state == "closing", timeout=30, what="closing")
         assert srv.store.get(late).end_reason == "wrong_amount"
         assert srv.store.get(late).amount_sat == 0
         # timeout: units served on credit, never paid
@@ -159,10 +160,8 @@ async def test_postpay_credit_timeout_and_wrong_amount(bitcoind: RegtestNode, fu
         await client.pay(wrong, amount=2000)
         async with s.get(f"{srv.url}/v1/file/2", headers={HDR_CHANNEL: wrong}) as r:
             assert r.status == 200
-        await until(lambda: srv.store.get(wrong).state == "closing", timeout=10, what="timeout close")
+        await wait_until_async(lambda: srv.store.get(wrong).state == "closing", timeout=10, what="timeout close")
         assert srv.store.get(wrong).end_reason == "payment_timeout"
         await _closed_with(bitcoind, srv, wrong, 2000)
         await client.close(good)
         await _closed_with(bitcoind, srv, good, 12000)
-    await payee_node.aclose()
-    await payer_node.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,8 +12,8 @@ from btcchannel.core.channel import ChannelParams, PayerChannel, ChannelState
 from btcchannel.payer.client import PayerClient
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.tx import OutPoint
-
-from _service import fast_config, node_for, open_channel, server
+from btcchannel.testing import RunningPayee
+from btcchannel.testing.fixtures import PayeeFactory, PayerFactory
 
 
 async def _req(session: aiohttp.ClientSession, method: str, url: str, data: Any = None,
@@ -34,11 +33,9 @@ def _payer_channel(client: PayerClient, cid: str) -> PayerChannel:
     return PayerChannel(ChannelParams.from_json(rec.params), rec.privkey, state=ChannelState.OPEN)
 
 
-async def test_adversarial_payments(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
-    payee_node = node_for(bitcoind, "miner")
-    payer_node = node_for(bitcoind, funded_wallet)
-    async with server(fast_config(tmp_path / "payee"), payee_node) as srv, \
-            PayerClient(tmp_path / "payer", payer_node) as client, aiohttp.ClientSession() as s:
+async def test_adversarial_payments(bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient) -> None:
+    srv, client = payee, payer_client
+    async with aiohttp.ClientSession() as s:
         deposit = 100_000
         cid = await client.open_channel(srv.url, deposit, 60, wait_open=False)
         other = await client.open_channel(srv.url, deposit, 60, wait_open=False)
@@ -106,15 +103,14 @@ async def test_adversarial_payments(bitcoind: RegtestNode, funded_wallet: str, t
         assert srv.store.get(other).amount_sat == 0
         # and the channel still works
         assert await client.pay(cid, 1000) == 6000
-    await payee_node.aclose()
-    await payer_node.aclose()
 
 
-async def test_adversarial_proposals_and_funding(bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path) -> None:
-    payee_node = node_for(bitcoind, "miner")
-    payer_node = node_for(bitcoind, funded_wallet)
-    cfg = fast_config(tmp_path / "payee", max_proposals=3, proposal_ttl_s=3600)
-    async with server(cfg, payee_node) as srv, aiohttp.ClientSession() as s:
+async def test_adversarial_proposals_and_funding(
+    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+) -> None:
+    payer_node = payer_factory.node()
+    srv = await payee_factory.start(max_proposals=3, proposal_ttl_s=3600)
+    async with aiohttp.ClientSession() as s:
         url = f"{srv.url}/v1/channels"
         tip = bitcoind.tip_height()
         pub = keys.public_key(keys.generate_private_key())
@@ -163,5 +159,3 @@ async def test_adversarial_proposals_and_funding(bitcoind: RegtestNode, funded_w
         info = (await _req(s, "GET", f"{srv.url}/v1/info"))[1]
         assert info["network"] == "regtest" and info["version"] == 1
         assert OutPoint(right.txid, right.vout) == right
-    await payee_node.aclose()
-    await payer_node.aclose()

@@ -8,13 +8,18 @@ btcchannel gets them:
 - ``funded_wallet``: the name of a fresh wallet on it holding 10 BTC, confirmed;
 - ``node_datadir``: a per-test folder, removed when the test passes and kept
   (its path printed) when it fails;
-- ``node_factory``: starts more nodes for a test (stopped at its end).
+- ``node_factory``: starts more nodes for a test (stopped at its end);
+- with pytest-asyncio installed, ``payee_factory``, ``payer_factory`` and ``payer_client``
+  (:mod:`btcchannel.testing.fixtures`): payee services and payer clients stopped at the end
+  of the test, which fails if a payee logged an ERROR, unless marked
+  ``@pytest.mark.allow_payee_errors``.
 
 The session node's datadir is kept when any test of the session failed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import shutil
 from collections.abc import Callable, Iterator
@@ -27,6 +32,18 @@ from btcchannel.bitcoind.regtest import BitcoindBinary, RegtestNode, find_bitcoi
 
 FUNDED_WALLET_SAT = 10 * 100_000_000
 _wallet_numbers = itertools.count(1)
+
+if importlib.util.find_spec("pytest_asyncio") is not None:
+    from btcchannel.testing.fixtures import payee_factory, payer_client, payer_factory
+
+    __all__ = ["payee_factory", "payer_client", "payer_factory"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "allow_payee_errors: the test provokes payee errors on purpose; "
+        "do not fail it for ERROR records its payee services log",
+    )
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
