@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
-from btcchannel.bitcoind.regtest import RegtestNode, wait_until
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.wait import wait_until
 
 
 def invoke(*args: str) -> Any:
@@ -151,7 +152,7 @@ def test_two_processes_open_fetch_close_and_refund(
     values = [btc_to_sat(v["value"]) for v in tx["vout"]]
     assert values[0] == 200000 - 6000  # the payer's change, exactly
     assert values[1] == 6000 - btc_to_sat(tx["fee"])
-    wait_until(lambda: payee.json("channel", cid)["state"] == "closed", 30, what="payee sees the close")
+    wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=30, what="payee sees the close")
 
     # the payee closes a channel on its own, then bumps its close by RBF
     third = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait")

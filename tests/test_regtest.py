@@ -15,7 +15,8 @@ from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
 from btcchannel.errors import NodeError, NodeUnavailable
 from btcchannel.bitcoind.binary import BitcoindBinary, debian_archive_uri, fetch_bitcoind
-from btcchannel.bitcoind.regtest import RegtestNode, _pid_alive, wait_until
+from btcchannel.bitcoind.regtest import RegtestNode, _pid_alive
+from btcchannel.wait import wait_until
 
 pytest_plugins = ["pytester"]
 
@@ -96,7 +97,7 @@ def test_two_nodes_share_the_tip(node_factory: Callable[[], RegtestNode]) -> Non
     a, b = node_factory(), node_factory()
     a.connect(b)
     a.mine(5)
-    wait_until(lambda: b.rpc("getbestblockhash") == a.rpc("getbestblockhash"), 30, what="sync")
+    wait_until(lambda: b.rpc("getbestblockhash") == a.rpc("getbestblockhash"), timeout=30, what="sync")
     assert b.tip_height() == 5
 
 

@@ -40,15 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.bitcoind.binary import (
-    INSTALL_HINT,
-    MIN_CORE_MAJOR,
-    BitcoindBinary,
-    cache_dir,
-    debian_archive_uri,
-    fetch_bitcoind,
-    find_bitcoind,
-)
+from btcchannel.bitcoind.binary import BitcoindBinary, find_bitcoind
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.errors import (
     NodeError,
@@ -56,37 +48,15 @@ from btcchannel.errors import (
     RpcWalletAlreadyLoaded,
     RpcWalletError,
 )
+from btcchannel.wait import wait_until
 
 __all__ = [
     "RegtestNode",
     "free_port",
     "recorded_rpc",
-    "wait_until",
-    # re-exported from btcchannel.bitcoind.binary (their home) for existing importers
-    "INSTALL_HINT",
-    "MIN_CORE_MAJOR",
-    "BitcoindBinary",
-    "cache_dir",
-    "debian_archive_uri",
-    "fetch_bitcoind",
-    "find_bitcoind",
 ]
 
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05, what: str = ""
-) -> None:
-    """Poll ``predicate`` until it is true; ``TimeoutError`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    event = threading.Event()
-    while True:
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or predicate}")
-        event.wait(interval)
+# --------------------------------------------------------------------------- ports
 
 
 def free_port() -> int:
@@ -372,7 +342,7 @@ class RegtestNode:
         except (NodeError, NodeUnavailable):
             _signal(pid, signal.SIGTERM)
         try:
-            wait_until(lambda: not _pid_alive(pid), timeout, 0.1, what=f"bitcoind pid {pid} to exit")
+            wait_until(lambda: not _pid_alive(pid), timeout=timeout, interval=0.1, what=f"bitcoind pid {pid} to exit")
         except TimeoutError:
             _signal(pid, signal.SIGKILL)
         self._attached_pid = None
@@ -438,7 +408,7 @@ class RegtestNode:
     def connect(self, other: "RegtestNode") -> None:
         """Connect to ``other`` over P2P and wait until the peer is there."""
         self.rpc("addnode", f"127.0.0.1:{other.p2p_port}", "onetry")
-        wait_until(lambda: len(self.rpc("getpeerinfo")) > 0, 30, what="peer connection")
+        wait_until(lambda: len(self.rpc("getpeerinfo")) > 0, timeout=30, what="peer connection")
 
     def status(self) -> dict[str, Any]:
         """Chain, height, best block, RPC URL, datadir, pid and version (for the CLI)."""

@@ -144,7 +144,7 @@ def regtest_install(settings: Settings) -> None:
     Example:
       btcchannel regtest install
     """
-    from btcchannel.bitcoind.regtest import find_bitcoind
+    from btcchannel.bitcoind.binary import find_bitcoind
 
     binary = find_bitcoind()
     emit(settings, {"version": binary.version, "source": binary.source, "command": list(binary.bitcoind)},

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from btcchannel.bitcoind.regtest import BitcoindBinary, RegtestNode, find_bitcoind
+from btcchannel.bitcoind.binary import BitcoindBinary, find_bitcoind
+from btcchannel.bitcoind.regtest import RegtestNode
 
 FUNDED_WALLET_SAT = 10 * 100_000_000
 _wallet_numbers = itertools.count(1)
