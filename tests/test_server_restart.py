@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from btcchannel.payer.client import PayerClient
-from btcchannel.errors import NodeUnavailable
+from btcchannel.errors import PayeeUnreachable
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.store import PayeeStore
 
@@ -18,7 +18,7 @@ async def _pay_until_gone(client: PayerClient, cid: str) -> None:
     while True:
         try:
             await client.pay(cid, 100)
-        except NodeUnavailable:
+        except PayeeUnreachable:
             return
 
 
