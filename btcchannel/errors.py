@@ -413,3 +413,15 @@ def error_for_code(code: str, message: str = "") -> ChannelError:
         if cls.code == code:
             return cls(message)
     return ChannelError(message or code)
+
+
+class PayeeUnreachable(ChannelError):
+    """The payer could not reach the payee over HTTP: connection refused, timed out or broken.
+
+    Code ``payee_unreachable`` (local, never sent by a payee), HTTP status 502.
+    Distinct from :class:`NodeUnavailable`, which is about the bitcoind.
+    """
+
+    code = "payee_unreachable"
+    http_status = 502
+    wire = False

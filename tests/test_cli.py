@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,6 +18,9 @@ from click.testing import CliRunner
 from btcchannel.amounts import btc_to_sat
 from btcchannel.cli import main
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.bitcoind.rpc import Node
+from btcchannel.errors import PayeeUnreachable
+from btcchannel.payer.client import PayerClient
 from btcchannel.wait import wait_until
 
 
@@ -55,6 +59,40 @@ def test_errors_are_one_line_with_a_code(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{")
     out = invoke("--datadir", str(tmp_path), "backup", "import", str(tmp_path / "bad.json"))
     assert out.exit_code == 1 and out.output.startswith("error: bad_request:")
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local TCP port that nothing listens on (bound once, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_client_call_to_a_closed_port_is_payee_unreachable(tmp_path: Path, closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    node = Node("http://127.0.0.1:1", auth=("u", "p"), wallet="payer")
+    try:
+        async with PayerClient(tmp_path, node, timeout=5) as client:
+            with pytest.raises(PayeeUnreachable) as e:
+                await client.info(url)
+    finally:
+        await node.aclose()
+    assert e.value.code == "payee_unreachable"
+    assert e.value.message == f"payee unreachable: GET {url}/v1/info: cannot connect to 127.0.0.1:{closed_port}: " \
+                              "Connection refused"
+
+
+def test_cli_reports_an_unreachable_payee_with_its_code(tmp_path: Path, closed_port: int) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    out = invoke("--datadir", str(tmp_path), "--rpc-url", "http://127.0.0.1:1", "--rpc-user", "u",
+                 "--rpc-password", "p", "open", url, "--deposit-sat", "100000", "--lifetime-blocks", "20")
+    assert out.exit_code == 1
+    last = out.output.strip().splitlines()[-1]
+    assert last == (f"error: payee_unreachable: payee unreachable: GET {url}/v1/info: "
+                    f"cannot connect to 127.0.0.1:{closed_port}: Connection refused")
+    assert "Traceback" not in out.output and "Error(" not in out.output
 
 
 def test_json_output_of_empty_lists(tmp_path: Path) -> None:

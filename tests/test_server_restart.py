@@ -7,7 +7,7 @@ import signal
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core import keys
-from btcchannel.errors import NodeUnavailable
+from btcchannel.errors import PayeeUnreachable
 from btcchannel.payer.client import PayerClient
 from btcchannel.store import PayeeStore
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
@@ -18,7 +18,7 @@ async def _pay_until_gone(client: PayerClient, cid: str) -> None:
     while True:
         try:
             await client.pay(cid, 100)
-        except NodeUnavailable:
+        except PayeeUnreachable:
             return
 
 

@@ -19,6 +19,8 @@ Entry points (what the CLI calls)::
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
         async def refund(self, channel_id: str, *, fee_rate_sat_vb: float | None = None,
                          dest_address: str | None = None) -> str     # refund txid (after expiry)
+        def channel_for(self, url: str) -> str          # the funding/open channel to url's payee
+        async def get_object(self, url: str) -> dict[str, Any]   # GET JSON outside the protocol
         def list(self) -> list[PayerRecord]
         def export_backup(self) -> dict[str, Any]
         def import_backup(self, data: dict[str, Any]) -> int
@@ -27,9 +29,10 @@ The payer's state lives in ``<datadir>/payer.db`` (``PayerStore``). A payment
 is signed, **stored**, and only then sent; after a crash ``resume`` re-sends
 the stored payment if the payee has not acknowledged it, so the payer never
 signs a lower amount than one it may have handed out. Every HTTP call has a
-timeout; the payee's error codes come back as the typed errors of
-``btcchannel.errors``; an answer that contradicts the protocol raises
-``ProtocolViolation``.
+timeout; a payee that cannot be reached raises ``PayeeUnreachable`` (never
+``NodeUnavailable``, which is about the bitcoind); the payee's error codes come
+back as the typed errors of ``btcchannel.errors``; an answer that contradicts
+the protocol raises ``ProtocolViolation``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -49,8 +53,8 @@ from btcchannel.errors import (
     BadRequest,
     ChannelError,
     FundingNotFound,
-    NodeUnavailable,
     NotOpen,
+    PayeeUnreachable,
     ProtocolViolation,
     StalePayment,
     error_for_code,
@@ -59,7 +63,20 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.store import PayerRecord, PayerStore
 from btcchannel.core.tx import OutPoint
 
-__all__ = ["PayerClient"]
+__all__ = ["PayerClient", "payee_unreachable"]
+
+
+def payee_unreachable(method: str, url: str, exc: BaseException, timeout: float) -> PayeeUnreachable:
+    """A :class:`PayeeUnreachable` for ``exc`` (an aiohttp or timeout error) that reads as a sentence."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        why = f"no answer in {timeout:g} s"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        err = exc.os_error
+        reason = os.strerror(err.errno) if isinstance(err, ConnectionError) and err.errno else err.strerror
+        why = f"cannot connect to {exc.host}:{exc.port}: {reason or type(err).__name__}"
+    else:
+        why = str(exc) or type(exc).__name__
+    return PayeeUnreachable(f"payee unreachable: {method} {url}: {why}")
 
 
 class PayerClient:
@@ -106,7 +123,7 @@ class PayerClient:
 
     # -- HTTP -----------------------------------------------------------------------
     async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        """One JSON request; typed errors for error bodies, ``NodeUnavailable`` if unreachable."""
+        """One JSON request; typed errors for error bodies, ``PayeeUnreachable`` if unreachable."""
         try:
             async with self.session.request(method, url, json=body) as resp:
                 status = resp.status
@@ -115,13 +132,33 @@ class PayerClient:
                 except ValueError as exc:
                     raise ProtocolViolation(f"{method} {url}: answer is not JSON (HTTP {status})") from exc
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise NodeUnavailable(f"payee unreachable: {method} {url}: {exc!r}") from exc
+            raise self.unreachable(method, url, exc) from exc
         if status >= 400:
             err = data.get("error") if isinstance(data, dict) else None
             if isinstance(err, dict) and isinstance(err.get("code"), str):
                 raise error_for_code(err["code"], str(err.get("message", "")))
             raise ProtocolViolation(f"{method} {url}: HTTP {status} without an error body")
         return status, data
+
+    def unreachable(self, method: str, url: str, exc: BaseException) -> PayeeUnreachable:
+        """The error for an HTTP call to the payee that got no answer, saying why in words."""
+        return payee_unreachable(method, url, exc, self.timeout)
+
+    async def get_object(self, url: str) -> dict[str, Any]:
+        """GET a JSON object outside the channel protocol (e.g. a paid file's index).
+
+        ``BadRequest`` unless the answer is HTTP 200, ``PayeeUnreachable`` if no answer.
+        """
+        try:
+            async with self.session.get(url) as resp:
+                if resp.status != 200:
+                    raise BadRequest(f"{url}: HTTP {resp.status}")
+                data = await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self.unreachable("GET", url, exc) from exc
+        if not isinstance(data, dict):
+            raise ProtocolViolation(f"{url}: the answer is not a JSON object")
+        return data
 
     async def info(self, server_url: str) -> dict[str, Any]:
         """The payee's ``GET /v1/info``."""
@@ -351,6 +388,15 @@ class PayerClient:
         txid = await self.node.broadcast(tx.serialize().hex())
         self.store.set_state(channel_id, "refunded", refund_txid=txid)
         return txid
+
+    def channel_for(self, url: str) -> str:
+        """The newest funding or open channel of this payer to the payee serving ``url`` (``NotOpen`` if none)."""
+        want = urlsplit(url)
+        for rec in reversed(self.list()):
+            have = urlsplit(rec.server_url)
+            if rec.state in ("funding", "open") and (have.scheme, have.netloc) == (want.scheme, want.netloc):
+                return rec.channel_id
+        raise NotOpen(f"no open channel to {want.netloc}: run `btcchannel open {want.scheme}://{want.netloc} ...` first")
 
     def list(self) -> list[PayerRecord]:
         """Every channel in the payer's store."""

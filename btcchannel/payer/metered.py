@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from btcchannel.core.channel import Metering, Payment
-from btcchannel.errors import ChannelError, NodeUnavailable, ProtocolViolation, error_for_code
+from btcchannel.errors import ChannelError, ProtocolViolation, error_for_code
 from btcchannel.payer.client import PayerClient
 from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_OWED, HDR_PAID, HDR_SIGNATURE
 
@@ -110,7 +110,7 @@ class MeteredPayer:
             async with self.client.session.request(method, url, headers=headers, data=data) as resp:
                 return resp.status, await resp.read(), dict(resp.headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise NodeUnavailable(f"payee unreachable: {method} {url}: {exc!r}") from exc
+            raise self.client.unreachable(method, url, exc) from exc
 
     @staticmethod
     def _raise(status: int, body: bytes) -> None:

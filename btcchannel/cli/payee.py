@@ -1,0 +1,202 @@
+"""The payee's commands: ``serve``, ``channels``, ``channel``, ``close`` (either role) and ``bump``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from btcchannel.cli._app import Settings, emit, run_async, table, with_client, with_node
+from btcchannel.errors import ChannelError
+
+if TYPE_CHECKING:
+    from btcchannel.bitcoind.rpc import Node
+    from btcchannel.payee.config import ServerConfig
+
+__all__ = ["COMMANDS", "bump", "channel", "channels", "close_cmd", "serve"]
+
+
+def _server_config(settings: Settings, **fields: Any) -> ServerConfig:
+    """The payee's configuration from the global options and the given (non-None) fields."""
+    from btcchannel.payee.config import ServerConfig
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    try:
+        return ServerConfig(datadir=settings.datadir, network=settings.network, **given)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _tip_or_none(settings: Settings, wallet: str) -> int | None:
+    """The node's tip height, or None when no node answers (listing works without one)."""
+    async def tip(node: Node) -> int:
+        return await node.tip_height()
+
+    try:
+        return run_async(with_node(settings, wallet, tip))
+    except ChannelError:
+        return None
+
+
+def _channel_text(obj: dict[str, Any]) -> str:
+    return "\n".join(f"{k:15} {'' if v is None else v}" for k, v in obj.items())
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8402, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--price-sat", type=click.IntRange(0), default=None, help="Price of one unit of the metered service.")
+@click.option("--mode", type=click.Choice(["prepay", "postpay"]), default=None)
+@click.option("--credit-limit-sat", type=click.IntRange(0), default=None, help="postpay: unpaid total allowed.")
+@click.option("--payment-timeout", type=click.FloatRange(0.1), default=None, help="postpay: seconds to pay what is owed.")
+@click.option("--close-margin-blocks", type=click.IntRange(1), default=None)
+@click.option("--min-confirmations", type=click.IntRange(0), default=None)
+@click.option("--payee-address", default=None, help="Where closes pay [default: a new address of the node wallet].")
+@click.option("--serve-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Sell this file's chunks at /v1/file/{index}.")
+@click.option("--chunk-size", type=click.IntRange(1, 60_000), default=1024, show_default=True)
+@click.pass_obj
+def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
+          credit_limit_sat: int | None, payment_timeout: float | None, close_margin_blocks: int | None,
+          min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
+          chunk_size: int) -> None:
+    """Run the payee's service (until Ctrl-C or SIGTERM).
+
+    \b
+    Example:
+      btcchannel --wallet payee serve --port 8402 --price-sat 100 --serve-file data.bin
+    """
+    from btcchannel.payee import http as server
+
+    config = _server_config(
+        settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
+        payment_timeout_s=payment_timeout, close_margin_blocks=close_margin_blocks,
+        min_confirmations=min_confirmations, payee_address=payee_address,
+    )
+
+    def hook(app: Any) -> None:
+        if serve_file is not None:
+            from btcchannel.payee.metered import add_file_route
+
+            add_file_route(app, serve_file, chunk_size=chunk_size)
+
+    def ready(url: str) -> None:
+        emit(settings, {"url": url, "datadir": str(settings.datadir)}, f"payee service on {url}")
+        sys.stdout.flush()
+
+    async def run(node: Node) -> None:
+        task = asyncio.ensure_future(server.serve(config, node, ready=ready, app_hook=hook))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    run_async(with_node(settings, "payee", run))
+
+
+@click.command()
+@click.pass_obj
+def channels(settings: Settings) -> None:
+    """List the payee's channels.
+
+    \b
+    Example:
+      btcchannel channels
+    """
+    from btcchannel.wire import channel_object
+    from btcchannel.store import PayeeStore
+
+    tip = _tip_or_none(settings, "payee")
+    with PayeeStore(settings.datadir / "payee.db") as store:
+        objs = [channel_object(r) for r in store.list()]
+    for o in objs:
+        o["blocks_left"] = None if tip is None else o["expiry_height"] - tip
+    rows = [[o["channel_id"], o["state"], o["amount_sat"], o["deposit_sat"], o["expiry_height"],
+             "-" if o["blocks_left"] is None else o["blocks_left"]] for o in objs]
+    emit(settings, {"channels": objs, "tip_height": tip},
+         table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left"]) if rows
+         else "no channels")
+
+
+@click.command()
+@click.argument("channel_id")
+@click.pass_obj
+def channel(settings: Settings, channel_id: str) -> None:
+    """Show one of the payee's channels.
+
+    \b
+    Example:
+      btcchannel channel 5f0c...e1
+    """
+    from btcchannel.wire import channel_object
+    from btcchannel.store import PayeeStore
+
+    with PayeeStore(settings.datadir / "payee.db") as store:
+        obj = channel_object(store.get(channel_id))
+    tip = _tip_or_none(settings, "payee")
+    obj["blocks_left"] = None if tip is None else obj["expiry_height"] - tip
+    emit(settings, obj, _channel_text(obj))
+
+
+def _payee_only(settings: Settings, channel_id: str) -> bool:
+    """Whether this datadir knows ``channel_id`` as the payee's and not as the payer's."""
+    from btcchannel.store import PayeeStore, PayerStore
+
+    def known(store: PayeeStore | PayerStore) -> bool:
+        with store:
+            return store.find(channel_id) is not None
+
+    payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
+    return payee_db.exists() and known(PayeeStore(payee_db)) and not (payer_db.exists() and known(PayerStore(payer_db)))
+
+
+@click.command("close")
+@click.argument("channel_id")
+@click.option("--fee-rate", type=click.FloatRange(1.0), default=None, help="sat/vB [default: the node's estimate].")
+@click.option("--payee", "as_payee", is_flag=True, help="Close as the payee (operator), not as the payer.")
+@click.pass_obj
+def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_payee: bool) -> None:
+    """Close a channel: the payer asks the payee to close; the payee closes now with its best payment.
+
+    The role is the one this datadir holds the channel in (--payee when it holds both).
+
+    \b
+    Examples:
+      btcchannel close 5f0c...e1                  # payer: signed close request
+      btcchannel close 5f0c...e1 --fee-rate 12    # payee: broadcast the close now
+    """
+    if as_payee or _payee_only(settings, channel_id):
+        from btcchannel.payee.closer import operator_close
+
+        config = _server_config(settings, close_fee_rate_sat_vb=fee_rate)
+        obj = run_async(with_node(settings, "payee", lambda node: operator_close(config, node, channel_id)))
+    else:
+        obj = run_async(with_client(settings, lambda client: client.close(channel_id)))
+    emit(settings, obj, f"closing: {obj.get('close_txid') or '-'} (state {obj['state']})")
+
+
+@click.command()
+@click.argument("channel_id")
+@click.option("--fee-rate", type=click.FloatRange(1.0), required=True, help="New fee rate, sat/vB.")
+@click.pass_obj
+def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
+    """Replace the payee's unconfirmed close with one paying a higher fee rate (RBF).
+
+    \b
+    Example:
+      btcchannel bump 5f0c...e1 --fee-rate 25
+    """
+    from btcchannel.payee.closer import operator_bump
+
+    config = _server_config(settings)
+    obj = run_async(with_node(settings, "payee", lambda node: operator_bump(config, node, channel_id, fee_rate)))
+    emit(settings, obj, f"close replaced: {obj.get('close_txid')}")
+
+
+COMMANDS: tuple[click.Command, ...] = (serve, channels, channel, close_cmd, bump)
