@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
 from btcchannel.core.channel import MIN_RELAY_FEE_RATE, TERMINAL_STATES, TRANSITIONS, bump_fee_rate, next_state
+from btcchannel.core.state import ChannelEvent
 from btcchannel.errors import (
     AmountOutOfRange,
     BadPubkey,
@@ -132,7 +133,7 @@ EVENTS = ("funding", "funding_confirmed", "closing", "closed", "refunded", "fail
 @pytest.mark.parametrize("event", EVENTS)
 def test_transition_table(state: ChannelState, event: str) -> None:
     if (state, event) in TRANSITIONS:
-        assert next_state(state, event) is TRANSITIONS[(state, event)]
+        assert next_state(state, event) is TRANSITIONS[(state, ChannelEvent(event))]
     else:
         with pytest.raises(IllegalTransition):
             next_state(state, event)
