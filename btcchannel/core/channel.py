@@ -1,13 +1,14 @@
 """The two pure channel state machines, :class:`PayerChannel` and :class:`PayeeChannel`.
 
-Every rule of a payment lives here: the channel parameters, amount ranges,
-monotonic payments, signature checks, expiry margins. Nothing here does I/O;
+Every rule of a payment's life lives here: monotonic payments, signature
+checks, expiry margins, the close and the refund. Nothing here does I/O;
 callers persist state (``ChannelParams.to_json``, ``Payment.to_json``, the
 ``state`` and the best payment), feed chain events in, and rebuild a machine
-mid-life with ``restore``. Which event each state allows is the table in
-:mod:`btcchannel.core.state`; the service terms (metering, proposal limits,
-capacity, fee rules) are in :mod:`btcchannel.core.terms`. Both are re-exported
-here under their old names.
+mid-life with ``restore``. What the machines stand on lives beside them:
+:mod:`btcchannel.core.params` (the agreed parameters, a payment, the amount
+range), :mod:`btcchannel.core.state` (the one table saying which event each
+state allows) and :mod:`btcchannel.core.terms` (metering, proposal limits,
+capacity, fee rules); their names are re-exported here under the old paths.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from btcchannel.core.keys import (
     public_key,
     sign_digest,
 )
-from btcchannel.core.params import ChannelParams, Payment, _is_int, check_payment_amount
+from btcchannel.core.params import ChannelParams, Payment, check_payment_amount
 from btcchannel.core.script import dust_limit
 from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, ChannelEvent, ChannelState, next_state
 from btcchannel.core.terms import (
@@ -250,7 +251,8 @@ class PayeeChannel(_Machine):
         check_private_key(privkey)
         if public_key(privkey) != params.payee_pubkey:
             raise BadPubkey("the private key does not match payee_pubkey")
-        if not _is_int(close_margin_blocks) or close_margin_blocks < 0:
+        margin_ok = isinstance(close_margin_blocks, int) and not isinstance(close_margin_blocks, bool)
+        if not margin_ok or close_margin_blocks < 0:
             raise BadRequest("close_margin_blocks must be a non-negative integer")
         self.privkey = privkey
         self.state = ChannelState(state)

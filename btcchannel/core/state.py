@@ -98,7 +98,7 @@ def next_state(state: ChannelState, event: ChannelEvent | str) -> ChannelState:
         return TRANSITIONS[(state, event)]  # type: ignore[index]  # a str event hashes as its enum
     except KeyError:
         raise IllegalTransition(
-            f"event {_event(event).value!r} is not allowed in state {ChannelState(state).value!r}"
+            f"event {_event(event).value!r} is not allowed in state {getattr(state, 'value', state)!r}"
         ) from None
 
 
