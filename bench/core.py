@@ -42,7 +42,7 @@ def main() -> None:
         payer_script=p2wpkh_script(public_key(payer_key)),
         funding=outpoint,
     )
-    payer = PayerChannel(params, payer_key, state=ChannelState.OPEN)
+    payer = PayerChannel.restore(params, payer_key, ChannelState.OPEN)
     clock = time.perf_counter_ns
 
     sign_times: list[int] = []
@@ -58,7 +58,7 @@ def main() -> None:
     verify_times: list[int] = []
     pub = PublicKey(params.payer_pubkey)
     for _ in range(ROUNDS):
-        payee = PayeeChannel(params, payee_key, state=ChannelState.OPEN)
+        payee = PayeeChannel.restore(params, payee_key, ChannelState.OPEN)
         for payment in payments[:N]:
             t0 = clock()
             payee.accept_payment(payment.amount_sat, payment.signature, 10)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
 from btcchannel.core.channel import MIN_RELAY_FEE_RATE, TERMINAL_STATES, TRANSITIONS, bump_fee_rate, next_state
+from btcchannel.core.state import ChannelEvent
 from btcchannel.errors import (
     AmountOutOfRange,
     BadPubkey,
@@ -132,7 +133,7 @@ EVENTS = ("funding", "funding_confirmed", "closing", "closed", "refunded", "fail
 @pytest.mark.parametrize("event", EVENTS)
 def test_transition_table(state: ChannelState, event: str) -> None:
     if (state, event) in TRANSITIONS:
-        assert next_state(state, event) is TRANSITIONS[(state, event)]
+        assert next_state(state, event) is TRANSITIONS[(state, ChannelEvent(event))]
     else:
         with pytest.raises(IllegalTransition):
             next_state(state, event)
@@ -484,3 +485,75 @@ def test_bump_rate_always_raises_the_old_rate(old: float | None, requested: floa
         assert rate == requested
     if requested is None:
         assert rate >= max(base * factor, estimate)
+
+
+# --- restore and verify_payment (no forced states) --------------------------------
+
+
+def test_restore_mid_life_without_forcing_open() -> None:
+    payer, payee = open_pair()
+    pm = payer.sign_payment(200_000)
+    params = payee.params
+    for state in (ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING, ChannelState.CLOSED):
+        restored = PayeeChannel.restore(params, PAYEE_KEY, state, best=pm, close_margin_blocks=3)
+        assert restored.state is state and restored.best == pm and restored.close_margin_blocks == 3
+        restored_payer = PayerChannel.restore(params, PAYER_KEY, state, payment=pm)
+        assert restored_payer.state is state and restored_payer.payment == pm
+    closing = PayeeChannel.restore(params, PAYEE_KEY, ChannelState.CLOSING, best=pm)
+    tx = closing.build_close(PAYEE_SCRIPT, 2.0)  # a closing channel builds (and re-builds) its close
+    assert tx.vout[0].nValue == DEPOSIT - 200_000
+    with pytest.raises(ChannelClosing):
+        closing.accept_payment(pm.amount_sat, pm.signature)  # restoring is not accepting
+    refunding = PayerChannel.restore(params, PAYER_KEY, ChannelState.CLOSING)
+    assert refunding.build_refund(EXPIRY, 1.0).nLockTime == EXPIRY
+    with pytest.raises(BadSignature):
+        PayeeChannel.restore(params, PAYEE_KEY, ChannelState.CLOSING, best=Payment(200_001, pm.signature))
+    with pytest.raises(BadSignature):
+        PayerChannel.restore(params, PAYER_KEY, ChannelState.CLOSING, payment=Payment(200_001, pm.signature))
+    with pytest.raises(BadRequest):
+        PayeeChannel.restore(make_params(), PAYEE_KEY, ChannelState.PROPOSED, best=pm)  # no funding
+    with pytest.raises(BadRequest):
+        PayerChannel.restore(make_params(), PAYER_KEY, ChannelState.CLOSING)  # no funding
+
+
+def test_verify_payment_checks_everything_but_state_and_stores_nothing() -> None:
+    payer, payee = open_pair()
+    first, second = payer.sign_payment(5_000), payer.sign_payment(7_000)
+    assert payee.accept_payment(second.amount_sat, second.signature)
+    payee.verify_payment(first.amount_sat, first.signature)  # below the best: still a valid payment
+    payee.verify_payment(DEPOSIT, payer.sign_payment(DEPOSIT).signature)
+    assert payee.best == second
+    for bad_amount in (0, DEPOSIT - 1, DEPOSIT + 1, True):
+        with pytest.raises(AmountOutOfRange):
+            payee.verify_payment(bad_amount, first.signature)
+    for bad_sig in (b"", first.signature[:-1] + b"\x82", first.signature[:-2] + b"\x83", second.signature):
+        with pytest.raises(BadSignature):
+            payee.verify_payment(first.amount_sat, bad_sig)
+    payee.closing()
+    payee.verify_payment(first.amount_sat, first.signature)  # any state
+    payee.closed()
+    payee.verify_payment(first.amount_sat, first.signature)
+    with pytest.raises(BadSignature):
+        payee.verify_payment(6_000, first.signature)
+    assert payee.best == second
+    unfunded = PayeeChannel(make_params(), PAYEE_KEY)
+    with pytest.raises(NotOpen):
+        unfunded.verify_payment(first.amount_sat, first.signature)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, DEPOSIT - DUST), st.integers(1, DEPOSIT - DUST))
+def test_verify_payment_agrees_with_accept_payment(signed: int, claimed: int) -> None:
+    payer, payee = open_pair()
+    sig = payer.sign_payment(signed).signature
+    try:
+        payee.verify_payment(claimed, sig)
+        verified = True
+    except BadSignature:
+        verified = False
+    assert verified == (claimed == signed)
+    if verified:
+        assert payee.accept_payment(claimed, sig)
+    else:
+        with pytest.raises(BadSignature):
+            payee.accept_payment(claimed, sig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from bitcoin import segwit_addr
 from bitcoin.base58 import CBase58Data
 from bitcoin.core.script import (
     OP_CHECKLOCKTIMEVERIFY,
@@ -24,11 +25,14 @@ from btcchannel.core.keys import public_key
 from btcchannel.core.script import (
     NETWORKS,
     address_to_script,
+    base58check_decode,
+    base58check_encode,
     bech32_decode,
     bech32_encode,
     BECH32_CONST,
     BECH32M_CONST,
     check_payout_script,
+    decode_segwit_address,
     dust_limit,
     encode_segwit_address,
     funding_witness_script,
@@ -39,6 +43,7 @@ from btcchannel.core.script import (
     parse_funding_witness_script,
     script_num,
     script_to_address,
+    script_type,
 )
 
 PAYER = public_key(b"\x01" * 32)
@@ -163,7 +168,7 @@ def test_segwit_vectors(network: str, address: str, script_hex: str) -> None:
 def test_segwit_checksum_variant_enforced() -> None:
     program = bytes(range(32))
     # v1 with the bech32 constant and v0 with bech32m are invalid (BIP350)
-    from btcchannel.core.script import _convertbits  # noqa: PLC0415 - test of a private helper
+    from btcchannel.core.address import _convertbits  # noqa: PLC0415 - test of a private helper
 
     v1_bech32 = bech32_encode("bc", [1] + _convertbits(program, 8, 5, True), BECH32_CONST)
     v0_bech32m = bech32_encode("bc", [0] + _convertbits(program, 8, 5, True), BECH32M_CONST)
@@ -232,3 +237,146 @@ def test_dust_limits_and_payout_scripts() -> None:
         with pytest.raises(BadScript):
             check_payout_script(bad)
     assert check_payout_script(b"\x00\x20" + h32) == b"\x00\x20" + h32
+
+
+# --- BIP173 / BIP350 segwit address vectors ------------------------------------------
+
+#: BIP350's valid segwit addresses (which include BIP173's v0 ones): address -> scriptPubKey.
+BIP350_VALID = [
+    ("BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4", "0014751e76e8199196d454941c45d1b3a323f1433bd6"),
+    (
+        "tb1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3q0sl5k7",
+        "00201863143c14c5166804bd19203356da136c985678cd4d27a1b8c6329604903262",
+    ),
+    (
+        "bc1pw508d6qejxtdg4y5r3zarvary0c5xw7kw508d6qejxtdg4y5r3zarvary0c5xw7kt5nd6y",
+        "5128751e76e8199196d454941c45d1b3a323f1433bd6751e76e8199196d454941c45d1b3a323f1433bd6",
+    ),
+    ("BC1SW50QGDZ25J", "6002751e"),
+    ("bc1zw508d6qejxtdg4y5r3zarvaryvaxxpcs", "5210751e76e8199196d454941c45d1b3a323"),
+    (
+        "tb1qqqqqp399et2xygdj5xreqhjjvcmzhxw4aywxecjdzew6hylgvsesrxh6hy",
+        "0020000000c4a5cad46221b2a187905e5266362b99d5e91c6ce24d165dab93e86433",
+    ),
+    (
+        "tb1pqqqqp399et2xygdj5xreqhjjvcmzhxw4aywxecjdzew6hylgvsesf3hn0c",
+        "5120000000c4a5cad46221b2a187905e5266362b99d5e91c6ce24d165dab93e86433",
+    ),
+    (
+        "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqzk5jj0",
+        "512079be667ef9dcbbac55a06295ce870b07029bfcdb2dce28d959f2815b16f81798",
+    ),
+]
+
+#: BIP350's invalid segwit addresses.
+BIP350_INVALID = [
+    "tc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vq5zuyut",  # invalid hrp
+    "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqh2y7hd",  # bech32 instead of bech32m
+    "tb1z0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqglt7rf",  # bech32 instead of bech32m
+    "BC1S0XLXVLHEMJA6C4DQV22UAPCTQUPFHLXM9H8Z3K2E72Q4K9HCZ7VQ54WELL",  # bech32 instead of bech32m
+    "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kemeawh",  # bech32m instead of bech32
+    "tb1q0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vq24jc47",  # bech32m instead of bech32
+    "bc1p38j9r5y49hruaue7wxjce0updqjuyyx0kh56v8s25huc6995vvpql3jow4",  # invalid character in checksum
+    "BC130XLXVLHEMJA6C4DQV22UAPCTQUPFHLXM9H8Z3K2E72Q4K9HCZ7VQ7ZWS8R",  # invalid witness version
+    "bc1pw5dgrnzv",  # program of 1 byte
+    "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7v8n0nx0muaewav253zgeav",  # program of 41 bytes
+    "BC1QR508D6QEJXTDG4Y5R3ZARVARYV98GJ9P",  # invalid program length for witness v0
+    "tb1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vq47Zagq",  # mixed case
+    "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7v07qwwzcrf",  # zero padding of more than 4 bits
+    "tb1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vpggkg4j",  # non-zero padding in 8-to-5
+    "bc1gmk9yu",  # empty data section
+]
+
+#: BIP173's invalid segwit addresses.
+BIP173_INVALID = [
+    "tc1qw508d6qejxtdg4y5r3zarvary0c5xw7kg3g4ty",  # invalid hrp
+    "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t5",  # invalid checksum
+    "BC13W508D6QEJXTDG4Y5R3ZARVARY0C5XW7KN40WF2",  # invalid witness version
+    "bc1rw5uspcuh",  # invalid program length
+    "bc10w508d6qejxtdg4y5r3zarvary0c5xw7kw508d6qejxtdg4y5r3zarvary0c5xw7kw5rljs90",  # invalid program length
+    "BC1QR508D6QEJXTDG4Y5R3ZARVARYV98GJ9P",  # invalid program length for witness v0
+    "tb1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3q0sL5k7",  # mixed case
+    "bc1zw508d6qejxtdg4y5r3zarvaryvqyzf3du",  # zero padding of more than 4 bits
+    "tb1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3pjxtptv",  # non-zero padding in 8-to-5
+    "bc1gmk9yu",  # empty data section
+]
+
+#: BIP173's valid v1+ addresses carry a bech32 checksum: BIP350 makes them invalid.
+BIP173_V1_PLUS = [
+    "bc1pw508d6qejxtdg4y5r3zarvary0c5xw7kw508d6qejxtdg4y5r3zarvary0c5xw7k7grplx",
+    "BC1SW50QA3JX3S",
+    "bc1zw508d6qejxtdg4y5r3zarvaryvg6kdaj",
+]
+
+
+def _hrp_of(address: str) -> str:
+    return address[: address.rfind("1")].lower()
+
+
+@pytest.mark.parametrize("address,script_hex", BIP350_VALID)
+def test_bip350_valid_addresses(address: str, script_hex: str) -> None:
+    script = bytes.fromhex(script_hex)
+    version = script[0] - 0x50 if script[0] else 0
+    program = script[2:]
+    assert script[1] == len(program)
+    hrp = _hrp_of(address)
+    assert decode_segwit_address(hrp, address) == (version, program)
+    assert encode_segwit_address(hrp, version, program) == address.lower()
+    if script_type(script) is not None:  # a payout type: the network-level functions agree
+        network = "mainnet" if hrp == "bc" else "testnet"
+        assert address_to_script(address, network) == script
+        assert script_to_address(script, network) == address.lower()
+
+
+@pytest.mark.parametrize("address", sorted(set(BIP350_INVALID + BIP173_INVALID)))
+def test_bip173_and_bip350_invalid_addresses(address: str) -> None:
+    for hrp in ("bc", "tb"):  # the networks' HRPs; "tc" is the vectors' unknown one
+        with pytest.raises(BadScript):
+            decode_segwit_address(hrp, address)
+    for network in ("mainnet", "testnet"):
+        with pytest.raises(BadScript):
+            address_to_script(address, network)
+
+
+@pytest.mark.parametrize("address", BIP173_V1_PLUS)
+def test_bip173_v1_plus_addresses_need_bech32m(address: str) -> None:
+    version, program = segwit_addr.decode("bc", address)  # valid under BIP173 alone
+    assert version is not None and version >= 1
+    with pytest.raises(BadScript):
+        decode_segwit_address("bc", address)
+    assert decode_segwit_address("bc", encode_segwit_address("bc", version, bytes(program))) == (
+        version, bytes(program))
+
+
+def test_base58check_through_the_library() -> None:
+    payload = bytes([0x00]) + bytes.fromhex("62e907b15cbf27d5425399ebf6f0fb50ebb88f18")
+    assert base58check_encode(payload) == "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa"
+    assert base58check_decode("1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNa") == payload
+    for bad in ("1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfNb", "1A1zP1eP5QGefi2DMPTfTL5SLmv7DivfN0", "", "1", "z"):
+        with pytest.raises(BadScript):
+            base58check_decode(bad)
+    with pytest.raises(BadScript):
+        base58check_encode(b"")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=60))
+def test_base58check_roundtrip(payload: bytes) -> None:
+    assert base58check_decode(base58check_encode(payload)) == payload
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 16), st.binary(min_size=2, max_size=40), st.sampled_from(["bc", "tb", "bcrt"]))
+def test_segwit_roundtrip_every_version(version: int, program: bytes, hrp: str) -> None:
+    if version == 0 and len(program) not in (20, 32):
+        with pytest.raises(BadScript):
+            encode_segwit_address(hrp, version, program)
+        return
+    address = encode_segwit_address(hrp, version, program)
+    assert decode_segwit_address(hrp, address) == (version, program)
+    assert decode_segwit_address(hrp, address.upper()) == (version, program)
+    _, _, const = bech32_decode(address)
+    assert const == (BECH32_CONST if version == 0 else BECH32M_CONST)
+    other = "tb" if hrp != "tb" else "bc"
+    with pytest.raises(BadScript):
+        decode_segwit_address(other, address)

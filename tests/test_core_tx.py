@@ -63,7 +63,7 @@ def _ref_sighash(tx: Any, index: int, script: bytes, amount: int, hashtype: int)
 
 
 def _weight_vsize(tx: Any) -> int:
-    return (tx.calc_weight() + 3) // 4
+    return (int(tx.calc_weight()) + 3) // 4
 
 
 def _payment(outpoint: OutPoint, deposit: int, amount: int, payer_script: bytes = PAYER_SCRIPT) -> bytes:

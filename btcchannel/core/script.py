@@ -1,9 +1,8 @@
-"""Scripts and addresses: the channel's funding script, output types, dust, bech32/base58.
+"""Scripts and addresses: the channel's funding script, output types, dust, script <-> address.
 
 Pure functions, no global network state: every address function takes the
-network name explicitly. Bech32 (BIP173), bech32m (BIP350) and base58check are
-implemented here so that python-bitcoinlib's global chain parameters are never
-involved.
+network name explicitly. The codecs (bech32, bech32m, base58check) are in
+:mod:`btcchannel.core.address` and re-exported here.
 """
 
 from __future__ import annotations
@@ -11,8 +10,18 @@ from __future__ import annotations
 import hashlib
 from typing import Final
 
-from btcchannel.errors import BadRequest, BadScript, ChannelError, ExpiryOutOfRange
+from btcchannel.core.address import (
+    BECH32_CONST,
+    BECH32M_CONST,
+    base58check_decode,
+    base58check_encode,
+    bech32_decode,
+    bech32_encode,
+    decode_segwit_address,
+    encode_segwit_address,
+)
 from btcchannel.core.keys import check_public_key
+from btcchannel.errors import BadRequest, BadScript, ChannelError, ExpiryOutOfRange
 
 __all__ = [
     "NETWORKS",
@@ -32,6 +41,8 @@ __all__ = [
     "check_network",
     "script_num",
     "push_data",
+    "BECH32_CONST",
+    "BECH32M_CONST",
     "bech32_encode",
     "bech32_decode",
     "encode_segwit_address",
@@ -227,147 +238,6 @@ def check_payout_script(script: bytes) -> bytes:
     if not isinstance(script, bytes) or script_type(script) is None:
         raise BadScript("not a standard payout script (p2pkh, p2sh, p2wpkh, p2wsh, p2tr)")
     return script
-
-
-# --- bech32 / bech32m (BIP173, BIP350) -------------------------------------------
-
-_CHARSET: Final = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
-_CHARSET_REV: Final = {c: i for i, c in enumerate(_CHARSET)}
-BECH32_CONST: Final = 1
-BECH32M_CONST: Final = 0x2BC830A3
-
-
-def _polymod(values: list[int]) -> int:
-    gen = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
-    chk = 1
-    for v in values:
-        top = chk >> 25
-        chk = (chk & 0x1FFFFFF) << 5 ^ v
-        for i in range(5):
-            if (top >> i) & 1:
-                chk ^= gen[i]
-    return chk
-
-
-def _hrp_expand(hrp: str) -> list[int]:
-    return [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
-
-
-def bech32_encode(hrp: str, data: list[int], const: int) -> str:
-    """Encode 5-bit ``data`` under ``hrp`` with checksum constant ``const`` (bech32 or bech32m)."""
-    values = _hrp_expand(hrp) + data
-    poly = _polymod(values + [0] * 6) ^ const
-    checksum = [(poly >> 5 * (5 - i)) & 31 for i in range(6)]
-    return hrp + "1" + "".join(_CHARSET[d] for d in data + checksum)
-
-
-def bech32_decode(text: str) -> tuple[str, list[int], int]:
-    """Decode a bech32/bech32m string: ``(hrp, data, const)``; BadScript when invalid."""
-    if any(ord(c) < 33 or ord(c) > 126 for c in text):
-        raise BadScript("invalid character in bech32 string")
-    if text.lower() != text and text.upper() != text:
-        raise BadScript("mixed case bech32 string")
-    text = text.lower()
-    pos = text.rfind("1")
-    if pos < 1 or pos + 7 > len(text) or len(text) > 90:
-        raise BadScript("malformed bech32 string")
-    hrp = text[:pos]
-    try:
-        data = [_CHARSET_REV[c] for c in text[pos + 1 :]]
-    except KeyError:
-        raise BadScript("invalid bech32 character") from None
-    const = _polymod(_hrp_expand(hrp) + data)
-    if const not in (BECH32_CONST, BECH32M_CONST):
-        raise BadScript("bad bech32 checksum")
-    return hrp, data[:-6], const
-
-
-def _convertbits(data: list[int] | bytes, frombits: int, tobits: int, pad: bool) -> list[int]:
-    acc = 0
-    bits = 0
-    out: list[int] = []
-    maxv = (1 << tobits) - 1
-    for value in data:
-        if value < 0 or value >> frombits:
-            raise BadScript("invalid data value")
-        acc = (acc << frombits) | value
-        bits += frombits
-        while bits >= tobits:
-            bits -= tobits
-            out.append((acc >> bits) & maxv)
-    if pad:
-        if bits:
-            out.append((acc << (tobits - bits)) & maxv)
-    elif bits >= frombits or ((acc << (tobits - bits)) & maxv):
-        raise BadScript("invalid padding")
-    return out
-
-
-def decode_segwit_address(hrp: str, address: str) -> tuple[int, bytes]:
-    """``(witness_version, program)`` of a segwit address under ``hrp``; BadScript when invalid."""
-    got_hrp, data, const = bech32_decode(address)
-    if got_hrp != hrp:
-        raise BadScript(f"address is for another network (hrp {got_hrp!r}, expected {hrp!r})")
-    if not data:
-        raise BadScript("empty segwit address")
-    version = data[0]
-    if version > 16:
-        raise BadScript("invalid witness version")
-    program = bytes(_convertbits(data[1:], 5, 8, False))
-    if not 2 <= len(program) <= 40:
-        raise BadScript("invalid witness program length")
-    if version == 0 and len(program) not in (20, 32):
-        raise BadScript("invalid v0 witness program length")
-    if (version == 0) != (const == BECH32_CONST):
-        raise BadScript("wrong checksum variant (bech32 vs bech32m) for the witness version")
-    return version, program
-
-
-def encode_segwit_address(hrp: str, version: int, program: bytes) -> str:
-    """Encode a segwit address: bech32 for v0, bech32m for v1+."""
-    if not 0 <= version <= 16 or not 2 <= len(program) <= 40:
-        raise BadScript("invalid witness program")
-    if version == 0 and len(program) not in (20, 32):
-        raise BadScript("invalid v0 witness program length")
-    const = BECH32_CONST if version == 0 else BECH32M_CONST
-    return bech32_encode(hrp, [version] + _convertbits(program, 8, 5, True), const)
-
-
-# --- base58check ---------------------------------------------------------------
-
-_B58: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_REV: Final = {c: i for i, c in enumerate(_B58)}
-
-
-def base58check_encode(payload: bytes) -> str:
-    """Base58 of ``payload`` + its 4-byte double-SHA256 checksum."""
-    data = payload + hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
-    num = int.from_bytes(data, "big")
-    out = ""
-    while num:
-        num, rem = divmod(num, 58)
-        out = _B58[rem] + out
-    zeros = len(data) - len(data.lstrip(b"\x00"))
-    return "1" * zeros + out
-
-
-def base58check_decode(text: str) -> bytes:
-    """The payload of a base58check string; BadScript on a bad character or checksum."""
-    num = 0
-    for c in text:
-        try:
-            num = num * 58 + _B58_REV[c]
-        except KeyError:
-            raise BadScript("invalid base58 character") from None
-    zeros = len(text) - len(text.lstrip("1"))
-    body = num.to_bytes((num.bit_length() + 7) // 8, "big") if num else b""
-    data = b"\x00" * zeros + body
-    if len(data) < 4:
-        raise BadScript("base58 string too short")
-    payload, check = data[:-4], data[-4:]
-    if hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4] != check:
-        raise BadScript("bad base58 checksum")
-    return payload
 
 
 # --- script <-> address ----------------------------------------------------------

@@ -1,0 +1,134 @@
+"""The channel state table: states, typed events, the one table of transitions, spend kinds.
+
+Both machines (:mod:`btcchannel.core.channel`) and storage derive every state
+change from :data:`TRANSITIONS`; nothing else decides which event a state
+allows. States (both sides)::
+
+    proposed --funding--> funding --funding_confirmed--> open --closing--> closing
+    open/closing --closed--> closed        open/closing --refunded--> refunded
+    proposed/funding/open/closing --failed--> failed
+
+:func:`next_state` follows an edge or raises IllegalTransition; :func:`sources`
+lists the states an event may fire in (a store's ``WHERE state IN (...)``).
+:func:`classify_spend` tells a close from the payer's refund by the witness
+that spent the funding output.
+"""
+
+from __future__ import annotations
+
+import enum
+from types import MappingProxyType
+from typing import Final, Mapping, Sequence
+
+from btcchannel.errors import IllegalTransition
+
+__all__ = [
+    "ChannelState",
+    "ChannelEvent",
+    "TRANSITIONS",
+    "TERMINAL_STATES",
+    "next_state",
+    "sources",
+    "SpendKind",
+    "classify_spend",
+]
+
+
+class ChannelState(str, enum.Enum):
+    """Where a channel is in its life (the value is what storage and the wire carry)."""
+
+    PROPOSED = "proposed"
+    FUNDING = "funding"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    REFUNDED = "refunded"
+    FAILED = "failed"
+
+
+class ChannelEvent(str, enum.Enum):
+    """What happens to a channel; each one moves it along an edge of :data:`TRANSITIONS`."""
+
+    FUNDING = "funding"
+    FUNDING_CONFIRMED = "funding_confirmed"
+    CLOSING = "closing"
+    CLOSED = "closed"
+    REFUNDED = "refunded"
+    FAILED = "failed"
+
+
+_S = ChannelState
+_E = ChannelEvent
+
+#: States no event leaves.
+TERMINAL_STATES: Final[frozenset[ChannelState]] = frozenset({_S.CLOSED, _S.REFUNDED, _S.FAILED})
+
+#: (state, event) -> next state: every edge there is.
+TRANSITIONS: Final[Mapping[tuple[ChannelState, ChannelEvent], ChannelState]] = MappingProxyType(
+    {
+        (_S.PROPOSED, _E.FUNDING): _S.FUNDING,
+        (_S.FUNDING, _E.FUNDING_CONFIRMED): _S.OPEN,
+        (_S.OPEN, _E.CLOSING): _S.CLOSING,
+        (_S.OPEN, _E.CLOSED): _S.CLOSED,
+        (_S.CLOSING, _E.CLOSED): _S.CLOSED,
+        (_S.OPEN, _E.REFUNDED): _S.REFUNDED,
+        (_S.CLOSING, _E.REFUNDED): _S.REFUNDED,
+        (_S.PROPOSED, _E.FAILED): _S.FAILED,
+        (_S.FUNDING, _E.FAILED): _S.FAILED,
+        (_S.OPEN, _E.FAILED): _S.FAILED,
+        (_S.CLOSING, _E.FAILED): _S.FAILED,
+    }
+)
+
+_SOURCES: Final[Mapping[ChannelEvent, frozenset[ChannelState]]] = MappingProxyType(
+    {event: frozenset(s for (s, e) in TRANSITIONS if e is event) for event in ChannelEvent}
+)
+
+
+def _event(event: ChannelEvent | str) -> ChannelEvent:
+    try:
+        return ChannelEvent(event)
+    except ValueError:
+        raise IllegalTransition(f"unknown event {event!r}") from None
+
+
+def next_state(state: ChannelState, event: ChannelEvent | str) -> ChannelState:
+    """The state after ``event`` in ``state``; IllegalTransition if the table has no such edge."""
+    try:
+        return TRANSITIONS[(state, event)]  # type: ignore[index]  # a str event hashes as its enum
+    except KeyError:
+        raise IllegalTransition(
+            f"event {_event(event).value!r} is not allowed in state {getattr(state, 'value', state)!r}"
+        ) from None
+
+
+def sources(event: ChannelEvent | str) -> frozenset[ChannelState]:
+    """The states ``event`` may fire in; IllegalTransition for an unknown event."""
+    return _SOURCES[_event(event)]
+
+
+class SpendKind(str, enum.Enum):
+    """Who spent a channel's funding output, judged by the input's witness."""
+
+    CLOSE = "close"
+    REFUND = "refund"
+    OTHER = "other"
+
+
+def classify_spend(witness: Sequence[bytes], witness_script: bytes) -> SpendKind:
+    """The kind of spend of the funding output whose witness script is ``witness_script``.
+
+    ``[payer_sig, payee_sig, 0x01, script]`` (the payee branch: a close) is
+    CLOSE; ``[payer_sig, <empty>, script]`` (the timelocked branch: the payer's
+    refund) is REFUND; any other stack, an empty signature, or another script
+    is OTHER. Signatures are not verified: only the two keys of the script can
+    produce a spend the chain accepts.
+    """
+    n = len(witness)
+    if n < 3 or witness[-1] != witness_script or not witness[0]:
+        return SpendKind.OTHER
+    if n == 4 and witness[2] == b"\x01" and witness[1]:
+        return SpendKind.CLOSE
+    if n == 3 and witness[1] == b"":
+        return SpendKind.REFUND
+    return SpendKind.OTHER

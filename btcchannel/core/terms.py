@@ -1,0 +1,246 @@
+"""The agreed terms of a channel service, as values: what the payee accepts and how it meters.
+
+:class:`ProposalLimits` (which deposits and expiries a payee accepts),
+:class:`Capacity` (which cumulative amounts a channel can carry),
+:class:`Metering` (a metered service: the prepay amount, postpay credit and
+settlement, the agreed end conditions) and the close-fee rules
+(:data:`MIN_RELAY_FEE_RATE`, :func:`bump_fee_rate`, :func:`closing_height`).
+:func:`not_open_error` says why a channel in a given state takes no payment.
+Pure: the service layers call these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Final
+
+from btcchannel.core.state import TERMINAL_STATES, ChannelState
+from btcchannel.errors import (
+    BadRequest,
+    ChannelClosed,
+    ChannelClosing,
+    ChannelError,
+    DepositOutOfRange,
+    ExpiryOutOfRange,
+    NotOpen,
+    StalePayment,
+    WrongAmount,
+)
+
+__all__ = [
+    "Capacity",
+    "MIN_RELAY_FEE_RATE",
+    "bump_fee_rate",
+    "closing_height",
+    "not_open_error",
+    "Metering",
+    "METERING_MODES",
+    "ProposalLimits",
+]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Which cumulative amounts a channel can carry: up to ``deposit - dust(payer_script)``
+    (``max_partial_sat``), or exactly the whole deposit (no payer output)."""
+
+    deposit_sat: int
+    max_partial_sat: int
+
+    def carries(self, amount_sat: int) -> bool:
+        """Whether a cumulative payment of ``amount_sat`` fits (the upper bounds of
+        :func:`btcchannel.core.channel.check_payment_amount`)."""
+        if amount_sat == self.deposit_sat:
+            return True
+        if amount_sat > self.deposit_sat:
+            return False
+        return amount_sat <= self.max_partial_sat
+
+
+#: The lowest fee rate (sat/vB) a node relays by default: the floor of every close.
+MIN_RELAY_FEE_RATE: Final = 1.0
+
+
+def bump_fee_rate(old_rate: float | None, requested: float | None, factor: float, estimate: float) -> float:
+    """The fee rate of a replacement close (RBF): the requested one, else ``factor`` times the old
+    rate or the current estimate, whichever is higher; always at least 1 sat/vB above the old rate."""
+    old = old_rate or MIN_RELAY_FEE_RATE
+    rate = requested if requested is not None else max(old * factor, old + 1.0, estimate)
+    return rate if rate > old else old + 1.0
+
+
+def not_open_error(state: ChannelState) -> ChannelError:
+    """Why a channel in ``state`` takes no payment: ChannelClosing, ChannelClosed or NotOpen."""
+    if state is ChannelState.CLOSING:
+        return ChannelClosing("the channel is closing")
+    if state in TERMINAL_STATES:
+        return ChannelClosed(f"the channel is {state.value}")
+    return NotOpen(f"the channel is {state.value}")
+
+
+def closing_height(expiry_height: int, close_margin_blocks: int) -> int:
+    """The height from which the payee refuses payments and must close: ``expiry - margin``."""
+    return expiry_height - close_margin_blocks
+
+
+@dataclass(frozen=True)
+class ProposalLimits:
+    """What a payee accepts in a channel proposal: the deposit range and the channel's lifetime."""
+
+    min_deposit_sat: int
+    max_deposit_sat: int
+    min_lifetime_blocks: int
+    max_lifetime_blocks: int
+
+    def __post_init__(self) -> None:
+        for name in ("min_deposit_sat", "max_deposit_sat"):
+            if getattr(self, name) < 0:
+                raise BadRequest(f"{name} must not be negative")
+
+    def check_proposal(self, deposit_sat: int, expiry_height: int, tip_height: int) -> None:
+        """DepositOutOfRange unless ``deposit_sat`` is within ``[min_deposit_sat, max_deposit_sat]``;
+        ExpiryOutOfRange unless ``expiry_height`` is within ``tip + [min_lifetime, max_lifetime]``."""
+        if not self.min_deposit_sat <= deposit_sat <= self.max_deposit_sat:
+            raise DepositOutOfRange(
+                f"deposit must be within [{self.min_deposit_sat}, {self.max_deposit_sat}] sat"
+            )
+        lo, hi = tip_height + self.min_lifetime_blocks, tip_height + self.max_lifetime_blocks
+        if not lo <= expiry_height <= hi:
+            raise ExpiryOutOfRange(f"expiry_height must be within [{lo}, {hi}] (tip {tip_height})")
+
+
+#: The metered service's modes: pay each unit before it is served, or pay the owed total after.
+METERING_MODES: Final = ("prepay", "postpay")
+
+
+@dataclass(frozen=True)
+class Metering:
+    """The amount rules of a metered service: ``price_sat`` per unit (0: nothing is metered).
+
+    - prepay: each paid request carries a payment of exactly the previous total plus
+      ``price_sat * units`` (:meth:`prepay_amount`, :meth:`check_prepay`);
+    - postpay: units are served on credit while the owed total minus the paid total stays
+      within ``credit_limit_sat`` and the channel can carry the owed total (:meth:`credit`);
+      the payer then pays exactly the owed total (:meth:`check_settlement`).
+
+    A signed payment of the wrong amount is answered with WrongAmount and ends the channel
+    (the payee closes with the last correct payment). Amounts are cumulative totals in sat:
+    ``paid_sat`` the best stored payment, ``owed_sat`` the owed total recorded so far.
+    """
+
+    price_sat: int
+    mode: str = "prepay"
+    credit_limit_sat: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in METERING_MODES:
+            raise BadRequest("mode must be 'prepay' or 'postpay'")
+        for name in ("price_sat", "credit_limit_sat"):
+            if getattr(self, name) < 0:
+                raise BadRequest(f"{name} must not be negative")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether units are sold at all (``price_sat > 0``)."""
+        return self.price_sat > 0
+
+    @property
+    def settles_owed(self) -> bool:
+        """Whether a plain payment must settle the owed total (metered and postpay)."""
+        return self.price_sat > 0 and self.mode == "postpay"
+
+    def cost(self, units: int = 1) -> int:
+        """The price of ``units`` units."""
+        return self.price_sat * units
+
+    def prepay_amount(self, paid_sat: int, units: int = 1) -> int:
+        """Prepay: the cumulative amount that pays for ``units`` more units."""
+        return paid_sat + self.price_sat * units
+
+    def check_prepay(self, paid_sat: int, amount_sat: int, units: int = 1) -> None:
+        """Prepay: StalePayment unless ``amount_sat`` is above ``paid_sat``; WrongAmount unless it is
+        exactly :meth:`prepay_amount` (the caller ends the channel once the signature checks out)."""
+        expected = self.prepay_amount(paid_sat, units)
+        if amount_sat <= paid_sat:
+            raise StalePayment(f"a unit costs a payment of exactly {expected} sat (current {paid_sat})")
+        if amount_sat != expected:
+            raise WrongAmount(f"expected exactly {expected} sat, got {amount_sat}; the channel is closing")
+
+    @staticmethod
+    def owed_total(owed_sat: int, paid_sat: int) -> int:
+        """The total the payer owes: the recorded owed total, or what it paid if that is more."""
+        return max(owed_sat, paid_sat)
+
+    def next_amount(self, paid_sat: int, owed_sat: int, units: int = 1) -> int:
+        """The cumulative amount the payer should pay next: prepay, :meth:`prepay_amount`;
+        postpay, :meth:`owed_total`."""
+        if self.mode == "prepay":
+            return self.prepay_amount(paid_sat, units)
+        return self.owed_total(owed_sat, paid_sat)
+
+    def exceeds_credit(self, owed_total_sat: int, paid_sat: int, units: int = 1) -> bool:
+        """Postpay: whether ``units`` more units on top of ``owed_total_sat`` would leave more than
+        ``credit_limit_sat`` unpaid."""
+        return owed_total_sat + self.price_sat * units - paid_sat > self.credit_limit_sat
+
+    def credit(self, owed_sat: int, paid_sat: int, units: int, capacity: Capacity) -> int | None:
+        """Postpay: the new owed total after serving ``units`` more units on credit, or None if refused
+        (past ``credit_limit_sat`` unpaid, or more than the channel can carry)."""
+        owed_total = self.owed_total(owed_sat, paid_sat)
+        if self.exceeds_credit(owed_total, paid_sat, units):
+            return None
+        new_owed = owed_total + self.price_sat * units
+        if not capacity.carries(new_owed):
+            return None
+        return new_owed
+
+    @staticmethod
+    def check_settlement(owed_sat: int, paid_sat: int, amount_sat: int) -> bool:
+        """Postpay: a payment must be exactly the owed total. False for an exact retry of the paid
+        total, True for a payment settling ``owed_sat``; StalePayment below the paid total,
+        WrongAmount for any other amount (the caller ends the channel once the signature checks out)."""
+        if amount_sat == paid_sat:
+            return False
+        if amount_sat < paid_sat:
+            raise StalePayment(f"amount below the current total {paid_sat}")
+        if amount_sat != owed_sat:
+            raise WrongAmount(f"owed total is {owed_sat} sat, got {amount_sat}; the channel is closing")
+        return True
+
+    @staticmethod
+    def payment_overdue(owed_sat: int, paid_sat: int, owed_since: float | None, now: float,
+                        payment_timeout_s: float) -> bool:
+        """Postpay: whether an owed total has stayed unpaid for longer than the payment timeout."""
+        return owed_since is not None and owed_sat > paid_sat and now - owed_since > payment_timeout_s
+
+    @staticmethod
+    def check_units(served_units: int, max_units: int | None, units: int = 1) -> None:
+        """ChannelClosing if serving ``units`` more units would pass the agreed ``max_units``."""
+        if max_units is not None and served_units + units > max_units:
+            raise ChannelClosing("the agreed unit count is reached")
+
+    def end_condition(
+        self,
+        *,
+        units: int,
+        max_units: int | None,
+        paid_sat: int,
+        owed_sat: int,
+        max_total_sat: int | None,
+        deposit_sat: int,
+        capacity: Callable[[], Capacity],
+    ) -> str | None:
+        """The agreed end condition a channel has reached, if any (checked after each payment):
+        ``unit_count_reached`` (all agreed units served and paid), ``agreed_total_reached``,
+        ``capacity_exhausted`` (the deposit is paid, or, when metered and nothing is owed, the
+        channel cannot carry one more unit). ``capacity`` is called only when needed."""
+        if max_units is not None and units >= max_units and owed_sat <= paid_sat:
+            return "unit_count_reached"
+        if max_total_sat is not None and paid_sat >= max_total_sat:
+            return "agreed_total_reached"
+        if paid_sat >= deposit_sat:
+            return "capacity_exhausted"
+        price = self.price_sat
+        if price > 0 and owed_sat <= paid_sat and not capacity().carries(paid_sat + price):
+            return "capacity_exhausted"
+        return None

@@ -1,0 +1,185 @@
+"""Unit and property tests of btcchannel.core.state: the transition table, sources, next_state, classify_spend."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from btcchannel.core import channel as channel_module
+from btcchannel.core.keys import public_key
+from btcchannel.core.script import funding_witness_script, p2wpkh_script
+from btcchannel.core.state import (
+    TERMINAL_STATES,
+    TRANSITIONS,
+    ChannelEvent,
+    ChannelState,
+    SpendKind,
+    classify_spend,
+    next_state,
+    sources,
+)
+from btcchannel.core.tx import CloseInput, OutPoint, build_close_tx, build_refund_tx
+from btcchannel.errors import IllegalTransition
+
+PAYER_KEY = hashlib.sha256(b"state-payer").digest()
+PAYEE_KEY = hashlib.sha256(b"state-payee").digest()
+PAYER, PAYEE = public_key(PAYER_KEY), public_key(PAYEE_KEY)
+EXPIRY = 800
+DEPOSIT = 500_000
+SCRIPT = funding_witness_script(PAYER, PAYEE, EXPIRY)
+OTHER_SCRIPT = funding_witness_script(PAYER, PAYEE, EXPIRY + 1)
+FUNDING = OutPoint("7c" * 32, 0)
+PAIRS = [(s, e) for s in ChannelState for e in ChannelEvent]
+
+
+# --- the table -------------------------------------------------------------------
+
+
+def test_table_shape() -> None:
+    assert len(TRANSITIONS) == 11
+    for (state, event), target in TRANSITIONS.items():
+        assert type(state) is ChannelState and type(event) is ChannelEvent and type(target) is ChannelState
+        assert state not in TERMINAL_STATES
+    assert TERMINAL_STATES == {ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED}
+    # every non-terminal state can fail; every terminal state is reachable
+    assert sources(ChannelEvent.FAILED) == set(ChannelState) - TERMINAL_STATES
+    assert {target for target in TRANSITIONS.values()} >= TERMINAL_STATES
+
+
+@pytest.mark.parametrize("state,event", PAIRS)
+def test_next_state_follows_the_table_or_raises(state: ChannelState, event: ChannelEvent) -> None:
+    if (state, event) in TRANSITIONS:
+        assert next_state(state, event) is TRANSITIONS[(state, event)]
+        assert next_state(state, event.value) is TRANSITIONS[(state, event)]  # the string value works too
+        assert state in sources(event)
+    else:
+        with pytest.raises(IllegalTransition, match=event.value):
+            next_state(state, event)
+        with pytest.raises(IllegalTransition):
+            next_state(state, event.value)
+        assert state not in sources(event)
+
+
+@pytest.mark.parametrize("event", list(ChannelEvent))
+def test_sources_are_the_table_column(event: ChannelEvent) -> None:
+    expected = {s for (s, e2) in TRANSITIONS if e2 == event}
+    assert sources(event) == expected
+    assert sources(event.value) == expected
+    assert isinstance(sources(event), frozenset)
+
+
+def test_unknown_events_raise() -> None:
+    for bad in ("open", "", "FUNDING", "close"):
+        with pytest.raises(IllegalTransition):
+            sources(bad)
+        with pytest.raises(IllegalTransition):
+            next_state(ChannelState.OPEN, bad)
+
+
+def test_the_table_is_read_only() -> None:
+    with pytest.raises(TypeError):
+        TRANSITIONS[(ChannelState.CLOSED, ChannelEvent.FUNDING)] = ChannelState.OPEN  # type: ignore[index]
+
+
+def test_old_import_path_is_the_same_table() -> None:
+    assert channel_module.TRANSITIONS is TRANSITIONS
+    assert channel_module.next_state is next_state
+    assert channel_module.ChannelState is ChannelState
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(list(ChannelEvent)), max_size=12))
+def test_any_event_sequence_walks_only_table_edges(events: list[ChannelEvent]) -> None:
+    state = ChannelState.PROPOSED
+    for event in events:
+        if state in TERMINAL_STATES:
+            with pytest.raises(IllegalTransition):
+                next_state(state, event)
+            continue
+        if state in sources(event):
+            new = next_state(state, event)
+            assert TRANSITIONS[(state, event)] is new
+            state = new
+        else:
+            with pytest.raises(IllegalTransition):
+                next_state(state, event)
+    assert state in set(ChannelState)
+
+
+# --- classify_spend on the core's own transactions --------------------------------
+
+
+def _close_witness(amount: int, script: bytes = SCRIPT) -> list[bytes]:
+    params = channel_module.ChannelParams(
+        network="regtest", payer_pubkey=PAYER, payee_pubkey=PAYEE, expiry_height=EXPIRY,
+        deposit_sat=DEPOSIT, payer_script=p2wpkh_script(PAYER), funding=FUNDING,
+    )
+    payer = channel_module.PayerChannel(params, PAYER_KEY, state=ChannelState.OPEN)
+    payment = payer.sign_payment(amount)
+    inp = CloseInput(FUNDING, DEPOSIT, script, params.payer_script, amount, payment.signature, PAYEE_KEY)
+    tx = build_close_tx([inp], p2wpkh_script(PAYEE), 2.0)
+    return list(tx.wit.vtxinwit[0].scriptWitness.stack)
+
+
+def _refund_witness(script: bytes = SCRIPT) -> list[bytes]:
+    tx = build_refund_tx(FUNDING, DEPOSIT, script, EXPIRY, PAYER_KEY, p2wpkh_script(PAYER), 1.0)
+    return list(tx.wit.vtxinwit[0].scriptWitness.stack)
+
+
+@pytest.mark.parametrize("amount", [1_000, DEPOSIT])
+def test_close_is_close(amount: int) -> None:
+    wit = _close_witness(amount)
+    assert len(wit) == 4 and wit[2] == b"\x01"
+    assert classify_spend(wit, SCRIPT) is SpendKind.CLOSE
+    assert classify_spend(tuple(wit), SCRIPT) == "close"
+    assert classify_spend(wit, OTHER_SCRIPT) is SpendKind.OTHER
+
+
+def test_refund_is_refund() -> None:
+    wit = _refund_witness()
+    assert len(wit) == 3 and wit[1] == b""
+    assert classify_spend(wit, SCRIPT) is SpendKind.REFUND
+    assert classify_spend(wit, OTHER_SCRIPT) is SpendKind.OTHER
+
+
+def _mutations() -> list[tuple[str, Any]]:
+    close, refund = _close_witness(40_000), _refund_witness()
+    return [
+        ("empty", []),
+        ("script only", [SCRIPT]),
+        ("close without its script", close[:3]),
+        ("close with another script", close[:3] + [OTHER_SCRIPT]),
+        ("close with selector 0x02", [close[0], close[1], b"\x02", SCRIPT]),
+        ("close with empty selector", [close[0], close[1], b"", SCRIPT]),
+        ("close with empty payee sig", [close[0], b"", b"\x01", SCRIPT]),
+        ("close with empty payer sig", [b"", close[1], b"\x01", SCRIPT]),
+        ("close with an extra item", [b"\x00"] + close),
+        ("refund with selector 0x01", [refund[0], b"\x01", SCRIPT]),
+        ("refund with selector 0x00", [refund[0], b"\x00", SCRIPT]),
+        ("refund with empty sig", [b"", b"", SCRIPT]),
+        ("refund with another script", refund[:2] + [OTHER_SCRIPT]),
+        ("refund with an extra item", [b"\x00"] + refund),
+        ("p2wpkh-like spend", [refund[0], PAYER]),
+    ]
+
+
+@pytest.mark.parametrize("name,witness", _mutations())
+def test_other_shapes_are_other(name: str, witness: list[bytes]) -> None:
+    assert classify_spend(witness, SCRIPT) is SpendKind.OTHER, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=6))
+def test_random_stacks_are_other_unless_they_have_the_exact_shape(stack: list[bytes]) -> None:
+    kind = classify_spend(stack + [SCRIPT], SCRIPT)
+    if len(stack) == 3 and stack[0] and stack[1] and stack[2] == b"\x01":
+        assert kind is SpendKind.CLOSE
+    elif len(stack) == 2 and stack[0] and stack[1] == b"":
+        assert kind is SpendKind.REFUND
+    else:
+        assert kind is SpendKind.OTHER
+    assert classify_spend(stack + [OTHER_SCRIPT], SCRIPT) is SpendKind.OTHER
