@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, Mapping, Protocol
 
-from btcchannel.core.channel import Metering
+from btcchannel.core.terms import Metering
 from btcchannel.errors import BadRequest, UnknownChannel
 
 __all__ = [

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
-from btcchannel.core.channel import MIN_RELAY_FEE_RATE, TERMINAL_STATES, TRANSITIONS, bump_fee_rate, next_state
+from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, next_state
+from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
 from btcchannel.core.state import ChannelEvent
 from btcchannel.errors import (
     AmountOutOfRange,

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from btcchannel.core.channel import Capacity, ChannelParams, Metering, ProposalLimits, closing_height
+from btcchannel.core.params import ChannelParams
+from btcchannel.core.terms import Capacity, Metering, ProposalLimits, closing_height
 from btcchannel.errors import (
     BadRequest,
     ChannelClosing,

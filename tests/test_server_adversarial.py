@@ -8,7 +8,9 @@ from typing import Any
 import aiohttp
 
 from btcchannel.core import keys, script
-from btcchannel.core.channel import ChannelParams, PayerChannel, ChannelState
+from btcchannel.core.channel import PayerChannel
+from btcchannel.core.params import ChannelParams
+from btcchannel.core.state import ChannelState
 from btcchannel.payer.client import PayerClient
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.tx import OutPoint

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from btcchannel.core.channel import ChannelParams, ChannelState, PayeeChannel, PayerChannel, Payment
+from btcchannel.core.channel import PayeeChannel, PayerChannel
+from btcchannel.core.params import ChannelParams, Payment
+from btcchannel.core.state import ChannelState, sources
 from btcchannel.core.keys import public_key
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import ChannelError, IllegalTransition
 from btcchannel.store import PayeeRecord, PayeeStore, PayerStore, StoreSchemaError
-from btcchannel.store.payee import _sources
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -206,7 +207,7 @@ def test_a_fresh_file_is_created_at_the_latest_version(tmp_path: Path) -> None:
 
 def test_transition_follows_the_table(tmp_path: Path) -> None:
     with PayeeStore(_copy("payee-v0.db", tmp_path)) as s:
-        assert "proposed" in _sources("failed") and _sources("funding_confirmed") == ("funding",)
+        assert ChannelState.PROPOSED in sources("failed") and sources("funding_confirmed") == {ChannelState.FUNDING}
         assert s.transition(_cid(1), "funding_confirmed") is None  # proposed: not a source state
         assert s.get(_cid(1)).state is ChannelState.PROPOSED
         rec = s.transition(_cid(2), "funding_confirmed", confirmations=6)

@@ -8,7 +8,7 @@ mid-life with ``restore``. What the machines stand on lives beside them:
 :mod:`btcchannel.core.params` (the agreed parameters, a payment, the amount
 range), :mod:`btcchannel.core.state` (the one table saying which event each
 state allows) and :mod:`btcchannel.core.terms` (metering, proposal limits,
-capacity, fee rules); their names are re-exported here under the old paths.
+capacity, fee rules).
 """
 
 from __future__ import annotations
@@ -26,17 +26,8 @@ from btcchannel.core.keys import (
 )
 from btcchannel.core.params import ChannelParams, Payment, check_payment_amount
 from btcchannel.core.script import dust_limit
-from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, ChannelEvent, ChannelState, next_state
-from btcchannel.core.terms import (
-    METERING_MODES,
-    MIN_RELAY_FEE_RATE,
-    Capacity,
-    Metering,
-    ProposalLimits,
-    bump_fee_rate,
-    closing_height,
-    not_open_error,
-)
+from btcchannel.core.state import TERMINAL_STATES, ChannelEvent, ChannelState, next_state
+from btcchannel.core.terms import closing_height, not_open_error
 from btcchannel.core.tx import (
     SIGHASH_NONE_ACP,
     SIGHASH_SINGLE_ACP,
@@ -61,27 +52,9 @@ from btcchannel.errors import (
 )
 
 __all__ = [
-    "ChannelParams",
-    "Payment",
     "PayerChannel",
     "PayeeChannel",
-    "check_payment_amount",
     "build_multi_close",
-    # re-exported from btcchannel.core.state
-    "ChannelState",
-    "ChannelEvent",
-    "TRANSITIONS",
-    "TERMINAL_STATES",
-    "next_state",
-    # re-exported from btcchannel.core.terms
-    "Capacity",
-    "MIN_RELAY_FEE_RATE",
-    "bump_fee_rate",
-    "closing_height",
-    "not_open_error",
-    "Metering",
-    "METERING_MODES",
-    "ProposalLimits",
 ]
 
 

@@ -5,7 +5,8 @@ change from :data:`TRANSITIONS`; nothing else decides which event a state
 allows. States (both sides)::
 
     proposed --funding--> funding --funding_confirmed--> open --closing--> closing
-    open/closing --closed--> closed        open/closing --refunded--> refunded
+    funding --closing--> closing     (a close claimed before the funding has its depth)
+    open/closing --closed--> closed        funding/open/closing --refunded--> refunded
     proposed/funding/open/closing --failed--> failed
 
 :func:`next_state` follows an edge or raises IllegalTransition; :func:`sources`
@@ -45,6 +46,9 @@ class ChannelState(str, enum.Enum):
     REFUNDED = "refunded"
     FAILED = "failed"
 
+    def __str__(self) -> str:
+        return self.value
+
 
 class ChannelEvent(str, enum.Enum):
     """What happens to a channel; each one moves it along an edge of :data:`TRANSITIONS`."""
@@ -55,6 +59,9 @@ class ChannelEvent(str, enum.Enum):
     CLOSED = "closed"
     REFUNDED = "refunded"
     FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 _S = ChannelState
@@ -69,8 +76,10 @@ TRANSITIONS: Final[Mapping[tuple[ChannelState, ChannelEvent], ChannelState]] = M
         (_S.PROPOSED, _E.FUNDING): _S.FUNDING,
         (_S.FUNDING, _E.FUNDING_CONFIRMED): _S.OPEN,
         (_S.OPEN, _E.CLOSING): _S.CLOSING,
+        (_S.FUNDING, _E.CLOSING): _S.CLOSING,
         (_S.OPEN, _E.CLOSED): _S.CLOSED,
         (_S.CLOSING, _E.CLOSED): _S.CLOSED,
+        (_S.FUNDING, _E.REFUNDED): _S.REFUNDED,
         (_S.OPEN, _E.REFUNDED): _S.REFUNDED,
         (_S.CLOSING, _E.REFUNDED): _S.REFUNDED,
         (_S.PROPOSED, _E.FAILED): _S.FAILED,

@@ -25,7 +25,9 @@ from typing import Any, Awaitable
 
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import script
-from btcchannel.core.channel import MIN_RELAY_FEE_RATE, ChannelState, PayeeChannel, bump_fee_rate
+from btcchannel.core.channel import PayeeChannel
+from btcchannel.core.state import ChannelState
+from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
 from btcchannel.errors import ChannelError, CloseUneconomic
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import Channels
@@ -137,11 +139,11 @@ class Closer:
         unless the row still records exactly that close."""
         async with self._lock:
             rec = self.store.get(cid)
-            if rec.state != "closing" or rec.signature is None or rec.close_txid != previous_txid:
+            if rec.state is not ChannelState.CLOSING or rec.signature is None or rec.close_txid != previous_txid:
                 return rec.close_txid
             rate = fee_rate if fee_rate is not None else await self.fee_rate()
             rate = min(rate, self.config.max_fee_rate_sat_vb)
-            ch = self.channels.build(rec, state=ChannelState.OPEN)
+            ch = self.channels.build(rec)
             built = self._build(ch, rec, rate, bump=previous_txid is not None)
             if built is None:
                 return None
@@ -182,7 +184,7 @@ class Closer:
     async def bump(self, cid: str, fee_rate: float | None = None) -> str | None:
         """RBF: replace our unconfirmed close with one at a higher fee rate."""
         rec = self.store.get(cid)
-        if rec.state != "closing" or rec.close_txid is None:
+        if rec.state is not ChannelState.CLOSING or rec.close_txid is None:
             return rec.close_txid
         estimate = await self.fee_rate() if fee_rate is None else 0.0
         rate = bump_fee_rate(rec.close_fee_rate, fee_rate, self.config.bump_factor, estimate)
@@ -196,7 +198,7 @@ class Closer:
             fresh = self.store.get(cid)
             if fresh.close_txid != rec.close_txid:
                 return
-            ch = self.channels.build(fresh, state=ChannelState.OPEN)
+            ch = self.channels.build(fresh)
             tx = ch.build_close(self.payee_script, rate)
             txid = await self.node.broadcast(tx.serialize().hex())
             self.store.set_close_tx(cid, txid, rate, await self.node.tip_height(), rec.close_txid)
@@ -221,8 +223,8 @@ async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> d
     closer = await _operator_closer(config, node)
     try:
         rec = closer.store.get(channel_id)
-        if rec.state == "proposed":
-            closer.store.mark_exception(channel_id, "failed", None, "cancelled_by_operator")
+        if rec.state is ChannelState.PROPOSED:
+            closer.store.mark_exception(channel_id, ChannelState.FAILED, None, "cancelled_by_operator")
         else:
             await closer.close(channel_id, "operator")
         await closer.aclose()

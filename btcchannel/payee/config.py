@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from btcchannel.core import script
-from btcchannel.core.channel import Metering, ProposalLimits
+from btcchannel.core.terms import Metering, ProposalLimits
 from btcchannel.errors import ChannelError
 from btcchannel.wire import MAX_BODY
 

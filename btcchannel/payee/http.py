@@ -41,6 +41,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from btcchannel.bitcoind.rpc import Node
+from btcchannel.core.state import ChannelState
 from btcchannel.errors import (
     ChannelError,
     CloseUneconomic,
@@ -163,7 +164,7 @@ async def _close(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CLOSE_WAIT_S
     while (
-        rec.state == "closing" and rec.close_txid is None and rec.signature is not None
+        rec.state is ChannelState.CLOSING and rec.close_txid is None and rec.signature is not None
         and not is_uneconomic(rec) and loop.time() < deadline
     ):
         try:

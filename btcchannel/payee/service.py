@@ -26,14 +26,10 @@ from typing import Any
 
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import keys, script
-from btcchannel.core.channel import (
-    Capacity,
-    ChannelParams,
-    ChannelState,
-    Metering,
-    PayeeChannel,
-    not_open_error,
-)
+from btcchannel.core.channel import PayeeChannel
+from btcchannel.core.params import ChannelParams
+from btcchannel.core.state import ChannelState
+from btcchannel.core.terms import Capacity, Metering, not_open_error
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
     ChannelClosed,
@@ -75,9 +71,9 @@ class PayeeService:
         """The channel's parameters (with the funding outpoint once known)."""
         return self.channels.params_of(rec)
 
-    def build_channel(self, rec: PayeeRecord, state: ChannelState | None = None) -> PayeeChannel:
-        """A core ``PayeeChannel`` rebuilt from the stored row."""
-        return self.channels.build(rec, state)
+    def build_channel(self, rec: PayeeRecord) -> PayeeChannel:
+        """A core ``PayeeChannel`` rebuilt from the stored row, in its state."""
+        return self.channels.build(rec)
 
     def channel(self, cid: str) -> PayeeChannel:
         """The cached core channel of an open channel (rebuilt from the store on a miss)."""
@@ -131,10 +127,10 @@ class PayeeService:
         txid = txid_field(body, "txid")
         vout = int_field(body, "vout", 0, 100_000)
         rec = self.store.get(cid)
-        if rec.state != "proposed":
+        if rec.state is not ChannelState.PROPOSED:
             if rec.funding_txid == txid and rec.funding_vout == vout:
                 return channel_object(rec)  # idempotent retry
-            if rec.state == "failed":
+            if rec.state is ChannelState.FAILED:
                 raise ChannelClosed("this proposal has lapsed")
             raise FundingMismatch("this channel already has a funding outpoint")
         params = self.params_of(rec)
@@ -182,15 +178,14 @@ class PayeeService:
             # the row changed under us (another process, a close): decide again on fresh data
             self.invalidate(cid)
             rec = self.store.get(cid)
-            if rec.state != "open":
+            if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
         raise InternalError("payment could not be stored (concurrent updates)")
 
     def verify_only(self, cid: str, amount_sat: int, signature: bytes) -> None:
         """Check a payment's signature and range without storing it (for wrong-amount handling)."""
         rec = self.store.get(cid)
-        probe = self.build_channel(rec, state=ChannelState.OPEN)
-        probe.accept_payment(amount_sat, signature)
+        self.build_channel(rec).verify_payment(amount_sat, signature)
 
     def end_condition(self, rec: PayeeRecord) -> str | None:
         """The agreed end condition a channel has reached, if any (checked after each payment)."""
@@ -237,7 +232,7 @@ class PayeeService:
     def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:
         """Postpay: the payment must be exactly the owed total; anything else ends the channel."""
         rec = self.store.get(cid)
-        if rec.state != "open":
+        if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         try:
             settles = Metering.check_settlement(rec.owed_sat, rec.amount_sat, amount)
@@ -251,7 +246,7 @@ class PayeeService:
     def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
         rec = self.store.get(cid)
-        if rec.state != "open":
+        if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         Metering.check_units(rec.units, rec.max_units, units)
         try:
@@ -270,7 +265,7 @@ class PayeeService:
         metering = self.config.metering
         for _attempt in range(5):
             rec = self.store.get(cid)
-            if rec.state != "open":
+            if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
             Metering.check_units(rec.units, rec.max_units, units)
             new_owed = metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
@@ -286,9 +281,9 @@ class PayeeService:
         rec = self.store.get(cid)
         ch = self.build_channel(rec)
         ch.verify_close_request(cid, sig)
-        if rec.state == "proposed":
-            self.store.mark_exception(cid, "failed", None, "cancelled_by_payer")
-        elif rec.state in ("open", "funding"):
+        if rec.state is ChannelState.PROPOSED:
+            self.store.mark_exception(cid, ChannelState.FAILED, None, "cancelled_by_payer")
+        elif rec.state in (ChannelState.OPEN, ChannelState.FUNDING):
             self.claim_close(cid, "payer_request")
         return self.store.get(cid)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from btcchannel.core.channel import ChannelParams, ChannelState, PayeeChannel, Payment
+from btcchannel.core.channel import PayeeChannel
+from btcchannel.core.params import ChannelParams, Payment
+from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint
 from btcchannel.store import PayeeRecord, PayeeStore
 
@@ -39,12 +41,11 @@ class Channels:
             params = params.with_funding(OutPoint(rec.funding_txid, rec.funding_vout))
         return params
 
-    def build(self, rec: PayeeRecord, state: ChannelState | None = None) -> PayeeChannel:
-        """A core ``PayeeChannel`` rebuilt from the stored row (in ``state``; default: the row's)."""
+    def build(self, rec: PayeeRecord) -> PayeeChannel:
+        """The core ``PayeeChannel`` of a stored row, in the row's state."""
         best = Payment(rec.amount_sat, rec.signature) if rec.signature is not None else None
-        return PayeeChannel(
-            self.params_of(rec), rec.privkey, state=state or ChannelState(rec.state), best=best,
-            close_margin_blocks=self.close_margin_blocks,
+        return PayeeChannel.restore(
+            self.params_of(rec), rec.privkey, rec.state, best=best, close_margin_blocks=self.close_margin_blocks,
         )
 
     def get(self, cid: str) -> PayeeChannel:
@@ -53,7 +54,7 @@ class Channels:
         if ch is None:
             rec = self.store.get(cid)
             ch = self.build(rec)
-            if rec.state == "open":
+            if rec.state is ChannelState.OPEN:
                 self._cache[cid] = ch
         return ch
 

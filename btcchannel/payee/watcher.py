@@ -29,7 +29,8 @@ import logging
 import time
 
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.core.channel import Metering, closing_height
+from btcchannel.core.state import ChannelState, SpendKind, classify_spend
+from btcchannel.core.terms import Metering, closing_height
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import ChannelError, NodeError
 from btcchannel.payee.closer import Closer, is_uneconomic
@@ -78,7 +79,7 @@ class Watcher:
         tip = await self.node.tip_height()
         self.tip.height = tip
         self.store.lapse_proposals()
-        for rec in self.store.list(["funding", "open", "closing"]):
+        for rec in self.store.list([ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING]):
             try:
                 await self.check(rec, tip)
             except ChannelError as err:
@@ -86,11 +87,11 @@ class Watcher:
 
     async def check(self, rec: PayeeRecord, tip: int) -> None:
         """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed."""
-        if rec.state == "funding":
+        if rec.state is ChannelState.FUNDING:
             await self._check_funding(rec)
-        elif rec.state == "open":
+        elif rec.state is ChannelState.OPEN:
             await self._check_open(rec, tip)
-        elif rec.state == "closing":
+        elif rec.state is ChannelState.CLOSING:
             await self._check_closing(rec, tip)
 
     # -- per state -------------------------------------------------------------------
@@ -112,7 +113,7 @@ class Watcher:
                 if conflict is not None:
                     break
             if conflict is not None:
-                self.store.mark_exception(cid, "failed", conflict, "funding_double_spent")
+                self.store.mark_exception(cid, ChannelState.FAILED, conflict, "funding_double_spent")
                 log.warning("funding of %s double-spent by %s", cid, conflict)
             return
         await self._spent_elsewhere(rec)
@@ -191,24 +192,25 @@ class Watcher:
     async def _record_conflict(self, rec: PayeeRecord, spender: str) -> None:
         # decide on fresh data: a close may have been claimed and broadcast since ``rec`` was read
         rec = self.store.get(rec.channel_id)
-        if rec.state in ("closed", "refunded", "failed"):
+        if rec.state in (ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED):
             return
         if spender in rec.close_txids:
             conf = await self.node.tx_confirmations(spender)
             if conf is not None and conf >= 1:
                 self.store.mark_closed(rec.channel_id, spender)
             return
-        if rec.state == "closing" and rec.close_txid is None and rec.signature is not None:
+        if rec.state is ChannelState.CLOSING and rec.close_txid is None and rec.signature is not None:
             return  # our close is being broadcast right now: look again next pass
-        state, reason = "failed", "conflicting_spend"
+        state, reason = ChannelState.FAILED, "conflicting_spend"
         tx = await self.node.get_transaction(spender)
         if tx is not None:
             for vin in tx.get("vin", []):
                 if vin.get("txid") == rec.funding_txid and vin.get("vout") == rec.funding_vout:
-                    wit = vin.get("txinwitness", [])
-                    if len(wit) == 3 and wit[1] == "":
-                        state, reason = "refunded", "payer_refund"
-                    elif len(wit) == 4 and rec.state == "closing":
+                    witness = [bytes.fromhex(item) for item in vin.get("txinwitness", [])]
+                    kind = classify_spend(witness, self.closer.channels.params_of(rec).witness_script)
+                    if kind is SpendKind.REFUND:
+                        state, reason = ChannelState.REFUNDED, "payer_refund"
+                    elif kind is SpendKind.CLOSE and rec.state is ChannelState.CLOSING:
                         # the payee branch: only this payee can sign it, so it is one of our closes
                         # (e.g. recorded by another process); adopt it
                         conf = int(tx.get("confirmations", 0))

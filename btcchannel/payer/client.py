@@ -48,7 +48,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from btcchannel.core import keys, script
-from btcchannel.core.channel import ChannelParams, ChannelState, PayerChannel, Payment, not_open_error
+from btcchannel.core.channel import PayerChannel
+from btcchannel.core.params import ChannelParams, Payment
+from btcchannel.core.state import TERMINAL_STATES, ChannelState
+from btcchannel.core.terms import not_open_error
 from btcchannel.errors import (
     BadRequest,
     ChannelError,
@@ -174,7 +177,7 @@ class PayerClient:
             params = params.with_funding(OutPoint(rec.funding_txid, rec.funding_vout))
         payment = Payment(rec.amount_sat, rec.signature) if rec.signature is not None else None
         state = ChannelState(rec.state) if params.funding is not None else ChannelState.PROPOSED
-        return PayerChannel(params, rec.privkey, state=state, payment=payment)
+        return PayerChannel.restore(params, rec.privkey, state, payment)
 
     def _url(self, rec: PayerRecord, suffix: str = "") -> str:
         return f"{rec.server_url.rstrip('/')}/v1/channels/{rec.channel_id}{suffix}"
@@ -224,7 +227,7 @@ class PayerClient:
         )
         outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
         params = params.with_funding(outpoint)
-        self.store.set_state(cid, "funding", funding_txid=outpoint.txid, funding_vout=outpoint.vout,
+        self.store.set_state(cid, ChannelState.FUNDING, funding_txid=outpoint.txid, funding_vout=outpoint.vout,
                              params=params.to_json())
         await self._register_funding(cid)
         if wait_open:
@@ -277,8 +280,8 @@ class PayerClient:
         if not isinstance(obj, dict) or obj.get("channel_id") != rec.channel_id:
             raise ProtocolViolation("the channel object names another channel")
         state = obj.get("state")
-        if state in ("open", "closing", "closed", "refunded", "failed") and state != rec.state:
-            if not (rec.state == "refunded"):
+        if state in (ChannelState.OPEN, ChannelState.CLOSING, ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED) and state != rec.state:
+            if not (rec.state is ChannelState.REFUNDED):
                 fields: dict[str, Any] = {}
                 if obj.get("close_txid"):
                     fields["close_txid"] = obj["close_txid"]
@@ -301,9 +304,9 @@ class PayerClient:
         deadline = time.monotonic() + timeout
         while True:
             obj = await self.status(channel_id)
-            if obj["state"] == "open":
+            if obj["state"] == ChannelState.OPEN:
                 return obj
-            if obj["state"] not in ("proposed", "funding"):
+            if obj["state"] not in (ChannelState.PROPOSED, ChannelState.FUNDING):
                 raise NotOpen(f"the channel is {obj['state']}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"channel {channel_id} not open after {timeout} s")
@@ -312,10 +315,10 @@ class PayerClient:
     async def sign_next(self, channel_id: str, amount: int) -> Payment:
         """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered."""
         rec = self.store.get(channel_id)
-        if rec.state == "funding":
+        if rec.state is ChannelState.FUNDING:
             await self.status(channel_id)  # the payee decides when it is open
             rec = self.store.get(channel_id)
-        if rec.state != "open":
+        if rec.state is not ChannelState.OPEN:
             raise not_open_error(ChannelState(rec.state))
         ch = self._channel(rec)
         payment = ch.sign_payment(amount)
@@ -329,7 +332,7 @@ class PayerClient:
         if not isinstance(ans, dict) or ans.get("amount_sat") != payment.amount_sat:
             raise ProtocolViolation(f"payment of {payment.amount_sat} answered with {ans!r}")
         self.store.set_acked(rec.channel_id, payment.amount_sat)
-        if ans.get("state") in ("closing", "closed"):
+        if ans.get("state") in (ChannelState.CLOSING, ChannelState.CLOSED):
             self.store.set_state(rec.channel_id, str(ans["state"]))
         return payment.amount_sat
 
@@ -352,13 +355,13 @@ class PayerClient:
     async def resume(self, channel_id: str) -> dict[str, Any]:
         """Reconcile with the payee after a restart: re-send the stored payment if it was not acknowledged."""
         rec = self.store.get(channel_id)
-        if rec.state == "funding" and rec.funding_txid is not None:
+        if rec.state is ChannelState.FUNDING and rec.funding_txid is not None:
             obj = await self.status(channel_id)
-            if obj["state"] == "proposed":
+            if obj["state"] == ChannelState.PROPOSED:
                 await self._register_funding(channel_id)
         obj = await self.status(channel_id)
         rec = self.store.get(channel_id)
-        if obj["state"] == "open" and rec.signature is not None and obj["amount_sat"] < rec.amount_sat:
+        if obj["state"] == ChannelState.OPEN and rec.signature is not None and obj["amount_sat"] < rec.amount_sat:
             await self._send(rec, Payment(rec.amount_sat, rec.signature))
             obj = await self.status(channel_id)
         return obj
@@ -380,13 +383,17 @@ class PayerClient:
         params = ChannelParams.from_json(rec.params)
         if params.funding is None:
             raise NotOpen("the channel was never funded")
-        ch = PayerChannel(params, rec.privkey, state=ChannelState.OPEN)
+        state = ChannelState(rec.state)
+        if state in TERMINAL_STATES and await self.node.get_txout(params.funding) is not None:
+            # the payee reported an end, but the chain still holds the deposit: the chain decides
+            state = ChannelState.CLOSING
+        ch = PayerChannel.restore(params, rec.privkey, state)
         tip = await self.node.tip_height()
         rate = fee_rate_sat_vb or self.fee_rate_sat_vb or await self.node.estimate_fee_rate()
         dest = script.address_to_script(dest_address, self.network) if dest_address else None
         tx = ch.build_refund(tip, rate, dest)
         txid = await self.node.broadcast(tx.serialize().hex())
-        self.store.set_state(channel_id, "refunded", refund_txid=txid)
+        self.store.set_state(channel_id, ChannelState.REFUNDED, refund_txid=txid)
         return txid
 
     def channel_for(self, url: str) -> str:
@@ -394,7 +401,7 @@ class PayerClient:
         want = urlsplit(url)
         for rec in reversed(self.list()):
             have = urlsplit(rec.server_url)
-            if rec.state in ("funding", "open") and (have.scheme, have.netloc) == (want.scheme, want.netloc):
+            if rec.state in (ChannelState.FUNDING, ChannelState.OPEN) and (have.scheme, have.netloc) == (want.scheme, want.netloc):
                 return rec.channel_id
         raise NotOpen(f"no open channel to {want.netloc}: run `btcchannel open {want.scheme}://{want.netloc} ...` first")
 

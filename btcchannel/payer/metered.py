@@ -19,7 +19,8 @@ from typing import Any
 
 import aiohttp
 
-from btcchannel.core.channel import Metering, Payment
+from btcchannel.core.params import Payment
+from btcchannel.core.terms import Metering
 from btcchannel.errors import ChannelError, ProtocolViolation, error_for_code
 from btcchannel.payer.client import PayerClient
 from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_OWED, HDR_PAID, HDR_SIGNATURE

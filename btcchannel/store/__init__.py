@@ -25,7 +25,7 @@ Amounts are integer satoshis; binary values (keys, signatures) are bytes.
 
 from __future__ import annotations
 
-from btcchannel.core.channel import TERMINAL_STATES, ChannelState
+from btcchannel.core.state import ChannelState, TERMINAL_STATES
 from btcchannel.store._db import StoreSchemaError, open_private_file
 from btcchannel.store.payee import PayeeRecord, PayeeStore
 from btcchannel.store.payer import PayerRecord, PayerStore

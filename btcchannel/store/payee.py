@@ -26,15 +26,13 @@ Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 
 from __future__ import annotations
 
-import enum
 import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Final, Iterable, Mapping
 
-from btcchannel.core.channel import TRANSITIONS, ChannelState
+from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, Migration, decode_row
 
@@ -142,53 +140,21 @@ _V2_CLOSE_UNECONOMIC: Migration = (
 
 # ------------------------------------------------------------------ the state table
 
-#: Edges this store has always taken that core.channel.TRANSITIONS lacks: a close claimed (or a
-#: refund seen) while the funding is still unconfirmed. They belong in the core's table.
-_STORE_EDGES: Final[Mapping[tuple[ChannelState, str], ChannelState]] = MappingProxyType({
-    (_S.FUNDING, "closing"): _S.CLOSING,
-    (_S.FUNDING, "refunded"): _S.REFUNDED,
-})
-
-
-def _event_name(event: str) -> str:
-    return str(event.value) if isinstance(event, enum.Enum) else str(event)
-
-
-def _edges() -> list[tuple[ChannelState, str, ChannelState]]:
-    table = [(s, _event_name(e), t) for (s, e), t in TRANSITIONS.items()]
-    return table + [(s, e, t) for (s, e), t in _STORE_EDGES.items() if (s, e) not in TRANSITIONS]
-
-
-def _sources(event: str) -> tuple[str, ...]:
-    """The states ``event`` may fire in (values, in ChannelState order)."""
-    name = _event_name(event)
-    found = {s for s, e, _ in _edges() if e == name}
-    return tuple(s.value for s in ChannelState if s in found)
-
-
-def _next_state(state: ChannelState, event: str) -> ChannelState:
-    name = _event_name(event)
-    for s, e, t in _edges():
-        if s is state and e == name:
-            return t
-    raise IllegalTransition(f"event {name!r} is not allowed in state {state.value!r}")
-
-
 def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
     """The ``SET state=...`` fragment of ``event`` and the source states it applies to.
 
     ``within`` narrows the sources (e.g. only ``proposed`` lapses). Returns
     (sql, args of the SET fragment, the source state values for ``WHERE state IN``).
     """
-    sources = _sources(event)
+    states = [s for s in ChannelState if s in sources(event)]
     if within is not None:
-        keep = {ChannelState(s).value for s in within}
-        sources = tuple(s for s in sources if s in keep)
-    if not sources:
-        raise IllegalTransition(f"event {_event_name(event)!r} is not allowed in any state asked for")
-    sql = "state=CASE state " + " ".join("WHEN ? THEN ?" for _ in sources) + " END"
-    args = [v for s in sources for v in (s, _next_state(ChannelState(s), event).value)]
-    return sql, args, list(sources)
+        keep = {ChannelState(s) for s in within}
+        states = [s for s in states if s in keep]
+    if not states:
+        raise IllegalTransition(f"event {ChannelEvent(event).value!r} is not allowed in any state asked for")
+    sql = "state=CASE state " + " ".join("WHEN ? THEN ?" for _ in states) + " END"
+    args = [v for s in states for v in (s.value, next_state(s, event).value)]
+    return sql, args, [s.value for s in states]
 
 
 def _marks(values: Iterable[object]) -> str:
@@ -229,7 +195,7 @@ class PayeeStore(Database):
         row = self._row(channel_id)
         return None if row is None else _payee_from_row(row)
 
-    def list(self, states: Iterable[str] | None = None) -> list[PayeeRecord]:
+    def list(self, states: Iterable[ChannelState | str] | None = None) -> list[PayeeRecord]:
         """All channels, or those in one of ``states``, oldest first."""
         if states is None:
             rows = self._db.execute("SELECT * FROM channels ORDER BY created_at").fetchall()
@@ -393,7 +359,7 @@ class PayeeStore(Database):
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
         return self.transition(channel_id, "closed", close_txid=txid, close_txids=txids) is not None
 
-    def mark_exception(self, channel_id: str, state: str, txid: str | None, reason: str) -> bool:
+    def mark_exception(self, channel_id: str, state: ChannelState | str, txid: str | None, reason: str) -> bool:
         """An on-chain exception: the funding was spent by ``txid`` (not our close) or never existed.
 
         ``state`` is ``refunded`` or ``failed`` (the event of that name fires).

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from btcchannel.core.channel import ChannelState
+from btcchannel.core.state import ChannelState
 from btcchannel.errors import BadRequest, UnknownChannel
 from btcchannel.store._db import Database, Migration, decode_row
 
