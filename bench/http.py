@@ -31,7 +31,9 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-from btcchannel.core.channel import ChannelParams, ChannelState, PayeeChannel, PayerChannel  # noqa: E402
+from btcchannel.core.channel import PayeeChannel, PayerChannel  # noqa: E402
+from btcchannel.core.params import ChannelParams  # noqa: E402
+from btcchannel.core.state import ChannelState  # noqa: E402
 from btcchannel.payer.client import PayerClient  # noqa: E402
 from btcchannel.bitcoind.rpc import Node  # noqa: E402
 from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402

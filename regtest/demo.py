@@ -34,7 +34,7 @@ import click
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.core.channel import ChannelParams
+from btcchannel.core.params import ChannelParams
 from btcchannel.errors import ChannelError, NotExpired
 from btcchannel.payee.closer import operator_bump
 from btcchannel.payee.config import ServerConfig
