@@ -166,6 +166,15 @@ class WrongAmount(ChannelError):
     wire = True
 
 
+class TermsMismatch(ChannelError):
+    """A proposal states terms other than the ones the payee requires (price, mode, credit
+    limit, timeouts; see ``GET /v1/info``). Wire code ``terms_mismatch``, HTTP 409."""
+
+    code = "terms_mismatch"
+    http_status = 409
+    wire = True
+
+
 class ChannelClosing(ChannelError):
     """A payment or request after the channel's close was decided.
     Wire code ``channel_closing``, HTTP 409."""
@@ -424,4 +433,32 @@ class PayeeUnreachable(ChannelError):
 
     code = "payee_unreachable"
     http_status = 502
+    wire = False
+
+
+class TermsRefused(ChannelError):
+    """The payer refuses the payee's terms: outside the limits it was given (price over
+    ``max_price_sat``, ...). Code ``terms_refused`` (local, raised by the payer before any funding)."""
+
+    code = "terms_refused"
+    http_status = 409
+    wire = False
+
+
+class TermsChanged(ChannelError):
+    """The payee's answer states other terms than the ones agreed at open (or none). Code
+    ``terms_changed`` (local): the payer keeps the agreed terms and signs nothing else."""
+
+    code = "terms_changed"
+    http_status = 502
+    wire = False
+
+
+class AmountNotAgreed(ChannelError):
+    """The payer was asked to sign a total the agreed terms do not allow: above its own count of
+    units received times the agreed price, above the agreed total, past the agreed number of
+    payments or the agreed end time. Code ``amount_not_agreed`` (local; nothing is signed)."""
+
+    code = "amount_not_agreed"
+    http_status = 409
     wire = False

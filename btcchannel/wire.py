@@ -73,6 +73,8 @@ class ChannelRow(Protocol):
     def wire_end_reason(self) -> str | None: ...
     @property
     def exception_txid(self) -> str | None: ...
+    @property
+    def terms(self) -> dict[str, Any] | None: ...
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -164,6 +166,7 @@ def channel_object(rec: ChannelRow) -> dict[str, Any]:
         "owed_sat": rec.owed_sat,
         "end_reason": rec.wire_end_reason,
         "exception_txid": rec.exception_txid,
+        "terms": rec.terms,
     }
 
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from btcchannel.payer.client import PayerClient
-from btcchannel.errors import BadRequest, ChannelClosing, WrongAmount
+from btcchannel.errors import AmountNotAgreed, BadRequest, ChannelClosing, WrongAmount
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE
@@ -85,8 +85,10 @@ async def test_prepay_file_chunks(
         assert (await payer.fetch(f"{srv.url}/v1/file/10"))[0] == 200
         assert srv.store.get(cid).amount_sat == 1100
         # a signed payment of the wrong amount ends it: closed with the last correct payment
-        await client.sign_next(cid, 1350)
-        wrong = client.store.get(cid)
+        # (the payer's client refuses to sign it: 1350 is not 11 units at the agreed 100 sat)
+        with pytest.raises(AmountNotAgreed):
+            await client.sign_next(cid, 1350)
+        wrong = client._channel(client.store.get(cid)).sign_payment(1350)
         hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: "1350", HDR_SIGNATURE: wrong.signature.hex()}
         async with s.get(f"{srv.url}/v1/file/10", headers=hdr) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "wrong_amount"
@@ -147,6 +149,7 @@ async def test_postpay_credit_timeout_and_wrong_amount(
                 assert r.status == 200
         async with s.get(f"{srv.url}/v1/file/3", headers={HDR_CHANNEL: late}) as r:
             assert r.status == 402 and (await r.json())["payment"]["owed_sat"] == 3000
+        client.store.add_units(late, 3)  # received outside MeteredPayer: counted by hand
         with pytest.raises(WrongAmount):
             await client.pay(late, amount=2000)  # wrong: owes 3000
         # the payee closes with the last correct payment (none here)
@@ -157,6 +160,7 @@ async def test_postpay_credit_timeout_and_wrong_amount(
         for i in range(2):
             async with s.get(f"{srv.url}/v1/file/{i}", headers={HDR_CHANNEL: wrong}) as r:
                 assert r.status == 200
+        client.store.add_units(wrong, 2)
         await client.pay(wrong, amount=2000)
         async with s.get(f"{srv.url}/v1/file/2", headers={HDR_CHANNEL: wrong}) as r:
             assert r.status == 200

@@ -153,7 +153,10 @@ def test_payer_v0_migrates_without_losing_a_key_or_payment(tmp_path: Path) -> No
         with PayerStore(db) as p:
             assert p.schema_version == PayerStore.latest_version() >= 1
             recs = {r.channel_id: r for r in p.list()}
-        assert _raw_rows(db) == before
+        after = _raw_rows(db)
+        assert {cid: {k: row[k] for k in before[cid]} for cid, row in after.items()} == before
+        # version 2's columns: no agreed terms (the payee's /v1/info rules), nothing counted yet
+        assert all((row["terms"], row["units"], row["payments"]) == (None, 0, 0) for row in after.values())
     assert _user_version(db) == PayerStore.latest_version()
     rec = recs[_cid(3)]
     assert rec.state is ChannelState.OPEN and (rec.amount_sat, rec.acked_sat) == (7_500, 3_000)

@@ -54,6 +54,8 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--mode", type=click.Choice(["prepay", "postpay"]), default=None)
 @click.option("--credit-limit-sat", type=click.IntRange(0), default=None, help="postpay: unpaid total allowed.")
 @click.option("--payment-timeout", type=click.FloatRange(0.1), default=None, help="postpay: seconds to pay what is owed.")
+@click.option("--idle-timeout", type=click.FloatRange(0.001), default=None,
+              help="prepay: seconds without a payment before an open channel is closed [default: never].")
 @click.option("--close-margin-blocks", type=click.IntRange(1), default=None)
 @click.option("--min-confirmations", type=click.IntRange(0), default=None)
 @click.option("--payee-address", default=None, help="Where closes pay [default: a new address of the node wallet].")
@@ -62,10 +64,13 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--chunk-size", type=click.IntRange(1, 60_000), default=1024, show_default=True)
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
-          credit_limit_sat: int | None, payment_timeout: float | None, close_margin_blocks: int | None,
+          credit_limit_sat: int | None, payment_timeout: float | None, idle_timeout: float | None,
+          close_margin_blocks: int | None,
           min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
           chunk_size: int) -> None:
-    """Run the payee's service (until Ctrl-C or SIGTERM).
+    """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
+    mode, credit limit and timeouts given here (``GET /v1/info`` states them); channels already
+    open keep the terms they were agreed under.
 
     \b
     Example:
@@ -75,7 +80,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
 
     config = _server_config(
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
-        payment_timeout_s=payment_timeout, close_margin_blocks=close_margin_blocks,
+        payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
         min_confirmations=min_confirmations, payee_address=payee_address,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,19 +26,39 @@ __all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refund
 @click.option("--deposit-sat", type=click.IntRange(1), required=True)
 @click.option("--lifetime-blocks", type=click.IntRange(1), required=True)
 @click.option("--no-wait", is_flag=True, help="Return once funded, without waiting for the channel to open.")
+@click.option("--max-price-sat", type=click.IntRange(0), default=None, help="Refuse a payee asking more per unit.")
+@click.option("--max-total-sat", type=click.IntRange(1), default=None,
+              help="The most this channel may ever pay (proposed as the agreed total).")
+@click.option("--max-credit-sat", type=click.IntRange(0), default=None, help="Refuse a larger postpay credit limit.")
+@click.option("--mode", type=click.Choice(["prepay", "postpay"]), default=None, help="Refuse any other mode.")
+@click.option("--max-units", type=click.IntRange(1), default=None, help="End condition: the agreed unit count.")
+@click.option("--max-payments", type=click.IntRange(1), default=None, help="End condition: the agreed number of payments.")
+@click.option("--end-time", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S"]), default=None,
+              help="End condition: the channel ends at this UTC time (e.g. 2030-01-01T00:00:00Z).")
 @click.pass_obj
-def open_cmd(settings: Settings, url: str, deposit_sat: int, lifetime_blocks: int, no_wait: bool) -> None:
-    """Open a channel to a payee: propose, fund from the node wallet, wait until open.
+def open_cmd(settings: Settings, url: str, deposit_sat: int, lifetime_blocks: int, no_wait: bool,
+             max_price_sat: int | None, max_total_sat: int | None, max_credit_sat: int | None, mode: str | None,
+             max_units: int | None, max_payments: int | None, end_time: datetime | None) -> None:
+    """Open a channel to a payee: check its terms against the limits given, propose, fund from the
+    node wallet, wait until open.
 
     \b
     Example:
-      btcchannel --wallet payer open http://127.0.0.1:8402 --deposit-sat 100000 --lifetime-blocks 144
+      btcchannel --wallet payer open http://127.0.0.1:8402 --deposit-sat 100000 --lifetime-blocks 144 \\
+          --max-price-sat 100 --max-total-sat 50000 --end-time 2030-01-01T00:00:00Z
     """
+    from btcchannel.core.terms import PayerLimits
+
+    limits = PayerLimits(
+        max_price_sat=max_price_sat, max_total_sat=max_total_sat, max_credit_limit_sat=max_credit_sat, mode=mode,
+        max_units=max_units, max_payments=max_payments,
+        end_time=int(end_time.replace(tzinfo=timezone.utc).timestamp()) if end_time is not None else None,
+    )
     if not settings.json:
         click.echo("funding the channel; waiting for its confirmation...", err=True)
 
     async def run(client: PayerClient) -> dict[str, Any]:
-        cid = await client.open_channel(url, deposit_sat, lifetime_blocks, wait_open=not no_wait)
+        cid = await client.open_channel(url, deposit_sat, lifetime_blocks, wait_open=not no_wait, limits=limits)
         return await client.status(cid)
 
     obj = run_async(with_client(settings, run))

@@ -5,6 +5,8 @@
 :class:`Metering` (a metered service: the prepay amount, postpay credit and
 settlement, the agreed end conditions) and the close-fee rules
 (:data:`MIN_RELAY_FEE_RATE`, :func:`bump_fee_rate`, :func:`closing_height`).
+:class:`Terms` (the terms both sides agree at open: price, mode, credit limit, timeouts and the
+end conditions) and :class:`PayerLimits` (what a payer accepts, and the most it will sign).
 :func:`not_open_error` says why a channel in a given state takes no payment.
 Pure: the service layers call these.
 """
@@ -16,6 +18,7 @@ from typing import Callable, Final
 
 from btcchannel.core.state import TERMINAL_STATES, ChannelState
 from btcchannel.errors import (
+    AmountNotAgreed,
     BadRequest,
     ChannelClosed,
     ChannelClosing,
@@ -24,6 +27,8 @@ from btcchannel.errors import (
     ExpiryOutOfRange,
     NotOpen,
     StalePayment,
+    TermsMismatch,
+    TermsRefused,
     WrongAmount,
 )
 
@@ -36,6 +41,10 @@ __all__ = [
     "Metering",
     "METERING_MODES",
     "ProposalLimits",
+    "PayerLimits",
+    "Terms",
+    "MAX_END_TIME",
+    "MAX_TIMEOUT_MS",
 ]
 
 
@@ -244,3 +253,177 @@ class Metering:
         if price > 0 and owed_sat <= paid_sat and not capacity().carries(paid_sat + price):
             return "capacity_exhausted"
         return None
+
+
+#: the latest agreed end time accepted (unix seconds, UTC; year 2106)
+MAX_END_TIME: Final = 2**32 - 1
+#: the longest payment or idle timeout accepted, in milliseconds (one year)
+MAX_TIMEOUT_MS: Final = 365 * 24 * 3600 * 1000
+_MAX_SAT: Final = 21_000_000 * 100_000_000
+
+#: the terms the payee sets (must be exactly the payee's in a proposal)
+PAYEE_TERMS: Final = ("price_sat", "mode", "credit_limit_sat", "payment_timeout_ms", "idle_timeout_ms")
+#: the end conditions the payer proposes (each optional: null for none)
+END_CONDITIONS: Final = ("max_total_sat", "max_units", "max_payments", "end_time")
+#: every field of the wire form of :class:`Terms`, in order
+TERMS_FIELDS: Final = PAYEE_TERMS + END_CONDITIONS
+
+
+def _bounded(d: dict[str, object], name: str, lo: int, hi: int, optional: bool) -> int | None:
+    """Field ``name`` of a terms object as an int in ``[lo, hi]`` (None allowed if ``optional``)."""
+    v = d[name]
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise BadRequest(f"terms.{name} must be an integer in [{lo}, {hi}]" + (" or null" if optional else ""))
+    return v
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The terms a channel is opened under, agreed by both sides and kept for its whole life.
+
+    Set by the payee (``PAYEE_TERMS``): ``price_sat`` per unit (0: nothing metered), ``mode``,
+    ``credit_limit_sat`` (postpay), ``payment_timeout_ms`` (postpay: time to pay what is owed)
+    and ``idle_timeout_ms`` (prepay: an open channel without a payment for this long is closed;
+    None: never). Proposed by the payer (``END_CONDITIONS``, None: none): the agreed total
+    ``max_total_sat``, the unit count ``max_units``, the number of payments ``max_payments``
+    and the end time ``end_time`` (unix seconds, UTC). Either side closes at the first one met.
+    """
+
+    price_sat: int = 0
+    mode: str = "prepay"
+    credit_limit_sat: int = 0
+    payment_timeout_ms: int = 30_000
+    idle_timeout_ms: int | None = None
+    max_total_sat: int | None = None
+    max_units: int | None = None
+    max_payments: int | None = None
+    end_time: int | None = None
+
+    def __post_init__(self) -> None:
+        self.metering  # noqa: B018 - validates price, mode and credit limit
+        if not 1 <= self.payment_timeout_ms <= MAX_TIMEOUT_MS:
+            raise BadRequest("payment_timeout_ms out of range")
+
+    @property
+    def metering(self) -> Metering:
+        """The amount rules of these terms (price, mode, credit limit)."""
+        return Metering(self.price_sat, self.mode, self.credit_limit_sat)
+
+    def to_json(self) -> dict[str, int | str | None]:
+        """The wire form: every field of ``TERMS_FIELDS`` (null for an absent end condition)."""
+        return {name: getattr(self, name) for name in TERMS_FIELDS}
+
+    @classmethod
+    def from_json(cls, d: object) -> Terms:
+        """Strictly parse the wire form: an object with exactly ``TERMS_FIELDS``, each bounded
+        before it is used; BadRequest otherwise."""
+        if not isinstance(d, dict) or set(d) != set(TERMS_FIELDS):
+            raise BadRequest(f"terms must be an object with exactly the fields {', '.join(TERMS_FIELDS)}")
+        mode = d["mode"]
+        if mode not in METERING_MODES:
+            raise BadRequest("terms.mode must be 'prepay' or 'postpay'")
+        return cls(
+            price_sat=_bounded(d, "price_sat", 0, _MAX_SAT, False) or 0,
+            mode=str(mode),
+            credit_limit_sat=_bounded(d, "credit_limit_sat", 0, _MAX_SAT, False) or 0,
+            payment_timeout_ms=_bounded(d, "payment_timeout_ms", 1, MAX_TIMEOUT_MS, False) or 1,
+            idle_timeout_ms=_bounded(d, "idle_timeout_ms", 1, MAX_TIMEOUT_MS, True),
+            max_total_sat=_bounded(d, "max_total_sat", 1, _MAX_SAT, True),
+            max_units=_bounded(d, "max_units", 1, 2**53, True),
+            max_payments=_bounded(d, "max_payments", 1, 2**53, True),
+            end_time=_bounded(d, "end_time", 1, MAX_END_TIME, True),
+        )
+
+    def required(self) -> Terms:
+        """Only the payee's part (no end conditions): what ``GET /v1/info`` states."""
+        return Terms(self.price_sat, self.mode, self.credit_limit_sat, self.payment_timeout_ms, self.idle_timeout_ms)
+
+    def agree(self, proposed: Terms) -> Terms:
+        """Payee side: the channel's terms for a proposal. ``TermsMismatch`` unless the proposal
+        states exactly the payee's own terms (``self``); its end conditions are taken as proposed."""
+        for name in PAYEE_TERMS:
+            if getattr(proposed, name) != getattr(self, name):
+                raise TermsMismatch(
+                    f"terms.{name} must be {getattr(self, name)!r} (see /v1/info), got {getattr(proposed, name)!r}"
+                )
+        return proposed
+
+    def with_end_conditions(self, **end: int | None) -> Terms:
+        """These terms with the given end conditions (``END_CONDITIONS`` names) set."""
+        bad = set(end) - set(END_CONDITIONS)
+        if bad:
+            raise ValueError(f"not end conditions: {sorted(bad)}")
+        d = self.to_json()
+        d.update(end)
+        return Terms.from_json(d)
+
+    def timed_end(self, *, owed_sat: int, paid_sat: int, owed_since: float | None, paid_at: float | None,
+                  now: float) -> str | None:
+        """The end condition that time alone has reached, if any (the payee checks it on every pass):
+        ``payment_timeout`` (an owed total unpaid past ``payment_timeout_ms``), ``idle_timeout``
+        (prepay: no payment for ``idle_timeout_ms`` since the last one), ``end_time_reached``."""
+        if Metering.payment_overdue(owed_sat, paid_sat, owed_since, now, self.payment_timeout_ms / 1000):
+            return "payment_timeout"
+        if (self.mode == "prepay" and self.idle_timeout_ms is not None and paid_at is not None
+                and now - paid_at > self.idle_timeout_ms / 1000):
+            return "idle_timeout"
+        if self.end_time is not None and now >= self.end_time:
+            return "end_time_reached"
+        return None
+
+    def max_signable(self, units_received: int, units_ahead: int = 0) -> int | None:
+        """The highest cumulative total a payer may sign under these terms, having received
+        ``units_received`` units and paying ahead for ``units_ahead`` more (prepay): at most
+        ``price_sat`` times the units when metered, never above the agreed total. None: no bound."""
+        caps = []
+        if self.price_sat > 0:
+            caps.append(self.price_sat * (units_received + units_ahead))
+        if self.max_total_sat is not None:
+            caps.append(self.max_total_sat)
+        return min(caps) if caps else None
+
+    def check_signable(self, amount_sat: int, *, units_received: int, units_ahead: int = 0,
+                       payments: int = 0, now: float | None = None) -> None:
+        """Payer side: ``AmountNotAgreed`` unless a payment of cumulative ``amount_sat`` is allowed:
+        within :meth:`max_signable`, not past ``max_payments`` (``payments`` signed so far) nor
+        past ``end_time`` (``now``, unix seconds)."""
+        cap = self.max_signable(units_received, units_ahead)
+        if cap is not None and amount_sat > cap:
+            raise AmountNotAgreed(
+                f"{amount_sat} sat is more than the agreed terms allow ({cap} sat: {units_received}"
+                f"+{units_ahead} units at {self.price_sat} sat, agreed total {self.max_total_sat})"
+            )
+        if self.max_payments is not None and payments >= self.max_payments:
+            raise AmountNotAgreed(f"the agreed number of payments ({self.max_payments}) is reached")
+        if self.end_time is not None and now is not None and now >= self.end_time:
+            raise AmountNotAgreed("the agreed end time has passed")
+
+
+@dataclass(frozen=True)
+class PayerLimits:
+    """What a payer accepts: the highest price, the highest total it will ever pay (proposed as the
+    agreed total), a credit limit cap, a mode, and the end conditions it proposes."""
+
+    max_price_sat: int | None = None
+    max_total_sat: int | None = None
+    max_credit_limit_sat: int | None = None
+    mode: str | None = None
+    max_units: int | None = None
+    max_payments: int | None = None
+    end_time: int | None = None
+
+    def accept(self, required: Terms) -> Terms:
+        """The terms to propose for the payee's ``required`` ones: ``TermsRefused`` if they are outside
+        these limits; the limits' end conditions are added."""
+        if self.max_price_sat is not None and required.price_sat > self.max_price_sat:
+            raise TermsRefused(f"the payee asks {required.price_sat} sat per unit, over the limit {self.max_price_sat}")
+        if self.mode is not None and required.mode != self.mode:
+            raise TermsRefused(f"the payee's mode is {required.mode}, not {self.mode}")
+        if self.max_credit_limit_sat is not None and required.credit_limit_sat > self.max_credit_limit_sat:
+            raise TermsRefused(f"the payee's credit limit {required.credit_limit_sat} sat is over {self.max_credit_limit_sat}")
+        return required.with_end_conditions(
+            max_total_sat=self.max_total_sat, max_units=self.max_units, max_payments=self.max_payments,
+            end_time=self.end_time,
+        )

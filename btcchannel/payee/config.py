@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from btcchannel.core import script
-from btcchannel.core.terms import Metering, ProposalLimits
+from btcchannel.core.terms import Metering, ProposalLimits, Terms
 from btcchannel.errors import ChannelError
 from btcchannel.wire import MAX_BODY
 
@@ -42,13 +42,14 @@ class ServerConfig:
     mode: str = "prepay"                    # "prepay" or "postpay"
     credit_limit_sat: int = 0               # postpay: unpaid total allowed
     payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
+    idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
 
     def __post_init__(self) -> None:
         self.datadir = Path(self.datadir)
         script.check_network(self.network)
         try:
-            self.metering  # noqa: B018 - the core validates the terms
+            self.terms  # noqa: B018 - the core validates the terms
             self.proposal_limits  # noqa: B018
         except ChannelError as err:
             raise ValueError(err.message) from None
@@ -57,6 +58,12 @@ class ServerConfig:
     def metering(self) -> Metering:
         """The metered service's terms, as the core's rules."""
         return Metering(self.price_sat, self.mode, self.credit_limit_sat)
+
+    @property
+    def terms(self) -> Terms:
+        """The terms this payee requires of new channels (no end conditions: the payer proposes those)."""
+        idle = None if self.idle_timeout_s is None else max(1, round(self.idle_timeout_s * 1000))
+        return Terms(self.price_sat, self.mode, self.credit_limit_sat, max(1, round(self.payment_timeout_s * 1000)), idle)
 
     @property
     def proposal_limits(self) -> ProposalLimits:

@@ -65,7 +65,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def payment_required(svc: PayeeService, cid: str | None, units: int) -> web.Response:
     """The 402 answer: price, mode and where to open a channel / what to pay next."""
     rec = svc.store.get(cid) if cid is not None else None
-    return web.json_response(payment_required_body(svc.config.metering, units, rec), status=402)
+    metering = svc.terms_of(rec).metering if rec is not None else svc.config.metering
+    return web.json_response(payment_required_body(metering, units, rec), status=402)
 
 
 def paid(units: int = 1) -> Callable[[Handler], Handler]:
@@ -77,13 +78,15 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
             svc = request.app[SERVICE]
-            metering = svc.config.metering
-            if not metering.enabled:
-                return await handler(request)
             cid_h = request.headers.get(HDR_CHANNEL)
             if cid_h is None:
+                if not svc.config.metering.enabled:
+                    return await handler(request)
                 return payment_required(svc, None, units)
             cid = check_channel_id(cid_h)
+            metering = svc.terms_of(svc.store.get(cid)).metering  # the channel's agreed terms
+            if not metering.enabled:
+                return await handler(request)
             pay = parse_payment_headers(request.headers)
             if metering.mode == "prepay":
                 if pay is None:

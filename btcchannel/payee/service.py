@@ -29,10 +29,11 @@ from btcchannel.core import keys, script
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.params import ChannelParams
 from btcchannel.core.state import ChannelState
-from btcchannel.core.terms import Capacity, Metering, not_open_error
+from btcchannel.core.terms import Capacity, Metering, Terms, not_open_error
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
     ChannelClosed,
+    BadRequest,
     ChannelError,
     FundingMismatch,
     FundingNotFound,
@@ -43,7 +44,7 @@ from btcchannel.errors import (
 )
 from btcchannel.payee.closer import Closer
 from btcchannel.payee.config import ServerConfig
-from btcchannel.payee.shared import ChainTip
+from btcchannel.payee.shared import ChainTip, agreed_terms
 from btcchannel.store import PayeeRecord, PayeeStore
 from btcchannel.wire import channel_object, hex_field, int_field, txid_field
 
@@ -83,6 +84,24 @@ class PayeeService:
         """Forget the cached channel (after any state change)."""
         self.channels.invalidate(cid)
 
+    def terms_of(self, rec: PayeeRecord) -> Terms:
+        """The terms channel ``rec`` was agreed under (never the payee's later configuration)."""
+        return agreed_terms(rec, self.config.terms)
+
+    def proposal_terms(self, body: dict[str, Any]) -> Terms:
+        """The terms of a proposal: its ``terms`` object, which must state exactly the payee's own
+        (``terms_mismatch`` otherwise), or, from a client that sends none, the payee's current terms
+        with the legacy ``max_units``/``max_total_sat`` fields as end conditions."""
+        legacy = {k: int_field(body, k, 1) for k in ("max_units", "max_total_sat") if body.get(k) is not None}
+        if "terms" not in body:
+            return self.config.terms.with_end_conditions(**legacy)
+        if legacy:
+            raise BadRequest("give the end conditions inside terms, not beside it")
+        terms = self.config.terms.agree(Terms.from_json(body["terms"]))
+        if terms.end_time is not None and terms.end_time <= time.time():
+            raise BadRequest("terms.end_time is in the past")
+        return terms
+
     # -- proposals ---------------------------------------------------------------
     def propose(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/channels``: validate and store a proposal."""
@@ -91,8 +110,7 @@ class PayeeService:
         payer_script = script.check_payout_script(hex_field(body, "payer_script", 100))
         deposit = int_field(body, "deposit_sat")
         expiry = int_field(body, "expiry_height", 0, 500_000_000 - 1)
-        max_units = int_field(body, "max_units", 1) if body.get("max_units") is not None else None
-        max_total = int_field(body, "max_total_sat", 1) if body.get("max_total_sat") is not None else None
+        terms = self.proposal_terms(body)
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
         self.store.lapse_proposals()
@@ -109,7 +127,8 @@ class PayeeService:
             PayeeRecord(
                 channel_id=cid, state=ChannelState.PROPOSED, params=params.to_json(), privkey=payee_priv,
                 deposit_sat=deposit, expiry_height=expiry, created_at=now, lapse_at=now + cfg.proposal_ttl_s,
-                max_units=max_units, max_total_sat=max_total, created_height=tip,
+                max_units=terms.max_units, max_total_sat=terms.max_total_sat, created_height=tip,
+                terms=terms.to_json(),
             )
         )
         return {
@@ -120,6 +139,7 @@ class PayeeService:
             "funding_script": params.funding_script.hex(),
             "deposit_sat": deposit,
             "expiry_height": expiry,
+            "terms": terms.to_json(),
         }
 
     async def register_funding(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -188,11 +208,19 @@ class PayeeService:
         self.build_channel(rec).verify_payment(amount_sat, signature)
 
     def end_condition(self, rec: PayeeRecord) -> str | None:
-        """The agreed end condition a channel has reached, if any (checked after each payment)."""
-        return self.config.metering.end_condition(
-            units=rec.units, max_units=rec.max_units, paid_sat=rec.amount_sat, owed_sat=rec.owed_sat,
-            max_total_sat=rec.max_total_sat, deposit_sat=rec.deposit_sat, capacity=lambda: self.capacity_of(rec),
+        """The agreed end condition a channel has reached, if any (checked after each payment):
+        the metering's (unit count, agreed total, capacity), then the agreed number of payments
+        (``payment_count_reached``) and the agreed end time (``end_time_reached``)."""
+        terms = self.terms_of(rec)
+        reason = terms.metering.end_condition(
+            units=rec.units, max_units=terms.max_units, paid_sat=rec.amount_sat, owed_sat=rec.owed_sat,
+            max_total_sat=terms.max_total_sat, deposit_sat=rec.deposit_sat, capacity=lambda: self.capacity_of(rec),
         )
+        if reason is None and terms.max_payments is not None and rec.payments >= terms.max_payments:
+            reason = "payment_count_reached"
+        if reason is None and terms.end_time is not None and time.time() >= terms.end_time:
+            reason = "end_time_reached"
+        return reason
 
     def capacity_of(self, rec: PayeeRecord) -> Capacity:
         """Which cumulative amounts the channel can carry (the core's dust rule)."""
@@ -223,7 +251,7 @@ class PayeeService:
         """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered)."""
         amount = int_field(body, "amount_sat", 1)
         sig = hex_field(body, "signature", 80)
-        if self.config.metering.settles_owed:
+        if self.terms_of(self.store.get(cid)).metering.settles_owed:
             rec = self.pay_owed(cid, amount, sig)
         else:
             rec = self._stored(cid, self.accept(cid, amount, sig))
@@ -248,9 +276,10 @@ class PayeeService:
         rec = self.store.get(cid)
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
-        Metering.check_units(rec.units, rec.max_units, units)
+        terms = self.terms_of(rec)
+        Metering.check_units(rec.units, terms.max_units, units)
         try:
-            self.config.metering.check_prepay(rec.amount_sat, amount, units)
+            terms.metering.check_prepay(rec.amount_sat, amount, units)
         except WrongAmount:
             self.verify_only(cid, amount, sig)  # a forged request must not end the channel
             self.claim_close(cid, "wrong_amount")
@@ -262,13 +291,13 @@ class PayeeService:
 
     def charge_postpay(self, cid: str, units: int = 1) -> PayeeRecord | None:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not)."""
-        metering = self.config.metering
         for _attempt in range(5):
             rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
-            Metering.check_units(rec.units, rec.max_units, units)
-            new_owed = metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
+            terms = self.terms_of(rec)
+            Metering.check_units(rec.units, terms.max_units, units)
+            new_owed = terms.metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
             if new_owed is None:
                 return None
             if self.store.record_credit(cid, rec.owed_sat, new_owed, units):
@@ -296,4 +325,5 @@ class PayeeService:
             "min_lifetime_blocks": cfg.min_lifetime_blocks, "max_lifetime_blocks": cfg.max_lifetime_blocks,
             "close_margin_blocks": cfg.close_margin_blocks, "min_confirmations": cfg.min_confirmations,
             "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
+            "terms": cfg.terms.required().to_json(),
         }

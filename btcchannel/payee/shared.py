@@ -1,6 +1,8 @@
 """What the payee's service, closer and watcher share in memory (nothing here is durable):
 
 - :class:`ChainTip`: the chain height as last seen; the watcher updates it, the service reads it;
+- :func:`agreed_terms`: a channel's agreed terms (the payee's current ones for a channel
+  proposed before terms were stored);
 - :class:`Channels`: the core channels rebuilt from stored rows, with a cache of open ones
   that whoever changes a channel's state invalidates.
 """
@@ -12,10 +14,19 @@ from dataclasses import dataclass
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import ChannelState
+from btcchannel.core.terms import Terms
 from btcchannel.core.tx import OutPoint
 from btcchannel.store import PayeeRecord, PayeeStore
 
-__all__ = ["ChainTip", "Channels"]
+__all__ = ["ChainTip", "Channels", "agreed_terms"]
+
+
+def agreed_terms(rec: PayeeRecord, current: Terms) -> Terms:
+    """The terms channel ``rec`` was agreed under. A row from before terms were stored gets the
+    payee's ``current`` terms with the end conditions stored in its own columns."""
+    if rec.terms is not None:
+        return Terms.from_json(rec.terms)
+    return current.required().with_end_conditions(max_units=rec.max_units, max_total_sat=rec.max_total_sat)
 
 
 @dataclass

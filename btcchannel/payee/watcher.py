@@ -11,7 +11,8 @@ construction: there are no in-memory timers. It updates the shared
   transaction that vanished (double-spent) becomes ``failed`` with the
   conflicting txid.
 - ``open``: closes at ``expiry_height - close_margin_blocks``; closes a
-  postpay channel whose owed total was not paid within ``payment_timeout_s``;
+  postpay channel whose owed total was not paid within its agreed payment timeout (and a prepay
+  channel idle past its agreed idle timeout, or any channel past its agreed end time);
   a funding outpoint spent by anything but our close is an on-chain exception
   (``refunded`` for the payer's refund, ``failed`` otherwise, with
   ``exception_txid``).
@@ -30,12 +31,12 @@ import time
 
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
-from btcchannel.core.terms import Metering, closing_height
+from btcchannel.core.terms import closing_height
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import ChannelError, NodeError
 from btcchannel.payee.closer import Closer, is_uneconomic
 from btcchannel.payee.config import ServerConfig
-from btcchannel.payee.shared import ChainTip
+from btcchannel.payee.shared import ChainTip, agreed_terms
 from btcchannel.store import PayeeRecord, PayeeStore
 
 __all__ = ["Watcher"]
@@ -130,8 +131,12 @@ class Watcher:
         if tip >= closing_height(rec.expiry_height, cfg.close_margin_blocks):
             await self.closer.close(cid, "expiry_margin")
             return
-        if Metering.payment_overdue(rec.owed_sat, rec.amount_sat, rec.owed_since, time.time(), cfg.payment_timeout_s):
-            await self.closer.close(cid, "payment_timeout")
+        reason = agreed_terms(rec, cfg.terms).timed_end(
+            owed_sat=rec.owed_sat, paid_sat=rec.amount_sat, owed_since=rec.owed_since, paid_at=rec.paid_at,
+            now=time.time(),
+        )
+        if reason is not None:  # payment_timeout, idle_timeout, end_time_reached
+            await self.closer.close(cid, reason)
 
     async def _check_closing(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id

@@ -9,11 +9,14 @@ Entry points (what the CLI calls)::
         async def info(self, server_url: str) -> dict[str, Any]
         async def open_channel(self, server_url: str, deposit_sat: int, lifetime_blocks: int, *,
                                wait_open: bool = True, open_timeout: float = 600.0,
-                               max_units: int | None = None, max_total_sat: int | None = None) -> str
+                               max_units: int | None = None, max_total_sat: int | None = None,
+                               limits: PayerLimits | None = None) -> str
         async def wait_open(self, channel_id: str, timeout: float = 600.0) -> dict[str, Any]
         async def pay(self, channel_id: str, increment: int | None = None, *,
                       amount: int | None = None) -> int          # returns the acknowledged total
-        async def sign_next(self, channel_id: str, amount: int) -> Payment   # stored, not sent (metered)
+        async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment
+                                                             # checked against the terms, stored, not sent
+        def terms(self, channel_id: str) -> Terms | None     # the terms agreed at open
         async def resume(self, channel_id: str) -> dict[str, Any]    # reconcile with the payee
         async def status(self, channel_id: str) -> dict[str, Any]    # GET /v1/channels/{id}
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
@@ -33,6 +36,16 @@ timeout; a payee that cannot be reached raises ``PayeeUnreachable`` (never
 ``NodeUnavailable``, which is about the bitcoind); the payee's error codes come
 back as the typed errors of ``btcchannel.errors``; an answer that contradicts
 the protocol raises ``ProtocolViolation``.
+
+The terms are agreed at open: the payer reads the payee's required terms
+(``GET /v1/info``), refuses them if they are outside its :class:`PayerLimits`
+(``TermsRefused``, before anything is funded), proposes them with its end
+conditions and refuses an answer that states other terms (``TermsChanged``).
+From then on it signs only what the stored terms allow (``AmountNotAgreed``
+otherwise): never above its own count of units received times the agreed
+price (plus, in prepay, the units it is paying for), the agreed total, the
+agreed number of payments or after the agreed end time. A later answer of
+the payee cannot change them.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -51,7 +65,7 @@ from btcchannel.core import keys, script
 from btcchannel.core.channel import PayerChannel
 from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import TERMINAL_STATES, ChannelState
-from btcchannel.core.terms import not_open_error
+from btcchannel.core.terms import PayerLimits, Terms, not_open_error
 from btcchannel.errors import (
     BadRequest,
     ChannelError,
@@ -60,6 +74,7 @@ from btcchannel.errors import (
     PayeeUnreachable,
     ProtocolViolation,
     StalePayment,
+    TermsChanged,
     error_for_code,
 )
 from btcchannel.bitcoind.rpc import Node
@@ -192,17 +207,26 @@ class PayerClient:
         open_timeout: float = 600.0,
         max_units: int | None = None,
         max_total_sat: int | None = None,
+        limits: PayerLimits | None = None,
     ) -> str:
         """Propose, check, fund and register a channel; returns its id.
 
-        The payee's answer is checked against the witness script recomputed
-        from both keys and the expiry; any difference raises
-        ``ProtocolViolation`` before a satoshi is spent. With ``wait_open``
-        it waits (up to ``open_timeout`` s) for the payee to report ``open``.
+        The payee's required terms are checked against ``limits`` (``TermsRefused``)
+        and proposed with the limits' end conditions (``max_units`` and ``max_total_sat``
+        add to them). The payee's answer is checked against the witness script
+        recomputed from both keys and the expiry, and its terms against the
+        proposed ones; any difference raises ``ProtocolViolation`` (or
+        ``TermsChanged``) before a satoshi is spent. With ``wait_open`` it waits
+        (up to ``open_timeout`` s) for the payee to report ``open``.
         """
         info = await self.info(server_url)
         if info.get("network") != self.network:
             raise ProtocolViolation(f"payee runs on {info.get('network')!r}, not {self.network!r}")
+        limits = limits or PayerLimits()
+        if max_units is not None or max_total_sat is not None:
+            limits = replace(limits, max_units=max_units if max_units is not None else limits.max_units,
+                             max_total_sat=max_total_sat if max_total_sat is not None else limits.max_total_sat)
+        terms = limits.accept(self._required_terms(info))
         tip = await self.node.tip_height()
         expiry = tip + lifetime_blocks
         privkey = keys.generate_private_key()
@@ -212,17 +236,21 @@ class PayerClient:
             "payer_pubkey": pubkey.hex(), "deposit_sat": deposit_sat,
             "expiry_height": expiry, "payer_script": payer_script.hex(),
         }
-        if max_units is not None:
-            body["max_units"] = max_units
-        if max_total_sat is not None:
-            body["max_total_sat"] = max_total_sat
+        legacy = "terms" not in info  # a payee from before agreed terms: the old end-condition fields
+        if legacy:
+            body.update({k: v for k, v in (("max_units", terms.max_units), ("max_total_sat", terms.max_total_sat))
+                         if v is not None})
+        else:
+            body["terms"] = terms.to_json()
         _, ans = await self.request("POST", f"{server_url.rstrip('/')}/v1/channels", body)
         params = self._check_proposal(ans, pubkey, payer_script, deposit_sat, expiry)
+        if not legacy and ans.get("terms") != terms.to_json():
+            raise TermsChanged(f"the payee answered other terms than proposed: {ans.get('terms')!r}; not funding")
         cid = ans["channel_id"]
         self.store.insert(
             PayerRecord(
                 channel_id=cid, server_url=server_url, state=ChannelState.PROPOSED, params=params.to_json(),
-                privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry,
+                privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry, terms=terms.to_json(),
             )
         )
         outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
@@ -233,6 +261,22 @@ class PayerClient:
         if wait_open:
             await self.wait_open(cid, open_timeout)
         return str(cid)
+
+    @staticmethod
+    def _required_terms(info: dict[str, Any]) -> Terms:
+        """The terms a payee requires, from its ``/v1/info`` (``terms``, or the older top-level fields)."""
+        try:
+            if "terms" in info:
+                return Terms.from_json(info["terms"]).required()
+            return Terms(int(info.get("price_sat") or 0), str(info.get("mode") or "prepay"),
+                         int(info.get("credit_limit_sat") or 0))
+        except (ChannelError, TypeError, ValueError) as exc:
+            raise ProtocolViolation(f"the payee's terms are invalid: {exc}") from None
+
+    def terms(self, channel_id: str) -> Terms | None:
+        """The terms agreed at open (None for a channel stored before terms were)."""
+        rec = self.store.get(channel_id)
+        return Terms.from_json(rec.terms) if rec.terms is not None else None
 
     def _check_proposal(
         self, ans: Any, pubkey: bytes, payer_script: bytes, deposit_sat: int, expiry: int
@@ -286,6 +330,8 @@ class PayerClient:
                 if obj.get("close_txid"):
                     fields["close_txid"] = obj["close_txid"]
                 self.store.set_state(rec.channel_id, state, **fields)
+        if rec.terms is not None and obj.get("terms") is not None and obj["terms"] != rec.terms:
+            raise TermsChanged(f"the payee now states other terms than agreed: {obj['terms']!r}")
         amt = obj.get("amount_sat")
         if isinstance(amt, int) and not isinstance(amt, bool):
             if amt > rec.amount_sat:
@@ -312,14 +358,22 @@ class PayerClient:
                 raise TimeoutError(f"channel {channel_id} not open after {timeout} s")
             await asyncio.sleep(0.2)
 
-    async def sign_next(self, channel_id: str, amount: int) -> Payment:
-        """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered."""
+    async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment:
+        """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered.
+
+        ``AmountNotAgreed`` if the agreed terms do not allow it, given the units received so far
+        and ``units_ahead`` units being paid for in advance (prepay).
+        """
         rec = self.store.get(channel_id)
         if rec.state is ChannelState.FUNDING:
             await self.status(channel_id)  # the payee decides when it is open
             rec = self.store.get(channel_id)
         if rec.state is not ChannelState.OPEN:
             raise not_open_error(ChannelState(rec.state))
+        if rec.terms is not None:
+            Terms.from_json(rec.terms).check_signable(
+                amount, units_received=rec.units, units_ahead=units_ahead, payments=rec.payments, now=time.time(),
+            )
         ch = self._channel(rec)
         payment = ch.sign_payment(amount)
         if not self.store.save_signed(channel_id, payment.amount_sat, payment.signature):

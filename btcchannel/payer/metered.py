@@ -7,7 +7,9 @@ metered payee (``btcchannel.payee.metered``) through one open channel, in either
                         data: bytes | None = None) -> tuple[int, bytes]
         async def settle(self) -> int          # postpay: pay the owed total now
 
-The amount rules are the core's :class:`btcchannel.core.channel.Metering`; the header
+Every unit served is counted in the payer's store; the client signs nothing above that count
+times the agreed price (``AmountNotAgreed``), whatever the payee's headers or channel object
+claim is owed. The amount rules are the core's :class:`btcchannel.core.channel.Metering`; the header
 names are :mod:`btcchannel.wire`'s.
 """
 
@@ -45,8 +47,14 @@ class MeteredPayer:
         return self._info
 
     async def metering(self) -> Metering:
-        """The payee's terms as the core's :class:`Metering` (cached); ProtocolViolation if they make no sense."""
+        """The channel's agreed terms as the core's :class:`Metering` (cached): the terms stored at
+        open, never what the payee states later; for a channel stored before terms, the payee's
+        ``/v1/info``. ProtocolViolation if they make no sense."""
         if self._metering is None:
+            agreed = self.client.terms(self.channel_id)
+            if agreed is not None:
+                self._metering = agreed.metering
+                return self._metering
             terms = await self.terms()
             try:
                 self._metering = Metering(int(terms["price_sat"]), terms["mode"], int(terms["credit_limit_sat"]))
@@ -73,7 +81,8 @@ class MeteredPayer:
                 and rec.amount_sat == metering.prepay_amount(rec.acked_sat, units)
             ):
                 return Payment(rec.amount_sat, rec.signature)  # never reached the payee: send it again
-        return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units))
+        return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units),
+                                           units_ahead=units)
 
     async def fetch(self, url: str, method: str = "GET", *, units: int = 1, data: bytes | None = None) -> tuple[int, bytes]:
         """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed."""
@@ -94,8 +103,7 @@ class MeteredPayer:
                 raise ProtocolViolation(f"payment refused: {body[:200]!r}")
             if status >= 400:
                 self._raise(status, body)
-            if payment is not None:
-                self.client.store.set_acked(self.channel_id, payment.amount_sat)
+            self.client.store.add_units(self.channel_id, units, payment.amount_sat if payment is not None else None)
             if metering.mode == "postpay":
                 owed = int(resp_headers.get(HDR_OWED, "0"))
                 paid_total = int(resp_headers.get(HDR_PAID, "0"))

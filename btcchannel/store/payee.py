@@ -21,7 +21,8 @@ Entry points::
 
 Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 ``+close_uneconomic`` suffix of ``end_reason`` into the boolean column
-``close_uneconomic``.
+``close_uneconomic``; 3 adds the agreed ``terms`` (JSON, NULL for older channels), the number
+of stored ``payments`` and ``paid_at``, the time of the last one.
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class PayeeRecord:
     updated_at: float = 0.0
     #: a claimed close whose payments do not pay for its fee: nothing is broadcast, the payer refunds
     close_uneconomic: bool = False
+    #: the agreed terms (``Terms.to_json()``); None for a channel proposed before terms were stored
+    terms: dict[str, Any] | None = None
+    #: how many payments were stored (an agreed end condition may count them)
+    payments: int = 0
+    #: when the last payment was stored (unix seconds; the prepay idle timeout runs from it)
+    paid_at: float | None = None
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -138,6 +145,12 @@ _V2_CLOSE_UNECONOMIC: Migration = (
     " WHERE substr(end_reason, -length('+close_uneconomic')) = '+close_uneconomic'",
 )
 
+_V3_TERMS: Migration = (
+    "ALTER TABLE channels ADD COLUMN terms TEXT",
+    "ALTER TABLE channels ADD COLUMN payments INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE channels ADD COLUMN paid_at REAL",
+)
+
 # ------------------------------------------------------------------ the state table
 
 def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
@@ -171,7 +184,9 @@ _PAYEE_JSON = ("params", "close_txids", "funding_inputs")
 
 
 def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
-    return PayeeRecord(**decode_row(row, _PAYEE_JSON))
+    d = decode_row(row, _PAYEE_JSON)
+    d["terms"] = json.loads(d["terms"]) if d.get("terms") is not None else None
+    return PayeeRecord(**d)
 
 
 # ------------------------------------------------------------------ the store
@@ -180,7 +195,7 @@ def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
 class PayeeStore(Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
-    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC)
+    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS)
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -244,11 +259,12 @@ class PayeeStore(Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " lapse_at, max_units, max_total_sat, created_height, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
                 rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
-                rec.created_height, now,
+                rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
             ),
         )
 
@@ -295,15 +311,17 @@ class PayeeStore(Database):
         row changed under us: the caller re-reads it and decides again.
         """
         if owed_sat is None:
-            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, updated_at=?"
-                   " WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-            args: tuple[Any, ...] = (amount_sat, signature, units_delta, time.time(), channel_id,
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
+                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+            now = time.time()
+            args: tuple[Any, ...] = (amount_sat, signature, units_delta, now, now, channel_id,
                                      _S.OPEN.value, amount_sat)
         else:
-            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?,"
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
                    " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
-                   " updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-            args = (amount_sat, signature, units_delta, owed_sat, time.time(), channel_id, _S.OPEN.value,
+                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+            now = time.time()
+            args = (amount_sat, signature, units_delta, owed_sat, now, now, channel_id, _S.OPEN.value,
                     amount_sat)
         rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
         return _payee_from_row(rows[0]) if rows else None

@@ -14,7 +14,8 @@ Entry points::
     PayerStore.export_backup() / import_backup(data)
     PayerRecord                       # one row; state is a ChannelState
 
-Schema versions: 1 is the unversioned schema of earlier releases.
+Schema versions: 1 is the unversioned schema of earlier releases; 2 adds the agreed ``terms``,
+the metered ``units`` received and the number of signed ``payments``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ class PayerRecord:
     refund_txid: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    #: the terms agreed at open (``Terms.to_json()``); None for a channel opened before terms
+    terms: dict[str, Any] | None = None
+    #: metered units received (served to us): with the agreed price, the most we ever sign
+    units: int = 0
+    #: how many payments we signed
+    payments: int = 0
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -78,6 +85,12 @@ _V1: Migration = (
 )""",
 )
 
+_V2_TERMS: Migration = (
+    "ALTER TABLE channels ADD COLUMN terms TEXT",
+    "ALTER TABLE channels ADD COLUMN units INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE channels ADD COLUMN payments INTEGER NOT NULL DEFAULT 0",
+)
+
 _PAYER_FIELDS = (
     "channel_id", "server_url", "state", "params", "privkey", "deposit_sat", "expiry_height", "amount_sat",
     "signature", "acked_sat", "funding_txid", "funding_vout", "close_txid", "refund_txid", "created_at",
@@ -87,14 +100,20 @@ _PAYER_FIELDS = (
 _SET_STATE_FIELDS = frozenset({"funding_txid", "funding_vout", "close_txid", "refund_txid", "params"})
 
 
+#: optional in a backup (written since schema version 2)
+_PAYER_EXTRA = ("terms", "units", "payments")
+
+
 def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
-    return PayerRecord(**decode_row(row, ("params",)))
+    d = decode_row(row, ("params",))
+    d["terms"] = json.loads(d["terms"]) if d.get("terms") is not None else None
+    return PayerRecord(**d)
 
 
 class PayerStore(Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
-    MIGRATIONS = (_V1,)
+    MIGRATIONS = (_V1, _V2_TERMS)
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
@@ -118,10 +137,11 @@ class PayerStore(Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, server_url, state, params, privkey, deposit_sat, expiry_height,"
-            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            " created_at, updated_at, terms) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id, rec.server_url, ChannelState(rec.state).value, json.dumps(rec.params),
                 rec.privkey, rec.deposit_sat, rec.expiry_height, rec.created_at or now, now,
+                json.dumps(rec.terms) if rec.terms is not None else None,
             ),
         )
 
@@ -143,10 +163,18 @@ class PayerStore(Database):
     def save_signed(self, channel_id: str, amount_sat: int, signature: bytes) -> bool:
         """Durably store a signed payment before it is sent; False unless it is higher than the stored one."""
         cur = self._db.execute(
-            "UPDATE channels SET amount_sat=?, signature=?, updated_at=? WHERE channel_id=? AND amount_sat<?",
+            "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, updated_at=?"
+            " WHERE channel_id=? AND amount_sat<?",
             (amount_sat, signature, time.time(), channel_id, amount_sat),
         )
         return cur.rowcount == 1
+
+    def add_units(self, channel_id: str, units: int, acked_sat: int | None = None) -> None:
+        """Record ``units`` more metered units received (and the total the payee acknowledged with them)."""
+        self._db.execute(
+            "UPDATE channels SET units=units+?, acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
+            (units, acked_sat or 0, time.time(), channel_id),
+        )
 
     def set_acked(self, channel_id: str, amount_sat: int) -> None:
         """Record the amount the payee acknowledged (never lowers it)."""
@@ -160,7 +188,7 @@ class PayerStore(Database):
         """Every channel (keys included) as a JSON-able dict; keep it as secret as the database."""
         out = []
         for rec in self.list():
-            d = {k: getattr(rec, k) for k in _PAYER_FIELDS}
+            d = {k: getattr(rec, k) for k in _PAYER_FIELDS + _PAYER_EXTRA}
             d["state"] = rec.state.value
             d["privkey"] = rec.privkey.hex()
             d["signature"] = rec.signature.hex() if rec.signature is not None else None
@@ -185,12 +213,17 @@ class PayerStore(Database):
                 vals["privkey"] = bytes.fromhex(vals["privkey"])
                 vals["signature"] = bytes.fromhex(vals["signature"]) if vals["signature"] else None
                 vals["params"] = json.dumps(vals["params"])
+                extra = {k: d.get(k) for k in _PAYER_EXTRA}
+                vals["terms"] = json.dumps(extra["terms"]) if extra["terms"] is not None else None
+                vals["units"] = int(extra["units"] or 0)
+                vals["payments"] = int(extra["payments"] or 0)
             except (KeyError, TypeError, ValueError) as exc:
                 raise BadRequest(f"malformed backup entry: {exc}") from exc
-            cols = ",".join(_PAYER_FIELDS)
-            q = ",".join("?" * len(_PAYER_FIELDS))
+            names = _PAYER_FIELDS + _PAYER_EXTRA
+            cols = ",".join(names)
+            q = ",".join("?" * len(names))
             cur = self._db.execute(
-                f"INSERT OR IGNORE INTO channels ({cols}) VALUES ({q})", [vals[k] for k in _PAYER_FIELDS]
+                f"INSERT OR IGNORE INTO channels ({cols}) VALUES ({q})", [vals[k] for k in names]
             )
             if cur.rowcount == 1:
                 n += 1
