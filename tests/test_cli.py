@@ -147,7 +147,7 @@ def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, 
     data = tmp_path / "data.bin"
     data.write_bytes(os.urandom(10 * 1000))
     proc = subprocess.Popen(
-        cli.argv("--json", "serve", "--port", "0", "--price-sat", "100", "--serve-file", str(data),
+        cli.argv("--json", "serve", "--port", "0", "--price-sat", "2000", "--serve-file", str(data),
                  "--chunk-size", "1000"),
         env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -170,26 +170,32 @@ def test_two_processes_open_fetch_close_and_refund(
     payee, server, url = payee_process
     payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
 
-    # a channel opened, used for a paid download and an extra payment, then closed
-    opened = payer.json("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50", "--no-wait")
+    # a payee asking more than the payer's limit: refused before anything is funded
+    assert "terms_refused" in payer.fails("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50",
+                                          "--max-price-sat", "1999", "--no-wait")
+    assert payer.json("list")["channels"] == []
+    # a channel opened, used for a paid download (nothing more: the payer pays only for units), closed
+    opened = payer.json("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50", "--no-wait",
+                        "--max-price-sat", "2000", "--max-total-sat", "150000")
     cid = opened["channel_id"]
     assert opened["state"] == "funding"
     bitcoind.mine(1)
     out = tmp_path / "got.bin"
     fetched = payer.json("fetch", f"{url}/v1/file", "--out", str(out))
     assert out.read_bytes() == (tmp_path / "data.bin").read_bytes()
-    assert fetched["units"] == 10 and fetched["amount_sat"] == 1000
-    assert payer.json("pay", cid, "--amount-sat", "5000")["amount_sat"] == 6000
+    assert fetched["units"] == 10 and fetched["amount_sat"] == 20000
+    assert "amount_not_agreed" in payer.fails("pay", cid, "--amount-sat", "5000")
     listed = {c["channel_id"]: c for c in payee.json("channels")["channels"]}
-    assert listed[cid]["amount_sat"] == 6000 and listed[cid]["state"] == "open"
+    assert listed[cid]["amount_sat"] == 20000 and listed[cid]["state"] == "open"
+    assert listed[cid]["terms"]["price_sat"] == 2000 and listed[cid]["terms"]["max_total_sat"] == 150000
     closing = payer.json("close", cid)
     close_txid = closing["close_txid"]
     bitcoind.mine(1)
     tx = bitcoind.rpc("getrawtransaction", close_txid, 2)
     assert tx["vin"][0]["txid"] == opened["funding_txid"]
     values = [btc_to_sat(v["value"]) for v in tx["vout"]]
-    assert values[0] == 200000 - 6000  # the payer's change, exactly
-    assert values[1] == 6000 - btc_to_sat(tx["fee"])
+    assert values[0] == 200000 - 20000  # the payer's change, exactly
+    assert values[1] == 20000 - btc_to_sat(tx["fee"])
     wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=30, what="payee sees the close")
 
     # the payee closes a channel on its own, then bumps its close by RBF
@@ -197,7 +203,7 @@ def test_two_processes_open_fetch_close_and_refund(
     cid3 = third["channel_id"]
     bitcoind.mine(1)
     payer.json("fetch", f"{url}/v1/file/1")
-    assert payer.json("pay", cid3, "--amount-sat", "20000")["amount_sat"] == 20100
+    assert "amount_not_agreed" in payer.fails("pay", cid3, "--amount-sat", "20000")
     first_close = payee.json("close", cid3, "--fee-rate", "3")["close_txid"]
     bumped = payee.json("bump", cid3, "--fee-rate", "6")["close_txid"]
     assert bumped != first_close
@@ -206,13 +212,13 @@ def test_two_processes_open_fetch_close_and_refund(
     bitcoind.mine(1)
     btx = bitcoind.rpc("getrawtransaction", bumped, 2)
     assert btx["confirmations"] == 1 and btc_to_sat(btx["fee"]) >= 6 * btx["vsize"]
-    assert btc_to_sat(btx["vout"][0]["value"]) == 100000 - 20100
+    assert btc_to_sat(btx["vout"][0]["value"]) == 100000 - 2000
 
     # a second channel: the payee vanishes, the payer restores a backup elsewhere and refunds
     second = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "12", "--no-wait")
     cid2 = second["channel_id"]
     bitcoind.mine(1)
-    assert payer.json("fetch", f"{url}/v1/file/0")["amount_sat"] == 100
+    assert payer.json("fetch", f"{url}/v1/file/0")["amount_sat"] == 2000
     server.send_signal(signal.SIGKILL)
     server.wait(30)
     payer.json("backup", "export", str(tmp_path / "backup.json"))
