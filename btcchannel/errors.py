@@ -166,6 +166,16 @@ class WrongAmount(ChannelError):
     wire = True
 
 
+class Unauthorized(ChannelError):
+    """A metered request without a valid ``X-Btcchannel-Auth`` of the channel's payer (missing,
+    malformed, not signed by the payer's channel key, or a counter not above the last one).
+    Wire code ``unauthorized``, HTTP 401."""
+
+    code = "unauthorized"
+    http_status = 401
+    wire = True
+
+
 class TermsMismatch(ChannelError):
     """A proposal states terms other than the ones the payee requires (price, mode, credit
     limit, timeouts; see ``GET /v1/info``). Wire code ``terms_mismatch``, HTTP 409."""

@@ -18,11 +18,11 @@ import re
 from typing import Any, Mapping, Protocol
 
 from btcchannel.core.terms import Metering
-from btcchannel.errors import BadRequest, UnknownChannel
+from btcchannel.errors import BadRequest, Unauthorized, UnknownChannel
 
 __all__ = [
     "MAX_BODY", "MAX_SAT",
-    "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED",
+    "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED", "HDR_AUTH", "parse_auth_header",
     "ChannelRow", "parse_body", "int_field", "hex_field", "txid_field", "check_channel_id",
     "channel_object", "parse_payment_headers", "check_decimal", "payment_required_body",
 ]
@@ -37,11 +37,13 @@ HDR_AMOUNT = "X-Btcchannel-Amount"
 HDR_SIGNATURE = "X-Btcchannel-Signature"
 HDR_PAID = "X-Btcchannel-Paid"
 HDR_OWED = "X-Btcchannel-Owed"
+HDR_AUTH = "X-Btcchannel-Auth"
 
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 _HEX_TXID = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,16}$")
 _HEX_SIG = re.compile(r"^(?:[0-9a-f]{2}){1,80}$")
+_AUTH = re.compile(r"^([0-9]{1,19})\.((?:[0-9a-f]{2}){8,72})$")
 
 
 class ChannelRow(Protocol):
@@ -182,6 +184,15 @@ def parse_payment_headers(headers: Mapping[str, str]) -> tuple[int, bytes] | Non
     if amount is None or sig is None or not _DIGITS.match(amount) or not _HEX_SIG.match(sig):
         raise BadRequest(f"{HDR_AMOUNT} must be decimal satoshis and {HDR_SIGNATURE} lowercase hex")
     return int(amount), bytes.fromhex(sig)
+
+
+def parse_auth_header(value: str | None) -> tuple[int, bytes]:
+    """``X-Btcchannel-Auth: <counter>.<signature>`` as (counter, DER signature); ``Unauthorized`` if
+    missing or malformed (counter: decimal, below 2^63; signature: lowercase hex)."""
+    m = _AUTH.match(value) if value is not None else None
+    if m is None or int(m.group(1)) >= 2**63:
+        raise Unauthorized(f"a metered request needs {HDR_AUTH}: <counter>.<signature by the channel key>")
+    return int(m.group(1)), bytes.fromhex(m.group(2))
 
 
 def check_decimal(raw: str, what: str) -> int:

@@ -40,7 +40,7 @@ from btcchannel.payee.closer import operator_bump
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payer.metered import MeteredPayer
-from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE
+from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing import Chain, ChannelView, RunningPayee, TxView, confirm_close, running_payee
 from btcchannel.testing import open_channel as open_funded_channel, wait_close_broadcast, wait_until_async
@@ -276,8 +276,9 @@ async def wrong_amount_story(w: World) -> str:
         paid = client.store.get(cid).acked_sat
         check(paid == k * SCENARIO_PRICE_SAT, f"paid {paid}, expected {k * SCENARIO_PRICE_SAT}")
         wrong = paid + SCENARIO_PRICE_SAT // 2
-        payment = await client.sign_next(cid, wrong)
-        headers = {HDR_CHANNEL: cid, HDR_AMOUNT: str(wrong), HDR_SIGNATURE: payment.signature.hex()}
+        payment = await client.sign_next(cid, wrong, units_ahead=1)
+        headers = {HDR_CHANNEL: cid, HDR_AMOUNT: str(wrong), HDR_SIGNATURE: payment.signature.hex(),
+                   HDR_AUTH: client.request_auth(cid, "GET", f"{payee.url}/v1/file/{k}")}
         async with client.session.get(f"{payee.url}/v1/file/{k}", headers=headers) as resp:
             status, body = resp.status, await resp.json(content_type=None)
         code = body.get("error", {}).get("code") if isinstance(body, dict) else None

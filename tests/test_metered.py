@@ -13,12 +13,17 @@ from btcchannel.payer.client import PayerClient
 from btcchannel.errors import AmountNotAgreed, BadRequest, ChannelClosing, WrongAmount
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payer.metered import MeteredPayer
-from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_SIGNATURE
+from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 
 CHUNK = 100
+
+
+def _auth(client: PayerClient, cid: str, url: str, **extra: str) -> dict[str, str]:
+    """The headers of a metered GET of ``url`` on channel ``cid``, authenticated by the payer's key."""
+    return {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "GET", url), **extra}
 
 
 def _file(tmp_path: Path, chunks: int = 12) -> Path:
@@ -56,7 +61,7 @@ async def test_prepay_file_chunks(
             meta = await r.json()
         assert meta["chunks"] == 12
         cid = await open_channel(client, bitcoind, srv.url, 200_000)
-        async with s.get(f"{srv.url}/v1/file/0", headers={HDR_CHANNEL: cid}) as r:
+        async with s.get(f"{srv.url}/v1/file/0", headers=_auth(client, cid, f"{srv.url}/v1/file/0")) as r:
             assert r.status == 402 and (await r.json())["payment"]["next_amount_sat"] == 100
         payer = MeteredPayer(client, cid)
         got = b""
@@ -73,11 +78,12 @@ async def test_prepay_file_chunks(
         assert srv.store.get(cid).amount_sat == 1000
         # replaying the last payment buys nothing
         last = srv.store.get(cid)
-        hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: str(last.amount_sat), HDR_SIGNATURE: last.signature.hex()}
+        hdr = _auth(client, cid, f"{srv.url}/v1/file/3", **{HDR_AMOUNT: str(last.amount_sat),
+                                                              HDR_SIGNATURE: last.signature.hex()})
         async with s.get(f"{srv.url}/v1/file/3", headers=hdr) as r:
             assert r.status == 409 and (await r.json())["error"]["code"] == "stale_payment"
         # a forged payment of the wrong amount does not end the channel
-        hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: "1200", HDR_SIGNATURE: last.signature.hex()}
+        hdr = _auth(client, cid, f"{srv.url}/v1/file/3", **{HDR_AMOUNT: "1200", HDR_SIGNATURE: last.signature.hex()})
         async with s.get(f"{srv.url}/v1/file/3", headers=hdr) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "bad_signature"
         assert srv.store.get(cid).state == "open"
@@ -89,7 +95,7 @@ async def test_prepay_file_chunks(
         with pytest.raises(AmountNotAgreed):
             await client.sign_next(cid, 1350)
         wrong = client._channel(client.store.get(cid)).sign_payment(1350)
-        hdr = {HDR_CHANNEL: cid, HDR_AMOUNT: "1350", HDR_SIGNATURE: wrong.signature.hex()}
+        hdr = _auth(client, cid, f"{srv.url}/v1/file/10", **{HDR_AMOUNT: "1350", HDR_SIGNATURE: wrong.signature.hex()})
         async with s.get(f"{srv.url}/v1/file/10", headers=hdr) as r:
             assert r.status == 400 and (await r.json())["error"]["code"] == "wrong_amount"
         assert srv.store.get(cid).end_reason == "wrong_amount"
@@ -145,9 +151,9 @@ async def test_postpay_credit_timeout_and_wrong_amount(
         assert await payer.settle() == 12000
         # beyond the credit limit without paying: 402 with the owed total
         for i in range(3):
-            async with s.get(f"{srv.url}/v1/file/{i}", headers={HDR_CHANNEL: late}) as r:
+            async with s.get(f"{srv.url}/v1/file/{i}", headers=_auth(client, late, f"{srv.url}/v1/file/{i}")) as r:
                 assert r.status == 200
-        async with s.get(f"{srv.url}/v1/file/3", headers={HDR_CHANNEL: late}) as r:
+        async with s.get(f"{srv.url}/v1/file/3", headers=_auth(client, late, f"{srv.url}/v1/file/3")) as r:
             assert r.status == 402 and (await r.json())["payment"]["owed_sat"] == 3000
         client.store.add_units(late, 3)  # received outside MeteredPayer: counted by hand
         with pytest.raises(WrongAmount):
@@ -158,11 +164,11 @@ async def test_postpay_credit_timeout_and_wrong_amount(
         assert srv.store.get(late).amount_sat == 0
         # timeout: units served on credit, never paid
         for i in range(2):
-            async with s.get(f"{srv.url}/v1/file/{i}", headers={HDR_CHANNEL: wrong}) as r:
+            async with s.get(f"{srv.url}/v1/file/{i}", headers=_auth(client, wrong, f"{srv.url}/v1/file/{i}")) as r:
                 assert r.status == 200
         client.store.add_units(wrong, 2)
         await client.pay(wrong, amount=2000)
-        async with s.get(f"{srv.url}/v1/file/2", headers={HDR_CHANNEL: wrong}) as r:
+        async with s.get(f"{srv.url}/v1/file/2", headers=_auth(client, wrong, f"{srv.url}/v1/file/2")) as r:
             assert r.status == 200
         await wait_until_async(lambda: srv.store.get(wrong).state == "closing", timeout=10, what="timeout close")
         assert srv.store.get(wrong).end_reason == "payment_timeout"

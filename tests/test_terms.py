@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.core.keys import generate_private_key, public_key
+from btcchannel.core.keys import generate_private_key, public_key, request_digest, sign_digest
 from btcchannel.core.terms import PayerLimits, Terms
 from btcchannel.errors import AmountNotAgreed, TermsChanged, TermsRefused
 from btcchannel.payee.metered import add_file_route
@@ -23,7 +23,7 @@ from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
-from btcchannel.wire import HDR_OWED
+from btcchannel.wire import HDR_AUTH, HDR_CHANNEL, HDR_OWED
 
 CHUNK = 100
 PRICE = 100
@@ -232,3 +232,43 @@ async def test_rogue_payee_cannot_change_terms_or_inflate_what_is_owed(
         assert taken == rec.amount_sat <= units * P
     finally:
         await rogue.stop()
+
+
+async def test_third_party_with_the_channel_id_gets_nothing(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    P = 10 * PRICE  # noqa: N806 - two units pay for a close
+    srv = await _payee(payee_factory, tmp_path, price_sat=P, mode="postpay", credit_limit_sat=10 * P)
+    client = payer_client
+    cid = await open_channel(client, bitcoind, srv.url, 100_000)
+    payer = MeteredPayer(client, cid)
+    for i in range(2):
+        assert (await payer.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
+    stranger_key = generate_private_key()
+    other = client._channel(client.store.get(cid))
+    forged = f"{time.time_ns() // 1000}.{sign_digest(stranger_key, request_digest(cid, 1, 'GET', '/v1/file/5')).hex()}"
+    captured = client.request_auth(cid, "GET", f"{srv.url}/v1/file/5")
+    async with aiohttp.ClientSession() as s:
+        url = f"{srv.url}/v1/file/5"
+        for headers in (
+            {HDR_CHANNEL: cid},                                                  # the channel id alone
+            {HDR_CHANNEL: cid, HDR_AUTH: forged},                                # another key
+            {HDR_CHANNEL: cid, HDR_AUTH: "1.00"},                                # malformed
+            {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "GET", f"{srv.url}/v1/file/6")},  # other path
+            {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "POST", url)},  # other method
+            {HDR_CHANNEL: cid, HDR_AUTH: f"1.{other.request_signature(cid, 1, 'GET', '/v1/file/5').hex()}"},  # old counter
+        ):
+            async with s.get(url, headers=headers) as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized", headers
+        # a request the payer signed is served once; replayed by whoever saw it, it buys nothing
+        async with s.get(url, headers={HDR_CHANNEL: cid, HDR_AUTH: captured}) as r:
+            assert r.status == 200
+        client.store.add_units(cid, 1)  # the payer's own request: it counts it
+        async with s.get(url, headers={HDR_CHANNEL: cid, HDR_AUTH: captured}) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+    rec = srv.store.get(cid)
+    assert (rec.units, rec.owed_sat) == (3, 3 * P)
+    assert await payer.settle() == 3 * P
+    await client.close(cid)
+    close = await _confirmed_close(bitcoind, srv, cid)
+    assert _paid_to_payee(close, rec.params["payer_script"], rec.deposit_sat) == 3 * P

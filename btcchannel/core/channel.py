@@ -20,6 +20,7 @@ from btcchannel.core.keys import (
     Verifier,
     check_private_key,
     close_request_digest,
+    request_digest,
     is_valid_signature_encoding,
     public_key,
     sign_digest,
@@ -173,6 +174,11 @@ class PayerChannel(_Machine):
     def close_request_signature(self, channel_id: str) -> bytes:
         """DER signature (no sighash byte) over :func:`close_request_digest` of ``channel_id``."""
         return sign_digest(self.privkey, close_request_digest(channel_id))
+
+    def request_signature(self, channel_id: str, counter: int, method: str, target: str) -> bytes:
+        """DER signature (no sighash byte) over :func:`~btcchannel.core.keys.request_digest`:
+        authenticates one metered request as this channel's payer's."""
+        return sign_digest(self.privkey, request_digest(channel_id, counter, method, target))
 
     def build_refund(
         self,
@@ -391,6 +397,10 @@ class PayeeChannel(_Machine):
             most = self.max_close_fee_sat(payee_script)
             tx = self.build_close(payee_script, 0, min_fee_sat=most)
             return tx, most / tx_vsize(tx)
+
+    def verify_request(self, channel_id: str, counter: int, method: str, target: str, signature: bytes) -> bool:
+        """Whether ``signature`` authenticates this metered request as the payer's."""
+        return self._verifier.verify(signature, request_digest(channel_id, counter, method, target))
 
     def verify_close_request(self, channel_id: str, signature: bytes) -> None:
         """BadSignature unless ``signature`` is the payer's close request for ``channel_id``."""

@@ -39,6 +39,8 @@ __all__ = [
 CURVE_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 HALF_ORDER = CURVE_ORDER // 2
 CLOSE_REQUEST_TAG = b"btcchannel/v1/close"
+#: the domain tag of a metered request's authentication (see :func:`request_digest`)
+REQUEST_TAG = b"btcchannel/v1/request"
 
 _CTX = GLOBAL_CONTEXT.ctx
 
@@ -197,3 +199,18 @@ def close_request_digest(channel_id: str) -> bytes:
         raise BadRequest("channel_id must be hex") from None
     return hashlib.sha256(CLOSE_REQUEST_TAG + raw).digest()
 
+
+
+def request_digest(channel_id: str, counter: int, method: str, target: str) -> bytes:
+    """The digest a payer signs to authenticate one metered request:
+    ``SHA256(b"btcchannel/v1/request" || channel_id (16 bytes) || counter (8 bytes, big endian)
+    || METHOD (ASCII, upper case) || b" " || target (the request target: path and query, UTF-8))``."""
+    try:
+        raw = bytes.fromhex(channel_id)
+    except (ValueError, TypeError):
+        raise BadRequest("channel_id must be hex") from None
+    if not 0 <= counter < 2**63:
+        raise BadRequest("request counter out of range")
+    return hashlib.sha256(
+        REQUEST_TAG + raw + counter.to_bytes(8, "big") + method.upper().encode("ascii") + b" " + target.encode("utf-8")
+    ).digest()

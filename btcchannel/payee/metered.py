@@ -13,7 +13,10 @@ An application turns any aiohttp handler into a paid one with one decorator
 
 Request headers (see docs/PROTOCOL.md; their names are in :mod:`btcchannel.wire`):
 
-- ``X-Btcchannel-Channel: <channel_id>`` on every paid request;
+- ``X-Btcchannel-Channel: <channel_id>`` and ``X-Btcchannel-Auth: <counter>.<signature>`` on every
+  paid request: the payer's channel key signs (channel, counter, method, request target) with a
+  counter above the last one (:func:`btcchannel.core.keys.request_digest`), so the channel id alone
+  buys nothing (``unauthorized``, 401);
 - prepay: ``X-Btcchannel-Amount: <new cumulative total>`` and
   ``X-Btcchannel-Signature: <hex>`` — exactly the previous total plus
   ``price_sat * units``; the unit is served only after that payment is stored;
@@ -48,11 +51,13 @@ from btcchannel.errors import BadRequest
 from btcchannel.payee.appkeys import SERVICE
 from btcchannel.payee.service import PayeeService
 from btcchannel.wire import (
+    HDR_AUTH,
     HDR_CHANNEL,
     HDR_OWED,
     HDR_PAID,
     check_channel_id,
     check_decimal,
+    parse_auth_header,
     parse_payment_headers,
     payment_required_body,
 )
@@ -87,15 +92,17 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
             metering = svc.terms_of(svc.store.get(cid)).metering  # the channel's agreed terms
             if not metering.enabled:
                 return await handler(request)
+            counter, auth_sig = parse_auth_header(request.headers.get(HDR_AUTH))
+            svc.authenticate(cid, counter, auth_sig, request.method, request.raw_path)
             pay = parse_payment_headers(request.headers)
             if metering.mode == "prepay":
                 if pay is None:
                     return payment_required(svc, cid, units)
-                charged = svc.charge_prepay(cid, pay[0], pay[1], units)
+                charged = svc.charge_prepay(cid, pay[0], pay[1], units, counter)
             else:
                 if pay is not None:
                     svc.pay_owed(cid, pay[0], pay[1])
-                credited = svc.charge_postpay(cid, units)
+                credited = svc.charge_postpay(cid, units, counter)
                 if credited is None:
                     return payment_required(svc, cid, units)
                 charged = credited

@@ -40,6 +40,7 @@ from btcchannel.errors import (
     InternalError,
     StalePayment,
     TooManyChannels,
+    Unauthorized,
     WrongAmount,
 )
 from btcchannel.payee.closer import Closer
@@ -175,8 +176,20 @@ class PayeeService:
     def _state_error(rec: PayeeRecord) -> ChannelError:
         return not_open_error(ChannelState(rec.state))
 
+    def authenticate(self, cid: str, counter: int, signature: bytes, method: str, target: str) -> PayeeRecord:
+        """A metered request's ``X-Btcchannel-Auth``: ``Unauthorized`` unless signed by the channel's
+        payer over (channel, counter, method, target) with a counter above the last one stored
+        (a replay, or the channel id alone, buys nothing). Returns the channel's row."""
+        rec = self.store.get(cid)
+        if not self.channels.get(cid).verify_request(cid, counter, method, target, signature):
+            raise Unauthorized("the request is not signed by this channel's payer")
+        if counter <= rec.request_counter:
+            raise Unauthorized(f"request counter {counter} is not above {rec.request_counter}")
+        return rec
+
     def accept(
-        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None
+        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
+        request_counter: int = 0,
     ) -> PayeeRecord | None:
         """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
@@ -189,7 +202,8 @@ class PayeeService:
             if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
                 return None
             try:
-                stored = self.store.record_payment(cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat)
+                stored = self.store.record_payment(cid, amount_sat, signature, units_delta=units_delta,
+                                                   owed_sat=owed_sat, request_counter=request_counter)
             except BaseException:
                 self.invalidate(cid)  # the cached channel already holds the payment the store may not
                 raise
@@ -271,7 +285,7 @@ class PayeeService:
         # not settling: an exact retry (or a stale or forged payment, which accept refuses)
         return self._stored(cid, self.accept(cid, amount, sig, owed_sat=amount if settles else None))
 
-    def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1) -> PayeeRecord:
+    def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1, counter: int = 0) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
         rec = self.store.get(cid)
         if rec.state is not ChannelState.OPEN:
@@ -284,13 +298,15 @@ class PayeeService:
             self.verify_only(cid, amount, sig)  # a forged request must not end the channel
             self.claim_close(cid, "wrong_amount")
             raise
-        stored = self.accept(cid, amount, sig, units_delta=units)
+        stored = self.accept(cid, amount, sig, units_delta=units, request_counter=counter)
         if stored is None:
             raise StalePayment("payment already used")
         return stored
 
-    def charge_postpay(self, cid: str, units: int = 1) -> PayeeRecord | None:
-        """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not)."""
+    def charge_postpay(self, cid: str, units: int = 1, counter: int = 0) -> PayeeRecord | None:
+        """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not).
+        ``counter``: the authenticated request's; a request whose counter is not above the stored one
+        (a replay racing its original) is ``Unauthorized``."""
         for _attempt in range(5):
             rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
@@ -300,8 +316,10 @@ class PayeeService:
             new_owed = terms.metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
             if new_owed is None:
                 return None
-            if self.store.record_credit(cid, rec.owed_sat, new_owed, units):
+            if self.store.record_credit(cid, rec.owed_sat, new_owed, units, counter):
                 return self.store.get(cid)
+            if counter and self.store.get(cid).request_counter >= counter:
+                raise Unauthorized(f"request counter {counter} is already used")
         raise InternalError("credit could not be stored (concurrent updates)")
 
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:

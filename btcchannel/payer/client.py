@@ -17,6 +17,7 @@ Entry points (what the CLI calls)::
         async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment
                                                              # checked against the terms, stored, not sent
         def terms(self, channel_id: str) -> Terms | None     # the terms agreed at open
+        def request_auth(self, channel_id: str, method: str, url: str) -> str  # X-Btcchannel-Auth
         async def resume(self, channel_id: str) -> dict[str, Any]    # reconcile with the payee
         async def status(self, channel_id: str) -> dict[str, Any]    # GET /v1/channels/{id}
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
@@ -116,6 +117,7 @@ class PayerClient:
         self.fee_rate_sat_vb = fee_rate_sat_vb
         self.store = PayerStore(self.datadir / "payer.db")
         self._session: aiohttp.ClientSession | None = None
+        self._request_counters: dict[str, int] = {}
 
     async def __aenter__(self) -> PayerClient:
         return self
@@ -380,6 +382,18 @@ class PayerClient:
             raise StalePayment("a higher payment is already stored")
         ch.commit_payment(payment)
         return payment
+
+    def request_auth(self, channel_id: str, method: str, url: str) -> str:
+        """The ``X-Btcchannel-Auth`` value of one metered request: ``<counter>.<signature>``, the
+        channel key's signature over (channel, counter, method, request target). The counter is
+        the microsecond clock, strictly increasing within this client."""
+        rec = self.store.get(channel_id)
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        counter = max(self._request_counters.get(channel_id, 0) + 1, time.time_ns() // 1000)
+        self._request_counters[channel_id] = counter
+        sig = self._channel(rec).request_signature(channel_id, counter, method, target)
+        return f"{counter}.{sig.hex()}"
 
     async def _send(self, rec: PayerRecord, payment: Payment) -> int:
         _, ans = await self.request("POST", self._url(rec, "/payments"), payment.to_json())

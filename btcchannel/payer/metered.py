@@ -25,7 +25,7 @@ from btcchannel.core.params import Payment
 from btcchannel.core.terms import Metering
 from btcchannel.errors import ChannelError, ProtocolViolation, error_for_code
 from btcchannel.payer.client import PayerClient
-from btcchannel.wire import HDR_AMOUNT, HDR_CHANNEL, HDR_OWED, HDR_PAID, HDR_SIGNATURE
+from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_OWED, HDR_PAID, HDR_SIGNATURE
 
 __all__ = ["MeteredPayer"]
 
@@ -94,6 +94,7 @@ class MeteredPayer:
                 payment = await self._prepay_payment(metering, units)
                 headers[HDR_AMOUNT] = str(payment.amount_sat)
                 headers[HDR_SIGNATURE] = payment.signature.hex()
+            headers[HDR_AUTH] = self.client.request_auth(self.channel_id, method, url)
             status, body, resp_headers = await self._request(method, url, headers, data)
             if status == 402:
                 if metering.mode == "postpay":

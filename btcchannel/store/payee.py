@@ -22,7 +22,8 @@ Entry points::
 Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 ``+close_uneconomic`` suffix of ``end_reason`` into the boolean column
 ``close_uneconomic``; 3 adds the agreed ``terms`` (JSON, NULL for older channels), the number
-of stored ``payments`` and ``paid_at``, the time of the last one.
+of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
+authenticated metered request's).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class PayeeRecord:
     payments: int = 0
     #: when the last payment was stored (unix seconds; the prepay idle timeout runs from it)
     paid_at: float | None = None
+    #: the highest metered-request counter the payer authenticated (each must be above it)
+    request_counter: int = 0
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -149,6 +152,7 @@ _V3_TERMS: Migration = (
     "ALTER TABLE channels ADD COLUMN terms TEXT",
     "ALTER TABLE channels ADD COLUMN payments INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE channels ADD COLUMN paid_at REAL",
+    "ALTER TABLE channels ADD COLUMN request_counter INTEGER NOT NULL DEFAULT 0",
 )
 
 # ------------------------------------------------------------------ the state table
@@ -302,36 +306,44 @@ class PayeeStore(Database):
         *,
         units_delta: int = 0,
         owed_sat: int | None = None,
+        request_counter: int = 0,
     ) -> PayeeRecord | None:
         """Store a new best payment if the channel is open and it beats the stored one.
 
         ``owed_sat`` (metered postpay): the owed total this payment settles;
         the payment timer is cleared only if nothing more is owed by now.
+        ``request_counter``: the authenticated metered request it pays for (kept as the highest).
         Returns the updated row, committed, or None (nothing written) if the
         row changed under us: the caller re-reads it and decides again.
         """
         if owed_sat is None:
             sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
+                   " request_counter=MAX(request_counter, ?),"
                    " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
             now = time.time()
-            args: tuple[Any, ...] = (amount_sat, signature, units_delta, now, now, channel_id,
+            args: tuple[Any, ...] = (amount_sat, signature, units_delta, request_counter, now, now, channel_id,
                                      _S.OPEN.value, amount_sat)
         else:
             sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
                    " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
+                   " request_counter=MAX(request_counter, ?),"
                    " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
             now = time.time()
-            args = (amount_sat, signature, units_delta, owed_sat, now, now, channel_id, _S.OPEN.value,
-                    amount_sat)
+            args = (amount_sat, signature, units_delta, owed_sat, request_counter, now, now, channel_id,
+                    _S.OPEN.value, amount_sat)
         rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
         return _payee_from_row(rows[0]) if rows else None
 
-    def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int) -> bool:
-        """Postpay: a unit served on credit (CAS on the owed total)."""
+    def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
+                      request_counter: int = 0) -> bool:
+        """Postpay: a unit served on credit (CAS on the owed total, and on the request counter being
+        below ``request_counter``, which it becomes: a replayed request is never credited twice)."""
         return self._update(
-            "UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?), updated_at=?"
-            " WHERE channel_id=? AND state=? AND owed_sat=?",
-            (new_owed, units_delta, time.time(), time.time(), channel_id, _S.OPEN.value, expected_owed),
+            "UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
+            " request_counter=MAX(request_counter, ?), updated_at=?"
+            " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<?",
+            (new_owed, units_delta, time.time(), request_counter, time.time(), channel_id, _S.OPEN.value,
+             expected_owed, max(request_counter, 1)),
         )
 
     def claim_close(self, channel_id: str, reason: str) -> PayeeRecord | None:
