@@ -387,7 +387,7 @@ class Terms:
     def check_signable(self, amount_sat: int, *, units_received: int, units_ahead: int = 0,
                        payments: int = 0, now: float | None = None) -> None:
         """Payer side: ``AmountNotAgreed`` unless a payment of cumulative ``amount_sat`` is allowed:
-        within :meth:`max_signable`, not past ``max_payments`` (``payments`` signed so far) nor
+        within :meth:`max_signable`, not past ``max_units`` (units received and paid ahead), ``max_payments`` (``payments`` signed so far) nor
         past ``end_time`` (``now``, unix seconds)."""
         cap = self.max_signable(units_received, units_ahead)
         if cap is not None and amount_sat > cap:
@@ -395,6 +395,8 @@ class Terms:
                 f"{amount_sat} sat is more than the agreed terms allow ({cap} sat: {units_received}"
                 f"+{units_ahead} units at {self.price_sat} sat, agreed total {self.max_total_sat})"
             )
+        if self.max_units is not None and units_received + units_ahead > self.max_units:
+            raise AmountNotAgreed(f"the agreed unit count ({self.max_units}) is reached")
         if self.max_payments is not None and payments >= self.max_payments:
             raise AmountNotAgreed(f"the agreed number of payments ({self.max_payments}) is reached")
         if self.end_time is not None and now is not None and now >= self.end_time:

@@ -5,7 +5,8 @@ metered payee (``btcchannel.payee.metered``) through one open channel, in either
         def __init__(self, client: PayerClient, channel_id: str) -> None
         async def fetch(self, url: str, method: str = "GET", *, units: int = 1,
                         data: bytes | None = None) -> tuple[int, bytes]
-        async def settle(self) -> int          # postpay: pay the owed total now
+        async def settle(self) -> int          # postpay: pay the owed total now (also by a timer)
+        async def aclose(self) -> None         # stop the settle timer
 
 Every unit served is counted in the payer's store; the client signs nothing above that count
 times the agreed price (``AmountNotAgreed``), whatever the payee's headers or channel object
@@ -38,6 +39,49 @@ class MeteredPayer:
         self.channel_id = channel_id
         self._info: dict[str, Any] | None = None
         self._metering: Metering | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._settling: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one settlement at a time (the timer's or a fetch's)
+        #: what the last timed settle raised (a failure is kept, never lost in the background)
+        self.settle_error: BaseException | None = None
+
+    def settle_delay_s(self) -> float | None:
+        """Postpay: how long after the first unpaid unit the payer settles by itself: half the agreed
+        payment timeout (None without agreed terms or outside postpay)."""
+        terms = self.client.terms(self.channel_id)
+        if terms is None or terms.mode != "postpay" or terms.price_sat == 0:
+            return None
+        return terms.payment_timeout_ms / 2000
+
+    def _arm_timer(self) -> None:
+        """After a unit served on credit: settle by itself within the agreed payment timeout."""
+        delay = self.settle_delay_s()
+        if delay is None or self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.ensure_future(self._timed_settle())
+
+    async def _timed_settle(self) -> None:
+        try:
+            await self.settle()
+        except ChannelError as exc:  # kept for the caller; the next fetch or settle reports it too
+            self.settle_error = exc
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def aclose(self) -> None:
+        """Stop the settle timer (and wait for a settle it started)."""
+        self._cancel_timer()
+        if self._settling is not None:
+            await asyncio.gather(self._settling, return_exceptions=True)
 
     async def terms(self) -> dict[str, Any]:
         """The payee's price, mode and credit limit (``GET /v1/info``, cached)."""
@@ -63,11 +107,16 @@ class MeteredPayer:
         return self._metering
 
     async def settle(self) -> int:
-        """Postpay: pay exactly the owed total now (no-op if nothing is owed). Returns the paid total."""
-        obj = await self.client.status(self.channel_id)
-        owed = int(obj.get("owed_sat") or 0)
-        if owed > obj["amount_sat"]:
-            return await self.client.pay(self.channel_id, amount=owed)
+        """Postpay: pay exactly the owed total now (no-op if nothing is owed). Returns the paid total.
+
+        Also called by itself (a timer) half the agreed payment timeout after a unit was served on
+        credit, so an honest payer that pauses inside its credit line keeps its channel."""
+        self._cancel_timer()
+        async with self._lock:
+            obj = await self.client.status(self.channel_id)
+            owed = int(obj.get("owed_sat") or 0)
+            if owed > obj["amount_sat"]:
+                return await self.client.pay(self.channel_id, amount=owed)
         return int(obj["amount_sat"])
 
     async def _prepay_payment(self, metering: Metering, units: int) -> Payment:
@@ -109,7 +158,12 @@ class MeteredPayer:
                 owed = int(resp_headers.get(HDR_OWED, "0"))
                 paid_total = int(resp_headers.get(HDR_PAID, "0"))
                 if metering.exceeds_credit(owed, paid_total, units):
-                    await self.client.pay(self.channel_id, amount=owed)
+                    async with self._lock:
+                        if owed > self.client.store.get(self.channel_id).acked_sat:
+                            await self.client.pay(self.channel_id, amount=owed)
+                    self._cancel_timer()
+                else:
+                    self._arm_timer()
             return status, body
         raise ProtocolViolation("the payee keeps asking for payment")
 
