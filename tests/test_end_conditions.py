@@ -11,11 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.terms import PayerLimits
 from btcchannel.errors import AmountNotAgreed, ChannelError
-from btcchannel.payee.metered import add_file_route
+from btcchannel.payee.metered import add_file_route, add_paid_route
 from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.testing import RunningPayee, open_channel, wait_until_async
@@ -129,3 +130,48 @@ async def test_honest_postpay_payer_settles_by_itself_within_the_payment_timeout
         assert (await payer.fetch(f"{srv.url}/v1/file/1"))[0] == 200  # and it goes on
     finally:
         await payer.aclose()
+
+
+@pytest.mark.allow_payee_errors
+async def test_a_paid_unit_whose_handler_fails_is_credited_to_the_next_request(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    failures = {"raise": 1, "503": 1}
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        if failures["raise"]:
+            failures["raise"] -= 1
+            raise RuntimeError("the handler broke")
+        if failures["503"]:
+            failures["503"] -= 1
+            return web.Response(status=503, text="busy")
+        return web.Response(text="served")
+
+    for mode in ("prepay", "postpay"):
+        failures.update({"raise": 1, "503": 1})
+        srv = await payee_factory.start(
+            hook=lambda app: add_paid_route(app, "GET", "/v1/flaky", flaky), price_sat=PRICE, mode=mode,
+            credit_limit_sat=5 * PRICE,
+        )
+        client = payer_client
+        cid = await open_channel(client, bitcoind, srv.url, 100_000)
+        payer = MeteredPayer(client, cid)
+        try:
+            with pytest.raises(ChannelError):
+                await payer.fetch(f"{srv.url}/v1/flaky")  # raised: 500 internal
+            with pytest.raises(ChannelError):
+                await payer.fetch(f"{srv.url}/v1/flaky")  # answered 503
+            rec = srv.store.get(cid)
+            if mode == "prepay":  # one payment, nothing served: one unit of credit
+                assert (rec.amount_sat, rec.units, rec.unit_credit, rec.payments) == (PRICE, 0, 1, 1)
+            else:  # nothing owed for what was not served
+                assert (rec.owed_sat, rec.units, rec.owed_since) == (0, 0, None)
+            assert (await payer.fetch(f"{srv.url}/v1/flaky")) == (200, b"served")
+            assert (await payer.fetch(f"{srv.url}/v1/flaky")) == (200, b"served")
+            await payer.settle()
+            rec = srv.store.get(cid)
+            assert (rec.amount_sat, rec.units, rec.unit_credit) == (2 * PRICE, 2, 0), mode
+            assert (client.store.get(cid).units, client.store.get(cid).acked_sat) == (2, 2 * PRICE)
+        finally:
+            await payer.aclose()
+            await srv.stop()

@@ -20,6 +20,8 @@ Request headers (see docs/PROTOCOL.md; their names are in :mod:`btcchannel.wire`
 - prepay: ``X-Btcchannel-Amount: <new cumulative total>`` and
   ``X-Btcchannel-Signature: <hex>`` — exactly the previous total plus
   ``price_sat * units``; the unit is served only after that payment is stored;
+- a charged request whose handler fails (raises, or answers 5xx) is not charged: prepay, its units
+  are credited to the next requests (sent without a payment); postpay, the owed total goes back;
 - postpay: no payment needed while the unpaid total stays within
   ``credit_limit_sat``; the owed total is then paid (exactly) through
   ``POST /v1/channels/{id}/payments`` or with the same two headers.
@@ -97,8 +99,12 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
             pay = parse_payment_headers(request.headers)
             if metering.mode == "prepay":
                 if pay is None:
-                    return payment_required(svc, cid, units)
-                charged = svc.charge_prepay(cid, pay[0], pay[1], units, counter)
+                    from_credit = svc.use_unit_credit(cid, units, counter)
+                    if from_credit is None:
+                        return payment_required(svc, cid, units)
+                    charged = from_credit
+                else:
+                    charged = svc.charge_prepay(cid, pay[0], pay[1], units, counter)
             else:
                 if pay is not None:
                     svc.pay_owed(cid, pay[0], pay[1])
@@ -106,7 +112,14 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
                 if credited is None:
                     return payment_required(svc, cid, units)
                 charged = credited
-            resp = await handler(request)
+            try:
+                resp = await handler(request)
+            except BaseException:
+                svc.unserve(charged, units)  # served nothing: charged nothing
+                raise
+            if resp.status >= 500:
+                svc.unserve(charged, units)
+                return resp
             rec = svc.after_payment(charged)
             if not resp.prepared:
                 resp.headers[HDR_PAID] = str(rec.amount_sat)

@@ -322,6 +322,21 @@ class PayeeService:
                 raise Unauthorized(f"request counter {counter} is already used")
         raise InternalError("credit could not be stored (concurrent updates)")
 
+    def use_unit_credit(self, cid: str, units: int, counter: int) -> PayeeRecord | None:
+        """Prepay without a payment: serve ``units`` from the units paid for whose handler failed
+        (None if there are not enough: the request needs a payment)."""
+        rec = self.store.get(cid)
+        if rec.state is not ChannelState.OPEN:
+            raise self._state_error(rec)
+        Metering.check_units(rec.units, self.terms_of(rec).max_units, units)
+        return self.store.use_unit_credit(cid, units, counter)
+
+    def unserve(self, rec: PayeeRecord, units: int) -> None:
+        """A charged request whose handler failed: not charged after all. Prepay: its units are
+        credited to the next requests; postpay: the owed total goes back down."""
+        metering = self.terms_of(rec).metering
+        self.store.unserve(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0)
+
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:
         """``POST /v1/channels/{id}/close``: the payer's signed close request."""
         sig = hex_field(body, "signature", 80)

@@ -119,7 +119,9 @@ class MeteredPayer:
                 return await self.client.pay(self.channel_id, amount=owed)
         return int(obj["amount_sat"])
 
-    async def _prepay_payment(self, metering: Metering, units: int) -> Payment:
+    async def _prepay_payment(self, metering: Metering, units: int) -> Payment | None:
+        """The payment for the next ``units`` (None: they are already paid for, by units whose
+        handler failed and that the payee credits to the next request)."""
         store = self.client.store
         rec = store.get(self.channel_id)
         if rec.amount_sat > rec.acked_sat:
@@ -130,6 +132,8 @@ class MeteredPayer:
                 and rec.amount_sat == metering.prepay_amount(rec.acked_sat, units)
             ):
                 return Payment(rec.amount_sat, rec.signature)  # never reached the payee: send it again
+        if rec.terms is not None and rec.acked_sat >= metering.cost(rec.units + units):
+            return None  # paid for and not served: the payee's unit credit
         return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units),
                                            units_ahead=units)
 
@@ -141,11 +145,19 @@ class MeteredPayer:
         for _attempt in range(3):
             if metering.mode == "prepay" and metering.cost(units) > 0:
                 payment = await self._prepay_payment(metering, units)
-                headers[HDR_AMOUNT] = str(payment.amount_sat)
-                headers[HDR_SIGNATURE] = payment.signature.hex()
+                for name in (HDR_AMOUNT, HDR_SIGNATURE):
+                    headers.pop(name, None)
+                if payment is not None:
+                    headers[HDR_AMOUNT] = str(payment.amount_sat)
+                    headers[HDR_SIGNATURE] = payment.signature.hex()
             headers[HDR_AUTH] = self.client.request_auth(self.channel_id, method, url)
             status, body, resp_headers = await self._request(method, url, headers, data)
             if status == 402:
+                if metering.mode == "prepay" and payment is None:
+                    # a unit paid ahead that the payee has no credit for: it was served and its answer
+                    # lost (prepay's risk, one request's units); counted as received, then paid afresh
+                    self.client.store.add_units(self.channel_id, units)
+                    continue
                 if metering.mode == "postpay":
                     before = self.client.store.get(self.channel_id).acked_sat
                     if await self.settle() > before:

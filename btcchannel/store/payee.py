@@ -23,7 +23,7 @@ Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 ``+close_uneconomic`` suffix of ``end_reason`` into the boolean column
 ``close_uneconomic``; 3 adds the agreed ``terms`` (JSON, NULL for older channels), the number
 of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
-authenticated metered request's).
+authenticated metered request's) and ``unit_credit`` (prepaid units not served).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ class PayeeRecord:
     paid_at: float | None = None
     #: the highest metered-request counter the payer authenticated (each must be above it)
     request_counter: int = 0
+    #: prepaid units whose handler failed: credited to the next requests
+    unit_credit: int = 0
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -153,6 +155,7 @@ _V3_TERMS: Migration = (
     "ALTER TABLE channels ADD COLUMN payments INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE channels ADD COLUMN paid_at REAL",
     "ALTER TABLE channels ADD COLUMN request_counter INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE channels ADD COLUMN unit_credit INTEGER NOT NULL DEFAULT 0",
 )
 
 # ------------------------------------------------------------------ the state table
@@ -345,6 +348,33 @@ class PayeeStore(Database):
             (new_owed, units_delta, time.time(), request_counter, time.time(), channel_id, _S.OPEN.value,
              expected_owed, max(request_counter, 1)),
         )
+
+    def unserve(self, channel_id: str, units: int, owed_delta: int = 0) -> bool:
+        """A charged request whose handler failed: its ``units`` are not counted as served. Prepay
+        (``owed_delta`` 0): they become ``unit_credit`` for the next requests; postpay: the owed
+        total is lowered by ``owed_delta`` (the payment timer stops if nothing more is owed)."""
+        if owed_delta == 0:
+            return self._update(
+                "UPDATE channels SET units=units-?, unit_credit=unit_credit+?, updated_at=?"
+                " WHERE channel_id=? AND units>=?",
+                (units, units, time.time(), channel_id, units),
+            )
+        return self._update(
+            "UPDATE channels SET units=units-?, owed_sat=owed_sat-?,"
+            " owed_since=CASE WHEN owed_sat-?<=amount_sat THEN NULL ELSE owed_since END, updated_at=?"
+            " WHERE channel_id=? AND units>=? AND owed_sat>=?",
+            (units, owed_delta, owed_delta, time.time(), channel_id, units, owed_delta),
+        )
+
+    def use_unit_credit(self, channel_id: str, units: int, request_counter: int) -> PayeeRecord | None:
+        """Prepay: serve ``units`` from ``unit_credit`` (units paid for whose handler failed) for the
+        authenticated request ``request_counter``; None if the credit is short (or the counter used)."""
+        rows = self._db.execute(
+            "UPDATE channels SET units=units+?, unit_credit=unit_credit-?, request_counter=?, updated_at=?"
+            " WHERE channel_id=? AND state=? AND unit_credit>=? AND request_counter<? RETURNING *",
+            (units, units, request_counter, time.time(), channel_id, _S.OPEN.value, units, request_counter),
+        ).fetchall()
+        return _payee_from_row(rows[0]) if rows else None
 
     def claim_close(self, channel_id: str, reason: str) -> PayeeRecord | None:
         """Claim the right to close: ``open``/``funding`` -> ``closing``.
