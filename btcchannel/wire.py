@@ -21,7 +21,7 @@ from btcchannel.core.terms import Metering
 from btcchannel.errors import BadRequest, Unauthorized, UnknownChannel
 
 __all__ = [
-    "MAX_BODY", "MAX_SAT",
+    "MAX_BODY", "MAX_SAT", "MAX_INT_DIGITS",
     "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED", "HDR_AUTH", "parse_auth_header",
     "ChannelRow", "parse_body", "int_field", "hex_field", "txid_field", "check_channel_id",
     "channel_object", "parse_payment_headers", "check_decimal", "payment_required_body",
@@ -95,10 +95,31 @@ def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: the longest integer literal a body may hold (every protocol integer fits in 20 digits)
+MAX_INT_DIGITS = 20
+
+
+def _bounded_int(literal: str) -> int:
+    """A JSON integer literal, bounded before it is converted (no 4,300-digit conversions)."""
+    if len(literal.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadRequest(f"integer literal over {MAX_INT_DIGITS} digits")
+    return int(literal)
+
+
+def _bounded_float(literal: str) -> float:
+    """A JSON number with a fraction or exponent: never a protocol value, refused by the field
+    checks; bounded here so that no literal costs more than its length."""
+    if len(literal) > 64:
+        raise BadRequest("number literal too long")
+    return float(literal)
+
+
 def parse_body(raw: bytes, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Strict JSON object: exactly the ``required`` fields plus any of ``optional``."""
+    """Strict JSON object: exactly the ``required`` fields plus any of ``optional``; every integer
+    literal at most :data:`MAX_INT_DIGITS` digits."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes, parse_constant=_reject_constant)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes, parse_constant=_reject_constant,
+                         parse_int=_bounded_int, parse_float=_bounded_float)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequest("body is not valid JSON") from exc
     if not isinstance(obj, dict):

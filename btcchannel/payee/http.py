@@ -82,13 +82,20 @@ def error_response(err: ChannelError) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, ``TooLarge`` beyond ``limit`` bytes (read no further than that)."""
+    """The whole request body, whatever its framing (a length, chunks, several TCP segments),
+    ``TooLarge`` beyond ``limit`` bytes (reading no further than one byte past it)."""
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"request body over {limit} bytes")
-    data = await request.content.read(limit + 1)
-    if len(data) > limit:
-        raise TooLarge(f"request body over {limit} bytes")
-    return data
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        chunk = await request.content.read(limit + 1 - total)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise TooLarge(f"request body over {limit} bytes")
 
 
 @web.middleware

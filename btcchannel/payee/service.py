@@ -47,7 +47,7 @@ from btcchannel.payee.closer import Closer
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import ChainTip, agreed_terms
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.wire import channel_object, hex_field, int_field, txid_field
+from btcchannel.wire import MAX_INT_DIGITS, channel_object, hex_field, int_field, txid_field
 
 __all__ = ["PayeeService"]
 
@@ -110,7 +110,7 @@ class PayeeService:
         payer_pubkey = keys.check_public_key(hex_field(body, "payer_pubkey", 65))
         payer_script = script.check_payout_script(hex_field(body, "payer_script", 100))
         deposit = int_field(body, "deposit_sat")
-        expiry = int_field(body, "expiry_height", 0, 500_000_000 - 1)
+        expiry = int_field(body, "expiry_height", 0, 10**MAX_INT_DIGITS)  # outside the lifetime: expiry_out_of_range
         terms = self.proposal_terms(body)
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
@@ -253,9 +253,16 @@ class PayeeService:
                 return claimed
         return rec
 
-    def _stored(self, cid: str, rec: PayeeRecord | None) -> PayeeRecord:
-        """The row after ``accept``: the one it stored, or the current one after an exact retry."""
-        return self.after_payment(rec if rec is not None else self.store.get(cid))
+    def _stored(self, cid: str, rec: PayeeRecord | None, amount: int, sig: bytes) -> PayeeRecord:
+        """The row after ``accept``: the one it stored, or, after an exact retry, the current one only
+        if it still holds exactly that payment (another process may have stored a higher one since:
+        then the retry is ``stale_payment``, never answered with an amount it did not send)."""
+        if rec is None:
+            rec = self.store.get(cid)
+            if rec.amount_sat != amount or rec.signature != sig:
+                self.invalidate(cid)
+                raise StalePayment(f"a higher payment ({rec.amount_sat} sat) is stored")
+        return self.after_payment(rec)
 
     def claim_close(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) and broadcast it in the background."""
@@ -268,7 +275,7 @@ class PayeeService:
         if self.terms_of(self.store.get(cid)).metering.settles_owed:
             rec = self.pay_owed(cid, amount, sig)
         else:
-            rec = self._stored(cid, self.accept(cid, amount, sig))
+            rec = self._stored(cid, self.accept(cid, amount, sig), amount, sig)
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
     def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:
@@ -283,7 +290,7 @@ class PayeeService:
             self.claim_close(cid, "wrong_amount")
             raise
         # not settling: an exact retry (or a stale or forged payment, which accept refuses)
-        return self._stored(cid, self.accept(cid, amount, sig, owed_sat=amount if settles else None))
+        return self._stored(cid, self.accept(cid, amount, sig, owed_sat=amount if settles else None), amount, sig)
 
     def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1, counter: int = 0) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
