@@ -233,3 +233,31 @@ def test_two_processes_open_fetch_close_and_refund(
     assert rtx["confirmations"] == 1
     assert rtx["vin"][0]["txid"] == second["funding_txid"]
     assert btc_to_sat(rtx["vout"][0]["value"]) == 100000 - btc_to_sat(rtx["fee"])
+
+
+def test_close_tx_prints_the_last_state_as_a_transaction_any_node_accepts(
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    payee_process: tuple[Cli, subprocess.Popen[str], str],
+) -> None:
+    payee, server, url = payee_process
+    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    opened = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait")
+    cid = opened["channel_id"]
+    bitcoind.mine(1)
+    for i in range(3):
+        payer.json("fetch", f"{url}/v1/file/{i}")
+    server.send_signal(signal.SIGKILL)  # the payee's service is gone; its datadir is all there is
+    server.wait(30)
+    doc = payee.json("channel", cid, "--close-tx", "--fee-rate", "2")
+    assert doc["amount_sat"] == 3 * 2000
+    plain = subprocess.run(payee.argv("channel", cid, "--close-tx"), env=payee.env, capture_output=True, text=True,
+                           timeout=300)
+    decoded = bitcoind.rpc("decoderawtransaction", plain.stdout.strip())  # the hex alone, for a pipe
+    assert decoded["vin"][0]["txid"] == opened["funding_txid"] and len(decoded["vin"][0]["txinwitness"]) == 4
+    txid = bitcoind.rpc("sendrawtransaction", doc["hex"])
+    assert txid == doc["txid"]
+    bitcoind.mine(1)
+    tx = bitcoind.rpc("getrawtransaction", txid, 2)
+    assert tx["confirmations"] == 1 and tx["vin"][0]["txid"] == opened["funding_txid"]
+    assert btc_to_sat(tx["vout"][0]["value"]) == 100000 - 3 * 2000  # the payer's change, exactly as signed
+    assert btc_to_sat(tx["vout"][1]["value"]) == 3 * 2000 - btc_to_sat(tx["fee"])

@@ -131,22 +131,52 @@ def channels(settings: Settings) -> None:
 
 @click.command()
 @click.argument("channel_id")
+@click.option("--close-tx", is_flag=True,
+              help="Print the last payment as a fully signed close transaction (hex) instead; nothing is broadcast.")
+@click.option("--fee-rate", type=click.FloatRange(1.0), default=None, help="--close-tx: sat/vB [default: the node's estimate].")
+@click.option("--address", default=None, help="--close-tx: pay the payee here [default: a new address of the node wallet].")
 @click.pass_obj
-def channel(settings: Settings, channel_id: str) -> None:
-    """Show one of the payee's channels.
+def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float | None, address: str | None) -> None:
+    """Show one of the payee's channels, or (``--close-tx``) its last state as a close transaction
+    that any node accepts (``bitcoin-cli sendrawtransaction HEX``), without btcchannel.
 
     \b
     Example:
       btcchannel channel 5f0c...e1
+      btcchannel channel 5f0c...e1 --close-tx --fee-rate 2
     """
     from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
 
+    if close_tx:
+        doc = run_async(with_node(settings, "payee", lambda node: _close_tx(settings, node, channel_id, fee_rate, address)))
+        emit(settings, doc, str(doc["hex"]))
+        return
     with PayeeStore(settings.datadir / "payee.db") as store:
         obj = channel_object(store.get(channel_id))
     tip = _tip_or_none(settings, "payee")
     obj["blocks_left"] = None if tip is None else obj["expiry_height"] - tip
     emit(settings, obj, _channel_text(obj))
+
+
+async def _close_tx(settings: Settings, node: Node, channel_id: str, fee_rate: float | None,
+                    address: str | None) -> dict[str, Any]:
+    """The payee's last state of ``channel_id`` as a fully signed close: the best payment, the payee's
+    signature, a fee at ``fee_rate`` (or the most the payment affords below it)."""
+    from btcchannel.core import script
+    from btcchannel.core.terms import MIN_RELAY_FEE_RATE
+    from btcchannel.core.tx import tx_hex, tx_id, tx_vsize
+    from btcchannel.payee.shared import Channels
+    from btcchannel.store import PayeeStore
+
+    with PayeeStore(settings.datadir / "payee.db") as store:
+        rec = store.get(channel_id)
+        ch = Channels(store, 0).build(rec)
+    payout = script.check_payout_script(script.address_to_script(address or await node.new_address(), settings.network))
+    rate = max(fee_rate or await node.estimate_fee_rate(), MIN_RELAY_FEE_RATE)
+    tx, rate = ch.build_close_at_most(payout, rate)
+    return {"channel_id": channel_id, "amount_sat": rec.amount_sat, "txid": tx_id(tx), "hex": tx_hex(tx),
+            "vsize": tx_vsize(tx), "fee_rate_sat_vb": round(rate, 3)}
 
 
 def _payee_only(settings: Settings, channel_id: str) -> bool:
