@@ -1,0 +1,87 @@
+"""Test vectors for other implementations: ``docs/vectors.json``, computed here from fixed keys.
+
+``python -m btcchannel.testing.vectors`` prints them (the tests check the file against this
+function, byte for byte). Everything is derived from two fixed private keys and fixed channel
+parameters: the witness script, funding script and address; the digest and signature of a partial
+payment, of a second one and of a full drain; the signed close request and metered-request
+authentication; and the fully signed close transaction of the last partial payment and of the full
+drain, at a fixed fee rate and payout script. Signatures are RFC 6979 (deterministic), low-S; the
+payee's close signatures are ground to 70 bytes of DER (low R).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from btcchannel.core.channel import PayeeChannel, PayerChannel
+from btcchannel.core.keys import close_request_digest, public_key, request_digest
+from btcchannel.core.params import ChannelParams
+from btcchannel.core.state import ChannelState
+from btcchannel.core.tx import OutPoint, payment_sighash_type, tx_hex, tx_id, tx_vsize
+
+__all__ = ["vectors"]
+
+NETWORK = "regtest"
+PAYER_KEY = hashlib.sha256(b"btcchannel vectors payer").digest()
+PAYEE_KEY = hashlib.sha256(b"btcchannel vectors payee").digest()
+PAYER_SCRIPT = bytes.fromhex("0014" + hashlib.sha256(b"payer change").digest()[:20].hex())
+PAYEE_SCRIPT = bytes.fromhex("0014" + hashlib.sha256(b"payee payout").digest()[:20].hex())
+FUNDING = OutPoint(hashlib.sha256(b"funding").hexdigest(), 1)
+DEPOSIT_SAT = 100_000
+EXPIRY_HEIGHT = 800_000
+CHANNEL_ID = hashlib.sha256(b"channel id").hexdigest()[:32]
+PARTIAL_AMOUNTS = (1_000, 42_000)
+FEE_RATE_SAT_VB = 2.0
+
+
+def _close(params: ChannelParams, payer: PayerChannel, amount: int) -> dict[str, Any]:
+    payment = payer.sign_payment(amount)
+    payer.commit_payment(payment)
+    payee = PayeeChannel.restore(params, PAYEE_KEY, ChannelState.OPEN)
+    payee.accept_payment(payment.amount_sat, payment.signature)
+    tx = payee.build_close(PAYEE_SCRIPT, FEE_RATE_SAT_VB)
+    return {
+        "amount_sat": amount,
+        "sighash_type": payment_sighash_type(amount, DEPOSIT_SAT),
+        "digest": params.sighash().digest(amount).hex(),
+        "signature": payment.signature.hex(),
+        "close_tx": {"payee_script": PAYEE_SCRIPT.hex(), "fee_rate_sat_vb": FEE_RATE_SAT_VB, "txid": tx_id(tx),
+                     "vsize": tx_vsize(tx), "hex": tx_hex(tx)},
+    }
+
+
+def vectors() -> dict[str, Any]:
+    """Every vector, as the JSON document ``docs/vectors.json`` holds."""
+    params = ChannelParams(
+        network=NETWORK, payer_pubkey=public_key(PAYER_KEY), payee_pubkey=public_key(PAYEE_KEY),
+        expiry_height=EXPIRY_HEIGHT, deposit_sat=DEPOSIT_SAT, payer_script=PAYER_SCRIPT, funding=FUNDING,
+    )
+    payer = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN)
+    payments = [_close(params, payer, amount) for amount in PARTIAL_AMOUNTS]
+    full = _close(params, PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN), DEPOSIT_SAT)
+    counter, method, target = 1_700_000_000_000_000, "GET", "/v1/file/7"
+    return {
+        "description": "btcchannel protocol version 1 test vectors (docs/PROTOCOL.md); amounts in satoshis, "
+                       "hex lowercase, txids in display order. Regenerate: python -m btcchannel.testing.vectors",
+        "network": NETWORK,
+        "keys": {"payer_privkey": PAYER_KEY.hex(), "payer_pubkey": params.payer_pubkey.hex(),
+                 "payee_privkey": PAYEE_KEY.hex(), "payee_pubkey": params.payee_pubkey.hex()},
+        "params": {"deposit_sat": DEPOSIT_SAT, "expiry_height": EXPIRY_HEIGHT, "payer_script": PAYER_SCRIPT.hex(),
+                   "funding_txid": FUNDING.txid, "funding_vout": FUNDING.vout},
+        "witness_script": params.witness_script.hex(),
+        "funding_script": params.funding_script.hex(),
+        "funding_address": params.funding_address,
+        "payments": payments,
+        "full_drain": full,
+        "close_request": {"channel_id": CHANNEL_ID, "digest": close_request_digest(CHANNEL_ID).hex(),
+                          "signature": payer.close_request_signature(CHANNEL_ID).hex()},
+        "request_auth": {"channel_id": CHANNEL_ID, "counter": counter, "method": method, "target": target,
+                         "digest": request_digest(CHANNEL_ID, counter, method, target).hex(),
+                         "header": f"{counter}.{payer.request_signature(CHANNEL_ID, counter, method, target).hex()}"},
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(vectors(), indent=2))
