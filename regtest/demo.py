@@ -6,10 +6,10 @@ A payee sells a generated file chunk by chunk; the payer opens a channel (``Paye
 every chunk (``MeteredPayer``), closes, and the demo prints what the node shows, cross-checked
 (``R + C + F == deposit``, ``S == R + F``, ``M == 2``). Its last line::
 
-    payments=<N> onchain_transactions=<M> channel_vbytes=<V> paid_sat=<S> payee_received_sat=<R> payer_change_sat=<C> close_fee_sat=<F>
+    payments=<signed> units=<chunks> onchain_transactions=<M> channel_vbytes=<V> paid_sat=<S> payee_received_sat=<R> payer_change_sat=<C> close_fee_sat=<F>
 
 ``--scenario`` tells other stories (``payer-timeout``, ``wrong-amount``, ``payee-vanishes``,
-``fee-spike``; ``all``: each, then the default), each ending with a ``scenario=<name> ...`` line.
+``fee-spike``, ``conflict``; ``all``: each, then the default), each ending with a ``scenario=<name> ...`` line.
 The node view, the payee's service and every wait come from :mod:`btcchannel.testing`.
 """
 
@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,9 @@ import click
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.params import ChannelParams
-from btcchannel.errors import ChannelError, NotExpired
-from btcchannel.payee.closer import operator_bump
+from btcchannel.core.tx import build_refund_tx, tx_hex
+from btcchannel.errors import ChannelError, NodeError, NotExpired
+from btcchannel.payee.closer import operator_bump, operator_close
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payer.metered import MeteredPayer
@@ -44,6 +45,7 @@ from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing import Chain, ChannelView, RunningPayee, TxView, confirm_close, running_payee
 from btcchannel.testing import open_channel as open_funded_channel, wait_close_broadcast, wait_until_async
+from btcchannel.testing.story import check, download, read_channel, split
 
 PRICE_SAT = 100                 # per chunk (default scenario)
 SCENARIO_PRICE_SAT = 1_000      # per chunk in the side stories: worth closing even at a spiked fee rate
@@ -58,22 +60,6 @@ SHORT_LIFETIME_BLOCKS = 8       # payee-vanishes: the payer waits this long for 
 WAIT_S = 30.0                   # deadline of every condition the demo waits for
 
 
-def check(condition: bool, message: str) -> None:
-    """A cross-check: unless it holds the demo stops with ``message`` and a non-zero status."""
-    if not condition:
-        raise ChannelError(f"cross-check failed: {message}")
-
-
-@contextlib.contextmanager
-def progress(length: int, label: str) -> Iterator[Callable[[int], None]]:
-    """A click progress bar when stdout is a terminal, else nothing."""
-    if sys.stdout.isatty():
-        with click.progressbar(length=length, label=label, file=sys.stdout, show_pos=True) as bar:
-            yield bar.update
-    else:
-        yield lambda n: None
-
-
 async def open_channel(client: PayerClient, chain: Chain, url: str, deposit_sat: int, lifetime: int) -> str:
     """Propose, fund from the payer's wallet, mine one block, wait until the payee says open."""
     cid = await open_funded_channel(client, chain, url, deposit_sat, lifetime, timeout=WAIT_S)
@@ -81,50 +67,6 @@ async def open_channel(client: PayerClient, chain: Chain, url: str, deposit_sat:
     click.echo(f"channel {cid}: deposit {deposit_sat} sat, expiry height {rec.expiry_height}; "
                f"funding {rec.funding_txid}:{rec.funding_vout} confirmed")
     return cid
-
-
-async def download(payer: MeteredPayer, url: str, first: int, count: int) -> tuple[bytes, int]:
-    """Fetch chunks ``first .. first+count-1`` paying for each; returns (bytes, signatures sent)."""
-    store, signatures, parts = payer.client.store, 0, list[bytes]()
-    signed_before = store.get(payer.channel_id).amount_sat
-    with progress(count, "paid chunks") as advance:
-        for i in range(first, first + count):
-            status, body = await payer.fetch(f"{url}/v1/file/{i}")
-            check(status == 200, f"chunk {i} answered HTTP {status}")
-            parts.append(body)
-            signed = store.get(payer.channel_id).amount_sat
-            signatures, signed_before = signatures + (signed != signed_before), signed
-            advance(1)
-    return b"".join(parts), signatures
-
-
-async def read_channel(chain: Chain, client: PayerClient, cid: str) -> ChannelView:
-    """Read the channel back from the node (getrawtransaction, txindex) and check who owns what."""
-    rec = client.store.get(cid)
-    assert rec.funding_txid is not None and rec.funding_vout is not None
-    view = await chain.channel_view(rec.funding_txid, rec.funding_vout, ("payer", "payee"))
-    value, spk, _ = view.funding.outputs[rec.funding_vout]
-    check(value == rec.deposit_sat, f"the funding output holds {value} sat, not the deposit {rec.deposit_sat}")
-    check(spk == ChannelParams.from_json(rec.params).funding_script.hex(),
-          "the funding output does not pay the channel's script")
-    check(view.funding.height is not None, "the funding transaction is not confirmed")
-    check(len(view.spenders) == 1, f"{len(view.spenders)} confirmed spends of the funding outpoint")
-    assert view.spend is not None
-    check(view.spend.fee_sat == rec.deposit_sat - sum(v for v, _, _ in view.spend.outputs), "spend fee arithmetic")
-    check(view.paid_to[""] == 0, f"an output of {view.spend.txid} pays neither the payer's nor the payee's wallet")
-    return view
-
-
-def split(report: ChannelView, deposit: int | None = None, paid: int | None = None) -> tuple[int, int, int, TxView]:
-    """(payee's sat, payer's sat, fee, the spend) of a read channel; given ``deposit`` and ``paid``,
-    checked to be the close of a channel of ``deposit`` with the last correct payment ``paid``."""
-    assert report.spend is not None
-    r, c, f = report.paid_to["payee"], report.paid_to["payer"], report.spend.fee_sat
-    if deposit is not None and paid is not None:
-        check(r + c + f == deposit, f"payee {r} + payer {c} + fee {f} != deposit {deposit}")
-        check(r + f == paid, f"payee {r} + fee {f} != last correct payment {paid}")
-        check(c == deposit - paid, f"payer change {c} != deposit {deposit} - {paid}")
-    return r, c, f, report.spend
 
 
 def show_tx(label: str, tx: TxView, what: str, where: str | None = None) -> None:
@@ -208,8 +150,9 @@ async def default_story(w: World) -> str:
     click.echo(f"  paid {paid} sat = payee received {r} + close fee {f}")
     click.echo(f"  deposit {deposit} sat = payee {r} + payer change {c} + close fee {f}")
     click.echo(f"deposit_sat={deposit} price_sat={PRICE_SAT} funding_fee_sat={report.funding.fee_sat} mode={w.mode}")
-    return (f"payments={n} onchain_transactions={report.onchain_transactions} channel_vbytes={report.channel_vbytes} "
-            f"paid_sat={paid} payee_received_sat={r} payer_change_sat={c} close_fee_sat={f}")
+    return (f"payments={signatures} units={n} onchain_transactions={report.onchain_transactions} "
+            f"channel_vbytes={report.channel_vbytes} paid_sat={paid} payee_received_sat={r} payer_change_sat={c} "
+            f"close_fee_sat={f}")
 
 
 def scenario_line(name: str, outcome: str, deposit: int, paid: int, report: ChannelView) -> str:
@@ -251,6 +194,7 @@ async def payer_timeout_story(w: World) -> str:
         click.echo(f"{k} chunks served and paid: {paid} sat")
         unpaid = SCENARIO_CREDIT_UNITS - 1
         await download(payer, payee.url, k, unpaid)   # within the credit line: served, not paid
+        await payer.aclose()  # the payer goes silent: no more timed settlement either
         obj = await client.status(cid)
         click.echo(f"{unpaid} more chunks served on credit (owed {obj['owed_sat']} sat, paid {obj['amount_sat']} sat); "
                    f"the payer stops paying")
@@ -368,9 +312,39 @@ async def fee_spike_story(w: World) -> str:
                             "sat more); the payer's change is unchanged: its signature never committed to the fee", low)
 
 
+async def conflict_story(w: World) -> str:
+    """The payer tries to take its deposit back early: the node refuses its refund (non-final before the
+    expiry: the deposit is collateral); the payee's close of the last payment confirms instead."""
+    k, chain, deposit = w.units, w.chain, 50_000
+    data, cfg = await w.setup("conflict", "\n== conflict: the payer tries to take its deposit back before expiry ==",
+                              k, 5, deposit)
+    async with w.payee(cfg, data) as payee, w.payer("conflict") as client:
+        cid = await open_channel(client, chain, payee.url, deposit, DEFAULT_LIFETIME_BLOCKS)
+        await download(MeteredPayer(client, cid), payee.url, 0, k)
+        rec = client.store.get(cid)
+        paid, params = rec.acked_sat, ChannelParams.from_json(rec.params)
+        assert params.funding is not None
+        refund = build_refund_tx(params.funding, deposit, params.witness_script, params.expiry_height, rec.privkey,
+                                 params.payer_script, FEE_RATE_SAT_VB)  # signed by the payer alone, early
+        try:
+            await chain.rpc("sendrawtransaction", tx_hex(refund))
+            check(False, "the node accepted a refund before the expiry")
+        except NodeError as e:
+            check("non-final" in str(e), f"the early refund was refused for another reason: {e}")
+            click.echo(f"{k} chunks paid ({paid} sat); the payer's own refund at height {await chain.tip()}, before "
+                       f"the expiry {params.expiry_height}, is refused by the node: {e}")
+        obj = await operator_close(cfg, w.payee_node, cid)
+        obj = await wait_close_broadcast(client, chain, cid, timeout=WAIT_S)
+        check(obj["amount_sat"] == paid, f"closing with {obj['amount_sat']}, not the last payment {paid}")
+        await confirm_close(client, chain, cid, obj["close_txid"], timeout=WAIT_S)
+        report = await read_channel(chain, client, cid)
+    return closed_story_end("conflict", report, deposit, paid, "the payee's close of the last payment confirmed: "
+                            "the one spend of the funding outpoint; the early refund can never confirm now")
+
+
 STORIES: dict[str, Callable[[World], Awaitable[str]]] = {
     "payer-timeout": payer_timeout_story, "wrong-amount": wrong_amount_story,
-    "payee-vanishes": payee_vanishes_story, "fee-spike": fee_spike_story,
+    "payee-vanishes": payee_vanishes_story, "fee-spike": fee_spike_story, "conflict": conflict_story,
 }
 
 

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "regtest" / "demo.py"
 SUMMARY = re.compile(
-    r"^payments=(?P<payments>\d+) onchain_transactions=(?P<M>\d+) channel_vbytes=(?P<V>\d+) "
+    r"^payments=(?P<payments>\d+) units=(?P<units>\d+) onchain_transactions=(?P<M>\d+) channel_vbytes=(?P<V>\d+) "
     r"paid_sat=(?P<S>\d+) payee_received_sat=(?P<R>\d+) payer_change_sat=(?P<C>\d+) close_fee_sat=(?P<F>\d+)$"
 )
 TERMS = re.compile(r"^deposit_sat=(?P<deposit>\d+) price_sat=(?P<price>\d+) ", re.M)
@@ -37,7 +37,8 @@ def run_demo(*args: str, timeout: float = 80.0) -> str:
     return proc.stdout
 
 
-def check_summary(stdout: str, payments: int) -> None:
+def check_summary(stdout: str, units: int, payments: int | None = None) -> None:
+    """The summary line: ``units`` chunks bought with ``payments`` signed payments (default: one each)."""
     last = stdout.rstrip("\n").splitlines()[-1]
     m = SUMMARY.match(last)
     assert m, f"unexpected last line: {last!r}"
@@ -45,9 +46,9 @@ def check_summary(stdout: str, payments: int) -> None:
     terms = TERMS.search(stdout)
     assert terms, "no deposit_sat/price_sat line"
     deposit, price = int(terms["deposit"]), int(terms["price"])
-    assert f["payments"] == payments
+    assert f["units"] == units and f["payments"] == (units if payments is None else payments)
     assert f["M"] == 2
-    assert f["S"] == payments * price
+    assert f["S"] == units * price
     assert f["R"] + f["C"] + f["F"] == deposit
     assert f["S"] == f["R"] + f["F"]
     assert f["C"] == deposit - f["S"]
@@ -69,7 +70,7 @@ def test_demo_default_summary() -> None:
 def test_demo_all_scenarios() -> None:
     out = run_demo("--scenario", "all", "--payments", "10")
     stories = {m["name"]: m for m in SCENARIO.finditer(out)}
-    assert set(stories) == {"payer-timeout", "wrong-amount", "payee-vanishes", "fee-spike"}
+    assert set(stories) == {"payer-timeout", "wrong-amount", "payee-vanishes", "fee-spike", "conflict"}
     for name, m in stories.items():
         deposit, paid, r, c, fee = (int(m[k]) for k in ("deposit", "paid", "R", "C", "F"))
         assert int(m["M"]) == 2, name
@@ -84,4 +85,11 @@ def test_demo_all_scenarios() -> None:
     assert "operator_bump at" in out and "replaced it (RBF)" in out
     assert "end_reason=payment_timeout" in out
     assert "refund before expiry refused: not_expired" in out
+    assert "is refused by the node" in out and "non-final" in out
     check_summary(out, 10)
+
+
+@pytest.mark.timeout(120)
+def test_demo_postpay_counts_signed_payments_and_units() -> None:
+    # 25 chunks on a credit line of 10: the payer signs when the next unit would pass it, then settles
+    check_summary(run_demo("--payments", "25", "--mode", "postpay"), 25, payments=3)
