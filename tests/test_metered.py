@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from btcchannel.payer.client import PayerClient
-from btcchannel.errors import AmountNotAgreed, BadRequest, ChannelClosing, WrongAmount
+from btcchannel.errors import AmountNotAgreed, BadRequest, WrongAmount
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
@@ -118,7 +118,7 @@ async def test_prepay_unit_count_and_capacity(
     for i in range(3):
         assert (await p_units.fetch(f"{srv.url}/v1/file/{i}"))[0] == 200
     assert srv.store.get(units).end_reason == "unit_count_reached"
-    with pytest.raises(ChannelClosing):
+    with pytest.raises(AmountNotAgreed):  # the payer signs nothing past the agreed unit count
         await p_units.fetch(f"{srv.url}/v1/file/3")
     # 20,000 sat at 5,000 a unit: the 4th unit takes the whole deposit (no payer output)
     for i in range(4):

@@ -41,7 +41,7 @@ class MeteredPayer:
         self._metering: Metering | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._settling: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # one settlement at a time (the timer's or a fetch's)
+        self._lock = asyncio.Lock()  # one request or settlement at a time (the timer's waits for a fetch)
         #: what the last timed settle raised (a failure is kept, never lost in the background)
         self.settle_error: BaseException | None = None
 
@@ -113,10 +113,14 @@ class MeteredPayer:
         credit, so an honest payer that pauses inside its credit line keeps its channel."""
         self._cancel_timer()
         async with self._lock:
-            obj = await self.client.status(self.channel_id)
-            owed = int(obj.get("owed_sat") or 0)
-            if owed > obj["amount_sat"]:
-                return await self.client.pay(self.channel_id, amount=owed)
+            return await self._settle()
+
+    async def _settle(self) -> int:
+        """:meth:`settle` with the lock held."""
+        obj = await self.client.status(self.channel_id)
+        owed = int(obj.get("owed_sat") or 0)
+        if owed > obj["amount_sat"]:
+            return await self.client.pay(self.channel_id, amount=owed)
         return int(obj["amount_sat"])
 
     async def _prepay_payment(self, metering: Metering, units: int) -> Payment | None:
@@ -138,7 +142,14 @@ class MeteredPayer:
                                            units_ahead=units)
 
     async def fetch(self, url: str, method: str = "GET", *, units: int = 1, data: bytes | None = None) -> tuple[int, bytes]:
-        """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed."""
+        """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed.
+
+        One request at a time on the channel (its authentication counters must arrive in order); a
+        timed settlement waits for the request in flight, so it counts that request's units."""
+        async with self._lock:
+            return await self._fetch(url, method, units, data)
+
+    async def _fetch(self, url: str, method: str, units: int, data: bytes | None) -> tuple[int, bytes]:
         metering = await self.metering()
         headers = {HDR_CHANNEL: self.channel_id}
         payment: Payment | None = None
@@ -160,7 +171,8 @@ class MeteredPayer:
                     continue
                 if metering.mode == "postpay":
                     before = self.client.store.get(self.channel_id).acked_sat
-                    if await self.settle() > before:
+                    self._cancel_timer()
+                    if await self._settle() > before:
                         continue
                 raise ProtocolViolation(f"payment refused: {body[:200]!r}")
             if status >= 400:
@@ -170,9 +182,8 @@ class MeteredPayer:
                 owed = int(resp_headers.get(HDR_OWED, "0"))
                 paid_total = int(resp_headers.get(HDR_PAID, "0"))
                 if metering.exceeds_credit(owed, paid_total, units):
-                    async with self._lock:
-                        if owed > self.client.store.get(self.channel_id).acked_sat:
-                            await self.client.pay(self.channel_id, amount=owed)
+                    if owed > self.client.store.get(self.channel_id).acked_sat:
+                        await self.client.pay(self.channel_id, amount=owed)
                     self._cancel_timer()
                 else:
                     self._arm_timer()
