@@ -231,3 +231,20 @@ def test_transition_follows_the_table(tmp_path: Path) -> None:
         assert s.get(_cid(10)).state is ChannelState.REFUNDED
         with pytest.raises(ValueError):
             s.mark_exception(_cid(3), "closed", None, "x")
+
+
+def test_channels_from_before_terms_run_under_the_current_terms_and_their_stored_end_conditions(
+    tmp_path: Path,
+) -> None:
+    from btcchannel.core.terms import Terms
+    from btcchannel.payee.shared import agreed_terms
+
+    current = Terms(price_sat=100, mode="postpay", credit_limit_sat=500, payment_timeout_ms=7_000)
+    with PayeeStore(_copy("payee-v0.db", tmp_path)) as s:
+        rec = s.get(_cid(3))
+        assert (rec.terms, rec.payments, rec.paid_at, rec.request_counter, rec.unit_credit) == (None, 0, None, 0, 0)
+        agreed = agreed_terms(rec, current)
+        assert agreed == current.with_end_conditions(max_units=10, max_total_sat=50_000)
+        # a channel with stored terms keeps them whatever the payee's current ones are
+        rec.terms = agreed.to_json()
+        assert agreed_terms(rec, Terms(price_sat=999)) == agreed
