@@ -18,7 +18,7 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.keys import generate_private_key, public_key, request_digest, sign_digest
 from btcchannel.core.terms import PayerLimits, Terms
 from btcchannel.errors import AmountNotAgreed, TermsChanged, TermsRefused
-from btcchannel.payee.metered import add_file_route
+from btcchannel.payee.metered import add_file_route, add_paid_route
 from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
@@ -272,3 +272,25 @@ async def test_third_party_with_the_channel_id_gets_nothing(
     await client.close(cid)
     close = await _confirmed_close(bitcoind, srv, cid)
     assert _paid_to_payee(close, rec.params["payer_script"], rec.deposit_sat) == 3 * P
+
+
+async def test_the_authenticated_target_is_the_path_and_query_as_sent(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=request.query.get("q", ""))
+
+    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "GET", "/v1/echo", echo),
+                                    price_sat=PRICE, mode="postpay", credit_limit_sat=10 * PRICE)
+    client = payer_client
+    cid = await open_channel(client, bitcoind, srv.url, 100_000)
+    payer = MeteredPayer(client, cid)
+    try:
+        assert await payer.fetch(f"{srv.url}/v1/echo?q=a b ü") == (200, "a b ü".encode())
+        signed_for = client.request_auth(cid, "GET", f"{srv.url}/v1/echo?q=a")
+        async with aiohttp.ClientSession() as s, s.get(f"{srv.url}/v1/echo?q=b",
+                                                       headers={HDR_CHANNEL: cid, HDR_AUTH: signed_for}) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+        assert srv.store.get(cid).units == 1
+    finally:
+        await payer.aclose()

@@ -61,6 +61,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayerChannel
@@ -388,8 +389,7 @@ class PayerClient:
         channel key's signature over (channel, counter, method, request target). The counter is
         the microsecond clock, strictly increasing within this client."""
         rec = self.store.get(channel_id)
-        parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        target = URL(url).raw_path_qs  # the request target exactly as aiohttp sends it (percent-encoded)
         counter = max(self._request_counters.get(channel_id, 0) + 1, time.time_ns() // 1000)
         self._request_counters[channel_id] = counter
         sig = self._channel(rec).request_signature(channel_id, counter, method, target)
