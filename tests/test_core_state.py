@@ -41,7 +41,9 @@ PAIRS = [(s, e) for s in ChannelState for e in ChannelEvent]
 
 
 def test_table_shape() -> None:
-    assert len(TRANSITIONS) == 13
+    assert len(TRANSITIONS) == 14
+    # a funding that leaves the active chain takes an open channel back to funding
+    assert sources(ChannelEvent.FUNDING_LOST) == {ChannelState.OPEN}
     # a close may be claimed, and a refund seen, before the funding has its depth
     assert sources(ChannelEvent.CLOSING) == {ChannelState.FUNDING, ChannelState.OPEN}
     assert sources(ChannelEvent.REFUNDED) == {ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING}

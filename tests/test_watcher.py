@@ -104,6 +104,7 @@ async def test_double_spent_funding_detected(
     funding = srv.store.get(cid).funding_txid
     assert srv.store.get(cid).state == "funding"
     conflict = bitcoind.rpc("bumpfee", funding, wallet=funded_wallet)["txid"]
+    bitcoind.mine(srv.config.final_confirmations)  # a conflict is final only at final depth
     await wait_until_async(lambda: srv.store.get(cid).state == "failed", timeout=30, what="conflict detected")
     rec = srv.store.get(cid)
     assert rec.exception_txid == conflict and rec.end_reason == "funding_double_spent"

@@ -113,12 +113,13 @@ class TxOutInfo:
     """An unspent transaction output as the node reports it.
 
     ``confirmations`` is 0 for an output created by a transaction still in the
-    mempool.
+    mempool; ``coinbase`` says whether a coinbase transaction created it.
     """
 
     value_sat: int
     script: bytes
     confirmations: int
+    coinbase: bool = False
 
 
 def _sats(value: Any, what: str) -> int:
@@ -285,6 +286,7 @@ class Node:
             value_sat=_sats(res["value"], "gettxout value"),
             script=bytes.fromhex(res["scriptPubKey"]["hex"]),
             confirmations=int(res.get("confirmations", 0)),
+            coinbase=bool(res.get("coinbase", False)),
         )
 
     async def get_transaction(self, txid: str) -> dict[str, Any] | None:

@@ -57,7 +57,8 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--idle-timeout", type=click.FloatRange(0.001), default=None,
               help="prepay: seconds without a payment before an open channel is closed [default: never].")
 @click.option("--close-margin-blocks", type=click.IntRange(1), default=None)
-@click.option("--min-confirmations", type=click.IntRange(0), default=None)
+@click.option("--min-confirmations", type=click.IntRange(1), default=None,
+              help="Depth at which a funding opens a channel (at least 1).")
 @click.option("--payee-address", default=None, help="Where closes pay [default: a new address of the node wallet].")
 @click.option("--serve-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Sell this file's chunks at /v1/file/{index}.")

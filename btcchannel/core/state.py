@@ -5,6 +5,7 @@ change from :data:`TRANSITIONS`; nothing else decides which event a state
 allows. States (both sides)::
 
     proposed --funding--> funding --funding_confirmed--> open --closing--> closing
+    open --funding_lost--> funding   (the funding left the active chain or fell below its depth)
     funding --closing--> closing     (a close claimed before the funding has its depth)
     open/closing --closed--> closed        funding/open/closing --refunded--> refunded
     proposed/funding/open/closing --failed--> failed
@@ -55,6 +56,7 @@ class ChannelEvent(str, enum.Enum):
 
     FUNDING = "funding"
     FUNDING_CONFIRMED = "funding_confirmed"
+    FUNDING_LOST = "funding_lost"
     CLOSING = "closing"
     CLOSED = "closed"
     REFUNDED = "refunded"
@@ -75,6 +77,7 @@ TRANSITIONS: Final[Mapping[tuple[ChannelState, ChannelEvent], ChannelState]] = M
     {
         (_S.PROPOSED, _E.FUNDING): _S.FUNDING,
         (_S.FUNDING, _E.FUNDING_CONFIRMED): _S.OPEN,
+        (_S.OPEN, _E.FUNDING_LOST): _S.FUNDING,
         (_S.OPEN, _E.CLOSING): _S.CLOSING,
         (_S.FUNDING, _E.CLOSING): _S.CLOSING,
         (_S.OPEN, _E.CLOSED): _S.CLOSED,

@@ -28,7 +28,8 @@ class ServerConfig:
     min_lifetime_blocks: int = 12
     max_lifetime_blocks: int = 4320
     close_margin_blocks: int = 6
-    min_confirmations: int = 1
+    min_confirmations: int = 1              # depth at which a funding opens the channel (>= 1)
+    final_confirmations: int = 6            # depth at which a close or a conflict is final
     proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
     max_proposals: int = 100                # cap on unfunded proposals (too_many_channels)
     close_fee_rate_sat_vb: float | None = None   # None: the node's estimate
@@ -48,6 +49,10 @@ class ServerConfig:
     def __post_init__(self) -> None:
         self.datadir = Path(self.datadir)
         script.check_network(self.network)
+        if self.min_confirmations < 1:
+            raise ValueError("min_confirmations must be at least 1 (an unconfirmed funding can vanish)")
+        if self.final_confirmations < 1:
+            raise ValueError("final_confirmations must be at least 1")
         try:
             self.terms  # noqa: B018 - the core validates the terms
             self.proposal_limits  # noqa: B018

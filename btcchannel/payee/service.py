@@ -160,6 +160,9 @@ class PayeeService:
             raise FundingNotFound("no such unspent output (mempool or chain)")
         if info.value_sat != rec.deposit_sat or info.script != params.funding_script:
             raise FundingMismatch("the output does not pay exactly deposit_sat to funding_script")
+        if info.coinbase:
+            # unspendable for 100 blocks: the payee could not close before the payer's refund is valid
+            raise FundingMismatch("a coinbase output cannot fund a channel")
         inputs: list[list[Any]] = []
         tx = await self.node.get_transaction(txid)
         if tx is not None:

@@ -7,9 +7,12 @@ construction: there are no in-memory timers. It updates the shared
 :class:`~btcchannel.payee.closer.Closer`.
 
 - ``proposed``: lapses after ``proposal_ttl_s``.
-- ``funding``: counts confirmations, opens at ``min_confirmations``; a funding
-  transaction that vanished (double-spent) becomes ``failed`` with the
-  conflicting txid.
+- ``funding``: counts confirmations, opens at ``min_confirmations`` (at least
+  1); a funding transaction that vanished (double-spent) becomes ``failed``
+  with the conflicting txid once that conflict has ``final_confirmations``.
+- ``open`` whose funding left the active chain (a reorg) or fell below
+  ``min_confirmations``: back to ``funding`` at once, so payments are refused
+  (``not_open``) until the funding is back at depth.
 - ``open``: closes at ``expiry_height - close_margin_blocks``; closes a
   postpay channel whose owed total was not paid within its agreed payment timeout (and a prepay
   channel idle past its agreed idle timeout, or any channel past its agreed end time);
@@ -107,15 +110,19 @@ class Watcher:
                 self.store.set_confirmations(cid, info.confirmations, open_now=False)
             return
         if await self.node.tx_confirmations(_outpoint(rec).txid) is None:
-            # the funding transaction is gone: double-spent (or evicted)
+            # the funding transaction is gone: double-spent (or evicted); final once the conflict is buried
             conflict = None
             for txid, vout in rec.funding_inputs:
                 conflict = await self.node.find_spender(OutPoint(txid, int(vout)), rec.created_height)
                 if conflict is not None:
                     break
             if conflict is not None:
-                self.store.mark_exception(cid, ChannelState.FAILED, conflict, "funding_double_spent")
-                log.warning("funding of %s double-spent by %s", cid, conflict)
+                depth = await self.node.tx_confirmations(conflict) or 0
+                if depth >= self.config.final_confirmations:
+                    self.store.mark_exception(cid, ChannelState.FAILED, conflict, "funding_double_spent")
+                    log.warning("funding of %s double-spent by %s", cid, conflict)
+                elif rec.confirmations != 0:
+                    self.store.set_confirmations(cid, 0, open_now=False)
             return
         await self._spent_elsewhere(rec)
 
@@ -124,7 +131,14 @@ class Watcher:
         cfg = self.config
         info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
         if info is None:
+            depth = await self.node.tx_confirmations(_outpoint(rec).txid)
+            if depth is None or depth < cfg.min_confirmations:
+                self._funding_lost(rec, depth or 0)
+                return
             await self._spent_elsewhere(rec)
+            return
+        if info.confirmations < cfg.min_confirmations:
+            self._funding_lost(rec, info.confirmations)
             return
         if info.confirmations != rec.confirmations:
             self.store.set_confirmations(cid, info.confirmations, open_now=False)
@@ -181,6 +195,14 @@ class Watcher:
                 self.store.mark_closed(cid, spender)
             return
         await self._record_conflict(rec, spender)
+
+    def _funding_lost(self, rec: PayeeRecord, depth: int) -> None:
+        """An open channel whose funding left the active chain (a reorg) or fell below its depth:
+        back to ``funding`` at once (payments refused) until the funding is back at depth."""
+        if self.store.funding_lost(rec.channel_id, depth):
+            log.warning("channel %s: its funding %s left the chain (depth %d): no payments until it is back",
+                        rec.channel_id, rec.funding_txid, depth)
+        self.closer.channels.invalidate(rec.channel_id)
 
     # -- spends of the funding output ----------------------------------------------------
     async def _spent_elsewhere(self, rec: PayeeRecord) -> None:

@@ -292,6 +292,10 @@ class PayeeStore(Database):
         except sqlite3.IntegrityError as exc:
             raise FundingMismatch("this funding outpoint is already used by another channel") from exc
 
+    def funding_lost(self, channel_id: str, confirmations: int) -> bool:
+        """``open`` -> ``funding``: the funding left the active chain or fell below its depth."""
+        return self.transition(channel_id, "funding_lost", confirmations=confirmations) is not None
+
     def set_confirmations(self, channel_id: str, confirmations: int, open_now: bool) -> bool:
         """Record funding confirmations; with ``open_now`` also ``funding`` -> ``open``."""
         if open_now:
