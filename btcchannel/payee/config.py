@@ -38,7 +38,8 @@ class ServerConfig:
     bump_after_blocks: int = 3              # RBF-bump a close unconfirmed after this many blocks
     bump_factor: float = 2.0
     max_fee_rate_sat_vb: float = 1000.0
-    poll_interval_s: float = 1.0            # watcher period
+    poll_interval_s: float = 1.0            # watcher period (and the tip follower's)
+    max_tip_age_s: float = 10.0             # payments refused when the node's tip is older than this
     price_sat: int = 0                      # metered service: price per unit (0: none)
     mode: str = "prepay"                    # "prepay" or "postpay"
     credit_limit_sat: int = 0               # postpay: unpaid total allowed
@@ -53,6 +54,8 @@ class ServerConfig:
             raise ValueError("min_confirmations must be at least 1 (an unconfirmed funding can vanish)")
         if self.final_confirmations < 1:
             raise ValueError("final_confirmations must be at least 1")
+        if not 0 < self.poll_interval_s < self.max_tip_age_s:
+            raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
         try:
             self.terms  # noqa: B018 - the core validates the terms
             self.proposal_limits  # noqa: B018

@@ -7,7 +7,8 @@ Entry points (what the CLI calls)::
                    *, run_watcher: bool = True) -> aiohttp.web.Application
         # every endpoint of the protocol; assembles service, closer and watcher
         # (app[SERVICE], app[CLOSER], app[WATCHER]); the watcher runs as a background task
-        # of the app (run_watcher=False: tests drive ``app[WATCHER].step()`` themselves)
+        # of the app (run_watcher=False: tests drive ``app[WATCHER].step()`` themselves); the tip
+        # follower (app[WATCHER].follow_tip) always runs
 
     async def serve(config: ServerConfig, node: Node, *,
                     ready: Callable[[str], None] | None = None,
@@ -206,9 +207,11 @@ def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watch
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await closer.start()
         await watcher.start()
-        task = asyncio.ensure_future(watcher.run()) if run_watcher else None
+        tasks = [asyncio.ensure_future(watcher.follow_tip())]
+        if run_watcher:
+            tasks.append(asyncio.ensure_future(watcher.run()))
         yield
-        if task is not None:
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

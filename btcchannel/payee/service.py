@@ -38,6 +38,7 @@ from btcchannel.errors import (
     FundingMismatch,
     FundingNotFound,
     InternalError,
+    NodeUnavailable,
     StalePayment,
     TooManyChannels,
     Unauthorized,
@@ -67,6 +68,12 @@ class PayeeService:
     def tip_height(self) -> int:
         """The chain height as the watcher last saw it."""
         return self.tip.height
+
+    def require_fresh_chain(self) -> None:
+        """NodeUnavailable (503) unless the node's tip is fresh: no payment on a stale chain view."""
+        reason = self.tip.stale_reason(self.config.max_tip_age_s)
+        if reason is not None:
+            raise NodeUnavailable(f"the payee's view of the chain is stale: {reason}")
 
     # -- channel objects ----------------------------------------------------------
     def params_of(self, rec: PayeeRecord) -> ChannelParams:
@@ -112,6 +119,7 @@ class PayeeService:
         deposit = int_field(body, "deposit_sat")
         expiry = int_field(body, "expiry_height", 0, 10**MAX_INT_DIGITS)  # outside the lifetime: expiry_out_of_range
         terms = self.proposal_terms(body)
+        self.require_fresh_chain()  # the expiry bounds are relative to the tip
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
         self.store.lapse_proposals()
@@ -196,8 +204,10 @@ class PayeeService:
     ) -> PayeeRecord | None:
         """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
-        Returns only after the row is committed. Raises the core's errors.
+        Returns only after the row is committed. Raises the core's errors, NodeUnavailable
+        on a stale chain view.
         """
+        self.require_fresh_chain()
         for _attempt in range(3):
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
@@ -297,6 +307,7 @@ class PayeeService:
 
     def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1, counter: int = 0) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
+        self.require_fresh_chain()
         rec = self.store.get(cid)
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
@@ -317,6 +328,7 @@ class PayeeService:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not).
         ``counter``: the authenticated request's; a request whose counter is not above the stored one
         (a replay racing its original) is ``Unauthorized``."""
+        self.require_fresh_chain()
         for _attempt in range(5):
             rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
@@ -369,4 +381,12 @@ class PayeeService:
             "close_margin_blocks": cfg.close_margin_blocks, "min_confirmations": cfg.min_confirmations,
             "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
             "terms": cfg.terms.required().to_json(),
+            "final_confirmations": cfg.final_confirmations, **self.chain_view(),
         }
+
+    def chain_view(self) -> dict[str, Any]:
+        """How fresh the payee's view of the chain is (part of ``/v1/info``)."""
+        reason = self.tip.stale_reason(self.config.max_tip_age_s)
+        age = self.tip.age_s()
+        return {"chain_fresh": reason is None, "chain_problem": reason,
+                "tip_age_s": None if age is None else round(age, 3), "max_tip_age_s": self.config.max_tip_age_s}

@@ -1,6 +1,7 @@
 """What the payee's service, closer and watcher share in memory (nothing here is durable):
 
-- :class:`ChainTip`: the chain height as last seen; the watcher updates it, the service reads it;
+- :class:`ChainTip`: the chain tip as last seen and when; the watcher's tip follower updates it,
+  the service reads it (and refuses payments when it is stale);
 - :func:`agreed_terms`: a channel's agreed terms (the payee's current ones for a channel
   proposed before terms were stored);
 - :class:`Channels`: the core channels rebuilt from stored rows, with a cache of open ones
@@ -9,8 +10,10 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+from btcchannel.bitcoind.chain import BITCOIND_CHAIN, ChainState
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import ChannelState
@@ -31,9 +34,43 @@ def agreed_terms(rec: PayeeRecord, current: Terms) -> Terms:
 
 @dataclass
 class ChainTip:
-    """The height of the best block as the payee last saw it (0: not fetched yet)."""
+    """The best block as the payee last saw it (height 0: not fetched yet) and how fresh that is.
+
+    ``checked_at`` is the ``time.monotonic()`` of the last successful query of the node's tip
+    (None: never); ``problem`` says why the node's view cannot be trusted even though it answers
+    (initial block download, another chain than configured)."""
 
     height: int = 0
+    best_hash: str | None = None
+    checked_at: float | None = None
+    problem: str | None = None
+
+    def update(self, state: ChainState, network: str) -> None:
+        """Take a fresh answer of the node (``network``: the payee's configured network)."""
+        expected = BITCOIND_CHAIN[network]
+        if state.chain != expected:
+            self.problem = f"the node follows chain {state.chain!r}, not {expected!r}"
+        elif state.ibd:
+            self.problem = "the node is in initial block download"
+        else:
+            self.problem = None
+        self.height, self.best_hash = state.height, state.best_hash
+        self.checked_at = time.monotonic()
+
+    def stale_reason(self, max_age_s: float, now: float | None = None) -> str | None:
+        """Why the payee must not rely on this view now (None: it is fresh enough)."""
+        if self.problem is not None:
+            return self.problem
+        if self.checked_at is None:
+            return "the node's tip was never fetched"
+        age = (time.monotonic() if now is None else now) - self.checked_at
+        if age > max_age_s:
+            return f"no answer from the node for {age:.1f}s (more than {max_age_s:g}s)"
+        return None
+
+    def age_s(self) -> float | None:
+        """Seconds since the last successful tip query (None: never)."""
+        return None if self.checked_at is None else time.monotonic() - self.checked_at
 
 
 class Channels:

@@ -2,8 +2,9 @@
 
 Every ``poll_interval_s`` (and on demand through ``step()``) it recomputes
 everything from the store and the node, so it is restart-safe by
-construction: there are no in-memory timers. It updates the shared
-:class:`~btcchannel.payee.shared.ChainTip` and leaves every close to the
+construction: there are no in-memory timers. A separate task (``follow_tip``) keeps the
+shared :class:`~btcchannel.payee.shared.ChainTip` fresh whatever a pass costs (the service
+refuses payments on a stale tip); every close is left to the
 :class:`~btcchannel.payee.closer.Closer`.
 
 - ``proposed``: lapses after ``proposal_ttl_s``.
@@ -32,6 +33,7 @@ import asyncio
 import logging
 import time
 
+from btcchannel.bitcoind.chain import chain_state
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
 from btcchannel.core.terms import closing_height
@@ -64,7 +66,32 @@ class Watcher:
 
     async def start(self) -> None:
         """Fetch the tip (before the service answers anything)."""
-        self.tip.height = await self.node.tip_height()
+        await self.refresh_tip()
+
+    async def refresh_tip(self) -> int:
+        """Ask the node for its tip and update the shared :class:`ChainTip` (its height)."""
+        self.tip.update(await chain_state(self.node), self.config.network)
+        return self.tip.height
+
+    async def follow_tip(self) -> None:
+        """Forever: refresh the tip every poll interval, independently of the (maybe slow) passes.
+
+        The service refuses payments once the last successful refresh is older than
+        ``max_tip_age_s``; an outage is logged once, and its end."""
+        down = False
+        while True:
+            try:
+                await self.refresh_tip()
+                if down:
+                    log.warning("the node answers again (tip %d)", self.tip.height)
+                down = False
+            except ChannelError as err:
+                if not down:
+                    log.warning("the node's tip cannot be fetched: %s", err)
+                down = True
+            except Exception:  # a bug must not stop the tip for good
+                log.exception("tip refresh crashed")
+            await asyncio.sleep(self.config.poll_interval_s)
 
     # -- the loop ------------------------------------------------------------------
     async def run(self) -> None:
@@ -80,9 +107,11 @@ class Watcher:
 
     async def step(self) -> None:
         """One pass over every live channel."""
-        tip = await self.node.tip_height()
-        self.tip.height = tip
+        tip = await self.refresh_tip()
         self.store.lapse_proposals()
+        if self.tip.problem is not None:
+            log.warning("watcher pass skipped: %s", self.tip.problem)
+            return
         for rec in self.store.list([ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING]):
             try:
                 await self.check(rec, tip)
