@@ -2,8 +2,11 @@
 
 A close is *claimed* in the store first (``PayeeStore.claim_close``: no payment is accepted
 after that), then built from the best stored payment at the close fee rate (configured, or
-the node's estimate; at most what the payment affords), broadcast in the background, and
-recorded (``set_close_tx``). The watcher asks the closer to RBF-bump a close that stays
+the node's estimate; at most what the payment affords), recorded with its raw transaction
+(``set_close_tx``) *before* it is broadcast in the background; each channel's payout script
+is fixed when it is proposed, so a restarted process rebuilds the same close (or a strictly
+higher-fee replacement). ``operator_close`` works with the node down (the running service
+broadcasts the claimed close). The watcher asks the closer to RBF-bump a close that stays
 unconfirmed and to rebroadcast one that vanished from the mempool; a claim whose process
 died before broadcasting is taken over after ``STALE_CLAIM_S``.
 
@@ -28,7 +31,15 @@ from btcchannel.core import script
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
-from btcchannel.errors import ChannelError, CloseUneconomic
+from btcchannel.errors import (
+    ChannelError,
+    CloseUneconomic,
+    InternalError,
+    NodeUnavailable,
+    RpcAlreadyInChain,
+    RpcVerifyError,
+    RpcVerifyRejected,
+)
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import Channels
 from btcchannel.store import PayeeRecord, PayeeStore
@@ -62,10 +73,20 @@ class Closer:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        """Fix the payout script: the configured address, or a fresh node-wallet address."""
+        """Fix the payout script of the channels proposed from now on: the configured address, or a
+        fresh node-wallet address (each channel stores its own, so a restart changes no close)."""
         cfg = self.config
         address = cfg.payee_address or await self.node.new_address()
         self.payee_script = script.check_payout_script(script.address_to_script(address, cfg.network))
+
+    def payout_of(self, rec: PayeeRecord) -> bytes:
+        """Where ``rec``'s close pays the payee: the script stored with the channel (rows of older
+        releases have none: the process's own)."""
+        if rec.payout_script is not None:
+            return bytes.fromhex(rec.payout_script)
+        if not self.payee_script:
+            raise NodeUnavailable("no payout address yet (the node's wallet has not answered)")
+        return self.payee_script
 
     async def aclose(self) -> None:
         """Wait for the background broadcasts."""
@@ -133,32 +154,56 @@ class Closer:
             self._event(cid).set()
 
     async def broadcast(self, cid: str, fee_rate: float | None, previous_txid: str | None) -> str | None:
-        """Build our close at ``fee_rate`` (default: estimate), broadcast, record. Returns the txid.
+        """Build our close at ``fee_rate`` (default: estimate), record it, broadcast it. Returns the txid.
 
         ``previous_txid``: the close this one replaces (None for the first); nothing is done
         unless the row still records exactly that close."""
         async with self._lock:
-            rec = self.store.get(cid)
-            if rec.state is not ChannelState.CLOSING or rec.signature is None or rec.close_txid != previous_txid:
+            rec, recorded = await self.record_close(cid, fee_rate, previous_txid)
+            if not recorded or rec.close_tx is None or rec.close_txid is None:
                 return rec.close_txid
-            rate = fee_rate if fee_rate is not None else await self.fee_rate()
-            rate = min(rate, self.config.max_fee_rate_sat_vb)
-            ch = self.channels.build(rec)
-            built = self._build(ch, rec, rate, bump=previous_txid is not None)
-            if built is None:
-                return None
-            tx, rate = built
-            txid = await self.node.broadcast(tx.serialize().hex())
-            tip = await self.node.tip_height()
-            if not self.store.set_close_tx(cid, txid, rate, tip, previous_txid):
-                log.info("close of %s recorded by someone else meanwhile", cid)
-            log.info("close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)", cid, txid, rate, rec.amount_sat)
-            self.claimed.discard(cid)
-            return txid
+            await self._send(rec.close_tx, rec.close_txid)
+            log.info("close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)",
+                     cid, rec.close_txid, rec.close_fee_rate, rec.amount_sat)
+            return rec.close_txid
+
+    async def record_close(
+        self, cid: str, fee_rate: float | None, previous_txid: str | None
+    ) -> tuple[PayeeRecord, bool]:
+        """Build our close at ``fee_rate`` (default: estimate) and record it, raw transaction included,
+        *without* broadcasting it: the row after, and whether this call recorded a new close.
+
+        A process that dies after this leaves a close that the next one sends byte for byte."""
+        rec = self.store.get(cid)
+        if rec.state is not ChannelState.CLOSING or rec.signature is None or rec.close_txid != previous_txid:
+            return rec, False
+        rate = fee_rate if fee_rate is not None else await self.fee_rate()
+        rate = min(rate, self.config.max_fee_rate_sat_vb)
+        built = self._build(self.channels.build(rec), rec, rate, bump=previous_txid is not None)
+        if built is None:
+            return self.store.get(cid), False
+        tx, rate = built
+        recorded = await self._record(rec, tx, rate, previous_txid)
+        return self.store.get(cid), recorded
+
+    async def _record(self, rec: PayeeRecord, tx: Any, rate: float, previous_txid: str | None) -> bool:
+        cid = rec.channel_id
+        txid = bytes(tx.GetTxid())[::-1].hex()
+        tip = await self.node.tip_height()
+        recorded = self.store.set_close_tx(cid, txid, rate, tip, previous_txid, tx.serialize().hex())
+        self.claimed.discard(cid)
+        if not recorded:
+            log.info("close of %s recorded by someone else meanwhile", cid)
+        return recorded
+
+    async def _send(self, raw: str, txid: str) -> None:
+        sent = await self.node.broadcast(raw)
+        if sent != txid:
+            raise InternalError(f"the node reports txid {sent} for our close {txid}")
 
     def _build(self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool) -> tuple[Any, float] | None:
         """Our close at ``rate``, or what the payment can afford; None if it affords no close at all."""
-        payout = self.payee_script
+        payout = self.payout_of(rec)
         try:
             return ch.build_close(payout, rate), rate
         except CloseUneconomic:
@@ -191,27 +236,39 @@ class Closer:
         return await self.broadcast(cid, rate, rec.close_txid)
 
     async def rebroadcast(self, rec: PayeeRecord) -> None:
-        """Broadcast ``rec``'s close again (it left the mempool), at no less than today's rate."""
+        """Broadcast ``rec``'s close again (it left the mempool, or its process died before sending it):
+        the recorded transaction byte for byte, or, if the node refuses it now, one at today's rate."""
         cid = rec.channel_id
+        if rec.close_tx is not None:
+            try:
+                await self.node.broadcast(rec.close_tx)
+                return
+            except RpcAlreadyInChain:
+                return
+            except (RpcVerifyRejected, RpcVerifyError) as err:
+                log.info("recorded close of %s refused again (%s): rebuilding it", cid, err)
         rate = max(rec.close_fee_rate or MIN_RELAY_FEE_RATE, await self.fee_rate())
         async with self._lock:
             fresh = self.store.get(cid)
-            if fresh.close_txid != rec.close_txid:
+            if fresh.close_txid != rec.close_txid or fresh.state is not ChannelState.CLOSING:
                 return
-            ch = self.channels.build(fresh)
-            tx = ch.build_close(self.payee_script, rate)
-            txid = await self.node.broadcast(tx.serialize().hex())
-            self.store.set_close_tx(cid, txid, rate, await self.node.tip_height(), rec.close_txid)
+            tx = self.channels.build(fresh).build_close(self.payout_of(fresh), rate)
+            if await self._record(fresh, tx, rate, rec.close_txid):
+                await self._send(tx.serialize().hex(), bytes(tx.GetTxid())[::-1].hex())
 
 
 # ----------------------------------------------------------------------------- operator
 
 
-async def _operator_closer(config: ServerConfig, node: Node) -> Closer:
+async def _operator_closer(config: ServerConfig, node: Node, *, need_node: bool = True) -> Closer:
     closer = Closer(config, PayeeStore(config.db_path), node)
     try:
         await closer.start()
-        await node.tip_height()  # the node must answer before anything is claimed
+        await node.tip_height()
+    except NodeUnavailable:
+        if need_node:
+            closer.store.close()
+            raise
     except BaseException:
         closer.store.close()
         raise
@@ -219,14 +276,20 @@ async def _operator_closer(config: ServerConfig, node: Node) -> Closer:
 
 
 async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> dict[str, Any]:
-    """Close ``channel_id`` now with its best payment (the operator's end condition)."""
-    closer = await _operator_closer(config, node)
+    """Close ``channel_id`` now with its best payment (the operator's end condition).
+
+    Works with the node down: the close is claimed (no more payments) and, if it cannot be
+    broadcast now, the claim is left to the running service, which broadcasts it at once."""
+    closer = await _operator_closer(config, node, need_node=False)
     try:
         rec = closer.store.get(channel_id)
         if rec.state is ChannelState.PROPOSED:
             closer.store.mark_exception(channel_id, ChannelState.FAILED, None, "cancelled_by_operator")
-        else:
-            await closer.close(channel_id, "operator")
+        elif closer.claim(channel_id, "operator") is not None:
+            await closer.close_done(channel_id)
+            after = closer.store.get(channel_id)
+            if after.close_txid is None and not after.close_uneconomic:
+                closer.store.release_close_claim(channel_id)
         await closer.aclose()
         return channel_object(closer.store.get(channel_id))
     finally:

@@ -138,6 +138,7 @@ class PayeeService:
                 deposit_sat=deposit, expiry_height=expiry, created_at=now, lapse_at=now + cfg.proposal_ttl_s,
                 max_units=terms.max_units, max_total_sat=terms.max_total_sat, created_height=tip,
                 terms=terms.to_json(),
+                payout_script=self.closer.payee_script.hex() or None,
             )
         )
         return {

@@ -23,7 +23,9 @@ Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 ``+close_uneconomic`` suffix of ``end_reason`` into the boolean column
 ``close_uneconomic``; 3 adds the agreed ``terms`` (JSON, NULL for older channels), the number
 of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
-authenticated metered request's) and ``unit_credit`` (prepaid units not served).
+authenticated metered request's) and ``unit_credit`` (prepaid units not served); 4 adds
+``payout_script`` (fixed per channel when it is proposed) and ``close_tx`` (the raw close,
+recorded before its broadcast).
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class PayeeRecord:
     request_counter: int = 0
     #: prepaid units whose handler failed: credited to the next requests
     unit_credit: int = 0
+    #: where this channel's close pays the payee (hex script), fixed when the channel is proposed
+    payout_script: str | None = None
+    #: the raw transaction (hex) of ``close_txid``, recorded before it is broadcast
+    close_tx: str | None = None
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -158,6 +164,11 @@ _V3_TERMS: Migration = (
     "ALTER TABLE channels ADD COLUMN unit_credit INTEGER NOT NULL DEFAULT 0",
 )
 
+_V4_CLOSE_INTENT: Migration = (
+    "ALTER TABLE channels ADD COLUMN payout_script TEXT",
+    "ALTER TABLE channels ADD COLUMN close_tx TEXT",
+)
+
 # ------------------------------------------------------------------ the state table
 
 def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
@@ -202,7 +213,7 @@ def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
 class PayeeStore(Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
-    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS)
+    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT)
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -266,12 +277,13 @@ class PayeeStore(Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
                 rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
                 rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
+                rec.payout_script,
             ),
         )
 
@@ -398,15 +410,30 @@ class PayeeStore(Database):
         )
 
     def set_close_tx(
-        self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None
+        self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None,
+        raw_tx: str | None = None,
     ) -> bool:
-        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid."""
+        """Record the close about to be broadcast (or its RBF replacement), CAS on the previous close txid.
+
+        Called *before* the broadcast, with the raw transaction, so a process that dies in between
+        leaves a close that the next one broadcasts byte for byte (or replaces at a higher fee).
+        """
         rec = self.get(channel_id)
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
         return self._update(
-            "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, updated_at=?"
-            " WHERE channel_id=? AND state=? AND close_txid IS ?",
-            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+            "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, close_tx=?,"
+            " updated_at=? WHERE channel_id=? AND state=? AND close_txid IS ?",
+            (txid, json.dumps(txids), fee_rate, height, raw_tx, time.time(), channel_id, _S.CLOSING.value,
+             previous_txid),
+        )
+
+    def release_close_claim(self, channel_id: str) -> bool:
+        """Leave a ``closing`` claim without a close txid to whichever process takes it first
+        (an operator's claim made while the node was down: the running service broadcasts it)."""
+        return self._update(
+            "UPDATE channels SET close_claimed_at=0, updated_at=? WHERE channel_id=? AND state=?"
+            " AND close_txid IS NULL",
+            (time.time(), channel_id, _S.CLOSING.value),
         )
 
     def mark_uneconomic(self, channel_id: str) -> bool:
