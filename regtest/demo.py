@@ -90,7 +90,8 @@ class World:
     async def setup(self, name: str, header: str, chunks: int, seed: int, deposit: int,
                     price_sat: int = SCENARIO_PRICE_SAT, **kw: Any) -> tuple[Path, ServerConfig]:
         """Story ``name``'s file (``chunks`` chunks of random bytes) and the payee's terms (short
-        lifetimes, fast polling, fixed fee rates, closes to a fresh ``payee`` address); shows ``header``."""
+        lifetimes, fast polling, fixed fee rates, closes final at 1 confirmation, closes to a fresh
+        ``payee`` address); shows ``header``."""
         data = self.workdir / name / "data.bin"
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_bytes(random.Random(seed).randbytes(chunks * CHUNK_SIZE))
@@ -98,7 +99,8 @@ class World:
             payee_address=await self.chain.new_address("payee"), price_sat=price_sat, mode="prepay",
             credit_limit_sat=CREDIT_UNITS * price_sat, payment_timeout_s=60.0, poll_interval_s=0.05,
             min_lifetime_blocks=6, close_margin_blocks=2, min_deposit_sat=10_000,
-            max_deposit_sat=max(100_000_000, deposit), close_fee_rate_sat_vb=FEE_RATE_SAT_VB)
+            max_deposit_sat=max(100_000_000, deposit), close_fee_rate_sat_vb=FEE_RATE_SAT_VB,
+            final_confirmations=1)
         click.echo(header)
         return data, ServerConfig(datadir=self.workdir / name / "payee", **{**terms, **kw})
 

@@ -4,6 +4,7 @@ block download, chain name) and the names bitcoind gives btcchannel's networks.
 ::
 
     async def chain_state(node: Node) -> ChainState      # one getblockchaininfo
+    async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None   # (fee sat, vsize)
     BITCOIND_CHAIN["mainnet"] == "main"                  # btcchannel network -> bitcoind chain
 """
 
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, Mapping
 
+from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.errors import NodeError
+from btcchannel.errors import NodeError, RpcInvalidAddressOrKey
 
-__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state"]
+__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee"]
 
 #: btcchannel's network names -> the ``chain`` bitcoind's getblockchaininfo reports
 BITCOIND_CHAIN: Final[Mapping[str, str]] = MappingProxyType({
@@ -44,3 +46,15 @@ async def chain_state(node: Node) -> ChainState:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise NodeError(f"getblockchaininfo: malformed reply: {exc}") from exc
+
+
+async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None:
+    """(fee in satoshis, vsize) of ``txid`` in the node's mempool; None if it is not there."""
+    try:
+        entry = await node.call("getmempoolentry", txid)
+    except RpcInvalidAddressOrKey:
+        return None
+    try:
+        return btc_to_sat(entry["fees"]["base"]), int(entry["vsize"])
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise NodeError(f"getmempoolentry: malformed reply: {exc}") from exc

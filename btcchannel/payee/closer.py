@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, Awaitable
 
+from btcchannel.bitcoind.chain import mempool_fee
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import script
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
+from btcchannel.core.tx import tx_vsize
 from btcchannel.errors import (
     ChannelError,
     CloseUneconomic,
@@ -255,6 +258,40 @@ class Closer:
             tx = self.channels.build(fresh).build_close(self.payout_of(fresh), rate)
             if await self._record(fresh, tx, rate, rec.close_txid):
                 await self._send(tx.serialize().hex(), bytes(tx.GetTxid())[::-1].hex())
+
+
+    async def outbid(self, rec: PayeeRecord, conflict_txid: str) -> str | None:
+        """Replace an unconfirmed conflicting spend of the funding (the payer's refund, valid from
+        expiry) with our close paying more than it: a refund in the mempool is not final. The
+        close pays up to what the payment affords (``max_fee_rate_sat_vb`` does not cap this)."""
+        cid = rec.channel_id
+        entry = await mempool_fee(self.node, conflict_txid)
+        if entry is None:
+            return None
+        fee, vsize = entry
+        async with self._lock:
+            fresh = self.store.get(cid)
+            if fresh.state is not ChannelState.CLOSING or fresh.signature is None:
+                return None
+            ch = self.channels.build(fresh)
+            payout = self.payout_of(fresh)
+            ours = tx_vsize(ch.build_close(payout, MIN_RELAY_FEE_RATE))
+            # BIP125: more than the replaced fee, plus the incremental relay fee for our own size
+            need = fee + math.ceil(MIN_RELAY_FEE_RATE * ours) + 1
+            rate = max(fee / vsize, fresh.close_fee_rate or 0.0) * self.config.bump_factor
+            try:
+                tx = ch.build_close(payout, rate, min_fee_sat=need)
+            except CloseUneconomic:
+                tx, _ = ch.build_close_at_most(payout, 1e9)
+            paid = fresh.deposit_sat - sum(o.nValue for o in tx.vout)
+            if paid < need:
+                raise CloseUneconomic(f"the payment cannot pay more than the conflict's {fee} sat fee")
+            txid = bytes(tx.GetTxid())[::-1].hex()
+            if not await self._record(fresh, tx, paid / tx_vsize(tx), fresh.close_txid):
+                return None
+            await self._send(tx.serialize().hex(), txid)
+            log.warning("channel %s: %s replaced by our close %s (%d sat fee)", cid, conflict_txid, txid, paid)
+            return txid
 
 
 # ----------------------------------------------------------------------------- operator

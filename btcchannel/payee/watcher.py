@@ -199,16 +199,12 @@ class Watcher:
             return
         conf = await self.node.tx_confirmations(rec.close_txid)
         if conf is not None and conf >= 1:
-            self.store.mark_closed(cid, rec.close_txid)
-            log.info("channel %s closed by %s", cid, rec.close_txid)
-            return
+            if self._final(conf):
+                self.store.mark_closed(cid, rec.close_txid)
+                log.info("channel %s closed by %s", cid, rec.close_txid)
+            return  # mined, not final yet: keep watching (a reorg may take it out again)
         if conf == 0:
-            if rec.close_height is not None and tip - rec.close_height >= self.config.bump_after_blocks:
-                log.info("close of %s unconfirmed after %d blocks: RBF bump", cid, tip - rec.close_height)
-                try:
-                    await self.closer.bump(cid)
-                except NodeError as err:
-                    log.warning("bump of %s refused: %s", cid, err)
+            await self._bump_if_due(rec, tip)
             return
         # our last close is neither mined nor in the mempool: who spent the funding?
         spender = await self.node.find_spender(_outpoint(rec), rec.created_height)
@@ -219,11 +215,31 @@ class Watcher:
                 log.warning("rebroadcast of %s's close refused: %s", cid, err)
             return
         if spender in rec.close_txids:
-            sconf = await self.node.tx_confirmations(spender)
-            if sconf is not None and sconf >= 1:
+            if self._final(await self.node.tx_confirmations(spender)):
                 self.store.mark_closed(cid, spender)
             return
         await self._record_conflict(rec, spender)
+
+    def _final(self, depth: int | None) -> bool:
+        """Whether a transaction at ``depth`` is final (``final_confirmations``)."""
+        return depth is not None and depth >= self.config.final_confirmations
+
+    async def _bump_if_due(self, rec: PayeeRecord, tip: int) -> None:
+        """RBF-bump an unconfirmed close: every ``bump_after_blocks`` blocks, and in each of the last
+        ``bump_after_blocks`` blocks before the payer's refund is valid to the most the payment
+        affords (deadline-aware: the fee rises as the deadline nears)."""
+        cfg, cid = self.config, rec.channel_id
+        if rec.close_height is None or rec.close_height >= tip:
+            return  # at most one replacement per block
+        urgent = rec.expiry_height - tip <= cfg.bump_after_blocks
+        if not urgent and tip - rec.close_height < cfg.bump_after_blocks:
+            return
+        log.info("close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
+                 cid, tip - rec.close_height, rec.expiry_height - tip)
+        try:
+            await self.closer.bump(cid, cfg.max_fee_rate_sat_vb if urgent else None)
+        except ChannelError as err:
+            log.info("bump of %s not done: %s", cid, err)
 
     def _funding_lost(self, rec: PayeeRecord, depth: int) -> None:
         """An open channel whose funding left the active chain (a reorg) or fell below its depth:
@@ -239,8 +255,7 @@ class Watcher:
         if spender is None:
             return
         if spender in rec.close_txids:
-            conf = await self.node.tx_confirmations(spender)
-            if conf is not None and conf >= 1:
+            if self._final(await self.node.tx_confirmations(spender)):
                 self.store.mark_closed(rec.channel_id, spender)
             return
         await self._record_conflict(rec, spender)
@@ -251,8 +266,7 @@ class Watcher:
         if rec.state in (ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED):
             return
         if spender in rec.close_txids:
-            conf = await self.node.tx_confirmations(spender)
-            if conf is not None and conf >= 1:
+            if self._final(await self.node.tx_confirmations(spender)):
                 self.store.mark_closed(rec.channel_id, spender)
             return
         if rec.state is ChannelState.CLOSING and rec.close_txid is None and rec.signature is not None:
@@ -269,10 +283,21 @@ class Watcher:
                     elif kind is SpendKind.CLOSE and rec.state is ChannelState.CLOSING:
                         # the payee branch: only this payee can sign it, so it is one of our closes
                         # (e.g. recorded by another process); adopt it
-                        conf = int(tx.get("confirmations", 0))
-                        if conf >= 1:
+                        if self._final(int(tx.get("confirmations", 0))):
                             self.store.mark_closed(rec.channel_id, spender)
                         return
+            depth = int(tx.get("confirmations", 0))
+            if not self._final(depth):
+                # not final: a refund in the mempool (or a few blocks deep) can still be replaced or reorged
+                if depth == 0 and rec.signature is not None and not is_uneconomic(rec):
+                    if rec.state is not ChannelState.CLOSING:
+                        self.closer.claim(rec.channel_id, "expiry_margin")  # its close then outbids
+                        return
+                    try:
+                        await self.closer.outbid(rec, spender)
+                    except ChannelError as err:
+                        log.warning("channel %s: cannot outbid %s: %s", rec.channel_id, spender, err)
+                return
         self.store.mark_exception(rec.channel_id, state, spender, reason)
         self.closer.channels.invalidate(rec.channel_id)
         log.warning("channel %s: funding spent by %s (%s)", rec.channel_id, spender, reason)

@@ -37,9 +37,10 @@ AppHook = Callable[[web.Application], None]
 
 
 def fast_config(datadir: Path, **kw: Any) -> ServerConfig:
-    """A payee configuration for tests: 50 ms polling, 6-block minimum lifetime, 2 sat/vB closes."""
+    """A payee configuration for tests: 50 ms polling, 6-block minimum lifetime, 2 sat/vB closes,
+    closes and conflicts final at 1 confirmation (tests of depth and reorgs ask for more)."""
     base: dict[str, Any] = dict(poll_interval_s=0.05, min_lifetime_blocks=6, close_margin_blocks=3,
-                                min_deposit_sat=10_000, close_fee_rate_sat_vb=2.0)
+                                min_deposit_sat=10_000, close_fee_rate_sat_vb=2.0, final_confirmations=1)
     base.update(kw)
     return ServerConfig(datadir=datadir, **base)
 
