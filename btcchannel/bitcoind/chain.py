@@ -1,24 +1,27 @@
 """Following the node's chain: its state (:func:`chain_state`: height, best block hash, initial
-block download, chain name) and the names bitcoind gives btcchannel's networks.
+block download, chain name), the names bitcoind gives btcchannel's networks, and
+:class:`BlockFollower`, which fetches each new block once and walks back to the fork point on a
+reorganisation.
 
 ::
 
     async def chain_state(node: Node) -> ChainState      # one getblockchaininfo
     async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None   # (fee sat, vsize)
+    BlockFollower(node, cursor=(height, hash)).advance(best_hash) -> Advance(blocks, reorg, restart)
     BITCOIND_CHAIN["mainnet"] == "main"                  # btcchannel network -> bitcoind chain
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Mapping
+from typing import Any, Final, Mapping
 
 from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.errors import NodeError, RpcInvalidAddressOrKey
 
-__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee"]
+__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee", "Advance", "BlockFollower"]
 
 #: btcchannel's network names -> the ``chain`` bitcoind's getblockchaininfo reports
 BITCOIND_CHAIN: Final[Mapping[str, str]] = MappingProxyType({
@@ -58,3 +61,63 @@ async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None:
         return btc_to_sat(entry["fees"]["base"]), int(entry["vsize"])
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise NodeError(f"getmempoolentry: malformed reply: {exc}") from exc
+
+
+@dataclass
+class Advance:
+    """What :meth:`BlockFollower.advance` found: the blocks connected since the last call (oldest
+    first, each a ``getblock`` verbosity 2 dict), whether blocks processed before left the chain
+    (``reorg``), and whether continuity was lost (``restart``: first call, or too far behind)."""
+
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    reorg: bool = False
+    restart: bool = False
+
+
+class BlockFollower:
+    """Follows the node's active chain block by block from the last processed block.
+
+    Each call to :meth:`advance` walks back from the node's best block (``getblock`` verbosity 2,
+    which also gives the previous block's hash) to a block it processed before, the fork point on
+    a reorganisation, so every new block is fetched exactly once: one RPC call per new block.
+    It remembers the last ``keep`` processed blocks; a walk longer than that is a restart.
+    """
+
+    def __init__(self, node: Node, cursor: tuple[int, str] | None = None, keep: int = 144) -> None:
+        self.node = node
+        self.keep = keep
+        self._known: dict[str, int] = {}    # hash -> height of the blocks processed, newest `keep`
+        self.height, self.hash = cursor if cursor is not None else (-1, "")
+        if cursor is not None:
+            self._known[cursor[1]] = cursor[0]
+
+    async def advance(self, best_hash: str) -> Advance:
+        """The blocks from the last processed one up to ``best_hash`` (see :class:`Advance`)."""
+        if best_hash == self.hash:
+            return Advance()
+        path: list[dict[str, Any]] = []
+        h = best_hash
+        while h not in self._known:
+            block = dict(await self.node.call("getblock", h, 2))
+            path.append(block)
+            prev = block.get("previousblockhash")
+            if not self._known or prev is None or len(path) > self.keep:
+                self._reset(int(path[0]["height"]), best_hash)
+                return Advance(restart=True)
+            h = str(prev)
+        fork_height = self._known[h]
+        reorg = h != self.hash
+        if reorg:
+            self._known = {k: v for k, v in self._known.items() if v <= fork_height}
+        path.reverse()
+        for block in path:
+            self._known[str(block["hash"])] = int(block["height"])
+        self.height, self.hash = int(path[-1]["height"]) if path else fork_height, best_hash
+        if len(self._known) > self.keep:
+            floor = self.height - self.keep
+            self._known = {k: v for k, v in self._known.items() if v > floor}
+        return Advance(path, reorg)
+
+    def _reset(self, height: int, block_hash: str) -> None:
+        self._known = {block_hash: height}
+        self.height, self.hash = height, block_hash

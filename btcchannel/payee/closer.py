@@ -101,6 +101,13 @@ class Closer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def forget_except(self, live: set[str]) -> None:
+        """Drop what this process remembers of channels that are no longer live (bounded memory)."""
+        for cid in [c for c in self._events if c not in live and self._events[c].is_set()]:
+            del self._events[cid]
+        self.claimed &= live
+        self.channels.prune(live)
+
     # -- claim ---------------------------------------------------------------------
     def _event(self, cid: str) -> asyncio.Event:
         ev = self._events.get(cid)

@@ -106,6 +106,11 @@ class Channels:
                 self._cache[cid] = ch
         return ch
 
+    def prune(self, live: set[str]) -> None:
+        """Forget the cached channels not in ``live``."""
+        for cid in [c for c in self._cache if c not in live]:
+            del self._cache[cid]
+
     def invalidate(self, cid: str) -> None:
         """Forget the cached channel (after any state change)."""
         self._cache.pop(cid, None)

@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
-from btcchannel.bitcoind.chain import chain_state
+from btcchannel.bitcoind.chain import BlockFollower, chain_state
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
 from btcchannel.core.terms import closing_height
@@ -47,6 +48,35 @@ from btcchannel.store import PayeeRecord, PayeeStore
 __all__ = ["Watcher"]
 
 log = logging.getLogger("btcchannel.payee.watcher")
+
+
+def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]]) -> set[str]:
+    """The channels a block touches: its funding or close transaction, or a spend of the funding
+    output or of the funding's inputs (a double-spend)."""
+    if not blocks:
+        return set()
+    txids: dict[str, str] = {}
+    outpoints: dict[tuple[str, int], str] = {}
+    for rec in live:
+        cid = rec.channel_id
+        if rec.funding_txid is not None and rec.funding_vout is not None:
+            txids[rec.funding_txid] = cid
+            outpoints[(rec.funding_txid, rec.funding_vout)] = cid
+        for txid in rec.close_txids:
+            txids[txid] = cid
+        for txid, vout in rec.funding_inputs:
+            outpoints[(str(txid), int(vout))] = cid
+    touched: set[str] = set()
+    for block in blocks:
+        for tx in block.get("tx", []):
+            hit = txids.get(str(tx.get("txid")))
+            if hit is not None:
+                touched.add(hit)
+            for vin in tx.get("vin", []):
+                hit = outpoints.get((str(vin.get("txid")), int(vin.get("vout", -1))))
+                if hit is not None:
+                    touched.add(hit)
+    return touched
 
 
 def _outpoint(rec: PayeeRecord) -> OutPoint:
@@ -63,6 +93,8 @@ class Watcher:
         self.node = node
         self.closer = closer
         self.tip = tip
+        self.follower = BlockFollower(node, store.chain_cursor())
+        self._full_pass = True   # the first pass looks at every channel
 
     async def start(self) -> None:
         """Fetch the tip (before the service answers anything)."""
@@ -106,17 +138,42 @@ class Watcher:
             await asyncio.sleep(self.config.poll_interval_s)
 
     async def step(self) -> None:
-        """One pass over every live channel."""
+        """One pass: the new blocks (each fetched once), then every channel that needs a look.
+
+        An ``open`` channel is looked at only when a new block touches it (its funding, a spend
+        of it), when it reached its closing height or owes a payment too long; ``funding`` and
+        ``closing`` channels every pass; all of them on the first pass and after a reorganisation.
+        """
         tip = await self.refresh_tip()
         self.store.lapse_proposals()
-        if self.tip.problem is not None:
+        if self.tip.problem is not None or self.tip.best_hash is None:
             log.warning("watcher pass skipped: %s", self.tip.problem)
             return
-        for rec in self.store.list([ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING]):
+        live = self.store.list([ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING])
+        advance = await self.follower.advance(self.tip.best_hash)
+        full = self._full_pass or advance.reorg or advance.restart
+        if advance.reorg:
+            log.warning("chain reorganised: back to block %d, now at %d", self.follower.height, tip)
+        touched = set() if full else _touched(live, advance.blocks)
+        for rec in live:
+            if not (full or rec.channel_id in touched or self._due(rec, tip)):
+                continue
             try:
                 await self.check(rec, tip)
             except ChannelError as err:
                 log.warning("watcher: channel %s: %s", rec.channel_id, err)
+        self._full_pass = False
+        self.store.set_chain_cursor(self.follower.height, self.follower.hash)
+        self.closer.forget_except({rec.channel_id for rec in live})
+
+    def _due(self, rec: PayeeRecord, tip: int) -> bool:
+        """Whether a channel no new block touched needs a look anyway."""
+        if rec.state is not ChannelState.OPEN:
+            return True  # funding, closing: pending until their transactions are deep enough
+        if tip >= closing_height(rec.expiry_height, self.config.close_margin_blocks):
+            return True
+        return Metering.payment_overdue(
+            rec.owed_sat, rec.amount_sat, rec.owed_since, time.time(), self.config.payment_timeout_s)
 
     async def check(self, rec: PayeeRecord, tip: int) -> None:
         """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed."""

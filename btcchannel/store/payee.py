@@ -25,7 +25,8 @@ Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
 authenticated metered request's) and ``unit_credit`` (prepaid units not served); 4 adds
 ``payout_script`` (fixed per channel when it is proposed) and ``close_tx`` (the raw close,
-recorded before its broadcast).
+recorded before its broadcast); 5 adds the
+``chain_cursor`` table (the last block the watcher processed).
 """
 
 from __future__ import annotations
@@ -169,6 +170,11 @@ _V4_CLOSE_INTENT: Migration = (
     "ALTER TABLE channels ADD COLUMN close_tx TEXT",
 )
 
+_V5_CHAIN_CURSOR: Migration = (
+    "CREATE TABLE IF NOT EXISTS chain_cursor (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " height INTEGER NOT NULL, hash TEXT NOT NULL)",
+)
+
 # ------------------------------------------------------------------ the state table
 
 def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
@@ -213,7 +219,7 @@ def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
 class PayeeStore(Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
-    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT)
+    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT, _V5_CHAIN_CURSOR)
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -238,6 +244,19 @@ class PayeeStore(Database):
                 f"SELECT * FROM channels WHERE state IN ({_marks(st)}) ORDER BY created_at", st
             ).fetchall()
         return [_payee_from_row(r) for r in rows]
+
+    def chain_cursor(self) -> tuple[int, str] | None:
+        """(height, hash) of the last block the watcher processed, or None."""
+        row = self._db.execute("SELECT height, hash FROM chain_cursor WHERE id=1").fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def set_chain_cursor(self, height: int, block_hash: str) -> None:
+        """Remember the last block the watcher processed."""
+        self._db.execute(
+            "INSERT INTO chain_cursor (id, height, hash) VALUES (1, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET height=excluded.height, hash=excluded.hash",
+            (height, block_hash),
+        )
 
     def count_proposals(self) -> int:
         """Number of channels still waiting for their funding transaction."""
