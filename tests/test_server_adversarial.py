@@ -111,7 +111,8 @@ async def test_adversarial_proposals_and_funding(
     bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_factory: PayerFactory,
 ) -> None:
     payer_node = payer_factory.node()
-    srv = await payee_factory.start(max_proposals=3, proposal_ttl_s=3600)
+    # a lapsed proposal frees its slot only after proposal_cooldown_s (0 here; see test_chain_bounds)
+    srv = await payee_factory.start(max_proposals=3, proposal_ttl_s=3600, proposal_cooldown_s=0.0)
     async with aiohttp.ClientSession() as s:
         url = f"{srv.url}/v1/channels"
         tip = bitcoind.tip_height()

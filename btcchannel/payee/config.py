@@ -32,6 +32,9 @@ class ServerConfig:
     final_confirmations: int = 6            # depth at which a close or a conflict is final
     proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
     max_proposals: int = 100                # cap on unfunded proposals (too_many_channels)
+    max_proposals_per_client: int = 10      # the same cap per client address
+    proposal_cooldown_s: float = 600.0      # a lapsed or cancelled proposal counts against the caps this long
+    retention_s: float = 7 * 86400.0       # failed rows without payments are deleted after this
     close_fee_rate_sat_vb: float | None = None   # None: the node's estimate
     fee_conf_target: int = 6
     fallback_fee_rate_sat_vb: float = 2.0

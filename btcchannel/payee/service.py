@@ -111,8 +111,8 @@ class PayeeService:
         return terms
 
     # -- proposals ---------------------------------------------------------------
-    def propose(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/channels``: validate and store a proposal."""
+    def propose(self, body: dict[str, Any], client: str | None = None) -> dict[str, Any]:
+        """``POST /v1/channels``: validate and store a proposal (``client``: the caller's address)."""
         cfg = self.config
         payer_pubkey = keys.check_public_key(hex_field(body, "payer_pubkey", 65))
         payer_script = script.check_payout_script(hex_field(body, "payer_script", 100))
@@ -123,8 +123,11 @@ class PayeeService:
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
         self.store.lapse_proposals()
-        if self.store.count_proposals() >= cfg.max_proposals:
+        since = time.time() - cfg.proposal_cooldown_s  # cancelled and lapsed proposals count for a while
+        if self.store.count_unfunded(since) >= cfg.max_proposals:
             raise TooManyChannels("too many unfunded proposals, try later")
+        if client is not None and self.store.count_unfunded(since, client) >= cfg.max_proposals_per_client:
+            raise TooManyChannels("too many unfunded proposals from this client, try later")
         payee_priv = keys.generate_private_key()
         params = ChannelParams(
             network=cfg.network, payer_pubkey=payer_pubkey, payee_pubkey=keys.public_key(payee_priv),
@@ -138,7 +141,7 @@ class PayeeService:
                 deposit_sat=deposit, expiry_height=expiry, created_at=now, lapse_at=now + cfg.proposal_ttl_s,
                 max_units=terms.max_units, max_total_sat=terms.max_total_sat, created_height=tip,
                 terms=terms.to_json(),
-                payout_script=self.closer.payee_script.hex() or None,
+                payout_script=self.closer.payee_script.hex() or None, client=client,
             )
         )
         return {

@@ -146,6 +146,7 @@ class Watcher:
         """
         tip = await self.refresh_tip()
         self.store.lapse_proposals()
+        self.store.prune(time.time() - self.config.retention_s)
         if self.tip.problem is not None or self.tip.best_hash is None:
             log.warning("watcher pass skipped: %s", self.tip.problem)
             return

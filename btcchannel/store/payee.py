@@ -26,7 +26,8 @@ of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_cou
 authenticated metered request's) and ``unit_credit`` (prepaid units not served); 4 adds
 ``payout_script`` (fixed per channel when it is proposed) and ``close_tx`` (the raw close,
 recorded before its broadcast); 5 adds the
-``chain_cursor`` table (the last block the watcher processed).
+``chain_cursor`` table (the last block the watcher processed); 6 adds
+``client`` (who proposed the channel, for the per-client proposal cap).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ class PayeeRecord:
     payout_script: str | None = None
     #: the raw transaction (hex) of ``close_txid``, recorded before it is broadcast
     close_tx: str | None = None
+    #: who proposed the channel (the client's network address), for the per-client proposal cap
+    client: str | None = None
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -175,6 +178,11 @@ _V5_CHAIN_CURSOR: Migration = (
     " height INTEGER NOT NULL, hash TEXT NOT NULL)",
 )
 
+_V6_PROPOSAL_CLIENT: Migration = (
+    "ALTER TABLE channels ADD COLUMN client TEXT",
+    "CREATE INDEX IF NOT EXISTS channels_unfunded ON channels(updated_at) WHERE funding_txid IS NULL",
+)
+
 # ------------------------------------------------------------------ the state table
 
 def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
@@ -219,7 +227,7 @@ def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
 class PayeeStore(Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
-    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT, _V5_CHAIN_CURSOR)
+    MIGRATIONS = (_V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT, _V5_CHAIN_CURSOR, _V6_PROPOSAL_CLIENT)
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -257,6 +265,24 @@ class PayeeStore(Database):
             " ON CONFLICT(id) DO UPDATE SET height=excluded.height, hash=excluded.hash",
             (height, block_hash),
         )
+
+    def count_unfunded(self, ended_since: float, client: str | None = None) -> int:
+        """Proposals waiting for their funding plus the unfunded ones (lapsed, cancelled) that ended
+        after ``ended_since``: what counts against the proposal caps (of ``client`` if given)."""
+        sql = ("SELECT COUNT(*) FROM channels WHERE funding_txid IS NULL"
+               " AND (state=? OR (state=? AND updated_at>?))")
+        args: list[Any] = [_S.PROPOSED.value, _S.FAILED.value, ended_since]
+        if client is not None:
+            sql += " AND client=?"
+            args.append(client)
+        return int(self._db.execute(sql, args).fetchone()[0])
+
+    def prune(self, ended_before: float) -> int:
+        """Delete ``failed`` rows without payments that ended before ``ended_before`` (lapsed or
+        cancelled proposals, failed fundings): the retention of rows that hold nothing owed."""
+        cur = self._db.execute(
+            "DELETE FROM channels WHERE state=? AND amount_sat=0 AND updated_at<?", (_S.FAILED.value, ended_before))
+        return int(cur.rowcount)
 
     def count_proposals(self) -> int:
         """Number of channels still waiting for their funding transaction."""
@@ -296,13 +322,13 @@ class PayeeStore(Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script, client)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
                 rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
                 rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
-                rec.payout_script,
+                rec.payout_script, rec.client,
             ),
         )
 
