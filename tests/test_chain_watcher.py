@@ -7,10 +7,13 @@ from pathlib import Path
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.payee.closer import Closer
+from btcchannel.payee.http import WATCHER
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payee.watcher import Watcher
+from btcchannel.payer.client import PayerClient
 from btcchannel.store import PayeeStore
-from btcchannel.testing import fast_config
+from btcchannel.testing import fast_config, start_payee
+from btcchannel.testing.fixtures import PayeeFactory
 from btcchannel.testing.watched import CountingNode, open_watched_channels
 
 
@@ -44,3 +47,29 @@ async def test_one_block_costs_one_getblock_with_1000_channels(
             assert all(store.get(cid).state == "open" for cid in cids)
     finally:
         store.close()
+
+
+async def test_vanished_funding_costs_no_block_scans(
+    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """A funding double-spent after a close request: each pass stays O(new blocks), not O(blocks
+    since the channel was created)."""
+    async with CountingNode(bitcoind.rpc_url, cookie_file=bitcoind.cookie_file, wallet="miner") as node:
+        srv = await start_payee(payee_factory.config("counted", final_confirmations=100), node, run_watcher=False)
+        try:
+            cid = await payer_client.open_channel(srv.url, 100_000, 300, wait_open=False)
+            assert (await payer_client.close(cid))["state"] == "closing"
+            funding = srv.store.get(cid).funding_txid
+            bitcoind.rpc("bumpfee", funding, wallet=funded_wallet)
+            watcher = srv.app[WATCHER]
+            await watcher.step()
+            for blocks in (1, 20, 60):
+                bitcoind.mine(blocks)
+                await watcher.step()  # catch up (the conflict is found once, then remembered)
+                node.calls.clear()
+                bitcoind.mine(1)
+                await watcher.step()
+                assert node.calls["getblock"] == 1, node.calls  # the new block only
+            assert srv.store.get(cid).state == "closing"  # the conflict is not final yet
+        finally:
+            await srv.stop()

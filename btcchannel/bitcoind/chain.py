@@ -7,6 +7,7 @@ reorganisation.
 
     async def chain_state(node: Node) -> ChainState      # one getblockchaininfo
     async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None   # (fee sat, vsize)
+    async def mempool_spender(node: Node, outpoint: OutPoint) -> str | None  # gettxspendingprevout
     BlockFollower(node, cursor=(height, hash)).advance(best_hash) -> Advance(blocks, reorg, restart)
     BITCOIND_CHAIN["mainnet"] == "main"                  # btcchannel network -> bitcoind chain
 """
@@ -19,9 +20,10 @@ from typing import Any, Final, Mapping
 
 from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.rpc import Node
+from btcchannel.core.tx import OutPoint
 from btcchannel.errors import NodeError, RpcInvalidAddressOrKey
 
-__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee", "Advance", "BlockFollower"]
+__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee", "mempool_spender", "Advance", "BlockFollower"]
 
 #: btcchannel's network names -> the ``chain`` bitcoind's getblockchaininfo reports
 BITCOIND_CHAIN: Final[Mapping[str, str]] = MappingProxyType({
@@ -61,6 +63,13 @@ async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None:
         return btc_to_sat(entry["fees"]["base"]), int(entry["vsize"])
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise NodeError(f"getmempoolentry: malformed reply: {exc}") from exc
+
+
+async def mempool_spender(node: Node, outpoint: OutPoint) -> str | None:
+    """The txid of the mempool transaction spending ``outpoint`` (``gettxspendingprevout``), or None."""
+    res = await node.call("gettxspendingprevout", [{"txid": outpoint.txid, "vout": outpoint.vout}])
+    spender = res[0].get("spendingtxid") if res else None
+    return str(spender) if spender else None
 
 
 @dataclass

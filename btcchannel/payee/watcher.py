@@ -34,7 +34,7 @@ import logging
 import time
 from typing import Any
 
-from btcchannel.bitcoind.chain import BlockFollower, chain_state
+from btcchannel.bitcoind.chain import BlockFollower, chain_state, mempool_spender
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
 from btcchannel.core.terms import closing_height
@@ -196,22 +196,37 @@ class Watcher:
             elif info.confirmations != rec.confirmations:
                 self.store.set_confirmations(cid, info.confirmations, open_now=False)
             return
-        if await self.node.tx_confirmations(_outpoint(rec).txid) is None:
-            # the funding transaction is gone: double-spent (or evicted); final once the conflict is buried
-            conflict = None
-            for txid, vout in rec.funding_inputs:
-                conflict = await self.node.find_spender(OutPoint(txid, int(vout)), rec.created_height)
-                if conflict is not None:
-                    break
-            if conflict is not None:
-                depth = await self.node.tx_confirmations(conflict) or 0
-                if depth >= self.config.final_confirmations:
-                    self.store.mark_exception(cid, ChannelState.FAILED, conflict, "funding_double_spent")
-                    log.warning("funding of %s double-spent by %s", cid, conflict)
-                elif rec.confirmations != 0:
-                    self.store.set_confirmations(cid, 0, open_now=False)
-            return
         await self._spent_elsewhere(rec)
+
+    async def _funding_vanished(self, rec: PayeeRecord) -> None:
+        """The funding transaction is gone (double-spent, or evicted): ``failed`` once the
+        transaction that spends one of its inputs has ``final_confirmations``."""
+        cid = rec.channel_id
+        conflict = None
+        for txid, vout in rec.funding_inputs:
+            conflict = await self.node.find_spender(OutPoint(txid, int(vout)), rec.created_height)
+            if conflict is not None:
+                break
+        if conflict is None:
+            return
+        if self._final(await self.node.tx_confirmations(conflict)):
+            self.store.mark_exception(cid, ChannelState.FAILED, conflict, "funding_double_spent")
+            self.closer.channels.invalidate(cid)
+            log.warning("funding of %s double-spent by %s", cid, conflict)
+        elif rec.confirmations != 0:
+            self.store.set_confirmations(cid, 0, open_now=False)
+
+    async def _find_spender(self, rec: PayeeRecord) -> tuple[bool, str | None]:
+        """(whether the funding still exists, the txid spending its output or None). Blocks are
+        scanned only for a confirmed funding whose output is spent in the chain; a funding that
+        vanished is handed to :meth:`_funding_vanished`."""
+        depth = await self.node.tx_confirmations(_outpoint(rec).txid)
+        if depth is None:
+            await self._funding_vanished(rec)
+            return False, None
+        if depth == 0:
+            return True, await mempool_spender(self.node, _outpoint(rec))
+        return True, await self.node.find_spender(_outpoint(rec), rec.created_height)
 
     async def _check_open(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id
@@ -265,7 +280,9 @@ class Watcher:
             await self._bump_if_due(rec, tip)
             return
         # our last close is neither mined nor in the mempool: who spent the funding?
-        spender = await self.node.find_spender(_outpoint(rec), rec.created_height)
+        exists, spender = await self._find_spender(rec)
+        if not exists:
+            return
         if spender is None:
             try:
                 await self.closer.rebroadcast(rec)
@@ -309,7 +326,7 @@ class Watcher:
 
     # -- spends of the funding output ----------------------------------------------------
     async def _spent_elsewhere(self, rec: PayeeRecord) -> None:
-        spender = await self.node.find_spender(_outpoint(rec), rec.created_height)
+        _, spender = await self._find_spender(rec)
         if spender is None:
             return
         if spender in rec.close_txids:
