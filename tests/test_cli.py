@@ -196,6 +196,8 @@ def test_two_processes_open_fetch_close_and_refund(
     values = [btc_to_sat(v["value"]) for v in tx["vout"]]
     assert values[0] == 200000 - 20000  # the payer's change, exactly
     assert values[1] == 20000 - btc_to_sat(tx["fee"])
+    assert payee.json("channel", cid)["state"] == "closing"  # 1 confirmation is not final
+    bitcoind.mine(5)  # a close is final at final_confirmations (6 by default)
     wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=30, what="payee sees the close")
 
     # the payee closes a channel on its own, then bumps its close by RBF

@@ -66,6 +66,12 @@ class ServerConfig:
             raise ValueError(err.message) from None
 
     @property
+    def urgent_blocks(self) -> int:
+        """In this many last blocks before expiry an unconfirmed close is bumped every block to
+        ``max_fee_rate_sat_vb`` (or what the payment affords): half the close margin, at least 1."""
+        return max(1, self.close_margin_blocks // 2)
+
+    @property
     def metering(self) -> Metering:
         """The metered service's terms, as the core's rules."""
         return Metering(self.price_sat, self.mode, self.credit_limit_sat)

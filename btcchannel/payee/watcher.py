@@ -301,12 +301,12 @@ class Watcher:
 
     async def _bump_if_due(self, rec: PayeeRecord, tip: int) -> None:
         """RBF-bump an unconfirmed close: every ``bump_after_blocks`` blocks, and in each of the last
-        ``bump_after_blocks`` blocks before the payer's refund is valid to the most the payment
-        affords (deadline-aware: the fee rises as the deadline nears)."""
+        ``urgent_blocks`` blocks before the payer's refund is valid to ``max_fee_rate_sat_vb`` or the
+        most the payment affords (deadline-aware: the fee rises as the deadline nears)."""
         cfg, cid = self.config, rec.channel_id
         if rec.close_height is None or rec.close_height >= tip:
             return  # at most one replacement per block
-        urgent = rec.expiry_height - tip <= cfg.bump_after_blocks
+        urgent = rec.expiry_height - tip <= cfg.urgent_blocks
         if not urgent and tip - rec.close_height < cfg.bump_after_blocks:
             return
         log.info("close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
