@@ -15,6 +15,8 @@ from btcchannel.core import keys, script
 from btcchannel.errors import FundingMismatch, NotOpen
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.http import WATCHER
+from btcchannel.payee.metered import add_file_route
+from btcchannel.payer.metered import MeteredPayer
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing import RunningPayee, open_channel, sats, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
@@ -66,11 +68,17 @@ async def test_coinbase_funding_refused(
 
 
 async def test_funding_reorged_out_refuses_payments_until_back(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient,
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, tmp_path: Path,
 ) -> None:
-    srv, client = payee, payer_client
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 4)
+    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=100),
+                                    price_sat=100, mode="prepay")
+    client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000, 60)
-    await client.pay(cid, 10_000)
+    metered = MeteredPayer(client, cid)
+    assert (await metered.fetch(f"{srv.url}/v1/file/0"))[0] == 200
+    await client.pay(cid, 9_900)
     funding = srv.store.get(cid).funding_txid
     assert funding is not None
     block = _block_of(bitcoind, funding)
@@ -79,7 +87,9 @@ async def test_funding_reorged_out_refuses_payments_until_back(
     await _state(srv, cid, "funding")
     with pytest.raises(NotOpen):
         await client.pay(cid, 5_000)
-    assert srv.store.get(cid).amount_sat == 10_000
+    with pytest.raises(NotOpen):  # prepaid units too
+        await metered.fetch(f"{srv.url}/v1/file/1")
+    assert (srv.store.get(cid).amount_sat, srv.store.get(cid).units) == (10_000, 1)
     bitcoind.rpc("reconsiderblock", block)
     await _state(srv, cid, "open")
     assert await client.pay(cid, 5_000) >= 15_000

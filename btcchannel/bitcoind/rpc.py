@@ -80,11 +80,9 @@ __all__ = [
     "RPC_VERIFY_ERROR",
     "RPC_VERIFY_REJECTED",
     "RPC_VERIFY_ALREADY_IN_CHAIN",
-    "RPC_IN_WARMUP",
-    "RPC_INVALID_PARAMETER",
+    "RPC_IN_WARMUP", "RPC_INVALID_PARAMETER",
     "RPC_METHOD_NOT_FOUND",
-    "RPC_WALLET_NOT_FOUND",
-    "RPC_WALLET_NOT_SPECIFIED",
+    "RPC_WALLET_NOT_FOUND", "RPC_WALLET_NOT_SPECIFIED",
 ]
 
 # bitcoind's RPC error codes (src/rpc/protocol.h), named after the error classes that carry them.
@@ -466,6 +464,8 @@ class Node:
             elif tip > scanned_to:
                 found, complete = await self._scan_blocks(outpoint, scanned_to + 1, tip)
                 if found is not None:
+                    if len(self._confirmed_spends) >= 10_000:  # bounded: a forgotten spend costs a scan again
+                        self._confirmed_spends.clear()
                     self._confirmed_spends[outpoint] = found
                     return found[0]
                 if complete:
