@@ -35,11 +35,12 @@ async def _crash_after_recording(factory: PayeeFactory, payer: PayerClient, bitc
         await closer.start()
         assert store.claim_close(cid, "operator") is not None
         rec, recorded = await closer.record_close(cid, None, None)
-        assert recorded and rec.close_txid is not None and rec.close_tx is not None
+        assert recorded and rec.close_tx_txid is not None and rec.close_tx is not None
+        assert rec.close_txid is None  # recorded, not (known to be) broadcast
         if sent:
-            assert await factory.node().broadcast(rec.close_tx) == rec.close_txid
-        assert rec.close_txid not in bitcoind.rpc("getrawmempool") or sent
-        return cid, rec.close_txid, payout
+            assert await factory.node().broadcast(rec.close_tx) == rec.close_tx_txid
+        assert rec.close_tx_txid not in bitcoind.rpc("getrawmempool") or sent
+        return cid, rec.close_tx_txid, payout
     finally:
         store.close()
 

@@ -54,11 +54,17 @@ async def test_refund_racing_a_stuck_close_at_expiry_is_outbid(
     while bitcoind.tip_height() < expiry:  # every block leaves our closes out; the payee keeps bumping
         _mine_empty(bitcoind, 1)
         await srv.app[WATCHER].step()
+
+    def settled() -> bool:  # the last bump (this block's) is broadcast and recorded
+        rec = srv.store.get(cid)
+        return rec.close_txid == rec.close_tx_txid and rec.close_txid in bitcoind.rpc("getrawmempool")
+
+    await wait_until_async(settled, timeout=30, what="the last bump sent")
     stuck = srv.store.get(cid)
-    assert stuck.state == "closing" and stuck.close_txid in bitcoind.rpc("getrawmempool")
+    assert stuck.state == "closing" and stuck.close_height == bitcoind.tip_height()
     assert stuck.close_txid != first and (stuck.close_fee_rate or 0) <= 3.0  # bumped, within its cap
-    refund = await client.refund(cid, fee_rate_sat_vb=20.0)  # replaces the payee's close (higher fee)
-    assert refund in bitcoind.rpc("getrawmempool") and stuck.close_txid not in bitcoind.rpc("getrawmempool")
+    # the node accepts the refund in place of the payee's close (it pays a higher fee)
+    refund = await client.refund(cid, fee_rate_sat_vb=20.0)
 
     def outbid() -> bool:
         rec = srv.store.get(cid)

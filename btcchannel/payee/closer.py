@@ -164,26 +164,28 @@ class Closer:
             self._event(cid).set()
 
     async def broadcast(self, cid: str, fee_rate: float | None, previous_txid: str | None) -> str | None:
-        """Build our close at ``fee_rate`` (default: estimate), record it, broadcast it. Returns the txid.
+        """Build our close at ``fee_rate`` (default: estimate), record it, broadcast it, record the
+        broadcast. Returns the txid.
 
         ``previous_txid``: the close this one replaces (None for the first); nothing is done
         unless the row still records exactly that close."""
         async with self._lock:
             rec, recorded = await self.record_close(cid, fee_rate, previous_txid)
-            if not recorded or rec.close_tx is None or rec.close_txid is None:
+            if not recorded or rec.close_tx is None or rec.close_tx_txid is None:
                 return rec.close_txid
-            await self._send(rec.close_tx, rec.close_txid)
+            await self._send_recorded(rec)
             log.info("close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)",
-                     cid, rec.close_txid, rec.close_fee_rate, rec.amount_sat)
-            return rec.close_txid
+                     cid, rec.close_tx_txid, rec.close_fee_rate, rec.amount_sat)
+            return rec.close_tx_txid
 
     async def record_close(
         self, cid: str, fee_rate: float | None, previous_txid: str | None
     ) -> tuple[PayeeRecord, bool]:
-        """Build our close at ``fee_rate`` (default: estimate) and record it, raw transaction included,
-        *without* broadcasting it: the row after, and whether this call recorded a new close.
+        """Build our close at ``fee_rate`` (default: estimate) and record it (raw transaction, txid,
+        rate) *without* broadcasting it: the row after, and whether this call recorded a new close.
 
-        A process that dies after this leaves a close that the next one sends byte for byte."""
+        A process that dies after this leaves a close that the next one sends byte for byte
+        (:meth:`resume`)."""
         rec = self.store.get(cid)
         if rec.state is not ChannelState.CLOSING or rec.signature is None or rec.close_txid != previous_txid:
             return rec, False
@@ -193,23 +195,44 @@ class Closer:
         if built is None:
             return self.store.get(cid), False
         tx, rate = built
-        recorded = await self._record(rec, tx, rate, previous_txid)
+        recorded = self._intend(rec, tx, rate)
         return self.store.get(cid), recorded
 
-    async def _record(self, rec: PayeeRecord, tx: Any, rate: float, previous_txid: str | None) -> bool:
+    def _intend(self, rec: PayeeRecord, tx: Any, rate: float) -> bool:
         cid = rec.channel_id
         txid = bytes(tx.GetTxid())[::-1].hex()
-        tip = await self.node.tip_height()
-        recorded = self.store.set_close_tx(cid, txid, rate, tip, previous_txid, tx.serialize().hex())
+        recorded = self.store.record_close_intent(cid, txid, tx.serialize().hex(), rate, rec.close_txid)
         self.claimed.discard(cid)
         if not recorded:
             log.info("close of %s recorded by someone else meanwhile", cid)
         return recorded
 
-    async def _send(self, raw: str, txid: str) -> None:
-        sent = await self.node.broadcast(raw)
+    async def _send_recorded(self, rec: PayeeRecord) -> None:
+        """Broadcast the recorded close of ``rec`` (after :meth:`_intend`), then record the broadcast."""
+        assert rec.close_tx is not None and rec.close_tx_txid is not None
+        txid = rec.close_tx_txid
+        try:
+            sent = await self.node.broadcast(rec.close_tx)
+        except RpcAlreadyInChain:
+            sent = txid
         if sent != txid:
             raise InternalError(f"the node reports txid {sent} for our close {txid}")
+        tip = await self.node.tip_height()
+        if not self.store.set_close_tx(rec.channel_id, txid, rec.close_fee_rate or 0.0, tip, rec.close_txid):
+            log.info("close of %s recorded by someone else meanwhile", rec.channel_id)
+
+    async def resume(self, rec: PayeeRecord) -> bool:
+        """A close recorded but not known to be broadcast (its process died in between, or the
+        broadcast failed): send it byte for byte and record the broadcast. False if there is none."""
+        if rec.close_tx_txid is None or rec.close_tx_txid == rec.close_txid:
+            return False
+        async with self._lock:
+            fresh = self.store.get(rec.channel_id)
+            if fresh.state is not ChannelState.CLOSING or fresh.close_tx_txid in (None, fresh.close_txid):
+                return True
+            await self._send_recorded(fresh)
+            log.info("recorded close %s of %s sent", fresh.close_tx_txid, fresh.channel_id)
+            return True
 
     def _build(self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool) -> tuple[Any, float] | None:
         """Our close at ``rate``, or what the payment can afford; None if it affords no close at all."""
@@ -249,7 +272,7 @@ class Closer:
         """Broadcast ``rec``'s close again (it left the mempool, or its process died before sending it):
         the recorded transaction byte for byte, or, if the node refuses it now, one at today's rate."""
         cid = rec.channel_id
-        if rec.close_tx is not None:
+        if rec.close_tx is not None and rec.close_tx_txid == rec.close_txid:
             try:
                 await self.node.broadcast(rec.close_tx)
                 return
@@ -263,9 +286,8 @@ class Closer:
             if fresh.close_txid != rec.close_txid or fresh.state is not ChannelState.CLOSING:
                 return
             tx = self.channels.build(fresh).build_close(self.payout_of(fresh), rate)
-            if await self._record(fresh, tx, rate, rec.close_txid):
-                await self._send(tx.serialize().hex(), bytes(tx.GetTxid())[::-1].hex())
-
+            if self._intend(fresh, tx, rate):
+                await self._send_recorded(self.store.get(cid))
 
     async def outbid(self, rec: PayeeRecord, conflict_txid: str) -> str | None:
         """Replace an unconfirmed conflicting spend of the funding (the payer's refund, valid from
@@ -294,9 +316,9 @@ class Closer:
             if paid < need:
                 raise CloseUneconomic(f"the payment cannot pay more than the conflict's {fee} sat fee")
             txid = bytes(tx.GetTxid())[::-1].hex()
-            if not await self._record(fresh, tx, paid / tx_vsize(tx), fresh.close_txid):
+            if not self._intend(fresh, tx, paid / tx_vsize(tx)):
                 return None
-            await self._send(tx.serialize().hex(), txid)
+            await self._send_recorded(self.store.get(cid))
             log.warning("channel %s: %s replaced by our close %s (%d sat fee)", cid, conflict_txid, txid, paid)
             return txid
 

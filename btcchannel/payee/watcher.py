@@ -256,6 +256,12 @@ class Watcher:
 
     async def _check_closing(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id
+        if rec.close_tx_txid is not None and rec.close_tx_txid != rec.close_txid:
+            try:  # a close recorded, its broadcast not (the process died, or the node refused it)
+                if await self.closer.resume(rec):
+                    rec = self.store.get(cid)
+            except ChannelError as err:
+                log.warning("recorded close %s of %s not sent: %s", rec.close_tx_txid, cid, err)
         if rec.close_txid is None:
             if rec.signature is None or is_uneconomic(rec):
                 # ended without any (economic) payment: nothing to broadcast; the payer refunds after expiry

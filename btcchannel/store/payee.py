@@ -24,8 +24,8 @@ Schema versions: 1 is the unversioned schema of earlier releases; 2 turns the
 ``close_uneconomic``; 3 adds the agreed ``terms`` (JSON, NULL for older channels), the number
 of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
 authenticated metered request's) and ``unit_credit`` (prepaid units not served); 4 adds
-``payout_script`` (fixed per channel when it is proposed) and ``close_tx`` (the raw close,
-recorded before its broadcast); 5 adds the
+``payout_script`` (fixed per channel when it is proposed) and ``close_tx``/``close_tx_txid`` (the
+close, recorded before its broadcast); 5 adds the
 ``chain_cursor`` table (the last block the watcher processed); 6 adds
 ``client`` (who proposed the channel, for the per-client proposal cap).
 """
@@ -97,8 +97,10 @@ class PayeeRecord:
     unit_credit: int = 0
     #: where this channel's close pays the payee (hex script), fixed when the channel is proposed
     payout_script: str | None = None
-    #: the raw transaction (hex) of ``close_txid``, recorded before it is broadcast
+    #: the last close built (raw hex) and its txid, recorded *before* it is broadcast; once the
+    #: broadcast is recorded too, ``close_txid`` equals ``close_tx_txid``
     close_tx: str | None = None
+    close_tx_txid: str | None = None
     #: who proposed the channel (the client's network address), for the per-client proposal cap
     client: str | None = None
 
@@ -171,6 +173,7 @@ _V3_TERMS: Migration = (
 _V4_CLOSE_INTENT: Migration = (
     "ALTER TABLE channels ADD COLUMN payout_script TEXT",
     "ALTER TABLE channels ADD COLUMN close_tx TEXT",
+    "ALTER TABLE channels ADD COLUMN close_tx_txid TEXT",
 )
 
 _V5_CHAIN_CURSOR: Migration = (
@@ -454,22 +457,30 @@ class PayeeStore(Database):
             (now, now, channel_id, _S.CLOSING.value, older_than),
         )
 
-    def set_close_tx(
-        self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None,
-        raw_tx: str | None = None,
+    def record_close_intent(
+        self, channel_id: str, txid: str, raw_tx: str, fee_rate: float, previous_txid: str | None
     ) -> bool:
-        """Record the close about to be broadcast (or its RBF replacement), CAS on the previous close txid.
-
-        Called *before* the broadcast, with the raw transaction, so a process that dies in between
-        leaves a close that the next one broadcasts byte for byte (or replaces at a higher fee).
-        """
+        """Record the close about to be broadcast (or its RBF replacement): its raw transaction,
+        txid and fee rate, CAS on the current close txid. Called *before* the broadcast, so a
+        process that dies in between leaves a close the next one sends byte for byte."""
         rec = self.get(channel_id)
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
         return self._update(
-            "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, close_tx=?,"
-            " updated_at=? WHERE channel_id=? AND state=? AND close_txid IS ?",
-            (txid, json.dumps(txids), fee_rate, height, raw_tx, time.time(), channel_id, _S.CLOSING.value,
-             previous_txid),
+            "UPDATE channels SET close_tx=?, close_tx_txid=?, close_txids=?, close_fee_rate=?, updated_at=?"
+            " WHERE channel_id=? AND state=? AND close_txid IS ?",
+            (raw_tx, txid, json.dumps(txids), fee_rate, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+        )
+
+    def set_close_tx(
+        self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None
+    ) -> bool:
+        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid."""
+        rec = self.get(channel_id)
+        txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        return self._update(
+            "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, updated_at=?"
+            " WHERE channel_id=? AND state=? AND close_txid IS ?",
+            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid),
         )
 
     def release_close_claim(self, channel_id: str) -> bool:
