@@ -141,7 +141,7 @@ class Watcher:
         """One pass: the new blocks (each fetched once), then every channel that needs a look.
 
         An ``open`` channel is looked at only when a new block touches it (its funding, a spend
-        of it), when it reached its closing height or owes a payment too long; ``funding`` and
+        of it), when it reached its closing height or one of its agreed timed ends; ``funding`` and
         ``closing`` channels every pass; all of them on the first pass and after a reorganisation.
         """
         tip = await self.refresh_tip()
@@ -173,8 +173,10 @@ class Watcher:
             return True  # funding, closing: pending until their transactions are deep enough
         if tip >= closing_height(rec.expiry_height, self.config.close_margin_blocks):
             return True
-        return Metering.payment_overdue(
-            rec.owed_sat, rec.amount_sat, rec.owed_since, time.time(), self.config.payment_timeout_s)
+        return agreed_terms(rec, self.config.terms).timed_end(  # payment/idle timeout, end time
+            owed_sat=rec.owed_sat, paid_sat=rec.amount_sat, owed_since=rec.owed_since, paid_at=rec.paid_at,
+            now=time.time(),
+        ) is not None
 
     async def check(self, rec: PayeeRecord, tip: int) -> None:
         """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed."""
