@@ -68,17 +68,11 @@ async def test_coinbase_funding_refused(
 
 
 async def test_funding_reorged_out_refuses_payments_until_back(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, tmp_path: Path,
+    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient,
 ) -> None:
-    data = tmp_path / "data.bin"
-    data.write_bytes(bytes(range(256)) * 4)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=100),
-                                    price_sat=100, mode="prepay")
-    client = payer_client
+    srv, client = payee, payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000, 60)
-    metered = MeteredPayer(client, cid)
-    assert (await metered.fetch(f"{srv.url}/v1/file/0"))[0] == 200
-    await client.pay(cid, 9_900)
+    await client.pay(cid, 10_000)
     funding = srv.store.get(cid).funding_txid
     assert funding is not None
     block = _block_of(bitcoind, funding)
@@ -87,13 +81,33 @@ async def test_funding_reorged_out_refuses_payments_until_back(
     await _state(srv, cid, "funding")
     with pytest.raises(NotOpen):
         await client.pay(cid, 5_000)
-    with pytest.raises(NotOpen):  # prepaid units too
-        await metered.fetch(f"{srv.url}/v1/file/1")
-    assert (srv.store.get(cid).amount_sat, srv.store.get(cid).units) == (10_000, 1)
+    assert srv.store.get(cid).amount_sat == 10_000
     bitcoind.rpc("reconsiderblock", block)
     await _state(srv, cid, "open")
     assert await client.pay(cid, 5_000) >= 15_000
     assert srv.store.get(cid).amount_sat >= 15_000
+
+
+async def test_funding_reorged_out_refuses_prepaid_units(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, tmp_path: Path,
+) -> None:
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(256)) * 4)
+    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=100),
+                                    price_sat=100, mode="prepay")
+    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
+    metered = MeteredPayer(payer_client, cid)
+    assert (await metered.fetch(f"{srv.url}/v1/file/0"))[0] == 200
+    funding = srv.store.get(cid).funding_txid
+    assert funding is not None
+    block = _block_of(bitcoind, funding)
+    bitcoind.rpc("invalidateblock", block)
+    await _state(srv, cid, "funding")
+    with pytest.raises(NotOpen):
+        await metered.fetch(f"{srv.url}/v1/file/1")
+    assert (srv.store.get(cid).amount_sat, srv.store.get(cid).units) == (100, 1)
+    bitcoind.rpc("reconsiderblock", block)
+    await _state(srv, cid, "open")
 
 
 async def test_funding_reorged_out_and_double_spent_fails_at_final_depth(
