@@ -32,12 +32,19 @@ async def test_one_block_costs_one_getblock_with_1000_channels(
             await watcher.start()
             await watcher.step()  # the first pass looks at every channel once
             assert node.calls["gettxout"] >= 1000
+            depth = {cid: store.get(cid).confirmations for cid in cids[:5]}
+            assert all(d >= 1 for d in depth.values())
             for _ in range(3):
                 bitcoind.mine(1)
                 node.calls.clear()
                 await watcher.step()
                 assert node.calls["getblock"] == 1, node.calls
                 assert sum(node.calls.values()) <= 3, node.calls  # the tip, the block: nothing per channel
+            # the channel object's depth still follows the chain (no per-channel call)
+            for cid, d in depth.items():
+                assert store.get(cid).confirmations == d + 3
+                info = bitcoind.rpc("gettxout", store.get(cid).funding_txid, store.get(cid).funding_vout)
+                assert info["confirmations"] == d + 3
             assert store.chain_cursor() == (bitcoind.tip_height(), bitcoind.rpc("getbestblockhash"))
             # a reorganisation: every channel is looked at again
             bitcoind.rpc("invalidateblock", bitcoind.rpc("getbestblockhash"))

@@ -156,6 +156,9 @@ class Watcher:
         if advance.reorg:
             log.warning("chain reorganised: back to block %d, now at %d", self.follower.height, tip)
         touched = set() if full else _touched(live, advance.blocks)
+        if not full and advance.blocks:
+            # an open channel is looked at only when a block touches it: keep its depth current
+            self.store.add_confirmations(len(advance.blocks))
         for rec in live:
             if not (full or rec.channel_id in touched or self._due(rec, tip)):
                 continue

@@ -296,6 +296,15 @@ class PayeeStore(Database):
             (confirmations, time.time(), channel_id),
         )
 
+    def add_confirmations(self, blocks: int) -> int:
+        """``blocks`` new blocks on top of the chain (no reorganisation): every ``open`` channel's
+        funding is that much deeper. Returns the number of channels updated."""
+        cur = self._db.execute(
+            "UPDATE channels SET confirmations=confirmations+? WHERE state=? AND confirmations>0",
+            (blocks, ChannelState.OPEN.value),
+        )
+        return int(cur.rowcount)
+
     def record_payment(
         self,
         channel_id: str,
