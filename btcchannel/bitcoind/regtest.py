@@ -2,7 +2,8 @@
 
 :class:`RegtestNode` owns one bitcoind process, modelled on Bitcoin Core's
 functional test framework (``test_framework/test_node.py``): a fresh datadir,
-free ports, a generated ``bitcoin.conf``, an RPC readiness wait that fails fast
+free ports, a generated ``bitcoin.conf`` (announcing new blocks on a loopback ZMQ
+``pubhashblock`` endpoint unless ``zmq=False``), an RPC readiness wait that fails fast
 with the log tail if the process died, named bech32 wallets, mining, and a clean
 stop (RPC ``stop``, then SIGTERM, then SIGKILL). A node can be left running
 (:meth:`RegtestNode.detach`) and reached again later (:meth:`RegtestNode.attach`,
@@ -159,6 +160,7 @@ class RegtestNode:
         extra_args: tuple[str, ...] = (),
         rpc_timeout: float = 120.0,
         die_with_parent: bool = True,
+        zmq: bool = True,
     ) -> None:
         self.binary = binary or find_bitcoind()
         self.datadir = Path(datadir) if datadir else Path(tempfile.mkdtemp(prefix="btcchannel-regtest-"))
@@ -170,6 +172,8 @@ class RegtestNode:
         self.rpc_password = secrets.token_hex(16)
         self.rpc_port = 0
         self.p2p_port = 0
+        self.zmq = zmq              # publish new block hashes (-zmqpubhashblock) on zmq_port
+        self.zmq_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._rpc_loop: _RpcLoop | None = None
         self._mining_address: str | None = None
@@ -250,6 +254,7 @@ class RegtestNode:
             "printtoconsole=0",
             "shrinkdebugfile=0",
             "rpcworkqueue=64",
+            *([f"zmqpubhashblock=tcp://127.0.0.1:{self.zmq_port}"] if self.zmq else []),
             "",
         ])
         (self.datadir / "bitcoin.conf").write_text(conf)
@@ -268,9 +273,10 @@ class RegtestNode:
         if self.process is not None and self.process.poll() is None:
             return self
         for attempt in range(3):
-            if attempt > 0 or not (self.rpc_port and self.p2p_port):
+            if attempt > 0 or not (self.rpc_port and self.p2p_port and (self.zmq_port or not self.zmq)):
                 # a restart keeps its ports (so clients keep their URL) unless they are taken
                 self.rpc_port, self.p2p_port = free_port(), free_port()
+                self.zmq_port = free_port() if self.zmq else 0
             self._write_conf()
             stdout = open(self.datadir / "stdout.log", "ab")
             stderr = open(self.datadir / "stderr.log", "ab")

@@ -1,6 +1,8 @@
 """The payee's chain watcher (runs as a background task of the payee's HTTP app).
 
-Every ``poll_interval_s`` (and on demand through ``step()``) it recomputes
+Every ``poll_interval_s``, at once when the node announces a new block over ZMQ
+(``-zmqpubhashblock``, found with ``getzmqnotifications``; polling alone otherwise), and on
+demand through ``step()``, it recomputes
 everything from the store and the node, so it is restart-safe by
 construction: there are no in-memory timers. A separate task (``follow_tip``) keeps the
 shared :class:`~btcchannel.payee.shared.ChainTip` fresh whatever a pass costs (the service
@@ -35,6 +37,7 @@ import time
 from typing import Any
 
 from btcchannel.bitcoind.chain import BlockFollower, chain_state, mempool_spender
+from btcchannel.bitcoind.notify import BlockNotifier
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
 from btcchannel.core.terms import closing_height
@@ -95,6 +98,7 @@ class Watcher:
         self.tip = tip
         self.follower = BlockFollower(node, store.chain_cursor())
         self._full_pass = True   # the first pass looks at every channel
+        self.notifier: BlockNotifier | None = None   # the node's block announcements, while run() runs
 
     async def start(self) -> None:
         """Fetch the tip (before the service answers anything)."""
@@ -105,13 +109,25 @@ class Watcher:
         self.tip.update(await chain_state(self.node), self.config.network)
         return self.tip.height
 
+    async def _pause(self, seen: int) -> None:
+        """Wait out the poll interval, or less: until a block is announced after ``seen`` announcements."""
+        if self.notifier is None:
+            await asyncio.sleep(self.config.poll_interval_s)
+        else:
+            await self.notifier.wait(seen, self.config.poll_interval_s)
+
+    def _seen(self) -> int:
+        return 0 if self.notifier is None else self.notifier.count
+
     async def follow_tip(self) -> None:
-        """Forever: refresh the tip every poll interval, independently of the (maybe slow) passes.
+        """Forever: refresh the tip every poll interval (and on a new block's announcement),
+        independently of the (maybe slow) passes.
 
         The service refuses payments once the last successful refresh is older than
         ``max_tip_age_s``; an outage is logged once, and its end."""
         down = False
         while True:
+            seen = self._seen()
             try:
                 await self.refresh_tip()
                 if down:
@@ -123,19 +139,32 @@ class Watcher:
                 down = True
             except Exception:  # a bug must not stop the tip for good
                 log.exception("tip refresh crashed")
-            await asyncio.sleep(self.config.poll_interval_s)
+            await self._pause(seen)
 
     # -- the loop ------------------------------------------------------------------
     async def run(self) -> None:
-        """Forever: ``step()`` every poll interval (errors are logged, never fatal)."""
-        while True:
-            try:
-                await self.step()
-            except ChannelError as err:
-                log.warning("watcher step failed: %s", err)
-            except Exception:  # a bug must not stop the watcher for good: log it, try again
-                log.exception("watcher step crashed")
-            await asyncio.sleep(self.config.poll_interval_s)
+        """Forever: ``step()`` every poll interval, and at once when the node announces a block
+        (errors are logged, never fatal). The announcements are the node's ``pubhashblock``
+        endpoint, if ``getzmqnotifications`` lists one; a lost announcement costs at most one
+        poll interval."""
+        try:
+            self.notifier = await BlockNotifier.discover(self.node)
+        except Exception:  # the notifications are an optimisation: never a reason not to watch
+            log.exception("block notifications unavailable: polling only")
+        try:
+            while True:
+                seen = self._seen()
+                try:
+                    await self.step()
+                except ChannelError as err:
+                    log.warning("watcher step failed: %s", err)
+                except Exception:  # a bug must not stop the watcher for good: log it, try again
+                    log.exception("watcher step crashed")
+                await self._pause(seen)
+        finally:
+            notifier, self.notifier = self.notifier, None
+            if notifier is not None:
+                await notifier.aclose()
 
     async def step(self) -> None:
         """One pass: the new blocks (each fetched once), then every channel that needs a look.

@@ -111,12 +111,13 @@ def funded_wallet(bitcoind: RegtestNode) -> str:
 def node_factory(
     bitcoind_binary: BitcoindBinary, request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[[], RegtestNode]]:
-    """Start extra regtest nodes for one test; all are stopped when it ends."""
+) -> Iterator[Callable[..., RegtestNode]]:
+    """Start extra regtest nodes for one test (``node_factory(zmq=False)``: one that announces no
+    blocks over ZMQ); all are stopped when it ends."""
     nodes: list[RegtestNode] = []
 
-    def start() -> RegtestNode:
-        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary)
+    def start(*, zmq: bool = True) -> RegtestNode:
+        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary, zmq=zmq)
         nodes.append(node)
         return node.start()
 
