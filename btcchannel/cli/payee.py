@@ -56,7 +56,8 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--payment-timeout", type=click.FloatRange(0.1), default=None, help="postpay: seconds to pay what is owed.")
 @click.option("--idle-timeout", type=click.FloatRange(0.001), default=None,
               help="prepay: seconds without a payment before an open channel is closed [default: never].")
-@click.option("--close-margin-blocks", type=click.IntRange(1), default=None)
+@click.option("--close-margin-blocks", type=int, default=None,
+              help="Close a channel this many blocks before its expiry (at least 2) [default: 6].")
 @click.option("--min-confirmations", type=click.IntRange(1), default=None,
               help="Depth at which a funding opens a channel (at least 1).")
 @click.option("--payee-address", default=None, help="Where closes pay [default: a new address of the node wallet].")

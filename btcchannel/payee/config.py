@@ -11,7 +11,11 @@ from btcchannel.core.terms import Metering, ProposalLimits, Terms
 from btcchannel.errors import ChannelError
 from btcchannel.wire import MAX_BODY
 
-__all__ = ["ServerConfig"]
+__all__ = ["MIN_CLOSE_MARGIN_BLOCKS", "ServerConfig"]
+
+#: The close is sent ``close_margin_blocks`` before expiry and can be replaced from the next block
+#: on; the payer's refund is valid from expiry: below 2 blocks a stuck close never gets a bump.
+MIN_CLOSE_MARGIN_BLOCKS = 2
 
 
 @dataclass
@@ -27,7 +31,7 @@ class ServerConfig:
     max_deposit_sat: int = 100_000_000
     min_lifetime_blocks: int = 12
     max_lifetime_blocks: int = 4320
-    close_margin_blocks: int = 6
+    close_margin_blocks: int = 6            # close this many blocks before expiry (at least 2)
     min_confirmations: int = 1              # depth at which a funding opens the channel (>= 1)
     final_confirmations: int = 6            # depth at which a close or a conflict is final
     proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
@@ -57,6 +61,13 @@ class ServerConfig:
             raise ValueError("min_confirmations must be at least 1 (an unconfirmed funding can vanish)")
         if self.final_confirmations < 1:
             raise ValueError("final_confirmations must be at least 1")
+        if self.close_margin_blocks < MIN_CLOSE_MARGIN_BLOCKS:
+            raise ValueError(
+                f"close_margin_blocks={self.close_margin_blocks} leaves no block in which a stuck close can be "
+                f"fee-bumped before the payer's refund is valid (the close is sent close_margin_blocks blocks "
+                f"before expiry and replaced at the earliest one block later): use at least {MIN_CLOSE_MARGIN_BLOCKS}")
+        if self.bump_after_blocks < 1:
+            raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
         try:
@@ -64,6 +75,16 @@ class ServerConfig:
             self.proposal_limits  # noqa: B018
         except ChannelError as err:
             raise ValueError(err.message) from None
+
+    def warnings(self) -> list[str]:
+        """What is valid but probably unintended in this configuration (the service logs each at start)."""
+        found = []
+        if self.bump_after_blocks >= self.close_margin_blocks:
+            found.append(
+                f"bump_after_blocks={self.bump_after_blocks} >= close_margin_blocks={self.close_margin_blocks}: "
+                f"a stuck close is bumped automatically only in the last {self.urgent_blocks} block(s) before "
+                f"expiry (the deadline schedule), never periodically before that")
+        return found
 
     @property
     def urgent_blocks(self) -> int:

@@ -205,6 +205,8 @@ def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watch
     app.router.add_post("/v1/channels/{cid}/close", _close)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        for warning in config.warnings():
+            log.warning("configuration: %s", warning)
         await closer.start()
         await watcher.start()
         tasks = [asyncio.ensure_future(watcher.follow_tip())]
