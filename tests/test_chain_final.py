@@ -79,3 +79,43 @@ async def test_refund_racing_a_stuck_close_at_expiry_is_outbid(
     fee = 100_000 - sum(sats(o["value"]) for o in close["vout"])
     assert sats(close["vout"][0]["value"]) == 50_000  # the payer's change as signed
     assert 20 * close["vsize"] < fee < 50_000  # more than the refund paid; the payee keeps the rest
+
+
+async def test_refund_in_the_mempool_before_any_close_is_outbid(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """The payee's watcher was not running through the closing window (its process down); at
+    expiry the payer's refund reaches the mempool first and the payee's first close, at its usual
+    rate, is refused as an under-priced replacement. The payee still replaces the refund with a
+    close paying more (the refund is not final), instead of waiting forever for its own close."""
+    srv = await payee_factory.start(final_confirmations=2, close_fee_rate_sat_vb=1.0, run_watcher=False)
+    client = payer_client
+    watcher = srv.app[WATCHER]
+    cid = await client.open_channel(srv.url, 100_000, 12, wait_open=False)
+    bitcoind.mine(1)
+    await watcher.step()
+    await client.wait_open(cid, timeout=30)
+    await client.pay(cid, 50_000)
+    expiry = srv.store.get(cid).expiry_height
+    bitcoind.mine(expiry - bitcoind.tip_height())
+    refund = await client.refund(cid, fee_rate_sat_vb=5.0)
+
+    async def outbid() -> bool:
+        await watcher.step()
+        await srv.svc.closer.aclose()
+        rec = srv.store.get(cid)
+        return rec.close_txid is not None and rec.close_txid in bitcoind.rpc("getrawmempool")
+
+    await wait_until_async(outbid, timeout=30, what="the refund replaced by our close")
+    assert refund not in bitcoind.rpc("getrawmempool")
+    bitcoind.mine(2)
+
+    async def closed() -> bool:
+        await watcher.step()
+        return srv.store.get(cid).state == "closed"
+
+    await wait_until_async(closed, timeout=30, what="closed")
+    close = tx_of(bitcoind, srv.store.get(cid).close_txid or "")
+    assert sats(close["vout"][0]["value"]) == 50_000  # the payer's change as signed
+    fee = 100_000 - sum(sats(o["value"]) for o in close["vout"])
+    assert 5 * close["vsize"] < fee < 50_000

@@ -296,6 +296,9 @@ class Watcher:
                     rec = self.store.get(cid)
             except ChannelError as err:
                 log.warning("recorded close %s of %s not sent: %s", rec.close_tx_txid, cid, err)
+                if rec.close_txid is None and await self.node.get_txout(_outpoint(rec), include_mempool=True) is None:
+                    await self._spent_elsewhere(rec)  # refused because a refund got there first: outbid it
+                    return
         if rec.close_txid is None:
             if rec.signature is None or is_uneconomic(rec):
                 # ended without any (economic) payment: nothing to broadcast; the payer refunds after expiry
@@ -384,8 +387,8 @@ class Watcher:
             if self._final(await self.node.tx_confirmations(spender)):
                 self.store.mark_closed(rec.channel_id, spender)
             return
-        if rec.state is ChannelState.CLOSING and rec.close_txid is None and rec.signature is not None:
-            return  # our close is being broadcast right now: look again next pass
+        # (our own closes are in close_txids before they are broadcast: anything else is a conflict,
+        # also while our first close is not sent yet, e.g. refused because this conflict came first)
         state, reason = ChannelState.FAILED, "conflicting_spend"
         tx = await self.node.get_transaction(spender)
         if tx is not None:
