@@ -17,13 +17,13 @@ from aiohttp import web
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.keys import generate_private_key, public_key, request_digest, sign_digest
 from btcchannel.core.terms import PayerLimits, Terms
-from btcchannel.errors import AmountNotAgreed, TermsChanged, TermsRefused
+from btcchannel.errors import AmountNotAgreed, ChannelError, TermsChanged, TermsRefused
 from btcchannel.payee.metered import add_file_route, add_paid_route
 from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
-from btcchannel.wire import HDR_AUTH, HDR_CHANNEL, HDR_OWED
+from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_OWED
 
 CHUNK = 100
 PRICE = 100
@@ -294,3 +294,39 @@ async def test_the_authenticated_target_is_the_path_and_query_as_sent(
         assert srv.store.get(cid).units == 1
     finally:
         await payer.aclose()
+
+
+class FailingRogue(RoguePayee):
+    """A payee that keeps each prepaid unit it serves but answers 500 (which by the protocol means
+    "not charged: credited to your next request"), then refuses that credit with a 402."""
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        resp = await super().forward(request)
+        if HDR_AMOUNT in request.headers and resp.status == 200:
+            return web.json_response({"error": {"code": "internal", "message": "handler failed"}}, status=500)
+        return resp
+
+
+async def test_a_payee_that_fails_paid_units_and_refuses_their_credit_is_not_paid_again(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    srv = await _payee(payee_factory, tmp_path, price_sat=PRICE, mode="prepay")
+    rogue = FailingRogue(srv.url)
+    await rogue.start()
+    client = payer_client
+    try:
+        cid = await open_channel(client, bitcoind, rogue.url, 100_000)
+        payer = MeteredPayer(client, cid)
+        received = 0
+        for i in range(4):
+            try:
+                await payer.fetch(f"{rogue.url}/v1/file/{i}")
+                received += 1
+            except ChannelError:
+                pass
+        # one prepaid unit is prepay's risk; every further one would be paid for nothing
+        assert received == 0
+        assert client.store.get(cid).amount_sat <= PRICE * (received + 1)
+        assert srv.store.get(cid).amount_sat <= PRICE * (received + 1)
+    finally:
+        await rogue.stop()

@@ -44,6 +44,8 @@ class MeteredPayer:
         self._lock = asyncio.Lock()  # one request or settlement at a time (the timer's waits for a fetch)
         #: what the last timed settle raised (a failure is kept, never lost in the background)
         self.settle_error: BaseException | None = None
+        #: prepay: units paid for whose request the payee answered 5xx (it owes their credit)
+        self._failed_units = 0
 
     def settle_delay_s(self) -> float | None:
         """Postpay: how long after the first unpaid unit the payer settles by itself: half the agreed
@@ -165,6 +167,8 @@ class MeteredPayer:
             status, body, resp_headers = await self._request(method, url, headers, data)
             if status == 402:
                 if metering.mode == "prepay" and payment is None:
+                    if self._failed_units >= units:  # we know they were not served: never paid twice
+                        raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
                     # a unit paid ahead that the payee has no credit for: it was served and its answer
                     # lost (prepay's risk, one request's units); counted as received, then paid afresh
                     self.client.store.add_units(self.channel_id, units)
@@ -176,7 +180,11 @@ class MeteredPayer:
                         continue
                 raise ProtocolViolation(f"payment refused: {body[:200]!r}")
             if status >= 400:
+                if status >= 500 and payment is not None and metering.mode == "prepay":
+                    self._failed_units += units  # not served, not charged: credited to the next request
                 self._raise(status, body)
+            if payment is None and metering.mode == "prepay":
+                self._failed_units = max(0, self._failed_units - units)
             self.client.store.add_units(self.channel_id, units, payment.amount_sat if payment is not None else None)
             if metering.mode == "postpay":
                 owed = int(resp_headers.get(HDR_OWED, "0"))
