@@ -297,21 +297,27 @@ async def test_the_authenticated_target_is_the_path_and_query_as_sent(
 
 
 class FailingRogue(RoguePayee):
-    """A payee that keeps each prepaid unit it serves but answers 500 (which by the protocol means
-    "not charged: credited to your next request"), then refuses that credit with a 402."""
+    """A payee that keeps each prepaid unit it serves but answers ``status`` instead (500: "not
+    charged, credited to your next request" by the protocol; 402: "pay first"), then refuses the
+    credit with a 402."""
+
+    def __init__(self, target: str, status: int) -> None:
+        super().__init__(target)
+        self.status = status
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         resp = await super().forward(request)
         if HDR_AMOUNT in request.headers and resp.status == 200:
-            return web.json_response({"error": {"code": "internal", "message": "handler failed"}}, status=500)
+            return web.json_response({"error": {"code": "internal", "message": "no"}}, status=self.status)
         return resp
 
 
+@pytest.mark.parametrize("status", [500, 402])
 async def test_a_payee_that_fails_paid_units_and_refuses_their_credit_is_not_paid_again(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient, status: int,
 ) -> None:
     srv = await _payee(payee_factory, tmp_path, price_sat=PRICE, mode="prepay")
-    rogue = FailingRogue(srv.url)
+    rogue = FailingRogue(srv.url, status)
     await rogue.start()
     client = payer_client
     try:

@@ -178,6 +178,8 @@ class MeteredPayer:
                     self._cancel_timer()
                     if await self._settle() > before:
                         continue
+                if metering.mode == "prepay":
+                    self._failed_units += units  # a paid request is never answered 402: not served
                 raise ProtocolViolation(f"payment refused: {body[:200]!r}")
             if status >= 400:
                 if status >= 500 and payment is not None and metering.mode == "prepay":
