@@ -8,10 +8,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from btcchannel.payer.client import PayerClient
 from btcchannel.errors import AmountNotAgreed, BadRequest, WrongAmount
-from btcchannel.payee.metered import add_file_route
+from btcchannel.payee.metered import add_file_route, add_paid_route
 from btcchannel.payer.metered import MeteredPayer
 from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
 from btcchannel.bitcoind.regtest import RegtestNode
@@ -175,3 +176,48 @@ async def test_postpay_credit_timeout_and_wrong_amount(
         await _closed_with(bitcoind, srv, wrong, 2000)
         await client.close(good)
         await _closed_with(bitcoind, srv, good, 12000)
+
+
+@pytest.mark.allow_payee_errors  # the handler's write fails once the payer dropped the connection
+async def test_a_streamed_unit_the_payer_breaks_off_is_still_charged(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """A malicious payer reads most of a paid streamed answer, then drops the connection: the
+    handler's next write fails. What it received was served: the unit stays charged (no credit
+    for a free next request), whatever the handler raised afterwards."""
+    piece = b"x" * (256 * 1024)
+    pieces = 256  # 64 MiB: more than the socket buffers hold
+    finished: list[str] = []
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        try:
+            for _ in range(pieces):
+                await resp.write(piece)
+        except BaseException as exc:
+            finished.append(type(exc).__name__)
+            raise
+        finished.append("done")
+        return resp
+
+    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "GET", "/v1/stream", stream),
+                                    price_sat=100, mode="prepay")
+    client = payer_client
+    cid = await open_channel(client, bitcoind, srv.url, 100_000)
+    url = f"{srv.url}/v1/stream"
+    payment = await client.sign_next(cid, 100, units_ahead=1)
+    headers = _auth(client, cid, url, **{HDR_AMOUNT: "100", HDR_SIGNATURE: payment.signature.hex()})
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(url, headers=headers)
+        assert r.status == 200
+        got = 0
+        while got < 16 * len(piece):
+            got += len(await r.content.read(len(piece)))
+        r.close()  # most of it received: the connection is dropped
+    await wait_until_async(lambda: finished, timeout=30, what="the handler ended")
+    assert finished != ["done"]  # the handler's write failed after the payer left
+    await wait_until_async(lambda: srv.store.get(cid).units + srv.store.get(cid).unit_credit == 1, timeout=30,
+                           what="the unit settled")
+    rec = srv.store.get(cid)
+    assert (rec.amount_sat, rec.units, rec.unit_credit) == (100, 1, 0)

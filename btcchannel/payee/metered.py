@@ -20,7 +20,8 @@ Request headers (see docs/PROTOCOL.md; their names are in :mod:`btcchannel.wire`
 - prepay: ``X-Btcchannel-Amount: <new cumulative total>`` and
   ``X-Btcchannel-Signature: <hex>`` — exactly the previous total plus
   ``price_sat * units``; the unit is served only after that payment is stored;
-- a charged request whose handler fails (raises, or answers 5xx) is not charged: prepay, its units
+- a charged request whose handler fails (raises before sending anything, or answers 5xx) is not
+  charged (a streamed answer the payer breaks off half way stays charged): prepay, its units
   are credited to the next requests (sent without a payment); postpay, the owed total goes back;
 - postpay: no payment needed while the unpaid total stays within
   ``credit_limit_sat``; the owed total is then paid (exactly) through
@@ -115,7 +116,8 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
             try:
                 resp = await handler(request)
             except BaseException:
-                svc.unserve(charged, units)  # served nothing: charged nothing
+                if request.writer.output_size == 0:  # served nothing: charged nothing
+                    svc.unserve(charged, units)  # (a stream the payer broke off was served: charged)
                 raise
             if resp.status >= 500:
                 svc.unserve(charged, units)
