@@ -12,7 +12,8 @@ import pytest
 from btcchannel.bitcoind.chain import ChainState
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.errors import NodeUnavailable
+from btcchannel.errors import NodeUnavailable, NotOpen
+from btcchannel.payee.http import WATCHER
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing import open_channel, start_payee, wait_until_async
@@ -126,3 +127,58 @@ def test_node_in_ibd_or_on_another_chain_is_a_stale_view() -> None:
     assert tip.stale_reason(10.0) == "the node is in initial block download"
     tip.update(ChainState(chain="main", height=5, best_hash="00" * 32, ibd=False), "regtest")
     assert tip.stale_reason(10.0) == "the node follows chain 'main', not 'regtest'"
+
+
+class FlakyRelay(Relay):
+    """A relay that drops every connection carrying a call of one of the methods in ``failing``."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port)
+        self.failing: set[str] = set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                if any(f'"{m}"'.encode() in data for m in self.failing):
+                    break  # the call is lost: both sides of this connection are closed
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+
+async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """The funding of an open channel leaves the chain; the one watcher pass that sees the reorg
+    cannot look at the channel (the node drops that call). The next pass looks again: the channel
+    leaves ``open`` and takes no more payments on a funding that is not in the chain."""
+    host, port = bitcoind.rpc_url.split("//", 1)[1].rsplit(":", 1)
+    relay = FlakyRelay(host, int(port))
+    await relay.start()
+    async with Node(f"http://127.0.0.1:{relay.port}", cookie_file=bitcoind.cookie_file, wallet="miner",
+                    timeout=5.0) as node:
+        srv = await start_payee(payee_factory.config("flaky"), node, run_watcher=False)
+        try:
+            watcher = srv.app[WATCHER]
+            client = payer_client
+            await watcher.step()
+            cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+            bitcoind.mine(1)
+            await watcher.step()
+            await client.wait_open(cid, timeout=30)
+            await client.pay(cid, 1_000)
+            funding = str(srv.store.get(cid).funding_txid)
+            bitcoind.rpc("invalidateblock", str(bitcoind.rpc("getrawtransaction", funding, True)["blockhash"]))
+            assert funding in bitcoind.rpc("getrawmempool")
+            relay.failing = {"gettxout"}
+            await watcher.step()  # sees the reorg, cannot look at the channel
+            relay.failing = set()
+            await watcher.step()  # no new block
+            assert srv.store.get(cid).state == "funding"
+            with pytest.raises(NotOpen):
+                await client.pay(cid, 1_000)
+            assert srv.store.get(cid).amount_sat == 1_000
+        finally:
+            await srv.stop()
+            with contextlib.suppress(AssertionError):
+                await relay.cut()

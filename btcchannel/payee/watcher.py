@@ -99,6 +99,7 @@ class Watcher:
         self.follower = BlockFollower(node, store.chain_cursor())
         self._full_pass = True   # the first pass looks at every channel
         self.notifier: BlockNotifier | None = None   # the node's block announcements, while run() runs
+        self._retry: set[str] = set()  # channels the last pass failed to look at
 
     async def start(self) -> None:
         """Fetch the tip (before the service answers anything)."""
@@ -172,6 +173,7 @@ class Watcher:
         An ``open`` channel is looked at only when a new block touches it (its funding, a spend
         of it), when it reached its closing height or one of its agreed timed ends; ``funding`` and
         ``closing`` channels every pass; all of them on the first pass and after a reorganisation.
+        A channel a pass could not look at (the node failed) is looked at again by the next one.
         """
         tip = await self.refresh_tip()
         self.store.lapse_proposals()
@@ -184,17 +186,24 @@ class Watcher:
         full = self._full_pass or advance.reorg or advance.restart
         if advance.reorg:
             log.warning("chain reorganised: back to block %d, now at %d", self.follower.height, tip)
-        touched = set() if full else _touched(live, advance.blocks)
+        touched = set() if full else _touched(live, advance.blocks) | self._retry
         if not full and advance.blocks:
             # an open channel is looked at only when a block touches it: keep its depth current
             self.store.add_confirmations(len(advance.blocks))
-        for rec in live:
-            if not (full or rec.channel_id in touched or self._due(rec, tip)):
-                continue
-            try:
-                await self.check(rec, tip)
-            except ChannelError as err:
-                log.warning("watcher: channel %s: %s", rec.channel_id, err)
+        retry: set[str] = set()  # channels this pass could not look at: looked at again next pass
+        try:
+            for rec in live:
+                if not (full or rec.channel_id in touched or self._due(rec, tip)):
+                    continue
+                try:
+                    await self.check(rec, tip)
+                except ChannelError as err:
+                    retry.add(rec.channel_id)
+                    log.warning("watcher: channel %s: %s", rec.channel_id, err)
+        except BaseException:
+            self._full_pass = True  # the blocks are consumed: the next pass looks at every channel
+            raise
+        self._retry = retry
         self._full_pass = False
         self.store.set_chain_cursor(self.follower.height, self.follower.hash)
         self.closer.forget_except({rec.channel_id for rec in live})
