@@ -119,3 +119,47 @@ async def test_refund_in_the_mempool_before_any_close_is_outbid(
     assert sats(close["vout"][0]["value"]) == 50_000  # the payer's change as signed
     fee = 100_000 - sum(sats(o["value"]) for o in close["vout"])
     assert 5 * close["vsize"] < fee < 50_000
+
+
+async def test_a_refund_pinned_by_a_child_is_still_outbid(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """At expiry the payer's refund reaches the mempool with a child spending its output that pays
+    a large fee (a pin: a replacement must pay more than both). The payee's close pays more than
+    the refund *and* its child, as long as the payment affords it, and confirms."""
+    srv = await payee_factory.start(final_confirmations=2, close_fee_rate_sat_vb=1.0, run_watcher=False)
+    client = payer_client
+    watcher = srv.app[WATCHER]
+    cid = await client.open_channel(srv.url, 100_000, 12, wait_open=False)
+    bitcoind.mine(1)
+    await watcher.step()
+    await client.wait_open(cid, timeout=30)
+    await client.pay(cid, 50_000)
+    expiry = srv.store.get(cid).expiry_height
+    bitcoind.mine(expiry - bitcoind.tip_height())
+    refund = await client.refund(cid, fee_rate_sat_vb=2.0, dest_address=bitcoind.new_address("miner"))
+    value = sats(tx_of(bitcoind, refund)["vout"][0]["value"])
+    child_fee = 15_000
+    raw = bitcoind.rpc("createrawtransaction", [{"txid": refund, "vout": 0}],
+                       [{bitcoind.new_address("miner"): f"{(value - child_fee) / 1e8:.8f}"}])
+    child = bitcoind.rpc("sendrawtransaction", bitcoind.rpc("signrawtransactionwithwallet", raw, wallet="miner")["hex"])
+    assert {refund, child} <= set(bitcoind.rpc("getrawmempool"))
+
+    async def outbid() -> bool:
+        await watcher.step()
+        await srv.svc.closer.aclose()
+        rec = srv.store.get(cid)
+        return rec.close_txid is not None and rec.close_txid in bitcoind.rpc("getrawmempool")
+
+    await wait_until_async(outbid, timeout=30, what="the pinned refund replaced by our close")
+    assert not {refund, child} & set(bitcoind.rpc("getrawmempool"))
+    bitcoind.mine(2)
+
+    async def closed() -> bool:
+        await watcher.step()
+        return srv.store.get(cid).state == "closed"
+
+    await wait_until_async(closed, timeout=30, what="closed")
+    close = tx_of(bitcoind, srv.store.get(cid).close_txid or "")
+    fee = 100_000 - sum(sats(o["value"]) for o in close["vout"])
+    assert child_fee < fee < 50_000  # more than refund and child paid; the payee keeps the rest
