@@ -8,9 +8,9 @@ import pytest
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.errors import ChannelClosing
+from btcchannel.errors import ChannelClosing, ChannelError
 from btcchannel.payee.closer import Closer, operator_close
-from btcchannel.payee.http import CLOSER
+from btcchannel.payee.http import CLOSER, WATCHER
 from btcchannel.payer.client import PayerClient
 from btcchannel.store import PayeeStore
 from btcchannel.testing import open_channel, tx_of, wait_until_async
@@ -90,3 +90,37 @@ async def test_operator_close_with_the_node_down(
     bitcoind.mine(1)
     await wait_until_async(lambda: srv.store.get(cid).state == "closed", timeout=30, what="closed")
     assert srv.store.get(cid).amount_sat == 20_000
+
+
+async def test_a_close_exported_and_broadcast_by_hand_stops_payments(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """The operator takes the last state out (``channel ID --close-tx``) and broadcasts it while the
+    service still runs. Once the watcher sees that close spend the funding, the channel takes no
+    more payments (they could never be claimed), and it is ``closed`` by that close at final depth."""
+    srv = await payee_factory.start(final_confirmations=3, run_watcher=False)
+    watcher = srv.app[WATCHER]
+    client = payer_client
+    cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+    bitcoind.mine(1)
+    await watcher.step()
+    await client.wait_open(cid, timeout=30)
+    await client.pay(cid, 30_000)
+    rec = srv.store.get(cid)
+    payout = bytes.fromhex(rec.payout_script or "")
+    exported, _ = srv.svc.channels.build(rec).build_close_at_most(payout, 2.0)  # what --close-tx prints
+    txid = bitcoind.rpc("sendrawtransaction", exported.serialize().hex())
+    bitcoind.mine(1)
+    await watcher.step()
+    await srv.svc.closer.aclose()
+    with pytest.raises(ChannelError):
+        await client.pay(cid, 1_000)
+    assert srv.store.get(cid).amount_sat == 30_000
+    bitcoind.mine(2)
+
+    async def closed() -> bool:
+        await watcher.step()
+        return srv.store.get(cid).state == "closed"
+
+    await wait_until_async(closed, timeout=30, what="closed by the exported close")
+    assert srv.store.get(cid).close_txid == txid

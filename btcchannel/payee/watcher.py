@@ -21,7 +21,8 @@ refuses payments on a stale tip); every close is left to the
   channel idle past its agreed idle timeout, or any channel past its agreed end time);
   a funding outpoint spent by anything but our close is an on-chain exception
   (``refunded`` for the payer's refund, ``failed`` otherwise, with
-  ``exception_txid``).
+  ``exception_txid``); a close of ours sent outside the service (``--close-tx``) claims the
+  close at once (no more payments) and is adopted at final depth.
 - ``closing``: broadcasts the close if the claim's process died before doing
   so, marks ``closed`` once our close (or one of its RBF replacements)
   confirmed, bumps the fee by RBF when it stayed unconfirmed for
@@ -412,6 +413,11 @@ class Watcher:
                         # (e.g. recorded by another process); adopt it
                         if self._final(int(tx.get("confirmations", 0))):
                             self.store.mark_closed(rec.channel_id, spender)
+                        return
+                    elif kind is SpendKind.CLOSE:
+                        # our own close, sent outside the service (the operator's --close-tx): no
+                        # more payments on this funding; closed by it once it is final
+                        self.closer.claim(rec.channel_id, "operator")
                         return
             depth = int(tx.get("confirmations", 0))
             if not self._final(depth):
