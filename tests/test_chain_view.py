@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import pytest
 
 from btcchannel.bitcoind.chain import ChainState
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.errors import NodeUnavailable, NotOpen
+from btcchannel.errors import NodeError, NodeUnavailable, NotOpen
 from btcchannel.payee.http import WATCHER
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payer.client import PayerClient
@@ -182,3 +183,19 @@ async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
             await srv.stop()
             with contextlib.suppress(AssertionError):
                 await relay.cut()
+
+
+async def test_a_payee_node_without_a_transaction_index_is_refused(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, tmp_path: Path,
+) -> None:
+    """Without -txindex the node cannot look up a confirmed funding: a payer's refund in the
+    mempool after expiry then looks like a lost funding (the channel went back to ``funding``
+    and the refund was never outbid: the payee lost its 50,000 sat). The payee refuses such a node."""
+    other = RegtestNode(datadir=tmp_path / "no-index", binary=bitcoind.binary, extra_args=("-txindex=0",)).start()
+    try:
+        other.create_wallet("payee")
+        async with Node(other.rpc_url, auth=(other.rpc_user, other.rpc_password), wallet="payee") as node:
+            with pytest.raises(NodeError, match="txindex"):
+                await start_payee(payee_factory.config("no-index"), node)
+    finally:
+        other.stop()

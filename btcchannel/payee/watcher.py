@@ -103,7 +103,12 @@ class Watcher:
         self._retry: set[str] = set()  # channels the last pass failed to look at
 
     async def start(self) -> None:
-        """Fetch the tip (before the service answers anything)."""
+        """Check the node keeps a transaction index, then fetch the tip (before the service answers
+        anything). Without ``-txindex`` the node cannot look up a confirmed funding or spend that is
+        not its wallet's: a refund in the mempool would look like a lost funding, never outbid."""
+        if "txindex" not in await self.node.call("getindexinfo"):
+            raise NodeError("the payee's node must run with -txindex=1 (confirmed fundings and their "
+                            "spends are looked up by txid)")
         await self.refresh_tip()
 
     async def refresh_tip(self) -> int:
