@@ -7,6 +7,7 @@ import signal
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core import keys
+from btcchannel.core.state import ChannelState
 from btcchannel.errors import PayeeUnreachable
 from btcchannel.payer.client import PayerClient
 from btcchannel.store import PayeeStore
@@ -129,3 +130,26 @@ async def test_two_payee_processes_share_one_database(
         await wait_until_async(lambda: store.get(cid).state == "closed", timeout=30, what="closed")
         close = tx_of(bitcoind, store.get(cid).close_txid)
         assert sats(close["vout"][0]["value"]) == 200_000 - 21_000
+
+
+async def test_a_funding_the_payer_died_before_recording_is_still_refunded(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """The payer's process dies between broadcasting the funding and recording its outpoint: its
+    row is left ``proposed`` without a funding. After expiry the payer still takes its deposit
+    back: the refund finds the funding output on the chain by its script."""
+    srv = await payee_factory.start()
+    client = payer_client
+    cid = await client.open_channel(srv.url, 100_000, 12, wait_open=False)
+    rec = client.store.get(cid)
+    funding = rec.funding_txid
+    # the row as that crash leaves it (the funding is in the mempool, the payer does not know it)
+    client.store.set_state(cid, ChannelState.PROPOSED, funding_txid=None, funding_vout=None,
+                           params={**rec.params, "funding": None})
+    bitcoind.mine(rec.expiry_height - bitcoind.tip_height())
+    assert tx_of(bitcoind, str(funding))["confirmations"] > 0
+    refund = await client.refund(cid)
+    spent = tx_of(bitcoind, refund)["vin"][0]
+    assert spent["txid"] == funding
+    bitcoind.mine(1)
+    assert tx_of(bitcoind, refund)["confirmations"] == 1

@@ -63,6 +63,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from yarl import URL
 
+from btcchannel.amounts import btc_to_sat
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayerChannel
 from btcchannel.core.params import ChannelParams, Payment
@@ -443,16 +444,28 @@ class PayerClient:
         self._note_remote(rec, obj)
         return dict(obj)
 
+    async def _find_funding(self, rec: PayerRecord, params: ChannelParams) -> OutPoint:
+        """A funding broadcast but never recorded (the process died in between): the unspent output of
+        exactly the deposit to the funding script (``scantxoutset``), recorded now; else NotOpen."""
+        found = await self.node.call("scantxoutset", "start", [f"raw({params.funding_script.hex()})"])
+        for utxo in found.get("unspents", []) if isinstance(found, dict) else []:
+            if btc_to_sat(utxo["amount"]) == params.deposit_sat:
+                op = OutPoint(str(utxo["txid"]), int(utxo["vout"]))
+                self.store.set_state(rec.channel_id, ChannelState.FUNDING, funding_txid=op.txid, funding_vout=op.vout,
+                                     params=params.with_funding(op).to_json())
+                return op
+        raise NotOpen("the channel was never funded")
+
     async def refund(
         self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
     ) -> str:
         """Take the whole deposit back through the timelocked path (``NotExpired`` before expiry)."""
         rec = self.store.get(channel_id)
         params = ChannelParams.from_json(rec.params)
-        if params.funding is None:
-            raise NotOpen("the channel was never funded")
+        funding = params.funding or await self._find_funding(rec, params)  # broadcast, never recorded
+        params, rec = params.with_funding(funding), self.store.get(channel_id)
         state = ChannelState(rec.state)
-        if state in TERMINAL_STATES and await self.node.get_txout(params.funding) is not None:
+        if state in TERMINAL_STATES and await self.node.get_txout(funding) is not None:
             # the payee reported an end, but the chain still holds the deposit: the chain decides
             state = ChannelState.CLOSING
         ch = PayerChannel.restore(params, rec.privkey, state)
