@@ -152,7 +152,7 @@ async def _payment(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     cid = check_channel_id(request.match_info["cid"])
     body = parse_body(await read_body(request, svc.config.max_body_bytes), ("amount_sat", "signature"))
-    return web.json_response(svc.pay(cid, body))
+    return web.json_response(await svc.pay_async(cid, body))
 
 
 async def _get_channel(request: web.Request) -> web.Response:

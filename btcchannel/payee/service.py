@@ -233,6 +233,33 @@ class PayeeService:
                 raise self._state_error(rec)
         raise InternalError("payment could not be stored (concurrent updates)")
 
+    async def accept_async(
+        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
+        request_counter: int = 0,
+    ) -> PayeeRecord | None:
+        """:meth:`accept` through the store's group commit: the same rules and answer, the row
+        committed (in one transaction with the other payments waiting then) before it returns."""
+        for _attempt in range(3):
+            ch = self.channel(cid)
+            if ch.state != ChannelState.OPEN:
+                raise self._state_error(self.store.get(cid))
+            if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
+                return None
+            try:
+                stored = await self.store.record_payment_async(
+                    cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
+                    request_counter=request_counter)
+            except BaseException:
+                self.invalidate(cid)  # the cached channel already holds the payment the store may not
+                raise
+            if stored is not None:
+                return stored
+            self.invalidate(cid)
+            rec = self.store.get(cid)
+            if rec.state is not ChannelState.OPEN:
+                raise self._state_error(rec)
+        raise InternalError("payment could not be stored (concurrent updates)")
+
     def verify_only(self, cid: str, amount_sat: int, signature: bytes) -> None:
         """Check a payment's signature and range without storing it (for wrong-amount handling)."""
         rec = self.store.get(cid)
@@ -293,6 +320,15 @@ class PayeeService:
             rec = self.pay_owed(cid, amount, sig)
         else:
             rec = self._stored(cid, self.accept(cid, amount, sig), amount, sig)
+        return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
+
+    async def pay_async(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`pay` with the payment stored through the group commit (the HTTP route's path)."""
+        amount = int_field(body, "amount_sat", 1)
+        sig = hex_field(body, "signature", 80)
+        if self.terms_of(self.store.get(cid)).metering.settles_owed:
+            return self.pay(cid, body)  # postpay settles an owed total: the rare, synchronous path
+        rec = self._stored(cid, await self.accept_async(cid, amount, sig), amount, sig)
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
     def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:

@@ -28,7 +28,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
 
 from btcchannel.errors import StoreSchemaError
 
@@ -71,7 +71,7 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return conn
 
 
-def decode_row(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
+def decode_row(row: sqlite3.Row | Mapping[str, Any], json_columns: tuple[str, ...]) -> dict[str, Any]:
     """A channel row as record fields: JSON columns parsed, key and signature as bytes."""
     d = dict(row)
     for name in json_columns:
