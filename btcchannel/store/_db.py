@@ -20,6 +20,7 @@ Entry points::
     open_private_file(path) -> None           # create a 0600 file (0700 directory) if missing
     connect(path) -> sqlite3.Connection       # the pragmas above, rows as sqlite3.Row
     class Database                            # base of PayeeStore / PayerStore
+    Database.writer -> GroupWriter            # group commit (see _group), started on first use
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping, TypeVar
 
 from btcchannel.errors import StoreSchemaError
+from btcchannel.store._group import GroupWriter
 
 __all__ = ["Database", "Migration", "StoreSchemaError", "connect", "open_private_file"]
 
@@ -120,8 +122,19 @@ class Database:
         """The file's schema version (``PRAGMA user_version``)."""
         return _user_version(self._db)
 
+    _writer: GroupWriter | None = None
+
+    @property
+    def writer(self) -> GroupWriter:
+        """The group-commit writer (its own connection and thread), started on first use."""
+        if self._writer is None:
+            self._writer = GroupWriter(connect(self.path))
+        return self._writer
+
     def close(self) -> None:
-        """Close the database connection."""
+        """Commit and stop the group writer if one was started, then close the connection."""
+        if self._writer is not None:
+            self._writer.close()
         self._db.close()
 
     def __enter__(self: _D) -> _D:

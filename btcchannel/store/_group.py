@@ -17,7 +17,7 @@ on disk.
 
 Entry points::
 
-    GroupWriter(path)                                  # opens its own connection, starts the thread
+    GroupWriter(conn)                                  # owns this connection, starts the thread
     await GroupWriter.submit(sql, args) -> list[dict]  # rows (RETURNING) once committed
     GroupWriter.close()                                # drains the queue, stops the thread
     GroupWriter.batches, .statements                   # counters (commits, statements committed)
@@ -26,12 +26,10 @@ Entry points::
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
+import sqlite3
 import threading
 from typing import Any, Sequence
-
-from btcchannel.store._db import connect
 
 __all__ = ["GroupWriter"]
 
@@ -56,8 +54,9 @@ def _resolve(fut: asyncio.Future[list[dict[str, Any]]], rows: list[dict[str, Any
 class GroupWriter:
     """A writer thread with its own SQLite connection that batches statements into one commit each."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._db = connect(path)
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        """Take ``conn`` (autocommit, ``check_same_thread=False``: see ``_db.connect``) for the thread."""
+        self._db = conn
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._closed = False
         self.batches = 0

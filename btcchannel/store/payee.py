@@ -163,21 +163,6 @@ class PayeeStore(Database):
 
     MIGRATIONS = _MIGRATIONS
 
-    _writer: GroupWriter | None = None
-
-    @property
-    def writer(self) -> GroupWriter:
-        """The group-commit writer (its own connection and thread), started on first use."""
-        if self._writer is None:
-            self._writer = GroupWriter(self.path)
-        return self._writer
-
-    def close(self) -> None:
-        """Commit and stop the group writer, then close the connection."""
-        if self._writer is not None:
-            self._writer.close()
-        super().close()
-
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
