@@ -10,10 +10,14 @@ moment**, runs it inside one ``BEGIN IMMEDIATE`` ... ``COMMIT`` (one fsync)
 and only then resolves each future with the statement's rows. The event loop
 never waits on the disk, and under load one flush acknowledges many payments.
 
-A statement that fails (a constraint) fails alone: SQLite rolls back that
-statement only and the rest of the batch commits. If the commit itself fails,
-every future of the batch gets the error: nothing is acknowledged that is not
-on disk.
+A statement that fails (a constraint) fails alone: the batch is rolled back
+and each of its statements is then committed in a transaction of its own, so
+the others still succeed and only the bad one gets its error. Nothing is
+acknowledged that is not committed.
+
+The connection is anything with sqlite3's small interface (``execute`` returning
+a cursor with ``description`` and ``fetchall``, ``in_transaction``, ``close``):
+an SQLite connection, or the PostgreSQL adapter of :mod:`btcchannel.store.postgres`.
 
 Entry points::
 
@@ -27,11 +31,30 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import sqlite3
 import threading
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
-__all__ = ["GroupWriter"]
+__all__ = ["Connection", "Cursor", "GroupWriter"]
+
+
+class Cursor(Protocol):
+    """What the stores read from a statement's result (sqlite3 and psycopg cursors)."""
+
+    @property
+    def description(self) -> Any: ...
+    @property
+    def rowcount(self) -> int: ...
+    def fetchall(self) -> list[Any]: ...
+    def fetchone(self) -> Any: ...
+
+
+class Connection(Protocol):
+    """The part of ``sqlite3.Connection`` the stores use (autocommit mode)."""
+
+    @property
+    def in_transaction(self) -> bool: ...
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+    def close(self) -> None: ...
 
 #: one queued statement: sql, args, the loop and the future to resolve there
 _Item = tuple[str, Sequence[Any], asyncio.AbstractEventLoop, "asyncio.Future[list[dict[str, Any]]]"]
@@ -54,8 +77,8 @@ def _resolve(fut: asyncio.Future[list[dict[str, Any]]], rows: list[dict[str, Any
 class GroupWriter:
     """A writer thread with its own SQLite connection that batches statements into one commit each."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        """Take ``conn`` (autocommit, ``check_same_thread=False``: see ``_db.connect``) for the thread."""
+    def __init__(self, conn: Connection) -> None:
+        """Take ``conn`` (autocommit; SQLite's with ``check_same_thread=False``) for the thread."""
         self._db = conn
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._closed = False
@@ -108,23 +131,29 @@ class GroupWriter:
             if items:
                 self._commit(items)
 
+    def _rows(self, sql: str, args: Sequence[Any]) -> list[dict[str, Any]]:
+        cur = self._db.execute(sql, args)
+        return [dict(r) for r in cur.fetchall()] if cur.description is not None else []
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except Exception:  # noqa: S110 - the caller reports the original error
+                pass
+
     def _commit(self, items: list[_Item]) -> None:
         results: list[tuple[list[dict[str, Any]] | None, BaseException | None]] = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
             for sql, args, _loop, _fut in items:
-                try:
-                    rows = [dict(r) for r in self._db.execute(sql, args).fetchall()]
-                    results.append((rows, None))
-                except Exception as exc:  # this statement alone is rolled back
-                    results.append((None, exc))
-            self._db.execute("COMMIT")  # synchronous=FULL: durable when this returns
+                results.append((self._rows(sql, args), None))
+            self._db.execute("COMMIT")  # durable when this returns (synchronous=FULL / synchronous_commit)
+        except Exception:
+            self._rollback()
+            results = [self._alone(sql, args) for sql, args, _loop, _fut in items]
         except BaseException as exc:
-            if self._db.in_transaction:
-                try:
-                    self._db.execute("ROLLBACK")
-                except Exception:  # noqa: S110 - the batch fails with the original error below
-                    pass
+            self._rollback()
             results = [(None, exc)] * len(items)
         self.batches += 1
         self.statements += sum(1 for rows, _ in results if rows is not None)
@@ -133,3 +162,14 @@ class GroupWriter:
                 loop.call_soon_threadsafe(_resolve, fut, rows, err)
             except RuntimeError:  # that loop is closed: nobody waits for this answer any more
                 pass
+
+    def _alone(self, sql: str, args: Sequence[Any]) -> tuple[list[dict[str, Any]] | None, BaseException | None]:
+        """After a failed batch: one statement in its own transaction, so a bad one fails alone."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._rows(sql, args)
+            self._db.execute("COMMIT")
+            return rows, None
+        except Exception as exc:
+            self._rollback()
+            return None, exc

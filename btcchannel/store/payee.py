@@ -163,6 +163,10 @@ class PayeeStore(Database):
 
     MIGRATIONS = _MIGRATIONS
 
+    def try_lead(self) -> bool:
+        """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
+        return True
+
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
