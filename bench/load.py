@@ -3,7 +3,8 @@
 Starts a throw-away regtest bitcoind, ``--instances`` payee processes (``python -m
 btcchannel.payee``) on one store, and ``--payers`` payer processes, each a real
 :class:`~btcchannel.payer.client.PayerClient` with its own store and wallet, sharing
-``--channels`` channels (spread over the instances). Then, in the same run, with the same
+``--channels`` channels (spread over the instances). ``--store postgresql`` runs the
+instances on one PostgreSQL database (a real server: on ``PATH``, else ``pgserver``'s). Then, in the same run, with the same
 processes and one concurrent loop per channel, for ``--duration`` seconds each:
 
 - ``noop_per_s``: unpaid ``GET /v1/info`` requests per second (the HTTP floor);
@@ -17,7 +18,8 @@ Afterwards every channel's stored amount is checked against what its payer saw a
 The last line is ``payments_per_s=<x> p50_ms=<a> p99_ms=<b> noop_per_s=<y>
 fsync_floor_per_s=<z> channels=<n> store=<sqlite|postgresql> instances=<k>``.
 ``--profile DIR`` writes cProfile files of the payment phase (payee: the whole run).
-Run: ``python bench/load.py [--channels 100] [--duration 10] [--payers 4]``.
+Run: ``python bench/load.py [--channels 100] [--duration 10] [--payers 4]
+[--store postgresql --instances 2]``.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
 from btcchannel.bitcoind.rpc import Node  # noqa: E402
 from btcchannel.payee.config import ServerConfig  # noqa: E402
 from btcchannel.payer.client import PayerClient  # noqa: E402
-from btcchannel.store import PayeeStore  # noqa: E402
+from btcchannel.store import open_payee_store  # noqa: E402
 from btcchannel.store._db import connect  # noqa: E402
+from btcchannel.store.postgres import PgConnection  # noqa: E402
+from btcchannel.testing.postgres import start_postgres  # noqa: E402
 from btcchannel.wait import wait_until  # noqa: E402
 
 DEPOSIT = 1_000_000
@@ -184,16 +188,18 @@ def start_payee(work: Path, name: str, config: ServerConfig, bitcoind: RegtestNo
     return proc, str(json.loads(info.read_text())["url"])
 
 
-def fsync_floor(folder: Path, duration: float) -> float:
-    """Sequential durable commits per second: one UPDATE per commit, WAL + synchronous=FULL."""
-    db = connect(folder / "floor.db")
+def fsync_floor(folder: Path, duration: float, pg_url: str | None) -> float:
+    """Sequential durable commits per second: one UPDATE per commit (SQLite: WAL + synchronous=FULL;
+    PostgreSQL: synchronous_commit on, through the store's own connection class)."""
+    db: Any = connect(folder / "floor.db") if pg_url is None else PgConnection(pg_url)
     try:
-        db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, n INTEGER)")
-        db.execute("INSERT OR REPLACE INTO t VALUES (1, 0)")
+        db.execute("CREATE TABLE IF NOT EXISTS floor (id INTEGER PRIMARY KEY, n INTEGER)")
+        db.execute("DELETE FROM floor")
+        db.execute("INSERT INTO floor VALUES (1, 0)")
         count = 0
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < duration:
-            db.execute("UPDATE t SET n=n+1 WHERE id=1")
+            db.execute("UPDATE floor SET n=n+1 WHERE id=1")
             count += 1
         return count / (time.perf_counter() - t0)
     finally:
@@ -236,12 +242,17 @@ def run(args: argparse.Namespace) -> None:
     bitcoind.start()
     payees: list[subprocess.Popen[bytes]] = []
     workers: list[Proc] = []
+    pg = start_postgres(work / "postgres") if args.store == "postgresql" else None
     try:
         bitcoind.prepare(201)
-        config = ServerConfig(datadir=work / "payee", close_fee_rate_sat_vb=2.0, max_proposals=args.channels + 10,
-                              min_lifetime_blocks=12, max_lifetime_blocks=LIFETIME + 10)
+        pg_url = pg.create_database("payee") if pg is not None else None
+        if pg_url is None and args.instances > 1:
+            raise SystemExit("several instances share a PostgreSQL store: add --store postgresql")
         urls = []
         for k in range(args.instances):
+            config = ServerConfig(datadir=work / f"payee{k}", close_fee_rate_sat_vb=2.0,
+                                  max_proposals=args.channels + 10, min_lifetime_blocks=12,
+                                  max_lifetime_blocks=LIFETIME + 10, store_url=pg_url)
             proc, url = start_payee(work, f"payee{k}", config, bitcoind,
                                     profile / f"payee{k}.prof" if profile is not None else None)
             payees.append(proc)
@@ -262,7 +273,7 @@ def run(args: argparse.Namespace) -> None:
         bitcoind.mine(1)
         all_do(workers, "wait_open")
 
-        floor = fsync_floor(work / "payee", min(args.duration, 3.0))
+        floor = fsync_floor(work / "payee0", min(args.duration, 3.0), pg_url)
         noop = rate(all_do(workers, f"noop {args.duration}"))
         pids = {"payee": [p.pid for p in payees], "payers": [w.p.pid for w in workers], "bitcoind": [bitcoind.pid]}
         before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
@@ -275,13 +286,13 @@ def run(args: argparse.Namespace) -> None:
         acked: dict[str, int] = {}
         for a in all_do(workers, "acked"):
             acked.update(a["acked"])
-        with PayeeStore(config.db_path) as store:  # durable: every acknowledged amount is stored
+        with open_payee_store(config.store_target) as store:  # durable: every acknowledged amount is stored
             lost = [cid for cid, amount in acked.items() if store.get(cid).amount_sat < amount]
         if lost:
             raise SystemExit(f"acknowledged payments missing from the payee's store: {lost}")
         print(f"{len(acked)} channels, {count} payments, every acknowledged amount stored")
         print(f"payments_per_s={payments:.0f} p50_ms={percentile(lat, 0.5):.2f} p99_ms={percentile(lat, 0.99):.2f} "
-              f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store=sqlite "
+              f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store={args.store} "
               f"instances={args.instances}")
     finally:
         for w in workers:
@@ -297,6 +308,8 @@ def run(args: argparse.Namespace) -> None:
             except subprocess.TimeoutExpired:
                 p.kill()
         bitcoind.stop()
+        if pg is not None:
+            pg.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -306,7 +319,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
     ap.add_argument("--payers", type=int, default=4, help="payer processes")
     ap.add_argument("--instances", type=int, default=1, help="payee processes on one store")
-    ap.add_argument("--store", choices=["sqlite"], default="sqlite")
+    ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="postgresql: a real server (PATH or pgserver), shared by the instances")
     ap.add_argument("--profile", help="write cProfile files (payer workers, payees) to this folder")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
