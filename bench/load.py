@@ -48,10 +48,8 @@ from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
 from btcchannel.bitcoind.rpc import Node  # noqa: E402
 from btcchannel.payee.config import ServerConfig  # noqa: E402
 from btcchannel.payer.client import PayerClient  # noqa: E402
-from btcchannel.store import open_payee_store  # noqa: E402
+from btcchannel.store import PayeeStore  # noqa: E402
 from btcchannel.store._db import connect  # noqa: E402
-from btcchannel.store.postgres import PgConnection  # noqa: E402
-from btcchannel.testing.postgres import start_postgres  # noqa: E402
 from btcchannel.wait import wait_until  # noqa: E402
 
 DEPOSIT = 1_000_000
@@ -191,7 +189,12 @@ def start_payee(work: Path, name: str, config: ServerConfig, bitcoind: RegtestNo
 def fsync_floor(folder: Path, duration: float, pg_url: str | None) -> float:
     """Sequential durable commits per second: one UPDATE per commit (SQLite: WAL + synchronous=FULL;
     PostgreSQL: synchronous_commit on, through the store's own connection class)."""
-    db: Any = connect(folder / "floor.db") if pg_url is None else PgConnection(pg_url)
+    if pg_url is None:
+        db: Any = connect(folder / "floor.db")
+    else:
+        from btcchannel.store.postgres import PgConnection
+
+        db = PgConnection(pg_url)
     try:
         db.execute("CREATE TABLE IF NOT EXISTS floor (id INTEGER PRIMARY KEY, n INTEGER)")
         db.execute("DELETE FROM floor")
@@ -215,6 +218,15 @@ def fund_payers(bitcoind: RegtestNode, wallets: list[tuple[str, int]]) -> None:
             outputs[bitcoind.new_address(wallet)] = round((DEPOSIT + 10_000) / 1e8, 8)
     bitcoind.rpc("sendmany", "", outputs, wallet="miner")
     bitcoind.mine(1)
+
+
+def open_store(config: ServerConfig) -> PayeeStore:
+    """The payee's store as its instances see it."""
+    if getattr(config, "store_url", None):
+        from btcchannel.store import open_payee_store
+
+        return open_payee_store(config.store_url)
+    return PayeeStore(config.db_path)
 
 
 def cpu_s(pid: int) -> float:
@@ -242,7 +254,11 @@ def run(args: argparse.Namespace) -> None:
     bitcoind.start()
     payees: list[subprocess.Popen[bytes]] = []
     workers: list[Proc] = []
-    pg = start_postgres(work / "postgres") if args.store == "postgresql" else None
+    pg = None
+    if args.store == "postgresql":
+        from btcchannel.testing.postgres import start_postgres
+
+        pg = start_postgres(work / "postgres")
     try:
         bitcoind.prepare(201)
         pg_url = pg.create_database("payee") if pg is not None else None
@@ -252,7 +268,7 @@ def run(args: argparse.Namespace) -> None:
         for k in range(args.instances):
             config = ServerConfig(datadir=work / f"payee{k}", close_fee_rate_sat_vb=2.0,
                                   max_proposals=args.channels + 10, min_lifetime_blocks=12,
-                                  max_lifetime_blocks=LIFETIME + 10, store_url=pg_url)
+                                  max_lifetime_blocks=LIFETIME + 10, **({"store_url": pg_url} if pg_url else {}))
             proc, url = start_payee(work, f"payee{k}", config, bitcoind,
                                     profile / f"payee{k}.prof" if profile is not None else None)
             payees.append(proc)
@@ -274,8 +290,13 @@ def run(args: argparse.Namespace) -> None:
         all_do(workers, "wait_open")
 
         floor = fsync_floor(work / "payee0", min(args.duration, 3.0), pg_url)
-        noop = rate(all_do(workers, f"noop {args.duration}"))
         pids = {"payee": [p.pid for p in payees], "payers": [w.p.pid for w in workers], "bitcoind": [bitcoind.pid]}
+        before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
+        noops = all_do(workers, f"noop {args.duration}")
+        used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
+        noop = rate(noops)
+        n = sum(a["count"] for a in noops)
+        print("CPU per GET /v1/info: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in used.items()))
         before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
         pay = all_do(workers, f"pay {args.duration}")
         used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
@@ -286,7 +307,7 @@ def run(args: argparse.Namespace) -> None:
         acked: dict[str, int] = {}
         for a in all_do(workers, "acked"):
             acked.update(a["acked"])
-        with open_payee_store(config.store_target) as store:  # durable: every acknowledged amount is stored
+        with open_store(config) as store:  # durable: every acknowledged amount is stored
             lost = [cid for cid, amount in acked.items() if store.get(cid).amount_sat < amount]
         if lost:
             raise SystemExit(f"acknowledged payments missing from the payee's store: {lost}")

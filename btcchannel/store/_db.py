@@ -25,11 +25,12 @@ Entry points::
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, TypeVar
+
+import orjson
 
 from btcchannel.errors import StoreSchemaError
 from btcchannel.store._group import GroupWriter
@@ -77,7 +78,7 @@ def decode_row(row: sqlite3.Row | Mapping[str, Any], json_columns: tuple[str, ..
     """A channel row as record fields: JSON columns parsed, key and signature as bytes."""
     d = dict(row)
     for name in json_columns:
-        d[name] = json.loads(d[name])
+        d[name] = orjson.loads(d[name])
     d["privkey"] = bytes(d["privkey"])
     if d["signature"] is not None:
         d["signature"] = bytes(d["signature"])

@@ -36,7 +36,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Iterable, Mapping
+from typing import Any, ClassVar, Final, Iterable, Mapping
 
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel

@@ -114,7 +114,7 @@ class Row(dict[str, Any]):
         super().__init__(zip(names, values))
         self._values = values
 
-    def __getitem__(self, key: str | int) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: str | int) -> Any:
         return self._values[key] if isinstance(key, int) else super().__getitem__(key)
 
 
@@ -136,7 +136,7 @@ class PgConnection:
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Row]:
         """Run one statement; an integrity violation raises ``sqlite3.IntegrityError`` like SQLite's."""
         try:
-            return self._conn.execute(_translate(sql), [_arg(v) for v in parameters])  # type: ignore[arg-type]
+            return self._conn.execute(_translate(sql), [_arg(v) for v in parameters])
         except psycopg.IntegrityError as exc:
             raise sqlite3.IntegrityError(str(exc)) from exc
 
@@ -204,7 +204,7 @@ class PgPayeeStore(PayeeStore):
             if self._lead is None:
                 self._lead = PgConnection(self.url)
             row = self._lead.execute("SELECT pg_try_advisory_lock(?) AS ok", (LEADER_KEY,)).fetchone()
-            return bool(row["ok"])
+            return row is not None and bool(row["ok"])
         except psycopg.Error:
             if self._lead is not None:
                 self._lead.close()

@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg
+from psycopg import sql
 
 __all__ = ["PostgresServer", "start_postgres"]
 
@@ -46,7 +47,7 @@ class PostgresServer:
         """Create an empty database (a fresh name unless given); its URL."""
         name = name or f"btcchannel_{os.getpid()}_{next(_numbers)}"
         with psycopg.connect(self.url, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]  # name is ours
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.database_url(name)
 
     def stop(self) -> None:
@@ -67,12 +68,12 @@ def start_postgres(folder: Path) -> PostgresServer:
     folder.mkdir(parents=True, exist_ok=True)
     found = _on_path()
     if found is None:
-        import pgserver  # the test extra's bundled PostgreSQL
+        from pgserver.postgres_server import get_server  # the test extra's bundled PostgreSQL
 
         # as root, pgserver runs PostgreSQL as a user of its own, which must reach the data folder:
         # a fresh folder in the system's temporary directory, not one inside a private tree
         top = Path(tempfile.mkdtemp(prefix="btcpg-"))
-        server = pgserver.get_server(top / "pgdata", cleanup_mode="delete")
+        server = get_server(top / "pgdata", cleanup_mode="delete")
 
         def cleanup() -> None:
             server.cleanup()
