@@ -13,7 +13,7 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.errors import PayeeUnreachable
 from btcchannel.payer.client import PayerClient
 from btcchannel.store import PayeeStore
-from btcchannel.testing import sats, tx_of, wait_until_async
+from btcchannel.testing import open_channel, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory, PayerFactory
 
 CHANNELS = 100
@@ -91,3 +91,17 @@ async def test_sigkill_under_100_concurrent_payers_loses_no_acknowledged_payment
         close = tx_of(bitcoind, txid)
         assert close["confirmations"] >= 1
         assert sats(close["vout"][0]["value"]) == DEPOSIT - last[cid]  # the payer's change: exactly the rest
+
+
+async def test_an_exact_retry_during_the_commit_is_answered_with_its_amount(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+) -> None:
+    payee = await payee_factory.start()
+    client = payer_factory(timeout=10)
+    cid = await open_channel(client, bitcoind, payee.url, 100_000, 60)
+    for amount in (1_000, 2_000, 3_000):
+        payment = await client.sign_next(cid, amount)
+        url = f"{payee.url}/v1/channels/{cid}/payments"
+        answers = await asyncio.gather(*(client.request("POST", url, payment.to_json()) for _ in range(5)))
+        assert [ans["amount_sat"] for _, ans in answers] == [amount] * 5  # never the amount before it
+        assert payee.store.get(cid).amount_sat == amount

@@ -20,6 +20,7 @@ assembles the three.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -63,6 +64,7 @@ class PayeeService:
         self.closer = closer
         self.channels = closer.channels
         self.tip = tip
+        self._pending: dict[str, asyncio.Future[PayeeRecord | None]] = {}  # payments being committed
 
     @property
     def tip_height(self) -> int:
@@ -238,20 +240,31 @@ class PayeeService:
         request_counter: int = 0,
     ) -> PayeeRecord | None:
         """:meth:`accept` through the store's group commit: the same rules and answer, the row
-        committed (in one transaction with the other payments waiting then) before it returns."""
+        committed (in one transaction with the other payments waiting then) before it returns.
+
+        An exact retry of a payment whose commit is still under way waits for that commit, so
+        its answer carries the amount it repeats."""
         for _attempt in range(3):
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
                 raise self._state_error(self.store.get(cid))
             if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
+                pending = self._pending.get(cid)
+                if pending is not None:
+                    await asyncio.wait([pending])  # its outcome is the first request's to report
                 return None
+            fut = asyncio.ensure_future(self.store.record_payment_async(
+                cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
+                request_counter=request_counter))
+            self._pending[cid] = fut
             try:
-                stored = await self.store.record_payment_async(
-                    cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
-                    request_counter=request_counter)
+                stored = await fut
             except BaseException:
                 self.invalidate(cid)  # the cached channel already holds the payment the store may not
                 raise
+            finally:
+                if self._pending.get(cid) is fut:
+                    del self._pending[cid]
             if stored is not None:
                 return stored
             self.invalidate(cid)
