@@ -75,3 +75,27 @@ async def test_a_failing_statement_fails_alone(tmp_path: Path) -> None:
         assert (_on_disk(path, a), _on_disk(path, b)) == (5, 7)
         with pytest.raises(RuntimeError):
             writer.submit("SELECT 1", ())
+
+
+_READ = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute('SELECT amount_sat FROM channels').fetchone()[0]); c.close()"
+
+
+def test_a_second_connection_in_the_process_keeps_the_wal_alive(tmp_path: Path) -> None:
+    """Opening the writer's connection must not drop this process's locks on the file: another
+    process closing its connection would take ours for gone and delete the WAL we write to."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "payee.db"
+    with PayeeStore(path) as store:
+        (cid,) = _open_channels(store, 1)
+        assert store.record_payment(cid, 100, b"s" * 70)
+        second = connect(path)  # what the group writer opens, in the same process
+        try:
+            read = [sys.executable, "-c", _READ, str(path)]
+            assert subprocess.run(read, capture_output=True, text=True, check=True).stdout.strip() == "100"
+            assert store.record_payment(cid, 200, b"s" * 70)
+            assert (tmp_path / "payee.db-wal").exists()
+            assert subprocess.run(read, capture_output=True, text=True, check=True).stdout.strip() == "200"
+        finally:
+            second.close()

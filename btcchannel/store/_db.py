@@ -45,12 +45,22 @@ TABLE = "channels"
 
 
 def open_private_file(path: str | os.PathLike[str]) -> None:
-    """Create ``path`` (and its directory, 0700) as an empty 0600 file if missing."""
+    """Create ``path`` (and its directory, 0700) as an empty 0600 file if missing.
+
+    An existing file is only chmodded, never opened: closing any descriptor of a file drops
+    all of this process's POSIX locks on it, SQLite's included, and another process could
+    then take this process's connections for gone and delete the WAL they still write to.
+    """
     p = Path(path)
     if not p.parent.exists():
         p.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
+    if not p.exists():
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:  # created meanwhile by another process
+            pass
+        else:
+            os.close(fd)
     os.chmod(p, 0o600)
 
 
