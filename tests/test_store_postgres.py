@@ -81,10 +81,19 @@ def test_the_same_rules_on_both_stores(store: PayeeStore) -> None:
     assert s.record_credit("cc" * 16, 0, 100, 1) and not s.record_credit("cc" * 16, 0, 100, 1)
     assert s.record_payment("cc" * 16, 100, b"s", owed_sat=100)
     assert s.get("cc" * 16).owed_since is None
+    # metered request counters and unit credit (schema version 3)
+    _open(s, "dd" * 16, 8)
+    rec = s.record_payment("dd" * 16, 100, b"p", units_delta=1, request_counter=5)
+    assert rec is not None and (rec.payments, rec.request_counter, rec.units) == (1, 5, 1) and rec.paid_at
+    assert s.record_payment("dd" * 16, 200, b"q", units_delta=1, request_counter=3).request_counter == 5  # type: ignore[union-attr]
+    assert s.unserve("dd" * 16, 1) and s.get("dd" * 16).unit_credit == 1
+    assert s.use_unit_credit("dd" * 16, 1, 5) is None  # the counter was used
+    credited = s.use_unit_credit("dd" * 16, 1, 6)
+    assert credited is not None and credited.unit_credit == 0 and credited.request_counter == 6
     # lapse
     s.insert_proposal(_proposal("01" * 16, lapse_at=time.time() - 1))
     assert s.lapse_proposals() == 1 and s.get("01" * 16).state == "failed"
-    assert [r.channel_id for r in s.list(["open"])] == ["cc" * 16]
+    assert [r.channel_id for r in s.list(["open"])] == ["cc" * 16, "dd" * 16]
 
 
 async def test_group_commit_on_both_stores(store: PayeeStore) -> None:

@@ -93,17 +93,30 @@ _PG_V2_CLOSE_UNECONOMIC: Migration = (
     " WHERE right(end_reason, length('+close_uneconomic')) = '+close_uneconomic'",
 )
 
+_PG_V3_TERMS: Migration = (
+    "ALTER TABLE channels ADD COLUMN terms TEXT",
+    "ALTER TABLE channels ADD COLUMN payments BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE channels ADD COLUMN paid_at DOUBLE PRECISION",
+    "ALTER TABLE channels ADD COLUMN request_counter BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE channels ADD COLUMN unit_credit BIGINT NOT NULL DEFAULT 0",
+)
+
 #: the SQLite store's migrations in PostgreSQL's dialect, same numbers, same meaning
-PG_MIGRATIONS: Final[tuple[Migration, ...]] = (_PG_V1, _PG_V2_CLOSE_UNECONOMIC)
+PG_MIGRATIONS: Final[tuple[Migration, ...]] = (_PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS)
 
 
 @functools.lru_cache(maxsize=512)
 def _translate(sql: str) -> str:
-    """SQLite's SQL as the stores write it, in PostgreSQL's (psycopg's placeholders)."""
+    """SQLite's SQL as the stores write it, in PostgreSQL's (psycopg's placeholders).
+
+    ``IS ?`` (SQLite's null-safe equality) becomes ``IS NOT DISTINCT FROM``; SQLite's
+    two-argument scalar ``MAX(a, b)``, written in capitals by the stores, becomes ``GREATEST``
+    (the aggregate is written ``max(...)`` in this module)."""
     if sql.startswith("BEGIN"):
         return "BEGIN"
     sql = sql.replace("%", "%%")
     sql = re.sub(r"\bIS \?", "IS NOT DISTINCT FROM ?", sql)
+    sql = re.sub(r"\bMAX\(", "GREATEST(", sql)
     return sql.replace("?", "%s")
 
 
