@@ -65,6 +65,7 @@ class PayeeService:
         self.channels = closer.channels
         self.tip = tip
         self._pending: dict[str, asyncio.Future[PayeeRecord | None]] = {}  # payments being committed
+        self._terms: dict[str, Terms] = {}  # each channel's agreed terms (fixed at its proposal)
 
     @property
     def tip_height(self) -> int:
@@ -95,8 +96,21 @@ class PayeeService:
         self.channels.invalidate(cid)
 
     def terms_of(self, rec: PayeeRecord) -> Terms:
-        """The terms channel ``rec`` was agreed under (never the payee's later configuration)."""
-        return agreed_terms(rec, self.config.terms)
+        """The terms channel ``rec`` was agreed under (never the payee's later configuration).
+
+        Kept per channel once read: stored terms never change (a row from before terms were
+        stored follows the configuration, so it is not kept)."""
+        terms = self._terms.get(rec.channel_id)
+        if terms is None:
+            terms = agreed_terms(rec, self.config.terms)
+            if rec.terms is not None:
+                self._terms[rec.channel_id] = terms
+        return terms
+
+    def terms_for(self, cid: str) -> Terms:
+        """:meth:`terms_of` by channel id (the store is read only the first time)."""
+        terms = self._terms.get(cid)
+        return terms if terms is not None else self.terms_of(self.store.get(cid))
 
     def proposal_terms(self, body: dict[str, Any]) -> Terms:
         """The terms of a proposal: its ``terms`` object, which must state exactly the payee's own
@@ -339,7 +353,7 @@ class PayeeService:
         """:meth:`pay` with the payment stored through the group commit (the HTTP route's path)."""
         amount = int_field(body, "amount_sat", 1)
         sig = hex_field(body, "signature", 80)
-        if self.terms_of(self.store.get(cid)).metering.settles_owed:
+        if self.terms_for(cid).metering.settles_owed:
             return self.pay(cid, body)  # postpay settles an owed total: the rare, synchronous path
         rec = self._stored(cid, await self.accept_async(cid, amount, sig), amount, sig)
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
