@@ -121,6 +121,7 @@ class PayerClient:
         self._request_counters: dict[str, int] = {}
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
+        self._terms: dict[str, Terms] = {}  # agreed terms, parsed
 
     async def __aenter__(self) -> PayerClient:
         return self
@@ -372,6 +373,14 @@ class PayerClient:
                 raise TimeoutError(f"channel {channel_id} not open after {timeout} s")
             await asyncio.sleep(0.2)
 
+    def _agreed(self, rec: PayerRecord) -> Terms:
+        """``rec``'s agreed terms (stored at open, never changed), parsed once per channel."""
+        assert rec.terms is not None
+        terms = self._terms.get(rec.channel_id)
+        if terms is None:
+            terms = self._terms[rec.channel_id] = Terms.from_json(rec.terms)
+        return terms
+
     def _lock(self, channel_id: str) -> asyncio.Lock:
         lock = self._signing.get(channel_id)
         if lock is None:
@@ -394,7 +403,7 @@ class PayerClient:
         if rec.state is not ChannelState.OPEN:
             raise not_open_error(ChannelState(rec.state))
         if rec.terms is not None:
-            Terms.from_json(rec.terms).check_signable(
+            self._agreed(rec).check_signable(
                 amount, units_received=rec.units, units_ahead=units_ahead, payments=rec.payments, now=time.time(),
             )
         ch = self._current(rec)
