@@ -101,8 +101,26 @@ _PG_V3_TERMS: Migration = (
     "ALTER TABLE channels ADD COLUMN unit_credit BIGINT NOT NULL DEFAULT 0",
 )
 
+_PG_V4_CLOSE_INTENT: Migration = (
+    "ALTER TABLE channels ADD COLUMN payout_script TEXT",
+    "ALTER TABLE channels ADD COLUMN close_tx TEXT",
+    "ALTER TABLE channels ADD COLUMN close_tx_txid TEXT",
+)
+
+_PG_V5_CHAIN_CURSOR: Migration = (
+    "CREATE TABLE IF NOT EXISTS chain_cursor (id INTEGER PRIMARY KEY CHECK (id = 1),"
+    " height BIGINT NOT NULL, hash TEXT NOT NULL)",
+)
+
+_PG_V6_PROPOSAL_CLIENT: Migration = (
+    "ALTER TABLE channels ADD COLUMN client TEXT",
+    "CREATE INDEX IF NOT EXISTS channels_unfunded ON channels(updated_at) WHERE funding_txid IS NULL",
+)
+
 #: the SQLite store's migrations in PostgreSQL's dialect, same numbers, same meaning
-PG_MIGRATIONS: Final[tuple[Migration, ...]] = (_PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS)
+PG_MIGRATIONS: Final[tuple[Migration, ...]] = (
+    _PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS, _PG_V4_CLOSE_INTENT, _PG_V5_CHAIN_CURSOR, _PG_V6_PROPOSAL_CLIENT,
+)
 
 
 @functools.lru_cache(maxsize=512)
