@@ -257,7 +257,8 @@ class PayeeService:
         committed (in one transaction with the other payments waiting then) before it returns.
 
         An exact retry of a payment whose commit is still under way waits for that commit, so
-        its answer carries the amount it repeats."""
+        its answer carries the amount it repeats. NodeUnavailable on a stale chain view."""
+        self.require_fresh_chain()
         for _attempt in range(3):
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
