@@ -17,6 +17,6 @@ with tempfile.TemporaryDirectory() as tmp:
     sys.exit(subprocess.call([
         "deptry", "btcchannel", "--known-first-party", "btcchannel", "--no-ansi",
         "--requirements-files", str(runtime), "--requirements-files-dev", str(dev),
-        # the pytest plugin (btcchannel.testing) runs only inside pytest; the test extra declares both
-        "--per-rule-ignores", "DEP004=pytest|pytest_asyncio",
+        # the pytest plugin (btcchannel.testing) runs only inside pytest; the test extra declares them
+        "--per-rule-ignores", "DEP004=pytest|pytest_asyncio|pgserver",
     ]))

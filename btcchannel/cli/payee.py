@@ -64,26 +64,32 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--serve-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Sell this file's chunks at /v1/file/{index}.")
 @click.option("--chunk-size", type=click.IntRange(1, 60_000), default=1024, show_default=True)
+@click.option("--store", "store_url", metavar="postgresql://...", default=None,
+              help="A PostgreSQL database shared by several payee instances [default: <datadir>/payee.db].")
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
           credit_limit_sat: int | None, payment_timeout: float | None, idle_timeout: float | None,
           close_margin_blocks: int | None,
           min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
-          chunk_size: int) -> None:
+          chunk_size: int, store_url: str | None) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
     mode, credit limit and timeouts given here (``GET /v1/info`` states them); channels already
     open keep the terms they were agreed under.
 
+    With --store postgresql://..., any number of instances (each with its own --datadir and port)
+    share one database; one of them at a time runs the watcher and the closer.
+
     \b
     Example:
       btcchannel --wallet payee serve --port 8402 --price-sat 100 --serve-file data.bin
+      btcchannel --wallet payee --datadir a serve --port 8402 --store postgresql://pay@db/payee
     """
     from btcchannel.payee import http as server
 
     config = _server_config(
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
         payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
-        min_confirmations=min_confirmations, payee_address=payee_address,
+        min_confirmations=min_confirmations, payee_address=payee_address, store_url=store_url,
     )
 
     def hook(app: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from btcchannel.core import script
 from btcchannel.core.terms import Metering, ProposalLimits, Terms
 from btcchannel.errors import ChannelError
+from btcchannel.store import is_postgres_url
 from btcchannel.wire import MAX_BODY
 
 __all__ = ["MIN_CLOSE_MARGIN_BLOCKS", "ServerConfig"]
@@ -53,6 +54,7 @@ class ServerConfig:
     payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
     idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
+    store_url: str | None = None            # postgresql://... shared by several instances; None: <datadir>/payee.db
 
     def __post_init__(self) -> None:
         self.datadir = Path(self.datadir)
@@ -70,6 +72,8 @@ class ServerConfig:
             raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
+        if self.store_url is not None and not is_postgres_url(self.store_url):
+            raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
         try:
             self.terms  # noqa: B018 - the core validates the terms
             self.proposal_limits  # noqa: B018
@@ -122,6 +126,11 @@ class ServerConfig:
         if bad:
             raise ValueError(f"unknown config fields {sorted(bad)}")
         return cls(**d)
+
+    @property
+    def store_target(self) -> str | Path:
+        """Where the payee's store is: ``store_url`` if set, else :attr:`db_path`."""
+        return self.store_url if self.store_url else self.db_path
 
     @property
     def db_path(self) -> Path:

@@ -7,13 +7,15 @@ Entry points (what the CLI calls)::
                    *, run_watcher: bool = True) -> aiohttp.web.Application
         # every endpoint of the protocol; assembles service, closer and watcher
         # (app[SERVICE], app[CLOSER], app[WATCHER]); the watcher runs as a background task
-        # of the app (run_watcher=False: tests drive ``app[WATCHER].step()`` themselves); the tip
+        # of the app once this instance holds the store's leader lock (always on SQLite; on
+        # PostgreSQL one instance at a time: the others take over when it dies)
+        # (run_watcher=False: tests drive ``app[WATCHER].step()`` themselves); the tip
         # follower (app[WATCHER].follow_tip) always runs
 
     async def serve(config: ServerConfig, node: Node, *,
                     ready: Callable[[str], None] | None = None,
                     app_hook: Callable[[web.Application], None] | None = None) -> None
-        # opens <datadir>/payee.db, binds host:port (port 0: a free one), writes
+        # opens the store (<datadir>/payee.db, or config.store_url: postgresql://...), binds host:port (port 0: a free one), writes
         # <datadir>/server.json {"url": ...}, calls ready(url), runs until cancelled
         # (e.g. SIGINT/SIGTERM), then shuts down cleanly. app_hook may add routes
         # (metered.add_file_route, an application's own paid handlers).
@@ -39,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
 from btcchannel.bitcoind.rpc import Node
@@ -61,7 +64,7 @@ from btcchannel.payee.metered import add_file_route
 from btcchannel.payee.service import PayeeService
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payee.watcher import Watcher
-from btcchannel.store import PayeeStore
+from btcchannel.store import PayeeStore, open_payee_store
 from btcchannel.wire import channel_object, check_channel_id, parse_body
 
 __all__ = ["SERVICE", "CLOSER", "WATCHER", "create_app", "serve", "main", "read_body", "error_response"]
@@ -72,6 +75,9 @@ log = logging.getLogger("btcchannel.payee.http")
 _INTERNAL: tuple[type[ChannelError], ...] = (NodeError, ProtocolViolation, IllegalTransition)
 #: errors that mean, to the client, that the channel takes no payment or close now
 _NOT_OPEN: tuple[type[ChannelError], ...] = (NotExpired, CloseUneconomic)
+
+#: how often an instance that does not run the watcher retries the leader lock (at most)
+LEAD_RETRY_S = 1.0
 
 #: how long POST .../close waits for the close's broadcast so the answer can carry close_txid
 CLOSE_WAIT_S = 10.0
@@ -152,7 +158,8 @@ async def _payment(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     cid = check_channel_id(request.match_info["cid"])
     body = parse_body(await read_body(request, svc.config.max_body_bytes), ("amount_sat", "signature"))
-    return web.json_response(svc.pay(cid, body))
+    # the hot path: orjson, and no charset negotiation (JSON is UTF-8)
+    return web.Response(body=orjson.dumps(await svc.pay_async(cid, body)), content_type="application/json")
 
 
 async def _get_channel(request: web.Request) -> web.Response:
@@ -188,6 +195,16 @@ async def _close(request: web.Request) -> web.Response:
 # ----------------------------------------------------------------------------- the app
 
 
+async def _lead(config: ServerConfig, store: PayeeStore, watcher: Watcher) -> None:
+    """Run the watcher (and with it the closer's rounds) once this instance holds the store's leader
+    lock (always, on SQLite); until then retry the lock every poll interval (at most a second)."""
+    interval = min(config.poll_interval_s, LEAD_RETRY_S)
+    while not store.try_lead():
+        await asyncio.sleep(interval)
+    log.info("this instance runs the watcher and the closer")
+    await watcher.run()
+
+
 def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watcher: bool = True) -> web.Application:
     """The payee's aiohttp application: service, closer and watcher (its background task)."""
     app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
@@ -211,7 +228,7 @@ def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watch
         await watcher.start()
         tasks = [asyncio.ensure_future(watcher.follow_tip())]
         if run_watcher:
-            tasks.append(asyncio.ensure_future(watcher.run()))
+            tasks.append(asyncio.ensure_future(_lead(config, store, watcher)))
         yield
         for task in tasks:
             task.cancel()
@@ -232,7 +249,7 @@ async def serve(
 ) -> None:
     """Run the payee's service on ``config.host:config.port`` until cancelled."""
     config.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = PayeeStore(config.db_path)
+    store = open_payee_store(config.store_target)
     app = create_app(config, store, node)
     if app_hook is not None:
         app_hook(app)

@@ -20,6 +20,7 @@ assembles the three.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -63,6 +64,8 @@ class PayeeService:
         self.closer = closer
         self.channels = closer.channels
         self.tip = tip
+        self._pending: dict[str, asyncio.Future[PayeeRecord | None]] = {}  # payments being committed
+        self._terms: dict[str, Terms] = {}  # each channel's agreed terms (fixed at its proposal)
 
     @property
     def tip_height(self) -> int:
@@ -93,8 +96,21 @@ class PayeeService:
         self.channels.invalidate(cid)
 
     def terms_of(self, rec: PayeeRecord) -> Terms:
-        """The terms channel ``rec`` was agreed under (never the payee's later configuration)."""
-        return agreed_terms(rec, self.config.terms)
+        """The terms channel ``rec`` was agreed under (never the payee's later configuration).
+
+        Kept per channel once read: stored terms never change (a row from before terms were
+        stored follows the configuration, so it is not kept)."""
+        terms = self._terms.get(rec.channel_id)
+        if terms is None:
+            terms = agreed_terms(rec, self.config.terms)
+            if rec.terms is not None:
+                self._terms[rec.channel_id] = terms
+        return terms
+
+    def terms_for(self, cid: str) -> Terms:
+        """:meth:`terms_of` by channel id (the store is read only the first time)."""
+        terms = self._terms.get(cid)
+        return terms if terms is not None else self.terms_of(self.store.get(cid))
 
     def proposal_terms(self, body: dict[str, Any]) -> Terms:
         """The terms of a proposal: its ``terms`` object, which must state exactly the payee's own
@@ -233,6 +249,45 @@ class PayeeService:
                 raise self._state_error(rec)
         raise InternalError("payment could not be stored (concurrent updates)")
 
+    async def accept_async(
+        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
+        request_counter: int = 0,
+    ) -> PayeeRecord | None:
+        """:meth:`accept` through the store's group commit: the same rules and answer, the row
+        committed (in one transaction with the other payments waiting then) before it returns.
+
+        An exact retry of a payment whose commit is still under way waits for that commit, so
+        its answer carries the amount it repeats. NodeUnavailable on a stale chain view."""
+        self.require_fresh_chain()
+        for _attempt in range(3):
+            ch = self.channel(cid)
+            if ch.state != ChannelState.OPEN:
+                raise self._state_error(self.store.get(cid))
+            if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
+                pending = self._pending.get(cid)
+                if pending is not None:
+                    await asyncio.wait([pending])  # its outcome is the first request's to report
+                return None
+            fut = asyncio.ensure_future(self.store.record_payment_async(
+                cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
+                request_counter=request_counter))
+            self._pending[cid] = fut
+            try:
+                stored = await fut
+            except BaseException:
+                self.invalidate(cid)  # the cached channel already holds the payment the store may not
+                raise
+            finally:
+                if self._pending.get(cid) is fut:
+                    del self._pending[cid]
+            if stored is not None:
+                return stored
+            self.invalidate(cid)
+            rec = self.store.get(cid)
+            if rec.state is not ChannelState.OPEN:
+                raise self._state_error(rec)
+        raise InternalError("payment could not be stored (concurrent updates)")
+
     def verify_only(self, cid: str, amount_sat: int, signature: bytes) -> None:
         """Check a payment's signature and range without storing it (for wrong-amount handling)."""
         rec = self.store.get(cid)
@@ -293,6 +348,15 @@ class PayeeService:
             rec = self.pay_owed(cid, amount, sig)
         else:
             rec = self._stored(cid, self.accept(cid, amount, sig), amount, sig)
+        return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
+
+    async def pay_async(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`pay` with the payment stored through the group commit (the HTTP route's path)."""
+        amount = int_field(body, "amount_sat", 1)
+        sig = hex_field(body, "signature", 80)
+        if self.terms_for(cid).metering.settles_owed:
+            return self.pay(cid, body)  # postpay settles an owed total: the rare, synchronous path
+        rec = self._stored(cid, await self.accept_async(cid, amount, sig), amount, sig)
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
     def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:

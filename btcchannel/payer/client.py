@@ -120,6 +120,9 @@ class PayerClient:
         self.store = PayerStore(self.datadir / "payer.db")
         self._session: aiohttp.ClientSession | None = None
         self._request_counters: dict[str, int] = {}
+        self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
+        self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
+        self._terms: dict[str, Terms] = {}  # agreed terms, parsed
 
     async def __aenter__(self) -> PayerClient:
         return self
@@ -197,6 +200,15 @@ class PayerClient:
         payment = Payment(rec.amount_sat, rec.signature) if rec.signature is not None else None
         state = ChannelState(rec.state) if params.funding is not None else ChannelState.PROPOSED
         return PayerChannel.restore(params, rec.privkey, state, payment)
+
+    def _current(self, rec: PayerRecord) -> PayerChannel:
+        """The channel's machine: the cached one while it matches the stored row, else rebuilt (and checked)."""
+        ch = self._open.get(rec.channel_id)
+        if (ch is None or ch.state is not rec.state or ch.amount_sat != rec.amount_sat
+                or (ch.payment.signature if ch.payment else None) != rec.signature):
+            ch = self._channel(rec)
+            self._open[rec.channel_id] = ch
+        return ch
 
     def _url(self, rec: PayerRecord, suffix: str = "") -> str:
         return f"{rec.server_url.rstrip('/')}/v1/channels/{rec.channel_id}{suffix}"
@@ -362,25 +374,43 @@ class PayerClient:
                 raise TimeoutError(f"channel {channel_id} not open after {timeout} s")
             await asyncio.sleep(0.2)
 
+    def _agreed(self, rec: PayerRecord) -> Terms:
+        """``rec``'s agreed terms (stored at open, never changed), parsed once per channel."""
+        assert rec.terms is not None
+        terms = self._terms.get(rec.channel_id)
+        if terms is None:
+            terms = self._terms[rec.channel_id] = Terms.from_json(rec.terms)
+        return terms
+
+    def _lock(self, channel_id: str) -> asyncio.Lock:
+        lock = self._signing.get(channel_id)
+        if lock is None:
+            lock = self._signing[channel_id] = asyncio.Lock()
+        return lock
+
     async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment:
         """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered.
 
         ``AmountNotAgreed`` if the agreed terms do not allow it, given the units received so far
         and ``units_ahead`` units being paid for in advance (prepay).
         """
-        rec = self.store.get(channel_id)
+        async with self._lock(channel_id):
+            return await self._sign_locked(channel_id, amount, self.store.get(channel_id), units_ahead)
+
+    async def _sign_locked(self, channel_id: str, amount: int, rec: PayerRecord, units_ahead: int = 0) -> Payment:
         if rec.state is ChannelState.FUNDING:
             await self.status(channel_id)  # the payee decides when it is open
             rec = self.store.get(channel_id)
         if rec.state is not ChannelState.OPEN:
             raise not_open_error(ChannelState(rec.state))
         if rec.terms is not None:
-            Terms.from_json(rec.terms).check_signable(
+            self._agreed(rec).check_signable(
                 amount, units_received=rec.units, units_ahead=units_ahead, payments=rec.payments, now=time.time(),
             )
-        ch = self._channel(rec)
+        ch = self._current(rec)
         payment = ch.sign_payment(amount)
-        if not self.store.save_signed(channel_id, payment.amount_sat, payment.signature):
+        # group commit: durable (with the other payments signed meanwhile) before it is sent
+        if not await self.store.save_signed_async(channel_id, payment.amount_sat, payment.signature):
             raise StalePayment("a higher payment is already stored")
         ch.commit_payment(payment)
         return payment
@@ -400,7 +430,7 @@ class PayerClient:
         _, ans = await self.request("POST", self._url(rec, "/payments"), payment.to_json())
         if not isinstance(ans, dict) or ans.get("amount_sat") != payment.amount_sat:
             raise ProtocolViolation(f"payment of {payment.amount_sat} answered with {ans!r}")
-        self.store.set_acked(rec.channel_id, payment.amount_sat)
+        await self.store.set_acked_async(rec.channel_id, payment.amount_sat)
         if ans.get("state") in (ChannelState.CLOSING, ChannelState.CLOSED):
             self.store.set_state(rec.channel_id, str(ans["state"]))
         return payment.amount_sat
@@ -412,14 +442,15 @@ class PayerClient:
         """
         if (increment is None) == (amount is None):
             raise BadRequest("give exactly one of increment and amount")
-        rec = self.store.get(channel_id)
-        if rec.amount_sat > rec.acked_sat:
-            await self.resume(channel_id)
+        async with self._lock(channel_id):
             rec = self.store.get(channel_id)
-        target = rec.amount_sat + increment if increment is not None else amount
-        assert target is not None
-        payment = await self.sign_next(channel_id, target)
-        return await self._send(self.store.get(channel_id), payment)
+            if rec.amount_sat > rec.acked_sat:
+                await self.resume(channel_id)
+                rec = self.store.get(channel_id)
+            target = rec.amount_sat + increment if increment is not None else amount
+            assert target is not None
+            payment = await self._sign_locked(channel_id, target, rec)
+        return await self._send(rec, payment)
 
     async def resume(self, channel_id: str) -> dict[str, Any]:
         """Reconcile with the payee after a restart: re-send the stored payment if it was not acknowledged."""

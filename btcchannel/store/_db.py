@@ -20,17 +20,20 @@ Entry points::
     open_private_file(path) -> None           # create a 0600 file (0700 directory) if missing
     connect(path) -> sqlite3.Connection       # the pragmas above, rows as sqlite3.Row
     class Database                            # base of PayeeStore / PayerStore
+    Database.writer -> GroupWriter            # group commit (see _group), started on first use
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Mapping, TypeVar
+
+import orjson
 
 from btcchannel.errors import StoreSchemaError
+from btcchannel.store._group import GroupWriter
 
 __all__ = ["Database", "Migration", "StoreSchemaError", "connect", "open_private_file"]
 
@@ -42,12 +45,22 @@ TABLE = "channels"
 
 
 def open_private_file(path: str | os.PathLike[str]) -> None:
-    """Create ``path`` (and its directory, 0700) as an empty 0600 file if missing."""
+    """Create ``path`` (and its directory, 0700) as an empty 0600 file if missing.
+
+    An existing file is only chmodded, never opened: closing any descriptor of a file drops
+    all of this process's POSIX locks on it, SQLite's included, and another process could
+    then take this process's connections for gone and delete the WAL they still write to.
+    """
     p = Path(path)
     if not p.parent.exists():
         p.parent.mkdir(parents=True, mode=0o700, exist_ok=True)
-    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o600)
-    os.close(fd)
+    if not p.exists():
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except FileExistsError:  # created meanwhile by another process
+            pass
+        else:
+            os.close(fd)
     os.chmod(p, 0o600)
 
 
@@ -71,11 +84,11 @@ def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
     return conn
 
 
-def decode_row(row: sqlite3.Row, json_columns: tuple[str, ...]) -> dict[str, Any]:
+def decode_row(row: sqlite3.Row | Mapping[str, Any], json_columns: tuple[str, ...]) -> dict[str, Any]:
     """A channel row as record fields: JSON columns parsed, key and signature as bytes."""
     d = dict(row)
     for name in json_columns:
-        d[name] = json.loads(d[name])
+        d[name] = orjson.loads(d[name])
     d["privkey"] = bytes(d["privkey"])
     if d["signature"] is not None:
         d["signature"] = bytes(d["signature"])
@@ -120,8 +133,19 @@ class Database:
         """The file's schema version (``PRAGMA user_version``)."""
         return _user_version(self._db)
 
+    _writer: GroupWriter | None = None
+
+    @property
+    def writer(self) -> GroupWriter:
+        """The group-commit writer (its own connection and thread), started on first use."""
+        if self._writer is None:
+            self._writer = GroupWriter(connect(self.path))
+        return self._writer
+
     def close(self) -> None:
-        """Close the database connection."""
+        """Commit and stop the group writer if one was started, then close the connection."""
+        if self._writer is not None:
+            self._writer.close()
         self._db.close()
 
     def __enter__(self: _D) -> _D:

@@ -36,7 +36,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Iterable, Mapping
+from typing import Any, ClassVar, Final, Iterable, Mapping
 
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
@@ -149,7 +149,7 @@ _JSON_FIELDS: Final = frozenset({"funding_inputs", "close_txids"})
 _PAYEE_JSON = ("params", "close_txids", "funding_inputs")
 
 
-def _payee_from_row(row: sqlite3.Row) -> PayeeRecord:
+def _payee_from_row(row: sqlite3.Row | Mapping[str, Any]) -> PayeeRecord:
     d = decode_row(row, _PAYEE_JSON)
     d["terms"] = json.loads(d["terms"]) if d.get("terms") is not None else None
     return PayeeRecord(**d)
@@ -162,6 +162,10 @@ class PayeeStore(Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
     MIGRATIONS = _MIGRATIONS
+
+    def try_lead(self) -> bool:
+        """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
+        return True
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -305,6 +309,27 @@ class PayeeStore(Database):
         )
         return int(cur.rowcount)
 
+    @staticmethod
+    def _payment_sql(
+        channel_id: str, amount_sat: int, signature: bytes, units_delta: int, owed_sat: int | None,
+        request_counter: int,
+    ) -> tuple[str, tuple[Any, ...]]:
+        now = time.time()
+        if owed_sat is None:
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
+                   " request_counter=MAX(request_counter, ?),"
+                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+            args: tuple[Any, ...] = (amount_sat, signature, units_delta, request_counter, now, now, channel_id,
+                                     _S.OPEN.value, amount_sat)
+        else:
+            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
+                   " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
+                   " request_counter=MAX(request_counter, ?),"
+                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+            args = (amount_sat, signature, units_delta, owed_sat, request_counter, now, now, channel_id,
+                    _S.OPEN.value, amount_sat)
+        return sql, args
+
     def record_payment(
         self,
         channel_id: str,
@@ -322,23 +347,27 @@ class PayeeStore(Database):
         ``request_counter``: the authenticated metered request it pays for (kept as the highest).
         Returns the updated row, committed, or None (nothing written) if the
         row changed under us: the caller re-reads it and decides again.
+        This one commits on the calling thread; :meth:`record_payment_async`
+        shares a commit with the other payments waiting at that moment.
         """
-        if owed_sat is None:
-            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
-                   " request_counter=MAX(request_counter, ?),"
-                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-            now = time.time()
-            args: tuple[Any, ...] = (amount_sat, signature, units_delta, request_counter, now, now, channel_id,
-                                     _S.OPEN.value, amount_sat)
-        else:
-            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
-                   " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
-                   " request_counter=MAX(request_counter, ?),"
-                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-            now = time.time()
-            args = (amount_sat, signature, units_delta, owed_sat, request_counter, now, now, channel_id,
-                    _S.OPEN.value, amount_sat)
+        sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter)
         rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
+        return _payee_from_row(rows[0]) if rows else None
+
+    async def record_payment_async(
+        self,
+        channel_id: str,
+        amount_sat: int,
+        signature: bytes,
+        *,
+        units_delta: int = 0,
+        owed_sat: int | None = None,
+        request_counter: int = 0,
+    ) -> PayeeRecord | None:
+        """:meth:`record_payment` through the group-commit writer: the event loop never waits on
+        the disk, and the result is returned only once the batch holding it is committed."""
+        sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter)
+        rows = await self.writer.submit(sql, args)
         return _payee_from_row(rows[0]) if rows else None
 
     def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,

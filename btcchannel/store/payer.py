@@ -183,6 +183,19 @@ class PayerStore(Database):
             (amount_sat, time.time(), channel_id),
         )
 
+    async def save_signed_async(self, channel_id: str, amount_sat: int, signature: bytes) -> bool:
+        """:meth:`save_signed` through the group commit: True once committed, False if not higher."""
+        rows = await self.writer.submit(
+            "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, updated_at=?"
+            " WHERE channel_id=? AND amount_sat<? RETURNING channel_id", (amount_sat, signature, time.time(), channel_id, amount_sat))
+        return bool(rows)
+
+    async def set_acked_async(self, channel_id: str, amount_sat: int) -> None:
+        """:meth:`set_acked` through the group commit (returns once committed)."""
+        await self.writer.submit(
+            "UPDATE channels SET acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
+            (amount_sat, time.time(), channel_id))
+
     # -- backup ----------------------------------------------------------------
     def export_backup(self) -> dict[str, Any]:
         """Every channel (keys included) as a JSON-able dict; keep it as secret as the database."""

@@ -26,7 +26,7 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.http import SERVICE, create_app
 from btcchannel.payee.service import PayeeService
-from btcchannel.store import PayeeStore
+from btcchannel.store import PayeeStore, open_payee_store
 from btcchannel.wait import wait_until_async
 
 PAYEE_MODULE = "btcchannel.payee"   # run as ``python -m PAYEE_MODULE CONFIG.json``
@@ -73,7 +73,7 @@ async def start_payee(
 ) -> RunningPayee:
     """Start the payee's app for ``config`` on ``config.host`` and a free port (``config.port`` if set)."""
     config.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = PayeeStore(config.db_path)
+    store = open_payee_store(config.store_target)
     try:
         app = create_app(config, store, node, run_watcher=run_watcher)
         if hook is not None:

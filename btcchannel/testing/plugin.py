@@ -9,6 +9,8 @@ btcchannel gets them:
 - ``node_datadir``: a per-test folder, removed when the test passes and kept
   (its path printed) when it fails;
 - ``node_factory``: starts more nodes for a test (stopped at its end);
+- ``postgres`` (session): a real PostgreSQL server (:mod:`btcchannel.testing.postgres`);
+  ``postgres_url``: a fresh empty database on it for one test;
 - with pytest-asyncio installed, ``payee_factory``, ``payer_factory`` and ``payer_client``
   (:mod:`btcchannel.testing.fixtures`): payee services and payer clients stopped at the end
   of the test, which fails if a payee logged an ERROR, unless marked
@@ -30,6 +32,7 @@ import pytest
 
 from btcchannel.bitcoind.binary import BitcoindBinary, find_bitcoind
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.testing.postgres import PostgresServer, start_postgres
 
 FUNDED_WALLET_SAT = 10 * 100_000_000
 _wallet_numbers = itertools.count(1)
@@ -128,3 +131,19 @@ def node_factory(
             print(f"\ndatadir kept: {node.datadir}")
         else:
             shutil.rmtree(node.datadir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (found on PATH, else pgserver's)."""
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A fresh, empty database for this test: its ``postgresql://`` URL."""
+    return postgres.create_database()

@@ -1,0 +1,355 @@
+"""Load benchmark: payers in separate processes against payee service processes (regtest).
+
+Starts a throw-away regtest bitcoind, ``--instances`` payee processes (``python -m
+btcchannel.payee``) on one store, and ``--payers`` payer processes, each a real
+:class:`~btcchannel.payer.client.PayerClient` with its own store and wallet, sharing
+``--channels`` channels (spread over the instances). ``--store postgresql`` runs the
+instances on one PostgreSQL database (a real server: on ``PATH``, else ``pgserver``'s). Then, in the same run, with the same
+processes and one concurrent loop per channel, for ``--duration`` seconds each:
+
+- ``noop_per_s``: unpaid ``GET /v1/info`` requests per second (the HTTP floor);
+- ``payments_per_s``: acknowledged payments per second (``PayerClient.pay``: sign, fsync the
+  payer's store, POST; the payee verifies and commits before it answers), with the latency
+  percentiles ``p50_ms`` / ``p99_ms``;
+- ``fsync_floor_per_s``: sequential durable commits per second on the store's disk (one row
+  updated per commit, the payee's pragmas), i.e. what one-fsync-per-payment would allow.
+
+Afterwards every channel's stored amount is checked against what its payer saw acknowledged.
+The last line is ``payments_per_s=<x> p50_ms=<a> p99_ms=<b> noop_per_s=<y>
+fsync_floor_per_s=<z> channels=<n> store=<sqlite|postgresql> instances=<k>``.
+``--profile DIR`` writes cProfile files of the payment phase (payee: the whole run).
+Run: ``python bench/load.py [--channels 100] [--duration 10] [--payers 4]
+[--store postgresql --instances 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# bench/http.py is named like the stdlib's ``http``: keep this folder off the import path
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
+from btcchannel.bitcoind.rpc import Node  # noqa: E402
+from btcchannel.payee.config import ServerConfig  # noqa: E402
+from btcchannel.payer.client import PayerClient  # noqa: E402
+from btcchannel.store import PayeeStore  # noqa: E402
+from btcchannel.store._db import connect  # noqa: E402
+from btcchannel.wait import wait_until  # noqa: E402
+
+DEPOSIT = 1_000_000
+LIFETIME = 500
+
+
+# ----------------------------------------------------------------------------- payer worker
+
+
+class Worker:
+    """One payer process: a PayerClient with its own store, driven by commands on stdin."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.node = Node(spec["rpc_url"], cookie_file=Path(spec["cookie_file"]), wallet=spec["wallet"])
+        self.client = PayerClient(Path(spec["datadir"]), self.node, timeout=30)
+        self.ids: list[str] = []
+        self.url_of: dict[str, str] = {}
+
+    async def open(self) -> dict[str, Any]:
+        urls = self.spec["urls"]
+        for i in range(self.spec["channels"]):
+            url = urls[(self.spec["first"] + i) % len(urls)]
+            cid = await self.client.open_channel(url, DEPOSIT, LIFETIME, wait_open=False)
+            self.ids.append(cid)
+            self.url_of[cid] = url
+        return {"opened": len(self.ids)}
+
+    async def wait_open(self) -> dict[str, Any]:
+        for cid in self.ids:
+            await self.client.wait_open(cid, timeout=120)
+        return {"ready": len(self.ids)}
+
+    async def _loop(self, duration: float, op: Any) -> dict[str, Any]:
+        lat: list[float] = []
+        deadline = time.perf_counter() + duration
+
+        async def one(cid: str) -> None:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                await op(cid)
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(cid) for cid in self.ids))
+        return {"count": len(lat), "elapsed": time.perf_counter() - t0, "lat_ms": [round(x * 1000, 3) for x in lat]}
+
+    async def noop(self, duration: float) -> dict[str, Any]:
+        async def info(cid: str) -> None:
+            await self.client.info(self.url_of[cid])
+
+        return await self._loop(duration, info)
+
+    async def pay(self, duration: float) -> dict[str, Any]:
+        async def pay(cid: str) -> None:
+            await self.client.pay(cid, 1)
+
+        prof = cProfile.Profile() if self.spec.get("profile") else None
+        if prof is not None:
+            prof.enable()
+        try:
+            return await self._loop(duration, pay)
+        finally:
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(self.spec["profile"])
+
+    async def acked(self) -> dict[str, Any]:
+        return {"acked": {cid: self.client.store.get(cid).acked_sat for cid in self.ids}}
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            cmd, *arg = line.split()
+            if cmd == "quit":
+                break
+            fn = getattr(self, cmd)
+            ans = await (fn(float(arg[0])) if arg else fn())
+            sys.stdout.write(json.dumps(ans) + "\n")
+            sys.stdout.flush()
+        await self.client.aclose()
+        await self.node.aclose()
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+class Proc:
+    """A worker subprocess spoken to line by line."""
+
+    def __init__(self, spec_file: Path) -> None:
+        self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_file)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def send(self, cmd: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"payer worker exited ({self.p.wait()})")
+        return dict(json.loads(line))
+
+
+def all_do(procs: list[Proc], cmd: str) -> list[dict[str, Any]]:
+    for p in procs:
+        p.send(cmd)
+    return [p.answer() for p in procs]
+
+
+def start_payee(work: Path, name: str, config: ServerConfig, bitcoind: RegtestNode,
+                profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m btcchannel.payee`` (under cProfile with ``profile``); (process, url)."""
+    datadir = work / name
+    datadir.mkdir(parents=True, exist_ok=True)
+    cfg = config.to_json()
+    cfg["datadir"] = str(config.datadir)
+    spec = work / f"{name}.json"
+    spec.write_text(json.dumps({"config": cfg, "node": {
+        "url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": "miner"}}))
+    info = config.datadir / "server.json"
+    info.unlink(missing_ok=True)
+    prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+    with open(work / f"{name}.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, *prof, "-m", "btcchannel.payee", str(spec)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    wait_until(lambda: info.exists() or proc.poll() is not None, timeout=30, what="the payee to listen")
+    if proc.poll() is not None:
+        raise RuntimeError((work / f"{name}.log").read_text()[-2000:])
+    return proc, str(json.loads(info.read_text())["url"])
+
+
+def fsync_floor(folder: Path, duration: float, pg_url: str | None) -> float:
+    """Sequential durable commits per second: one UPDATE per commit (SQLite: WAL + synchronous=FULL;
+    PostgreSQL: synchronous_commit on, through the store's own connection class)."""
+    if pg_url is None:
+        db: Any = connect(folder / "floor.db")
+    else:
+        from btcchannel.store.postgres import PgConnection
+
+        db = PgConnection(pg_url)
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS floor (id INTEGER PRIMARY KEY, n INTEGER)")
+        db.execute("DELETE FROM floor")
+        db.execute("INSERT INTO floor VALUES (1, 0)")
+        count = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            db.execute("UPDATE floor SET n=n+1 WHERE id=1")
+            count += 1
+        return count / (time.perf_counter() - t0)
+    finally:
+        db.close()
+
+
+def fund_payers(bitcoind: RegtestNode, wallets: list[tuple[str, int]]) -> None:
+    """One confirmed output per channel to each payer's wallet (no unconfirmed chains when opening)."""
+    outputs: dict[str, float] = {}
+    for wallet, n in wallets:
+        bitcoind.create_wallet(wallet)
+        for _ in range(n):
+            outputs[bitcoind.new_address(wallet)] = round((DEPOSIT + 10_000) / 1e8, 8)
+    bitcoind.rpc("sendmany", "", outputs, wallet="miner")
+    bitcoind.mine(1)
+
+
+def open_store(config: ServerConfig) -> PayeeStore:
+    """The payee's store as its instances see it."""
+    if getattr(config, "store_url", None):
+        from btcchannel.store import open_payee_store
+
+        return open_payee_store(config.store_url)
+    return PayeeStore(config.db_path)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def rate(answers: list[dict[str, Any]]) -> float:
+    return sum(a["count"] for a in answers) / max(a["elapsed"] for a in answers)
+
+
+def run(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="btcchannel-load-"))
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+    bitcoind = RegtestNode(datadir=work / "bitcoind")
+    bitcoind.start()
+    payees: list[subprocess.Popen[bytes]] = []
+    workers: list[Proc] = []
+    pg = None
+    if args.store == "postgresql":
+        from btcchannel.testing.postgres import start_postgres
+
+        pg = start_postgres(work / "postgres")
+    try:
+        bitcoind.prepare(201)
+        pg_url = pg.create_database("payee") if pg is not None else None
+        if pg_url is None and args.instances > 1:
+            raise SystemExit("several instances share a PostgreSQL store: add --store postgresql")
+        urls = []
+        for k in range(args.instances):
+            config = ServerConfig(datadir=work / f"payee{k}", close_fee_rate_sat_vb=2.0,
+                                  max_proposals=args.channels + 10, min_lifetime_blocks=12,
+                                  max_lifetime_blocks=LIFETIME + 10, **({"store_url": pg_url} if pg_url else {}))
+            proc, url = start_payee(work, f"payee{k}", config, bitcoind,
+                                    profile / f"payee{k}.prof" if profile is not None else None)
+            payees.append(proc)
+            urls.append(url)
+        payers = min(args.payers, args.channels)
+        shares = [args.channels // payers + (1 if i < args.channels % payers else 0) for i in range(payers)]
+        fund_payers(bitcoind, [(f"payer{i}", n) for i, n in enumerate(shares)])
+        first = 0
+        for i, n in enumerate(shares):
+            spec = {"rpc_url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": f"payer{i}",
+                    "datadir": str(work / f"payer{i}"), "urls": urls, "channels": n, "first": first,
+                    "profile": str(profile / f"payer{i}.prof") if profile is not None else None}
+            first += n
+            spec_file = work / f"payer{i}.json"
+            spec_file.write_text(json.dumps(spec))
+            workers.append(Proc(spec_file))
+        all_do(workers, "open")
+        bitcoind.mine(1)
+        all_do(workers, "wait_open")
+
+        floor = fsync_floor(work / "payee0", min(args.duration, 3.0), pg_url)
+        pids = {"payee": [p.pid for p in payees], "payers": [w.p.pid for w in workers], "bitcoind": [bitcoind.pid]}
+        before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
+        noops = all_do(workers, f"noop {args.duration}")
+        used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
+        noop = rate(noops)
+        n = sum(a["count"] for a in noops)
+        print("CPU per GET /v1/info: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in used.items()))
+        before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
+        pay = all_do(workers, f"pay {args.duration}")
+        used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
+        payments = rate(pay)
+        count = sum(a["count"] for a in pay)
+        print("CPU per payment: " + ", ".join(f"{k} {v / count * 1e6:.0f} us" for k, v in used.items()))
+        lat = sorted(x for a in pay for x in a["lat_ms"])
+        acked: dict[str, int] = {}
+        for a in all_do(workers, "acked"):
+            acked.update(a["acked"])
+        with open_store(config) as store:  # durable: every acknowledged amount is stored
+            lost = [cid for cid, amount in acked.items() if store.get(cid).amount_sat < amount]
+        if lost:
+            raise SystemExit(f"acknowledged payments missing from the payee's store: {lost}")
+        print(f"{len(acked)} channels, {count} payments, every acknowledged amount stored")
+        print(f"payments_per_s={payments:.0f} p50_ms={percentile(lat, 0.5):.2f} p99_ms={percentile(lat, 0.99):.2f} "
+              f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store={args.store} "
+              f"instances={args.instances}")
+    finally:
+        for w in workers:
+            try:
+                w.send("quit")
+                w.p.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                w.p.kill()
+        for p in payees:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        bitcoind.stop()
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--channels", type=int, default=100)
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
+    ap.add_argument("--payers", type=int, default=4, help="payer processes")
+    ap.add_argument("--instances", type=int, default=1, help="payee processes on one store")
+    ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="postgresql: a real server (PATH or pgserver), shared by the instances")
+    ap.add_argument("--profile", help="write cProfile files (payer workers, payees) to this folder")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        asyncio.run(Worker(json.loads(Path(args.worker).read_text())).serve())
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
