@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from btcchannel.errors import NodeError, NodeUnavailable, NotOpen
 from btcchannel.payee.http import WATCHER
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payer.client import PayerClient
-from btcchannel.testing import open_channel, start_payee, wait_until_async
+from btcchannel.testing import fast_config, node_for, open_channel, start_payee, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 
 
@@ -199,3 +201,42 @@ async def test_a_payee_node_without_a_transaction_index_is_refused(
                 await start_payee(payee_factory.config("no-index"), node)
     finally:
         other.stop()
+
+
+async def test_a_node_with_an_old_best_block_is_a_stale_view(
+    node_factory: Callable[..., RegtestNode], payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """A node cut off from its peers still answers, with an old tip: past ``max_block_age_s`` the
+    payee refuses proposals and payments until a recent block arrives."""
+    lonely = node_factory()
+    lonely.create_wallet("miner")
+    now = int(time.time())
+    lonely.rpc("setmocktime", now - 7200)  # its best block is two hours old
+    lonely.mine(1)
+    lonely.rpc("setmocktime", 0)
+    config = payee_factory.config("lonely", max_block_age_s=3600.0)
+    async with node_for(lonely, "miner") as node:
+        srv = await start_payee(config, node)
+        try:
+            info = await payer_client.info(srv.url)
+            assert info["chain_fresh"] is False and "best block is" in info["chain_problem"]
+            with pytest.raises(NodeUnavailable):
+                await payer_client.open_channel(srv.url, 100_000, 60, wait_open=False)
+            lonely.mine(1)  # a recent block: the view is current again
+            await wait_until_async(lambda: srv.svc.tip.stale_reason(config.max_tip_age_s) is None,
+                                   timeout=30, what="fresh view after a recent block")
+            assert (await payer_client.info(srv.url))["chain_fresh"] is True
+        finally:
+            await srv.stop()
+
+
+def test_block_age_bound_per_network(tmp_path: Path) -> None:
+    assert fast_config(tmp_path / "r").block_age_bound_s is None  # regtest: blocks come when mined
+    assert fast_config(tmp_path / "s", network="signet").block_age_bound_s == 7200.0
+    assert fast_config(tmp_path / "m", network="signet", max_block_age_s=600.0).block_age_bound_s == 600.0
+    tip = ChainTip()
+    old = ChainState(chain="signet", height=5, best_hash="00" * 32, ibd=False, block_time=1_000)
+    tip.update(old, "signet", 7200.0, now=1_000 + 7201)
+    assert tip.stale_reason(10.0) is not None and "best block" in (tip.problem or "")
+    tip.update(old, "signet", 7200.0, now=1_000 + 7199)
+    assert tip.stale_reason(10.0) is None

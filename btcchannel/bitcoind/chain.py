@@ -39,6 +39,7 @@ class ChainState:
     height: int          # of the best block
     best_hash: str
     ibd: bool            # the node is in initial block download (its view is not current)
+    block_time: int | None = None   # the best block's header time (unix seconds), when the node says
 
 
 async def chain_state(node: Node) -> ChainState:
@@ -48,6 +49,7 @@ async def chain_state(node: Node) -> ChainState:
         return ChainState(
             chain=str(info["chain"]), height=int(info["blocks"]), best_hash=str(info["bestblockhash"]),
             ibd=bool(info.get("initialblockdownload", False)),
+            block_time=int(info["time"]) if "time" in info else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise NodeError(f"getblockchaininfo: malformed reply: {exc}") from exc

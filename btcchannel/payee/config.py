@@ -18,6 +18,9 @@ __all__ = ["MIN_CLOSE_MARGIN_BLOCKS", "ServerConfig"]
 #: on; the payer's refund is valid from expiry: below 2 blocks a stuck close never gets a bump.
 MIN_CLOSE_MARGIN_BLOCKS = 2
 
+#: on a public network, a best block older than this means the node's view is not current
+DEFAULT_MAX_BLOCK_AGE_S = 2 * 3600.0
+
 
 @dataclass
 class ServerConfig:
@@ -48,6 +51,7 @@ class ServerConfig:
     max_fee_rate_sat_vb: float = 1000.0
     poll_interval_s: float = 1.0            # watcher period (and the tip follower's)
     max_tip_age_s: float = 10.0             # payments refused when the node's tip is older than this
+    max_block_age_s: float | None = None    # ... or when its best block is older than this (None: per network)
     price_sat: int = 0                      # metered service: price per unit (0: none)
     mode: str = "prepay"                    # "prepay" or "postpay"
     credit_limit_sat: int = 0               # postpay: unpaid total allowed
@@ -55,6 +59,15 @@ class ServerConfig:
     idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
     store_url: str | None = None            # postgresql://... shared by several instances; None: <datadir>/payee.db
+
+    @property
+    def block_age_bound_s(self) -> float | None:
+        """How old the node's best block may be before its view counts as stale: the configured
+        bound, else two hours on a public network (a node cut off from its peers still answers,
+        with an old tip) and none on regtest, where blocks come only when someone mines."""
+        if self.max_block_age_s is not None:
+            return self.max_block_age_s
+        return None if self.network == "regtest" else DEFAULT_MAX_BLOCK_AGE_S
 
     def __post_init__(self) -> None:
         self.datadir = Path(self.datadir)
@@ -72,6 +85,8 @@ class ServerConfig:
             raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
+        if self.max_block_age_s is not None and self.max_block_age_s <= 0:
+            raise ValueError("max_block_age_s must be positive")
         if self.store_url is not None and not is_postgres_url(self.store_url):
             raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
         try:

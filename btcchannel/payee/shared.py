@@ -45,13 +45,19 @@ class ChainTip:
     checked_at: float | None = None
     problem: str | None = None
 
-    def update(self, state: ChainState, network: str) -> None:
-        """Take a fresh answer of the node (``network``: the payee's configured network)."""
+    def update(self, state: ChainState, network: str, max_block_age_s: float | None = None,
+               now: float | None = None) -> None:
+        """Take a fresh answer of the node (``network``: the payee's configured network;
+        ``max_block_age_s``: how old its best block may be, by wall clock ``now``)."""
         expected = BITCOIND_CHAIN[network]
+        block_age = None if state.block_time is None else (time.time() if now is None else now) - state.block_time
         if state.chain != expected:
             self.problem = f"the node follows chain {state.chain!r}, not {expected!r}"
         elif state.ibd:
             self.problem = "the node is in initial block download"
+        elif max_block_age_s is not None and block_age is not None and block_age > max_block_age_s:
+            self.problem = (f"the node's best block is {block_age:.0f}s old (more than {max_block_age_s:g}s):"
+                            " it may be cut off from the network")
         else:
             self.problem = None
         self.height, self.best_hash = state.height, state.best_hash

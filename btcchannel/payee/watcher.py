@@ -113,7 +113,7 @@ class Watcher:
 
     async def refresh_tip(self) -> int:
         """Ask the node for its tip and update the shared :class:`ChainTip` (its height)."""
-        self.tip.update(await chain_state(self.node), self.config.network)
+        self.tip.update(await chain_state(self.node), self.config.network, self.config.block_age_bound_s)
         return self.tip.height
 
     async def _pause(self, seen: int) -> None:
