@@ -58,7 +58,9 @@ class BlockNotifier:
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
         self.count = 0                      # announcements received so far
-        self._changed = asyncio.Condition()
+        # resolved (and replaced) at each announcement; waiters use asyncio.wait, which never
+        # swallows their own cancellation (asyncio.wait_for can, on Python 3.11)
+        self._next: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -92,17 +94,16 @@ class BlockNotifier:
                 continue
             if not parts or parts[0] != _TOPIC:
                 continue
-            async with self._changed:
-                self.count += 1
-                self._changed.notify_all()
+            self.count += 1
+            announced, self._next = self._next, asyncio.get_running_loop().create_future()
+            announced.set_result(None)
 
     async def wait(self, seen: int, timeout: float) -> bool:
         """Wait until more than ``seen`` blocks were announced, at most ``timeout`` seconds; whether
         one was (False: the timeout, the caller polls)."""
-        async with self._changed:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.count > seen), timeout)
-            return self.count > seen
+        if self.count <= seen:
+            await asyncio.wait({self._next}, timeout=timeout)
+        return self.count > seen
 
     async def aclose(self) -> None:
         """Stop receiving and release the socket."""

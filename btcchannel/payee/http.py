@@ -182,13 +182,14 @@ async def _close(request: web.Request) -> web.Response:
         rec.state is ChannelState.CLOSING and rec.close_txid is None and rec.signature is not None
         and not is_uneconomic(rec) and loop.time() < deadline
     ):
-        try:
-            await asyncio.wait_for(closer.close_done(cid), timeout=0.05)
-        except asyncio.TimeoutError:
-            rec = svc.store.get(cid)
-            continue
+        done = asyncio.ensure_future(closer.close_done(cid))
+        try:  # asyncio.wait, not wait_for: it never swallows a cancellation of this handler
+            await asyncio.wait({done}, timeout=0.05)
+        finally:
+            done.cancel()
         rec = svc.store.get(cid)
-        break  # our own broadcast attempt is over (failed ones are retried by the watcher)
+        if done.done() and not done.cancelled():
+            break  # our own broadcast attempt is over (failed ones are retried by the watcher)
     return web.json_response(channel_object(rec))
 
 
