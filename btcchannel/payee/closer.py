@@ -43,6 +43,7 @@ from btcchannel.errors import (
     RpcVerifyError,
     RpcVerifyRejected,
 )
+from btcchannel.payee.batch import batch_of, bump_batch, close_claimed
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import Channels
 from btcchannel.store import PayeeRecord, PayeeStore
@@ -72,7 +73,7 @@ class Closer:
         self.payee_script = b""
         self.claimed: set[str] = set()   # closes claimed by this process, not broadcast yet
         self._events: dict[str, asyncio.Event] = {}
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()    # one close built, recorded and sent at a time
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -131,6 +132,28 @@ class Closer:
             self._spawn(self._broadcast_safely(cid))
         return rec
 
+    def claim_only(self, cid: str, reason: str) -> PayeeRecord | None:
+        """Claim the close now (no more payments) without broadcasting it: the caller hands it to
+        :meth:`close_claimed` (the watcher, at the end of its pass, to batch the closes it claimed)."""
+        rec = self.store.claim_close(cid, reason)
+        self.channels.invalidate(cid)
+        if rec is not None:
+            self.claimed.add(cid)
+        return rec
+
+    async def close_claimed(self, cids: list[str]) -> None:
+        """Broadcast the closes claimed with :meth:`claim_only`: one transaction for those that can
+        share it (:mod:`btcchannel.payee.batch`), each of the others alone; logs failures."""
+        await close_claimed(self, cids)
+
+    def done(self, cid: str) -> None:
+        """This process finished its broadcast attempt for ``cid`` (wakes :meth:`close_done`)."""
+        self._event(cid).set()
+
+    async def broadcast_claimed(self, cid: str) -> None:
+        """Broadcast one claimed close alone, logging (not raising) failures."""
+        await self._broadcast_safely(cid)
+
     async def close(self, cid: str, reason: str) -> PayeeRecord:
         """Claim and broadcast the close of ``cid`` (no-op if someone else claimed it); the row after."""
         rec = self.claim(cid, reason)
@@ -169,7 +192,7 @@ class Closer:
 
         ``previous_txid``: the close this one replaces (None for the first); nothing is done
         unless the row still records exactly that close."""
-        async with self._lock:
+        async with self.lock:
             rec, recorded = await self.record_close(cid, fee_rate, previous_txid)
             if not recorded or rec.close_tx is None or rec.close_tx_txid is None:
                 return rec.close_txid
@@ -226,7 +249,7 @@ class Closer:
         broadcast failed): send it byte for byte and record the broadcast. False if there is none."""
         if rec.close_tx_txid is None or rec.close_tx_txid == rec.close_txid:
             return False
-        async with self._lock:
+        async with self.lock:
             fresh = self.store.get(rec.channel_id)
             if fresh.state is not ChannelState.CLOSING or fresh.close_tx_txid in (None, fresh.close_txid):
                 return True
@@ -259,11 +282,16 @@ class Closer:
         return tx, affordable
 
     # -- bump and rebroadcast -----------------------------------------------------------
-    async def bump(self, cid: str, fee_rate: float | None = None) -> str | None:
-        """RBF: replace our unconfirmed close with one at a higher fee rate."""
+    async def bump(self, cid: str, fee_rate: float | None = None, *, deadline: bool = False) -> str | None:
+        """RBF: replace our unconfirmed close with one at a higher fee rate. A close shared by several
+        channels is replaced by one keeping every payment (:func:`~btcchannel.payee.batch.bump_batch`;
+        ``deadline``: the watcher's deadline bump, whose rate the batch decides per member)."""
         rec = self.store.get(cid)
         if rec.state is not ChannelState.CLOSING or rec.close_txid is None:
             return rec.close_txid
+        group = batch_of(self, rec)
+        if len(group) > 1:
+            return await bump_batch(self, group, None if deadline else fee_rate)
         estimate = await self.fee_rate() if fee_rate is None else 0.0
         rate = bump_fee_rate(rec.close_fee_rate, fee_rate, self.config.bump_factor, estimate)
         return await self.broadcast(cid, rate, rec.close_txid)
@@ -281,7 +309,7 @@ class Closer:
             except (RpcVerifyRejected, RpcVerifyError) as err:
                 log.info("recorded close of %s refused again (%s): rebuilding it", cid, err)
         rate = max(rec.close_fee_rate or MIN_RELAY_FEE_RATE, await self.fee_rate())
-        async with self._lock:
+        async with self.lock:
             fresh = self.store.get(cid)
             if fresh.close_txid != rec.close_txid or fresh.state is not ChannelState.CLOSING:
                 return
@@ -298,7 +326,7 @@ class Closer:
         if entry is None:
             return None
         fee, vsize = entry
-        async with self._lock:
+        async with self.lock:
             fresh = self.store.get(cid)
             if fresh.state is not ChannelState.CLOSING or fresh.signature is None:
                 return None

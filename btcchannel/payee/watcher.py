@@ -101,6 +101,7 @@ class Watcher:
         self._full_pass = True   # the first pass looks at every channel
         self.notifier: BlockNotifier | None = None   # the node's block announcements, while run() runs
         self._retry: set[str] = set()  # channels the last pass failed to look at
+        self._claims: list[str] | None = None  # closes claimed by this pass, sent (batched) at its end
 
     async def start(self) -> None:
         """Check the node keeps a transaction index, then fetch the tip (before the service answers
@@ -197,6 +198,7 @@ class Watcher:
             # an open channel is looked at only when a block touches it: keep its depth current
             self.store.add_confirmations(len(advance.blocks))
         retry: set[str] = set()  # channels this pass could not look at: looked at again next pass
+        self._claims = []
         try:
             for rec in live:
                 if not (full or rec.channel_id in touched or self._due(rec, tip)):
@@ -206,9 +208,13 @@ class Watcher:
                 except ChannelError as err:
                     retry.add(rec.channel_id)
                     log.warning("watcher: channel %s: %s", rec.channel_id, err)
+            claims, self._claims = self._claims, None
+            await self.closer.close_claimed(claims)  # one transaction for those that can share it
         except BaseException:
             self._full_pass = True  # the blocks are consumed: the next pass looks at every channel
-            raise
+            raise  # (closes claimed and not sent are in closer.claimed: the next pass sends them)
+        finally:
+            self._claims = None
         self._retry = retry
         self._full_pass = False
         self.store.set_chain_cursor(self.follower.height, self.follower.hash)
@@ -294,14 +300,22 @@ class Watcher:
         if info.confirmations != rec.confirmations:
             self.store.set_confirmations(cid, info.confirmations, open_now=False)
         if tip >= closing_height(rec.expiry_height, cfg.close_margin_blocks):
-            await self.closer.close(cid, "expiry_margin")
+            await self._close(cid, "expiry_margin")
             return
         reason = agreed_terms(rec, cfg.terms).timed_end(
             owed_sat=rec.owed_sat, paid_sat=rec.amount_sat, owed_since=rec.owed_since, paid_at=rec.paid_at,
             now=time.time(),
         )
         if reason is not None:  # payment_timeout, idle_timeout, end_time_reached
+            await self._close(cid, reason)
+
+    async def _close(self, cid: str, reason: str) -> None:
+        """Claim ``cid``'s close; within a pass its broadcast waits for the pass's end, to share one
+        transaction with the other closes the pass claims (never longer than this pass)."""
+        if self._claims is None:
             await self.closer.close(cid, reason)
+        elif self.closer.claim_only(cid, reason) is not None:
+            self._claims.append(cid)
 
     async def _check_closing(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id
@@ -364,13 +378,15 @@ class Watcher:
         cfg, cid = self.config, rec.channel_id
         if rec.close_height is None or rec.close_height >= tip:
             return  # at most one replacement per block
+        if self.store.get(cid).close_txid != rec.close_txid:
+            return  # replaced in this pass already (a batch is bumped by its first member looked at)
         urgent = rec.expiry_height - tip <= cfg.urgent_blocks
         if not urgent and tip - rec.close_height < cfg.bump_after_blocks:
             return
         log.info("close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
                  cid, tip - rec.close_height, rec.expiry_height - tip)
         try:
-            await self.closer.bump(cid, cfg.max_fee_rate_sat_vb if urgent else None)
+            await self.closer.bump(cid, cfg.max_fee_rate_sat_vb if urgent else None, deadline=urgent)
         except ChannelError as err:
             log.info("bump of %s not done: %s", cid, err)
 

@@ -1,0 +1,199 @@
+"""Batched closes: the channels the watcher claims in one pass close in ONE transaction.
+
+A batch is formed only from channels this process claimed in the same watcher pass (expiry
+margin, agreed timed ends, and claims it adopts), at the end of that pass: no channel's first
+broadcast waits longer than the pass that claimed it. The close is the core's
+:func:`~btcchannel.core.channel.build_multi_close`: each payer's change at the output paired
+with its input (SIGHASH_SINGLE), one payee output paying the sum of the payments minus the fee.
+
+The payee output goes to the stored payout script of the batch's first channel in channel-id
+order (deterministic, so a bump rebuilds the same layout): every stored payout script was fixed
+by this payee when the channel was proposed (its configured address or a fresh address of its own
+wallet, never anything the payer sent), so any of them pays the payee itself.
+
+Every channel of a batch records the same close (raw transaction, txid, rate) before it is
+broadcast and the same broadcast after it, so the per-channel machinery keeps working: a
+restarted payee re-sends the recorded batch byte for byte (each member's ``resume``), a batch
+that confirmed is final per channel at ``final_confirmations``, and a channel whose batch left
+the mempool falls back to its own close (``rebroadcast``) or, raced by a refund, outbids it alone.
+
+Not batched (each closes alone, exactly as before): a channel already within ``urgent_blocks``
+of its expiry, one whose payment alone does not pay for a close, a pass with one channel due.
+A bump of a batch (RBF) rebuilds it with every member's payment; a member that has become urgent
+while the others have not is split out: the others' batch replaces the old one (paying more
+than it), then the urgent channel's own close goes out at the deadline rate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+
+from btcchannel.bitcoind.chain import mempool_fee
+from btcchannel.core.channel import build_multi_close
+from btcchannel.core.state import ChannelState
+from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
+from btcchannel.core.tx import OutPoint, tx_vsize
+from btcchannel.errors import ChannelError, CloseUneconomic, RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
+from btcchannel.store import PayeeRecord
+
+if TYPE_CHECKING:
+    from btcchannel.payee.closer import Closer
+
+__all__ = ["batch_of", "close_claimed", "bump_batch"]
+
+log = logging.getLogger("btcchannel.payee.closer")
+
+
+def batch_of(closer: Closer, rec: PayeeRecord) -> list[PayeeRecord]:
+    """The closing channels whose last broadcast close is ``rec``'s (``rec``'s batch; one row for
+    a channel closing alone), in channel-id order."""
+    if rec.close_txid is None:
+        return [rec]
+    rows = [r for r in closer.store.list([ChannelState.CLOSING]) if r.close_txid == rec.close_txid]
+    return sorted(rows, key=lambda r: r.channel_id) or [rec]
+
+
+def _txid(tx: Any) -> str:
+    return bytes(tx.GetTxid())[::-1].hex()
+
+
+def _urgent(closer: Closer, rec: PayeeRecord, tip: int) -> bool:
+    return rec.expiry_height - tip <= closer.config.urgent_blocks
+
+
+async def close_claimed(closer: Closer, cids: Sequence[str]) -> None:
+    """Broadcast the closes of ``cids`` (claimed by this process in this pass, not broadcast yet):
+    one batch for those that can share it, each of the others alone. Never raises ChannelError
+    (logged: the watcher retries a claimed close on its next pass)."""
+    try:
+        alone = await _close_batch(closer, list(cids))
+    except ChannelError as err:
+        log.warning("batched close of %d channels not broadcast yet (%s); the watcher retries", len(cids), err)
+        alone = []
+    for cid in alone:
+        await closer.broadcast_claimed(cid)
+    for cid in cids:
+        closer.done(cid)
+
+
+async def _close_batch(closer: Closer, cids: list[str]) -> list[str]:
+    """Build, record and send the batch; returns the channels to close alone."""
+    if len(cids) < 2:
+        return cids
+    tip = await closer.node.tip_height()
+    rate = min(await closer.fee_rate(), closer.config.max_fee_rate_sat_vb)
+    members: list[PayeeRecord] = []
+    alone: list[str] = []
+    for cid in sorted(cids):
+        rec = closer.store.get(cid)
+        if rec.state is not ChannelState.CLOSING or rec.signature is None or rec.close_txid is not None \
+                or rec.close_tx_txid is not None or _urgent(closer, rec, tip):
+            alone.append(cid)  # nothing to send, recorded already, or racing its deadline: alone
+            continue
+        try:  # a payment that does not pay for its own close is left to the single path's rules
+            closer.channels.build(rec).build_close(closer.payout_of(rec), rate)
+        except CloseUneconomic:
+            alone.append(cid)
+            continue
+        members.append(rec)
+    while len(members) >= 2:
+        spent = await _send_new(closer, members, rate)
+        if not spent:
+            return alone
+        # a funding spent meanwhile (a refund in the mempool): that channel is split out (its
+        # recorded batch is refused, the watcher then outbids the spend); the others go on
+        members = [m for m in members if m.channel_id not in spent]
+    return alone + [m.channel_id for m in members]
+
+
+async def _send_new(closer: Closer, members: list[PayeeRecord], rate: float) -> set[str]:
+    """Record and send a first close for ``members``; the members whose funding turned out spent
+    (the node refused the batch for them), else an empty set."""
+    payout = closer.payout_of(members[0])
+    tx = build_multi_close([closer.channels.build(m) for m in members], payout, rate)
+    raw, txid = tx.serialize().hex(), _txid(tx)
+    async with closer.lock:
+        for m in members:
+            if not closer.store.record_close_intent(m.channel_id, txid, raw, rate, None):
+                log.info("close of %s recorded by someone else meanwhile", m.channel_id)
+            closer.claimed.discard(m.channel_id)
+        try:
+            await _send(closer, raw, txid)
+        except (RpcVerifyRejected, RpcVerifyError) as err:
+            spent = {m.channel_id for m in members if await _funding_spent(closer, m)}
+            if not spent:
+                raise
+            log.warning("batched close %s refused (%s): %d channel(s) split out", txid, err, len(spent))
+            return spent
+        tip = await closer.node.tip_height()
+        for m in members:
+            closer.store.set_close_tx(m.channel_id, txid, rate, tip, None)
+    log.info("batched close of %d channels broadcast: %s at %.2f sat/vB", len(members), txid, rate)
+    return set()
+
+
+async def _funding_spent(closer: Closer, rec: PayeeRecord) -> bool:
+    assert rec.funding_txid is not None and rec.funding_vout is not None
+    return await closer.node.get_txout(OutPoint(rec.funding_txid, rec.funding_vout), include_mempool=True) is None
+
+
+async def _send(closer: Closer, raw: str, txid: str) -> None:
+    try:
+        sent = await closer.node.broadcast(raw)
+    except RpcAlreadyInChain:
+        sent = txid
+    if sent != txid:
+        raise ChannelError(f"the node reports txid {sent} for our close {txid}")
+
+
+async def bump_batch(closer: Closer, group: list[PayeeRecord], fee_rate: float | None) -> str | None:
+    """RBF: replace the unconfirmed batch close shared by ``group`` with one paying more that keeps
+    every member's payment; members now within ``urgent_blocks`` of expiry (while others are not)
+    are split out into their own close at ``max_fee_rate_sat_vb``. Returns the new txid."""
+    cfg = closer.config
+    old = group[0]
+    assert old.close_txid is not None
+    entry = await mempool_fee(closer.node, old.close_txid)
+    if entry is None:
+        return old.close_txid  # not in the mempool: the watcher rebroadcasts or adopts instead
+    tip = await closer.node.tip_height()
+    urgent = [m for m in group if _urgent(closer, m, tip)]
+    rest = [m for m in group if not _urgent(closer, m, tip)]
+    if not rest or not urgent:
+        rest, urgent = group, []
+        if all(_urgent(closer, m, tip) for m in group):
+            fee_rate = cfg.max_fee_rate_sat_vb if fee_rate is None else fee_rate
+    estimate = await closer.fee_rate() if fee_rate is None else 0.0
+    rate = min(bump_fee_rate(old.close_fee_rate, fee_rate, cfg.bump_factor, estimate), cfg.max_fee_rate_sat_vb)
+    if not urgent and rate <= (old.close_fee_rate or 0.0):
+        return old.close_txid  # at its cap already: nothing higher to replace it with
+    txid = await _replace(closer, rest, old.close_txid, rate, entry[0])
+    for m in urgent:  # the old batch is gone now: its own close at the deadline rate, not delayed
+        log.warning("channel %s is %d blocks from expiry: split out of batch %s",
+                    m.channel_id, m.expiry_height - tip, old.close_txid)
+        await closer.broadcast(m.channel_id, cfg.max_fee_rate_sat_vb, old.close_txid)
+    return txid
+
+
+async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, rate: float, old_fee: int) -> str:
+    """Record and send a replacement of ``previous`` closing ``members`` at ``rate``, paying at least
+    the old fee plus the incremental relay fee for its own size (BIP125)."""
+    payout = closer.payout_of(members[0])
+    chs = [closer.channels.build(m) for m in members]
+    tx = build_multi_close(chs, payout, rate)
+    need = old_fee + math.ceil(MIN_RELAY_FEE_RATE * tx_vsize(tx)) + 1
+    if sum(m.deposit_sat for m in members) - sum(o.nValue for o in tx.vout) < need:
+        tx = build_multi_close(chs, payout, rate, min_fee_sat=need)
+    raw, txid = tx.serialize().hex(), _txid(tx)
+    async with closer.lock:
+        for m in members:
+            if not closer.store.record_close_intent(m.channel_id, txid, raw, rate, previous):
+                log.info("close of %s replaced by someone else meanwhile", m.channel_id)
+        await _send(closer, raw, txid)
+        tip = await closer.node.tip_height()
+        for m in members:
+            closer.store.set_close_tx(m.channel_id, txid, rate, tip, previous)
+    log.info("batched close %s of %d channels replaced by %s at %.2f sat/vB", previous, len(members), txid, rate)
+    return txid
