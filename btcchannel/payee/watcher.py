@@ -198,7 +198,8 @@ class Watcher:
             # an open channel is looked at only when a block touches it: keep its depth current
             self.store.add_confirmations(len(advance.blocks))
         retry: set[str] = set()  # channels this pass could not look at: looked at again next pass
-        self._claims = []
+        claims: list[str] = []
+        self._claims = claims  # (a concurrent pass may replace it: each pass sends the list it made)
         try:
             for rec in live:
                 if not (full or rec.channel_id in touched or self._due(rec, tip)):
@@ -208,13 +209,15 @@ class Watcher:
                 except ChannelError as err:
                     retry.add(rec.channel_id)
                     log.warning("watcher: channel %s: %s", rec.channel_id, err)
-            claims, self._claims = self._claims, None
+            if self._claims is claims:
+                self._claims = None
             await self.closer.close_claimed(claims)  # one transaction for those that can share it
         except BaseException:
             self._full_pass = True  # the blocks are consumed: the next pass looks at every channel
             raise  # (closes claimed and not sent are in closer.claimed: the next pass sends them)
         finally:
-            self._claims = None
+            if self._claims is claims:
+                self._claims = None
         self._retry = retry
         self._full_pass = False
         self.store.set_chain_cursor(self.follower.height, self.follower.hash)
