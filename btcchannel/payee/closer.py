@@ -8,7 +8,9 @@ is fixed when it is proposed, so a restarted process rebuilds the same close (or
 higher-fee replacement). ``operator_close`` works with the node down (the running service
 broadcasts the claimed close). The watcher asks the closer to RBF-bump a close that stays
 unconfirmed and to rebroadcast one that vanished from the mempool; a claim whose process
-died before broadcasting is taken over after ``STALE_CLAIM_S``.
+died before broadcasting is taken over after ``STALE_CLAIM_S``. Closes claimed together
+(``claim_only`` then ``close_claimed``: the watcher's pass) share one transaction, and a bump
+of such a close keeps every channel's payment (:mod:`btcchannel.payee.batch`).
 
 Operator entry points (for the CLI; usable while a service runs on the same datadir, the
 store arbitrates; neither starts a service)::

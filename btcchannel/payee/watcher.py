@@ -22,7 +22,9 @@ refuses payments on a stale tip); every close is left to the
   a funding outpoint spent by anything but our close is an on-chain exception
   (``refunded`` for the payer's refund, ``failed`` otherwise, with
   ``exception_txid``); a close of ours sent outside the service (``--close-tx``) claims the
-  close at once (no more payments) and is adopted at final depth.
+  close at once (no more payments) and is adopted at final depth. The closes a pass claims
+  are sent at the end of that pass, in one transaction for those that can share it
+  (:mod:`btcchannel.payee.batch`).
 - ``closing``: broadcasts the close if the claim's process died before doing
   so, marks ``closed`` once our close (or one of its RBF replacements)
   confirmed, bumps the fee by RBF when it stayed unconfirmed for

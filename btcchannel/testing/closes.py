@@ -3,11 +3,14 @@
 :func:`fund_channels` funds ``k`` channels with one transaction of the node's ``miner`` wallet,
 confirms it, and returns each channel's payer and payee machines, open, with one payment
 signed by the payer and accepted by the payee; :func:`close_summary` reads a confirmed close
-back from the node (size, fee, outputs).
+back from the node (size, fee, outputs); :func:`store_open_channels` puts the payee side of such
+channels into a payee store, open with their payments, for the payee's closer.
 """
 
 from __future__ import annotations
 
+import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +21,10 @@ from btcchannel.core.params import ChannelParams
 from btcchannel.core.script import p2wpkh_script
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint
+from btcchannel.store import PayeeRecord, PayeeStore
 from btcchannel.testing.chain import sats, tx_of
 
-__all__ = ["ChannelPair", "close_summary", "fund_channels"]
+__all__ = ["ChannelPair", "close_summary", "fund_channels", "store_open_channels"]
 
 
 @dataclass
@@ -71,3 +75,23 @@ def close_summary(bitcoind: RegtestNode, txid: str) -> dict[str, Any]:
     outputs = [sats(o["value"]) for o in tx["vout"]]
     return {"vsize": int(tx["vsize"]), "fee_sat": value_in - sum(outputs), "outputs": outputs,
             "inputs": [(v["txid"], v["vout"]) for v in tx["vin"]]}
+
+
+def store_open_channels(store: PayeeStore, pairs: list[ChannelPair], payout_script: bytes) -> list[str]:
+    """The payee side of ``pairs`` as open rows of ``store`` (each with its payment and ``payout_script``),
+    for a :class:`~btcchannel.payee.closer.Closer` to close; their channel ids."""
+    cids = []
+    for pair in pairs:
+        params, best = pair.payee.params, pair.payee.best
+        assert params.funding is not None and best is not None
+        cid = secrets.token_hex(16)
+        store.insert_proposal(PayeeRecord(
+            channel_id=cid, state=ChannelState.PROPOSED, params=params.to_json(), privkey=pair.payee.privkey,
+            deposit_sat=params.deposit_sat, expiry_height=params.expiry_height, created_at=time.time(),
+            created_height=0, payout_script=payout_script.hex(),
+        ))
+        store.set_funding(cid, params.funding.txid, params.funding.vout, 1)
+        store.set_confirmations(cid, 1, open_now=True)
+        assert store.record_payment(cid, best.amount_sat, best.signature) is not None
+        cids.append(cid)
+    return cids
