@@ -42,7 +42,7 @@ async def _three_channels(srv: RunningPayee, client: PayerClient, bitcoind: Regt
     return cids
 
 
-def _check_close(bitcoind: RegtestNode, srv: RunningPayee, txid: str, cids: list[str]) -> None:
+def _check_close(bitcoind: RegtestNode, srv: RunningPayee, txid: str, cids: list[str], max_rate: int = 10) -> None:
     """``txid`` closes exactly ``cids``: input i's payer gets its change at output i, one payee output
     with the sum of the payments minus the fee, to the first channel's (by id) stored payout script."""
     close = tx_of(bitcoind, txid)
@@ -54,7 +54,7 @@ def _check_close(bitcoind: RegtestNode, srv: RunningPayee, txid: str, cids: list
         assert sats(close["vout"][i]["value"]) == DEPOSIT - rec.amount_sat  # the payer's change as signed
         paid += rec.amount_sat
     fee = DEPOSIT * len(cids) - sum(sats(o["value"]) for o in close["vout"])
-    assert sats(close["vout"][-1]["value"]) == paid - fee and 0 < fee < 10 * close["vsize"]
+    assert sats(close["vout"][-1]["value"]) == paid - fee and 0 < fee < max_rate * close["vsize"]
     first = srv.store.get(min(cids)).payout_script
     assert close["vout"][-1]["scriptPubKey"]["hex"] == first
 
@@ -225,3 +225,28 @@ async def test_a_recorded_batch_is_sent_byte_for_byte_after_a_restart(
     assert [srv.store.get(c).state for c in cids] == ["closed"] * 3
     assert all(srv.store.get(c).close_txids == [txid] for c in cids)
     _check_close(bitcoind, srv, txid, cids)
+
+
+async def test_a_deadline_bump_of_a_batch_pays_the_most_its_payments_afford(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """In the last blocks before expiry the batch is bumped toward a deadline rate its payments cannot
+    pay: it is replaced by the batch paying the most they afford (the payee output at its dust
+    limit), every payer's change still exact."""
+    srv = await payee_factory.start(run_watcher=False, **{**CONFIG, "max_fee_rate_sat_vb": 1000.0})
+    cids = await _three_channels(srv, payer_client, bitcoind)
+    expiry = srv.store.get(cids[0]).expiry_height
+    bitcoind.mine(expiry - 6 - bitcoind.tip_height())
+    await _step(srv)
+    first = srv.store.get(cids[0]).close_txid
+    _mine_empty(bitcoind, 3)  # 3 blocks before expiry: the deadline schedule
+    await _step(srv)
+    last = srv.store.get(cids[0]).close_txid
+    assert last not in (None, first) and {srv.store.get(c).close_txid for c in cids} == {last}
+    close = tx_of(bitcoind, last or "")
+    assert sats(close["vout"][-1]["value"]) == 294  # the dust limit of the payee's P2WPKH output
+    assert close["vout"][-1]["scriptPubKey"]["type"] == "witness_v0_keyhash"
+    bitcoind.mine(2)
+    await _step(srv)
+    assert [srv.store.get(c).state for c in cids] == ["closed"] * 3
+    _check_close(bitcoind, srv, last or "", cids, max_rate=1000)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from btcchannel.bitcoind.chain import mempool_fee
 from btcchannel.core.channel import build_multi_close
+from btcchannel.core.script import dust_limit
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
 from btcchannel.core.tx import OutPoint, tx_vsize
@@ -57,6 +58,10 @@ def batch_of(closer: Closer, rec: PayeeRecord) -> list[PayeeRecord]:
 
 def _txid(tx: Any) -> str:
     return bytes(tx.GetTxid())[::-1].hex()
+
+
+def _fee(members: list[PayeeRecord], tx: Any) -> int:
+    return int(sum(m.deposit_sat for m in members) - sum(o.nValue for o in tx.vout))
 
 
 def _urgent(closer: Closer, rec: PayeeRecord, tip: int) -> bool:
@@ -182,10 +187,14 @@ async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, ra
     the old fee plus the incremental relay fee for its own size (BIP125)."""
     payout = closer.payout_of(members[0])
     chs = [closer.channels.build(m) for m in members]
-    tx = build_multi_close(chs, payout, rate)
+    try:
+        tx = build_multi_close(chs, payout, rate)
+    except CloseUneconomic:  # the deadline rate is more than the payments afford: the most they can pay
+        tx = build_multi_close(chs, payout, 0, min_fee_sat=sum(m.amount_sat for m in members) - dust_limit(payout))
     need = old_fee + math.ceil(MIN_RELAY_FEE_RATE * tx_vsize(tx)) + 1
-    if sum(m.deposit_sat for m in members) - sum(o.nValue for o in tx.vout) < need:
-        tx = build_multi_close(chs, payout, rate, min_fee_sat=need)
+    if _fee(members, tx) < need:
+        tx = build_multi_close(chs, payout, rate, min_fee_sat=need)  # CloseUneconomic if they cannot
+    rate = _fee(members, tx) / tx_vsize(tx)
     raw, txid = tx.serialize().hex(), _txid(tx)
     async with closer.lock:
         for m in members:
