@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.core.channel import build_multi_close
 from btcchannel.payee.closer import Closer
 from btcchannel.payee.http import CLOSER, WATCHER
 from btcchannel.payer.client import PayerClient
@@ -250,3 +251,41 @@ async def test_a_deadline_bump_of_a_batch_pays_the_most_its_payments_afford(
     await _step(srv)
     assert [srv.store.get(c).state for c in cids] == ["closed"] * 3
     _check_close(bitcoind, srv, last or "", cids, max_rate=1000)
+
+
+async def test_a_batch_recorded_by_part_of_its_channels_before_a_crash_closes_them_all(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """The process died after two of the three channels recorded the batch: the restarted payee
+    sends it byte for byte; the third channel, whose own close is refused (its funding is spent
+    by the batch), adopts the batch as its close, so all three close with their exact payments."""
+    srv = await payee_factory.start(run_watcher=False, **CONFIG)
+    cids = await _three_channels(srv, payer_client, bitcoind)
+    await srv.stop()
+    store = PayeeStore(srv.config.db_path)
+    try:
+        closer = Closer(srv.config, store, payee_factory.node())
+        await closer.start()
+        recs = [store.claim_close(c, "operator") for c in sorted(cids)]
+        assert None not in recs
+        tx = build_multi_close([closer.channels.build(r) for r in recs if r is not None],
+                               closer.payout_of(store.get(min(cids))), 1.0)
+        txid = bytes(tx.GetTxid())[::-1].hex()
+        for c in sorted(cids)[:2]:  # the third never recorded it
+            assert store.record_close_intent(c, txid, tx.serialize().hex(), 1.0, None)
+        third = sorted(cids)[2]
+        assert store.release_close_claim(third)  # its claim is stale by now (the process is gone)
+    finally:
+        store.close()
+    srv = await payee_factory.start(srv.config, run_watcher=False)
+    await _step(srv)
+    assert txid in bitcoind.rpc("getrawmempool")
+    bitcoind.mine(2)
+
+    async def closed() -> bool:
+        await _step(srv)
+        return [srv.store.get(c).state for c in cids] == ["closed"] * 3
+
+    await wait_until_async(closed, timeout=30, what="all three closed by the batch")
+    assert {srv.store.get(c).close_txid for c in cids} == {txid}
+    _check_close(bitcoind, srv, txid, cids)
