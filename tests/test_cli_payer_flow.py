@@ -61,13 +61,15 @@ class Cli:
 
 
 @pytest.fixture
-def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, str, bytes]]:
+def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Cli, str, bytes]]:
+    """A payee process selling 1000-byte chunks at 100 sat (``indirect`` parameter: another price)."""
+    price = str(getattr(request, "param", 100))
     bitcoind.create_wallet("flow-payee")
     cli = Cli(bitcoind, tmp_path / "payee", "flow-payee")
     data = os.urandom(4 * CHUNK)
     (tmp_path / "data.bin").write_bytes(data)
     proc = subprocess.Popen(
-        cli.argv("--json", "serve", "--port", "0", "--price-sat", "100", "--serve-file", str(tmp_path / "data.bin"),
+        cli.argv("--json", "serve", "--port", "0", "--price-sat", price, "--serve-file", str(tmp_path / "data.bin"),
                  "--chunk-size", str(CHUNK)),
         env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
@@ -91,7 +93,7 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
                     "--fee-rate", "3")
     assert out.returncode == 0, out.stderr
     assert "wait" not in out.stderr.lower()
-    with PayerStore(payer.datadir / "payer.db") as store:
+    with PayerStore(payer.datadir / "regtest" / "payer.db") as store:
         first = store.list()[-1]
     assert first.funding_txid is not None
     assert f"funding transaction {first.funding_txid} broadcast (fee " in out.stderr
@@ -102,7 +104,7 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
     out = payer.run("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--timeout", "1")
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
-    with PayerStore(payer.datadir / "payer.db") as store:
+    with PayerStore(payer.datadir / "regtest" / "payer.db") as store:
         second = store.list()[-1]
     assert f"error: open_timeout: channel {second.channel_id} is funded by {second.funding_txid}" in out.stderr
     assert "waiting for confirmations: 0/1" in out.stderr
@@ -113,14 +115,14 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
                             env=payer.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def funded() -> bool:
-        with PayerStore(payer.datadir / "payer.db") as store:
+        with PayerStore(payer.datadir / "regtest" / "payer.db") as store:
             return len(store.list()) == 3 and store.list()[-1].funding_txid is not None
 
     wait_until(funded, timeout=60, what="the third channel funded")
     bitcoind.mine(1)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    third = PayerStore(payer.datadir / "payer.db")
+    third = PayerStore(payer.datadir / "regtest" / "payer.db")
     with third:
         rec = third.list()[-1]
     assert f"funding transaction {rec.funding_txid} broadcast" in stderr
@@ -128,7 +130,7 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
     assert f"channel {rec.channel_id} open:" in stdout
 
 
-def test_fetch_pay_bump_and_refund_say_what_they_did(
+def test_fetch_picks_a_usable_channel_and_keeps_the_body(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[Cli, str, bytes],
 ) -> None:
     payee_cli, url, data = payee
@@ -152,6 +154,25 @@ def test_fetch_pay_bump_and_refund_say_what_they_did(
     assert base64.b64decode(got["body_base64"]) == data[2 * CHUNK:3 * CHUNK]
     assert got["amount_sat"] == 200 and got["remaining_sat"] == 20000 - 200
 
+    # one code for one condition: paying a closing channel, by pay or by fetch
+    assert payer.json("close", old["channel_id"])["state"] == "closing"
+    by_pay = payer.error("pay", old["channel_id"], "--amount-sat", "1")
+    by_fetch = payer.error("fetch", f"{url}/v1/file/0", "--channel", old["channel_id"])
+    assert by_pay["code"] == by_fetch["code"] == "channel_closing"
+
+
+@pytest.mark.parametrize("payee", [0], indirect=True)  # free-form payments: no price per unit
+def test_pay_bump_and_refund_say_what_they_did(
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[Cli, str, bytes],
+) -> None:
+    payee_cli, url, _ = payee
+    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    old = payer.json("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "50", "--no-wait")
+    newer = payer.json("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "50", "--no-wait")
+    bitcoind.mine(1)
+    wait_until(lambda: payee_cli.json("channel", old["channel_id"])["state"] == "open", timeout=30, what="open")
+    payer.json("pay", old["channel_id"], "--amount-sat", "200")
+
     # pay: an increment, the new total and what remains
     paid = payer.json("pay", old["channel_id"], "--amount-sat", "1000")
     assert paid["increment_sat"] == 1000 and paid["amount_sat"] == 1200
@@ -170,11 +191,6 @@ def test_fetch_pay_bump_and_refund_say_what_they_did(
     assert lines[0] == "paid 18000 sat more: total 20000 of the 20000 sat deposit, 0 sat remaining"
     assert "the payee closes it" in lines[1]
 
-    # one code for one condition: paying a closing channel, by pay or by fetch
-    by_pay = payer.error("pay", old["channel_id"], "--amount-sat", "1")
-    by_fetch = payer.error("fetch", f"{url}/v1/file/0", "--channel", old["channel_id"])
-    assert by_pay["code"] == by_fetch["code"] == "channel_closing"
-
     # the payee's close, bumped: both transactions and both fee rates; then nothing to replace
     close_txid = payee_cli.json("channel", old["channel_id"])["close_txid"]
     wait_until(lambda: bool(bitcoind.rpc("getrawmempool")), timeout=30, what="close in the mempool")
@@ -188,7 +204,7 @@ def test_fetch_pay_bump_and_refund_say_what_they_did(
     err = payee_cli.error("bump", old["channel_id"], "--fee-rate", "20")
     assert err["code"] == "nothing_to_replace"
 
-    # the newer channel: no usable channel once the old one is used up and the newer refunded
+    # the newer channel, never used: refunded after expiry, with the fee rate; twice is a clear error
     bitcoind.mine(newer["expiry_height"] - bitcoind.tip_height())
     refund = payer.json("refund", newer["channel_id"], "--fee-rate", "2")
     assert refund["fee_rate_sat_vb"] >= 2 and refund["amount_sat"] + refund["fee_sat"] == 20000

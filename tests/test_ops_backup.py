@@ -59,7 +59,7 @@ def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subproce
     bitcoind.create_wallet("backup-payee")
     cli = Cli(bitcoind, tmp_path / "payee", "backup-payee")
     copy = tmp_path / "other-disk" / "payee.db"
-    proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "100",
+    proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "0",  # free-form payments
                                      "--backup-db", str(copy), "--backup-interval", "3600"),
                             env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -113,6 +113,8 @@ def test_payee_restores_from_its_continuous_copy_and_closes_every_open_channel(
     a = payer.json("open", url, "--deposit-sat", "40000", "--lifetime-blocks", "40", "--no-wait")
     b = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "40", "--no-wait")
     bitcoind.mine(1)
+    for opened in (a, b):
+        wait_until(lambda: payee_cli.json("channel", opened["channel_id"])["state"] == "open", timeout=30, what="open")
     payer.json("pay", a["channel_id"], "--amount-sat", "7000")
     payer.json("pay", b["channel_id"], "--amount-sat", "5000")
     payer.json("pay", b["channel_id"], "--amount-sat", "1000")

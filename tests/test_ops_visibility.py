@@ -47,7 +47,7 @@ def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subproc
     bitcoind.create_wallet("ops-payee")
     cli = Cli(bitcoind, tmp_path / "payee", "ops-payee")
     (tmp_path / "data.bin").write_bytes(os.urandom(3000))
-    proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "100", "--serve-file",
+    proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "1000", "--serve-file",
                                      str(tmp_path / "data.bin"), "--chunk-size", "1000"),
                             env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -75,35 +75,36 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     short = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "12", "--no-wait")
     bitcoind.mine(1)
     payer.json("fetch", f"{url}/v1/file/0", "--channel", cid)
-    payer.json("pay", cid, "--amount-sat", "2400")
+    assert payer.json("fetch", f"{url}/v1/file", "--channel", cid)["amount_sat"] == 4000  # 3 chunks more
 
     # /metrics, parsed: payments, channels and sats by state, latency by route pattern
     m = _samples(url)
-    assert m[("btcchannel_payments_total", (("kind", "metered"),))] == 1.0
-    assert m[("btcchannel_payments_total", (("kind", "channel"),))] == 1.0
+    assert m[("btcchannel_payments_total", (("kind", "metered"),))] == 4.0
     assert m[("btcchannel_channels", (("state", "open"),))] == 2.0
-    assert m[("btcchannel_paid_sat", (("state", "open"),))] == 2500.0
+    assert m[("btcchannel_paid_sat", (("state", "open"),))] == 4000.0
     assert m[("btcchannel_deposit_sat", (("state", "open"),))] == 80000.0
     assert m[("btcchannel_chain_tip_height", ())] == bitcoind.tip_height()
-    route = (("route", "/v1/channels/{cid}/payments"),)
-    assert m[("btcchannel_http_request_seconds_count", route)] == 1.0
-    assert m[("btcchannel_http_requests_total", (("route", "/v1/channels/{cid}/payments"), ("status", "200")))] == 1.0
+    route = (("route", "/v1/file/{index}"),)
+    assert m[("btcchannel_http_request_seconds_count", route)] == 4.0
+    assert m[("btcchannel_http_requests_total", (("route", "/v1/file/{index}"), ("status", "200")))] == 4.0
 
     # close, confirm: the payer's list follows the chain (closing -> closed); the summaries add up
     payer.json("close", cid)
     assert {c["channel_id"]: c["state"] for c in payer.json("list")["channels"]}[cid] == "closing"
+    close_txid = wait_until(lambda: payee.json("channel", cid)["close_txid"], timeout=30, what="the close broadcast")
+    assert close_txid in bitcoind.rpc("getrawmempool")
     bitcoind.mine(1)
     listed = {c["channel_id"]: c for c in payer.json("list")["channels"]}
     assert listed[cid]["state"] == "closed"
     wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=60, what="the payee sees the close")
     s = payee.json("summary")["payee"]
-    assert s["earned_sat"] == 2500 and s["channels"]["closed"] == 1
+    assert s["earned_sat"] == 4000 and s["channels"]["closed"] == 1
     assert s["open"] == {"channels": 1, "amount_sat": 0, "deposit_sat": 30000,
                          "nearest_expiry_height": short["expiry_height"],
                          "blocks_to_nearest_expiry": short["expiry_height"] - bitcoind.tip_height()}
     assert s["close_fee_rate_sat_vb"]["last"] >= 1.0
     text = payee.run("summary").stdout
-    assert "earned         2500 sat" in text and "close fees" in text
+    assert "earned         4000 sat" in text and "close fees" in text
 
     # past expiry: flagged refundable in the list and in the payer's summary
     bitcoind.mine(short["expiry_height"] - bitcoind.tip_height())
@@ -111,7 +112,7 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert listed[short["channel_id"]]["refundable"] is True and listed[short["channel_id"]]["blocks_left"] == 0
     assert "expired: refundable" in payer.run("list").stdout
     ps = payer.json("summary")["payer"]
-    assert ps["spent_sat"] == 2500
+    assert ps["spent_sat"] == 4000
     assert [x["channel_id"] for x in ps["refundable"]] == [short["channel_id"]]
 
     # a failed open (an empty wallet) is marked failed; forget removes it, and refuses a live channel

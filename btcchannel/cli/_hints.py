@@ -53,6 +53,15 @@ HINTS: dict[str, str] = {
                           "the state and close txid",
     "already_refunded": "nothing is left to refund; the deposit's spend is shown by `btcchannel list`",
     "usage": "see --help for the command's options and an example",
+    "unauthorized": "the request was not signed by this channel's payer key; pay with the datadir that "
+                    "opened the channel",
+    "terms_mismatch": "propose the terms the payee states in GET /v1/info (price, mode, credit limit, timeouts)",
+    "terms_refused": "the payee asks more than your limits allow; raise --max-price-sat (or the other "
+                     "limits) or choose another payee",
+    "terms_changed": "the payee no longer states the terms agreed at open; nothing else is signed: close "
+                     "the channel or wait for its refund",
+    "amount_not_agreed": "the agreed terms do not allow this total (units received x price, agreed total, "
+                         "payments or end time); `btcchannel list` shows what is paid",
 }
 
 # refinements by (code, part of the message): the node's own messages are the common cases

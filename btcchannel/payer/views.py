@@ -13,6 +13,7 @@ import aiohttp
 
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState
+from btcchannel.core.tx import OutPoint
 from btcchannel.errors import ChannelError, NotOpen, PayeeUnreachable
 from btcchannel.store import PayerRecord, PayerStore
 
@@ -102,13 +103,22 @@ def payer_summary(recs: list[PayerRecord], tip_height: int | None) -> dict[str, 
 async def refresh_from_chain(store: PayerStore, node: Node) -> int:
     """Bring the payer's records up to the chain's view; the tip height.
 
-    A ``closing`` channel whose close transaction confirmed becomes ``closed``; a channel the
-    payee reported ended whose deposit is still unspent on chain stays as it is (``refund`` decides).
+    A channel whose deposit was spent by a confirmed transaction other than the payer's own
+    refund becomes ``closed`` (its close txid recorded, found on chain when the payee did not
+    report it); a channel the payee reported ended whose deposit is still unspent stays as it is
+    (``refund`` decides).
     """
     tip = await node.tip_height()
     for rec in store.list():
-        if rec.state is ChannelState.CLOSING and rec.close_txid:
-            confs = await node.tx_confirmations(rec.close_txid)
-            if confs:
-                store.set_state(rec.channel_id, ChannelState.CLOSED)
+        if rec.state not in (ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING) or not rec.funding_txid:
+            continue
+        spender = rec.close_txid
+        if spender is None:
+            outpoint = OutPoint(rec.funding_txid, rec.funding_vout or 0)
+            funded = await node.tx_confirmations(rec.funding_txid)
+            if not funded or await node.get_txout(outpoint) is not None:
+                continue
+            spender = await node.find_spender(outpoint, tip - funded + 1)
+        if spender and spender != rec.refund_txid and (await node.tx_confirmations(spender) or 0) > 0:
+            store.set_state(rec.channel_id, ChannelState.CLOSED, close_txid=spender)
     return tip
