@@ -194,14 +194,14 @@ def test_pay_bump_and_refund_say_what_they_did(
     # the payee's close, bumped: both transactions and both fee rates; then nothing to replace
     close_txid = payee_cli.json("channel", old["channel_id"])["close_txid"]
     wait_until(lambda: bool(bitcoind.rpc("getrawmempool")), timeout=30, what="close in the mempool")
-    bumped = payee_cli.run("bump", old["channel_id"], "--fee-rate", "9")
+    bumped = payee_cli.run("bump", old["channel_id"], "--fee-rate", "90")  # above any estimate of a shared node
     assert bumped.returncode == 0, bumped.stderr
     new_txid = payee_cli.json("channel", old["channel_id"])["close_txid"]
     assert new_txid != close_txid
     assert bumped.stdout.startswith(f"close {close_txid} (")
-    assert bumped.stdout.rstrip().endswith(f"replaced by {new_txid} (9.00 sat/vB)")
+    assert bumped.stdout.rstrip().endswith(f"replaced by {new_txid} (90.00 sat/vB)")
     bitcoind.mine(1)
-    err = payee_cli.error("bump", old["channel_id"], "--fee-rate", "20")
+    err = payee_cli.error("bump", old["channel_id"], "--fee-rate", "200")
     assert err["code"] == "nothing_to_replace"
 
     # the newer channel, never used: refunded after expiry, with the fee rate; twice is a clear error
