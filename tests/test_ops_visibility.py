@@ -47,9 +47,10 @@ def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subproc
     bitcoind.create_wallet("ops-payee")
     cli = Cli(bitcoind, tmp_path / "payee", "ops-payee")
     (tmp_path / "data.bin").write_bytes(os.urandom(3000))
-    proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "1000", "--serve-file",
-                                     str(tmp_path / "data.bin"), "--chunk-size", "1000"),
-                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = (tmp_path / "payee.log").open("w")
+    proc = subprocess.Popen(cli.argv("--json", "-v", "--log-json", "serve", "--port", "0", "--price-sat", "1000",
+                                     "--serve-file", str(tmp_path / "data.bin"), "--chunk-size", "1000"),
+                            env=cli.env, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         assert proc.stdout is not None
         yield cli, proc, json.loads(proc.stdout.readline())["url"]
@@ -57,6 +58,7 @@ def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subproc
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+        log.close()
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -88,6 +90,11 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert m[("btcchannel_http_request_seconds_count", route)] == 4.0
     assert m[("btcchannel_http_requests_total", (("route", "/v1/file/{index}"), ("status", "200")))] == 4.0
 
+    # the payee's log: JSON lines, the first payment as an event
+    events = [json.loads(line) for line in (tmp_path / "payee.log").read_text().splitlines()]
+    paid = [e for e in events if e.get("event") == "payment"]
+    assert paid and paid[0]["channel_id"] == cid and paid[0]["amount_sat"] == 1000
+
     # close, confirm: the payer's list follows the chain (closing -> closed); the summaries add up
     payer.json("close", cid)
     assert {c["channel_id"]: c["state"] for c in payer.json("list")["channels"]}[cid] == "closing"
@@ -114,6 +121,7 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     ps = payer.json("summary")["payer"]
     assert ps["spent_sat"] == 4000
     assert [x["channel_id"] for x in ps["refundable"]] == [short["channel_id"]]
+    assert cid not in [x["channel_id"] for x in ps["refundable_later"]]
 
     # a failed open (an empty wallet) is marked failed; forget removes it, and refuses a live channel
     bitcoind.create_wallet("ops-empty")

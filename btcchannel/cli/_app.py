@@ -26,6 +26,7 @@ import click
 
 from btcchannel import __version__
 from btcchannel.cli._hints import hint_for
+from btcchannel.cli._logging import setup_logging
 from btcchannel.cli._network import derive_node_access
 from btcchannel.errors import ChannelError, NodeUnavailable
 
@@ -174,22 +175,21 @@ class Group(click.Group):
 @click.option("--rpc-password", default=None)
 @click.option("--wallet", default=None, help="bitcoind wallet name.")
 @click.option("--json", "as_json", is_flag=True, envvar="BTCCHANNEL_JSON", help="Machine-readable output: one JSON document.")
-@click.option("-v", "--verbose", count=True, help="Log to stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Log to stderr (-v info: payments, closes; -vv debug).")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.version_option(__version__, "-V", "--version", prog_name="btcchannel", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | None,
          rpc_cookie: Path | None, bitcoin_datadir: Path | None, bitcoin_conf: Path | None,
-         payer_backup: Path | None, rpc_user: str | None, rpc_password: str | None, wallet: str | None, as_json: bool, verbose: int) -> None:
+         payer_backup: Path | None, rpc_user: str | None, rpc_password: str | None, wallet: str | None, as_json: bool,
+         verbose: int, log_json: bool) -> None:
     """Unidirectional Bitcoin payment channels.
 
     \b
     Example:
       btcchannel regtest start && btcchannel regtest mine 10
     """
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose, log_json)
     ctx.obj = Settings(
         network=network, root=datadir or default_datadir(), rpc_url=rpc_url,
         rpc_cookie=rpc_cookie, rpc_user=rpc_user, rpc_password=rpc_password,

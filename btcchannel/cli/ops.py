@@ -48,9 +48,28 @@ def summary(settings: Settings) -> None:
         parts.append("payee\n" + _indent(summary_text(doc["payee"])))
     if payer_db.exists():
         with PayerStore(payer_db) as pstore:
-            doc["payer"] = payer_summary(pstore.list(), tip)
+            payer_tip = _refreshed_tip(settings, pstore)  # closes confirmed on chain count as closed
+            doc["payer"] = payer_summary(pstore.list(), payer_tip if payer_tip is not None else tip)
         parts.append("payer\n" + _indent(_payer_text(doc["payer"])))
     emit(settings, doc, "\n".join(parts) if parts else f"no channels in {settings.datadir}")
+
+
+def _refreshed_tip(settings: Settings, store: Any) -> int | None:
+    """The payer's records brought up to the chain's view; the tip (None without a node)."""
+    from btcchannel.cli._app import make_node
+    from btcchannel.payer.views import refresh_from_chain
+
+    async def refresh() -> int:
+        node = make_node(settings, "payer")
+        try:
+            return await refresh_from_chain(store, node)
+        finally:
+            await node.aclose()
+
+    try:
+        return run_async(refresh())
+    except ChannelError:
+        return None
 
 
 def _indent(text: str) -> str:

@@ -22,6 +22,7 @@ its ``payee_pubkey``.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ from btcchannel.wire import (
     payment_required_body,
 )
 
-__all__ = ["Charge", "GateAnswer", "PaymentGate", "wire_error", "www_authenticate"]
+__all__ = ["Charge", "GateAnswer", "PaymentGate", "gate_of", "wire_error", "www_authenticate"]
 
 log = logging.getLogger("btcchannel.payee.gate")
 
@@ -95,9 +96,13 @@ class PaymentGate:
     """Admits paid requests for one payee service; ``protocol_url``: where its /v1 endpoints are
     reached (absolute, e.g. ``https://api.example/btc``), else the request's own origin."""
 
+    #: a paid request is logged (event ``payment``) once, then every ``log_every`` requests
+    log_every = 100
+
     def __init__(self, svc: PayeeService, protocol_url: str | None = None) -> None:
         self.svc = svc
         self.protocol_url = protocol_url.rstrip("/") if protocol_url else None
+        self._payments = 0
 
     def units_for(self, price_sat: int) -> int:
         """The units of the payee's unit price that make ``price_sat`` (ValueError unless a multiple)."""
@@ -153,6 +158,11 @@ class PaymentGate:
             self.svc.unserve(charge.rec, charge.units)
             return {}
         rec = self.svc.after_payment(charge.rec)
+        self._payments += 1
+        if self._payments == 1 or self._payments % self.log_every == 0:
+            log.info("payment on %s: total %d sat (%d requests paid through this gate)", rec.channel_id,
+                     rec.amount_sat, self._payments, extra={"event": "payment", "channel_id": rec.channel_id,
+                                                            "amount_sat": rec.amount_sat, "payments": self._payments})
         return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(charge.metering.owed_total(rec.owed_sat, rec.amount_sat))}
 
     def failed(self, charge: Charge) -> None:
@@ -180,3 +190,14 @@ class PaymentGate:
             "mode": metering.mode, "channel": cid,
         })
         return GateAnswer(402, body, {"WWW-Authenticate": header})
+
+
+_GATES: weakref.WeakKeyDictionary[PayeeService, PaymentGate] = weakref.WeakKeyDictionary()
+
+
+def gate_of(svc: PayeeService) -> PaymentGate:
+    """The service's own gate (one per service, so its payment log is sampled across requests)."""
+    gate = _GATES.get(svc)
+    if gate is None:
+        gate = _GATES[svc] = PaymentGate(svc)
+    return gate

@@ -52,7 +52,7 @@ from aiohttp import web
 from btcchannel.errors import BadRequest
 from btcchannel.payee.appkeys import SERVICE
 from btcchannel.payee.service import PayeeService
-from btcchannel.payee.gate import PaymentGate
+from btcchannel.payee.gate import PaymentGate, gate_of
 from btcchannel.payee.sell import serve_gated
 from btcchannel.wire import check_decimal
 
@@ -79,7 +79,7 @@ def paid(units: int = 1) -> Callable[[Handler], Handler]:
     def deco(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            return await serve_gated(PaymentGate(request.app[SERVICE]), request, handler, units)
+            return await serve_gated(gate_of(request.app[SERVICE]), request, handler, units)
 
         return wrapper
 

@@ -75,7 +75,8 @@ async def mempool_fee(node: Node, txid: str) -> dict[str, Any]:
 
 def payer_summary(recs: list[PayerRecord], tip_height: int | None) -> dict[str, Any]:
     """The payer's totals: spent (acknowledged in channels that closed or are closing), what open
-    channels hold, and the refundable channels (funded, not ended, at or past expiry) with blocks left."""
+    channels hold, and the refundable channels (funded, not ended, at or past expiry) with blocks left;
+    ``refundable_later`` leaves out the channels whose close is under way."""
     spent = sum(r.acked_sat for r in recs if r.state in (ChannelState.CLOSING, ChannelState.CLOSED))
     live = [r for r in recs if r.state in (ChannelState.OPEN, ChannelState.FUNDING)]
     funded = [(r, None if tip_height is None else r.expiry_height - tip_height) for r in recs
@@ -95,7 +96,8 @@ def payer_summary(recs: list[PayerRecord], tip_height: int | None) -> dict[str, 
                  "amount_sat": sum(r.acked_sat for r in live),
                  "remaining_sat": sum(r.deposit_sat - r.acked_sat for r in live)},
         "refundable": [item(r, left) for r, left in funded if left is not None and left <= 0],
-        "refundable_later": [item(r, left) for r, left in funded if left is None or left > 0],
+        "refundable_later": [item(r, left) for r, left in funded
+                             if (left is None or left > 0) and r.state is not ChannelState.CLOSING],
         "tip_height": tip_height,
     }
 
