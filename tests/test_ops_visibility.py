@@ -74,7 +74,7 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     payee, proc, url = served
     payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
     cid = payer.json("open", url, "--deposit-sat", "50000", "--lifetime-blocks", "40", "--no-wait")["channel_id"]
-    short = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "12", "--no-wait")
+    short = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "20", "--no-wait")
     bitcoind.mine(1)
     payer.json("fetch", f"{url}/v1/file/0", "--channel", cid)
     assert payer.json("fetch", f"{url}/v1/file", "--channel", cid)["amount_sat"] == 4000  # 3 chunks more
@@ -103,6 +103,7 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     bitcoind.mine(1)
     listed = {c["channel_id"]: c for c in payer.json("list")["channels"]}
     assert listed[cid]["state"] == "closed"
+    bitcoind.mine(5)  # the payee holds a close final at 6 confirmations (final_confirmations)
     wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=60, what="the payee sees the close")
     s = payee.json("summary")["payee"]
     assert s["earned_sat"] == 4000 and s["channels"]["closed"] == 1
