@@ -434,11 +434,12 @@ class PayerClient(PayeeHttp):
             raise NotOpen("the channel was never funded")
         if rec.state is ChannelState.REFUNDED:
             raise AlreadyRefunded(f"channel {channel_id} was refunded already by {rec.refund_txid}")
-        if await self.node.get_txout(params.funding) is None:
-            if await self.node.tx_confirmations(params.funding.txid) is None:
-                raise NotOpen(f"the funding {params.funding.txid} is not known to the node")
+        if await self.node.get_txout(params.funding, include_mempool=False) is None:  # spent in a block
+            if not await self.node.tx_confirmations(params.funding.txid):
+                raise NotOpen(f"the funding {params.funding.txid} is not confirmed")
             how = f" by close {rec.close_txid}" if rec.close_txid else ""
-            raise AlreadyRefunded(f"the deposit of channel {channel_id} is already spent{how}")
+            raise AlreadyRefunded(f"the deposit of channel {channel_id} is already spent in a block{how}")
+        # spent only in the mempool (a close not confirmed yet): the refund may replace it
         state = ChannelState(rec.state)
         if state in TERMINAL_STATES:
             # the payee reported an end, but the chain still holds the deposit: the chain decides
