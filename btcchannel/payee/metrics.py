@@ -3,8 +3,8 @@
 Counted as requests pass (an aiohttp middleware): requests by route and status, their
 latency (histogram by route), acknowledged payments (``kind``: ``channel`` for the payments
 endpoint, ``metered`` for a paid request that carried its payment). Read from the store at each scrape
-(one aggregate query): channels, paid and deposited satoshis by state, and the chain tip
-the service last saw. Routes are labelled by their pattern (``/v1/channels/{cid}/payments``),
+(one aggregate query): channels, paid and deposited satoshis by state, the chain tip the
+service last saw and the node's staleness (seconds since it last answered, a problem flag). Routes are labelled by their pattern (``/v1/channels/{cid}/payments``),
 so the label set stays bounded whatever the requests.
 
 Entry point::
@@ -56,6 +56,13 @@ class _StoreCollector(Collector):
         yield deposit
         yield GaugeMetricFamily("btcchannel_chain_tip_height", "The chain height the service last saw.",
                                 value=self.tip.height)
+        age = self.tip.age_s()
+        yield GaugeMetricFamily("btcchannel_node_tip_age_seconds",
+                                "Seconds since the node last answered a tip query (-1: never).",
+                                value=-1.0 if age is None else age)
+        yield GaugeMetricFamily("btcchannel_node_problem",
+                                "1 while the node's view cannot be trusted (initial block download, wrong chain).",
+                                value=0.0 if self.tip.problem is None else 1.0)
 
 
 def install_metrics(app: web.Application) -> CollectorRegistry:
