@@ -472,3 +472,26 @@ class AmountNotAgreed(ChannelError):
     code = "amount_not_agreed"
     http_status = 409
     wire = False
+class OpenTimeout(ChannelError):
+    """A funded channel that the payee did not report open within the wait the caller gave
+    (its funding is not confirmed enough yet). Nothing is lost: the channel opens once the
+    funding confirms. Local code ``open_timeout``, HTTP 504."""
+
+    code = "open_timeout"
+    http_status = 504
+
+
+class NothingToReplace(ChannelError):
+    """A fee bump that would replace nothing: the channel has no close in the mempool (it is
+    open, or its close already confirmed). Local code ``nothing_to_replace``, HTTP 409."""
+
+    code = "nothing_to_replace"
+    http_status = 409
+
+
+class AlreadyRefunded(ChannelError):
+    """A refund of a channel whose deposit was already taken back (or spent by a close).
+    Local code ``already_refunded``, HTTP 409."""
+
+    code = "already_refunded"
+    http_status = 409

@@ -42,10 +42,11 @@ def test_every_command_has_an_example() -> None:
         assert "Example" in out.output, path
 
 
-def test_errors_are_one_line_with_a_code(tmp_path: Path) -> None:
+def test_errors_are_one_line_with_a_code_and_a_hint(tmp_path: Path) -> None:
     out = invoke("--datadir", str(tmp_path), "channel", "00" * 16)
     assert out.exit_code == 1
-    assert out.output.strip().splitlines() == [out.output.strip()]
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("hint: ")
     assert out.output.startswith("error: unknown_channel:")
     assert "Traceback" not in out.output
     out = invoke("--datadir", str(tmp_path), "pay", "00" * 16, "--amount-sat", "-5")
@@ -89,7 +90,7 @@ def test_cli_reports_an_unreachable_payee_with_its_code(tmp_path: Path, closed_p
     out = invoke("--datadir", str(tmp_path), "--rpc-url", "http://127.0.0.1:1", "--rpc-user", "u",
                  "--rpc-password", "p", "open", url, "--deposit-sat", "100000", "--lifetime-blocks", "20")
     assert out.exit_code == 1
-    last = out.output.strip().splitlines()[-1]
+    last = out.output.strip().splitlines()[-2]
     assert last == (f"error: payee_unreachable: payee unreachable: GET {url}/v1/info: "
                     f"cannot connect to 127.0.0.1:{closed_port}: Connection refused")
     assert "Traceback" not in out.output and "Error(" not in out.output
@@ -98,7 +99,7 @@ def test_cli_reports_an_unreachable_payee_with_its_code(tmp_path: Path, closed_p
 def test_json_output_of_empty_lists(tmp_path: Path) -> None:
     out = invoke("--datadir", str(tmp_path), "--json", "list")
     assert out.exit_code == 0, out.output
-    assert json.loads(out.output) == {"channels": []}
+    assert json.loads(out.output) == {"channels": [], "tip_height": None}
     out = invoke("--datadir", str(tmp_path), "--json", "--rpc-url", "http://127.0.0.1:1", "channels")
     assert out.exit_code == 0, out.output
     assert json.loads(out.output) == {"channels": [], "tip_height": None}

@@ -7,15 +7,16 @@ variables, and the one place library errors become text and exit codes, are in
 
 - ``payee``: serve, channels, channel, close, bump
 - ``payer``: open, pay, fetch, refund, list, backup export|import
+- ``ops``: summary, forget, restore
 - ``regtest``: regtest install|start|stop|status|mine
 """
 
 from __future__ import annotations
 
-from btcchannel.cli import payee, payer, regtest
+from btcchannel.cli import ops, payee, payer, regtest
 from btcchannel.cli._app import Settings, main
 
 __all__ = ["Settings", "main"]
 
-for _command in (*payee.COMMANDS, *payer.COMMANDS, *regtest.COMMANDS):
+for _command in (*payee.COMMANDS, *payer.COMMANDS, *ops.COMMANDS, *regtest.COMMANDS):
     main.add_command(_command)

@@ -3,8 +3,11 @@
 :class:`Settings` (the global options, also settable as ``BTCCHANNEL_<NAME>``),
 the root group :func:`main`, :func:`emit` for output, :func:`make_node` and the
 ``with_node``/``with_client`` runners. :class:`Group` is the one place where a
-library error (:class:`ChannelError`) becomes ``error: <code>: <message>`` on
-stderr and exit status 1 (usage errors exit with 2, as click does).
+library error (:class:`ChannelError`) becomes ``error: <code>: <message>`` and
+``hint: <what to do>`` on stderr, or under ``--json`` one document
+``{"error": {"code", "message", "hint"}}`` on stdout, and exit status 1 (usage
+errors exit with 2, as click does). An unexpected exception is reported the
+same way with code ``internal`` (its traceback only with ``-v``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from btcchannel import __version__
+from btcchannel.cli._hints import hint_for
+from btcchannel.cli._logging import setup_logging
+from btcchannel.cli._network import derive_node_access
 from btcchannel.errors import ChannelError, NodeUnavailable
 
 if TYPE_CHECKING:
@@ -28,13 +35,14 @@ if TYPE_CHECKING:
     from btcchannel.payer.client import PayerClient
 
 __all__ = [
-    "EXIT_ERROR", "EXIT_INTERRUPTED", "Group", "Settings", "default_datadir", "emit", "fail", "main",
+    "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageProblem", "error_document", "Group", "Settings", "default_datadir", "emit", "fail", "main",
     "make_node", "run_async", "table", "with_client", "with_node",
 ]
 
 T = TypeVar("T")
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
@@ -43,7 +51,7 @@ class Settings:
     """The global options, as every command sees them."""
 
     network: str
-    datadir: Path
+    root: Path
     rpc_url: str | None
     rpc_cookie: Path | None
     rpc_user: str | None
@@ -51,11 +59,24 @@ class Settings:
     wallet: str | None
     json: bool
     verbose: int
+    bitcoin_datadir: Path | None = None
+    bitcoin_conf: Path | None = None
+    payer_backup: Path | None = None
+
+    @property
+    def payer_backup_file(self) -> Path:
+        """The payer's backup, rewritten on every open [default: <datadir>/payer-backup.json]."""
+        return self.payer_backup or self.datadir / "payer-backup.json"
+
+    @property
+    def datadir(self) -> Path:
+        """This network's state: ``<root>/<network>`` (one folder per network, never shared)."""
+        return self.root / self.network
 
     @property
     def regtest_dir(self) -> Path:
         """Where ``btcchannel regtest start`` keeps its node."""
-        return self.datadir / "regtest-node"
+        return self.root / "regtest-node"
 
 
 def default_datadir() -> Path:
@@ -64,10 +85,33 @@ def default_datadir() -> Path:
     return Path(base) / "btcchannel"
 
 
-def fail(error: ChannelError) -> NoReturn:
-    """One line ``error: <code>: <message>`` on stderr, then exit status 1."""
-    click.echo(f"error: {error.code}: {error.message}", err=True)
-    sys.exit(EXIT_ERROR)
+def error_document(error: ChannelError, hint: str | None = None) -> dict[str, Any]:
+    """``{"error": {"code", "message", "hint"}}``: what ``--json`` prints for an error."""
+    return {"error": {"code": error.code, "message": error.message, "hint": hint or hint_for(error)}}
+
+
+def fail(error: ChannelError, as_json: bool = False, *, hint: str | None = None,
+         status: int = EXIT_ERROR) -> NoReturn:
+    """``error: <code>: <message>`` and ``hint: ...`` on stderr (one JSON document on stdout
+    with ``as_json``), then exit with ``status``."""
+    if as_json:
+        click.echo(json.dumps(error_document(error, hint), sort_keys=True))
+    else:
+        click.echo(f"error: {error.code}: {error.message}", err=True)
+        click.echo(f"hint: {hint or hint_for(error)}", err=True)
+    sys.exit(status)
+
+
+class UsageProblem(ChannelError):
+    """A command line click refused (code ``usage``, exit status 2); only the CLI raises it."""
+
+    code = "usage"
+    http_status = 400
+
+
+def _json_wanted(ctx: click.Context) -> bool:
+    obj = ctx.find_root().obj
+    return bool(obj.json) if isinstance(obj, Settings) else "--json" in sys.argv[1:]
 
 
 def emit(settings: Settings, document: dict[str, Any], text: str) -> None:
@@ -92,64 +136,97 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except ChannelError as e:
-            fail(e)
+            fail(e, _json_wanted(ctx))
+        except click.UsageError as e:
+            if not _json_wanted(ctx):
+                raise
+            fail(UsageProblem(e.format_message()), True, status=EXIT_USAGE)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - the edge: no traceback for a user, one with -v
+            obj = ctx.find_root().obj
+            if isinstance(obj, Settings) and obj.verbose:
+                logging.getLogger("btcchannel.cli").exception("unexpected error")
+            fail(ChannelError(f"{type(e).__name__}: {e}"), _json_wanted(ctx))
 
 
 @click.group(cls=Group, context_settings={"auto_envvar_prefix": "BTCCHANNEL", "help_option_names": ["-h", "--help"]})
 @click.option("--network", default="regtest", show_default=True,
               type=click.Choice(["mainnet", "testnet", "testnet4", "signet", "regtest"]))
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Where btcchannel keeps its state [default: $XDG_DATA_HOME/btcchannel].")
-@click.option("--rpc-url", default=None, help="bitcoind RPC URL, e.g. http://127.0.0.1:18443.")
-@click.option("--rpc-cookie", type=click.Path(path_type=Path), default=None, help="bitcoind's .cookie file.")
+              help="Where btcchannel keeps its state, one subfolder per network "
+                   "[default: $XDG_DATA_HOME/btcchannel].")
+@click.option("--rpc-url", default=None,
+              help="bitcoind RPC URL [default: as bitcoin-cli: rpcconnect/rpcport of bitcoin.conf, "
+                   "else the network's port, e.g. http://127.0.0.1:38332 on signet].")
+@click.option("--rpc-cookie", type=click.Path(path_type=Path), default=None,
+              help="bitcoind's .cookie file [default: <bitcoin datadir>/<network>/.cookie].")
+@click.option("--bitcoin-datadir", type=click.Path(path_type=Path), default=None,
+              help="bitcoind's -datadir, to find its cookie and bitcoin.conf [default: ~/.bitcoin].")
+@click.option("--bitcoin-conf", type=click.Path(path_type=Path), default=None,
+              help="bitcoind's -conf [default: <bitcoin datadir>/bitcoin.conf].")
+@click.option("--payer-backup", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The payer's backup, rewritten before every funding (put it on another disk) "
+                   "[default: <datadir>/<network>/payer-backup.json].")
 @click.option("--rpc-user", default=None)
 @click.option("--rpc-password", default=None)
 @click.option("--wallet", default=None, help="bitcoind wallet name.")
 @click.option("--json", "as_json", is_flag=True, envvar="BTCCHANNEL_JSON", help="Machine-readable output: one JSON document.")
-@click.option("-v", "--verbose", count=True, help="Log to stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Log to stderr (-v info: payments, closes; -vv debug).")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
+@click.version_option(__version__, "-V", "--version", prog_name="btcchannel", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | None,
-         rpc_cookie: Path | None, rpc_user: str | None, rpc_password: str | None,
-         wallet: str | None, as_json: bool, verbose: int) -> None:
+         rpc_cookie: Path | None, bitcoin_datadir: Path | None, bitcoin_conf: Path | None,
+         payer_backup: Path | None, rpc_user: str | None, rpc_password: str | None, wallet: str | None, as_json: bool,
+         verbose: int, log_json: bool) -> None:
     """Unidirectional Bitcoin payment channels.
 
     \b
     Example:
       btcchannel regtest start && btcchannel regtest mine 10
     """
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose, log_json)
     ctx.obj = Settings(
-        network=network, datadir=datadir or default_datadir(), rpc_url=rpc_url,
+        network=network, root=datadir or default_datadir(), rpc_url=rpc_url,
         rpc_cookie=rpc_cookie, rpc_user=rpc_user, rpc_password=rpc_password,
-        wallet=wallet, json=as_json, verbose=verbose,
+        wallet=wallet, json=as_json, verbose=verbose, bitcoin_datadir=bitcoin_datadir, bitcoin_conf=bitcoin_conf,
+        payer_backup=payer_backup,
     )
 
 
 def make_node(settings: Settings, default_wallet: str) -> Node:
-    """The node of the global options, else the background regtest node of ``regtest start``."""
+    """The node of the global options; else, on regtest, the background node of ``regtest start``
+    (in this datadir, else in the default one); else the network's node found as bitcoin-cli
+    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``)."""
     from btcchannel.bitcoind.regtest import recorded_rpc
     from btcchannel.bitcoind.rpc import Node
 
     wallet = settings.wallet or default_wallet
-    if settings.rpc_url:
-        auth = None
-        if settings.rpc_user is not None:
-            auth = (settings.rpc_user, settings.rpc_password or "")
-        cookie = None if auth else settings.rpc_cookie
-        return Node(settings.rpc_url, auth=auth, cookie_file=cookie, wallet=wallet)
-    if settings.network == "regtest":
-        rec = recorded_rpc(settings.regtest_dir)
-        if rec is not None:
-            url, user, password = rec
-            return Node(url, auth=(user, password), wallet=wallet)
-    raise NodeUnavailable("no node: pass --rpc-url (and --rpc-cookie or --rpc-user/--rpc-password), "
-                          "or run `btcchannel regtest start`")
+    access = derive_node_access(settings.network, settings.bitcoin_datadir, settings.bitcoin_conf, settings.rpc_url)
+    if settings.rpc_user is not None:
+        return Node(access.url, auth=(settings.rpc_user, settings.rpc_password or ""), wallet=wallet)
+    if settings.rpc_url or settings.rpc_cookie:
+        if access.user is not None and settings.rpc_cookie is None:
+            return Node(access.url, auth=(access.user, access.password or ""), wallet=wallet)
+        return Node(access.url, cookie_file=settings.rpc_cookie or access.cookie, wallet=wallet)
+    if settings.network == "regtest" and settings.bitcoin_datadir is None and settings.bitcoin_conf is None:
+        for folder in (settings.regtest_dir, default_datadir() / "regtest-node"):
+            rec = recorded_rpc(folder)
+            if rec is not None:
+                url, user, password = rec
+                return Node(url, auth=(user, password), wallet=wallet)
+    if access.user is not None:
+        return Node(access.url, auth=(access.user, access.password or ""), wallet=wallet)
+    if access.cookie is not None and access.cookie.exists():
+        return Node(access.url, cookie_file=access.cookie, wallet=wallet)
+    start = " or run `btcchannel regtest start`" if settings.network == "regtest" else ""
+    raise NodeUnavailable(f"no {settings.network} node found: no cookie at {access.cookie} and no rpcpassword in "
+                          f"bitcoin.conf; pass --bitcoin-datadir, --rpc-url with --rpc-cookie or "
+                          f"--rpc-user/--rpc-password{start}")
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -166,12 +243,14 @@ async def with_node(settings: Settings, wallet: str, body: Callable[[Node], Awai
         await node.aclose()
 
 
-async def with_client(settings: Settings, body: Callable[[PayerClient], Awaitable[T]]) -> T:
-    """``body(client)`` with a payer client on the settings' datadir and the ``payer`` wallet."""
+async def with_client(settings: Settings, body: Callable[[PayerClient], Awaitable[T]], **client_kw: Any) -> T:
+    """``body(client)`` with a payer client on the settings' datadir and the ``payer`` wallet
+    (``client_kw``: more arguments of :class:`PayerClient`, e.g. ``fee_rate_sat_vb``)."""
     from btcchannel.payer.client import PayerClient
 
     async def inner(node: Node) -> T:
-        async with PayerClient(settings.datadir, node, network=settings.network) as client:
+        client_kw.setdefault("backup_file", settings.payer_backup_file)
+        async with PayerClient(settings.datadir, node, network=settings.network, **client_kw) as client:
             return await body(client)
 
     return await with_node(settings, "payer", inner)

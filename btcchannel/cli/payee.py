@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from btcchannel.cli._app import Settings, emit, run_async, table, with_client, with_node
-from btcchannel.errors import ChannelError
+from btcchannel.core.state import ChannelState
+from btcchannel.errors import ChannelError, NothingToReplace
 
 if TYPE_CHECKING:
     from btcchannel.bitcoind.rpc import Node
@@ -66,12 +67,19 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--chunk-size", type=click.IntRange(1, 60_000), default=1024, show_default=True)
 @click.option("--store", "store_url", metavar="postgresql://...", default=None,
               help="A PostgreSQL database shared by several payee instances [default: <datadir>/payee.db].")
+@click.option("--metrics/--no-metrics", default=True, show_default=True,
+              help="Serve Prometheus metrics at /metrics.")
+@click.option("--backup-db", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Keep a copy of payee.db here (put it on another disk), updated on every change.")
+@click.option("--backup-interval", type=click.FloatRange(1.0), default=60.0, show_default=True,
+              help="Seconds between copies when nothing changed.")
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
           credit_limit_sat: int | None, payment_timeout: float | None, idle_timeout: float | None,
           close_margin_blocks: int | None,
           min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
-          chunk_size: int, store_url: str | None) -> None:
+          chunk_size: int, store_url: str | None, metrics: bool, backup_db: Path | None,
+          backup_interval: float) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
     mode, credit limit and timeouts given here (``GET /v1/info`` states them); channels already
     open keep the terms they were agreed under.
@@ -91,8 +99,18 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
         payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
         min_confirmations=min_confirmations, payee_address=payee_address, store_url=store_url,
     )
+    if backup_db is not None and store_url is not None:
+        raise click.UsageError("--backup-db copies the SQLite payee.db; back a PostgreSQL store up with its own tools")
 
     def hook(app: Any) -> None:
+        if backup_db is not None:
+            from btcchannel.payee.backup import install_backup
+
+            install_backup(app, config.db_path, backup_db, interval_s=backup_interval)
+        if metrics:
+            from btcchannel.payee.metrics import install_metrics
+
+            install_metrics(app)
         if serve_file is not None:
             from btcchannel.payee.metered import add_file_route
 
@@ -231,15 +249,45 @@ def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_pa
 def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
     """Replace the payee's unconfirmed close with one paying a higher fee rate (RBF).
 
+    Fails with ``nothing_to_replace`` when there is no close in the mempool (the channel
+    is open, or its close confirmed); the answer names both transactions and fee rates.
+
     \b
     Example:
       btcchannel bump 5f0c...e1 --fee-rate 25
     """
     from btcchannel.payee.closer import operator_bump
+    from btcchannel.store import PayeeStore
 
     config = _server_config(settings)
-    obj = run_async(with_node(settings, "payee", lambda node: operator_bump(config, node, channel_id, fee_rate)))
-    emit(settings, obj, f"close replaced: {obj.get('close_txid')}")
+
+    async def run(node: Node) -> dict[str, Any]:
+        with PayeeStore(config.db_path) as store:
+            before = store.get(channel_id)
+        old = before.close_txid
+        if before.state is not ChannelState.CLOSING or old is None:
+            raise NothingToReplace(f"channel {channel_id} is {before.state.value}: it has no close to replace")
+        confs = await node.tx_confirmations(old)
+        if confs:
+            raise NothingToReplace(f"the close {old} of channel {channel_id} is confirmed "
+                                   f"({confs} confirmations): nothing to replace")
+        obj = await operator_bump(config, node, channel_id, fee_rate)
+        if obj.get("close_txid") in (None, old):
+            raise NothingToReplace(f"the close {old} of channel {channel_id} was not replaced")
+        return {**obj, "replaced_txid": old, "old_fee_rate_sat_vb": before.close_fee_rate,
+                "new_fee_rate_sat_vb": await _close_fee_rate(config.db_path, channel_id)}
+
+    obj = run_async(with_node(settings, "payee", run))
+    emit(settings, obj, f"close {obj['replaced_txid']} ({obj['old_fee_rate_sat_vb']:.2f} sat/vB) replaced by "
+                        f"{obj['close_txid']} ({obj['new_fee_rate_sat_vb']:.2f} sat/vB)")
+
+
+async def _close_fee_rate(db_path: Path, channel_id: str) -> float | None:
+    """The fee rate the payee's store records for ``channel_id``'s current close."""
+    from btcchannel.store import PayeeStore
+
+    with PayeeStore(db_path) as store:
+        return store.get(channel_id).close_fee_rate
 
 
 COMMANDS: tuple[click.Command, ...] = (serve, channels, channel, close_cmd, bump)

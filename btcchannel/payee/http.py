@@ -273,6 +273,16 @@ async def serve(
     finally:
         await runner.cleanup()
         store.close()
+        _remove_own_record(config.datadir / "server.json")
+
+
+def _remove_own_record(path: Path) -> None:
+    """Remove ``server.json`` if this process wrote it (a newer process may have replaced it)."""
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -53,80 +53,34 @@ from aiohttp import web
 from btcchannel.errors import BadRequest
 from btcchannel.payee.appkeys import SERVICE
 from btcchannel.payee.service import PayeeService
-from btcchannel.wire import (
-    HDR_AUTH,
-    HDR_CHANNEL,
-    HDR_OWED,
-    HDR_PAID,
-    check_channel_id,
-    check_decimal,
-    parse_auth_header,
-    parse_payment_headers,
-    payment_required_body,
-)
+from btcchannel.payee.gate import PaymentGate, gate_of
+from btcchannel.payee.sell import serve_gated
+from btcchannel.wire import check_decimal
 
 __all__ = ["paid", "add_paid_route", "add_file_route", "payment_required", "Handler"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def payment_required(svc: PayeeService, cid: str | None, units: int) -> web.Response:
-    """The 402 answer: price, mode and where to open a channel / what to pay next."""
-    rec = svc.store.get(cid) if cid is not None else None
-    metering = svc.terms_of(rec).metering if rec is not None else svc.config.metering
-    return web.json_response(payment_required_body(metering, units, rec), status=402)
+def payment_required(svc: PayeeService, cid: str | None, units: int, origin: str = "") -> web.Response:
+    """The 402 answer: price, mode and where to open a channel / what to pay next (see the gate)."""
+    answer = PaymentGate(svc).payment_required(cid, units, origin)
+    return web.json_response(answer.body, status=answer.status, headers=answer.headers)
 
 
 def paid(units: int = 1) -> Callable[[Handler], Handler]:
-    """Decorator: the handler runs only once ``units`` units are paid (prepay) or on credit (postpay)."""
+    """Decorator: the handler runs only once ``units`` units are paid (prepay) or on credit (postpay).
+
+    The handler must run in btcchannel's own app (``request.app`` holds the service); in another
+    app use :class:`btcchannel.payee.sell.Seller`. The gating is :class:`~btcchannel.payee.gate.PaymentGate`'s.
+    """
     if units < 1:
         raise ValueError("units must be >= 1")
 
     def deco(handler: Handler) -> Handler:
         @functools.wraps(handler)
         async def wrapper(request: web.Request) -> web.StreamResponse:
-            svc = request.app[SERVICE]
-            cid_h = request.headers.get(HDR_CHANNEL)
-            if cid_h is None:
-                if not svc.config.metering.enabled:
-                    return await handler(request)
-                return payment_required(svc, None, units)
-            cid = check_channel_id(cid_h)
-            metering = svc.terms_of(svc.store.get(cid)).metering  # the channel's agreed terms
-            if not metering.enabled:
-                return await handler(request)
-            counter, auth_sig = parse_auth_header(request.headers.get(HDR_AUTH))
-            svc.authenticate(cid, counter, auth_sig, request.method, request.raw_path)
-            pay = parse_payment_headers(request.headers)
-            if metering.mode == "prepay":
-                if pay is None:
-                    from_credit = svc.use_unit_credit(cid, units, counter)
-                    if from_credit is None:
-                        return payment_required(svc, cid, units)
-                    charged = from_credit
-                else:
-                    charged = svc.charge_prepay(cid, pay[0], pay[1], units, counter)
-            else:
-                if pay is not None:
-                    svc.pay_owed(cid, pay[0], pay[1])
-                credited = svc.charge_postpay(cid, units, counter)
-                if credited is None:
-                    return payment_required(svc, cid, units)
-                charged = credited
-            try:
-                resp = await handler(request)
-            except BaseException:
-                if request.writer.output_size == 0:  # served nothing: charged nothing
-                    svc.unserve(charged, units)  # (a stream the payer broke off was served: charged)
-                raise
-            if resp.status >= 500:
-                svc.unserve(charged, units)
-                return resp
-            rec = svc.after_payment(charged)
-            if not resp.prepared:
-                resp.headers[HDR_PAID] = str(rec.amount_sat)
-                resp.headers[HDR_OWED] = str(metering.owed_total(rec.owed_sat, rec.amount_sat))
-            return resp
+            return await serve_gated(gate_of(request.app[SERVICE]), request, handler, units)
 
         return wrapper
 

@@ -21,13 +21,12 @@ Entry points (what the CLI calls)::
         async def resume(self, channel_id: str) -> dict[str, Any]    # reconcile with the payee
         async def status(self, channel_id: str) -> dict[str, Any]    # GET /v1/channels/{id}
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
-        async def refund(self, channel_id: str, *, fee_rate_sat_vb: float | None = None,
-                         dest_address: str | None = None) -> str     # refund txid (after expiry)
-        def channel_for(self, url: str) -> str          # the funding/open channel to url's payee
+        async def refund(self, channel_id: str, *, fee_rate_sat_vb=None, dest_address=None) -> str  # txid
+        async def refund_details(...same...) -> dict[str, Any]   # txid, amount, fee, fee rate
+        def channel_for(self, url: str) -> str          # the open/funding channel to url's payee (local view)
+        async def pick_channel(self, url: str) -> str   # a usable channel, asking the payee (NotOpen: why none)
         async def get_object(self, url: str) -> dict[str, Any]   # GET JSON outside the protocol
-        def list(self) -> list[PayerRecord]
-        def export_backup(self) -> dict[str, Any]
-        def import_backup(self, data: dict[str, Any]) -> int
+        def list(self) -> list[PayerRecord]; export_backup(self) -> dict; import_backup(self, data) -> int
 
 The payer's state lives in ``<datadir>/payer.db`` (``PayerStore``). A payment
 is signed, **stored**, and only then sent; after a crash ``resume`` re-sends
@@ -58,7 +57,6 @@ from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from yarl import URL
@@ -70,37 +68,29 @@ from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import TERMINAL_STATES, ChannelState
 from btcchannel.core.terms import PayerLimits, Terms, not_open_error
 from btcchannel.errors import (
+    AlreadyRefunded,
     BadRequest,
     ChannelError,
     FundingNotFound,
     NotOpen,
-    PayeeUnreachable,
+    OpenTimeout,
     ProtocolViolation,
     StalePayment,
     TermsChanged,
-    error_for_code,
+    UnknownChannel,
 )
 from btcchannel.bitcoind.rpc import Node
+from btcchannel.payer.http import PayeeHttp
+from btcchannel.payer.views import Progress, mempool_fee, no_progress, none_usable, payee_unreachable, to_payee
 from btcchannel.store import PayerRecord, PayerStore
-from btcchannel.core.tx import OutPoint
+from btcchannel.store.ops import write_payer_backup
+from btcchannel.core.tx import OutPoint, tx_vsize
 
-__all__ = ["PayerClient", "payee_unreachable"]
-
-
-def payee_unreachable(method: str, url: str, exc: BaseException, timeout: float) -> PayeeUnreachable:
-    """A :class:`PayeeUnreachable` for ``exc`` (an aiohttp or timeout error) that reads as a sentence."""
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        why = f"no answer in {timeout:g} s"
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        err = exc.os_error
-        reason = os.strerror(err.errno) if isinstance(err, ConnectionError) and err.errno else err.strerror
-        why = f"cannot connect to {exc.host}:{exc.port}: {reason or type(err).__name__}"
-    else:
-        why = str(exc) or type(exc).__name__
-    return PayeeUnreachable(f"payee unreachable: {method} {url}: {why}")
+__all__ = ["PayerClient", "Progress", "payee_unreachable"]
 
 
-class PayerClient:
+
+class PayerClient(PayeeHttp):
     """The payer: one datadir (its ``payer.db``) and one node wallet that funds channels."""
 
     def __init__(
@@ -111,18 +101,21 @@ class PayerClient:
         network: str = "regtest",
         timeout: float = 30.0,
         fee_rate_sat_vb: float | None = None,
+        backup_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.datadir = Path(datadir)
         self.node = node
         self.network = script.check_network(network)
         self.timeout = timeout
         self.fee_rate_sat_vb = fee_rate_sat_vb
+        self.backup_file = Path(backup_file) if backup_file is not None else None  # rewritten on every open
         self.store = PayerStore(self.datadir / "payer.db")
         self._session: aiohttp.ClientSession | None = None
         self._request_counters: dict[str, int] = {}
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
         self._terms: dict[str, Terms] = {}  # agreed terms, parsed
+        self._needed: dict[str, int] = {}   # confirmations each payee asks for (from its info)
 
     async def __aenter__(self) -> PayerClient:
         return self
@@ -139,61 +132,9 @@ class PayerClient:
             self._session = None
         self.store.close()
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """The shared HTTP session (created on first use)."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
-        return self._session
-
-    # -- HTTP -----------------------------------------------------------------------
-    async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        """One JSON request; typed errors for error bodies, ``PayeeUnreachable`` if unreachable."""
-        try:
-            async with self.session.request(method, url, json=body) as resp:
-                status = resp.status
-                try:
-                    data = await resp.json(content_type=None)
-                except ValueError as exc:
-                    raise ProtocolViolation(f"{method} {url}: answer is not JSON (HTTP {status})") from exc
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise self.unreachable(method, url, exc) from exc
-        if status >= 400:
-            err = data.get("error") if isinstance(data, dict) else None
-            if isinstance(err, dict) and isinstance(err.get("code"), str):
-                raise error_for_code(err["code"], str(err.get("message", "")))
-            raise ProtocolViolation(f"{method} {url}: HTTP {status} without an error body")
-        return status, data
-
-    def unreachable(self, method: str, url: str, exc: BaseException) -> PayeeUnreachable:
-        """The error for an HTTP call to the payee that got no answer, saying why in words."""
-        return payee_unreachable(method, url, exc, self.timeout)
-
-    async def get_object(self, url: str) -> dict[str, Any]:
-        """GET a JSON object outside the channel protocol (e.g. a paid file's index).
-
-        ``BadRequest`` unless the answer is HTTP 200, ``PayeeUnreachable`` if no answer.
-        """
-        try:
-            async with self.session.get(url) as resp:
-                if resp.status != 200:
-                    raise BadRequest(f"{url}: HTTP {resp.status}")
-                data = await resp.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise self.unreachable("GET", url, exc) from exc
-        if not isinstance(data, dict):
-            raise ProtocolViolation(f"{url}: the answer is not a JSON object")
-        return data
-
-    async def info(self, server_url: str) -> dict[str, Any]:
-        """The payee's ``GET /v1/info``."""
-        _, data = await self.request("GET", f"{server_url.rstrip('/')}/v1/info")
-        if not isinstance(data, dict):
-            raise ProtocolViolation("info is not an object")
-        return data
-
     # -- channels ---------------------------------------------------------------------
     def _channel(self, rec: PayerRecord) -> PayerChannel:
+        """The pure channel machine of a stored record."""
         params = ChannelParams.from_json(rec.params)
         if params.funding is None and rec.funding_txid is not None and rec.funding_vout is not None:
             params = params.with_funding(OutPoint(rec.funding_txid, rec.funding_vout))
@@ -209,6 +150,13 @@ class PayerClient:
             ch = self._channel(rec)
             self._open[rec.channel_id] = ch
         return ch
+    def record(self, channel_id: str) -> PayerRecord:
+        """The stored channel, refused (``UnknownChannel``) when it belongs to another network."""
+        rec = self.store.get(channel_id)
+        network = rec.params.get("network")
+        if network != self.network:
+            raise UnknownChannel(f"channel {channel_id} is a {network} channel, and this client runs on {self.network}")
+        return rec
 
     def _url(self, rec: PayerRecord, suffix: str = "") -> str:
         return f"{rec.server_url.rstrip('/')}/v1/channels/{rec.channel_id}{suffix}"
@@ -224,6 +172,7 @@ class PayerClient:
         max_units: int | None = None,
         max_total_sat: int | None = None,
         limits: PayerLimits | None = None,
+        progress: Progress | None = None,
     ) -> str:
         """Propose, check, fund and register a channel; returns its id.
 
@@ -233,8 +182,11 @@ class PayerClient:
         recomputed from both keys and the expiry, and its terms against the
         proposed ones; any difference raises ``ProtocolViolation`` (or
         ``TermsChanged``) before a satoshi is spent. With ``wait_open`` it waits
-        (up to ``open_timeout`` s) for the payee to report ``open``.
+        (up to ``open_timeout`` s) for the payee to report ``open`` (``OpenTimeout``
+        after that: the channel stays funded and opens later). ``progress`` hears
+        each step (see :data:`Progress`).
         """
+        report = progress or no_progress
         info = await self.info(server_url)
         if info.get("network") != self.network:
             raise ProtocolViolation(f"payee runs on {info.get('network')!r}, not {self.network!r}")
@@ -263,31 +215,29 @@ class PayerClient:
         if not legacy and ans.get("terms") != terms.to_json():
             raise TermsChanged(f"the payee answered other terms than proposed: {ans.get('terms')!r}; not funding")
         cid = ans["channel_id"]
+        self._needed[cid] = int(info.get("min_confirmations") or 1)
         self.store.insert(
             PayerRecord(
                 channel_id=cid, server_url=server_url, state=ChannelState.PROPOSED, params=params.to_json(),
                 privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry, terms=terms.to_json(),
             )
         )
-        outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
+        if self.backup_file is not None:  # the key is backed up before a satoshi is sent to it
+            write_payer_backup(self.store.export_backup(), self.backup_file)
+        report("proposed", {"channel_id": cid, "deposit_sat": deposit_sat, "expiry_height": expiry})
+        try:
+            outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
+        except BaseException:
+            self.store.set_state(cid, ChannelState.FAILED)  # nothing was funded: `forget` removes it
+            raise
         params = params.with_funding(outpoint)
         self.store.set_state(cid, ChannelState.FUNDING, funding_txid=outpoint.txid, funding_vout=outpoint.vout,
                              params=params.to_json())
+        report("funded", {"channel_id": cid, "funding_txid": outpoint.txid, **await mempool_fee(self.node, outpoint.txid)})
         await self._register_funding(cid)
         if wait_open:
-            await self.wait_open(cid, open_timeout)
+            await self.wait_open(cid, open_timeout, progress=report)
         return str(cid)
-
-    @staticmethod
-    def _required_terms(info: dict[str, Any]) -> Terms:
-        """The terms a payee requires, from its ``/v1/info`` (``terms``, or the older top-level fields)."""
-        try:
-            if "terms" in info:
-                return Terms.from_json(info["terms"]).required()
-            return Terms(int(info.get("price_sat") or 0), str(info.get("mode") or "prepay"),
-                         int(info.get("credit_limit_sat") or 0))
-        except (ChannelError, TypeError, ValueError) as exc:
-            raise ProtocolViolation(f"the payee's terms are invalid: {exc}") from None
 
     def terms(self, channel_id: str) -> Terms | None:
         """The terms agreed at open (None for a channel stored before terms were)."""
@@ -356,22 +306,40 @@ class PayerClient:
 
     async def status(self, channel_id: str) -> dict[str, Any]:
         """The payee's channel object (and the local record updated from it)."""
-        rec = self.store.get(channel_id)
+        rec = self.record(channel_id)
         _, obj = await self.request("GET", self._url(rec))
         self._note_remote(rec, obj)
         return dict(obj)
 
-    async def wait_open(self, channel_id: str, timeout: float = 600.0) -> dict[str, Any]:
-        """Poll the payee until the channel is ``open`` (``TimeoutError`` after ``timeout`` s)."""
+    async def wait_open(self, channel_id: str, timeout: float = 600.0, *,
+                        progress: Progress | None = None) -> dict[str, Any]:
+        """Poll the payee until the channel is ``open``.
+
+        ``OpenTimeout`` after ``timeout`` s (saying how many confirmations the funding has);
+        a channel that ended raises the payment errors' code for its state (``not_open``,
+        ``channel_closing``, ``channel_closed``). ``progress`` hears ``confirmations`` whenever
+        the count changes, then ``open``.
+        """
+        report = progress or no_progress
         deadline = time.monotonic() + timeout
+        seen: int | None = -1
+        needed = self._needed.get(channel_id, 1)
         while True:
             obj = await self.status(channel_id)
             if obj["state"] == ChannelState.OPEN:
+                report("open", {"channel_id": channel_id})
                 return obj
             if obj["state"] not in (ChannelState.PROPOSED, ChannelState.FUNDING):
-                raise NotOpen(f"the channel is {obj['state']}")
+                raise not_open_error(ChannelState(obj["state"]))
+            txid = self.store.get(channel_id).funding_txid
+            confs = await self.node.tx_confirmations(txid) if txid else None
+            if confs != seen:
+                seen = confs
+                report("confirmations", {"channel_id": channel_id, "funding_txid": txid,
+                                         "confirmations": confs or 0, "needed": needed})
             if time.monotonic() > deadline:
-                raise TimeoutError(f"channel {channel_id} not open after {timeout} s")
+                raise OpenTimeout(f"channel {channel_id} is funded by {txid} but not open after {timeout:g} s "
+                                  f"({confs or 0} of {needed} confirmations)")
             await asyncio.sleep(0.2)
 
     def _agreed(self, rec: PayerRecord) -> Terms:
@@ -395,7 +363,7 @@ class PayerClient:
         and ``units_ahead`` units being paid for in advance (prepay).
         """
         async with self._lock(channel_id):
-            return await self._sign_locked(channel_id, amount, self.store.get(channel_id), units_ahead)
+            return await self._sign_locked(channel_id, amount, self.record(channel_id), units_ahead)
 
     async def _sign_locked(self, channel_id: str, amount: int, rec: PayerRecord, units_ahead: int = 0) -> Payment:
         if rec.state is ChannelState.FUNDING:
@@ -442,6 +410,7 @@ class PayerClient:
         """
         if (increment is None) == (amount is None):
             raise BadRequest("give exactly one of increment and amount")
+        self.record(channel_id)  # refused when the channel belongs to another network
         async with self._lock(channel_id):
             rec = self.store.get(channel_id)
             if rec.amount_sat > rec.acked_sat:
@@ -468,7 +437,7 @@ class PayerClient:
 
     async def close(self, channel_id: str) -> dict[str, Any]:
         """Ask the payee to close with the last payment (signed close request)."""
-        rec = self.store.get(channel_id)
+        rec = self.record(channel_id)
         ch = self._channel(rec)
         sig = ch.close_request_signature(channel_id)
         _, obj = await self.request("POST", self._url(rec, "/close"), {"signature": sig.hex()})
@@ -490,13 +459,33 @@ class PayerClient:
     async def refund(
         self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
     ) -> str:
-        """Take the whole deposit back through the timelocked path (``NotExpired`` before expiry)."""
-        rec = self.store.get(channel_id)
+        """Take the whole deposit back through the timelocked path; the refund txid (see :meth:`refund_details`)."""
+        res = await self.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb, dest_address=dest_address)
+        return str(res["refund_txid"])
+
+    async def refund_details(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> dict[str, Any]:
+        """Refund and say what it did: ``refund_txid``, ``amount_sat`` (back to the payer), ``fee_sat``,
+        ``fee_rate_sat_vb``.
+
+        ``NotExpired`` before expiry; ``AlreadyRefunded`` when this payer refunded already or the
+        deposit is spent (by a close or a refund); ``NotOpen`` when the channel was never funded.
+        """
+        rec = self.record(channel_id)
         params = ChannelParams.from_json(rec.params)
         funding = params.funding or await self._find_funding(rec, params)  # broadcast, never recorded
         params, rec = params.with_funding(funding), self.store.get(channel_id)
+        if rec.state is ChannelState.REFUNDED:
+            raise AlreadyRefunded(f"channel {channel_id} was refunded already by {rec.refund_txid}")
+        if await self.node.get_txout(funding, include_mempool=False) is None:  # spent in a block
+            if not await self.node.tx_confirmations(funding.txid):
+                raise NotOpen(f"the funding {funding.txid} is not confirmed")
+            how = f" by close {rec.close_txid}" if rec.close_txid else ""
+            raise AlreadyRefunded(f"the deposit of channel {channel_id} is already spent in a block{how}")
+        # spent only in the mempool (a close not confirmed yet): the refund may replace it
         state = ChannelState(rec.state)
-        if state in TERMINAL_STATES and await self.node.get_txout(funding) is not None:
+        if state in TERMINAL_STATES:
             # the payee reported an end, but the chain still holds the deposit: the chain decides
             state = ChannelState.CLOSING
         ch = PayerChannel.restore(params, rec.privkey, state)
@@ -506,16 +495,38 @@ class PayerClient:
         tx = ch.build_refund(tip, rate, dest)
         txid = await self.node.broadcast(tx.serialize().hex())
         self.store.set_state(channel_id, ChannelState.REFUNDED, refund_txid=txid)
-        return txid
+        amount = int(tx.vout[0].nValue)
+        fee = rec.deposit_sat - amount
+        return {"channel_id": channel_id, "refund_txid": txid, "amount_sat": amount, "fee_sat": fee,
+                "fee_rate_sat_vb": round(fee / tx_vsize(tx), 2)}
 
     def channel_for(self, url: str) -> str:
-        """The newest funding or open channel of this payer to the payee serving ``url`` (``NotOpen`` if none)."""
-        want = urlsplit(url)
-        for rec in reversed(self.list()):
-            have = urlsplit(rec.server_url)
-            if rec.state in (ChannelState.FUNDING, ChannelState.OPEN) and (have.scheme, have.netloc) == (want.scheme, want.netloc):
-                return rec.channel_id
-        raise NotOpen(f"no open channel to {want.netloc}: run `btcchannel open {want.scheme}://{want.netloc} ...` first")
+        """The newest open (else funding) channel of this payer to the payee serving ``url``,
+        as the local store knows it (``NotOpen`` if none); :meth:`pick_channel` asks the payee."""
+        recs = to_payee(self.list(), url)
+        for wanted in (ChannelState.OPEN, ChannelState.FUNDING):
+            for rec in recs:
+                if rec.state is wanted:
+                    return rec.channel_id
+        raise none_usable(url, recs)
+
+
+    async def pick_channel(self, url: str, min_remaining_sat: int = 1) -> str:
+        """The channel to pay ``url``'s payee with: the newest one the payee reports ``open`` with
+        at least ``min_remaining_sat`` of its deposit left, else the newest one still funding
+        (the caller waits for it); ``NotOpen`` saying why when none is usable."""
+        recs = [r for r in to_payee(self.list(), url) if r.state in (ChannelState.OPEN, ChannelState.FUNDING)]
+        funding: str | None = None
+        for rec in recs:
+            await self.status(rec.channel_id)
+            fresh = self.store.get(rec.channel_id)
+            if fresh.state is ChannelState.OPEN and fresh.deposit_sat - fresh.amount_sat >= min_remaining_sat:
+                return fresh.channel_id
+            if fresh.state is ChannelState.FUNDING and funding is None:
+                funding = fresh.channel_id
+        if funding is not None:
+            return funding
+        raise none_usable(url, to_payee(self.list(), url))
 
     def list(self) -> list[PayerRecord]:
         """Every channel in the payer's store."""

@@ -145,6 +145,10 @@ class PayerStore(Database):
             ),
         )
 
+    def delete(self, channel_id: str) -> bool:
+        """Remove a channel's row (the caller decides that it holds nothing); whether one was removed."""
+        return self._db.execute("DELETE FROM channels WHERE channel_id=?", (channel_id,)).rowcount == 1
+
     def set_state(self, channel_id: str, state: ChannelState | str, **fields: Any) -> None:
         """Set the state and any of funding_txid/funding_vout/close_txid/refund_txid/params."""
         bad = set(fields) - _SET_STATE_FIELDS

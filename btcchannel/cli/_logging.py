@@ -1,0 +1,74 @@
+"""Logging for the command line: one line per event, as text or as JSON, and no floods.
+
+:class:`JsonFormatter` writes one JSON object per record (``time``, ``level``, ``logger``,
+``message`` and any ``event``, ``channel_id``, ``amount_sat``... passed in ``extra``).
+:class:`RepeatFilter` lets a warning through once and then holds back the same warning
+(same logger and message template) for ``window_s`` seconds, so a node that is down for an
+hour gives a handful of lines, not one per poll; the next one that passes says how many were
+held back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+__all__ = ["EXTRA_FIELDS", "JsonFormatter", "RepeatFilter", "setup_logging"]
+
+#: the ``extra`` fields a record may carry into the JSON line
+EXTRA_FIELDS = ("event", "channel_id", "amount_sat", "units", "txid", "fee_rate_sat_vb", "payments")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        for name in EXTRA_FIELDS:
+            if hasattr(record, name):
+                doc[name] = getattr(record, name)
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, sort_keys=True)
+
+
+class RepeatFilter(logging.Filter):
+    """Warnings and errors of the same template pass once per ``window_s`` seconds."""
+
+    def __init__(self, window_s: float = 300.0, clock: Callable[[], float] | None = None) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.clock = clock or time.monotonic
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        seen = self._last.get(key)
+        if seen is not None and now - seen[0] < self.window_s:
+            self._last[key] = (seen[0], seen[1] + 1)
+            return False
+        held = seen[1] if seen is not None else 0
+        self._last[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.window_s:g} s)"
+        return True
+
+
+def setup_logging(verbose: int, as_json: bool) -> None:
+    """Log to stderr: warnings (``-v`` info, ``-vv`` debug), text or JSON lines, repeats held back."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if as_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())
+    setattr(handler, "_btcchannel_cli", True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_btcchannel_cli", False)]:
+        root.removeHandler(old)  # ours from an earlier command in this process; others stay
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING - 10 * min(verbose, 2))

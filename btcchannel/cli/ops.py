@@ -1,0 +1,145 @@
+"""The operator's commands: ``summary`` (both roles), ``forget`` (a payer's dead channel) and
+``restore`` (the payee's database from its continuous backup, closing every open channel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from btcchannel.cli._app import Settings, emit, run_async, with_node
+from btcchannel.errors import ChannelError, IllegalTransition
+
+__all__ = ["COMMANDS", "forget", "restore", "summary"]
+
+
+def _tip(settings: Settings, wallet: str) -> int | None:
+    """The node's tip height, or None when no node answers (the totals need none)."""
+    async def tip(node: Any) -> int:
+        return int(await node.tip_height())
+
+    try:
+        return run_async(with_node(settings, wallet, tip))
+    except ChannelError:
+        return None
+
+
+@click.command()
+@click.pass_obj
+def summary(settings: Settings) -> None:
+    """Totals for each role this datadir holds: earned or spent, pending closes, refundable, fee rates.
+
+    \b
+    Example:
+      btcchannel summary
+    """
+    from btcchannel.payee.summary import payee_summary, summary_text
+    from btcchannel.payer.views import payer_summary
+    from btcchannel.store import PayeeStore, PayerStore
+
+    payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
+    tip = _tip(settings, "payee" if payee_db.exists() else "payer")
+    doc: dict[str, Any] = {"payee": None, "payer": None, "tip_height": tip}
+    parts: list[str] = []
+    if payee_db.exists():
+        with PayeeStore(payee_db) as store:
+            doc["payee"] = payee_summary(store, tip)
+        parts.append("payee\n" + _indent(summary_text(doc["payee"])))
+    if payer_db.exists():
+        with PayerStore(payer_db) as pstore:
+            payer_tip = _refreshed_tip(settings, pstore)  # closes confirmed on chain count as closed
+            doc["payer"] = payer_summary(pstore.list(), payer_tip if payer_tip is not None else tip)
+        parts.append("payer\n" + _indent(_payer_text(doc["payer"])))
+    emit(settings, doc, "\n".join(parts) if parts else f"no channels in {settings.datadir}")
+
+
+def _refreshed_tip(settings: Settings, store: Any) -> int | None:
+    """The payer's records brought up to the chain's view; the tip (None without a node)."""
+    from btcchannel.cli._app import make_node
+    from btcchannel.payer.views import refresh_from_chain
+
+    async def refresh() -> int:
+        node = make_node(settings, "payer")
+        try:
+            return await refresh_from_chain(store, node)
+        finally:
+            await node.aclose()
+
+    try:
+        return run_async(refresh())
+    except ChannelError:
+        return None
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def _payer_text(doc: dict[str, Any]) -> str:
+    o = doc["open"]
+    lines = [
+        f"spent          {doc['spent_sat']} sat (channels closed or closing)",
+        f"open           {o['channels']} channels, {o['amount_sat']} sat paid, {o['remaining_sat']} sat left "
+        f"of {o['deposit_sat']} sat deposits",
+        "refundable now " + (", ".join(f"{x['channel_id']} ({x['deposit_sat']} sat)" for x in doc["refundable"])
+                             or "none"),
+        "refundable in  " + (", ".join(f"{x['channel_id']} {x['blocks_left']} blocks" for x in doc["refundable_later"]
+                                       if x["blocks_left"] is not None) or "-"),
+        "channels       " + (", ".join(f"{k} {v}" for k, v in doc["channels"].items()) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("channel_id")
+@click.pass_obj
+def forget(settings: Settings, channel_id: str) -> None:
+    """Remove a payer's channel that holds nothing: a failed or never-funded open, or one that ended.
+
+    \b
+    Example:
+      btcchannel forget 5f0c...e1
+    """
+    from btcchannel.core.state import ChannelState
+    from btcchannel.store import PayerStore
+
+    with PayerStore(settings.datadir / "payer.db") as store:
+        rec = store.get(channel_id)
+        dead = rec.state in (ChannelState.FAILED, ChannelState.CLOSED, ChannelState.REFUNDED) or (
+            rec.state is ChannelState.PROPOSED and rec.funding_txid is None)
+        if not dead:
+            raise IllegalTransition(f"channel {channel_id} is {rec.state.value}: it may still hold the deposit; "
+                                    "only failed, unfunded or ended channels are forgotten")
+        store.delete(channel_id)
+    emit(settings, {"channel_id": channel_id, "forgotten": True}, f"channel {channel_id} forgotten")
+
+
+
+
+@click.command()
+@click.argument("backup_db", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace an existing payee.db (move it away first).")
+@click.pass_obj
+def restore(settings: Settings, backup_db: Path, force: bool) -> None:
+    """Restore the payee's database from BACKUP_DB (serve --backup-db) and close every open channel.
+
+    Each open or funding channel is closed at once with the best payment the backup holds;
+    run `serve` afterwards to follow the closes to their confirmation.
+
+    \b
+    Example:
+      btcchannel --wallet payee restore /mnt/backup/payee.db
+    """
+    from btcchannel.cli.payee import _server_config
+    from btcchannel.payee.backup import restore_closing
+
+    config = _server_config(settings)
+    objs = run_async(with_node(settings, "payee", lambda node: restore_closing(config, node, backup_db, force=force)))
+    lines = [f"{o['channel_id']} {o['state']} {o.get('close_txid') or '-'} ({o['amount_sat']} sat)" for o in objs]
+    emit(settings, {"restored": str(config.db_path), "closed": objs},
+         f"restored {config.db_path} from {backup_db}; " + (f"{len(objs)} channels closing:\n" + "\n".join(lines)
+                                                             if objs else "no open channel to close"))
+
+
+COMMANDS: tuple[click.Command, ...] = (summary, forget, restore)

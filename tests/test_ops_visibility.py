@@ -1,0 +1,145 @@
+"""What an operator sees, on a real regtest node with the payee in its own process: /metrics
+scraped and parsed, `summary` for both roles, the payer's list as the chain sees it, failed
+opens marked and forgotten, and no stale server.json after SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.wait import wait_until
+
+
+class Cli:
+    """``btcchannel`` as a separate process with one datadir and wallet."""
+
+    def __init__(self, node: RegtestNode, datadir: Path, wallet: str) -> None:
+        self.datadir = datadir
+        self.env = {**os.environ, "BTCCHANNEL_DATADIR": str(datadir), "BTCCHANNEL_RPC_URL": node.rpc_url,
+                    "BTCCHANNEL_RPC_USER": node.rpc_user, "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
+                    "BTCCHANNEL_WALLET": wallet}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "btcchannel", *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=120)
+
+    def json(self, *args: str) -> Any:
+        out = self.run("--json", *args)
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        return json.loads(out.stdout)
+
+
+@pytest.fixture
+def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subprocess.Popen[str], str]]:
+    bitcoind.create_wallet("ops-payee")
+    cli = Cli(bitcoind, tmp_path / "payee", "ops-payee")
+    (tmp_path / "data.bin").write_bytes(os.urandom(3000))
+    log = (tmp_path / "payee.log").open("w")
+    proc = subprocess.Popen(cli.argv("--json", "-v", "--log-json", "serve", "--port", "0", "--price-sat", "1000",
+                                     "--serve-file", str(tmp_path / "data.bin"), "--chunk-size", "1000"),
+                            env=cli.env, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert proc.stdout is not None
+        yield cli, proc, json.loads(proc.stdout.readline())["url"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        log.close()
+
+
+def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    served: tuple[Cli, subprocess.Popen[str], str],
+) -> None:
+    payee, proc, url = served
+    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    cid = payer.json("open", url, "--deposit-sat", "50000", "--lifetime-blocks", "40", "--no-wait")["channel_id"]
+    short = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "20", "--no-wait")
+    bitcoind.mine(1)
+    payer.json("fetch", f"{url}/v1/file/0", "--channel", cid)
+    assert payer.json("fetch", f"{url}/v1/file", "--channel", cid)["amount_sat"] == 4000  # 3 chunks more
+
+    # /metrics, parsed: payments, channels and sats by state, latency by route pattern
+    m = _samples(url)
+    assert m[("btcchannel_payments_total", (("kind", "metered"),))] == 4.0
+    assert m[("btcchannel_channels", (("state", "open"),))] == 2.0
+    assert m[("btcchannel_paid_sat", (("state", "open"),))] == 4000.0
+    assert m[("btcchannel_deposit_sat", (("state", "open"),))] == 80000.0
+    assert m[("btcchannel_chain_tip_height", ())] == bitcoind.tip_height()
+    assert 0 <= m[("btcchannel_node_tip_age_seconds", ())] < 30 and m[("btcchannel_node_problem", ())] == 0
+    route = (("route", "/v1/file/{index}"),)
+    assert m[("btcchannel_http_request_seconds_count", route)] == 4.0
+    assert m[("btcchannel_http_requests_total", (("route", "/v1/file/{index}"), ("status", "200")))] == 4.0
+
+    # the payee's log: JSON lines, the first payment as an event
+    events = [json.loads(line) for line in (tmp_path / "payee.log").read_text().splitlines()]
+    paid = [e for e in events if e.get("event") == "payment"]
+    assert paid and paid[0]["channel_id"] == cid and paid[0]["amount_sat"] == 1000
+
+    # close, confirm: the payer's list follows the chain (closing -> closed); the summaries add up
+    payer.json("close", cid)
+    assert {c["channel_id"]: c["state"] for c in payer.json("list")["channels"]}[cid] == "closing"
+    close_txid = wait_until(lambda: payee.json("channel", cid)["close_txid"], timeout=30, what="the close broadcast")
+    assert close_txid in bitcoind.rpc("getrawmempool")
+    bitcoind.mine(1)
+    listed = {c["channel_id"]: c for c in payer.json("list")["channels"]}
+    assert listed[cid]["state"] == "closed"
+    bitcoind.mine(5)  # the payee holds a close final at 6 confirmations (final_confirmations)
+    wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=60, what="the payee sees the close")
+    s = payee.json("summary")["payee"]
+    assert s["earned_sat"] == 4000 and s["channels"]["closed"] == 1
+    assert s["open"] == {"channels": 1, "amount_sat": 0, "deposit_sat": 30000,
+                         "nearest_expiry_height": short["expiry_height"],
+                         "blocks_to_nearest_expiry": short["expiry_height"] - bitcoind.tip_height()}
+    assert s["close_fee_rate_sat_vb"]["last"] >= 1.0
+    text = payee.run("summary").stdout
+    assert "earned         4000 sat" in text and "close fees" in text
+
+    # past expiry: flagged refundable in the list and in the payer's summary
+    bitcoind.mine(short["expiry_height"] - bitcoind.tip_height())
+    listed = {c["channel_id"]: c for c in payer.json("list")["channels"]}
+    assert listed[short["channel_id"]]["refundable"] is True and listed[short["channel_id"]]["blocks_left"] == 0
+    assert "expired: refundable" in payer.run("list").stdout
+    ps = payer.json("summary")["payer"]
+    assert ps["spent_sat"] == 4000
+    assert [x["channel_id"] for x in ps["refundable"]] == [short["channel_id"]]
+    assert cid not in [x["channel_id"] for x in ps["refundable_later"]]
+
+    # a failed open (an empty wallet) is marked failed; forget removes it, and refuses a live channel
+    bitcoind.create_wallet("ops-empty")
+    poor = Cli(bitcoind, tmp_path / "payer", "ops-empty")
+    out = poor.run("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "40")
+    assert out.returncode == 1 and "Insufficient funds" in out.stderr and "hint: fund the wallet" in out.stderr
+    failed = [c for c in payer.json("list")["channels"] if c["state"] == "failed"]
+    assert len(failed) == 1
+    assert payer.json("forget", failed[0]["channel_id"])["forgotten"] is True
+    assert all(c["state"] != "failed" for c in payer.json("list")["channels"])
+    refused = payer.run("--json", "forget", short["channel_id"])
+    assert refused.returncode == 1 and json.loads(refused.stdout)["error"]["code"] == "illegal_transition"
+
+    # SIGTERM: a clean exit and no stale server.json
+    record = payee.datadir / "regtest" / "server.json"
+    assert json.loads(record.read_text())["url"] == url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert not record.exists()
