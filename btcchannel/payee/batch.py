@@ -26,21 +26,40 @@ than it), then the urgent channel's own close goes out at the deadline rate.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from btcchannel.bitcoind.chain import mempool_fee
+from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.channel import build_multi_close
 from btcchannel.core.script import dust_limit
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
 from btcchannel.core.tx import OutPoint, tx_vsize
 from btcchannel.errors import ChannelError, CloseUneconomic, RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
-from btcchannel.store import PayeeRecord
+from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.shared import Channels
+from btcchannel.store import PayeeRecord, PayeeStore
 
-if TYPE_CHECKING:
-    from btcchannel.payee.closer import Closer
+
+class Closer(Protocol):
+    """What a batch needs of the payee's closer (:class:`btcchannel.payee.closer.Closer`, which
+    calls this module: a protocol here keeps the import one-way)."""
+
+    config: ServerConfig
+    store: PayeeStore
+    node: Node
+    channels: Channels
+    claimed: set[str]
+    lock: asyncio.Lock
+
+    def payout_of(self, rec: PayeeRecord) -> bytes: ...
+    def done(self, cid: str) -> None: ...
+    async def fee_rate(self) -> float: ...
+    async def broadcast_claimed(self, cid: str) -> None: ...
+    async def broadcast(self, cid: str, fee_rate: float | None, previous_txid: str | None) -> str | None: ...
 
 __all__ = ["batch_of", "close_claimed", "bump_batch"]
 
