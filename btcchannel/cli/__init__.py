@@ -9,14 +9,15 @@ variables, and the one place library errors become text and exit codes, are in
 - ``payer``: open, pay, fetch, refund, list, backup export|import
 - ``ops``: summary, forget, restore
 - ``regtest``: regtest install|start|stop|status|mine
+- ``config``: config show (the settings in effect; the file itself is read by ``_config``)
 """
 
 from __future__ import annotations
 
-from btcchannel.cli import ops, payee, payer, regtest
+from btcchannel.cli import config, ops, payee, payer, regtest
 from btcchannel.cli._app import Settings, main
 
 __all__ = ["Settings", "main"]
 
-for _command in (*payee.COMMANDS, *payer.COMMANDS, *ops.COMMANDS, *regtest.COMMANDS):
+for _command in (*payee.COMMANDS, *payer.COMMANDS, *ops.COMMANDS, *regtest.COMMANDS, *config.COMMANDS):
     main.add_command(_command)

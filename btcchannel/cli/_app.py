@@ -153,7 +153,29 @@ class Group(click.Group):
             fail(ChannelError(f"{type(e).__name__}: {e}"), _json_wanted(ctx))
 
 
+_CONFIG_PROBLEM = "btcchannel.config_problem"
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    """``--config FILE``: the file becomes the default map (below flags and environment); a bad
+    file is kept to be reported once ``--json`` is known."""
+    if value is None or ctx.resilient_parsing:
+        return
+    from btcchannel.cli._config import ConfigProblem, build_default_map
+
+    assert isinstance(ctx.command, click.Group)
+    try:
+        ctx.default_map = {**(ctx.default_map or {}), **build_default_map(value, ctx.command, ctx)}
+    except ConfigProblem as e:
+        ctx.meta[_CONFIG_PROBLEM] = e
+    ctx.meta["btcchannel.config_file"] = value
+
+
 @click.group(cls=Group, context_settings={"auto_envvar_prefix": "BTCCHANNEL", "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="BTCCHANNEL_CONFIG",
+              is_eager=True, expose_value=False, callback=_load_config,
+              help="A TOML file of options: [global] for these, [serve], [open]... for each command "
+                   "(flags and BTCCHANNEL_* variables win over it).")
 @click.option("--network", default="regtest", show_default=True,
               type=click.Choice(["mainnet", "testnet", "testnet4", "signet", "regtest"]))
 @click.option("--datadir", type=click.Path(path_type=Path), default=None,
@@ -189,6 +211,9 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
     Example:
       btcchannel regtest start && btcchannel regtest mine 10
     """
+    problem = ctx.meta.get(_CONFIG_PROBLEM)
+    if problem is not None:
+        fail(problem, as_json, status=EXIT_USAGE)
     setup_logging(verbose, log_json)
     ctx.obj = Settings(
         network=network, root=datadir or default_datadir(), rpc_url=rpc_url,

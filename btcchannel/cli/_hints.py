@@ -52,6 +52,9 @@ HINTS: dict[str, str] = {
     "nothing_to_replace": "only an unconfirmed close can be replaced; `btcchannel channel ID` shows "
                           "the state and close txid",
     "already_refunded": "nothing is left to refund; the deposit's spend is shown by `btcchannel list`",
+    "bad_config": "fix that key of the config file: keys are the command-line option names without "
+                  "dashes, global ones under [global], a command's under [serve], [open]...; "
+                  "`btcchannel config show` prints the settings in effect",
     "usage": "see --help for the command's options and an example",
     "unauthorized": "the request was not signed by this channel's payer key; pay with the datadir that "
                     "opened the channel",
