@@ -37,7 +37,14 @@ def _text(file: str | None, tables: dict[str, dict[str, dict[str, Any]]]) -> str
 
 @click.group()
 def config() -> None:
-    """The configuration file (--config FILE or BTCCHANNEL_CONFIG)."""
+    """The configuration file (--config FILE or BTCCHANNEL_CONFIG): [global] for the global
+    options, one table per command ([serve], [open], [regtest.mine]...), keys as on the
+    command line.
+
+    \b
+    Example:
+      btcchannel --config btcchannel.toml config show
+    """
 
 
 @config.command()
