@@ -261,9 +261,10 @@ def backup() -> None:
 @backup.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite FILE even if it is not a btcchannel backup.")
+@click.option("--no-keys", is_flag=True, help="Leave out the keys that derive from the seed (`seed show`).")
 @click.pass_obj
-def backup_export(settings: Settings, file: Path, force: bool) -> None:
-    """Write the payer's channels (keys included: keep it secret) to FILE.
+def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool) -> None:
+    """Write the payer's channels (keys included unless --no-keys: keep it secret) to FILE.
 
     An existing FILE is replaced only if it is a payer backup (or with --force). Every
     `open` also rewrites the automatic backup (--payer-backup) before funding.
@@ -276,7 +277,7 @@ def backup_export(settings: Settings, file: Path, force: bool) -> None:
     from btcchannel.store.ops import write_payer_backup
 
     with PayerStore(settings.datadir / "payer.db") as store:
-        data = store.export_backup()
+        data = store.export_backup(keys=not no_keys)
     write_payer_backup(data, file, replace_any=force)
     emit(settings, {"file": str(file), "channels": len(data["channels"])},
          f"{len(data['channels'])} channels written to {file}")

@@ -66,7 +66,7 @@ def check_private_key(privkey: bytes) -> bytes:
 def public_key(privkey: bytes) -> bytes:
     """The 33-byte compressed public key of ``privkey``."""
     check_private_key(privkey)
-    return PublicKey.from_valid_secret(privkey).format(compressed=True)
+    return bytes(PublicKey.from_valid_secret(privkey).format(compressed=True))
 
 
 def check_public_key(data: bytes) -> bytes:

@@ -109,6 +109,8 @@ class PayerClient(PayeeHttp, Refunds):
         self.fee_rate_sat_vb = fee_rate_sat_vb
         self.backup_file = Path(backup_file) if backup_file is not None else None  # rewritten on every open
         self.store = PayerStore(self.datadir / "payer.db")
+        if self.store.has_seed():
+            self.store.restore_keys()  # a key lost from the row is re-derived (and checked) from the seed
         self._session: aiohttp.ClientSession | None = None
         self._request_counters: dict[str, int] = {}
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
@@ -196,7 +198,7 @@ class PayerClient(PayeeHttp, Refunds):
         terms = limits.accept(self._required_terms(info))
         tip = await self.node.tip_height()
         expiry = tip + lifetime_blocks
-        privkey = keys.generate_private_key()
+        key_index, privkey = self.store.reserve_key()  # committed before the key is used: never reused
         pubkey = keys.public_key(privkey)
         payer_script = script.address_to_script(await self.node.new_address(), self.network)
         body: dict[str, Any] = {
@@ -219,6 +221,7 @@ class PayerClient(PayeeHttp, Refunds):
             PayerRecord(
                 channel_id=cid, server_url=server_url, state=ChannelState.PROPOSED, params=params.to_json(),
                 privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry, terms=terms.to_json(),
+                key_index=key_index,
             )
         )
         if self.backup_file is not None:  # the key is backed up before a satoshi is sent to it

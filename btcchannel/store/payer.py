@@ -15,7 +15,10 @@ Entry points::
     PayerRecord                       # one row; state is a ChannelState
 
 Schema versions: 1 is the unversioned schema of earlier releases; 2 adds the agreed ``terms``,
-the metered ``units`` received and the number of signed ``payments``.
+the metered ``units`` received and the number of signed ``payments``; 3 adds the seed (one per
+payer datadir), its next key index and each channel's ``key_index`` (see :mod:`btcchannel.core.seed`).
+A channel with a ``key_index`` has its key derived from the seed, and :meth:`PayerStore.restore_keys`
+re-derives a lost key; the ``privkey`` column stays authoritative (older channels have random keys).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from btcchannel.core.keys import public_key
+from btcchannel.core.seed import derive_channel_key
 from btcchannel.core.state import ChannelState
 from btcchannel.errors import BadRequest, UnknownChannel
 from btcchannel.store._db import Database, Migration, decode_row
+from btcchannel.store._seed import SEED_MIGRATION, SeedKeys
 
 __all__ = ["PayerRecord", "PayerStore"]
 
@@ -59,6 +65,8 @@ class PayerRecord:
     units: int = 0
     #: how many payments we signed
     payments: int = 0
+    #: the BIP32 index of the key under the datadir's seed; None for a random key (before seeds)
+    key_index: int | None = None
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -101,7 +109,7 @@ _SET_STATE_FIELDS = frozenset({"funding_txid", "funding_vout", "close_txid", "re
 
 
 #: optional in a backup (written since schema version 2)
-_PAYER_EXTRA = ("terms", "units", "payments")
+_PAYER_EXTRA = ("terms", "units", "payments", "key_index")
 
 
 def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
@@ -110,10 +118,10 @@ def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
     return PayerRecord(**d)
 
 
-class PayerStore(Database):
+class PayerStore(SeedKeys, Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
-    MIGRATIONS = (_V1, _V2_TERMS)
+    MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION)
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
@@ -137,11 +145,11 @@ class PayerStore(Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, server_url, state, params, privkey, deposit_sat, expiry_height,"
-            " created_at, updated_at, terms) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            " created_at, updated_at, terms, key_index) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id, rec.server_url, ChannelState(rec.state).value, json.dumps(rec.params),
                 rec.privkey, rec.deposit_sat, rec.expiry_height, rec.created_at or now, now,
-                json.dumps(rec.terms) if rec.terms is not None else None,
+                json.dumps(rec.terms) if rec.terms is not None else None, rec.key_index,
             ),
         )
 
@@ -201,13 +209,17 @@ class PayerStore(Database):
             (amount_sat, time.time(), channel_id))
 
     # -- backup ----------------------------------------------------------------
-    def export_backup(self) -> dict[str, Any]:
-        """Every channel (keys included) as a JSON-able dict; keep it as secret as the database."""
+    def export_backup(self, keys: bool = True) -> dict[str, Any]:
+        """Every channel (keys included) as a JSON-able dict; keep it as secret as the database.
+
+        With ``keys=False`` a channel whose key derives from the seed (``key_index``) is written
+        without it (``"privkey": null``): importing it needs the seed (:meth:`restore_seed`).
+        """
         out = []
         for rec in self.list():
             d = {k: getattr(rec, k) for k in _PAYER_FIELDS + _PAYER_EXTRA}
             d["state"] = rec.state.value
-            d["privkey"] = rec.privkey.hex()
+            d["privkey"] = None if not keys and rec.key_index is not None else rec.privkey.hex()
             d["signature"] = rec.signature.hex() if rec.signature is not None else None
             out.append(d)
         return {"version": 1, "kind": "btcchannel-payer-backup", "channels": out}
@@ -219,23 +231,12 @@ class PayerStore(Database):
         """
         if not isinstance(data, dict) or data.get("kind") != "btcchannel-payer-backup" or data.get("version") != 1:
             raise BadRequest("not a btcchannel payer backup")
-        n = 0
         chans = data.get("channels")
         if not isinstance(chans, list):
             raise BadRequest("backup has no channel list")
-        for d in chans:
-            try:
-                vals = {k: d[k] for k in _PAYER_FIELDS}
-                vals["state"] = ChannelState(vals["state"]).value
-                vals["privkey"] = bytes.fromhex(vals["privkey"])
-                vals["signature"] = bytes.fromhex(vals["signature"]) if vals["signature"] else None
-                vals["params"] = json.dumps(vals["params"])
-                extra = {k: d.get(k) for k in _PAYER_EXTRA}
-                vals["terms"] = json.dumps(extra["terms"]) if extra["terms"] is not None else None
-                vals["units"] = int(extra["units"] or 0)
-                vals["payments"] = int(extra["payments"] or 0)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise BadRequest(f"malformed backup entry: {exc}") from exc
+        entries = [self._import_entry(d) for d in chans]  # all checked before anything is written
+        n = 0
+        for vals in entries:
             names = _PAYER_FIELDS + _PAYER_EXTRA
             cols = ",".join(names)
             q = ",".join("?" * len(names))
@@ -250,4 +251,71 @@ class PayerStore(Database):
                 (vals["amount_sat"], vals["signature"], time.time(), vals["channel_id"], vals["amount_sat"]),
             )
             n += cur.rowcount
+            self._db.execute("UPDATE channels SET privkey=? WHERE channel_id=? AND length(privkey)=0",
+                             (vals["privkey"], vals["channel_id"]))  # a key this row lost
+        self.restore_keys()
+        return n
+
+    def _import_entry(self, d: Any) -> dict[str, Any]:
+        """One backup entry as column values; a missing key is derived from this store's seed.
+
+        An entry's ``key_index`` is kept only if this store's seed derives its key there (another
+        datadir's index means nothing here); a keyless entry whose key the seed does not derive,
+        or whose index another channel holds, is refused (``BadRequest``).
+        """
+        try:
+            vals = {k: d[k] for k in _PAYER_FIELDS}
+            vals["state"] = ChannelState(vals["state"]).value
+            vals["privkey"] = bytes.fromhex(vals["privkey"]) if vals["privkey"] is not None else None
+            vals["signature"] = bytes.fromhex(vals["signature"]) if vals["signature"] else None
+            pubkey = str(vals["params"]["payer_pubkey"])
+            vals["params"] = json.dumps(vals["params"])
+            extra = {k: d.get(k) for k in _PAYER_EXTRA}
+            vals["terms"] = json.dumps(extra["terms"]) if extra["terms"] is not None else None
+            vals["units"] = int(extra["units"] or 0)
+            vals["payments"] = int(extra["payments"] or 0)
+            index = int(extra["key_index"]) if extra["key_index"] is not None else None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"malformed backup entry: {exc}") from exc
+        derived = None
+        if index is not None and self.has_seed():
+            derived = derive_channel_key(self.seed(), index)
+            if public_key(derived).hex() != pubkey:
+                derived = None
+        if vals["privkey"] is None:
+            if derived is None:
+                raise BadRequest(f"channel {vals['channel_id']} has no key in the backup and this datadir's seed"
+                                 " does not derive it: restore its seed first (`seed restore`)")
+            vals["privkey"] = derived
+        vals["key_index"] = index if derived is not None else None
+        taken = self._db.execute("SELECT channel_id FROM channels WHERE key_index=? AND channel_id<>?",
+                                 (vals["key_index"], vals["channel_id"])).fetchone()
+        if taken is not None:
+            raise BadRequest(f"key index {vals['key_index']} already belongs to channel {taken[0]}")
+        return vals
+
+    def restore_keys(self) -> int:
+        """Re-derive from the seed every key that is missing (an empty ``privkey``); returns how many.
+
+        Each derived key is checked against the channel's stored ``payer_pubkey`` (``BadRequest``
+        if it differs: the seed is not this channel's). Every stored index is marked used.
+        """
+        rows = self._db.execute("SELECT channel_id, params, key_index, privkey FROM channels"
+                                " WHERE key_index IS NOT NULL ORDER BY key_index").fetchall()
+        if not rows:
+            return 0
+        seed = self.seed() if self.has_seed() else None
+        self.raise_next_index(max(int(r["key_index"]) for r in rows))
+        n = 0
+        for row in rows:
+            if row["privkey"]:
+                continue
+            if seed is None:
+                raise BadRequest(f"channel {row['channel_id']} has no key: restore the seed first (`seed restore`)")
+            privkey = derive_channel_key(seed, int(row["key_index"]))
+            if public_key(privkey).hex() != json.loads(row["params"]).get("payer_pubkey"):
+                raise BadRequest(f"the seed does not derive channel {row['channel_id']}'s key")
+            self._db.execute("UPDATE channels SET privkey=?, updated_at=? WHERE channel_id=?",
+                             (privkey, time.time(), row["channel_id"]))
+            n += 1
         return n

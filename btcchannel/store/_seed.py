@@ -1,0 +1,71 @@
+"""The datadir's seed and its key-index counter, kept in the store (a private 0600 file).
+
+A store that mixes in :class:`SeedKeys` holds one seed (created on first use) and
+the next unused BIP32 index. :meth:`SeedKeys.reserve_key` commits the counter
+increment *before* it returns the derived key, so a crash between reserving an
+index and storing the channel only skips that index; it is never used twice.
+Migration :data:`SEED_MIGRATION` adds the table and the channels' ``key_index``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from btcchannel.core.seed import SEED_BYTES, check_seed, derive_channel_key
+from btcchannel.errors import BadRequest
+from btcchannel.store._db import Migration
+
+__all__ = ["SEED_MIGRATION", "SeedKeys"]
+
+SEED_MIGRATION: Migration = (
+    "CREATE TABLE IF NOT EXISTS seed (id INTEGER PRIMARY KEY CHECK (id = 1), seed BLOB NOT NULL,"
+    " next_index INTEGER NOT NULL DEFAULT 0)",
+    "ALTER TABLE channels ADD COLUMN key_index INTEGER",
+    "CREATE UNIQUE INDEX IF NOT EXISTS channels_key_index ON channels (key_index) WHERE key_index IS NOT NULL",
+)
+
+
+class SeedKeys:
+    """The seed and the reserved indexes; mixed into a store with a ``channels.key_index`` column."""
+
+    _db: sqlite3.Connection
+
+    def has_seed(self) -> bool:
+        """Whether a seed was created or restored in this store."""
+        return self._db.execute("SELECT 1 FROM seed WHERE id=1").fetchone() is not None
+
+    def seed(self) -> bytes:
+        """The store's seed, created (random, 32 bytes) on first use."""
+        self._db.execute("INSERT OR IGNORE INTO seed (id, seed) VALUES (1, ?)", (os.urandom(SEED_BYTES),))
+        return bytes(self._db.execute("SELECT seed FROM seed WHERE id=1").fetchone()[0])
+
+    def restore_seed(self, seed: bytes) -> bool:
+        """Install ``seed`` (a restore); True if it was installed, False if the store already has it.
+
+        A store that has another seed is never changed (``BadRequest``): its channels' keys derive from it.
+        """
+        check_seed(seed)
+        cur = self._db.execute("INSERT OR IGNORE INTO seed (id, seed) VALUES (1, ?)", (seed,))
+        if cur.rowcount == 1:
+            return True
+        if self.seed() != seed:
+            raise BadRequest("this datadir already has another seed; restore into a fresh datadir")
+        return False
+
+    def next_key_index(self) -> int:
+        """The next index :meth:`reserve_key` hands out."""
+        self.seed()
+        return int(self._db.execute("SELECT next_index FROM seed WHERE id=1").fetchone()[0])
+
+    def reserve_key(self) -> tuple[int, bytes]:
+        """Durably reserve the next index (committed before this returns) and derive its key."""
+        seed = self.seed()
+        index = int(self._db.execute(
+            "UPDATE seed SET next_index=next_index+1 WHERE id=1 RETURNING next_index-1").fetchone()[0])
+        return index, derive_channel_key(seed, index)
+
+    def raise_next_index(self, index: int) -> None:
+        """Make sure ``index`` is never handed out again (after a restore stored channels up to it)."""
+        self.seed()
+        self._db.execute("UPDATE seed SET next_index=MAX(next_index, ?) WHERE id=1", (index + 1,))
