@@ -114,3 +114,15 @@ def test_a_backup_without_keys_restores_only_with_its_seed(tmp_path: Path) -> No
             {**c, "privkey": keys[c["channel_id"]].hex()} for c in backup["channels"]]}) == 2
         assert [r.key_index for r in o.list()] == [None, None]
         assert o.reserve_key()[0] == 0
+
+
+def test_a_new_seed_starts_past_the_indexes_of_a_lost_one(tmp_path: Path) -> None:
+    db = tmp_path / "payer.db"
+    with PayerStore(db) as s:
+        for cid in ("aa" * 16, "bb" * 16):
+            index, key = s.reserve_key()
+            s.insert(_record(cid, key, index))
+        s._db.execute("DELETE FROM seed")  # the seed is lost (and never written down)
+    with PayerStore(db) as s:
+        assert s.restore_keys() == 0  # every key is still in its row
+        assert s.reserve_key()[0] == 2

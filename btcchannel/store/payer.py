@@ -122,6 +122,7 @@ class PayerStore(SeedKeys, Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
     MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION)
+    PUBKEY_FIELD = "payer_pubkey"
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
@@ -268,7 +269,7 @@ class PayerStore(SeedKeys, Database):
             vals["state"] = ChannelState(vals["state"]).value
             vals["privkey"] = bytes.fromhex(vals["privkey"]) if vals["privkey"] is not None else None
             vals["signature"] = bytes.fromhex(vals["signature"]) if vals["signature"] else None
-            pubkey = str(vals["params"]["payer_pubkey"])
+            pubkey = vals["params"].get("payer_pubkey") if isinstance(vals["params"], dict) else None
             vals["params"] = json.dumps(vals["params"])
             extra = {k: d.get(k) for k in _PAYER_EXTRA}
             vals["terms"] = json.dumps(extra["terms"]) if extra["terms"] is not None else None
@@ -293,29 +294,3 @@ class PayerStore(SeedKeys, Database):
         if taken is not None:
             raise BadRequest(f"key index {vals['key_index']} already belongs to channel {taken[0]}")
         return vals
-
-    def restore_keys(self) -> int:
-        """Re-derive from the seed every key that is missing (an empty ``privkey``); returns how many.
-
-        Each derived key is checked against the channel's stored ``payer_pubkey`` (``BadRequest``
-        if it differs: the seed is not this channel's). Every stored index is marked used.
-        """
-        rows = self._db.execute("SELECT channel_id, params, key_index, privkey FROM channels"
-                                " WHERE key_index IS NOT NULL ORDER BY key_index").fetchall()
-        if not rows:
-            return 0
-        seed = self.seed() if self.has_seed() else None
-        self.raise_next_index(max(int(r["key_index"]) for r in rows))
-        n = 0
-        for row in rows:
-            if row["privkey"]:
-                continue
-            if seed is None:
-                raise BadRequest(f"channel {row['channel_id']} has no key: restore the seed first (`seed restore`)")
-            privkey = derive_channel_key(seed, int(row["key_index"]))
-            if public_key(privkey).hex() != json.loads(row["params"]).get("payer_pubkey"):
-                raise BadRequest(f"the seed does not derive channel {row['channel_id']}'s key")
-            self._db.execute("UPDATE channels SET privkey=?, updated_at=? WHERE channel_id=?",
-                             (privkey, time.time(), row["channel_id"]))
-            n += 1
-        return n
