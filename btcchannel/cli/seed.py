@@ -1,21 +1,34 @@
-"""The payer's seed: ``seed show`` and ``seed restore`` (channel keys derive from it)."""
+"""The datadir's seeds: ``seed show`` and ``seed restore`` (each role's channel keys derive from its seed)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import click
 
 from btcchannel.cli._app import Group, Settings, emit
 from btcchannel.errors import BadRequest
 
+if TYPE_CHECKING:
+    from btcchannel.store import PayeeStore, PayerStore
+
 __all__ = ["COMMANDS", "seed"]
 
-_WARNING = ("WARNING: anyone who has this seed can spend every channel's refund. Write it down, keep it "
-            "offline and never share it.")
+_WARNING = ("WARNING: anyone who has this seed has every channel key of this datadir (the payer's refunds, "
+            "the payee's closes). Write it down, keep it offline and never share it.")
+_ROLE = click.option("--role", type=click.Choice(["payer", "payee"]), default="payer", show_default=True,
+                     help="Whose seed: the payer's (payer.db) or the payee's (payee.db).")
+
+
+def _open(settings: Settings, role: str) -> PayeeStore | PayerStore:
+    from btcchannel.store import PayeeStore, PayerStore
+
+    return PayeeStore(settings.datadir / "payee.db") if role == "payee" else PayerStore(settings.datadir / "payer.db")
 
 
 @click.group(cls=Group)
 def seed() -> None:
-    """The seed every channel key of this payer datadir derives from (BIP32, m/<index>').
+    """The seed every channel key of this datadir derives from (BIP32, m/<index>'), one per role.
 
     \b
     Example:
@@ -24,17 +37,16 @@ def seed() -> None:
 
 
 @seed.command("show")
+@_ROLE
 @click.pass_obj
-def seed_show(settings: Settings) -> None:
+def seed_show(settings: Settings, role: str) -> None:
     """Print the seed (hex) and the next key index, with a warning; creates the seed if there is none.
 
     \b
     Example:
-      btcchannel seed show
+      btcchannel seed show --role payee
     """
-    from btcchannel.store import PayerStore
-
-    with PayerStore(settings.datadir / "payer.db") as store:
+    with _open(settings, role) as store:
         value, nxt = store.seed(), store.next_key_index()
     emit(settings, {"seed": value.hex(), "next_key_index": nxt, "warning": _WARNING},
          f"{_WARNING}\nseed: {value.hex()}\nnext key index: {nxt}")
@@ -42,8 +54,9 @@ def seed_show(settings: Settings) -> None:
 
 @seed.command("restore")
 @click.argument("seed_hex")
+@_ROLE
 @click.pass_obj
-def seed_restore(settings: Settings, seed_hex: str) -> None:
+def seed_restore(settings: Settings, seed_hex: str, role: str) -> None:
     """Install SEED_HEX (from `seed show`) and re-derive every missing channel key from it.
 
     Each derived key is checked against the channel's stored public key. A datadir that
@@ -53,13 +66,11 @@ def seed_restore(settings: Settings, seed_hex: str) -> None:
     Example:
       btcchannel seed restore 5f2c...e1
     """
-    from btcchannel.store import PayerStore
-
     try:
         value = bytes.fromhex(seed_hex)
     except ValueError:
         raise BadRequest("the seed must be hex") from None
-    with PayerStore(settings.datadir / "payer.db") as store:
+    with _open(settings, role) as store:
         installed = store.restore_seed(value)
         n = store.restore_keys()
     emit(settings, {"installed": installed, "keys_restored": n},

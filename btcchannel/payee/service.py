@@ -60,6 +60,8 @@ class PayeeService:
     def __init__(self, config: ServerConfig, store: PayeeStore, node: Node, closer: Closer, tip: ChainTip) -> None:
         self.config = config
         self.store = store
+        if store.has_seed():
+            store.restore_keys()  # a key lost from its row is re-derived (and checked) from the seed
         self.node = node
         self.closer = closer
         self.channels = closer.channels
@@ -144,7 +146,7 @@ class PayeeService:
             raise TooManyChannels("too many unfunded proposals, try later")
         if client is not None and self.store.count_unfunded(since, client) >= cfg.max_proposals_per_client:
             raise TooManyChannels("too many unfunded proposals from this client, try later")
-        payee_priv = keys.generate_private_key()
+        key_index, payee_priv = self.store.reserve_key()  # committed before the key is used: never reused
         params = ChannelParams(
             network=cfg.network, payer_pubkey=payer_pubkey, payee_pubkey=keys.public_key(payee_priv),
             expiry_height=expiry, deposit_sat=deposit, payer_script=payer_script,
@@ -157,7 +159,7 @@ class PayeeService:
                 deposit_sat=deposit, expiry_height=expiry, created_at=now, lapse_at=now + cfg.proposal_ttl_s,
                 max_units=terms.max_units, max_total_sat=terms.max_total_sat, created_height=tip,
                 terms=terms.to_json(),
-                payout_script=self.closer.payee_script.hex() or None, client=client,
+                payout_script=self.closer.payee_script.hex() or None, client=client, key_index=key_index,
             )
         )
         return {

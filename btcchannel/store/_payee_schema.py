@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from btcchannel.store._db import Migration
+from btcchannel.store._seed import SEED_MIGRATION
 
 __all__ = ["MIGRATIONS"]
 
@@ -78,4 +79,5 @@ _V6_PROPOSAL_CLIENT: Migration = (
 #: every migration, in order (the schema version is the number applied)
 MIGRATIONS: tuple[Migration, ...] = (
     _V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT, _V5_CHAIN_CURSOR, _V6_PROPOSAL_CLIENT,
+    SEED_MIGRATION,  # 7: the seed, its next key index, each channel's key_index
 )

@@ -4,7 +4,8 @@ A store that mixes in :class:`SeedKeys` holds one seed (created on first use) an
 the next unused BIP32 index. :meth:`SeedKeys.reserve_key` commits the counter
 increment *before* it returns the derived key, so a crash between reserving an
 index and storing the channel only skips that index; it is never used twice.
-Migration :data:`SEED_MIGRATION` adds the table and the channels' ``key_index``.
+Migration :data:`SEED_MIGRATION` adds the table and the channels' ``key_index`` (``PG_SEED_MIGRATION``
+in PostgreSQL's dialect); the queries are written to run unchanged on both.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from btcchannel.core.seed import SEED_BYTES, check_seed, derive_channel_key
 from btcchannel.errors import BadRequest
 from btcchannel.store._db import Migration
 
-__all__ = ["SEED_MIGRATION", "SeedKeys"]
+__all__ = ["PG_SEED_MIGRATION", "SEED_MIGRATION", "SeedKeys"]
 
 SEED_MIGRATION: Migration = (
     "CREATE TABLE IF NOT EXISTS seed (id INTEGER PRIMARY KEY CHECK (id = 1), seed BLOB NOT NULL,"
@@ -27,11 +28,13 @@ SEED_MIGRATION: Migration = (
     "ALTER TABLE channels ADD COLUMN key_index INTEGER",
     "CREATE UNIQUE INDEX IF NOT EXISTS channels_key_index ON channels (key_index) WHERE key_index IS NOT NULL",
 )
+PG_SEED_MIGRATION: Migration = (SEED_MIGRATION[0].replace("BLOB", "BYTEA").replace("next_index INTEGER", "next_index BIGINT"),
+                                "ALTER TABLE channels ADD COLUMN key_index BIGINT", SEED_MIGRATION[2])
 
 
 #: a new seed starts past every index stored channels hold (their keys came from a seed now lost)
-_INSERT_SEED = ("INSERT OR IGNORE INTO seed (id, seed, next_index)"
-                " VALUES (1, ?, (SELECT COALESCE(MAX(key_index) + 1, 0) FROM channels))")
+_INSERT_SEED = ("INSERT INTO seed (id, seed, next_index)"
+                " VALUES (1, ?, (SELECT COALESCE(max(key_index) + 1, 0) FROM channels)) ON CONFLICT DO NOTHING")
 
 
 class SeedKeys:

@@ -25,9 +25,9 @@ Schema versions (the migrations are in :mod:`btcchannel.store._payee_schema`): 1
 of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
 authenticated metered request's) and ``unit_credit`` (prepaid units not served); 4 adds
 ``payout_script`` (fixed per channel when it is proposed) and ``close_tx``/``close_tx_txid`` (the
-close, recorded before its broadcast); 5 adds the
-``chain_cursor`` table (the last block the watcher processed); 6 adds
-``client`` (who proposed the channel, for the per-client proposal cap).
+close, recorded before its broadcast); 5 adds the ``chain_cursor`` table (the last block the watcher
+processed); 6 adds ``client`` (who proposed the channel, for the per-client proposal cap); 7 adds the
+seed, its next key index and each channel's ``key_index`` (:mod:`btcchannel.store._seed`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from btcchannel.core.state import ChannelEvent, ChannelState, next_state, source
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
 from btcchannel.store._payee_schema import MIGRATIONS as _MIGRATIONS
+from btcchannel.store._seed import SeedKeys
 
 __all__ = ["CLOSE_UNECONOMIC_SUFFIX", "PayeeRecord", "PayeeStore"]
 
@@ -104,6 +105,7 @@ class PayeeRecord:
     close_tx_txid: str | None = None
     #: who proposed the channel (the client's network address), for the per-client proposal cap
     client: str | None = None
+    key_index: int | None = None  # the key's BIP32 index under the datadir's seed (None: a random key)
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -158,10 +160,10 @@ def _payee_from_row(row: sqlite3.Row | Mapping[str, Any]) -> PayeeRecord:
 # ------------------------------------------------------------------ the store
 
 
-class PayeeStore(Database):
+class PayeeStore(SeedKeys, Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
-    MIGRATIONS = _MIGRATIONS
+    MIGRATIONS, PUBKEY_FIELD = _MIGRATIONS, "payee_pubkey"
 
     def try_lead(self) -> bool:
         """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
@@ -260,15 +262,12 @@ class PayeeStore(Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script, client)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (
-                rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
-                rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
-                rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
-                rec.payout_script, rec.client,
-            ),
-        )
+            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script, client, key_index)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
+             rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
+             rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
+             rec.payout_script, rec.client, rec.key_index))
 
     def set_funding(
         self, channel_id: str, txid: str, vout: int, confirmations: int,

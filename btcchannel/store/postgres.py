@@ -41,6 +41,7 @@ import psycopg
 from btcchannel.errors import StoreSchemaError
 from btcchannel.store._db import Migration
 from btcchannel.store._group import GroupWriter
+from btcchannel.store._seed import PG_SEED_MIGRATION
 from btcchannel.store.payee import PayeeStore
 
 __all__ = ["PG_MIGRATIONS", "PgConnection", "PgPayeeStore"]
@@ -120,6 +121,7 @@ _PG_V6_PROPOSAL_CLIENT: Migration = (
 #: the SQLite store's migrations in PostgreSQL's dialect, same numbers, same meaning
 PG_MIGRATIONS: Final[tuple[Migration, ...]] = (
     _PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS, _PG_V4_CLOSE_INTENT, _PG_V5_CHAIN_CURSOR, _PG_V6_PROPOSAL_CLIENT,
+    PG_SEED_MIGRATION,
 )
 
 
