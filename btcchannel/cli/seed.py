@@ -60,7 +60,8 @@ def seed_restore(settings: Settings, seed_hex: str, role: str) -> None:
     """Install SEED_HEX (from `seed show`) and re-derive every missing channel key from it.
 
     Each derived key is checked against the channel's stored public key. A datadir that
-    already has another seed is refused. Then `backup import` a backup written without keys.
+    already has another seed is refused. Then `backup import` a backup written without keys,
+    before opening any channel (new indexes start past the imported ones only).
 
     \b
     Example:
