@@ -22,19 +22,21 @@ from hypothesis import strategies as st
 
 from btcchannel.errors import BadRequest, BadScript, ExpiryOutOfRange
 from btcchannel.core.keys import public_key
-from btcchannel.core.script import (
-    NETWORKS,
-    address_to_script,
+from btcchannel.core.address import (
+    BECH32_CONST,
+    BECH32M_CONST,
     base58check_decode,
     base58check_encode,
     bech32_decode,
     bech32_encode,
-    BECH32_CONST,
-    BECH32M_CONST,
-    check_payout_script,
     decode_segwit_address,
-    dust_limit,
     encode_segwit_address,
+)
+from btcchannel.core.script import (
+    NETWORKS,
+    address_to_script,
+    check_payout_script,
+    dust_limit,
     funding_witness_script,
     p2pkh_script,
     p2sh_script,

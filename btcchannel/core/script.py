@@ -2,7 +2,7 @@
 
 Pure functions, no global network state: every address function takes the
 network name explicitly. The codecs (bech32, bech32m, base58check) are in
-:mod:`btcchannel.core.address` and re-exported here.
+:mod:`btcchannel.core.address`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ import hashlib
 from typing import Final
 
 from btcchannel.core.address import (
-    BECH32_CONST,
-    BECH32M_CONST,
     base58check_decode,
     base58check_encode,
-    bech32_decode,
-    bech32_encode,
     decode_segwit_address,
     encode_segwit_address,
 )
@@ -41,14 +37,6 @@ __all__ = [
     "check_network",
     "script_num",
     "push_data",
-    "BECH32_CONST",
-    "BECH32M_CONST",
-    "bech32_encode",
-    "bech32_decode",
-    "encode_segwit_address",
-    "decode_segwit_address",
-    "base58check_encode",
-    "base58check_decode",
 ]
 
 NETWORKS: Final = ("mainnet", "testnet", "testnet4", "signet", "regtest")
