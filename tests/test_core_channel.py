@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
 from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, next_state
-from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
+from btcchannel.core.channel import build_multi_close_at_most
+from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate, replacement_min_fee
 from btcchannel.core.state import ChannelEvent
 from btcchannel.errors import (
     AmountOutOfRange,
@@ -33,7 +34,7 @@ from btcchannel.errors import (
     StalePayment,
 )
 from btcchannel.core.keys import CURVE_ORDER, _sign, public_key, sign_digest
-from btcchannel.core.script import address_to_script, p2pkh_script, p2wpkh_script, p2wsh_script
+from btcchannel.core.script import address_to_script, dust_limit, p2pkh_script, p2wpkh_script, p2wsh_script
 from btcchannel.core.tx import ITERATIVE_SEQUENCE, PaymentSighash, tx_vsize
 
 PAYER_KEY = hashlib.sha256(b"payer-key").digest()
@@ -407,6 +408,16 @@ def test_multi_close_two_channels() -> None:
     assert tx.vout[0].nValue == DEPOSIT - 400_000
     assert tx.vout[1].nValue == 450_000 - math.ceil(2.0 * tx_vsize(tx))
     assert len(tx.vout) == 2
+    # at a rate the payments cannot pay, the most they can: the payee output at its dust limit
+    most = build_multi_close_at_most([payee2, payee1], PAYEE_SCRIPT, 1e9)
+    assert most.vout[1].nValue == dust_limit(PAYEE_SCRIPT)
+    assert build_multi_close_at_most([payee2, payee1], PAYEE_SCRIPT, 2.0).vout[1].nValue == tx.vout[1].nValue
+
+
+def test_replacement_min_fee_is_bip125() -> None:
+    # more than the replaced fee, plus the relay floor for the replacement's own size
+    assert replacement_min_fee(1_000, 200) == 1_000 + 200 + 1
+    assert replacement_min_fee(0, 141) == math.ceil(MIN_RELAY_FEE_RATE * 141) + 1
 
 
 def test_refund() -> None:

@@ -422,3 +422,14 @@ def build_multi_close(
     sum of the payments minus the fee.
     """
     return build_close_tx([c.close_input() for c in channels], payee_script, fee_rate_sat_vb, min_fee_sat=min_fee_sat)
+
+
+def build_multi_close_at_most(channels: Sequence[PayeeChannel], payee_script: bytes, fee_rate_sat_vb: float) -> Any:
+    """:func:`build_multi_close` at ``fee_rate_sat_vb``, or, when the payments cannot pay that much,
+    paying the most they can (the payee output left at its dust limit), as
+    :meth:`PayeeChannel.build_close_at_most` does for one channel."""
+    try:
+        return build_multi_close(channels, payee_script, fee_rate_sat_vb)
+    except CloseUneconomic:
+        most = sum(c.amount_sat for c in channels) - dust_limit(payee_script)
+        return build_multi_close(channels, payee_script, 0, min_fee_sat=most)

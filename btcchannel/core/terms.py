@@ -13,6 +13,8 @@ Pure: the service layers call these.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Final
 
@@ -76,6 +78,13 @@ def bump_fee_rate(old_rate: float | None, requested: float | None, factor: float
     old = old_rate or MIN_RELAY_FEE_RATE
     rate = requested if requested is not None else max(old * factor, old + 1.0, estimate)
     return rate if rate > old else old + 1.0
+
+
+def replacement_min_fee(replaced_fee_sat: int, vsize: int) -> int:
+    """The least fee a transaction of ``vsize`` vbytes must pay to replace one paying
+    ``replaced_fee_sat`` (BIP125): more than the replaced fee, plus the incremental relay fee
+    (the relay floor) for its own size."""
+    return replaced_fee_sat + math.ceil(MIN_RELAY_FEE_RATE * vsize) + 1
 
 
 def not_open_error(state: ChannelState) -> ChannelError:

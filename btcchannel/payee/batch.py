@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any, Protocol, Sequence
 
 from btcchannel.bitcoind.chain import mempool_fee
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.core.channel import build_multi_close
-from btcchannel.core.script import dust_limit
+from btcchannel.core.channel import build_multi_close, build_multi_close_at_most
 from btcchannel.core.state import ChannelState
-from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
-from btcchannel.core.tx import OutPoint, tx_vsize
+from btcchannel.core.terms import bump_fee_rate, replacement_min_fee
+from btcchannel.core.tx import OutPoint, tx_id, tx_vsize
 from btcchannel.errors import ChannelError, CloseUneconomic, RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import Channels
@@ -73,10 +71,6 @@ def batch_of(closer: Closer, rec: PayeeRecord) -> list[PayeeRecord]:
         return [rec]
     rows = [r for r in closer.store.list([ChannelState.CLOSING]) if r.close_txid == rec.close_txid]
     return sorted(rows, key=lambda r: r.channel_id) or [rec]
-
-
-def _txid(tx: Any) -> str:
-    return bytes(tx.GetTxid())[::-1].hex()
 
 
 def _fee(members: list[PayeeRecord], tx: Any) -> int:
@@ -137,7 +131,7 @@ async def _send_new(closer: Closer, members: list[PayeeRecord], rate: float) -> 
     (the node refused the batch for them), else an empty set."""
     payout = closer.payout_of(members[0])
     tx = build_multi_close([closer.channels.build(m) for m in members], payout, rate)
-    raw, txid = tx.serialize().hex(), _txid(tx)
+    raw, txid = tx.serialize().hex(), tx_id(tx)
     async with closer.lock:
         for m in members:
             if not closer.store.record_close_intent(m.channel_id, txid, raw, rate, None):
@@ -206,15 +200,12 @@ async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, ra
     the old fee plus the incremental relay fee for its own size (BIP125)."""
     payout = closer.payout_of(members[0])
     chs = [closer.channels.build(m) for m in members]
-    try:
-        tx = build_multi_close(chs, payout, rate)
-    except CloseUneconomic:  # the deadline rate is more than the payments afford: the most they can pay
-        tx = build_multi_close(chs, payout, 0, min_fee_sat=sum(m.amount_sat for m in members) - dust_limit(payout))
-    need = old_fee + math.ceil(MIN_RELAY_FEE_RATE * tx_vsize(tx)) + 1
+    tx = build_multi_close_at_most(chs, payout, rate)  # a deadline rate they cannot pay: the most they can
+    need = replacement_min_fee(old_fee, tx_vsize(tx))
     if _fee(members, tx) < need:
         tx = build_multi_close(chs, payout, rate, min_fee_sat=need)  # CloseUneconomic if they cannot
     rate = _fee(members, tx) / tx_vsize(tx)
-    raw, txid = tx.serialize().hex(), _txid(tx)
+    raw, txid = tx.serialize().hex(), tx_id(tx)
     async with closer.lock:
         for m in members:
             if not closer.store.record_close_intent(m.channel_id, txid, raw, rate, previous):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Any, Awaitable
 
@@ -34,8 +33,8 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import script
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.state import ChannelState
-from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate
-from btcchannel.core.tx import tx_vsize
+from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate, replacement_min_fee
+from btcchannel.core.tx import tx_id, tx_vsize
 from btcchannel.errors import (
     ChannelError,
     CloseUneconomic,
@@ -225,7 +224,7 @@ class Closer:
 
     def _intend(self, rec: PayeeRecord, tx: Any, rate: float) -> bool:
         cid = rec.channel_id
-        txid = bytes(tx.GetTxid())[::-1].hex()
+        txid = tx_id(tx)
         recorded = self.store.record_close_intent(cid, txid, tx.serialize().hex(), rate, rec.close_txid)
         self.claimed.discard(cid)
         if not recorded:
@@ -334,9 +333,7 @@ class Closer:
                 return None
             ch = self.channels.build(fresh)
             payout = self.payout_of(fresh)
-            ours = tx_vsize(ch.build_close(payout, MIN_RELAY_FEE_RATE))
-            # BIP125: more than the replaced fee, plus the incremental relay fee for our own size
-            need = fee + math.ceil(MIN_RELAY_FEE_RATE * ours) + 1
+            need = replacement_min_fee(fee, tx_vsize(ch.build_close(payout, MIN_RELAY_FEE_RATE)))
             rate = max(fee / vsize, fresh.close_fee_rate or 0.0) * self.config.bump_factor
             try:
                 tx = ch.build_close(payout, rate, min_fee_sat=need)
@@ -345,7 +342,7 @@ class Closer:
             paid = fresh.deposit_sat - sum(o.nValue for o in tx.vout)
             if paid < need:
                 raise CloseUneconomic(f"the payment cannot pay more than the conflict's {fee} sat fee")
-            txid = bytes(tx.GetTxid())[::-1].hex()
+            txid = tx_id(tx)
             if not self._intend(fresh, tx, paid / tx_vsize(tx)):
                 return None
             await self._send_recorded(self.store.get(cid))
