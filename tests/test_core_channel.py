@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
 from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, next_state
 from btcchannel.core.channel import build_multi_close_at_most
-from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate, replacement_min_fee
+from btcchannel.core.terms import (
+    MIN_RELAY_FEE_RATE,
+    bump_fee_rate,
+    close_is_urgent,
+    deadline_blocks,
+    replacement_min_fee,
+)
 from btcchannel.core.state import ChannelEvent
 from btcchannel.errors import (
     AmountOutOfRange,
@@ -412,6 +418,12 @@ def test_multi_close_two_channels() -> None:
     most = build_multi_close_at_most([payee2, payee1], PAYEE_SCRIPT, 1e9)
     assert most.vout[1].nValue == dust_limit(PAYEE_SCRIPT)
     assert build_multi_close_at_most([payee2, payee1], PAYEE_SCRIPT, 2.0).vout[1].nValue == tx.vout[1].nValue
+
+
+def test_deadline_window() -> None:
+    assert [deadline_blocks(m) for m in (2, 3, 6, 7)] == [1, 1, 3, 3]
+    assert close_is_urgent(expiry_height=100, tip_height=97, close_margin_blocks=6)
+    assert not close_is_urgent(expiry_height=100, tip_height=96, close_margin_blocks=6)
 
 
 def test_replacement_min_fee_is_bip125() -> None:

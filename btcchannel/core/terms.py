@@ -80,6 +80,18 @@ def bump_fee_rate(old_rate: float | None, requested: float | None, factor: float
     return rate if rate > old else old + 1.0
 
 
+def deadline_blocks(close_margin_blocks: int) -> int:
+    """In this many last blocks before expiry an unconfirmed close is bumped every block, as high
+    as the payment affords: half the close margin, at least 1."""
+    return max(1, close_margin_blocks // 2)
+
+
+def close_is_urgent(expiry_height: int, tip_height: int, close_margin_blocks: int) -> bool:
+    """Whether a close at ``tip_height`` is in its deadline window (:func:`deadline_blocks`): the
+    payer's refund becomes valid at ``expiry_height``, so the fee must rise now."""
+    return expiry_height - tip_height <= deadline_blocks(close_margin_blocks)
+
+
 def replacement_min_fee(replaced_fee_sat: int, vsize: int) -> int:
     """The least fee a transaction of ``vsize`` vbytes must pay to replace one paying
     ``replaced_fee_sat`` (BIP125): more than the replaced fee, plus the incremental relay fee

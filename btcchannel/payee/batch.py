@@ -34,7 +34,7 @@ from btcchannel.bitcoind.chain import mempool_fee
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.channel import build_multi_close, build_multi_close_at_most
 from btcchannel.core.state import ChannelState
-from btcchannel.core.terms import bump_fee_rate, replacement_min_fee
+from btcchannel.core.terms import bump_fee_rate, close_is_urgent, replacement_min_fee
 from btcchannel.core.tx import OutPoint, tx_id, tx_vsize
 from btcchannel.errors import ChannelError, CloseUneconomic, RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
 from btcchannel.payee.config import ServerConfig
@@ -78,7 +78,7 @@ def _fee(members: list[PayeeRecord], tx: Any) -> int:
 
 
 def _urgent(closer: Closer, rec: PayeeRecord, tip: int) -> bool:
-    return rec.expiry_height - tip <= closer.config.urgent_blocks
+    return close_is_urgent(rec.expiry_height, tip, closer.config.close_margin_blocks)
 
 
 async def close_claimed(closer: Closer, cids: Sequence[str]) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from btcchannel.core import script
-from btcchannel.core.terms import Metering, ProposalLimits, Terms
+from btcchannel.core.terms import Metering, ProposalLimits, Terms, deadline_blocks
 from btcchannel.errors import ChannelError
 from btcchannel.store import is_postgres_url
 from btcchannel.wire import MAX_BODY
@@ -109,7 +109,7 @@ class ServerConfig:
     def urgent_blocks(self) -> int:
         """In this many last blocks before expiry an unconfirmed close is bumped every block to
         ``max_fee_rate_sat_vb`` (or what the payment affords): half the close margin, at least 1."""
-        return max(1, self.close_margin_blocks // 2)
+        return deadline_blocks(self.close_margin_blocks)
 
     @property
     def metering(self) -> Metering:

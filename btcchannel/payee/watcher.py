@@ -43,7 +43,7 @@ from btcchannel.bitcoind.chain import BlockFollower, chain_state, mempool_spende
 from btcchannel.bitcoind.notify import BlockNotifier
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
-from btcchannel.core.terms import closing_height
+from btcchannel.core.terms import close_is_urgent, closing_height
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import ChannelError, NodeError
 from btcchannel.payee.closer import Closer, is_uneconomic
@@ -385,7 +385,7 @@ class Watcher:
             return  # at most one replacement per block
         if self.store.get(cid).close_txid != rec.close_txid:
             return  # replaced in this pass already (a batch is bumped by its first member looked at)
-        urgent = rec.expiry_height - tip <= cfg.urgent_blocks
+        urgent = close_is_urgent(rec.expiry_height, tip, cfg.close_margin_blocks)
         if not urgent and tip - rec.close_height < cfg.bump_after_blocks:
             return
         log.info("close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
