@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.errors import PayeeUnreachable
 from btcchannel.payer.client import PayerClient
 from btcchannel.wait import wait_until
+from btcchannel.testing.cli import CliProcess
 
 
 def invoke(*args: str) -> Any:
@@ -114,37 +114,10 @@ def test_env_vars_set_global_options(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------- real processes
 
 
-class Cli:
-    """Runs ``btcchannel`` as a separate process with one datadir and wallet."""
-
-    def __init__(self, node: RegtestNode, datadir: Path, wallet: str) -> None:
-        self.env = {
-            **os.environ,
-            "BTCCHANNEL_DATADIR": str(datadir),
-            "BTCCHANNEL_RPC_URL": node.rpc_url,
-            "BTCCHANNEL_RPC_USER": node.rpc_user,
-            "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
-            "BTCCHANNEL_WALLET": wallet,
-        }
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "btcchannel", *args]
-
-    def json(self, *args: str) -> Any:
-        out = subprocess.run(self.argv("--json", *args), env=self.env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, (args, out.stdout, out.stderr)
-        return json.loads(out.stdout)
-
-    def fails(self, *args: str) -> str:
-        out = subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 1, (args, out.stdout, out.stderr)
-        return out.stderr
-
-
 @pytest.fixture
-def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subprocess.Popen[str], str]]:
+def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, subprocess.Popen[str], str]]:
     bitcoind.create_wallet("cli-payee")
-    cli = Cli(bitcoind, tmp_path / "payee", "cli-payee")
+    cli = CliProcess(bitcoind, tmp_path / "payee", "cli-payee")
     data = tmp_path / "data.bin"
     data.write_bytes(os.urandom(10 * 1000))
     proc = subprocess.Popen(
@@ -166,10 +139,10 @@ def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, 
 
 def test_two_processes_open_fetch_close_and_refund(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
-    payee_process: tuple[Cli, subprocess.Popen[str], str],
+    payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, server, url = payee_process
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
 
     # a payee asking more than the payer's limit: refused before anything is funded
     assert "terms_refused" in payer.fails("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50",
@@ -226,7 +199,7 @@ def test_two_processes_open_fetch_close_and_refund(
     server.wait(30)
     payer.json("backup", "export", str(tmp_path / "backup.json"))
     assert (tmp_path / "backup.json").stat().st_mode & 0o077 == 0
-    restored = Cli(bitcoind, tmp_path / "restored", funded_wallet)
+    restored = CliProcess(bitcoind, tmp_path / "restored", funded_wallet)
     assert restored.json("backup", "import", str(tmp_path / "backup.json"))["imported"] == 3
     assert "not_expired" in restored.fails("refund", cid2)
     bitcoind.mine(second["expiry_height"] - bitcoind.tip_height())
@@ -240,10 +213,10 @@ def test_two_processes_open_fetch_close_and_refund(
 
 def test_close_tx_prints_the_last_state_as_a_transaction_any_node_accepts(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
-    payee_process: tuple[Cli, subprocess.Popen[str], str],
+    payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, server, url = payee_process
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
     opened = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait")
     cid = opened["channel_id"]
     bitcoind.mine(1)

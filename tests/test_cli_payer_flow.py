@@ -13,59 +13,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.store import PayerStore
 from btcchannel.wait import wait_until
+from btcchannel.testing.cli import CliProcess
 
 CHUNK = 1000
 
 
-class Cli:
-    """``btcchannel`` as a separate process with one datadir and wallet."""
-
-    def __init__(self, node: RegtestNode, datadir: Path, wallet: str) -> None:
-        self.datadir = datadir
-        self.env = {
-            **os.environ,
-            "BTCCHANNEL_DATADIR": str(datadir), "BTCCHANNEL_RPC_URL": node.rpc_url,
-            "BTCCHANNEL_RPC_USER": node.rpc_user, "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
-            "BTCCHANNEL_WALLET": wallet,
-        }
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "btcchannel", *args]
-
-    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def json(self, *args: str) -> Any:
-        out = self.run("--json", *args)
-        assert out.returncode == 0, (args, out.stdout, out.stderr)
-        return json.loads(out.stdout)
-
-    def error(self, *args: str) -> dict[str, str]:
-        """The JSON error document of a command that must fail with status 1."""
-        out = self.run("--json", *args)
-        assert out.returncode == 1, (args, out.stdout, out.stderr)
-        assert "Traceback" not in out.stderr
-        err: dict[str, str] = json.loads(out.stdout)["error"]
-        assert err["hint"]
-        return err
-
-
 @pytest.fixture
-def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Cli, str, bytes]]:
+def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[CliProcess, str, bytes]]:
     """A payee process selling 1000-byte chunks at 100 sat (``indirect`` parameter: another price)."""
     price = str(getattr(request, "param", 100))
     bitcoind.create_wallet("flow-payee")
-    cli = Cli(bitcoind, tmp_path / "payee", "flow-payee")
+    cli = CliProcess(bitcoind, tmp_path / "payee", "flow-payee")
     data = os.urandom(4 * CHUNK)
     (tmp_path / "data.bin").write_bytes(data)
     proc = subprocess.Popen(
@@ -83,10 +49,10 @@ def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest)
 
 
 def test_open_reports_progress_and_a_timeout_without_a_traceback(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[Cli, str, bytes],
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[CliProcess, str, bytes],
 ) -> None:
     _, url, _ = payee
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
 
     # --no-wait: the funding txid, and no word of waiting
     out = payer.run("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait",
@@ -131,10 +97,10 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
 
 
 def test_fetch_picks_a_usable_channel_and_keeps_the_body(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[Cli, str, bytes],
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[CliProcess, str, bytes],
 ) -> None:
     payee_cli, url, data = payee
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
 
     # no channel at all: fetch says so, with the command to run
     err = payer.error("fetch", f"{url}/v1/file/0")
@@ -163,10 +129,10 @@ def test_fetch_picks_a_usable_channel_and_keeps_the_body(
 
 @pytest.mark.parametrize("payee", [0], indirect=True)  # free-form payments: no price per unit
 def test_pay_bump_and_refund_say_what_they_did(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[Cli, str, bytes],
+    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[CliProcess, str, bytes],
 ) -> None:
     payee_cli, url, _ = payee
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
     old = payer.json("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "50", "--no-wait")
     newer = payer.json("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "50", "--no-wait")
     bitcoind.mine(1)

@@ -5,15 +5,12 @@ closing every open channel from that copy after payee.db is lost."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,27 +18,7 @@ from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.store import PayerStore
 from btcchannel.wait import wait_until
-
-
-class Cli:
-    """``btcchannel`` as a separate process with one datadir and wallet."""
-
-    def __init__(self, node: RegtestNode, datadir: Path, wallet: str) -> None:
-        self.datadir = datadir
-        self.env = {**os.environ, "BTCCHANNEL_DATADIR": str(datadir), "BTCCHANNEL_RPC_URL": node.rpc_url,
-                    "BTCCHANNEL_RPC_USER": node.rpc_user, "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
-                    "BTCCHANNEL_WALLET": wallet}
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "btcchannel", *args]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=120)
-
-    def json(self, *args: str) -> Any:
-        out = self.run("--json", *args)
-        assert out.returncode == 0, (args, out.stdout, out.stderr)
-        return json.loads(out.stdout)
+from btcchannel.testing.cli import CliProcess
 
 
 def _backup_amounts(path: Path) -> dict[str, int]:
@@ -55,9 +32,9 @@ def _backup_amounts(path: Path) -> dict[str, int]:
 
 
 @pytest.fixture
-def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subprocess.Popen[str], str, Path]]:
+def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, subprocess.Popen[str], str, Path]]:
     bitcoind.create_wallet("backup-payee")
-    cli = Cli(bitcoind, tmp_path / "payee", "backup-payee")
+    cli = CliProcess(bitcoind, tmp_path / "payee", "backup-payee")
     copy = tmp_path / "other-disk" / "payee.db"
     proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "0",  # free-form payments
                                      "--backup-db", str(copy), "--backup-interval", "3600"),
@@ -73,11 +50,11 @@ def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subproce
 
 def test_payer_backup_follows_every_open_and_never_overwrites_a_users_file(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
-    payee: tuple[Cli, subprocess.Popen[str], str, Path],
+    payee: tuple[CliProcess, subprocess.Popen[str], str, Path],
 ) -> None:
     _, _, url, _ = payee
     backup = tmp_path / "usb" / "payer.json"
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
     payer.env["BTCCHANNEL_PAYER_BACKUP"] = str(backup)
     first = payer.json("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "40", "--no-wait")
     saved = json.loads(backup.read_text())
@@ -106,10 +83,10 @@ def test_payer_backup_follows_every_open_and_never_overwrites_a_users_file(
 
 def test_payee_restores_from_its_continuous_copy_and_closes_every_open_channel(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
-    payee: tuple[Cli, subprocess.Popen[str], str, Path],
+    payee: tuple[CliProcess, subprocess.Popen[str], str, Path],
 ) -> None:
     payee_cli, proc, url, copy = payee
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
     a = payer.json("open", url, "--deposit-sat", "40000", "--lifetime-blocks", "40", "--no-wait")
     b = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "40", "--no-wait")
     bitcoind.mine(1)

@@ -8,10 +8,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -19,33 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.wait import wait_until
-
-
-class Cli:
-    """``btcchannel`` as a separate process with one datadir and wallet."""
-
-    def __init__(self, node: RegtestNode, datadir: Path, wallet: str) -> None:
-        self.datadir = datadir
-        self.env = {**os.environ, "BTCCHANNEL_DATADIR": str(datadir), "BTCCHANNEL_RPC_URL": node.rpc_url,
-                    "BTCCHANNEL_RPC_USER": node.rpc_user, "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
-                    "BTCCHANNEL_WALLET": wallet}
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "btcchannel", *args]
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=120)
-
-    def json(self, *args: str) -> Any:
-        out = self.run("--json", *args)
-        assert out.returncode == 0, (args, out.stdout, out.stderr)
-        return json.loads(out.stdout)
+from btcchannel.testing.cli import CliProcess
 
 
 @pytest.fixture
-def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[Cli, subprocess.Popen[str], str]]:
+def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, subprocess.Popen[str], str]]:
     bitcoind.create_wallet("ops-payee")
-    cli = Cli(bitcoind, tmp_path / "payee", "ops-payee")
+    cli = CliProcess(bitcoind, tmp_path / "payee", "ops-payee")
     (tmp_path / "data.bin").write_bytes(os.urandom(3000))
     log = (tmp_path / "payee.log").open("w")
     proc = subprocess.Popen(cli.argv("--json", "-v", "--log-json", "serve", "--port", "0", "--price-sat", "1000",
@@ -69,10 +47,10 @@ def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
-    served: tuple[Cli, subprocess.Popen[str], str],
+    served: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, proc, url = served
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
     cid = payer.json("open", url, "--deposit-sat", "50000", "--lifetime-blocks", "40", "--no-wait")["channel_id"]
     short = payer.json("open", url, "--deposit-sat", "30000", "--lifetime-blocks", "20", "--no-wait")
     bitcoind.mine(1)
@@ -127,7 +105,7 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
 
     # a failed open (an empty wallet) is marked failed; forget removes it, and refuses a live channel
     bitcoind.create_wallet("ops-empty")
-    poor = Cli(bitcoind, tmp_path / "payer", "ops-empty")
+    poor = CliProcess(bitcoind, tmp_path / "payer", "ops-empty")
     out = poor.run("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "40")
     assert out.returncode == 1 and "Insufficient funds" in out.stderr and "hint: fund the wallet" in out.stderr
     failed = [c for c in payer.json("list")["channels"] if c["state"] == "failed"]
