@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -112,29 +111,6 @@ def test_env_vars_set_global_options(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------- real processes
-
-
-@pytest.fixture
-def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, subprocess.Popen[str], str]]:
-    bitcoind.create_wallet("cli-payee")
-    cli = CliProcess(bitcoind, tmp_path / "payee", "cli-payee")
-    data = tmp_path / "data.bin"
-    data.write_bytes(os.urandom(10 * 1000))
-    proc = subprocess.Popen(
-        cli.argv("--json", "serve", "--port", "0", "--price-sat", "2000", "--serve-file", str(data),
-                 "--chunk-size", "1000"),
-        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        url = json.loads(line)["url"]
-        yield cli, proc, url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
 
 
 def test_two_processes_open_fetch_close_and_refund(

@@ -12,15 +12,15 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.keys import public_key
 from btcchannel.core.seed import derive_channel_key
 from btcchannel.store import PayerStore
-from test_cli import Cli, payee_process  # noqa: F401  (the payee process fixture)
+from btcchannel.testing.cli import CliProcess
 
 
 def test_payer_restores_wiped_keys_from_the_seed_and_refunds_after_expiry(
     bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
-    payee_process: tuple[Cli, subprocess.Popen[str], str],  # noqa: F811
+    payee_process: tuple[CliProcess, subprocess.Popen[str], str],  # noqa: F811
 ) -> None:
     _, server, url = payee_process
-    payer = Cli(bitcoind, tmp_path / "payer", funded_wallet)
+    payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
     first = payer.json("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "12", "--no-wait")
     second = payer.json("open", url, "--deposit-sat", "50000", "--lifetime-blocks", "12", "--no-wait")
     bitcoind.mine(1)
@@ -53,7 +53,7 @@ def test_payer_restores_wiped_keys_from_the_seed_and_refunds_after_expiry(
         assert {r.channel_id: r.privkey for r in store.list()} == {c: r.privkey for c, r in rows.items()}
 
     # a fresh datadir: the seed, then the backup written without keys
-    fresh = Cli(bitcoind, tmp_path / "fresh", funded_wallet)
+    fresh = CliProcess(bitcoind, tmp_path / "fresh", funded_wallet)
     assert "seed" in fresh.fails("backup", "import", str(tmp_path / "nokeys.json"))
     assert fresh.json("seed", "restore", seed.hex())["keys_restored"] == 0
     assert fresh.json("backup", "import", str(tmp_path / "nokeys.json"))["imported"] == 2
