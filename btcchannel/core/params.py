@@ -14,7 +14,9 @@ from typing import Any
 
 from btcchannel.core.keys import check_public_key
 from btcchannel.core.script import (
+    SCRIPT_LEGACY,
     check_network,
+    check_script_version,
     check_payout_script,
     dust_limit,
     funding_witness_script,
@@ -43,9 +45,13 @@ class ChannelParams:
     deposit_sat: int
     payer_script: bytes
     funding: OutPoint | None = None
+    #: which channel script: :data:`~btcchannel.core.script.SCRIPT_LEGACY` (``OP_DROP``) or
+    #: :data:`~btcchannel.core.script.SCRIPT_DESCRIPTOR` (``OP_VERIFY``, a miniscript)
+    script_version: int = SCRIPT_LEGACY
 
     def __post_init__(self) -> None:
         check_network(self.network)
+        check_script_version(self.script_version)
         check_public_key(self.payer_pubkey)
         check_public_key(self.payee_pubkey)
         if self.payer_pubkey == self.payee_pubkey:
@@ -60,7 +66,7 @@ class ChannelParams:
     @cached_property
     def witness_script(self) -> bytes:
         """The channel's witness script (ExpiryOutOfRange for a non-height expiry)."""
-        return funding_witness_script(self.payer_pubkey, self.payee_pubkey, self.expiry_height)
+        return funding_witness_script(self.payer_pubkey, self.payee_pubkey, self.expiry_height, self.script_version)
 
     @cached_property
     def funding_script(self) -> bytes:
@@ -95,8 +101,9 @@ class ChannelParams:
         return PaymentSighash(self.funding, self.witness_script, self.deposit_sat, self.payer_script)
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-able dict (hex strings) for storage."""
-        return {
+        """A JSON-able dict (hex strings) for storage; ``script_version`` only when not the legacy script
+        (a legacy channel's row reads as it did before script versions existed)."""
+        d: dict[str, Any] = {
             "network": self.network,
             "payer_pubkey": self.payer_pubkey.hex(),
             "payee_pubkey": self.payee_pubkey.hex(),
@@ -105,12 +112,15 @@ class ChannelParams:
             "payer_script": self.payer_script.hex(),
             "funding": None if self.funding is None else self.funding.to_json(),
         }
+        if self.script_version != SCRIPT_LEGACY:
+            d["script_version"] = self.script_version
+        return d
 
     @classmethod
     def from_json(cls, d: Any) -> ChannelParams:
         """Inverse of :meth:`to_json`; BadRequest (or a more specific error) when malformed."""
         keys = {"network", "payer_pubkey", "payee_pubkey", "expiry_height", "deposit_sat", "payer_script"}
-        if not isinstance(d, dict) or not keys <= set(d) or not set(d) <= keys | {"funding"}:
+        if not isinstance(d, dict) or not keys <= set(d) or not set(d) <= keys | {"funding", "script_version"}:
             raise BadRequest("malformed channel parameters")
         try:
             payer = bytes.fromhex(d["payer_pubkey"])
@@ -127,6 +137,7 @@ class ChannelParams:
             deposit_sat=d["deposit_sat"],
             payer_script=payer_script,
             funding=None if funding is None else OutPoint.from_json(funding),
+            script_version=d.get("script_version", SCRIPT_LEGACY),
         )
 
 

@@ -23,7 +23,12 @@ __all__ = [
     "NETWORKS",
     "HRP",
     "LOCKTIME_THRESHOLD",
+    "SCRIPT_LEGACY",
+    "SCRIPT_DESCRIPTOR",
+    "SCRIPT_VERSIONS",
+    "check_script_version",
     "funding_witness_script",
+    "parse_channel_script",
     "parse_funding_witness_script",
     "p2wsh_script",
     "p2wpkh_script",
@@ -55,6 +60,7 @@ OP_1: Final = 0x51
 OP_IF: Final = 0x63
 OP_ELSE: Final = 0x67
 OP_ENDIF: Final = 0x68
+OP_VERIFY: Final = 0x69
 OP_DROP: Final = 0x75
 OP_DUP: Final = 0x76
 OP_EQUAL: Final = 0x87
@@ -63,6 +69,15 @@ OP_HASH160: Final = 0xA9
 OP_CHECKSIG: Final = 0xAC
 OP_CHECKSIGVERIFY: Final = 0xAD
 OP_CHECKLOCKTIMEVERIFY: Final = 0xB1
+
+#: The channel script of protocol version 1's first revision: ``... OP_CHECKLOCKTIMEVERIFY OP_DROP ...``.
+SCRIPT_LEGACY: Final = 0
+#: The descriptor form: ``... OP_CHECKLOCKTIMEVERIFY OP_VERIFY ...``, the miniscript
+#: ``and_v(or_i(v:pk(PAYEE),v:after(EXPIRY)),pk(PAYER))``.
+SCRIPT_DESCRIPTOR: Final = 1
+#: Every script version this library builds, oldest first.
+SCRIPT_VERSIONS: Final = (SCRIPT_LEGACY, SCRIPT_DESCRIPTOR)
+_AFTER_CLTV: Final = {SCRIPT_LEGACY: OP_DROP, SCRIPT_DESCRIPTOR: OP_VERIFY}
 
 
 def check_network(network: str) -> str:
@@ -106,17 +121,30 @@ def script_num(value: int) -> bytes:
     return push_data(bytes(out))
 
 
-def funding_witness_script(payer_pubkey: bytes, payee_pubkey: bytes, expiry_height: int) -> bytes:
+def check_script_version(version: object) -> int:
+    """Return ``version`` if it is one of :data:`SCRIPT_VERSIONS`, else BadRequest."""
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SCRIPT_VERSIONS:
+        raise BadRequest(f"unknown script version {version!r}; expected one of {list(SCRIPT_VERSIONS)}")
+    return version
+
+
+def funding_witness_script(
+    payer_pubkey: bytes, payee_pubkey: bytes, expiry_height: int, script_version: int = SCRIPT_LEGACY
+) -> bytes:
     """The channel's witness script::
 
         OP_IF <payee_pubkey> OP_CHECKSIGVERIFY
-        OP_ELSE <expiry_height> OP_CHECKLOCKTIMEVERIFY OP_DROP
+        OP_ELSE <expiry_height> OP_CHECKLOCKTIMEVERIFY (OP_DROP | OP_VERIFY)
         OP_ENDIF <payer_pubkey> OP_CHECKSIG
 
-    ``expiry_height`` must be a block height (1 .. 499999999), else ExpiryOutOfRange.
+    ``OP_DROP`` for :data:`SCRIPT_LEGACY`, ``OP_VERIFY`` for :data:`SCRIPT_DESCRIPTOR` (the
+    miniscript ``and_v(or_i(v:pk(PAYEE),v:after(EXPIRY)),pk(PAYER))``; the expiry is never 0, so
+    both leave the same stack and take the same witnesses). ``expiry_height`` must be a block
+    height (1 .. 499999999), else ExpiryOutOfRange.
     """
     check_public_key(payer_pubkey)
     check_public_key(payee_pubkey)
+    after_cltv = _AFTER_CLTV[check_script_version(script_version)]
     if isinstance(expiry_height, bool) or not isinstance(expiry_height, int):
         raise ExpiryOutOfRange("expiry height must be an integer")
     if not 0 < expiry_height < LOCKTIME_THRESHOLD:
@@ -126,16 +154,16 @@ def funding_witness_script(payer_pubkey: bytes, payee_pubkey: bytes, expiry_heig
         + push_data(payee_pubkey)
         + bytes([OP_CHECKSIGVERIFY, OP_ELSE])
         + script_num(expiry_height)
-        + bytes([OP_CHECKLOCKTIMEVERIFY, OP_DROP, OP_ENDIF])
+        + bytes([OP_CHECKLOCKTIMEVERIFY, after_cltv, OP_ENDIF])
         + push_data(payer_pubkey)
         + bytes([OP_CHECKSIG])
     )
 
 
-def parse_funding_witness_script(script: bytes) -> tuple[bytes, bytes, int]:
-    """Inverse of :func:`funding_witness_script`: ``(payer_pubkey, payee_pubkey, expiry_height)``.
+def parse_channel_script(script: bytes) -> tuple[bytes, bytes, int, int]:
+    """Inverse of :func:`funding_witness_script`: ``(payer_pubkey, payee_pubkey, expiry_height, script_version)``.
 
-    BadScript unless ``script`` is exactly a channel script as this library builds it.
+    BadScript unless ``script`` is exactly a channel script (either version) as this library builds it.
     """
     try:
         if script[0] != OP_IF or script[1] != 33:
@@ -151,15 +179,24 @@ def parse_funding_witness_script(script: bytes) -> tuple[bytes, bytes, int]:
             rest = 38 + first
         else:
             raise BadScript("not a channel script")
+        versions = [v for v, op in _AFTER_CLTV.items() if op == script[rest + 1]]
         payer = script[rest + 4 : rest + 37]
     except IndexError:
         raise BadScript("not a channel script") from None
+    if not versions:
+        raise BadScript("not a channel script")
     try:
-        rebuilt = funding_witness_script(payer, payee, expiry)
+        rebuilt = funding_witness_script(payer, payee, expiry, versions[0])
     except ChannelError as exc:
         raise BadScript("not a channel script") from exc
     if rebuilt != script:
         raise BadScript("not a channel script")
+    return payer, payee, expiry, versions[0]
+
+
+def parse_funding_witness_script(script: bytes) -> tuple[bytes, bytes, int]:
+    """:func:`parse_channel_script` without the version: ``(payer_pubkey, payee_pubkey, expiry_height)``."""
+    payer, payee, expiry, _version = parse_channel_script(script)
     return payer, payee, expiry
 
 
