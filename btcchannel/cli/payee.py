@@ -161,19 +161,31 @@ def channels(settings: Settings) -> None:
               help="Print the last payment as a fully signed close transaction (hex) instead; nothing is broadcast.")
 @click.option("--fee-rate", type=click.FloatRange(1.0), default=None, help="--close-tx: sat/vB [default: the node's estimate].")
 @click.option("--address", default=None, help="--close-tx: pay the payee here [default: a new address of the node wallet].")
+@click.option("--descriptor", is_flag=True,
+              help="Print the funding output's descriptor (with checksum) instead; the payer's or the payee's datadir.")
+@click.option("--private", is_flag=True,
+              help="--descriptor with the payer's key (payer's datadir; keep it secret): a descriptor wallet "
+                   "can then refund after expiry.")
 @click.pass_obj
-def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float | None, address: str | None) -> None:
+def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float | None, address: str | None,
+            descriptor: bool, private: bool) -> None:
     """Show one of the payee's channels, or (``--close-tx``) its last state as a close transaction
-    that any node accepts (``bitcoin-cli sendrawtransaction HEX``), without btcchannel.
+    that any node accepts (``bitcoin-cli sendrawtransaction HEX``), without btcchannel, or
+    (``--descriptor``) its funding output's descriptor.
 
     \b
     Example:
       btcchannel channel 5f0c...e1
       btcchannel channel 5f0c...e1 --close-tx --fee-rate 2
+      btcchannel channel 5f0c...e1 --descriptor --private
     """
     from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
 
+    if descriptor or private:
+        doc = _descriptor(settings, channel_id, private)
+        emit(settings, doc, str(doc["descriptor"]))
+        return
     if close_tx:
         doc = run_async(with_node(settings, "payee", lambda node: _close_tx(settings, node, channel_id, fee_rate, address)))
         emit(settings, doc, str(doc["hex"]))
@@ -183,6 +195,33 @@ def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float
     tip = _tip_or_none(settings, "payee")
     obj["blocks_left"] = None if tip is None else obj["expiry_height"] - tip
     emit(settings, obj, _channel_text(obj))
+
+
+def _descriptor(settings: Settings, channel_id: str, private: bool) -> dict[str, Any]:
+    """The descriptor of ``channel_id`` as this datadir holds it: the payer's row first (``private``
+    needs it), else the payee's (public keys only)."""
+    from btcchannel.core.descriptor import funding_descriptor
+    from btcchannel.core.params import ChannelParams
+    from btcchannel.errors import BadRequest, UnknownChannel
+    from btcchannel.payer.descriptors import channel_descriptor
+    from btcchannel.store import PayeeStore, PayerStore
+
+    payer_db, payee_db = settings.datadir / "payer.db", settings.datadir / "payee.db"
+    if payer_db.exists():
+        with PayerStore(payer_db) as store:
+            rec = store.find(channel_id)
+            if rec is not None:
+                params = ChannelParams.from_json(rec.params)
+                return {"channel_id": channel_id, "role": "payer", "script_version": params.script_version,
+                        "private": private, "descriptor": channel_descriptor(store, rec, private)}
+    if private:
+        raise BadRequest(f"--private needs the payer's datadir, and channel {channel_id} is not a payer's channel here")
+    if not payee_db.exists():
+        raise UnknownChannel(f"no channel {channel_id}")
+    with PayeeStore(payee_db) as payee_store:
+        params = ChannelParams.from_json(payee_store.get(channel_id).params)
+    return {"channel_id": channel_id, "role": "payee", "script_version": params.script_version, "private": False,
+            "descriptor": funding_descriptor(params)}
 
 
 async def _close_tx(settings: Settings, node: Node, channel_id: str, fee_rate: float | None,

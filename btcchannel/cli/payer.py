@@ -262,20 +262,36 @@ def backup() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite FILE even if it is not a btcchannel backup.")
 @click.option("--no-keys", is_flag=True, help="Leave out the keys that derive from the seed (`seed show`).")
+@click.option("--descriptors", is_flag=True,
+              help="Write the channels not yet ended as output descriptors instead: a JSON array that Bitcoin "
+                   "Core's `importdescriptors` takes as is (private unless --no-keys).")
 @click.pass_obj
-def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool) -> None:
+def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool, descriptors: bool) -> None:
     """Write the payer's channels (keys included unless --no-keys: keep it secret) to FILE.
 
     An existing FILE is replaced only if it is a payer backup (or with --force). Every
-    `open` also rewrites the automatic backup (--payer-backup) before funding.
+    `open` also rewrites the automatic backup (--payer-backup) before funding. With
+    --descriptors, any descriptor wallet can refund the deposits after expiry from FILE
+    (legacy-script channels need btcchannel and are listed as left out).
 
     \b
     Example:
       btcchannel backup export channels.json
+      btcchannel backup export --descriptors descriptors.json
     """
     from btcchannel.store import PayerStore
     from btcchannel.store.ops import write_payer_backup
 
+    if descriptors:
+        from btcchannel.payer.descriptors import descriptor_backup, write_descriptor_backup
+
+        with PayerStore(settings.datadir / "payer.db") as store:
+            found = descriptor_backup(store, keys=not no_keys)
+        write_descriptor_backup(found, file, replace_any=force)
+        left = "".join(f"\nleft out {d['channel_id']}: {d['reason']}" for d in found.left_out)
+        emit(settings, {"file": str(file), "descriptors": len(found.requests), "left_out": found.left_out},
+             f"{len(found.requests)} channel descriptors written to {file}{left}")
+        return
     with PayerStore(settings.datadir / "payer.db") as store:
         data = store.export_backup(keys=not no_keys)
     write_payer_backup(data, file, replace_any=force)

@@ -142,7 +142,7 @@ async def _propose(request: web.Request) -> web.Response:
     body = parse_body(
         await read_body(request, svc.config.max_body_bytes),
         ("payer_pubkey", "deposit_sat", "expiry_height", "payer_script"),
-        ("max_units", "max_total_sat", "terms"),
+        ("max_units", "max_total_sat", "terms", "script_version"),
     )
     return web.json_response(svc.propose(body, client=request.remote), status=201)
 

@@ -137,6 +137,9 @@ class PayeeService:
         deposit = int_field(body, "deposit_sat")
         expiry = int_field(body, "expiry_height", 0, 10**MAX_INT_DIGITS)  # outside the lifetime: expiry_out_of_range
         terms = self.proposal_terms(body)
+        # the descriptor script when asked for; a client that does not ask (an older one) keeps the legacy script
+        version = body.get("script_version")
+        script_version = script.SCRIPT_LEGACY if version is None else script.check_script_version(version)
         self.require_fresh_chain()  # the expiry bounds are relative to the tip
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
@@ -149,7 +152,7 @@ class PayeeService:
         key_index, payee_priv = self.store.reserve_key()  # committed before the key is used: never reused
         params = ChannelParams(
             network=cfg.network, payer_pubkey=payer_pubkey, payee_pubkey=keys.public_key(payee_priv),
-            expiry_height=expiry, deposit_sat=deposit, payer_script=payer_script,
+            expiry_height=expiry, deposit_sat=deposit, payer_script=payer_script, script_version=script_version,
         )
         cid = secrets.token_hex(16)
         now = time.time()
@@ -171,6 +174,7 @@ class PayeeService:
             "deposit_sat": deposit,
             "expiry_height": expiry,
             "terms": terms.to_json(),
+            "script_version": script_version,
         }
 
     async def register_funding(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -450,7 +454,7 @@ class PayeeService:
             "min_lifetime_blocks": cfg.min_lifetime_blocks, "max_lifetime_blocks": cfg.max_lifetime_blocks,
             "close_margin_blocks": cfg.close_margin_blocks, "min_confirmations": cfg.min_confirmations,
             "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
-            "terms": cfg.terms.required().to_json(),
+            "terms": cfg.terms.required().to_json(), "script_versions": list(script.SCRIPT_VERSIONS),
             "final_confirmations": cfg.final_confirmations, **self.chain_view(),
         }
 

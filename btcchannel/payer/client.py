@@ -10,7 +10,9 @@ Entry points (what the CLI calls)::
         async def open_channel(self, server_url: str, deposit_sat: int, lifetime_blocks: int, *,
                                wait_open: bool = True, open_timeout: float = 600.0,
                                max_units: int | None = None, max_total_sat: int | None = None,
-                               limits: PayerLimits | None = None) -> str
+                               limits: PayerLimits | None = None, script_version: int | None = None,
+                               payer_address: str | None = None) -> str
+        async def propose(...same, without waiting...) -> str     # proposed and stored, not funded
         async def wait_open(self, channel_id: str, timeout: float = 600.0) -> dict[str, Any]
         async def pay(self, channel_id: str, increment: int | None = None, *,
                       amount: int | None = None) -> int          # returns the acknowledged total
@@ -174,6 +176,8 @@ class PayerClient(PayeeHttp, Refunds):
         max_total_sat: int | None = None,
         limits: PayerLimits | None = None,
         progress: Progress | None = None,
+        script_version: int | None = None,
+        payer_address: str | None = None,
     ) -> str:
         """Propose, check, fund and register a channel; returns its id.
 
@@ -185,12 +189,57 @@ class PayerClient(PayeeHttp, Refunds):
         ``TermsChanged``) before a satoshi is spent. With ``wait_open`` it waits
         (up to ``open_timeout`` s) for the payee to report ``open`` (``OpenTimeout``
         after that: the channel stays funded and opens later). ``progress`` hears
-        each step (see :data:`Progress`).
+        each step (see :data:`Progress`). ``script_version`` and ``payer_address``: see :meth:`propose`.
+        """
+        report = progress or no_progress
+        cid = await self.propose(server_url, deposit_sat, lifetime_blocks, max_units=max_units,
+                                 max_total_sat=max_total_sat, limits=limits, progress=report,
+                                 script_version=script_version, payer_address=payer_address)
+        params = ChannelParams.from_json(self.store.get(cid).params)
+        try:
+            outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
+        except BaseException:
+            self.store.set_state(cid, ChannelState.FAILED)  # nothing was funded: `forget` removes it
+            raise
+        self.record_funding(cid, outpoint)
+        report("funded", {"channel_id": cid, "funding_txid": outpoint.txid, **await mempool_fee(self.node, outpoint.txid)})
+        await self._register_funding(cid)
+        if wait_open:
+            await self.wait_open(cid, open_timeout, progress=report)
+        return str(cid)
+
+    async def propose(
+        self,
+        server_url: str,
+        deposit_sat: int,
+        lifetime_blocks: int,
+        *,
+        max_units: int | None = None,
+        max_total_sat: int | None = None,
+        limits: PayerLimits | None = None,
+        progress: Progress | None = None,
+        script_version: int | None = None,
+        payer_address: str | None = None,
+    ) -> str:
+        """Propose a channel, check the answer and store it (state ``proposed``, key backed up); its id.
+
+        Nothing is funded: :meth:`open_channel` funds from the node wallet,
+        :mod:`btcchannel.payer.external` from any other wallet. ``script_version``: the channel
+        script to ask for (default: the descriptor script when the payee's ``/v1/info`` lists it in
+        ``script_versions``, else the legacy one; a version the payee does not list is
+        BadRequest). ``payer_address``: where the payer's change and refund go (default: a new
+        address of the node wallet).
         """
         report = progress or no_progress
         info = await self.info(server_url)
         if info.get("network") != self.network:
             raise ProtocolViolation(f"payee runs on {info.get('network')!r}, not {self.network!r}")
+        offered = info.get("script_versions")
+        offered = offered if isinstance(offered, list) else [script.SCRIPT_LEGACY]
+        if script_version is None:
+            script_version = script.SCRIPT_DESCRIPTOR if script.SCRIPT_DESCRIPTOR in offered else script.SCRIPT_LEGACY
+        elif script.check_script_version(script_version) not in offered:
+            raise BadRequest(f"the payee does not offer script version {script_version} (it offers {offered})")
         limits = limits or PayerLimits()
         if max_units is not None or max_total_sat is not None:
             limits = replace(limits, max_units=max_units if max_units is not None else limits.max_units,
@@ -198,13 +247,15 @@ class PayerClient(PayeeHttp, Refunds):
         terms = limits.accept(self._required_terms(info))
         tip = await self.node.tip_height()
         expiry = tip + lifetime_blocks
+        payer_script = script.address_to_script(payer_address or await self.node.new_address(), self.network)
         key_index, privkey = self.store.reserve_key()  # committed before the key is used: never reused
         pubkey = keys.public_key(privkey)
-        payer_script = script.address_to_script(await self.node.new_address(), self.network)
         body: dict[str, Any] = {
             "payer_pubkey": pubkey.hex(), "deposit_sat": deposit_sat,
             "expiry_height": expiry, "payer_script": payer_script.hex(),
         }
+        if script_version != script.SCRIPT_LEGACY:  # a payee from before script versions is never asked
+            body["script_version"] = script_version
         legacy = "terms" not in info  # a payee from before agreed terms: the old end-condition fields
         if legacy:
             body.update({k: v for k, v in (("max_units", terms.max_units), ("max_total_sat", terms.max_total_sat))
@@ -212,10 +263,10 @@ class PayerClient(PayeeHttp, Refunds):
         else:
             body["terms"] = terms.to_json()
         _, ans = await self.request("POST", f"{server_url.rstrip('/')}/v1/channels", body)
-        params = self._check_proposal(ans, pubkey, payer_script, deposit_sat, expiry)
+        params = self._check_proposal(ans, pubkey, payer_script, deposit_sat, expiry, script_version)
         if not legacy and ans.get("terms") != terms.to_json():
             raise TermsChanged(f"the payee answered other terms than proposed: {ans.get('terms')!r}; not funding")
-        cid = ans["channel_id"]
+        cid = str(ans["channel_id"])
         self._needed[cid] = int(info.get("min_confirmations") or 1)
         self.store.insert(
             PayerRecord(
@@ -226,20 +277,19 @@ class PayerClient(PayeeHttp, Refunds):
         )
         if self.backup_file is not None:  # the key is backed up before a satoshi is sent to it
             write_payer_backup(self.store.export_backup(), self.backup_file)
-        report("proposed", {"channel_id": cid, "deposit_sat": deposit_sat, "expiry_height": expiry})
-        try:
-            outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
-        except BaseException:
-            self.store.set_state(cid, ChannelState.FAILED)  # nothing was funded: `forget` removes it
-            raise
-        params = params.with_funding(outpoint)
-        self.store.set_state(cid, ChannelState.FUNDING, funding_txid=outpoint.txid, funding_vout=outpoint.vout,
+        report("proposed", {"channel_id": cid, "deposit_sat": deposit_sat, "expiry_height": expiry,
+                            "funding_address": params.funding_address, "script_version": script_version})
+        return cid
+
+    def record_funding(self, channel_id: str, outpoint: OutPoint) -> None:
+        """Store the funding outpoint of a proposed channel (state ``funding``); the payee is not told yet."""
+        params = ChannelParams.from_json(self.store.get(channel_id).params).with_funding(outpoint)
+        self.store.set_state(channel_id, ChannelState.FUNDING, funding_txid=outpoint.txid, funding_vout=outpoint.vout,
                              params=params.to_json())
-        report("funded", {"channel_id": cid, "funding_txid": outpoint.txid, **await mempool_fee(self.node, outpoint.txid)})
-        await self._register_funding(cid)
-        if wait_open:
-            await self.wait_open(cid, open_timeout, progress=report)
-        return str(cid)
+
+    async def register_funding(self, channel_id: str, patience: float = 15.0) -> dict[str, Any]:
+        """Tell the payee the stored funding outpoint (retrying ``funding_not_found`` for ``patience`` s)."""
+        return await self._register_funding(channel_id, patience)
 
     def terms(self, channel_id: str) -> Terms | None:
         """The terms agreed at open (None for a channel stored before terms were)."""
@@ -247,7 +297,7 @@ class PayerClient(PayeeHttp, Refunds):
         return Terms.from_json(rec.terms) if rec.terms is not None else None
 
     def _check_proposal(
-        self, ans: Any, pubkey: bytes, payer_script: bytes, deposit_sat: int, expiry: int
+        self, ans: Any, pubkey: bytes, payer_script: bytes, deposit_sat: int, expiry: int, script_version: int
     ) -> ChannelParams:
         want = {"channel_id", "payee_pubkey", "witness_script", "funding_address", "funding_script",
                 "deposit_sat", "expiry_height"}
@@ -259,9 +309,13 @@ class PayerClient(PayeeHttp, Refunds):
         try:
             payee_pubkey = keys.check_public_key(bytes.fromhex(ans["payee_pubkey"]))
             params = ChannelParams(network=self.network, payer_pubkey=pubkey, payee_pubkey=payee_pubkey,
-                                   expiry_height=expiry, deposit_sat=deposit_sat, payer_script=payer_script)
+                                   expiry_height=expiry, deposit_sat=deposit_sat, payer_script=payer_script,
+                                   script_version=script_version)
         except (ChannelError, TypeError, ValueError) as exc:
             raise ProtocolViolation(f"the payee's proposal is invalid: {exc}") from exc
+        if ans.get("script_version", script.SCRIPT_LEGACY) != script_version:
+            raise ProtocolViolation(f"asked for script version {script_version}, the payee answered "
+                                    f"{ans.get('script_version')!r}: not funding")
         if (
             ans["witness_script"] != params.witness_script.hex()
             or ans["funding_script"] != params.funding_script.hex()
