@@ -5,7 +5,8 @@ function, byte for byte). Everything is derived from two fixed private keys and 
 parameters: the witness script, funding script and address; the digest and signature of a partial
 payment, of a second one and of a full drain; the signed close request and metered-request
 authentication; and the fully signed close transaction of the last partial payment and of the full
-drain, at a fixed fee rate and payout script. Signatures are RFC 6979 (deterministic), low-S; the
+drain, at a fixed fee rate and payout script; under ``descriptor_channel`` the same for the descriptor
+script (script version 1) with its descriptors and the payer's refund. Signatures are RFC 6979 (deterministic), low-S; the
 payee's close signatures are ground to 70 bytes of DER (low R).
 """
 
@@ -16,8 +17,10 @@ import json
 from typing import Any
 
 from btcchannel.core.channel import PayeeChannel, PayerChannel
+from btcchannel.core.descriptor import funding_descriptor, wif
 from btcchannel.core.keys import close_request_digest, public_key, request_digest
 from btcchannel.core.params import ChannelParams
+from btcchannel.core.script import SCRIPT_DESCRIPTOR
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint, payment_sighash_type, tx_hex, tx_id, tx_vsize
 
@@ -52,6 +55,31 @@ def _close(params: ChannelParams, payer: PayerChannel, amount: int) -> dict[str,
     }
 
 
+def _descriptor_channel() -> dict[str, Any]:
+    """The same keys and parameters with the descriptor script (script version 1): the witness script,
+    funding script and address, the descriptor (public, and with the payer's key as WIF), a partial
+    payment with its close and the payer's refund at the expiry."""
+    params = ChannelParams(
+        network=NETWORK, payer_pubkey=public_key(PAYER_KEY), payee_pubkey=public_key(PAYEE_KEY),
+        expiry_height=EXPIRY_HEIGHT, deposit_sat=DEPOSIT_SAT, payer_script=PAYER_SCRIPT, funding=FUNDING,
+        script_version=SCRIPT_DESCRIPTOR,
+    )
+    payer = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN)
+    refund = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN).build_refund(
+        EXPIRY_HEIGHT, FEE_RATE_SAT_VB, PAYEE_SCRIPT)
+    return {
+        "script_version": SCRIPT_DESCRIPTOR,
+        "witness_script": params.witness_script.hex(),
+        "funding_script": params.funding_script.hex(),
+        "funding_address": params.funding_address,
+        "descriptor": funding_descriptor(params),
+        "private_descriptor": funding_descriptor(params, payer_key=wif(PAYER_KEY, NETWORK)),
+        "payment": _close(params, payer, PARTIAL_AMOUNTS[0]),
+        "refund_tx": {"dest_script": PAYEE_SCRIPT.hex(), "fee_rate_sat_vb": FEE_RATE_SAT_VB, "txid": tx_id(refund),
+                      "vsize": tx_vsize(refund), "hex": tx_hex(refund)},
+    }
+
+
 def vectors() -> dict[str, Any]:
     """Every vector, as the JSON document ``docs/vectors.json`` holds."""
     params = ChannelParams(
@@ -80,6 +108,7 @@ def vectors() -> dict[str, Any]:
         "request_auth": {"channel_id": CHANNEL_ID, "counter": counter, "method": method, "target": target,
                          "digest": request_digest(CHANNEL_ID, counter, method, target).hex(),
                          "header": f"{counter}.{payer.request_signature(CHANNEL_ID, counter, method, target).hex()}"},
+        "descriptor_channel": _descriptor_channel(),
     }
 
 
