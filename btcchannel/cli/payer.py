@@ -25,8 +25,9 @@ __all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refund
 
 @click.command("open")
 @click.argument("url")
-@click.option("--deposit-sat", type=click.IntRange(1), required=True)
-@click.option("--lifetime-blocks", type=click.IntRange(1), required=True)
+@click.option("--deposit-sat", type=click.IntRange(1), default=None, help="The deposit (required unless --funding-tx).")
+@click.option("--lifetime-blocks", type=click.IntRange(1), default=None,
+              help="Blocks until the expiry (required unless --funding-tx).")
 @click.option("--fee-rate", type=click.FloatRange(1.0), default=None,
               help="Funding fee rate, sat/vB [default: the wallet's estimate].")
 @click.option("--no-wait", is_flag=True, help="Return once funded, without waiting for the channel to open.")
@@ -41,21 +42,38 @@ __all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refund
               help="End condition: the channel ends at this UTC time (e.g. 2030-01-01T00:00:00Z).")
 @click.option("--timeout", type=click.FloatRange(0.0), default=600.0, show_default=True,
               help="Seconds to wait for the channel to open.")
+@click.option("--psbt", is_flag=True,
+              help="Fund from any wallet: print the funding address, exact amount and an unsigned PSBT (from the "
+                   "--wallet, which may be watch-only) instead of paying from the node wallet, then wait for the "
+                   "funding in a block (--no-wait: return at once and register it later with --funding-tx).")
+@click.option("--funding-tx", default=None, metavar="HEX",
+              help="Register this signed transaction (the external wallet's) as the funding of the proposal to URL "
+                   "made with --psbt; it is checked, broadcast and reported to the payee.")
+@click.option("--channel", "channel_id", default=None, help="--funding-tx: the proposal [default: the newest to URL].")
+@click.option("--refund-address", default=None,
+              help="Where the payer's change and refund go [default: a new address of the node wallet].")
 @click.pass_obj
-def open_cmd(settings: Settings, url: str, deposit_sat: int, lifetime_blocks: int, fee_rate: float | None,
+def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blocks: int | None, fee_rate: float | None,
              no_wait: bool, max_price_sat: int | None, max_total_sat: int | None, max_credit_sat: int | None,
              mode: str | None, max_units: int | None, max_payments: int | None, end_time: datetime | None,
-             timeout: float) -> None:
+             timeout: float, psbt: bool, funding_tx: str | None, channel_id: str | None,
+             refund_address: str | None) -> None:
     """Open a channel to a payee: check its terms against the limits given, propose, fund from the
     node wallet, wait until open.
 
     Progress (the funding txid, then its confirmations) goes to stderr. A wait that runs
     out leaves the channel funded: it opens once the funding confirms.
 
+    With --psbt the deposit comes from any wallet: sign the printed PSBT (or pay the exact
+    amount to the address) within the payee's proposal lifetime (10 minutes by default).
+
     \b
     Example:
       btcchannel --wallet payer open http://127.0.0.1:8402 --deposit-sat 100000 --lifetime-blocks 144 \\
           --max-price-sat 100 --max-total-sat 50000 --end-time 2030-01-01T00:00:00Z
+      btcchannel --wallet watchonly open http://127.0.0.1:8402 --deposit-sat 100000 --lifetime-blocks 144 \\
+          --psbt --no-wait
+      btcchannel open http://127.0.0.1:8402 --funding-tx 0200000000010...
     """
     from btcchannel.core.terms import PayerLimits
     from btcchannel.payer.views import mempool_fee
@@ -81,19 +99,73 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int, lifetime_blocks: in
         click.echo(line, err=True)
 
     async def run(client: PayerClient) -> dict[str, Any]:
-        cid = await client.open_channel(url, deposit_sat, lifetime_blocks, wait_open=not no_wait,
-                                        open_timeout=timeout, progress=progress, limits=limits)
+        if funding_tx is not None:
+            cid = await _fund_externally(client, url, channel_id, funding_tx, progress)
+        elif psbt:
+            assert deposit_sat is not None and lifetime_blocks is not None
+            cid = await _open_with_psbt(client, settings, url, deposit_sat, lifetime_blocks, limits, progress,
+                                        fee_rate, refund_address, no_wait, timeout)
+            if no_wait:
+                return await client.status(cid)
+        else:
+            assert deposit_sat is not None and lifetime_blocks is not None
+            cid = await client.open_channel(url, deposit_sat, lifetime_blocks, wait_open=not no_wait,
+                                            open_timeout=timeout, progress=progress, limits=limits,
+                                            payer_address=refund_address)
+        if not no_wait and (psbt or funding_tx is not None):
+            await client.wait_open(cid, timeout, progress=progress)
         obj = await client.status(cid)
         rec = client.store.get(cid)
         obj.update(await mempool_fee(client.node, rec.funding_txid or ""))
         return obj
 
+    if funding_tx is None and (deposit_sat is None or lifetime_blocks is None):
+        raise click.UsageError("--deposit-sat and --lifetime-blocks are required (except with --funding-tx)")
     client_kw: dict[str, Any] = {"fee_rate_sat_vb": fee_rate}
     obj = run_async(with_client(settings, run, **client_kw))
+    if obj["state"] == "proposed":
+        emit(settings, obj, f"channel {obj['channel_id']} proposed: fund it, then "
+                            f"`btcchannel open {url} --funding-tx HEX --channel {obj['channel_id']}`")
+        return
     state = obj["state"]
     after = "" if state == "open" else "; it opens once the funding confirms (`btcchannel list` shows it)"
     emit(settings, obj, f"channel {obj['channel_id']} {state}: deposit {obj['deposit_sat']} sat, "
                         f"expiry height {obj['expiry_height']}, funding {obj.get('funding_txid')}{after}")
+
+
+async def _fund_externally(client: PayerClient, url: str, channel_id: str | None, funding_tx: str,
+                           progress: Any) -> str:
+    """Register ``funding_tx`` as the funding of the proposal to ``url`` (``channel_id`` or the newest)."""
+    from btcchannel.payer.external import fund_with_tx, pending_proposal
+
+    cid = pending_proposal(client, url, channel_id)
+    outpoint = await fund_with_tx(client, cid, funding_tx)
+    progress("funded", {"channel_id": cid, "funding_txid": outpoint.txid, "fee_sat": None, "fee_rate_sat_vb": None})
+    return cid
+
+
+async def _open_with_psbt(client: PayerClient, settings: Settings, url: str, deposit_sat: int, lifetime_blocks: int,
+                          limits: Any, progress: Any, fee_rate: float | None, refund_address: str | None,
+                          no_wait: bool, timeout: float) -> str:
+    """Propose, print what funds the channel (stdout, at once), then wait for the funding in a block."""
+    from btcchannel.payer.external import funding_request, wait_for_funding
+
+    cid = await client.propose(url, deposit_sat, lifetime_blocks, limits=limits, progress=progress,
+                               payer_address=refund_address)
+    req = await funding_request(client, cid, fee_rate_sat_vb=fee_rate)
+    if settings.json:
+        click.echo(json.dumps(req))
+    else:
+        click.echo(f"pay exactly {req['amount_btc']} BTC ({req['amount_sat']} sat) to {req['funding_address']}")
+        click.echo(f"funding output descriptor: {req['descriptor']}")
+        click.echo(f"unsigned PSBT: {req['psbt']}" if req["psbt"] else f"no PSBT ({req['psbt_problem']})")
+        click.echo(f"then: btcchannel open {url} --funding-tx SIGNED_TX_HEX --channel {cid}")
+    sys.stdout.flush()
+    if not no_wait:
+        outpoint = await wait_for_funding(client, cid, timeout)
+        progress("funded", {"channel_id": cid, "funding_txid": outpoint.txid, "fee_sat": None,
+                            "fee_rate_sat_vb": None})
+    return cid
 
 
 @click.command()
