@@ -383,3 +383,30 @@ def test_descriptor_vectors_check_out_independently(bitcoind: RegtestNode) -> No
     for tx in (p["close_tx"], d["refund_tx"]):
         decoded = bitcoind.rpc("decoderawtransaction", tx["hex"])
         assert decoded["txid"] == tx["txid"] and decoded["vsize"] == tx["vsize"]
+
+
+async def test_a_payer_asks_an_older_payee_for_nothing_new(
+    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A payee whose /v1/info has no script_versions (an older one, which refuses unknown fields) gets a
+    proposal without script_version, and the channel uses the legacy script on both sides."""
+    svc = payee.svc
+    info, propose = svc.info, svc.propose
+    bodies: list[dict[str, Any]] = []
+
+    def old_info() -> dict[str, Any]:
+        return {k: v for k, v in info().items() if k != "script_versions"}
+
+    def old_propose(body: dict[str, Any], client: str | None = None) -> dict[str, Any]:
+        bodies.append(dict(body))
+        return {k: v for k, v in propose(body, client).items() if k != "script_version"}
+
+    monkeypatch.setattr(svc, "info", old_info)
+    monkeypatch.setattr(svc, "propose", old_propose)
+    cid = await open_channel(payer_client, bitcoind, payee.url, 100_000)
+    assert len(bodies) == 1 and "script_version" not in bodies[0]
+    for params in (payer_client.store.get(cid).params, payee.store.get(cid).params):
+        assert ChannelParams.from_json(params).script_version == SCRIPT_LEGACY
+    with pytest.raises(BadRequest, match="does not offer script version 1"):
+        await payer_client.propose(payee.url, 100_000, 20, script_version=SCRIPT_DESCRIPTOR)
+    assert await payer_client.pay(cid, 1_000) == 1_000

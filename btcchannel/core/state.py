@@ -134,7 +134,9 @@ def classify_spend(witness: Sequence[bytes], witness_script: bytes) -> SpendKind
     CLOSE; ``[payer_sig, <empty>, script]`` (the timelocked branch: the payer's
     refund) is REFUND; any other stack, an empty signature, or another script
     is OTHER. Signatures are not verified: only the two keys of the script can
-    produce a spend the chain accepts.
+    produce a spend the chain accepts. Both channel scripts (``OP_DROP`` and the
+    descriptor form's ``OP_VERIFY``) take the same witnesses; ``witness_script`` is
+    the channel's own, so a spend under the other form of the script is OTHER.
     """
     n = len(witness)
     if n < 3 or witness[-1] != witness_script or not witness[0]:
