@@ -14,8 +14,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.core.params import ChannelParams
+from btcchannel.core.state import ChannelState
+from btcchannel.errors import BadRequest, ChannelClosed
+from btcchannel.payer.client import PayerClient
+from btcchannel.payer.external import fund_with_tx, funding_outpoint, funding_request
+from btcchannel.testing import RunningPayee
 from btcchannel.testing.cli import CliProcess
 from btcchannel.wait import wait_until
 
@@ -121,3 +129,24 @@ def test_open_psbt_waits_for_the_funding_in_a_block(
     [opened] = _lines(out)
     assert opened["channel_id"] == request["channel_id"] and opened["state"] == "open"
     assert opened["funding_txid"] == txid
+
+
+async def test_a_funding_tx_for_a_proposal_the_payee_dropped_is_not_broadcast(
+    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient, funded_wallet: str,
+) -> None:
+    cid = await payer_client.propose(payee.url, 100_000, 20)
+    request = await funding_request(payer_client, cid)
+    assert request["psbt"] is not None  # the payer's own node wallet can fund it
+    tx_hex = _sign_externally(bitcoind, funded_wallet, bitcoind.rpc(
+        "walletcreatefundedpsbt", [], [{request["funding_address"]: request["amount_btc"]}], wallet=funded_wallet)["psbt"])
+    assert funding_outpoint(ChannelParams.from_json(payer_client.store.get(cid).params), tx_hex).vout in (0, 1)
+    await payer_client.close(cid)  # a close request on a proposal cancels it
+    with pytest.raises(BadRequest, match="failed"):  # known here already
+        await fund_with_tx(payer_client, cid, tx_hex)
+    # as after a lapse the payer did not hear of: its row still says proposed, the payee's does not
+    payer_client.store.set_state(cid, ChannelState.PROPOSED)
+    with pytest.raises(ChannelClosed):
+        await fund_with_tx(payer_client, cid, tx_hex)
+    assert bitcoind.rpc("decoderawtransaction", tx_hex)["txid"] not in bitcoind.rpc("getrawmempool")
+    with pytest.raises(BadRequest):
+        funding_outpoint(ChannelParams.from_json(payer_client.store.get(cid).params), "00ff")

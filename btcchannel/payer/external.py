@@ -29,7 +29,7 @@ from btcchannel.core.descriptor import funding_descriptor
 from btcchannel.core.params import ChannelParams
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint, tx_id
-from btcchannel.errors import BadRequest, ChannelError, FundingMismatch, NotOpen, OpenTimeout, RpcAlreadyInChain
+from btcchannel.errors import BadRequest, ChannelClosed, ChannelError, FundingMismatch, NotOpen, OpenTimeout, RpcAlreadyInChain
 from btcchannel.payer.views import to_payee
 
 if TYPE_CHECKING:
@@ -78,12 +78,17 @@ def funding_outpoint(params: ChannelParams, tx_hex: str) -> OutPoint:
 
 
 async def fund_with_tx(client: PayerClient, channel_id: str, tx_hex: str) -> OutPoint:
-    """Check that ``tx_hex`` funds proposed channel ``channel_id``, broadcast it through the node
-    (one already in a block is fine), record the outpoint and register it with the payee."""
+    """Check that ``tx_hex`` funds proposed channel ``channel_id`` and that the payee still holds the
+    proposal (ChannelClosed when it lapsed or was cancelled: nothing is broadcast), broadcast it through
+    the node (one already in a block is fine), record the outpoint and register it with the payee."""
     rec = client.record(channel_id)
     if rec.state is not ChannelState.PROPOSED or rec.funding_txid is not None:
         raise BadRequest(f"channel {channel_id} is {rec.state.value}, not a proposal awaiting its funding")
     outpoint = funding_outpoint(ChannelParams.from_json(rec.params), tx_hex)
+    state = (await client.status(channel_id)).get("state")
+    if state != ChannelState.PROPOSED:  # lapsed or cancelled: a funding now would be locked until the expiry
+        raise ChannelClosed(f"the payee reports channel {channel_id} {state}, not a proposal awaiting its funding: "
+                            "not broadcasting (open a new channel)")
     try:
         await client.node.broadcast(tx_hex.strip())
     except RpcAlreadyInChain:
