@@ -50,7 +50,8 @@ from btcchannel.core.state import ChannelState, SpendKind, classify_spend
 from btcchannel.core.tx import OutPoint, bip143_sighash
 from btcchannel.errors import BadRequest, BadScript
 from btcchannel.payer.client import PayerClient
-from btcchannel.store import PayeeStore, PayerStore
+from btcchannel.payer.descriptors import descriptor_backup, write_descriptor_backup
+from btcchannel.store import PayeeStore, PayerRecord, PayerStore
 from btcchannel.testing import RunningPayee, open_channel, tx_of, wait_until_async
 from btcchannel.testing.cli import CliProcess
 from btcchannel.testing.fixtures import PayerFactory
@@ -410,3 +411,44 @@ async def test_a_payer_asks_an_older_payee_for_nothing_new(
     with pytest.raises(BadRequest, match="does not offer script version 1"):
         await payer_client.propose(payee.url, 100_000, 20, script_version=SCRIPT_DESCRIPTOR)
     assert await payer_client.pay(cid, 1_000) == 1_000
+
+
+def test_descriptor_backup_with_and_without_keys(tmp_path: Path) -> None:
+    """Private descriptors for descriptor channels (seed xprv, or WIF for a key not from the seed), legacy
+    channels left out; without keys every channel not ended, watch-only; ended channels never."""
+    with PayerStore(tmp_path / "payer.db") as store:
+        index, seeded_key = store.reserve_key()
+        rows = [("seeded", seeded_key, index, SCRIPT_DESCRIPTOR, ChannelState.OPEN),
+                ("random", PAYER_KEY, None, SCRIPT_DESCRIPTOR, ChannelState.FUNDING),
+                ("legacy", hashlib.sha256(b"legacy").digest(), None, SCRIPT_LEGACY, ChannelState.OPEN),
+                ("ended", hashlib.sha256(b"ended").digest(), None, SCRIPT_DESCRIPTOR, ChannelState.CLOSED)]
+        for n, (name, key, key_index, version, state) in enumerate(rows):
+            params = ChannelParams("regtest", public_key(key), PAYEE, 300 + n, 100_000, CHANGE, script_version=version)
+            store.insert(PayerRecord(channel_id=name.ljust(32, "0")[:32], server_url="http://payee", state=state,
+                                     params=params.to_json(), privkey=key, deposit_sat=100_000, expiry_height=300 + n,
+                                     created_at=1_700_000_000.0 + n, key_index=key_index))
+        private = descriptor_backup(store, keys=True)
+        public = descriptor_backup(store, keys=False)
+        seed = store.seed()
+        target = tmp_path / "out" / "descriptors.json"
+        write_descriptor_backup(private, target)
+        with pytest.raises(BadRequest):
+            write_descriptor_backup(private, target)  # never overwritten without being asked
+    assert [r["label"] for r in private.requests] == ["btcchannel " + "seeded".ljust(32, "0"),
+                                                      "btcchannel " + "random".ljust(32, "0")]
+    assert f"pk({seed_key_expression(seed, index, 'regtest')})" in private.requests[0]["desc"]
+    assert f"pk({wif(PAYER_KEY, 'regtest')})" in private.requests[1]["desc"]
+    assert private.requests[0]["timestamp"] == 1_700_000_000
+    assert [d["channel_id"] for d in private.left_out] == ["legacy".ljust(32, "0")]
+    assert [r["desc"].split("(")[0] for r in public.requests] == ["wsh", "wsh", "addr"] and not public.left_out
+    assert json.loads(target.read_text()) == private.requests and target.stat().st_mode & 0o077 == 0
+
+
+def test_checksums_agree_with_core_on_many_strings(bitcoind: RegtestNode) -> None:
+    """Core checks a given checksum: raw() descriptors of every length up to 64 bytes and addr() ones."""
+    for n in range(0, 65):
+        desc = f"raw({hashlib.sha256(bytes([n])).hexdigest()[: 2 * (n % 33)] or '6a'})"
+        ours = add_checksum(desc)
+        assert bitcoind.rpc("getdescriptorinfo", ours)["checksum"] == ours[-8:], desc
+    addr = _params(SCRIPT_DESCRIPTOR).funding_address
+    assert bitcoind.rpc("getdescriptorinfo", add_checksum(f"addr({addr})"))["checksum"] == descriptor_checksum(f"addr({addr})")
