@@ -66,6 +66,7 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
 
     With --psbt the deposit comes from any wallet: sign the printed PSBT (or pay the exact
     amount to the address) within the payee's proposal lifetime (10 minutes by default).
+    Under --json that funding request is one JSON line on stdout before the final document.
 
     \b
     Example:
