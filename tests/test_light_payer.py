@@ -22,7 +22,7 @@ from btcchannel.testing import RunningPayee, wait_until, wait_until_async
 
 @pytest.fixture
 def filter_node(bitcoind: RegtestNode, bitcoind_binary: BitcoindBinary, tmp_path: Path) -> Iterator[RegtestNode]:
-    """A node serving compact block filters, a peer of the session's node (whose blocks it follows)."""
+    """A node serving compact block filters, a peer of the shared test node (whose blocks it follows)."""
     node = RegtestNode(datadir=tmp_path / "filters", binary=bitcoind_binary, zmq=False,
                        extra_args=("-blockfilterindex=1", "-peerblockfilters=1"))
     node.start()
