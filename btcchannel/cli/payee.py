@@ -33,15 +33,18 @@ def _server_config(settings: Settings, **fields: Any) -> ServerConfig:
         raise click.UsageError(str(e)) from e
 
 
-def _tip_or_none(settings: Settings, wallet: str, doc: dict[str, Any] | None = None) -> int | None:
-    """The node's tip height, or None when no node answers (listing works without one: a warning
-    says so, and ``doc`` gets ``node_error``)."""
+def _tip_or_none(settings: Settings, wallet: str, doc: dict[str, Any] | None = None, *,
+                 warn: bool = True) -> int | None:
+    """The node's tip height, or None when no node answers (listing works without one: unless
+    ``warn`` is False, a warning says so and ``doc`` gets ``node_error``)."""
     async def tip(node: Node) -> int:
         return await node.tip_height()
 
     try:
         return run_async(with_node(settings, wallet, tip))
     except ChannelError as e:
+        if not warn:
+            return None
         warn_node_unknown(settings, e, "blocks_left is unknown; the states are as the payee's service last stored them")
         if doc is not None:
             doc["node_error"] = {"code": e.code, "message": e.message}
@@ -182,7 +185,7 @@ def channels(settings: Settings) -> None:
     with PayeeStore(settings.datadir / "payee.db") as store:
         objs = [channel_object(r) for r in store.list()]
     doc: dict[str, Any] = {"channels": objs}
-    tip = _tip_or_none(settings, "payee", doc)
+    tip = _tip_or_none(settings, "payee", doc, warn=bool(objs))  # nothing is unknown in an empty list
     doc["tip_height"] = tip
     for o in objs:
         o["blocks_left"] = None if tip is None else o["expiry_height"] - tip

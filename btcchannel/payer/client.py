@@ -445,8 +445,8 @@ class PayerClient(PayeeHttp, Refunds):
                 rec = self.store.get(channel_id)
             target = rec.amount_sat + increment if increment is not None else amount
             assert target is not None
-            if increment is not None:
-                self._refuse_metered(rec, target)
+            if increment is not None and rec.state in (ChannelState.OPEN, ChannelState.FUNDING):
+                self._refuse_metered(rec, target)  # an ended channel says so instead (not_open_error)
             payment = await self._sign_locked(channel_id, target, rec)
         return await self._send(rec, payment)
 
