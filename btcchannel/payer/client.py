@@ -196,7 +196,10 @@ class PayerClient(PayeeHttp, Refunds):
         add to them). The payee's answer is checked against the witness script
         recomputed from both keys and the expiry, and its terms against the
         proposed ones; any difference raises ``ProtocolViolation`` (or
-        ``TermsChanged``) before a satoshi is spent. With ``wait_open`` it waits
+        ``TermsChanged``) before a satoshi is spent. A payee on another network raises
+        ``WrongNetwork``, a lifetime outside the payee's range ``ExpiryOutOfRange`` (both before
+        anything is stored), a wallet that cannot pay ``InsufficientFunds`` (the proposal's row is
+        removed: nothing was sent). With ``wait_open`` it waits
         (up to ``open_timeout`` s) for the payee to report ``open`` (``OpenTimeout``
         after that: the channel stays funded and opens later). ``progress`` hears
         each step (see :data:`Progress`).
@@ -463,13 +466,13 @@ class PayerClient(PayeeHttp, Refunds):
                 f"for units received ({rec.units} so far, {cap} sat), so {target - rec.amount_sat} sat more "
                 "cannot be paid on its own")
 
-    async def refresh(self) -> int:
+    async def refresh(self, payee_timeout: float = 5.0) -> int:
         """Bring every channel up to the chain's and the payee's view; the tip height.
 
         The chain first (:func:`~btcchannel.payer.views.refresh_from_chain`), then the payee, for
         each channel whose funding is confirmed but that it has not yet reported open, and each
-        closing one (the payee says when its close is final); a payee that does not answer leaves
-        the stored state as it is.
+        closing one (the payee says when its close is final); a payee that does not answer within
+        ``payee_timeout`` seconds leaves the stored state as it is.
         """
         tip = await refresh_from_chain(self.store, self.node)
         for rec in self.store.list():
@@ -478,8 +481,8 @@ class PayerClient(PayeeHttp, Refunds):
             if rec.state is ChannelState.FUNDING and not await self.node.tx_confirmations(rec.funding_txid):
                 continue
             try:
-                await self.status(rec.channel_id)
-            except ChannelError:
+                await asyncio.wait_for(self.status(rec.channel_id), payee_timeout)
+            except (ChannelError, asyncio.TimeoutError):
                 continue  # the payee is away: the stored view stands, the chain decides the rest
         return tip
 
@@ -520,7 +523,9 @@ class PayerClient(PayeeHttp, Refunds):
     async def pick_channel(self, url: str, min_remaining_sat: int = 1) -> str:
         """The channel to pay ``url``'s payee with: the newest one the payee reports ``open`` with
         at least ``min_remaining_sat`` of its deposit left, else the newest one still funding
-        (the caller waits for it); ``NotOpen`` saying why when none is usable."""
+        (the caller waits for it); ``NotOpen`` saying why when none is usable (``BadUrl`` for a URL
+        without http(s)://)."""
+        check_payee_url(url)
         recs = [r for r in to_payee(self.list(), url) if r.state in (ChannelState.OPEN, ChannelState.FUNDING)]
         funding: str | None = None
         for rec in recs:
