@@ -238,6 +238,16 @@ def test_json_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
     assert json.loads(out.stdout)["channels"] == []
     out = _invoke(tmp_path, "backup", "import", str(tmp_path / "missing.json"), "--json")
     assert out.exit_code == 2 and json.loads(out.stdout)["error"]["code"] == "usage"
+    # every global option, with its value, in either form, and -vv
+    out = CliRunner().invoke(main, ["config", "show", "--datadir", str(tmp_path), "--wallet", "w", "--network=signet",
+                                    "-vv", "--json"])
+    assert out.exit_code == 0, out.output
+    shown = json.loads(out.stdout)["tables"]["global"]
+    assert shown["wallet"] == {"value": "w", "source": "command line"} and shown["network"]["value"] == "signet"
+    assert shown["verbose"]["value"] == 2 and shown["datadir"]["value"] == str(tmp_path)
+    # a subcommand's own option of a global's name stays the subcommand's
+    out = CliRunner().invoke(main, ["--datadir", str(tmp_path), "--json", "regtest", "mine", "1", "--address", "x"])
+    assert json.loads(out.stdout)["error"]["code"] != "usage"
 
 
 # 9. the smaller ones ------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -170,17 +171,58 @@ class Group(click.Group):
 
 
 class RootGroup(Group):
-    """The root group: also takes ``--json`` after the subcommand (``btcchannel list --json``)."""
+    """The root group: its options are also taken after the subcommand's name, as a subcommand's
+    own are (``btcchannel list --json``, ``btcchannel open URL ... --wallet payer``), unless the
+    subcommand has an option of the same name."""
 
-    #: root flags accepted anywhere on the command line (no subcommand has an option of that name)
-    ANYWHERE = ("--json",)
+    _NOT_MOVED = frozenset({"-h", "--help", "-V", "--version"})
+
+    def _root_options(self) -> dict[str, click.Option]:
+        return {name: p for p in self.params if isinstance(p, click.Option)
+                for name in (*p.opts, *p.secondary_opts) if name not in self._NOT_MOVED}
+
+    @staticmethod
+    def _taken(cmd: click.Command) -> set[str]:
+        """Every option name of ``cmd`` and, for a group, of its subcommands."""
+        names = {n for p in cmd.params if isinstance(p, click.Option) for n in (*p.opts, *p.secondary_opts)}
+        if isinstance(cmd, click.Group):
+            for sub in cmd.commands.values():
+                names |= RootGroup._taken(sub)
+        return names
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         end = args.index("--") if "--" in args else len(args)
-        moved = [a for a in args[:end] if a in self.ANYWHERE]
-        if moved:
-            args = [*dict.fromkeys(moved), *(a for a in args[:end] if a not in self.ANYWHERE), *args[end:]]
-        return super().parse_args(ctx, args)
+        root = self._root_options()
+
+        def takes_value(p: click.Option) -> bool:
+            return not p.is_flag and not p.count
+
+        sub = 0
+        while sub < end and args[sub] not in self.commands:
+            p = root.get(args[sub])
+            sub += 2 if p is not None and takes_value(p) else 1
+        if sub >= end:
+            return super().parse_args(ctx, args)
+        taken = self._taken(self.commands[args[sub]])
+        moved: list[str] = []
+        rest: list[str] = []
+        i = sub + 1
+        while i < end:
+            token = args[i]
+            name = token.split("=", 1)[0] if token.startswith("--") else token
+            if re.fullmatch(r"-v+", token) and "-v" not in taken:
+                moved.append(token)
+                i += 1
+                continue
+            p = root.get(name)
+            if p is None or name in taken:
+                rest.append(token)
+                i += 1
+                continue
+            width = 2 if takes_value(p) and "=" not in token else 1
+            moved += args[i:i + width]
+            i += width
+        return super().parse_args(ctx, [*args[:sub], *moved, args[sub], *rest, *args[end:]])
 
 
 _CONFIG_PROBLEM = "btcchannel.config_problem"
