@@ -53,6 +53,7 @@ def test_open_on_regtest_says_at_once_and_while_it_waits_that_someone_must_mine(
     hint_at = next(i for i, line in enumerate(lines) if "btcchannel regtest mine 1" in line)
     assert hint_at < next(i for i, line in enumerate(lines) if line.startswith("error: open_timeout"))
     assert any("waiting for confirmations: 0/1 (regtest: `btcchannel regtest mine 1`)" in line for line in lines)
+    assert lines[-1].startswith("hint: ") and lines[-1].endswith("`btcchannel regtest mine 1`")
     # --no-wait says it too
     opened = payer.run("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait")
     assert "on regtest confirm it with `btcchannel regtest mine 1`" in opened.stdout

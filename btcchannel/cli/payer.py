@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btcchannel.cli._app import Group, Settings, emit, plural, run_async, table, warn_node_unknown, with_client
+from btcchannel.cli._app import Group, Settings, emit, fail, plural, run_async, table, warn_node_unknown, with_client
+from btcchannel.cli._hints import hint_for
 from btcchannel.core.state import ChannelState
-from btcchannel.errors import BadBackup, BadRequest, ChannelError
+from btcchannel.errors import BadBackup, BadRequest, ChannelError, OpenTimeout
 
 if TYPE_CHECKING:
     from btcchannel.payer.metered import MeteredPayer
@@ -100,7 +101,12 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int, lifetime_blocks: in
         return obj
 
     client_kw: dict[str, Any] = {"fee_rate_sat_vb": fee_rate}
-    obj = run_async(with_client(settings, run, **client_kw))
+    try:
+        obj = run_async(with_client(settings, run, **client_kw))
+    except OpenTimeout as e:
+        if not on_regtest:
+            raise
+        fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{mine}`")
     state = obj["state"]
     after = "" if state == "open" else "; it opens once the funding confirms (`btcchannel list` shows it)"
     if state != "open" and on_regtest:
