@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, plural, run_async, warn_node_unknown, with_node
+from btcchannel.cli._app import Settings, emit, plural, run_async, warn_node_unknown, with_client, with_node
 from btcchannel.errors import ChannelError, IllegalTransition
 
 __all__ = ["COMMANDS", "forget", "restore", "summary"]
@@ -52,27 +52,18 @@ def summary(settings: Settings) -> None:
             doc["payee"] = payee_summary(store, tip)
         parts.append("payee\n" + _indent(summary_text(doc["payee"])))
     if payer_db.exists():
+        payer_tip = _refreshed_tip(settings) if node_error is None else None  # as `list`: chain and payee
         with PayerStore(payer_db) as pstore:
-            payer_tip = _refreshed_tip(settings, pstore) if node_error is None else None  # closes on chain
             doc["payer"] = payer_summary(pstore.list(), payer_tip if payer_tip is not None else tip)
         parts.append("payer\n" + _indent(_payer_text(doc["payer"])))
     emit(settings, doc, "\n".join(parts) if parts else f"no channels in {settings.datadir}")
 
 
-def _refreshed_tip(settings: Settings, store: Any) -> int | None:
-    """The payer's records brought up to the chain's view; the tip (None without a node)."""
-    from btcchannel.cli._app import make_node
-    from btcchannel.payer.views import refresh_from_chain
-
-    async def refresh() -> int:
-        node = make_node(settings, "payer")
-        try:
-            return await refresh_from_chain(store, node)
-        finally:
-            await node.aclose()
-
+def _refreshed_tip(settings: Settings) -> int | None:
+    """The payer's records brought up to the chain's and the payees' view (as ``list`` does); the
+    tip (None without a node)."""
     try:
-        return run_async(refresh())
+        return run_async(with_client(settings, lambda client: client.refresh()))
     except ChannelError:
         return None
 

@@ -74,16 +74,14 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int, lifetime_blocks: in
     def progress(event: str, f: dict[str, Any]) -> None:
         if settings.json:
             return
-        if event == "funded" and on_regtest and not no_wait:
-            fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
-            click.echo(f"funding transaction {f['funding_txid']} broadcast{fee}", err=True)
-            line = (f"regtest mines no block by itself: run `{mine}` (in another terminal) to confirm the "
-                    f"funding; waiting up to {timeout:g} s")
-        elif event == "proposed":
+        if event == "proposed":
             line = f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, expiry height {f['expiry_height']}"
         elif event == "funded":
             fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
             line = f"funding transaction {f['funding_txid']} broadcast{fee}"
+            if on_regtest and not no_wait:  # said at once: nothing else will confirm it
+                line += (f"\nregtest mines no block by itself: run `{mine}` (in another terminal) to confirm "
+                         f"the funding; waiting up to {timeout:g} s")
         elif event == "confirmations":
             line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
             if on_regtest and f["confirmations"] < f["needed"]:
