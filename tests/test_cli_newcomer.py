@@ -182,6 +182,11 @@ def test_an_rpc_url_where_nothing_listens_is_reported_as_unreachable(tmp_path: P
     err = json.loads(out.stdout)["error"]
     assert err["code"] == "node_unavailable" and "no node answers at http://127.0.0.1:1" in err["message"]
     assert "cookie" not in err["message"]
+    # without its scheme, even with a user: said as a URL to fix, before any connection
+    out = _invoke(tmp_path, "--rpc-url", "127.0.0.1:18443", "--rpc-user", "u", "--json", "open",
+                  "http://127.0.0.1:8402", "--deposit-sat", "20000", "--lifetime-blocks", "40")
+    err = json.loads(out.stdout)["error"]
+    assert err["code"] == "node_unavailable" and "give it as http://HOST:PORT" in err["message"]
 
 
 # 6. progress on a first run -----------------------------------------------------------------------

@@ -344,6 +344,7 @@ def make_node(settings: Settings, default_wallet: str) -> Node:
 
     wallet = settings.wallet or default_wallet
     ep = node_endpoint(settings)
+    _check_url(ep.url)
     if ep.user is not None:
         return Node(ep.url, auth=(ep.user, ep.password or ""), wallet=wallet)
     if ep.cookie is None or not ep.cookie.exists():
@@ -351,9 +352,9 @@ def make_node(settings: Settings, default_wallet: str) -> Node:
     return Node(ep.url, cookie_file=ep.cookie, wallet=wallet)
 
 
-def _check_reachable(url: str, timeout: float = 3.0) -> None:
-    """``NodeUnavailable`` naming ``url`` when nothing accepts a connection there (or it is no URL)."""
-    import socket
+def _check_url(url: str) -> tuple[str, int]:
+    """The host and port of the node's RPC ``url``; ``NodeUnavailable`` saying how to write it
+    when it is not an http(s) URL with a host and a valid port."""
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
@@ -361,11 +362,18 @@ def _check_reachable(url: str, timeout: float = 3.0) -> None:
         raise NodeUnavailable(f"--rpc-url {url!r} is not a URL: give it as http://HOST:PORT, "
                               "e.g. http://127.0.0.1:18443")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
         raise NodeUnavailable(f"--rpc-url {url!r} has a bad port: {e}") from e
+
+
+def _check_reachable(url: str, timeout: float = 3.0) -> None:
+    """``NodeUnavailable`` naming ``url`` when nothing accepts a connection there."""
+    import socket
+
+    host, port = _check_url(url)
     try:
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise NodeUnavailable(f"no node answers at {url}: {why}") from e
