@@ -279,6 +279,8 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
          verbose: int, log_json: bool) -> None:
     """Unidirectional Bitcoin payment channels.
 
+    The options below may also follow the command's name (btcchannel list --json).
+
     \b
     Example:
       btcchannel regtest start && btcchannel regtest mine 10
