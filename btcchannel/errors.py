@@ -304,7 +304,13 @@ class NodeError(ChannelError):
 
     @classmethod
     def from_rpc(cls, rpc_code: int, message: str) -> NodeError:
-        """The error for an RPC error reply: the subclass for ``rpc_code``, else ``NodeError``."""
+        """The error for an RPC error reply: the subclass for ``rpc_code``, else ``NodeError``.
+
+        The wallet's "Insufficient funds" answer that some calls give as RPC_WALLET_ERROR (-4,
+        ``fundrawtransaction``, ``walletcreatefundedpsbt``) is :class:`RpcInsufficientFunds` too
+        (``rpc_code`` keeps the node's -4)."""
+        if rpc_code == RpcWalletError.RPC_ERROR_CODE and "Insufficient funds" in message:
+            return RpcInsufficientFunds(message, rpc_code=rpc_code)
         for sub in _subclasses(NodeError):
             if sub.RPC_ERROR_CODE == rpc_code:
                 return sub(message, rpc_code=rpc_code)
@@ -339,7 +345,9 @@ class RpcInvalidAddressOrKey(NodeError):
 
 
 class RpcInsufficientFunds(NodeError):
-    """RPC_WALLET_INSUFFICIENT_FUNDS (-6): the wallet cannot pay (``sendtoaddress``)."""
+    """RPC_WALLET_INSUFFICIENT_FUNDS (-6): the wallet cannot pay (``sendtoaddress``); also the
+    -4 "Insufficient funds" of the funding calls (see :meth:`NodeError.from_rpc`). The payer
+    raises :class:`InsufficientFunds` for it when a funding fails."""
 
     RPC_ERROR_CODE = -6
 
@@ -494,4 +502,48 @@ class AlreadyRefunded(ChannelError):
     Local code ``already_refunded``, HTTP 409."""
 
     code = "already_refunded"
+    http_status = 409
+
+
+class WrongNetwork(ChannelError):
+    """The payee runs on another network than the one the payer was started for (``--network``,
+    or ``network=`` of :class:`~btcchannel.payer.client.PayerClient`): a configuration mistake
+    on the caller's side, not a protocol breach. Local code ``wrong_network``, HTTP 409."""
+
+    code = "wrong_network"
+    http_status = 409
+
+
+class BadBackup(ChannelError):
+    """A payer backup that cannot be imported: not JSON, not a btcchannel payer backup, a
+    malformed entry, or a keyless entry this datadir's seed does not derive.
+    Local code ``bad_backup``, HTTP 400."""
+
+    code = "bad_backup"
+    http_status = 400
+
+
+class InsufficientFunds(ChannelError):
+    """The node wallet cannot pay for a funding (RPC_WALLET_INSUFFICIENT_FUNDS, or the wallet's
+    "Insufficient funds" answer); nothing was sent. Local code ``insufficient_funds``, HTTP 409."""
+
+    code = "insufficient_funds"
+    http_status = 409
+
+
+class BadUrl(ChannelError):
+    """A payee URL that is not an absolute ``http://`` or ``https://`` URL with a host.
+    Local code ``bad_url``, HTTP 400."""
+
+    code = "bad_url"
+    http_status = 400
+
+
+class MeteredChannel(AmountNotAgreed):
+    """A direct payment (``pay``) on a metered channel (the agreed price per unit is above 0)
+    beyond what the units received allow: such a channel pays for units as they are bought
+    (``MeteredPayer``, the ``fetch`` command), never an amount on its own. Nothing is signed.
+    Local code ``metered_channel``, HTTP 409."""
+
+    code = "metered_channel"
     http_status = 409

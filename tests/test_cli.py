@@ -58,7 +58,7 @@ def test_errors_are_one_line_with_a_code_and_a_hint(tmp_path: Path) -> None:
     assert out.exit_code == 2
     (tmp_path / "bad.json").write_text("{")
     out = invoke("--datadir", str(tmp_path), "backup", "import", str(tmp_path / "bad.json"))
-    assert out.exit_code == 1 and out.output.startswith("error: bad_request:")
+    assert out.exit_code == 1 and out.output.startswith("error: bad_backup:")
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_two_processes_open_fetch_close_and_refund(
     fetched = payer.json("fetch", f"{url}/v1/file", "--out", str(out))
     assert out.read_bytes() == (tmp_path / "data.bin").read_bytes()
     assert fetched["units"] == 10 and fetched["amount_sat"] == 20000
-    assert "amount_not_agreed" in payer.fails("pay", cid, "--amount-sat", "5000")
+    assert "metered_channel" in payer.fails("pay", cid, "--amount-sat", "5000")
     listed = {c["channel_id"]: c for c in payee.json("channels")["channels"]}
     assert listed[cid]["amount_sat"] == 20000 and listed[cid]["state"] == "open"
     assert listed[cid]["terms"]["price_sat"] == 2000 and listed[cid]["terms"]["max_total_sat"] == 150000
@@ -155,7 +155,7 @@ def test_two_processes_open_fetch_close_and_refund(
     cid3 = third["channel_id"]
     bitcoind.mine(1)
     payer.json("fetch", f"{url}/v1/file/1")
-    assert "amount_not_agreed" in payer.fails("pay", cid3, "--amount-sat", "20000")
+    assert "metered_channel" in payer.fails("pay", cid3, "--amount-sat", "20000")
     first_close = payee.json("close", cid3, "--fee-rate", "3")["close_txid"]
     bumped = payee.json("bump", cid3, "--fee-rate", "6")["close_txid"]
     assert bumped != first_close

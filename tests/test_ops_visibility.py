@@ -81,9 +81,11 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert close_txid in bitcoind.rpc("getrawmempool")
     bitcoind.mine(1)
     listed = {c["channel_id"]: c for c in payer.json("list")["channels"]}
-    assert listed[cid]["state"] == "closed"
-    bitcoind.mine(5)  # the payee holds a close final at 6 confirmations (final_confirmations)
+    assert listed[cid]["state"] == "closing" and listed[cid]["close_txid"] == close_txid  # as the payee says
+    assert payee.json("channel", cid)["state"] == "closing"
+    bitcoind.mine(5)  # both hold a close final at 6 confirmations (final_confirmations)
     wait_until(lambda: payee.json("channel", cid)["state"] == "closed", timeout=60, what="the payee sees the close")
+    assert {c["channel_id"]: c["state"] for c in payer.json("list")["channels"]}[cid] == "closed"
     s = payee.json("summary")["payee"]
     assert s["earned_sat"] == 4000 and s["channels"]["closed"] == 1
     assert s["open"] == {"channels": 1, "amount_sat": 0, "deposit_sat": 30000,
@@ -103,15 +105,13 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert [x["channel_id"] for x in ps["refundable"]] == [short["channel_id"]]
     assert cid not in [x["channel_id"] for x in ps["refundable_later"]]
 
-    # a failed open (an empty wallet) is marked failed; forget removes it, and refuses a live channel
+    # an open the wallet cannot fund (an empty wallet) keeps no row; forget refuses a live channel
     bitcoind.create_wallet("ops-empty")
     poor = CliProcess(bitcoind, tmp_path / "payer", "ops-empty")
+    before = len(payer.json("list")["channels"])
     out = poor.run("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "40")
-    assert out.returncode == 1 and "Insufficient funds" in out.stderr and "hint: fund the wallet" in out.stderr
-    failed = [c for c in payer.json("list")["channels"] if c["state"] == "failed"]
-    assert len(failed) == 1
-    assert payer.json("forget", failed[0]["channel_id"])["forgotten"] is True
-    assert all(c["state"] != "failed" for c in payer.json("list")["channels"])
+    assert out.returncode == 1 and "error: insufficient_funds:" in out.stderr and "hint: fund the wallet" in out.stderr
+    assert len(payer.json("list")["channels"]) == before
     refused = payer.run("--json", "forget", short["channel_id"])
     assert refused.returncode == 1 and json.loads(refused.stdout)["error"]["code"] == "illegal_transition"
 

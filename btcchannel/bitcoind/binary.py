@@ -5,7 +5,9 @@ on ``PATH`` (Bitcoin Core >= 25 or Bitcoin Knots), else Debian's
 ``bitcoin-knots`` package, fetched by :func:`fetch_bitcoind` through this
 machine's own apt sources into the user's cache folder (:func:`cache_dir`) and
 run through its own dynamic loader (so it works on a host with an older glibc).
-Fetching is idempotent, file-locked and safe to interrupt.
+Fetching is idempotent, file-locked and safe to interrupt, and says what it does as it goes
+(a :data:`Progress` callback; by default one line per step on stderr), as it takes a minute or
+more on a first run.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ __all__ = [
     "KNOTS_ROOTS",
     "MIN_CORE_MAJOR",
     "BitcoindBinary",
+    "Progress",
+    "stderr_progress",
     "cache_dir",
     "debian_archive_uri",
     "fetch_bitcoind",
@@ -67,6 +72,15 @@ class BitcoindBinary:
     source: str  # "env", "path" or "cache"
 
 
+Progress = Callable[[str], None]
+"""Hears one line per step of a fetch (``"fetching bitcoind: ..."``)."""
+
+
+def stderr_progress(line: str) -> None:
+    """The default :data:`Progress`: the line on stderr, at once."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/btcchannel`` (default ``~/.cache/btcchannel``)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -96,8 +110,9 @@ def _sibling_cli(bitcoind: str) -> str:
     return str(cli) if cli.exists() else (shutil.which("bitcoin-cli") or "bitcoin-cli")
 
 
-def find_bitcoind(fetch: bool = True) -> BitcoindBinary:
-    """A usable bitcoind: ``$BITCOIND``, then ``PATH``, then the cache (fetching if needed)."""
+def find_bitcoind(fetch: bool = True, progress: Progress | None = None) -> BitcoindBinary:
+    """A usable bitcoind: ``$BITCOIND``, then ``PATH``, then the cache (fetching if needed, its
+    steps told to ``progress``, stderr by default)."""
     env = os.environ.get("BITCOIND")
     if env:
         version = _version_of((env,))
@@ -117,7 +132,7 @@ def find_bitcoind(fetch: bool = True) -> BitcoindBinary:
         return cached
     if not fetch:
         raise BitcoindNotFound(f"no bitcoind found; {INSTALL_HINT}")
-    return fetch_bitcoind()
+    return fetch_bitcoind(progress=progress)
 
 
 def _loader_prefix(root: Path, program: str) -> tuple[str, ...]:
@@ -239,14 +254,20 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def fetch_bitcoind(cache: Path | None = None) -> BitcoindBinary:
+def fetch_bitcoind(cache: Path | None = None, progress: Progress | None = None) -> BitcoindBinary:
     """Fetch Debian unstable's bitcoin-knots and its runtime libraries into the cache.
 
     Idempotent and safe to interrupt: everything is unpacked into a staging
     folder that is renamed into place only once bitcoind has run from it.
+    ``progress`` hears each step (stderr by default), including a wait for another
+    process that is fetching into the same cache.
     """
+    say = progress or stderr_progress
     base = cache or cache_dir()
     root = base / "knots"
+    if _cached_binary(root) is None:
+        say(f"fetching bitcoind: no bitcoind on PATH or in $BITCOIND; getting Debian's {KNOTS_PACKAGE} into "
+            f"{root} (once, about a minute)")
     with _file_lock(base / "knots.lock"):
         cached = _cached_binary(root)
         if cached is not None:
@@ -267,9 +288,12 @@ def fetch_bitcoind(cache: Path | None = None) -> BitcoindBinary:
                 f"Signed-By: {ARCHIVE_KEYRING}\n"
             )
             apt = _apt_options(work)
+            say(f"fetching bitcoind: reading the package lists of {uri} (unstable)")
             _run(["apt-get", *apt, "update"])
             packages = _runtime_closure(apt)
+            say(f"fetching bitcoind: downloading {len(packages)} packages")
             _run(["apt-get", *apt, "download", *packages], cwd=work / "debs")
+            say("fetching bitcoind: unpacking")
             for deb in sorted((work / "debs").glob("*.deb")):
                 _run(["dpkg", "-x", str(deb), str(work / "root")])
             staged = work / "root"
@@ -283,4 +307,5 @@ def fetch_bitcoind(cache: Path | None = None) -> BitcoindBinary:
         found = _cached_binary(root)
         if found is None:
             raise BitcoindNotFound(f"the fetched bitcoind does not run; {INSTALL_HINT}")
+        say(f"fetching bitcoind: done, {found.version}")
         return found

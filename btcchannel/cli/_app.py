@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -28,15 +29,16 @@ from btcchannel import __version__
 from btcchannel.cli._hints import hint_for
 from btcchannel.cli._logging import setup_logging
 from btcchannel.cli._network import derive_node_access
-from btcchannel.errors import ChannelError, NodeUnavailable
+from btcchannel.errors import ChannelError, NodeUnavailable, WrongNetwork
 
 if TYPE_CHECKING:
     from btcchannel.bitcoind.rpc import Node
     from btcchannel.payer.client import PayerClient
 
 __all__ = [
-    "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageProblem", "error_document", "Group", "Settings", "default_datadir", "emit", "fail", "main",
-    "make_node", "run_async", "table", "with_client", "with_node",
+    "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageProblem", "error_document", "Group", "RootGroup", "Settings",
+    "default_datadir", "emit", "fail", "main", "make_node", "node_endpoint", "NodeEndpoint", "plural", "run_async", "table", "warn_node_unknown",
+    "with_client", "with_node",
 ]
 
 T = TypeVar("T")
@@ -122,6 +124,19 @@ def emit(settings: Settings, document: dict[str, Any], text: str) -> None:
         click.echo(text)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 block``, ``2 blocks`` (``many``: the plural when it is not ``word + "s"``)."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
+def warn_node_unknown(settings: Settings, error: ChannelError, unknown: str) -> None:
+    """Say on stderr (not under ``--json``, whose document carries ``node_error``) that the node did
+    not answer and what is therefore unknown."""
+    if not settings.json:
+        click.echo(f"warning: {error.code}: {error.message}", err=True)
+        click.echo(f"warning: {unknown}", err=True)
+
+
 def table(rows: list[list[Any]], header: list[str]) -> str:
     """Left-aligned columns under ``header``."""
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -135,6 +150,8 @@ class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except WrongNetwork as e:  # the user's --network, not the other side, is wrong
+            fail(e, _json_wanted(ctx), status=EXIT_USAGE)
         except ChannelError as e:
             fail(e, _json_wanted(ctx))
         except click.UsageError as e:
@@ -151,6 +168,61 @@ class Group(click.Group):
             if isinstance(obj, Settings) and obj.verbose:
                 logging.getLogger("btcchannel.cli").exception("unexpected error")
             fail(ChannelError(f"{type(e).__name__}: {e}"), _json_wanted(ctx))
+
+
+class RootGroup(Group):
+    """The root group: its options are also taken after the subcommand's name, as a subcommand's
+    own are (``btcchannel list --json``, ``btcchannel open URL ... --wallet payer``), unless the
+    subcommand has an option of the same name."""
+
+    _NOT_MOVED = frozenset({"-h", "--help", "-V", "--version"})
+
+    def _root_options(self) -> dict[str, click.Option]:
+        return {name: p for p in self.params if isinstance(p, click.Option)
+                for name in (*p.opts, *p.secondary_opts) if name not in self._NOT_MOVED}
+
+    @staticmethod
+    def _taken(cmd: click.Command) -> set[str]:
+        """Every option name of ``cmd`` and, for a group, of its subcommands."""
+        names = {n for p in cmd.params if isinstance(p, click.Option) for n in (*p.opts, *p.secondary_opts)}
+        if isinstance(cmd, click.Group):
+            for sub in cmd.commands.values():
+                names |= RootGroup._taken(sub)
+        return names
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        root = self._root_options()
+
+        def takes_value(p: click.Option) -> bool:
+            return not p.is_flag and not p.count
+
+        sub = 0
+        while sub < end and args[sub] not in self.commands:
+            p = root.get(args[sub])
+            sub += 2 if p is not None and takes_value(p) else 1
+        if sub >= end:
+            return super().parse_args(ctx, args)
+        taken = self._taken(self.commands[args[sub]])
+        moved: list[str] = []
+        rest: list[str] = []
+        i = sub + 1
+        while i < end:
+            token = args[i]
+            name = token.split("=", 1)[0] if token.startswith("--") else token
+            if re.fullmatch(r"-v+", token) and "-v" not in taken:
+                moved.append(token)
+                i += 1
+                continue
+            p = root.get(name)
+            if p is None or name in taken:
+                rest.append(token)
+                i += 1
+                continue
+            width = 2 if takes_value(p) and "=" not in token else 1
+            moved += args[i:i + width]
+            i += width
+        return super().parse_args(ctx, [*args[:sub], *moved, args[sub], *rest, *args[end:]])
 
 
 _CONFIG_PROBLEM = "btcchannel.config_problem"
@@ -171,7 +243,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None)
     ctx.meta["btcchannel.config_file"] = value
 
 
-@click.group(cls=Group, context_settings={"auto_envvar_prefix": "BTCCHANNEL", "help_option_names": ["-h", "--help"]})
+@click.group(cls=RootGroup, context_settings={"auto_envvar_prefix": "BTCCHANNEL", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="BTCCHANNEL_CONFIG",
               is_eager=True, expose_value=False, callback=_load_config,
               help="A TOML file of options: [global] for these, [serve], [open]... for each command "
@@ -207,6 +279,8 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
          verbose: int, log_json: bool) -> None:
     """Unidirectional Bitcoin payment channels.
 
+    The options below may also follow the command's name (btcchannel list --json).
+
     \b
     Example:
       btcchannel regtest start && btcchannel regtest mine 10
@@ -223,35 +297,88 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
     )
 
 
-def make_node(settings: Settings, default_wallet: str) -> Node:
+@dataclass(frozen=True)
+class NodeEndpoint:
+    """Where the commands' node is and how they log in (a user and password, or a cookie file)."""
+
+    url: str
+    user: str | None
+    password: str | None
+    cookie: Path | None
+    source: str  # how it was found, in words
+
+
+def node_endpoint(settings: Settings) -> NodeEndpoint:
     """The node of the global options; else, on regtest, the background node of ``regtest start``
     (in this datadir, else in the default one); else the network's node found as bitcoin-cli
-    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``)."""
+    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``).
+    ``NodeUnavailable`` when none is found."""
     from btcchannel.bitcoind.regtest import recorded_rpc
-    from btcchannel.bitcoind.rpc import Node
 
-    wallet = settings.wallet or default_wallet
     access = derive_node_access(settings.network, settings.bitcoin_datadir, settings.bitcoin_conf, settings.rpc_url)
     if settings.rpc_user is not None:
-        return Node(access.url, auth=(settings.rpc_user, settings.rpc_password or ""), wallet=wallet)
+        return NodeEndpoint(access.url, settings.rpc_user, settings.rpc_password or "", None, "--rpc-user")
     if settings.rpc_url or settings.rpc_cookie:
         if access.user is not None and settings.rpc_cookie is None:
-            return Node(access.url, auth=(access.user, access.password or ""), wallet=wallet)
-        return Node(access.url, cookie_file=settings.rpc_cookie or access.cookie, wallet=wallet)
+            return NodeEndpoint(access.url, access.user, access.password or "", None, "rpcpassword of bitcoin.conf")
+        return NodeEndpoint(access.url, None, None, settings.rpc_cookie or access.cookie,
+                            "--rpc-cookie" if settings.rpc_cookie else "the network's cookie")
     if settings.network == "regtest" and settings.bitcoin_datadir is None and settings.bitcoin_conf is None:
         for folder in (settings.regtest_dir, default_datadir() / "regtest-node"):
             rec = recorded_rpc(folder)
             if rec is not None:
                 url, user, password = rec
-                return Node(url, auth=(user, password), wallet=wallet)
+                return NodeEndpoint(url, user, password, None, f"`btcchannel regtest start` node in {folder}")
     if access.user is not None:
-        return Node(access.url, auth=(access.user, access.password or ""), wallet=wallet)
+        return NodeEndpoint(access.url, access.user, access.password or "", None, "rpcpassword of bitcoin.conf")
     if access.cookie is not None and access.cookie.exists():
-        return Node(access.url, cookie_file=access.cookie, wallet=wallet)
+        return NodeEndpoint(access.url, None, None, access.cookie, "the network's cookie")
     start = " or run `btcchannel regtest start`" if settings.network == "regtest" else ""
     raise NodeUnavailable(f"no {settings.network} node found: no cookie at {access.cookie} and no rpcpassword in "
                           f"bitcoin.conf; pass --bitcoin-datadir, --rpc-url with --rpc-cookie or "
                           f"--rpc-user/--rpc-password{start}")
+
+
+def make_node(settings: Settings, default_wallet: str) -> Node:
+    """A client of :func:`node_endpoint`'s node (``default_wallet`` unless ``--wallet``); a node
+    that does not answer at all is reported as such, not as a missing cookie."""
+    from btcchannel.bitcoind.rpc import Node
+
+    wallet = settings.wallet or default_wallet
+    ep = node_endpoint(settings)
+    _check_url(ep.url)
+    if ep.user is not None:
+        return Node(ep.url, auth=(ep.user, ep.password or ""), wallet=wallet)
+    if ep.cookie is None or not ep.cookie.exists():
+        _check_reachable(ep.url)
+    return Node(ep.url, cookie_file=ep.cookie, wallet=wallet)
+
+
+def _check_url(url: str) -> tuple[str, int]:
+    """The host and port of the node's RPC ``url``; ``NodeUnavailable`` saying how to write it
+    when it is not an http(s) URL with a host and a valid port."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise NodeUnavailable(f"--rpc-url {url!r} is not a URL: give it as http://HOST:PORT, "
+                              "e.g. http://127.0.0.1:18443")
+    try:
+        return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise NodeUnavailable(f"--rpc-url {url!r} has a bad port: {e}") from e
+
+
+def _check_reachable(url: str, timeout: float = 3.0) -> None:
+    """``NodeUnavailable`` naming ``url`` when nothing accepts a connection there."""
+    import socket
+
+    host, port = _check_url(url)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise NodeUnavailable(f"no node answers at {url}: {why}") from e
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

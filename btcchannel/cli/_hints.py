@@ -63,6 +63,16 @@ HINTS: dict[str, str] = {
                      "limits) or choose another payee",
     "terms_changed": "the payee no longer states the terms agreed at open; nothing else is signed: close "
                      "the channel or wait for its refund",
+    "wrong_network": "the payee runs on another network: pass that network with --network (or set "
+                     "BTCCHANNEL_NETWORK, or network in [global] of the config file), or choose a payee on yours",
+    "bad_backup": "give a file written by `btcchannel backup export` (or the automatic --payer-backup); a "
+                  "backup without keys (--no-keys) needs its seed first: `btcchannel seed restore`",
+    "insufficient_funds": "fund the wallet (see --wallet) with more than the deposit plus fees, or open with "
+                          "a smaller --deposit-sat; nothing was sent and no channel was kept",
+    "bad_url": "give the payee's URL with its scheme, e.g. http://127.0.0.1:8402",
+    "metered_channel": "buy through this channel with `btcchannel fetch URL` (it pays for each unit as the "
+                       "payee's 402 answer asks); `pay --amount-sat` pays at will only on a channel whose payee "
+                       "sets no price (serve without --price-sat)",
     "amount_not_agreed": "the agreed terms do not allow this total (units received x price, agreed total, "
                          "payments or end time); `btcchannel list` shows what is paid",
 }

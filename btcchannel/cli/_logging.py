@@ -5,7 +5,9 @@
 :class:`RepeatFilter` lets a warning through once and then holds back the same warning
 (same logger and message template) for ``window_s`` seconds, so a node that is down for an
 hour gives a handful of lines, not one per poll; the next one that passes says how many were
-held back.
+held back. :class:`OwnLogsFilter` keeps ``-v`` to btcchannel's own lines: the libraries'
+informational lines (httpx's and httpcore's line per RPC request, aiohttp's access log) only
+show at ``-vv``; their warnings always do.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["EXTRA_FIELDS", "JsonFormatter", "RepeatFilter", "setup_logging"]
+__all__ = ["EXTRA_FIELDS", "JsonFormatter", "OwnLogsFilter", "RepeatFilter", "setup_logging"]
 
 #: the ``extra`` fields a record may carry into the JSON line
 EXTRA_FIELDS = ("event", "channel_id", "amount_sat", "units", "txid", "fee_rate_sat_vb", "payments")
@@ -60,11 +62,25 @@ class RepeatFilter(logging.Filter):
         return True
 
 
+class OwnLogsFilter(logging.Filter):
+    """Below WARNING, only btcchannel's own records pass (every record with ``everything``)."""
+
+    def __init__(self, everything: bool) -> None:
+        super().__init__()
+        self.everything = everything
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (self.everything or record.levelno >= logging.WARNING
+                or record.name == "btcchannel" or record.name.startswith("btcchannel."))
+
+
 def setup_logging(verbose: int, as_json: bool) -> None:
-    """Log to stderr: warnings (``-v`` info, ``-vv`` debug), text or JSON lines, repeats held back."""
+    """Log to stderr: warnings (``-v`` btcchannel's info, ``-vv`` everyone's debug), text or JSON
+    lines, repeats held back."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if as_json else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OwnLogsFilter(everything=verbose >= 2))
     handler.addFilter(RepeatFilter())
     setattr(handler, "_btcchannel_cli", True)
     root = logging.getLogger()

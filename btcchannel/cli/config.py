@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit
+from btcchannel.cli._app import Settings, emit, node_endpoint
+from btcchannel.cli._config import mask
+from btcchannel.errors import ChannelError
 
 __all__ = ["COMMANDS", "config", "show"]
 
@@ -63,8 +65,26 @@ def show(ctx: click.Context) -> None:
     settings: Settings = root.obj
     file = root.meta.get("btcchannel.config_file")
     tables = effective_settings(root)
-    emit(settings, {"file": None if file is None else str(file), "tables": tables},
-         _text(None if file is None else str(file), tables))
+    node = _node(settings)
+    emit(settings, {"file": None if file is None else str(file), "tables": tables, "node": node},
+         _text(None if file is None else str(file), tables) + "\n\n" + _node_text(node))
+
+
+def _node(settings: Settings) -> dict[str, Any]:
+    """The node the commands would use, as derived from the settings (nothing is contacted)."""
+    try:
+        ep = node_endpoint(settings)
+    except ChannelError as e:
+        return {"rpc_url": None, "auth": None, "source": None, "problem": e.message}
+    auth = f"cookie {ep.cookie}" if ep.user is None else f"user {ep.user!r} with a password"
+    return {"rpc_url": mask("rpc-url", ep.url), "auth": auth, "source": ep.source, "problem": None}
+
+
+def _node_text(node: dict[str, Any]) -> str:
+    """The derived node as comments (the text stays a valid config file)."""
+    if node["problem"] is not None:
+        return f"# node: none found: {node['problem']}"
+    return f"# node: {node['rpc_url']} ({node['auth']}; from {node['source']})"
 
 
 COMMANDS = [config]

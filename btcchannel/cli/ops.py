@@ -8,21 +8,21 @@ from typing import Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, run_async, with_node
+from btcchannel.cli._app import Settings, emit, plural, run_async, warn_node_unknown, with_client, with_node
 from btcchannel.errors import ChannelError, IllegalTransition
 
 __all__ = ["COMMANDS", "forget", "restore", "summary"]
 
 
-def _tip(settings: Settings, wallet: str) -> int | None:
-    """The node's tip height, or None when no node answers (the totals need none)."""
+def _tip(settings: Settings, wallet: str) -> tuple[int | None, ChannelError | None]:
+    """The node's tip height, or None and the error when no node answers (the totals need none)."""
     async def tip(node: Any) -> int:
         return int(await node.tip_height())
 
     try:
-        return run_async(with_node(settings, wallet, tip))
-    except ChannelError:
-        return None
+        return run_async(with_node(settings, wallet, tip)), None
+    except ChannelError as e:
+        return None, e
 
 
 @click.command()
@@ -39,35 +39,31 @@ def summary(settings: Settings) -> None:
     from btcchannel.store import PayeeStore, PayerStore
 
     payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
-    tip = _tip(settings, "payee" if payee_db.exists() else "payer")
+    tip, node_error = (None, None) if not (payee_db.exists() or payer_db.exists()) else \
+        _tip(settings, "payee" if payee_db.exists() else "payer")
     doc: dict[str, Any] = {"payee": None, "payer": None, "tip_height": tip}
+    if node_error is not None:
+        doc["node_error"] = {"code": node_error.code, "message": node_error.message}
+        warn_node_unknown(settings, node_error, "blocks to expiry and refundable channels are unknown; the payer's "
+                                                "states are as last stored")
     parts: list[str] = []
     if payee_db.exists():
         with PayeeStore(payee_db) as store:
             doc["payee"] = payee_summary(store, tip)
         parts.append("payee\n" + _indent(summary_text(doc["payee"])))
     if payer_db.exists():
+        payer_tip = _refreshed_tip(settings) if node_error is None else None  # as `list`: chain and payee
         with PayerStore(payer_db) as pstore:
-            payer_tip = _refreshed_tip(settings, pstore)  # closes confirmed on chain count as closed
             doc["payer"] = payer_summary(pstore.list(), payer_tip if payer_tip is not None else tip)
         parts.append("payer\n" + _indent(_payer_text(doc["payer"])))
     emit(settings, doc, "\n".join(parts) if parts else f"no channels in {settings.datadir}")
 
 
-def _refreshed_tip(settings: Settings, store: Any) -> int | None:
-    """The payer's records brought up to the chain's view; the tip (None without a node)."""
-    from btcchannel.cli._app import make_node
-    from btcchannel.payer.views import refresh_from_chain
-
-    async def refresh() -> int:
-        node = make_node(settings, "payer")
-        try:
-            return await refresh_from_chain(store, node)
-        finally:
-            await node.aclose()
-
+def _refreshed_tip(settings: Settings) -> int | None:
+    """The payer's records brought up to the chain's and the payees' view (as ``list`` does); the
+    tip (None without a node)."""
     try:
-        return run_async(refresh())
+        return run_async(with_client(settings, lambda client: client.refresh()))
     except ChannelError:
         return None
 
@@ -78,14 +74,17 @@ def _indent(text: str) -> str:
 
 def _payer_text(doc: dict[str, Any]) -> str:
     o = doc["open"]
+    unknown = doc["tip_height"] is None
     lines = [
         f"spent          {doc['spent_sat']} sat (channels closed or closing)",
-        f"open           {o['channels']} channels, {o['amount_sat']} sat paid, {o['remaining_sat']} sat left "
-        f"of {o['deposit_sat']} sat deposits",
-        "refundable now " + (", ".join(f"{x['channel_id']} ({x['deposit_sat']} sat)" for x in doc["refundable"])
+        f"open           {plural(o['channels'], 'channel')}, {o['amount_sat']} sat paid, {o['remaining_sat']} sat "
+        f"left of {o['deposit_sat']} sat deposits",
+        "refundable now " + ("unknown (no node)" if unknown else
+                             ", ".join(f"{x['channel_id']} ({x['deposit_sat']} sat)" for x in doc["refundable"])
                              or "none"),
-        "refundable in  " + (", ".join(f"{x['channel_id']} {x['blocks_left']} blocks" for x in doc["refundable_later"]
-                                       if x["blocks_left"] is not None) or "-"),
+        "refundable in  " + ("unknown (no node)" if unknown else
+                             ", ".join(f"{x['channel_id']} {plural(x['blocks_left'], 'block')}"
+                                       for x in doc["refundable_later"] if x["blocks_left"] is not None) or "-"),
         "channels       " + (", ".join(f"{k} {v}" for k, v in doc["channels"].items()) or "none"),
     ]
     return "\n".join(lines)
@@ -138,7 +137,7 @@ def restore(settings: Settings, backup_db: Path, force: bool) -> None:
     objs = run_async(with_node(settings, "payee", lambda node: restore_closing(config, node, backup_db, force=force)))
     lines = [f"{o['channel_id']} {o['state']} {o.get('close_txid') or '-'} ({o['amount_sat']} sat)" for o in objs]
     emit(settings, {"restored": str(config.db_path), "closed": objs},
-         f"restored {config.db_path} from {backup_db}; " + (f"{len(objs)} channels closing:\n" + "\n".join(lines)
+         f"restored {config.db_path} from {backup_db}; " + (f"{plural(len(objs), 'channel')} closing:\n" + "\n".join(lines)
                                                              if objs else "no open channel to close"))
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, run_async, table, with_client, with_node
+from btcchannel.cli._app import Settings, emit, run_async, table, warn_node_unknown, with_client, with_node
 from btcchannel.core.state import ChannelState
 from btcchannel.errors import ChannelError, NothingToReplace
 
@@ -33,19 +33,51 @@ def _server_config(settings: Settings, **fields: Any) -> ServerConfig:
         raise click.UsageError(str(e)) from e
 
 
-def _tip_or_none(settings: Settings, wallet: str) -> int | None:
-    """The node's tip height, or None when no node answers (listing works without one)."""
+def _tip_or_none(settings: Settings, wallet: str, doc: dict[str, Any] | None = None, *,
+                 warn: bool = True) -> int | None:
+    """The node's tip height, or None when no node answers (listing works without one: unless
+    ``warn`` is False, a warning says so and ``doc`` gets ``node_error``)."""
     async def tip(node: Node) -> int:
         return await node.tip_height()
 
     try:
         return run_async(with_node(settings, wallet, tip))
-    except ChannelError:
+    except ChannelError as e:
+        if not warn:
+            return None
+        warn_node_unknown(settings, e, "blocks_left is unknown; the states are as the payee's service last stored them")
+        if doc is not None:
+            doc["node_error"] = {"code": e.code, "message": e.message}
         return None
 
 
+def _value_text(v: Any) -> str:
+    """A field's value for a terminal: nested objects as ``key=value`` pairs, not Python's repr."""
+    if v is None:
+        return ""
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_value_text(x) or '-'}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value_text(x) for x in v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
 def _channel_text(obj: dict[str, Any]) -> str:
-    return "\n".join(f"{k:15} {'' if v is None else v}" for k, v in obj.items())
+    return "\n".join(f"{k:15} {_value_text(v)}".rstrip() for k, v in obj.items())
+
+
+def _terms_text(config: ServerConfig) -> str:
+    """What ``serve`` agrees new channels under, as ``GET /v1/info`` states it."""
+    price = "no price (payments at will)" if config.price_sat == 0 else f"{config.price_sat} sat a unit, {config.mode}"
+    if config.price_sat and config.mode == "postpay":
+        price += f", credit {config.credit_limit_sat} sat, {config.payment_timeout_s:g} s to pay"
+    return (f"terms: {price}; deposits {config.min_deposit_sat}-{config.max_deposit_sat} sat, lifetimes "
+            f"{config.min_lifetime_blocks}-{config.max_lifetime_blocks} blocks; open at {config.min_confirmations} "
+            f"confirmation{'s' if config.min_confirmations != 1 else ''}, closed {config.close_margin_blocks} blocks "
+            f"before expiry, a close final at {config.final_confirmations} confirmation"
+            f"{'s' if config.final_confirmations != 1 else ''}")
 
 
 @click.command()
@@ -61,6 +93,9 @@ def _channel_text(obj: dict[str, Any]) -> str:
               help="Close a channel this many blocks before its expiry (at least 2) [default: 6].")
 @click.option("--min-confirmations", type=click.IntRange(1), default=None,
               help="Depth at which a funding opens a channel (at least 1).")
+@click.option("--final-confirmations", type=click.IntRange(1), default=None,
+              help="Depth at which a close (or a conflicting spend) is final: channels show closing until then "
+                   "[default: 6].")
 @click.option("--payee-address", default=None, help="Where closes pay [default: a new address of the node wallet].")
 @click.option("--serve-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Sell this file's chunks at /v1/file/{index}.")
@@ -77,12 +112,13 @@ def _channel_text(obj: dict[str, Any]) -> str:
 def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
           credit_limit_sat: int | None, payment_timeout: float | None, idle_timeout: float | None,
           close_margin_blocks: int | None,
-          min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
+          min_confirmations: int | None, final_confirmations: int | None, payee_address: str | None,
+          serve_file: Path | None,
           chunk_size: int, store_url: str | None, metrics: bool, backup_db: Path | None,
           backup_interval: float) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
-    mode, credit limit and timeouts given here (``GET /v1/info`` states them); channels already
-    open keep the terms they were agreed under.
+    mode, credit limit and timeouts given here (GET /v1/info states them, and serve prints them);
+    channels already open keep the terms they were agreed under.
 
     With --store postgresql://..., any number of instances (each with its own --datadir and port)
     share one database; one of them at a time runs the watcher and the closer.
@@ -97,7 +133,8 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
     config = _server_config(
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
         payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
-        min_confirmations=min_confirmations, payee_address=payee_address, store_url=store_url,
+        min_confirmations=min_confirmations, final_confirmations=final_confirmations, payee_address=payee_address,
+        store_url=store_url,
     )
     if backup_db is not None and store_url is not None:
         raise click.UsageError("--backup-db copies the SQLite payee.db; back a PostgreSQL store up with its own tools")
@@ -117,7 +154,9 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
             add_file_route(app, serve_file, chunk_size=chunk_size)
 
     def ready(url: str) -> None:
-        emit(settings, {"url": url, "datadir": str(settings.datadir)}, f"payee service on {url}")
+        emit(settings, {"url": url, "datadir": str(settings.datadir), "terms": config.terms.required().to_json(),
+                        "final_confirmations": config.final_confirmations},
+             f"payee service on {url}\n{_terms_text(config)}")
         sys.stdout.flush()
 
     async def run(node: Node) -> None:
@@ -143,14 +182,16 @@ def channels(settings: Settings) -> None:
     from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
 
-    tip = _tip_or_none(settings, "payee")
     with PayeeStore(settings.datadir / "payee.db") as store:
         objs = [channel_object(r) for r in store.list()]
+    doc: dict[str, Any] = {"channels": objs}
+    tip = _tip_or_none(settings, "payee", doc, warn=bool(objs))  # nothing is unknown in an empty list
+    doc["tip_height"] = tip
     for o in objs:
         o["blocks_left"] = None if tip is None else o["expiry_height"] - tip
     rows = [[o["channel_id"], o["state"], o["amount_sat"], o["deposit_sat"], o["expiry_height"],
              "-" if o["blocks_left"] is None else o["blocks_left"]] for o in objs]
-    emit(settings, {"channels": objs, "tip_height": tip},
+    emit(settings, doc,
          table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left"]) if rows
          else "no channels")
 
@@ -169,9 +210,9 @@ def channels(settings: Settings) -> None:
 @click.pass_obj
 def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float | None, address: str | None,
             descriptor: bool, private: bool) -> None:
-    """Show one of the payee's channels, or (``--close-tx``) its last state as a close transaction
-    that any node accepts (``bitcoin-cli sendrawtransaction HEX``), without btcchannel, or
-    (``--descriptor``) its funding output's descriptor.
+    """Show one of the payee's channels, or (--close-tx) its last state as a close transaction
+    that any node accepts (bitcoin-cli sendrawtransaction HEX), without btcchannel, or
+    (--descriptor) its funding output's descriptor.
 
     \b
     Example:
@@ -288,7 +329,7 @@ def close_cmd(settings: Settings, channel_id: str, fee_rate: float | None, as_pa
 def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
     """Replace the payee's unconfirmed close with one paying a higher fee rate (RBF).
 
-    Fails with ``nothing_to_replace`` when there is no close in the mempool (the channel
+    Fails with nothing_to_replace when there is no close in the mempool (the channel
     is open, or its close confirmed); the answer names both transactions and fee rates.
 
     \b

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btcchannel.cli._app import Group, Settings, emit, run_async, table, with_client
+from btcchannel.cli._app import Group, Settings, emit, fail, plural, run_async, table, warn_node_unknown, with_client
+from btcchannel.cli._hints import hint_for
 from btcchannel.core.state import ChannelState
-from btcchannel.errors import BadRequest, ChannelError
+from btcchannel.errors import BadBackup, BadRequest, ChannelError, OpenTimeout
 
 if TYPE_CHECKING:
     from btcchannel.payer.metered import MeteredPayer
@@ -62,7 +63,8 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
     node wallet, wait until open.
 
     Progress (the funding txid, then its confirmations) goes to stderr. A wait that runs
-    out leaves the channel funded: it opens once the funding confirms.
+    out leaves the channel funded: it opens once the funding confirms. On regtest no block
+    comes by itself: mine one (btcchannel regtest mine 1) while open waits, or use --no-wait.
 
     With --psbt the deposit comes from any wallet: sign the printed PSBT (or pay the exact
     amount to the address) within the payee's proposal lifetime (10 minutes by default).
@@ -85,6 +87,9 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
         end_time=int(end_time.replace(tzinfo=timezone.utc).timestamp()) if end_time is not None else None,
     )
 
+    mine = "btcchannel regtest mine 1"
+    on_regtest = settings.network == "regtest"
+
     def progress(event: str, f: dict[str, Any]) -> None:
         if settings.json:
             return
@@ -93,8 +98,13 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
         elif event == "funded":
             fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
             line = f"funding transaction {f['funding_txid']} broadcast{fee}"
+            if on_regtest and not no_wait:  # said at once: nothing else will confirm it
+                line += (f"\nregtest mines no block by itself: run `{mine}` (in another terminal) to confirm "
+                         f"the funding; waiting up to {timeout:g} s")
         elif event == "confirmations":
             line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
+            if on_regtest and f["confirmations"] < f["needed"]:
+                line += f" (regtest: `{mine}`)"
         else:
             line = f"channel {f['channel_id']} is open"
         click.echo(line, err=True)
@@ -123,13 +133,20 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
     if funding_tx is None and (deposit_sat is None or lifetime_blocks is None):
         raise click.UsageError("--deposit-sat and --lifetime-blocks are required (except with --funding-tx)")
     client_kw: dict[str, Any] = {"fee_rate_sat_vb": fee_rate}
-    obj = run_async(with_client(settings, run, **client_kw))
+    try:
+        obj = run_async(with_client(settings, run, **client_kw))
+    except OpenTimeout as e:
+        if not on_regtest:
+            raise
+        fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{mine}`")
     if obj["state"] == "proposed":
         emit(settings, obj, f"channel {obj['channel_id']} proposed: fund it, then "
                             f"`btcchannel open {url} --funding-tx HEX --channel {obj['channel_id']}`")
         return
     state = obj["state"]
     after = "" if state == "open" else "; it opens once the funding confirms (`btcchannel list` shows it)"
+    if state != "open" and on_regtest:
+        after += f"; on regtest confirm it with `{mine}`"
     emit(settings, obj, f"channel {obj['channel_id']} {state}: deposit {obj['deposit_sat']} sat, "
                         f"expiry height {obj['expiry_height']}, funding {obj.get('funding_txid')}{after}")
 
@@ -175,11 +192,14 @@ async def _open_with_psbt(client: PayerClient, settings: Settings, url: str, dep
               help="How much MORE to pay (an increment, added to the channel's total).")
 @click.pass_obj
 def pay(settings: Settings, channel_id: str, amount_sat: int) -> None:
-    """Pay AMOUNT more through a channel (signed, stored, then sent).
+    """Pay AMOUNT more through a channel (signed, stored, then sent), at will: for a payee
+    that sets no price per unit (serve without --price-sat).
 
     The payee holds the channel's running total: paying 1000 twice makes a total of 2000.
     The answer shows the increment, the new total and what remains of the deposit; paying
-    the whole remainder ends the channel (the payee closes it).
+    the whole remainder ends the channel (the payee closes it). A metered channel (the
+    payee sells units at a price) pays for the units it buys with fetch; pay refuses it
+    with metered_channel.
 
     \b
     Example:
@@ -286,23 +306,20 @@ def list_cmd(settings: Settings) -> None:
     Example:
       btcchannel list
     """
-    from btcchannel.cli._app import make_node
-    from btcchannel.payer.views import refresh_from_chain
     from btcchannel.store import PayerStore
 
     with PayerStore(settings.datadir / "payer.db") as store:
-        tip: int | None = None
-        if store.list():
-            async def refresh() -> int:
-                node = make_node(settings, "payer")
-                try:
-                    return await refresh_from_chain(store, node)
-                finally:
-                    await node.aclose()
-            try:
-                tip = run_async(refresh())
-            except ChannelError:
-                tip = None  # no node: the stored view
+        known = bool(store.list())
+    tip: int | None = None
+    node_error: ChannelError | None = None
+    if known:
+        try:  # the chain's view, and the payee's for channels the chain has moved on
+            tip = run_async(with_client(settings, lambda client: client.refresh()))
+        except ChannelError as e:
+            node_error = e  # no node: the stored view, said to be one
+            warn_node_unknown(settings, e, "the states below are as last stored (a funding or close may have "
+                                           "confirmed since) and blocks_left is unknown")
+    with PayerStore(settings.datadir / "payer.db") as store:
         recs = store.list()
     objs: list[dict[str, Any]] = []
     for r in recs:
@@ -316,7 +333,10 @@ def list_cmd(settings: Settings) -> None:
     rows = [[o["channel_id"], o["state"] + (" (expired: refundable)" if o["refundable"] else ""), o["amount_sat"],
              o["deposit_sat"], o["expiry_height"], "-" if o["blocks_left"] is None else o["blocks_left"],
              o["server_url"]] for o in objs]
-    emit(settings, {"channels": objs, "tip_height": tip},
+    doc: dict[str, Any] = {"channels": objs, "tip_height": tip}
+    if node_error is not None:
+        doc["node_error"] = {"code": node_error.code, "message": node_error.message}
+    emit(settings, doc,
          table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left", "payee"]) if rows
          else "no channels")
 
@@ -369,7 +389,7 @@ def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool, de
         data = store.export_backup(keys=not no_keys)
     write_payer_backup(data, file, replace_any=force)
     emit(settings, {"file": str(file), "channels": len(data["channels"])},
-         f"{len(data['channels'])} channels written to {file}")
+         f"{plural(len(data['channels']), 'channel')} written to {file}")
 
 
 @backup.command("import")
@@ -387,10 +407,13 @@ def backup_import(settings: Settings, file: Path) -> None:
     try:
         data = json.loads(file.read_text())
     except ValueError as e:
-        raise BadRequest(f"{file} is not JSON: {e}") from e
+        raise BadBackup(f"{file} is not a backup: not JSON ({e})") from e
     with PayerStore(settings.datadir / "payer.db") as store:
-        n = store.import_backup(data)
-    emit(settings, {"file": str(file), "imported": n}, f"{n} channels imported from {file}")
+        try:
+            n = store.import_backup(data)
+        except BadRequest as e:  # the store's word for a file it cannot take
+            raise BadBackup(f"{file}: {e.message}") from e
+    emit(settings, {"file": str(file), "imported": n}, f"{plural(n, 'channel')} imported from {file}")
 
 
 COMMANDS: tuple[click.Command, ...] = (open_cmd, pay, fetch, refund, list_cmd, backup)

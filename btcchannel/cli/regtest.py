@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from btcchannel.cli._app import Group, Settings, emit
+from btcchannel.cli._app import Group, Settings, emit, plural
 from btcchannel.errors import ChannelError, NodeUnavailable
 
 __all__ = ["COMMANDS", "regtest"]
@@ -86,11 +86,11 @@ def regtest_start(settings: Settings) -> None:
         raise
     env = _node_env(node)
     node.detach()
-    exports = "\n".join(f"  export {k}={v}" for k, v in env.items())
+    # the other commands find this node by themselves (make_node): no variables to export
     emit(settings, {**status, "already_running": already, "env": env},
          f"regtest node {'already running' if already else 'started'}: pid {status['pid']}, "
          f"height {status['blocks']}\n  RPC {status['rpc_url']}\n  datadir {status['datadir']}\n"
-         f"reach it with:\n{exports}")
+         "wallets payee and payer (10 BTC); the other btcchannel commands find this node by themselves")
 
 
 @regtest.command("stop")
@@ -106,8 +106,8 @@ def regtest_stop(settings: Settings) -> None:
 
     node = RegtestNode.attach(settings.regtest_dir)
     pid = node.pid
-    node.stop()
-    emit(settings, {"stopped": True, "pid": pid}, f"regtest node stopped (pid {pid})")
+    node.stop()  # returns once the process has exited (its datadir free for the next start)
+    emit(settings, {"stopped": True, "pid": pid}, f"regtest node stopped (pid {pid} has exited)")
 
 
 @regtest.command("status")
@@ -147,7 +147,7 @@ def regtest_mine(settings: Settings, blocks: int, address: str | None) -> None:
     hashes = node.mine(blocks, address)
     height = node.tip_height()
     node.detach()
-    emit(settings, {"blocks": hashes, "height": height}, f"mined {len(hashes)} blocks, height {height}")
+    emit(settings, {"blocks": hashes, "height": height}, f"mined {plural(len(hashes), 'block')}, height {height}")
 
 
 COMMANDS: tuple[click.Command, ...] = (regtest,)

@@ -42,16 +42,32 @@ def payee_summary(store: PayeeStore, tip_height: int | None) -> dict[str, Any]:
     }
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _nearest(o: dict[str, Any]) -> str:
+    """The nearest expiry of the open channels in words; one already reached says so (the stored
+    view is stale: the service was not running to close it)."""
+    left = o["blocks_to_nearest_expiry"]
+    if left is None:
+        return ""
+    if left > 0:
+        return f", nearest expiry in {_count(left, 'block')}"
+    ago = "" if left == 0 else f", {_count(-left, 'block')} ago"
+    return (f", expired at height {o['nearest_expiry_height']}{ago}: not closed in time (was `serve` "
+            "running?); the payer can refund it")
+
+
 def summary_text(doc: dict[str, Any]) -> str:
     """``payee_summary``'s document as a few lines for a terminal."""
     o, p = doc["open"], doc["pending_close"]
     rates = doc["close_fee_rate_sat_vb"]
     lines = [
         f"earned         {doc['earned_sat']} sat (closed channels, before close fees)",
-        f"pending closes {p['channels']} channels, {p['amount_sat']} sat",
-        f"open           {o['channels']} channels, {o['amount_sat']} sat paid of {o['deposit_sat']} sat deposits"
-        + (f", nearest expiry in {o['blocks_to_nearest_expiry']} blocks" if o["blocks_to_nearest_expiry"] is not None
-           else ""),
+        f"pending closes {_count(p['channels'], 'channel')}, {p['amount_sat']} sat",
+        f"open           {_count(o['channels'], 'channel')}, {o['amount_sat']} sat paid of {o['deposit_sat']} sat "
+        "deposits" + _nearest(o),
         "close fees     " + (f"{rates['min']:.2f}-{rates['max']:.2f} sat/vB (last {rates['last']:.2f})" if rates
                              else "none yet"),
         "channels       " + (", ".join(f"{k} {v}" for k, v in doc["channels"].items()) or "none"),

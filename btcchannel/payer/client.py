@@ -71,18 +71,32 @@ from btcchannel.core.terms import PayerLimits, Terms, not_open_error
 from btcchannel.errors import (
     BadRequest,
     ChannelError,
+    ExpiryOutOfRange,
     FundingNotFound,
+    InsufficientFunds,
+    MeteredChannel,
     NotOpen,
     OpenTimeout,
     ProtocolViolation,
+    RpcInsufficientFunds,
     StalePayment,
     TermsChanged,
     UnknownChannel,
+    WrongNetwork,
 )
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.payer.http import PayeeHttp
 from btcchannel.payer.refund import Refunds
-from btcchannel.payer.views import Progress, mempool_fee, no_progress, none_usable, payee_unreachable, to_payee
+from btcchannel.payer.views import (
+    Progress,
+    check_payee_url,
+    mempool_fee,
+    no_progress,
+    none_usable,
+    payee_unreachable,
+    refresh_from_chain,
+    to_payee,
+)
 from btcchannel.store import PayerRecord, PayerStore
 from btcchannel.store.ops import write_payer_backup
 from btcchannel.core.tx import OutPoint
@@ -186,7 +200,10 @@ class PayerClient(PayeeHttp, Refunds):
         add to them). The payee's answer is checked against the witness script
         recomputed from both keys and the expiry, and its terms against the
         proposed ones; any difference raises ``ProtocolViolation`` (or
-        ``TermsChanged``) before a satoshi is spent. With ``wait_open`` it waits
+        ``TermsChanged``) before a satoshi is spent. A payee on another network raises
+        ``WrongNetwork``, a lifetime outside the payee's range ``ExpiryOutOfRange`` (both before
+        anything is stored), a wallet that cannot pay ``InsufficientFunds`` (the proposal's row is
+        removed: nothing was sent). With ``wait_open`` it waits
         (up to ``open_timeout`` s) for the payee to report ``open`` (``OpenTimeout``
         after that: the channel stays funded and opens later). ``progress`` hears
         each step (see :data:`Progress`). ``script_version`` and ``payer_address``: see :meth:`propose`.
@@ -198,8 +215,13 @@ class PayerClient(PayeeHttp, Refunds):
         params = ChannelParams.from_json(self.store.get(cid).params)
         try:
             outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
+        except RpcInsufficientFunds as exc:
+            # the wallet refused to build the transaction: nothing exists to refund, no row is kept
+            self.store.delete(cid)
+            raise InsufficientFunds(f"the wallet cannot fund a deposit of {deposit_sat} sat plus fees "
+                                    f"({exc.message})") from exc
         except BaseException:
-            self.store.set_state(cid, ChannelState.FAILED)  # nothing was funded: `forget` removes it
+            self.store.set_state(cid, ChannelState.FAILED)  # maybe sent: kept (failed) until `forget`
             raise
         self.record_funding(cid, outpoint)
         report("funded", {"channel_id": cid, "funding_txid": outpoint.txid, **await mempool_fee(self.node, outpoint.txid)})
@@ -231,9 +253,15 @@ class PayerClient(PayeeHttp, Refunds):
         address of the node wallet).
         """
         report = progress or no_progress
+        check_payee_url(server_url)
         info = await self.info(server_url)
         if info.get("network") != self.network:
-            raise ProtocolViolation(f"payee runs on {info.get('network')!r}, not {self.network!r}")
+            raise WrongNetwork(f"the payee at {server_url} runs on {info.get('network')}, and this payer on "
+                               f"{self.network}")
+        low, high = info.get("min_lifetime_blocks"), info.get("max_lifetime_blocks")
+        if isinstance(low, int) and isinstance(high, int) and not low <= lifetime_blocks <= high:
+            raise ExpiryOutOfRange(f"a lifetime of {lifetime_blocks} blocks is outside the payee's range: "
+                                   f"{low} to {high} blocks")
         offered = info.get("script_versions")
         offered = offered if isinstance(offered, list) else [script.SCRIPT_LEGACY]
         if script_version is None:
@@ -474,8 +502,43 @@ class PayerClient(PayeeHttp, Refunds):
                 rec = self.store.get(channel_id)
             target = rec.amount_sat + increment if increment is not None else amount
             assert target is not None
+            if increment is not None and rec.state in (ChannelState.OPEN, ChannelState.FUNDING):
+                self._refuse_metered(rec, target)  # an ended channel says so instead (not_open_error)
             payment = await self._sign_locked(channel_id, target, rec)
         return await self._send(rec, payment)
+
+    def _refuse_metered(self, rec: PayerRecord, target: int) -> None:
+        """``MeteredChannel`` when ``rec`` is metered (a price per unit was agreed) and ``target`` is
+        more than the units received pay for: such a channel pays as units are bought, not at will."""
+        if rec.terms is None:
+            return
+        terms = self._agreed(rec)
+        cap = terms.max_signable(rec.units)
+        if terms.price_sat > 0 and cap is not None and target > cap:
+            raise MeteredChannel(
+                f"channel {rec.channel_id} is metered ({terms.price_sat} sat a unit, {terms.mode}): it pays only "
+                f"for units received ({rec.units} so far, {cap} sat), so {target - rec.amount_sat} sat more "
+                "cannot be paid on its own")
+
+    async def refresh(self, payee_timeout: float = 5.0) -> int:
+        """Bring every channel up to the chain's and the payee's view; the tip height.
+
+        The chain first (:func:`~btcchannel.payer.views.refresh_from_chain`), then the payee, for
+        each channel whose funding is confirmed but that it has not yet reported open, and each
+        closing one (the payee says when its close is final); a payee that does not answer within
+        ``payee_timeout`` seconds leaves the stored state as it is.
+        """
+        tip = await refresh_from_chain(self.store, self.node)
+        for rec in self.store.list():
+            if rec.state not in (ChannelState.FUNDING, ChannelState.CLOSING) or rec.funding_txid is None:
+                continue
+            if rec.state is ChannelState.FUNDING and not await self.node.tx_confirmations(rec.funding_txid):
+                continue
+            try:
+                await asyncio.wait_for(self.status(rec.channel_id), payee_timeout)
+            except (ChannelError, asyncio.TimeoutError):
+                continue  # the payee is away: the stored view stands, the chain decides the rest
+        return tip
 
     async def resume(self, channel_id: str) -> dict[str, Any]:
         """Reconcile with the payee after a restart: re-send the stored payment if it was not acknowledged."""
@@ -514,7 +577,9 @@ class PayerClient(PayeeHttp, Refunds):
     async def pick_channel(self, url: str, min_remaining_sat: int = 1) -> str:
         """The channel to pay ``url``'s payee with: the newest one the payee reports ``open`` with
         at least ``min_remaining_sat`` of its deposit left, else the newest one still funding
-        (the caller waits for it); ``NotOpen`` saying why when none is usable."""
+        (the caller waits for it); ``NotOpen`` saying why when none is usable (``BadUrl`` for a URL
+        without http(s)://)."""
+        check_payee_url(url)
         recs = [r for r in to_payee(self.list(), url) if r.state in (ChannelState.OPEN, ChannelState.FUNDING)]
         funding: str | None = None
         for rec in recs:

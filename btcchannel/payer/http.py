@@ -15,7 +15,7 @@ import aiohttp
 
 from btcchannel.core.terms import Terms
 from btcchannel.errors import BadRequest, ChannelError, PayeeUnreachable, ProtocolViolation, error_for_code
-from btcchannel.payer.views import payee_unreachable
+from btcchannel.payer.views import check_payee_url, payee_unreachable
 
 __all__ = ["PayeeHttp"]
 
@@ -35,7 +35,9 @@ class PayeeHttp:
 
     # -- HTTP -----------------------------------------------------------------------
     async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-        """One JSON request; typed errors for error bodies, ``PayeeUnreachable`` if unreachable."""
+        """One JSON request; typed errors for error bodies, ``PayeeUnreachable`` if unreachable
+        (``BadUrl`` for a URL without http(s)://)."""
+        check_payee_url(url)
         try:
             async with self.session.request(method, url, json=body) as resp:
                 status = resp.status
@@ -61,6 +63,7 @@ class PayeeHttp:
 
         ``BadRequest`` unless the answer is HTTP 200, ``PayeeUnreachable`` if no answer.
         """
+        check_payee_url(url)
         try:
             async with self.session.get(url) as resp:
                 if resp.status != 200:

@@ -14,10 +14,10 @@ import aiohttp
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint
-from btcchannel.errors import ChannelError, NotOpen, PayeeUnreachable
+from btcchannel.errors import BadUrl, ChannelError, NotOpen, PayeeUnreachable
 from btcchannel.store import PayerRecord, PayerStore
 
-__all__ = ["Progress", "no_progress", "mempool_fee", "none_usable", "payee_unreachable", "payer_summary", "refresh_from_chain", "to_payee"]
+__all__ = ["CLOSE_FINAL_CONFIRMATIONS", "Progress", "check_payee_url", "no_progress", "mempool_fee", "none_usable", "payee_unreachable", "payer_summary", "refresh_from_chain", "to_payee"]
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -28,6 +28,21 @@ and ``open``."""
 
 def no_progress(event: str, fields: dict[str, Any]) -> None:
     """The default progress callback: nothing."""
+
+
+CLOSE_FINAL_CONFIRMATIONS = 6
+"""Depth at which the payer counts a close seen on chain as final (``closed``): the payee's
+default ``final_confirmations``, so that both sides say ``closing`` until then. A payee that
+reports its channel closed earlier (a smaller ``serve --final-confirmations``) is believed."""
+
+
+def check_payee_url(url: str) -> None:
+    """``BadUrl`` unless ``url`` is an absolute http(s) URL with a host (``127.0.0.1:8402`` is not)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        bare = url.split("://", 1)[-1]
+        raise BadUrl(f"{url!r} is not a payee URL: it needs http:// or https:// and a host, "
+                     f"e.g. http://{bare or '127.0.0.1:8402'}")
 
 
 def payee_unreachable(method: str, url: str, exc: BaseException, timeout: float) -> PayeeUnreachable:
@@ -106,8 +121,8 @@ async def refresh_from_chain(store: PayerStore, node: Node) -> int:
     """Bring the payer's records up to the chain's view; the tip height.
 
     A channel whose deposit was spent by a confirmed transaction other than the payer's own
-    refund becomes ``closed`` (its close txid recorded, found on chain when the payee did not
-    report it); a channel the payee reported ended whose deposit is still unspent stays as it is
+    refund becomes ``closing`` (its close txid recorded, found on chain when the payee did not
+    report it), then ``closed`` once that close has :data:`CLOSE_FINAL_CONFIRMATIONS`; a channel the payee reported ended whose deposit is still unspent stays as it is
     (``refund`` decides).
     """
     tip = await node.tip_height()
@@ -121,6 +136,11 @@ async def refresh_from_chain(store: PayerStore, node: Node) -> int:
             if not funded or await node.get_txout(outpoint) is not None:
                 continue
             spender = await node.find_spender(outpoint, tip - funded + 1)
-        if spender and spender != rec.refund_txid and (await node.tx_confirmations(spender) or 0) > 0:
+        if not spender or spender == rec.refund_txid:
+            continue
+        depth = await node.tx_confirmations(spender) or 0
+        if depth >= CLOSE_FINAL_CONFIRMATIONS:
             store.set_state(rec.channel_id, ChannelState.CLOSED, close_txid=spender)
+        elif depth > 0 and (rec.state is not ChannelState.CLOSING or rec.close_txid != spender):
+            store.set_state(rec.channel_id, ChannelState.CLOSING, close_txid=spender)
     return tip

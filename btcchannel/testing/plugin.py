@@ -66,9 +66,16 @@ def _failed(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture(scope="session")
-def bitcoind_binary() -> BitcoindBinary:
-    """The bitcoind every node of the session runs (found or fetched once)."""
-    return find_bitcoind()
+def bitcoind_binary(request: pytest.FixtureRequest) -> BitcoindBinary:
+    """The bitcoind every node of the session runs (found or fetched once; a fetch's steps are
+    written on the terminal as they happen, past pytest's output capture)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(line)
+
+    return find_bitcoind(progress=progress)
 
 
 @pytest.fixture(scope="session")
