@@ -35,8 +35,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler, units: int,
                       protocol_path: str = "") -> web.StreamResponse:
     """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served."""
+    body = await request.read() if request.body_exists else None  # auth v2 covers it (kept for the handler)
     admitted = await gate.admit(request.method, request.raw_path, request.headers, units,
-                                f"{request.scheme}://{request.host}{protocol_path}")
+                                f"{request.scheme}://{request.host}{protocol_path}", body=body, peer=request.remote)
     if not isinstance(admitted, Charge):
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:
