@@ -16,6 +16,7 @@ from aiohttp import web
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.keys import request_digest, sign_digest
+from btcchannel.payee.gate import Charge, GateAnswer, PaymentGate
 from btcchannel.payee.metered import add_file_route, add_paid_route
 from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
@@ -325,3 +326,28 @@ async def test_an_uneconomic_close_ends_refunded(
     status, _, raw = await _raw(srv.url, "POST", f"/v1/channels/{cid}/payments", {"Content-Type": "application/json"},
                                 json.dumps({"amount_sat": 300, "signature": sig.hex()}).encode())
     assert status == 200 and json.loads(raw) == {"channel_id": cid, "amount_sat": 300, "state": "refunded"}
+
+
+async def test_paid_requests_need_tls_or_a_loopback_client(
+    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    data = _file(tmp_path)
+    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+                                    price_sat=PRICE, mode="postpay", credit_limit_sat=10 * PRICE)
+    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000)
+    gate = PaymentGate(srv.svc)
+    url = "http://api.example/v1/file/0"
+    headers = {"Host": "api.example", **_auth_only(payer_client, cid, url)}
+    refused = await gate.admit("GET", "/v1/file/0", headers, 1, "http://api.example", peer="203.0.113.5")
+    assert isinstance(refused, GateAnswer) and (refused.status, refused.body["error"]["code"]) == (403, "tls_required")
+    assert srv.store.get(cid).units == 0
+    for origin, peer in (("https://api.example", "203.0.113.5"), ("http://api.example", "::1")):
+        headers = {"Host": "api.example", **_auth_only(payer_client, cid, url)}
+        admitted = await gate.admit("GET", "/v1/file/0", headers, 1, origin, peer=peer)
+        assert isinstance(admitted, Charge) and admitted.rec is not None
+        assert (await gate.served(admitted, 200))["X-Btcchannel-State"] == "open"
+    assert srv.store.get(cid).units == 2
+    srv.svc.config.allow_plain_http = True  # the operator's opt-out
+    headers = {"Host": "api.example", **_auth_only(payer_client, cid, url)}
+    assert isinstance(await gate.admit("GET", "/v1/file/0", headers, 1, "http://api.example", peer="203.0.113.5"),
+                      Charge)
