@@ -124,6 +124,13 @@ async def test_a_lost_prepay_answer_is_served_again_and_charged_once(
     status, _, raw = await _raw(srv.url, "GET", "/v1/file/4", headers)
     assert status == 401 and json.loads(raw)["error"]["code"] == "unauthorized"
     assert (srv.store.get(cid).amount_sat, srv.store.get(cid).units) == (PRICE, 1)
+    # a retry racing its original (both in flight at once): both served, one charge
+    client.store.add_units(cid, 1, PRICE)
+    headers = await _prepay_headers(client, cid, f"{srv.url}/v1/file/5")
+    answers = await asyncio.gather(*(_raw(srv.url, "GET", "/v1/file/5", headers) for _ in range(3)))
+    assert [a[0] for a in answers] == [200, 200, 200]
+    rec = srv.store.get(cid)
+    assert (rec.amount_sat, rec.units, rec.payments) == (2 * PRICE, 2, 2)
 
 
 async def test_an_older_counter_is_refused_naming_the_last(

@@ -39,7 +39,9 @@ from btcchannel.errors import (
     NotExpired,
     NotOpen,
     ProtocolViolation,
+    StalePayment,
     TlsRequired,
+    Unauthorized,
 )
 from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeRecord
@@ -179,24 +181,28 @@ class PaymentGate:
                 return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             charged: PayeeRecord | None
-            if metering.mode == "prepay":
-                if pay is None:
-                    charged = await svc.use_surplus(rec, units, auth.counter, key)
-                    if charged is None:
-                        return self.payment_required(cid, units, origin, svc.store.get(cid))
+            try:
+                if metering.mode == "prepay":
+                    if pay is None:
+                        charged = await svc.use_surplus(rec, units, auth.counter, key)
+                    else:
+                        charged = await svc.charge_prepay(rec, pay[0], pay[1], units, auth.counter, key)
                 else:
-                    charged = await svc.charge_prepay(rec, pay[0], pay[1], units, auth.counter, key)
-            else:
-                if pay is not None:
-                    rec = await svc.pay_owed(rec, pay[0], pay[1])
-                charged = await svc.charge_postpay(rec, units, auth.counter, key)
-                if charged is None:
-                    return self.payment_required(cid, units, origin, svc.store.get(cid))
+                    if pay is not None:
+                        rec = await svc.pay_owed(rec, pay[0], pay[1])
+                    charged = await svc.charge_postpay(rec, units, auth.counter, key)
+            except (StalePayment, Unauthorized):
+                now = svc.store.get(cid)  # the same request, retried while its original was being charged?
+                if now.request_counter == auth.counter and now.last_request == key:
+                    return Charge(now, units, metering, key, replay=True)
+                raise
+            if charged is None:
+                return self.payment_required(cid, units, origin, svc.store.get(cid))
             return Charge(charged, units, metering, key)
         except ChannelError as err:
             wire = wire_error(err)
-            now = svc.store.find(rec.channel_id) if rec is not None else None
-            return GateAnswer(wire.http_status, wire.to_json(), state_headers(now) if now is not None else {})
+            current = svc.store.find(rec.channel_id) if rec is not None else None
+            return GateAnswer(wire.http_status, wire.to_json(), state_headers(current) if current is not None else {})
 
     async def served(self, charge: Charge, status: int) -> dict[str, str]:
         """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back.

@@ -170,6 +170,8 @@ class MeteredPayer:
                 resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
                 continue
             if status == 402:
+                if self._error_code(body) == "credit_cap_reached":
+                    self._raise(status, body)  # the payee's cap across channels: settling this one does not help
                 if metering.mode == "prepay" and payment is None:
                     if self._failed_units >= units:  # we know they were not served: never paid twice
                         raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
@@ -208,6 +210,15 @@ class MeteredPayer:
         """``X-Btcchannel-Auth`` (v2) of the request about to be sent with ``headers`` and body ``data``,
         under the channel's next durable counter."""
         return await self.client.request_auth_async(self.channel_id, method, url, data, headers)
+
+    @staticmethod
+    def _error_code(body: bytes) -> str | None:
+        """The ``error.code`` of an answer's JSON body (None if it has none)."""
+        try:
+            code = json.loads(body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return code if isinstance(code, str) else None
 
     def _resync(self, body: bytes) -> bool:
         """A 401 naming ``last_counter`` at or above ours: store it, so the next counter is above it
