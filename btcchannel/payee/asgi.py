@@ -123,7 +123,10 @@ class PaidRoutes:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         origin = f"{scope.get('scheme', 'http')}://{headers.get('host') or 'localhost'}"
-        admitted = gate.admit(scope["method"], target, headers, gate.units_for(price), origin)
+        body, receive = await _read_body(receive)  # auth v2 covers it; the app receives it as sent
+        client = scope.get("client")
+        admitted = await gate.admit(scope["method"], target, headers, gate.units_for(price), origin, body=body,
+                                    peer=client[0] if client else None)
         if isinstance(admitted, GateAnswer):
             await _send_json(send, admitted)
             return
@@ -134,7 +137,7 @@ class PaidRoutes:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                extra = gate.served(charge, int(message["status"]))
+                extra = await gate.served(charge, int(message["status"]))
                 message = {**message, "headers": [*message.get("headers", []),
                                                    *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
             await send(message)
@@ -143,8 +146,32 @@ class PaidRoutes:
             await app(scope, receive, charged_send)
         except BaseException:
             if not started:  # nothing was served
-                gate.failed(charge)
+                await gate.failed(charge)
             raise
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's whole body, and a ``receive`` that hands it to the app as one message (then
+    whatever the server sends next, e.g. ``http.disconnect``)."""
+    chunks: list[bytes] = []
+    first: Message | None = None
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the app sees that, after the body
+            first = message
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+    if first is not None:
+        pending.append(first)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return body, replay
 
 
 async def _send_json(send: Send, answer: GateAnswer) -> None:

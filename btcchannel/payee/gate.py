@@ -1,19 +1,25 @@
 """The payment-gating core every web framework adapter shares (aiohttp: :mod:`btcchannel.payee.sell`,
 ASGI: :mod:`btcchannel.payee.asgi`; ``paid()`` of :mod:`btcchannel.payee.metered` is built on it).
 
-A request to a paid route is admitted (:meth:`PaymentGate.admit`) from its method, request target
-and headers: the channel named by ``X-Btcchannel-Channel``, the request's authentication, then a
-prepay payment, a unit credit, or postpay credit, exactly as ``docs/PROTOCOL.md`` says. The
-answer is either a :class:`Charge` (serve the request, then call :meth:`PaymentGate.served`
-with its status: a failed request, 5xx or exception, is not charged) or a :class:`GateAnswer`
-(send it as it is: the 402 that says how to pay, or a protocol error).
+A request to a paid route is admitted (``await`` :meth:`PaymentGate.admit`) from its method, raw
+request target, headers, body and peer address: the transport (TLS or loopback), the channel named
+by ``X-Btcchannel-Channel``, the request's authentication (auth v2 covers the body), then a prepay
+payment, the prepaid surplus, or postpay credit within the channel's limit and the payee's
+cross-channel caps, exactly as ``docs/PROTOCOL.md`` says; the exact retry of the last charged
+request is admitted as a replay (served, not charged). The answer is either a :class:`Charge`
+(serve the request, then ``await`` :meth:`PaymentGate.served` with its status, or ``await``
+:meth:`PaymentGate.failed` if the handler raised before answering: a 5xx or an exception is not
+charged) or a :class:`GateAnswer` (send it as it is: the 402 that says how to pay, or a protocol
+error). Every answer naming a known channel carries its ``X-Btcchannel-State`` (and
+``X-Btcchannel-End-Reason`` once it takes no payments). All writes go through the store's group
+commit: nothing here waits on the disk on the event loop.
 
 Prices are per route, in satoshis: a route costs ``price_sat // unit price`` units of the
 channel's agreed price (the price must be a multiple of it; with a unit price of 1 sat any
 price works).
 
 The 402 carries ``WWW-Authenticate: Btcchannel realm=..., network=..., info=..., channels=...,
-price_sat=..., units=..., mode=...`` and a JSON body ``{"payment": {...}}``: the fields of
+price_sat=..., units=..., mode=...`` and a JSON body ``{"payment": {...}, "error": {...}}``: the fields of
 :func:`btcchannel.wire.payment_required_body` plus absolute ``info_url`` and ``channels_url``,
 ``network``, the payee's ``terms``, the route's ``route_price_sat`` and, for a named channel,
 its ``payee_pubkey``.
@@ -21,12 +27,14 @@ its ``payee_pubkey``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import Metering
 from btcchannel.errors import (
     ChannelError,
@@ -37,21 +45,27 @@ from btcchannel.errors import (
     NotExpired,
     NotOpen,
     ProtocolViolation,
+    StalePayment,
+    TlsRequired,
+    Unauthorized,
 )
 from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeRecord
 from btcchannel.wire import (
     HDR_AUTH,
     HDR_CHANNEL,
+    HDR_END_REASON,
     HDR_OWED,
     HDR_PAID,
+    HDR_STATE,
+    PaidRequest,
     check_channel_id,
-    parse_auth_header,
+    parse_auth,
     parse_payment_headers,
     payment_required_body,
 )
 
-__all__ = ["Charge", "GateAnswer", "PaymentGate", "gate_of", "wire_error", "www_authenticate"]
+__all__ = ["Charge", "GateAnswer", "PaymentGate", "gate_of", "state_headers", "wire_error", "www_authenticate"]
 
 log = logging.getLogger("btcchannel.payee.gate")
 
@@ -69,11 +83,15 @@ def wire_error(err: ChannelError) -> ChannelError:
 
 @dataclass(frozen=True)
 class Charge:
-    """An admitted request: ``rec`` is the charged row (None for a free request)."""
+    """An admitted request: ``rec`` is the charged row (None for a free request); ``key`` the
+    request's idempotency key; ``replay`` an exact retry of the last charged request (served again,
+    charged nothing)."""
 
     rec: PayeeRecord | None
     units: int
     metering: Metering | None = None
+    key: bytes | None = None
+    replay: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,20 @@ class GateAnswer:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+#: the states in which a channel may still take payments (no end reason yet)
+_TAKING_PAYMENTS = frozenset({ChannelState.PROPOSED, ChannelState.FUNDING, ChannelState.OPEN})
+
+
+def state_headers(rec: PayeeRecord) -> dict[str, str]:
+    """``X-Btcchannel-State`` (the channel's state) and, once it takes no more payments,
+    ``X-Btcchannel-End-Reason``: on every metered answer that names a channel."""
+    out = {HDR_STATE: rec.state.value}
+    reason = rec.wire_end_reason
+    if rec.state not in _TAKING_PAYMENTS and reason:
+        out[HDR_END_REASON] = reason
+    return out
 
 
 def www_authenticate(params: Mapping[str, Any]) -> str:
@@ -115,65 +147,105 @@ class PaymentGate:
             raise ValueError(f"{price_sat} sat is not a multiple of the unit price ({unit} sat)")
         return price_sat // unit
 
-    def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
-              origin: str) -> Charge | GateAnswer:
-        """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``)."""
+    def secure(self, origin: str, peer: str | None) -> bool:
+        """Whether a paid request may be served over this transport: TLS (``origin`` is https), a
+        loopback peer, or an operator who opted out (``allow_plain_http``)."""
+        if self.svc.config.allow_plain_http or origin.lower().startswith("https://"):
+            return True
+        try:
+            return peer is not None and ipaddress.ip_address(peer.split("%")[0]).is_loopback
+        except ValueError:
+            return False
+
+    async def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
+                    origin: str, *, body: bytes | None = None, peer: str | None = None) -> Charge | GateAnswer:
+        """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``; ``body``:
+        the request's body, which auth v2 covers; ``peer``: the client's address).
+
+        Checks, in order: a channel named (402 otherwise), the transport (``tls_required``), the
+        channel (``unknown_channel``), the authentication (``unauthorized``), then the payment or
+        credit. The channel's row is read once; every write (the prepay payment, the surplus used,
+        postpay credit) goes through the store's group commit, so the event loop never waits on the disk."""
         svc = self.svc
+        rec: PayeeRecord | None = None
         try:
             cid_h = headers.get(HDR_CHANNEL)
             if cid_h is None:
                 if not svc.config.metering.enabled:
                     return Charge(None, units)
                 return self.payment_required(None, units, origin)
+            if not self.secure(origin, peer):
+                raise TlsRequired("paid requests need TLS (or a loopback client)")
             cid = check_channel_id(cid_h)
-            metering = svc.terms_of(svc.store.get(cid)).metering  # the channel's agreed terms
+            rec = svc.store.get(cid)
+            metering = svc.terms_of(rec).metering  # the channel's agreed terms
             if not metering.enabled:
                 return Charge(None, units)
-            counter, auth_sig = parse_auth_header(headers.get(HDR_AUTH))
-            svc.authenticate(cid, counter, auth_sig, method, target)
+            auth = parse_auth(headers.get(HDR_AUTH))
+            key, replay = svc.authenticate(rec, auth, PaidRequest.of(method, target, headers, body))
+            if replay:
+                return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
-            if metering.mode == "prepay":
-                if pay is None:
-                    charged = svc.use_unit_credit(cid, units, counter)
-                    if charged is None:
-                        return self.payment_required(cid, units, origin)
+            svc.require_fresh_chain()  # once: no payment, surplus or credit is used on a stale chain view
+            charged: PayeeRecord | None
+            try:
+                if metering.mode == "prepay":
+                    if pay is None:
+                        charged = await svc.use_surplus(rec, units, auth.counter, key)
+                    else:
+                        charged = await svc.charge_prepay(rec, pay[0], pay[1], units, auth.counter, key)
                 else:
-                    charged = svc.charge_prepay(cid, pay[0], pay[1], units, counter)
-            else:
-                if pay is not None:
-                    svc.pay_owed(cid, pay[0], pay[1])
-                charged = svc.charge_postpay(cid, units, counter)
-                if charged is None:
-                    return self.payment_required(cid, units, origin)
-            return Charge(charged, units, metering)
+                    if pay is not None:
+                        rec = await svc.pay_owed(rec, pay[0], pay[1])
+                    charged = await svc.charge_postpay(rec, units, auth.counter, key)
+            except (StalePayment, Unauthorized):
+                now = svc.store.get(cid)  # the same request, retried while its original was being charged?
+                if now.request_counter == auth.counter and now.last_request == key:
+                    return Charge(now, units, metering, key, replay=True)
+                raise
+            if charged is None:
+                return self.payment_required(cid, units, origin, svc.store.get(cid))
+            return Charge(charged, units, metering, key)
         except ChannelError as err:
             wire = wire_error(err)
-            return GateAnswer(wire.http_status, wire.to_json())
+            current = svc.store.find(rec.channel_id) if rec is not None else None
+            return GateAnswer(wire.http_status, wire.to_json(), state_headers(current) if current is not None else {})
 
-    def served(self, charge: Charge, status: int) -> dict[str, str]:
-        """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back."""
+    async def served(self, charge: Charge, status: int) -> dict[str, str]:
+        """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back.
+        Any status below 500 is served and charged (a 4xx of the handler included)."""
         if charge.rec is None or charge.metering is None:
             return {}
+        if charge.replay:  # the last charged request again: served, charged once already
+            return self._charged_headers(charge.metering, self.svc.store.get(charge.rec.channel_id))
         if status >= 500:
-            self.svc.unserve(charge.rec, charge.units)
-            return {}
-        rec = self.svc.after_payment(charge.rec)
+            await self.svc.unserve(charge.rec, charge.units, charge.key)
+            return state_headers(self.svc.store.get(charge.rec.channel_id))
+        rec = await self.svc.after_payment(charge.rec)
         self._payments += 1
         if self._payments == 1 or self._payments % self.log_every == 0:
             log.info("payment on %s: total %d sat (%d requests paid through this gate)", rec.channel_id,
                      rec.amount_sat, self._payments, extra={"event": "payment", "channel_id": rec.channel_id,
                                                             "amount_sat": rec.amount_sat, "payments": self._payments})
-        return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(charge.metering.owed_total(rec.owed_sat, rec.amount_sat))}
+        return self._charged_headers(charge.metering, rec)
 
-    def failed(self, charge: Charge) -> None:
-        """The handler raised: nothing was served, nothing is charged."""
-        if charge.rec is not None and charge.metering is not None:
-            self.svc.unserve(charge.rec, charge.units)
+    @staticmethod
+    def _charged_headers(metering: Metering, rec: PayeeRecord) -> dict[str, str]:
+        return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(metering.owed_total(rec.owed_sat, rec.amount_sat)),
+                **state_headers(rec)}
 
-    def payment_required(self, cid: str | None, units: int, origin: str) -> GateAnswer:
-        """The 402: the terms, absolute URLs to open a channel, the network, what to pay next."""
+    async def failed(self, charge: Charge) -> None:
+        """The handler raised: nothing was served, nothing is charged (a replay was never charged)."""
+        if charge.rec is not None and charge.metering is not None and not charge.replay:
+            await self.svc.unserve(charge.rec, charge.units, charge.key)
+
+    def payment_required(self, cid: str | None, units: int, origin: str,
+                         rec: PayeeRecord | None = None) -> GateAnswer:
+        """The 402: the terms, absolute URLs to open a channel, the network, what to pay next
+        (``rec``: the channel's row when the caller has it)."""
         svc = self.svc
-        rec = svc.store.get(cid) if cid is not None else None
+        if rec is None and cid is not None:
+            rec = svc.store.get(cid)
         metering = svc.terms_of(rec).metering if rec is not None else svc.config.metering
         body = payment_required_body(metering, units, rec)
         base = self.protocol_url or origin.rstrip("/")
@@ -189,7 +261,7 @@ class PaymentGate:
             "channels": payment["channels_url"], "price_sat": payment["route_price_sat"], "units": units,
             "mode": metering.mode, "channel": cid,
         })
-        return GateAnswer(402, body, {"WWW-Authenticate": header})
+        return GateAnswer(402, body, {"WWW-Authenticate": header, **(state_headers(rec) if rec is not None else {})})
 
 
 _GATES: weakref.WeakKeyDictionary[PayeeService, PaymentGate] = weakref.WeakKeyDictionary()

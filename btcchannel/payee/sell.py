@@ -35,17 +35,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler, units: int,
                       protocol_path: str = "") -> web.StreamResponse:
     """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served."""
-    admitted = gate.admit(request.method, request.raw_path, request.headers, units,
-                          f"{request.scheme}://{request.host}{protocol_path}")
+    body = await request.read() if request.body_exists else None  # auth v2 covers it (kept for the handler)
+    admitted = await gate.admit(request.method, request.raw_path, request.headers, units,
+                                f"{request.scheme}://{request.host}{protocol_path}", body=body, peer=request.remote)
     if not isinstance(admitted, Charge):
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:
         resp = await handler(request)
     except BaseException:
         if request.writer is None or request.writer.output_size == 0:  # served nothing: charged nothing
-            gate.failed(admitted)  # (a stream the payer broke off was served: it stays charged)
+            await gate.failed(admitted)  # (a stream the payer broke off was served: it stays charged)
         raise
-    extra = gate.served(admitted, resp.status)
+    extra = await gate.served(admitted, resp.status)
     if not resp.prepared:
         resp.headers.update(extra)
     return resp

@@ -12,7 +12,8 @@ Requests are validated strictly (exact JSON fields and types, hex, ranges; see
 signatures and states is the core's (``btcchannel.core.channel``: the proposal limits, the
 metered service's prepay/postpay amounts, credit and end conditions included;
 ``ServerConfig.metering`` / ``.proposal_limits`` hand the configured terms to it); a payment
-is answered only after ``PayeeStore.record_payment`` committed it. Closes are the closer's
+is answered only after ``PayeeStore.record_payment_async`` committed it (the group commit:
+nothing on the payment path waits on the disk on the event loop). Closes are the closer's
 (:class:`~btcchannel.payee.closer.Closer`); the chain tip is the watcher's
 (:class:`~btcchannel.payee.shared.ChainTip`); :func:`btcchannel.payee.http.create_app`
 assembles the three.
@@ -36,6 +37,7 @@ from btcchannel.errors import (
     ChannelClosed,
     BadRequest,
     ChannelError,
+    CreditCapReached,
     FundingMismatch,
     FundingNotFound,
     InternalError,
@@ -49,7 +51,16 @@ from btcchannel.payee.closer import Closer
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import ChainTip, agreed_terms
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.wire import MAX_INT_DIGITS, channel_object, hex_field, int_field, txid_field
+from btcchannel.wire import (
+    EMPTY_BODY_SHA256,
+    MAX_INT_DIGITS,
+    PaidRequest,
+    RequestAuth,
+    channel_object,
+    hex_field,
+    int_field,
+    txid_field,
+)
 
 __all__ = ["PayeeService"]
 
@@ -213,58 +224,46 @@ class PayeeService:
     def _state_error(rec: PayeeRecord) -> ChannelError:
         return not_open_error(ChannelState(rec.state))
 
-    def authenticate(self, cid: str, counter: int, signature: bytes, method: str, target: str) -> PayeeRecord:
+    def authenticate(self, rec: PayeeRecord, auth: RequestAuth, request: PaidRequest) -> tuple[bytes, bool]:
         """A metered request's ``X-Btcchannel-Auth``: ``Unauthorized`` unless signed by the channel's
-        payer over (channel, counter, method, target) with a counter above the last one stored
-        (a replay, or the channel id alone, buys nothing). Returns the channel's row."""
-        rec = self.store.get(cid)
-        if not self.channels.get(cid).verify_request(cid, counter, method, target, signature):
+        payer (auth v2: over channel, counter, method, authority, target, body digest and payment
+        headers; v1, only for a request without a body: channel, counter, method, target) with a
+        counter above the last one stored, or exactly the last charged request again (same counter,
+        same signed request, same payment). Returns (the request's idempotency key, whether it is
+        that exact retry: served again, not charged). A counter not above the stored one is refused
+        naming the last counter accepted, so that the payer can resync."""
+        cid = rec.channel_id
+        if auth.version == 1 and request.body_sha256 != EMPTY_BODY_SHA256:
+            raise Unauthorized("a request with a body needs auth v2 (a v1 signature does not cover the body)")
+        digest = request.digest(cid, auth)
+        if not self.channels.get(cid).verify_payer_digest(digest, auth.signature):
             raise Unauthorized("the request is not signed by this channel's payer")
-        if counter <= rec.request_counter:
-            raise Unauthorized(f"request counter {counter} is not above {rec.request_counter}")
-        return rec
+        key = request.key(digest)
+        if auth.counter == rec.request_counter and rec.last_request is not None and rec.last_request == key:
+            return key, True
+        if auth.counter <= rec.request_counter:
+            raise Unauthorized(f"request counter {auth.counter} is not above {rec.request_counter}",
+                               last_counter=rec.request_counter)
+        return key, False
 
-    def accept(
+    def exact_retry(self, cid: str, amount: int, sig: bytes) -> PayeeRecord | None:
+        """The channel's row if it holds exactly this payment (an exact retry, answered in any state)."""
+        rec = self.store.find(cid)
+        if rec is not None and rec.amount_sat == amount and rec.signature == sig:
+            return rec
+        return None
+
+    async def accept(
         self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
-        request_counter: int = 0,
+        request_counter: int = 0, last_request: bytes | None = None,
     ) -> PayeeRecord | None:
         """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
-        Returns only after the row is committed. Raises the core's errors, NodeUnavailable
-        on a stale chain view.
-        """
-        self.require_fresh_chain()
-        for _attempt in range(3):
-            ch = self.channel(cid)
-            if ch.state != ChannelState.OPEN:
-                raise self._state_error(self.store.get(cid))
-            if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
-                return None
-            try:
-                stored = self.store.record_payment(cid, amount_sat, signature, units_delta=units_delta,
-                                                   owed_sat=owed_sat, request_counter=request_counter)
-            except BaseException:
-                self.invalidate(cid)  # the cached channel already holds the payment the store may not
-                raise
-            if stored is not None:
-                return stored
-            # the row changed under us (another process, a close): decide again on fresh data
-            self.invalidate(cid)
-            rec = self.store.get(cid)
-            if rec.state is not ChannelState.OPEN:
-                raise self._state_error(rec)
-        raise InternalError("payment could not be stored (concurrent updates)")
-
-    async def accept_async(
-        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
-        request_counter: int = 0,
-    ) -> PayeeRecord | None:
-        """:meth:`accept` through the store's group commit: the same rules and answer, the row
-        committed (in one transaction with the other payments waiting then) before it returns.
-
-        An exact retry of a payment whose commit is still under way waits for that commit, so
-        its answer carries the amount it repeats. NodeUnavailable on a stale chain view."""
-        self.require_fresh_chain()
+        The row is committed through the store's group commit (in one transaction with the other
+        payments waiting then) before this returns; the event loop never waits on the disk. An
+        exact retry of a payment whose commit is still under way waits for that commit, so its
+        answer carries the amount it repeats. Raises the core's errors. The caller has checked the
+        chain view (:meth:`require_fresh_chain`) once for the request."""
         for _attempt in range(3):
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
@@ -276,7 +275,7 @@ class PayeeService:
                 return None
             fut = asyncio.ensure_future(self.store.record_payment_async(
                 cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
-                request_counter=request_counter))
+                request_counter=request_counter, last_request=last_request))
             self._pending[cid] = fut
             try:
                 stored = await fut
@@ -288,15 +287,15 @@ class PayeeService:
                     del self._pending[cid]
             if stored is not None:
                 return stored
+            # the row changed under us (another process, a close): decide again on fresh data
             self.invalidate(cid)
             rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
         raise InternalError("payment could not be stored (concurrent updates)")
 
-    def verify_only(self, cid: str, amount_sat: int, signature: bytes) -> None:
+    def verify_only(self, rec: PayeeRecord, amount_sat: int, signature: bytes) -> None:
         """Check a payment's signature and range without storing it (for wrong-amount handling)."""
-        rec = self.store.get(cid)
         self.build_channel(rec).verify_payment(amount_sat, signature)
 
     def end_condition(self, rec: PayeeRecord) -> str | None:
@@ -322,16 +321,16 @@ class PayeeService:
         """Whether the channel can carry a payment of ``amount_sat`` (the core's dust rule)."""
         return self.capacity_of(rec).carries(amount_sat)
 
-    def after_payment(self, rec: PayeeRecord) -> PayeeRecord:
+    async def after_payment(self, rec: PayeeRecord) -> PayeeRecord:
         """Check end conditions on a freshly stored row; start the close if one is met."""
         reason = self.end_condition(rec)
         if reason is not None:
-            claimed = self.claim_close(rec.channel_id, reason)
+            claimed = await self.closer.claim_async(rec.channel_id, reason)
             if claimed is not None:
                 return claimed
         return rec
 
-    def _stored(self, cid: str, rec: PayeeRecord | None, amount: int, sig: bytes) -> PayeeRecord:
+    async def _stored(self, cid: str, rec: PayeeRecord | None, amount: int, sig: bytes) -> PayeeRecord:
         """The row after ``accept``: the one it stored, or, after an exact retry, the current one only
         if it still holds exactly that payment (another process may have stored a higher one since:
         then the retry is ``stale_payment``, never answered with an amount it did not send)."""
@@ -340,49 +339,52 @@ class PayeeService:
             if rec.amount_sat != amount or rec.signature != sig:
                 self.invalidate(cid)
                 raise StalePayment(f"a higher payment ({rec.amount_sat} sat) is stored")
-        return self.after_payment(rec)
+        return await self.after_payment(rec)
 
     def claim_close(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) and broadcast it in the background."""
         return self.closer.claim(cid, reason)
 
-    def pay(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered)."""
+    async def pay(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered); the payment is
+        stored through the group commit."""
         amount = int_field(body, "amount_sat", 1)
         sig = hex_field(body, "signature", 80)
-        if self.terms_of(self.store.get(cid)).metering.settles_owed:
-            rec = self.pay_owed(cid, amount, sig)
-        else:
-            rec = self._stored(cid, self.accept(cid, amount, sig), amount, sig)
+        try:
+            self.require_fresh_chain()  # once for the request: no payment is taken on a stale chain view
+            if self.terms_for(cid).metering.settles_owed:
+                rec = await self.pay_owed(self.store.get(cid), amount, sig)
+            else:
+                rec = await self._stored(cid, await self.accept(cid, amount, sig), amount, sig)
+        except ChannelError:
+            retried = self.exact_retry(cid, amount, sig)  # the stored payment again: its stored result,
+            if retried is None:                           # whatever the channel's state now
+                raise
+            rec = retried
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
-    async def pay_async(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`pay` with the payment stored through the group commit (the HTTP route's path)."""
-        amount = int_field(body, "amount_sat", 1)
-        sig = hex_field(body, "signature", 80)
-        if self.terms_for(cid).metering.settles_owed:
-            return self.pay(cid, body)  # postpay settles an owed total: the rare, synchronous path
-        rec = self._stored(cid, await self.accept_async(cid, amount, sig), amount, sig)
-        return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
-
-    def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:
-        """Postpay: the payment must be exactly the owed total; anything else ends the channel."""
-        rec = self.store.get(cid)
+    async def pay_owed(self, rec: PayeeRecord, amount: int, sig: bytes) -> PayeeRecord:
+        """Postpay: the payment must be exactly the owed total; anything else ends the channel. The
+        caller has checked the chain view."""
+        cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         try:
             settles = Metering.check_settlement(rec.owed_sat, rec.amount_sat, amount)
         except WrongAmount:
-            self.verify_only(cid, amount, sig)  # a forged request must not end the channel
-            self.claim_close(cid, "wrong_amount")
+            self.verify_only(rec, amount, sig)  # a forged request must not end the channel
+            await self.closer.claim_async(cid, "wrong_amount")
             raise
         # not settling: an exact retry (or a stale or forged payment, which accept refuses)
-        return self._stored(cid, self.accept(cid, amount, sig, owed_sat=amount if settles else None), amount, sig)
+        stored = await self.accept(cid, amount, sig, owed_sat=amount if settles else None)
+        return await self._stored(cid, stored, amount, sig)
 
-    def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1, counter: int = 0) -> PayeeRecord:
-        """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
-        self.require_fresh_chain()
-        rec = self.store.get(cid)
+    async def charge_prepay(self, rec: PayeeRecord, amount: int, sig: bytes, units: int = 1,
+                            counter: int = 0, key: bytes | None = None) -> PayeeRecord:
+        """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)
+        for the request ``counter`` (idempotency key ``key``). The caller has checked the chain view
+        (a stale view never ends a channel for a wrong amount)."""
+        cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         terms = self.terms_of(rec)
@@ -390,21 +392,24 @@ class PayeeService:
         try:
             terms.metering.check_prepay(rec.amount_sat, amount, units)
         except WrongAmount:
-            self.verify_only(cid, amount, sig)  # a forged request must not end the channel
-            self.claim_close(cid, "wrong_amount")
+            self.verify_only(rec, amount, sig)  # a forged request must not end the channel
+            await self.closer.claim_async(cid, "wrong_amount")
             raise
-        stored = self.accept(cid, amount, sig, units_delta=units, request_counter=counter)
+        stored = await self.accept(cid, amount, sig, units_delta=units, request_counter=counter, last_request=key)
         if stored is None:
             raise StalePayment("payment already used")
         return stored
 
-    def charge_postpay(self, cid: str, units: int = 1, counter: int = 0) -> PayeeRecord | None:
-        """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not).
-        ``counter``: the authenticated request's; a request whose counter is not above the stored one
-        (a replay racing its original) is ``Unauthorized``."""
-        self.require_fresh_chain()
+    async def charge_postpay(self, rec: PayeeRecord, units: int = 1, counter: int = 0,
+                             key: bytes | None = None) -> PayeeRecord | None:
+        """Postpay: serve ``units`` on credit if the unpaid total stays within the channel's limit
+        (None if not) and the outstanding credit across channels within the payee's caps
+        (``CreditCapReached`` if not). ``counter``: the authenticated request's; a request whose
+        counter is not above the stored one (a replay racing its original) is ``Unauthorized``. The
+        caller has checked the chain view."""
+        cid = rec.channel_id
+        caps = self.credit_caps(rec)
         for _attempt in range(5):
-            rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
             terms = self.terms_of(rec)
@@ -412,26 +417,57 @@ class PayeeService:
             new_owed = terms.metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
             if new_owed is None:
                 return None
-            if self.store.record_credit(cid, rec.owed_sat, new_owed, units, counter):
-                return self.store.get(cid)
-            if counter and self.store.get(cid).request_counter >= counter:
-                raise Unauthorized(f"request counter {counter} is already used")
+            stored = await self.store.record_credit_async(cid, rec.owed_sat, new_owed, units, counter,
+                                                          last_request=key, caps=caps)
+            if stored is not None:
+                return stored
+            rec = self.store.get(cid)
+            if counter and rec.request_counter >= counter:
+                raise Unauthorized(f"request counter {counter} is already used", last_counter=rec.request_counter)
+            if caps:
+                self._check_caps(rec, new_owed, caps)  # refused by a cap (not a race): say which
         raise InternalError("credit could not be stored (concurrent updates)")
 
-    def use_unit_credit(self, cid: str, units: int, counter: int) -> PayeeRecord | None:
-        """Prepay without a payment: serve ``units`` from the units paid for whose handler failed
-        (None if there are not enough: the request needs a payment)."""
-        rec = self.store.get(cid)
+    def credit_caps(self, rec: PayeeRecord) -> list[tuple[str | None, Any, int]]:
+        """The configured caps on outstanding postpay credit that apply to ``rec``'s payer, as
+        (column, value, limit): per payer key, per client address, in total."""
+        cfg = self.config
+        caps: list[tuple[str | None, Any, int]] = []
+        if cfg.credit_cap_per_payer_sat is not None:
+            caps.append(("payer_pubkey", rec.payer_pubkey or rec.params.get("payer_pubkey"), cfg.credit_cap_per_payer_sat))
+        if cfg.credit_cap_per_client_sat is not None and rec.client is not None:
+            caps.append(("client", rec.client, cfg.credit_cap_per_client_sat))
+        if cfg.credit_cap_total_sat is not None:
+            caps.append((None, None, cfg.credit_cap_total_sat))
+        return caps
+
+    def _check_caps(self, rec: PayeeRecord, new_owed: int, caps: list[tuple[str | None, Any, int]]) -> None:
+        """CreditCapReached if serving up to ``new_owed`` on ``rec`` passes one of ``caps`` (the
+        write's own guard refused it: say which)."""
+        added = new_owed - Metering.owed_total(rec.owed_sat, rec.amount_sat)
+        names = {"payer_pubkey": "this payer key's", "client": "this client's", None: "the payee's total"}
+        for column, value, limit in caps:
+            if self.store.outstanding_credit(column, value) + added > limit:
+                raise CreditCapReached(f"{names[column]} outstanding credit across channels would pass its cap of "
+                                       f"{limit} sat: settle what is owed on another channel first")
+
+    async def use_surplus(self, rec: PayeeRecord, units: int, counter: int,
+                          key: bytes | None = None) -> PayeeRecord | None:
+        """Prepay without a payment: serve ``units`` from the prepaid surplus, the paid total above
+        what was served, whatever carried it (a payment on ``/payments``, or units whose handler
+        failed); None if it is short (the request needs a payment)."""
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
-        Metering.check_units(rec.units, self.terms_of(rec).max_units, units)
-        return self.store.use_unit_credit(cid, units, counter)
+        terms = self.terms_of(rec)
+        Metering.check_units(rec.units, terms.max_units, units)
+        return await self.store.use_surplus_async(rec.channel_id, units, terms.metering.price_sat, counter, key)
 
-    def unserve(self, rec: PayeeRecord, units: int) -> None:
-        """A charged request whose handler failed: not charged after all. Prepay: its units are
-        credited to the next requests; postpay: the owed total goes back down."""
+    async def unserve(self, rec: PayeeRecord, units: int, key: bytes | None = None) -> None:
+        """A charged request whose handler failed: not charged after all. Prepay: what was paid for
+        its units is surplus, the next requests' credit; postpay: the owed total goes back down."""
         metering = self.terms_of(rec).metering
-        self.store.unserve(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0)
+        await self.store.unserve_async(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0,
+                                       key)
 
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:
         """``POST /v1/channels/{id}/close``: the payer's signed close request."""
@@ -455,6 +491,11 @@ class PayeeService:
             "close_margin_blocks": cfg.close_margin_blocks, "min_confirmations": cfg.min_confirmations,
             "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
             "terms": cfg.terms.required().to_json(), "script_versions": list(script.SCRIPT_VERSIONS),
+            "revision": 2, "auth_versions": [1, 2],
+            "proposal_ttl_s": cfg.proposal_ttl_s, "max_proposals": cfg.max_proposals,
+            "max_proposals_per_client": cfg.max_proposals_per_client, "proposal_cooldown_s": cfg.proposal_cooldown_s,
+            "credit_cap_per_payer_sat": cfg.credit_cap_per_payer_sat,
+            "credit_cap_per_client_sat": cfg.credit_cap_per_client_sat, "credit_cap_total_sat": cfg.credit_cap_total_sat,
             "final_confirmations": cfg.final_confirmations, **self.chain_view(),
         }
 

@@ -155,6 +155,7 @@ class MeteredPayer:
         metering = await self.metering()
         headers = {HDR_CHANNEL: self.channel_id}
         payment: Payment | None = None
+        resynced = False
         for _attempt in range(3):
             if metering.mode == "prepay" and metering.cost(units) > 0:
                 payment = await self._prepay_payment(metering, units)
@@ -163,9 +164,14 @@ class MeteredPayer:
                 if payment is not None:
                     headers[HDR_AMOUNT] = str(payment.amount_sat)
                     headers[HDR_SIGNATURE] = payment.signature.hex()
-            headers[HDR_AUTH] = self.client.request_auth(self.channel_id, method, url)
+            headers[HDR_AUTH] = await self._sign(method, url, data, headers)
             status, body, resp_headers = await self._request(method, url, headers, data)
+            if status == 401 and not resynced and self._resync(body):
+                resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
+                continue
             if status == 402:
+                if self._error_code(body) == "credit_cap_reached":
+                    self._raise(status, body)  # the payee's cap across channels: settling this one does not help
                 if metering.mode == "prepay" and payment is None:
                     if self._failed_units >= units:  # we know they were not served: never paid twice
                         raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
@@ -199,6 +205,35 @@ class MeteredPayer:
                     self._arm_timer()
             return status, body
         raise ProtocolViolation("the payee keeps asking for payment")
+
+    async def _sign(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> str:
+        """``X-Btcchannel-Auth`` (v2) of the request about to be sent with ``headers`` and body ``data``,
+        under the channel's next durable counter."""
+        return await self.client.request_auth_async(self.channel_id, method, url, data, headers)
+
+    @staticmethod
+    def _error_code(body: bytes) -> str | None:
+        """The ``error.code`` of an answer's JSON body (None if it has none)."""
+        try:
+            code = json.loads(body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return code if isinstance(code, str) else None
+
+    def _resync(self, body: bytes) -> bool:
+        """A 401 naming ``last_counter`` at or above ours: store it, so the next counter is above it
+        (True: retry once). Any other 401 is final."""
+        try:
+            err = json.loads(body)["error"]
+            last = err.get("last_counter") if err.get("code") == "unauthorized" else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+        if not isinstance(last, int) or isinstance(last, bool) or not 0 <= last < 2**63 - 1:
+            return False
+        if last < self.client.store.get(self.channel_id).request_counter:
+            return False  # our counter is already above it: not a lost counter, do not loop
+        self.client.resync_request_counter(self.channel_id, last)
+        return True
 
     async def _request(
         self, method: str, url: str, headers: dict[str, str], data: bytes | None
