@@ -86,7 +86,7 @@ def test_sell_your_endpoint_examples_build_their_apps(tmp_path: Path) -> None:
         ns = {"config": config, "node": node}
         exec(compile(asgi, "README asgi", "exec"), ns)  # noqa: S102
         paid = ns["paid"]
-        assert paid.price("GET", "/answer") == 250 and paid.price("POST", "/render") == 2000  # type: ignore[attr-defined]
+        assert paid.price("GET", "/answer") == 250  # type: ignore[attr-defined]
         assert callable(ns["app"])
     assert len([line for line in aio.splitlines() if line.strip()]) <= 12
     assert len([line for line in asgi.splitlines() if line.strip()]) <= 13

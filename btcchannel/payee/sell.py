@@ -34,21 +34,37 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler, units: int,
                       protocol_path: str = "") -> web.StreamResponse:
-    """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served."""
+    """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served.
+
+    Served (charged): any answer with a status below 500, returned or raised (``raise
+    web.HTTPFound(...)`` is a redirect the payer receives); a stream once started. Failed (not
+    charged): a status of 500 or more, or an exception other than an HTTP answer raised before
+    anything was sent."""
     admitted = gate.admit(request.method, request.raw_path, request.headers, units,
                           f"{request.scheme}://{request.host}{protocol_path}")
     if not isinstance(admitted, Charge):
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:
         resp = await handler(request)
+    except web.HTTPException as answer:  # an answer raised: served unless 5xx
+        if answer.status < 500:
+            answer.headers.update(gate.served(admitted, answer.status))
+        elif not _started(request):
+            gate.failed(admitted)
+        raise
     except BaseException:
-        if request.writer is None or request.writer.output_size == 0:  # served nothing: charged nothing
+        if not _started(request):  # served nothing: charged nothing
             gate.failed(admitted)  # (a stream the payer broke off was served: it stays charged)
         raise
     extra = gate.served(admitted, resp.status)
     if not resp.prepared:
         resp.headers.update(extra)
     return resp
+
+
+def _started(request: web.Request) -> bool:
+    """Whether anything of an answer was sent."""
+    return request.writer is not None and request.writer.output_size > 0
 
 
 class Seller:
