@@ -180,7 +180,7 @@ class PaidRoutes:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         origin = f"{scope.get('scheme', 'http')}://{headers.get('host') or 'localhost'}"
-        admitted = gate.admit(scope["method"], target, headers, gate.units_for(price), origin)
+        admitted = await gate.admit(scope["method"], target, headers, gate.units_for(price), origin)
         if isinstance(admitted, GateAnswer):
             await _send_json(send, admitted)
             return
@@ -191,7 +191,7 @@ class PaidRoutes:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
                 started = True
-                extra = gate.served(charge, int(message["status"]))
+                extra = await gate.served(charge, int(message["status"]))
                 message = {**message, "headers": [*message.get("headers", []),
                                                    *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
             await send(message)
@@ -201,7 +201,7 @@ class PaidRoutes:
             await app(scope, receive, charged_send)
         except BaseException:
             if not started:  # nothing was served
-                gate.failed(charge)
+                await gate.failed(charge)
             raise
         finally:
             _ADMITTED.reset(token)

@@ -133,6 +133,16 @@ class Closer:
             self._spawn(self._broadcast_safely(cid))
         return rec
 
+    async def claim_async(self, cid: str, reason: str) -> PayeeRecord | None:
+        """:meth:`claim` with the claim committed through the store's group-commit writer (the
+        payment path's: the event loop never waits on the disk)."""
+        rec = await self.store.claim_close_async(cid, reason)
+        self.channels.invalidate(cid)
+        if rec is not None:
+            self.claimed.add(cid)
+            self._spawn(self._broadcast_safely(cid))
+        return rec
+
     def claim_only(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) without broadcasting it: the caller hands it to
         :meth:`close_claimed` (the watcher, at the end of its pass, to batch the closes it claimed)."""

@@ -4,7 +4,7 @@ ASGI: :mod:`btcchannel.payee.asgi`; ``paid()`` of :mod:`btcchannel.payee.metered
 A request to a paid route is admitted (:meth:`PaymentGate.admit`) from its method, request target
 and headers: the channel named by ``X-Btcchannel-Channel``, the request's authentication, then a
 prepay payment, a unit credit, or postpay credit, exactly as ``docs/PROTOCOL.md`` says. The
-answer is either a :class:`Charge` (serve the request, then call :meth:`PaymentGate.served`
+answer is either a :class:`Charge` (serve the request, then ``await`` :meth:`PaymentGate.served`
 with its status: a failed request, 5xx or exception, is not charged) or a :class:`GateAnswer`
 (send it as it is: the 402 that says how to pay, or a protocol error).
 
@@ -115,9 +115,12 @@ class PaymentGate:
             raise ValueError(f"{price_sat} sat is not a multiple of the unit price ({unit} sat)")
         return price_sat // unit
 
-    def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
-              origin: str) -> Charge | GateAnswer:
-        """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``)."""
+    async def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
+                    origin: str) -> Charge | GateAnswer:
+        """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``).
+
+        The channel's row is read once; every write (the prepay payment, a unit credit, postpay
+        credit) goes through the store's group commit, so the event loop never waits on the disk."""
         svc = self.svc
         try:
             cid_h = headers.get(HDR_CHANNEL)
@@ -126,38 +129,40 @@ class PaymentGate:
                     return Charge(None, units)
                 return self.payment_required(None, units, origin)
             cid = check_channel_id(cid_h)
-            metering = svc.terms_of(svc.store.get(cid)).metering  # the channel's agreed terms
+            rec = svc.store.get(cid)
+            metering = svc.terms_of(rec).metering  # the channel's agreed terms
             if not metering.enabled:
                 return Charge(None, units)
             counter, auth_sig = parse_auth_header(headers.get(HDR_AUTH))
-            svc.authenticate(cid, counter, auth_sig, method, target)
+            svc.authenticate(rec, counter, auth_sig, method, target)
             pay = parse_payment_headers(headers)
+            charged: PayeeRecord | None
             if metering.mode == "prepay":
                 if pay is None:
-                    charged = svc.use_unit_credit(cid, units, counter)
+                    charged = await svc.use_unit_credit(rec, units, counter)
                     if charged is None:
-                        return self.payment_required(cid, units, origin)
+                        return self.payment_required(cid, units, origin, rec)
                 else:
-                    charged = svc.charge_prepay(cid, pay[0], pay[1], units, counter)
+                    charged = await svc.charge_prepay(rec, pay[0], pay[1], units, counter)
             else:
                 if pay is not None:
-                    svc.pay_owed(cid, pay[0], pay[1])
-                charged = svc.charge_postpay(cid, units, counter)
+                    rec = await svc.pay_owed(rec, pay[0], pay[1])
+                charged = await svc.charge_postpay(rec, units, counter)
                 if charged is None:
-                    return self.payment_required(cid, units, origin)
+                    return self.payment_required(cid, units, origin, rec)
             return Charge(charged, units, metering)
         except ChannelError as err:
             wire = wire_error(err)
             return GateAnswer(wire.http_status, wire.to_json())
 
-    def served(self, charge: Charge, status: int) -> dict[str, str]:
+    async def served(self, charge: Charge, status: int) -> dict[str, str]:
         """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back."""
         if charge.rec is None or charge.metering is None:
             return {}
         if status >= 500:
-            self.svc.unserve(charge.rec, charge.units)
+            await self.svc.unserve(charge.rec, charge.units)
             return {}
-        rec = self.svc.after_payment(charge.rec)
+        rec = await self.svc.after_payment(charge.rec)
         self._payments += 1
         if self._payments == 1 or self._payments % self.log_every == 0:
             log.info("payment on %s: total %d sat (%d requests paid through this gate)", rec.channel_id,
@@ -165,15 +170,18 @@ class PaymentGate:
                                                             "amount_sat": rec.amount_sat, "payments": self._payments})
         return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(charge.metering.owed_total(rec.owed_sat, rec.amount_sat))}
 
-    def failed(self, charge: Charge) -> None:
+    async def failed(self, charge: Charge) -> None:
         """The handler raised: nothing was served, nothing is charged."""
         if charge.rec is not None and charge.metering is not None:
-            self.svc.unserve(charge.rec, charge.units)
+            await self.svc.unserve(charge.rec, charge.units)
 
-    def payment_required(self, cid: str | None, units: int, origin: str) -> GateAnswer:
-        """The 402: the terms, absolute URLs to open a channel, the network, what to pay next."""
+    def payment_required(self, cid: str | None, units: int, origin: str,
+                         rec: PayeeRecord | None = None) -> GateAnswer:
+        """The 402: the terms, absolute URLs to open a channel, the network, what to pay next
+        (``rec``: the channel's row when the caller has it)."""
         svc = self.svc
-        rec = svc.store.get(cid) if cid is not None else None
+        if rec is None and cid is not None:
+            rec = svc.store.get(cid)
         metering = svc.terms_of(rec).metering if rec is not None else svc.config.metering
         body = payment_required_body(metering, units, rec)
         base = self.protocol_url or origin.rstrip("/")

@@ -159,7 +159,7 @@ async def _payment(request: web.Request) -> web.Response:
     cid = check_channel_id(request.match_info["cid"])
     body = parse_body(await read_body(request, svc.config.max_body_bytes), ("amount_sat", "signature"))
     # the hot path: orjson, and no charset negotiation (JSON is UTF-8)
-    return web.Response(body=orjson.dumps(await svc.pay_async(cid, body)), content_type="application/json")
+    return web.Response(body=orjson.dumps(await svc.pay(cid, body)), content_type="application/json")
 
 
 async def _get_channel(request: web.Request) -> web.Response:

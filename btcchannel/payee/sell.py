@@ -40,23 +40,23 @@ async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler,
     web.HTTPFound(...)`` is a redirect the payer receives); a stream once started. Failed (not
     charged): a status of 500 or more, or an exception other than an HTTP answer raised before
     anything was sent."""
-    admitted = gate.admit(request.method, request.raw_path, request.headers, units,
-                          f"{request.scheme}://{request.host}{protocol_path}")
+    admitted = await gate.admit(request.method, request.raw_path, request.headers, units,
+                                f"{request.scheme}://{request.host}{protocol_path}")
     if not isinstance(admitted, Charge):
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:
         resp = await handler(request)
     except web.HTTPException as answer:  # an answer raised: served unless 5xx
         if answer.status < 500:
-            answer.headers.update(gate.served(admitted, answer.status))
+            answer.headers.update(await gate.served(admitted, answer.status))
         elif not _started(request):
-            gate.failed(admitted)
+            await gate.failed(admitted)
         raise
     except BaseException:
         if not _started(request):  # served nothing: charged nothing
-            gate.failed(admitted)  # (a stream the payer broke off was served: it stays charged)
+            await gate.failed(admitted)  # (a stream the payer broke off was served: it stays charged)
         raise
-    extra = gate.served(admitted, resp.status)
+    extra = await gate.served(admitted, resp.status)
     if not resp.prepared:
         resp.headers.update(extra)
     return resp

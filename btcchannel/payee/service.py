@@ -12,7 +12,8 @@ Requests are validated strictly (exact JSON fields and types, hex, ranges; see
 signatures and states is the core's (``btcchannel.core.channel``: the proposal limits, the
 metered service's prepay/postpay amounts, credit and end conditions included;
 ``ServerConfig.metering`` / ``.proposal_limits`` hand the configured terms to it); a payment
-is answered only after ``PayeeStore.record_payment`` committed it. Closes are the closer's
+is answered only after ``PayeeStore.record_payment_async`` committed it (the group commit:
+nothing on the payment path waits on the disk on the event loop). Closes are the closer's
 (:class:`~btcchannel.payee.closer.Closer`); the chain tip is the watcher's
 (:class:`~btcchannel.payee.shared.ChainTip`); :func:`btcchannel.payee.http.create_app`
 assembles the three.
@@ -209,57 +210,27 @@ class PayeeService:
     def _state_error(rec: PayeeRecord) -> ChannelError:
         return not_open_error(ChannelState(rec.state))
 
-    def authenticate(self, cid: str, counter: int, signature: bytes, method: str, target: str) -> PayeeRecord:
+    def authenticate(self, rec: PayeeRecord, counter: int, signature: bytes, method: str, target: str) -> None:
         """A metered request's ``X-Btcchannel-Auth``: ``Unauthorized`` unless signed by the channel's
         payer over (channel, counter, method, target) with a counter above the last one stored
-        (a replay, or the channel id alone, buys nothing). Returns the channel's row."""
-        rec = self.store.get(cid)
+        (a replay, or the channel id alone, buys nothing). ``rec``: the channel's row."""
+        cid = rec.channel_id
         if not self.channels.get(cid).verify_request(cid, counter, method, target, signature):
             raise Unauthorized("the request is not signed by this channel's payer")
         if counter <= rec.request_counter:
             raise Unauthorized(f"request counter {counter} is not above {rec.request_counter}")
-        return rec
 
-    def accept(
+    async def accept(
         self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
         request_counter: int = 0,
     ) -> PayeeRecord | None:
         """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
-        Returns only after the row is committed. Raises the core's errors, NodeUnavailable
-        on a stale chain view.
-        """
-        self.require_fresh_chain()
-        for _attempt in range(3):
-            ch = self.channel(cid)
-            if ch.state != ChannelState.OPEN:
-                raise self._state_error(self.store.get(cid))
-            if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
-                return None
-            try:
-                stored = self.store.record_payment(cid, amount_sat, signature, units_delta=units_delta,
-                                                   owed_sat=owed_sat, request_counter=request_counter)
-            except BaseException:
-                self.invalidate(cid)  # the cached channel already holds the payment the store may not
-                raise
-            if stored is not None:
-                return stored
-            # the row changed under us (another process, a close): decide again on fresh data
-            self.invalidate(cid)
-            rec = self.store.get(cid)
-            if rec.state is not ChannelState.OPEN:
-                raise self._state_error(rec)
-        raise InternalError("payment could not be stored (concurrent updates)")
-
-    async def accept_async(
-        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
-        request_counter: int = 0,
-    ) -> PayeeRecord | None:
-        """:meth:`accept` through the store's group commit: the same rules and answer, the row
-        committed (in one transaction with the other payments waiting then) before it returns.
-
-        An exact retry of a payment whose commit is still under way waits for that commit, so
-        its answer carries the amount it repeats. NodeUnavailable on a stale chain view."""
+        The row is committed through the store's group commit (in one transaction with the other
+        payments waiting then) before this returns; the event loop never waits on the disk. An
+        exact retry of a payment whose commit is still under way waits for that commit, so its
+        answer carries the amount it repeats. Raises the core's errors, NodeUnavailable on a
+        stale chain view."""
         self.require_fresh_chain()
         for _attempt in range(3):
             ch = self.channel(cid)
@@ -284,15 +255,15 @@ class PayeeService:
                     del self._pending[cid]
             if stored is not None:
                 return stored
+            # the row changed under us (another process, a close): decide again on fresh data
             self.invalidate(cid)
             rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
         raise InternalError("payment could not be stored (concurrent updates)")
 
-    def verify_only(self, cid: str, amount_sat: int, signature: bytes) -> None:
+    def verify_only(self, rec: PayeeRecord, amount_sat: int, signature: bytes) -> None:
         """Check a payment's signature and range without storing it (for wrong-amount handling)."""
-        rec = self.store.get(cid)
         self.build_channel(rec).verify_payment(amount_sat, signature)
 
     def end_condition(self, rec: PayeeRecord) -> str | None:
@@ -318,16 +289,16 @@ class PayeeService:
         """Whether the channel can carry a payment of ``amount_sat`` (the core's dust rule)."""
         return self.capacity_of(rec).carries(amount_sat)
 
-    def after_payment(self, rec: PayeeRecord) -> PayeeRecord:
+    async def after_payment(self, rec: PayeeRecord) -> PayeeRecord:
         """Check end conditions on a freshly stored row; start the close if one is met."""
         reason = self.end_condition(rec)
         if reason is not None:
-            claimed = self.claim_close(rec.channel_id, reason)
+            claimed = await self.closer.claim_async(rec.channel_id, reason)
             if claimed is not None:
                 return claimed
         return rec
 
-    def _stored(self, cid: str, rec: PayeeRecord | None, amount: int, sig: bytes) -> PayeeRecord:
+    async def _stored(self, cid: str, rec: PayeeRecord | None, amount: int, sig: bytes) -> PayeeRecord:
         """The row after ``accept``: the one it stored, or, after an exact retry, the current one only
         if it still holds exactly that payment (another process may have stored a higher one since:
         then the retry is ``stale_payment``, never answered with an amount it did not send)."""
@@ -336,49 +307,43 @@ class PayeeService:
             if rec.amount_sat != amount or rec.signature != sig:
                 self.invalidate(cid)
                 raise StalePayment(f"a higher payment ({rec.amount_sat} sat) is stored")
-        return self.after_payment(rec)
+        return await self.after_payment(rec)
 
     def claim_close(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) and broadcast it in the background."""
         return self.closer.claim(cid, reason)
 
-    def pay(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered)."""
-        amount = int_field(body, "amount_sat", 1)
-        sig = hex_field(body, "signature", 80)
-        if self.terms_of(self.store.get(cid)).metering.settles_owed:
-            rec = self.pay_owed(cid, amount, sig)
-        else:
-            rec = self._stored(cid, self.accept(cid, amount, sig), amount, sig)
-        return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
-
-    async def pay_async(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`pay` with the payment stored through the group commit (the HTTP route's path)."""
+    async def pay(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered); the payment is
+        stored through the group commit."""
         amount = int_field(body, "amount_sat", 1)
         sig = hex_field(body, "signature", 80)
         if self.terms_for(cid).metering.settles_owed:
-            return self.pay(cid, body)  # postpay settles an owed total: the rare, synchronous path
-        rec = self._stored(cid, await self.accept_async(cid, amount, sig), amount, sig)
+            rec = await self.pay_owed(self.store.get(cid), amount, sig)
+        else:
+            rec = await self._stored(cid, await self.accept(cid, amount, sig), amount, sig)
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
-    def pay_owed(self, cid: str, amount: int, sig: bytes) -> PayeeRecord:
+    async def pay_owed(self, rec: PayeeRecord, amount: int, sig: bytes) -> PayeeRecord:
         """Postpay: the payment must be exactly the owed total; anything else ends the channel."""
-        rec = self.store.get(cid)
+        cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         try:
             settles = Metering.check_settlement(rec.owed_sat, rec.amount_sat, amount)
         except WrongAmount:
-            self.verify_only(cid, amount, sig)  # a forged request must not end the channel
-            self.claim_close(cid, "wrong_amount")
+            self.verify_only(rec, amount, sig)  # a forged request must not end the channel
+            await self.closer.claim_async(cid, "wrong_amount")
             raise
         # not settling: an exact retry (or a stale or forged payment, which accept refuses)
-        return self._stored(cid, self.accept(cid, amount, sig, owed_sat=amount if settles else None), amount, sig)
+        stored = await self.accept(cid, amount, sig, owed_sat=amount if settles else None)
+        return await self._stored(cid, stored, amount, sig)
 
-    def charge_prepay(self, cid: str, amount: int, sig: bytes, units: int = 1, counter: int = 0) -> PayeeRecord:
+    async def charge_prepay(self, rec: PayeeRecord, amount: int, sig: bytes, units: int = 1,
+                            counter: int = 0) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
-        self.require_fresh_chain()
-        rec = self.store.get(cid)
+        self.require_fresh_chain()  # before the amount check: a stale view never ends a channel
+        cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         terms = self.terms_of(rec)
@@ -386,21 +351,21 @@ class PayeeService:
         try:
             terms.metering.check_prepay(rec.amount_sat, amount, units)
         except WrongAmount:
-            self.verify_only(cid, amount, sig)  # a forged request must not end the channel
-            self.claim_close(cid, "wrong_amount")
+            self.verify_only(rec, amount, sig)  # a forged request must not end the channel
+            await self.closer.claim_async(cid, "wrong_amount")
             raise
-        stored = self.accept(cid, amount, sig, units_delta=units, request_counter=counter)
+        stored = await self.accept(cid, amount, sig, units_delta=units, request_counter=counter)
         if stored is None:
             raise StalePayment("payment already used")
         return stored
 
-    def charge_postpay(self, cid: str, units: int = 1, counter: int = 0) -> PayeeRecord | None:
+    async def charge_postpay(self, rec: PayeeRecord, units: int = 1, counter: int = 0) -> PayeeRecord | None:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not).
         ``counter``: the authenticated request's; a request whose counter is not above the stored one
         (a replay racing its original) is ``Unauthorized``."""
         self.require_fresh_chain()
+        cid = rec.channel_id
         for _attempt in range(5):
-            rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
             terms = self.terms_of(rec)
@@ -408,26 +373,27 @@ class PayeeService:
             new_owed = terms.metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
             if new_owed is None:
                 return None
-            if self.store.record_credit(cid, rec.owed_sat, new_owed, units, counter):
-                return self.store.get(cid)
-            if counter and self.store.get(cid).request_counter >= counter:
+            stored = await self.store.record_credit_async(cid, rec.owed_sat, new_owed, units, counter)
+            if stored is not None:
+                return stored
+            rec = self.store.get(cid)
+            if counter and rec.request_counter >= counter:
                 raise Unauthorized(f"request counter {counter} is already used")
         raise InternalError("credit could not be stored (concurrent updates)")
 
-    def use_unit_credit(self, cid: str, units: int, counter: int) -> PayeeRecord | None:
+    async def use_unit_credit(self, rec: PayeeRecord, units: int, counter: int) -> PayeeRecord | None:
         """Prepay without a payment: serve ``units`` from the units paid for whose handler failed
         (None if there are not enough: the request needs a payment)."""
-        rec = self.store.get(cid)
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
         Metering.check_units(rec.units, self.terms_of(rec).max_units, units)
-        return self.store.use_unit_credit(cid, units, counter)
+        return await self.store.use_unit_credit_async(rec.channel_id, units, counter)
 
-    def unserve(self, rec: PayeeRecord, units: int) -> None:
+    async def unserve(self, rec: PayeeRecord, units: int) -> None:
         """A charged request whose handler failed: not charged after all. Prepay: its units are
         credited to the next requests; postpay: the owed total goes back down."""
         metering = self.terms_of(rec).metering
-        self.store.unserve(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0)
+        await self.store.unserve_async(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0)
 
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:
         """``POST /v1/channels/{id}/close``: the payer's signed close request."""

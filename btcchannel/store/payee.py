@@ -36,7 +36,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Iterable, Mapping
+from typing import Any, ClassVar, Final, Iterable, Mapping, Sequence
 
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
@@ -234,15 +234,8 @@ class PayeeStore(SeedKeys, Database):
         cur = self._db.execute(sql, args)
         return cur.rowcount == 1
 
-    def transition(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
-        """Fire ``event`` on the row: the state moves by the core's table, ``fields`` are set with it.
-
-        A compare-and-set: ``UPDATE ... WHERE channel_id=? AND state IN
-        (states the event may fire in) RETURNING *``. Returns the updated row,
-        committed, or None when the row was in no such state (or is missing).
-        ``fields`` are columns from a fixed list (funding, confirmations,
-        close and exception columns); JSON columns take Python lists.
-        """
+    @staticmethod
+    def _transition_sql(channel_id: str, event: str, fields: Mapping[str, Any]) -> tuple[str, Sequence[Any]]:
         bad = set(fields) - _TRANSITION_FIELDS
         if bad:
             raise ValueError(f"transition cannot set {sorted(bad)}")
@@ -254,8 +247,34 @@ class PayeeStore(SeedKeys, Database):
         sets.append("updated_at=?")
         sql = (f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=? AND state IN ({_marks(sources)})"
                " RETURNING *")
-        rows = self._db.execute(sql, [*args, time.time(), channel_id, *sources]).fetchall()
+        return sql, [*args, time.time(), channel_id, *sources]
+
+    def transition(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
+        """Fire ``event`` on the row: the state moves by the core's table, ``fields`` are set with it.
+
+        A compare-and-set: ``UPDATE ... WHERE channel_id=? AND state IN
+        (states the event may fire in) RETURNING *``. Returns the updated row,
+        committed, or None when the row was in no such state (or is missing).
+        ``fields`` are columns from a fixed list (funding, confirmations,
+        close and exception columns); JSON columns take Python lists.
+        """
+        sql, args = self._transition_sql(channel_id, event, fields)
+        rows = self._db.execute(sql, args).fetchall()
         return _payee_from_row(rows[0]) if rows else None  # stepped to the end: committed and fsynced
+
+    async def transition_async(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
+        """:meth:`transition` through the group-commit writer (the event loop never waits on the disk)."""
+        sql, args = self._transition_sql(channel_id, event, fields)
+        return await self._returning(sql, args)
+
+    async def _returning(self, sql: str, args: Sequence[Any]) -> PayeeRecord | None:
+        """Run one ``... RETURNING *`` statement through the group-commit writer: the row once committed."""
+        rows = await self.writer.submit(sql, args)
+        return _payee_from_row(rows[0]) if rows else None
+
+    async def _changed(self, sql: str, args: Sequence[Any]) -> bool:
+        """Run one ``UPDATE ... RETURNING channel_id`` through the writer: whether it hit the row."""
+        return bool(await self.writer.submit(sql, args))
 
     def insert_proposal(self, rec: PayeeRecord) -> None:
         """Store a new proposal (state ``proposed``)."""
@@ -369,44 +388,67 @@ class PayeeStore(SeedKeys, Database):
         rows = await self.writer.submit(sql, args)
         return _payee_from_row(rows[0]) if rows else None
 
+    @staticmethod
+    def _credit_sql(channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
+                    request_counter: int) -> tuple[str, tuple[Any, ...]]:
+        now = time.time()
+        return ("UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
+                " request_counter=MAX(request_counter, ?), updated_at=?"
+                " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<? RETURNING *",
+                (new_owed, units_delta, now, request_counter, now, channel_id, _S.OPEN.value,
+                 expected_owed, max(request_counter, 1)))
+
     def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
                       request_counter: int = 0) -> bool:
         """Postpay: a unit served on credit (CAS on the owed total, and on the request counter being
         below ``request_counter``, which it becomes: a replayed request is never credited twice)."""
-        return self._update(
-            "UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
-            " request_counter=MAX(request_counter, ?), updated_at=?"
-            " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<?",
-            (new_owed, units_delta, time.time(), request_counter, time.time(), channel_id, _S.OPEN.value,
-             expected_owed, max(request_counter, 1)),
-        )
+        sql, args = self._credit_sql(channel_id, expected_owed, new_owed, units_delta, request_counter)
+        return bool(self._db.execute(sql, args).fetchall())
+
+    async def record_credit_async(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
+                                  request_counter: int = 0) -> PayeeRecord | None:
+        """:meth:`record_credit` through the group-commit writer: the updated row, or None if the
+        owed total or the counter changed under us."""
+        return await self._returning(*self._credit_sql(channel_id, expected_owed, new_owed, units_delta,
+                                                       request_counter))
+
+    @staticmethod
+    def _unserve_sql(channel_id: str, units: int, owed_delta: int) -> tuple[str, tuple[Any, ...]]:
+        if owed_delta == 0:
+            return ("UPDATE channels SET units=units-?, unit_credit=unit_credit+?, updated_at=?"
+                    " WHERE channel_id=? AND units>=? RETURNING channel_id",
+                    (units, units, time.time(), channel_id, units))
+        return ("UPDATE channels SET units=units-?, owed_sat=owed_sat-?,"
+                " owed_since=CASE WHEN owed_sat-?<=amount_sat THEN NULL ELSE owed_since END, updated_at=?"
+                " WHERE channel_id=? AND units>=? AND owed_sat>=? RETURNING channel_id",
+                (units, owed_delta, owed_delta, time.time(), channel_id, units, owed_delta))
 
     def unserve(self, channel_id: str, units: int, owed_delta: int = 0) -> bool:
         """A charged request whose handler failed: its ``units`` are not counted as served. Prepay
         (``owed_delta`` 0): they become ``unit_credit`` for the next requests; postpay: the owed
         total is lowered by ``owed_delta`` (the payment timer stops if nothing more is owed)."""
-        if owed_delta == 0:
-            return self._update(
-                "UPDATE channels SET units=units-?, unit_credit=unit_credit+?, updated_at=?"
-                " WHERE channel_id=? AND units>=?",
-                (units, units, time.time(), channel_id, units),
-            )
-        return self._update(
-            "UPDATE channels SET units=units-?, owed_sat=owed_sat-?,"
-            " owed_since=CASE WHEN owed_sat-?<=amount_sat THEN NULL ELSE owed_since END, updated_at=?"
-            " WHERE channel_id=? AND units>=? AND owed_sat>=?",
-            (units, owed_delta, owed_delta, time.time(), channel_id, units, owed_delta),
-        )
+        sql, args = self._unserve_sql(channel_id, units, owed_delta)
+        return bool(self._db.execute(sql, args).fetchall())
+
+    async def unserve_async(self, channel_id: str, units: int, owed_delta: int = 0) -> bool:
+        """:meth:`unserve` through the group-commit writer."""
+        return await self._changed(*self._unserve_sql(channel_id, units, owed_delta))
+
+    @staticmethod
+    def _unit_credit_sql(channel_id: str, units: int, request_counter: int) -> tuple[str, tuple[Any, ...]]:
+        return ("UPDATE channels SET units=units+?, unit_credit=unit_credit-?, request_counter=?, updated_at=?"
+                " WHERE channel_id=? AND state=? AND unit_credit>=? AND request_counter<? RETURNING *",
+                (units, units, request_counter, time.time(), channel_id, _S.OPEN.value, units, request_counter))
 
     def use_unit_credit(self, channel_id: str, units: int, request_counter: int) -> PayeeRecord | None:
         """Prepay: serve ``units`` from ``unit_credit`` (units paid for whose handler failed) for the
         authenticated request ``request_counter``; None if the credit is short (or the counter used)."""
-        rows = self._db.execute(
-            "UPDATE channels SET units=units+?, unit_credit=unit_credit-?, request_counter=?, updated_at=?"
-            " WHERE channel_id=? AND state=? AND unit_credit>=? AND request_counter<? RETURNING *",
-            (units, units, request_counter, time.time(), channel_id, _S.OPEN.value, units, request_counter),
-        ).fetchall()
+        rows = self._db.execute(*self._unit_credit_sql(channel_id, units, request_counter)).fetchall()
         return _payee_from_row(rows[0]) if rows else None
+
+    async def use_unit_credit_async(self, channel_id: str, units: int, request_counter: int) -> PayeeRecord | None:
+        """:meth:`use_unit_credit` through the group-commit writer."""
+        return await self._returning(*self._unit_credit_sql(channel_id, units, request_counter))
 
     def claim_close(self, channel_id: str, reason: str) -> PayeeRecord | None:
         """Claim the right to close: ``open``/``funding`` -> ``closing``.
@@ -415,6 +457,10 @@ class PayeeStore(SeedKeys, Database):
         to exactly one caller across all processes; None to everyone else.
         """
         return self.transition(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
+
+    async def claim_close_async(self, channel_id: str, reason: str) -> PayeeRecord | None:
+        """:meth:`claim_close` through the group-commit writer."""
+        return await self.transition_async(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
 
     def reclaim_stale_close(self, channel_id: str, older_than: float) -> bool:
         """Take over a ``closing`` claim that never got a close txid (its process died)."""
