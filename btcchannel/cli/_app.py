@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -27,8 +26,7 @@ import click
 from btcchannel import __version__
 from btcchannel.cli._hints import hint_for
 from btcchannel.cli._logging import setup_logging
-from btcchannel.cli._network import derive_node_access
-from btcchannel.errors import ChannelError, NodeUnavailable
+from btcchannel.errors import ChannelError
 
 if TYPE_CHECKING:
     from btcchannel.bitcoind.rpc import Node
@@ -81,8 +79,9 @@ class Settings:
 
 def default_datadir() -> Path:
     """``$XDG_DATA_HOME/btcchannel`` (``~/.local/share/btcchannel`` without it)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "btcchannel"
+    from btcchannel.bitcoind.locate import default_datadir as library_default
+
+    return library_default()
 
 
 def error_document(error: ChannelError, hint: str | None = None) -> dict[str, Any]:
@@ -226,32 +225,14 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
 def make_node(settings: Settings, default_wallet: str) -> Node:
     """The node of the global options; else, on regtest, the background node of ``regtest start``
     (in this datadir, else in the default one); else the network's node found as bitcoin-cli
-    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``)."""
-    from btcchannel.bitcoind.regtest import recorded_rpc
-    from btcchannel.bitcoind.rpc import Node
+    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``):
+    :func:`btcchannel.bitcoind.locate.find_node`."""
+    from btcchannel.bitcoind.locate import find_node
 
-    wallet = settings.wallet or default_wallet
-    access = derive_node_access(settings.network, settings.bitcoin_datadir, settings.bitcoin_conf, settings.rpc_url)
-    if settings.rpc_user is not None:
-        return Node(access.url, auth=(settings.rpc_user, settings.rpc_password or ""), wallet=wallet)
-    if settings.rpc_url or settings.rpc_cookie:
-        if access.user is not None and settings.rpc_cookie is None:
-            return Node(access.url, auth=(access.user, access.password or ""), wallet=wallet)
-        return Node(access.url, cookie_file=settings.rpc_cookie or access.cookie, wallet=wallet)
-    if settings.network == "regtest" and settings.bitcoin_datadir is None and settings.bitcoin_conf is None:
-        for folder in (settings.regtest_dir, default_datadir() / "regtest-node"):
-            rec = recorded_rpc(folder)
-            if rec is not None:
-                url, user, password = rec
-                return Node(url, auth=(user, password), wallet=wallet)
-    if access.user is not None:
-        return Node(access.url, auth=(access.user, access.password or ""), wallet=wallet)
-    if access.cookie is not None and access.cookie.exists():
-        return Node(access.url, cookie_file=access.cookie, wallet=wallet)
-    start = " or run `btcchannel regtest start`" if settings.network == "regtest" else ""
-    raise NodeUnavailable(f"no {settings.network} node found: no cookie at {access.cookie} and no rpcpassword in "
-                          f"bitcoin.conf; pass --bitcoin-datadir, --rpc-url with --rpc-cookie or "
-                          f"--rpc-user/--rpc-password{start}")
+    return find_node(settings.network, wallet=settings.wallet or default_wallet, rpc_url=settings.rpc_url,
+                     rpc_cookie=settings.rpc_cookie, rpc_user=settings.rpc_user, rpc_password=settings.rpc_password,
+                     bitcoin_datadir=settings.bitcoin_datadir, bitcoin_conf=settings.bitcoin_conf,
+                     regtest_dirs=(settings.regtest_dir, default_datadir() / "regtest-node"))
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -103,10 +103,12 @@ class PaidRoutes:
     """
 
     def __init__(self, prices: Mapping[str | tuple[str, str], int] | None = None,
-                 gate: PaymentGate | None = None) -> None:
+                 gate: PaymentGate | None = None, *, protocol_path: str = "") -> None:
         self.prices: dict[tuple[str, str], int] = {
             ((k[0].upper(), k[1]) if isinstance(k, tuple) else ("*", k)): v for k, v in (prices or {}).items()}
         self._gate = gate
+        #: where the app serves btcchannel's protocol (the 402 names it, under the request's origin)
+        self.protocol_path = protocol_path.rstrip("/")
         self._app: ASGIApp | None = None
         self._table: _PriceTable | None = None
 
@@ -180,6 +182,8 @@ class PaidRoutes:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         origin = f"{scope.get('scheme', 'http')}://{headers.get('host') or 'localhost'}"
+        if self.protocol_path:
+            origin += scope.get("root_path", "") + self.protocol_path
         admitted = await gate.admit(scope["method"], target, headers, gate.units_for(price), origin)
         if isinstance(admitted, GateAnswer):
             await _send_json(send, admitted)

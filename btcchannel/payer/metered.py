@@ -176,7 +176,7 @@ class MeteredPayer:
                 body = await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise self.client.unreachable(method, url, exc) from exc
-            return PaidResponse(resp.status, dict(resp.headers), body)
+            return PaidResponse(resp.status, resp.headers.copy(), body)
 
     @contextlib.asynccontextmanager
     async def stream(self, url: str, method: str = "GET", *, units: int | None = None, data: bytes | None = None,
