@@ -29,6 +29,8 @@ from btcchannel.testing.cli import CliProcess
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = (ROOT / "README.md").read_text().split("## Sell your endpoint", 1)[1].split("\n## ", 1)[0]
 PROGRAMS = dict(zip(["aiohttp", "fastapi"], re.findall(r"```python\n(.*?)```", SECTION, re.S)))
+QUICKSTART = re.findall(r"```python\n(.*?)```",
+                        (ROOT / "README.md").read_text().split("## Buy with httpx or requests", 1)[1], re.S)[0]
 
 
 def _free_port() -> int:
@@ -114,5 +116,16 @@ async def test_readme_seller_bought_by_cli_and_library(
             assert payer_client.store.get(cid).acked_sat == 260
         status = (await payer_client.status(cid))["state"]
         assert status == "open"
+        if framework == "aiohttp":  # the httpx quickstart, as written, against this seller
+            assert len([line for line in QUICKSTART.splitlines() if line.strip()]) <= 5
+            quick = subprocess.Popen([sys.executable, "-c", QUICKSTART.replace("http://127.0.0.1:8080", origin)],
+                                     env={**cli.env, "BTCCHANNEL_DATADIR": str(tmp_path / "quick")},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: quick.poll() is not None or bool(bitcoind.rpc("getrawmempool")), timeout=60,
+                       what="the quickstart's funding")
+            bitcoind.mine(1)
+            out, err = quick.communicate(timeout=120)
+            assert quick.returncode == 0, err
+            assert out.strip() == "{'answer': 42}"
     closed = cli.json("list")
     assert [c["state"] for c in closed["channels"]] == ["open"]
