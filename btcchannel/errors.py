@@ -16,7 +16,7 @@ test for (as python-bitcoinlib's ``rpc.py`` does), so callers write
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 _E = TypeVar("_E", bound="ChannelError")
 
@@ -37,7 +37,7 @@ class ChannelError(Exception):
         super().__init__(message or self.code.replace("_", " "))
         self.message = message or self.code.replace("_", " ")
 
-    def to_json(self) -> dict[str, dict[str, str]]:
+    def to_json(self) -> dict[str, dict[str, Any]]:
         """The wire form: ``{"error": {"code": ..., "message": ...}}``."""
         return {"error": {"code": self.code, "message": self.message}}
 
@@ -173,6 +173,46 @@ class Unauthorized(ChannelError):
 
     code = "unauthorized"
     http_status = 401
+    wire = True
+
+    def __init__(self, message: str = "", last_counter: int | None = None) -> None:
+        super().__init__(message)
+        #: a counter not above the stored one: the last counter the payee accepted (the payer resyncs)
+        self.last_counter = last_counter
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        """The wire form, with ``last_counter`` when the request was refused for its counter."""
+        out: dict[str, dict[str, Any]] = {"error": {"code": self.code, "message": self.message}}
+        if self.last_counter is not None:
+            out["error"]["last_counter"] = self.last_counter
+        return out
+
+
+class PaymentRequired(ChannelError):
+    """A paid request that carries no payment and has no credit: the 402 answer, whose body also
+    holds the ``payment`` object saying what to pay. Wire code ``payment_required``, HTTP 402."""
+
+    code = "payment_required"
+    http_status = 402
+    wire = True
+
+
+class TlsRequired(ChannelError):
+    """A paid request over plain HTTP from a non-loopback address, on a payee that requires TLS for
+    paid routes (its operator did not opt out). Wire code ``tls_required``, HTTP 403."""
+
+    code = "tls_required"
+    http_status = 403
+    wire = True
+
+
+class CreditCapReached(ChannelError):
+    """Postpay: serving the unit on credit would pass the payee's cap on outstanding credit across
+    channels (of the payer's key, of the client's address, or in total): settle an owed total or
+    wait. Wire code ``credit_cap_reached``, HTTP 402."""
+
+    code = "credit_cap_reached"
+    http_status = 402
     wire = True
 
 

@@ -4,8 +4,9 @@
   the field checks :func:`int_field`, :func:`hex_field`, :func:`txid_field`;
 - :func:`check_channel_id`: a well-formed channel id or ``UnknownChannel``;
 - :func:`channel_object`: the protocol's channel object built from a stored row;
-- the metered service's headers (``HDR_*``), :func:`parse_payment_headers` and the
-  402 body (:func:`payment_required_body`).
+- the metered service's headers (``HDR_*``), :func:`parse_payment_headers`, the request
+  authentication (:func:`parse_auth`, :func:`auth_header_v2`, the one function every payer
+  signs a paid request with) and the 402 body (:func:`payment_required_body`).
 
 Every malformed input raises a :class:`~btcchannel.errors.BadRequest` (or the error the
 protocol names), never anything else.
@@ -13,16 +14,21 @@ protocol names), never anything else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+from btcchannel.core.keys import request_digest, request_digest_v2, sign_digest
 from btcchannel.core.terms import Metering
-from btcchannel.errors import BadRequest, Unauthorized, UnknownChannel
+from btcchannel.errors import BadRequest, PaymentRequired, Unauthorized, UnknownChannel
 
 __all__ = [
     "MAX_BODY", "MAX_SAT", "MAX_INT_DIGITS",
-    "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED", "HDR_AUTH", "parse_auth_header",
+    "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED", "HDR_AUTH", "HDR_STATE",
+    "HDR_END_REASON", "parse_auth_header", "parse_auth", "RequestAuth", "auth_header_v2", "body_sha256",
+    "PaidRequest", "EMPTY_BODY_SHA256",
     "ChannelRow", "parse_body", "int_field", "hex_field", "txid_field", "check_channel_id",
     "channel_object", "parse_payment_headers", "check_decimal", "payment_required_body",
 ]
@@ -38,12 +44,14 @@ HDR_SIGNATURE = "X-Btcchannel-Signature"
 HDR_PAID = "X-Btcchannel-Paid"
 HDR_OWED = "X-Btcchannel-Owed"
 HDR_AUTH = "X-Btcchannel-Auth"
+HDR_STATE = "X-Btcchannel-State"
+HDR_END_REASON = "X-Btcchannel-End-Reason"
 
 _HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 _HEX_TXID = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,16}$")
 _HEX_SIG = re.compile(r"^(?:[0-9a-f]{2}){1,80}$")
-_AUTH = re.compile(r"^([0-9]{1,19})\.((?:[0-9a-f]{2}){8,72})$")
+_AUTH = re.compile(r"^(v2\.)?([0-9]{1,19})\.((?:[0-9a-f]{2}){8,72})$")
 
 
 class ChannelRow(Protocol):
@@ -207,13 +215,91 @@ def parse_payment_headers(headers: Mapping[str, str]) -> tuple[int, bytes] | Non
     return int(amount), bytes.fromhex(sig)
 
 
-def parse_auth_header(value: str | None) -> tuple[int, bytes]:
-    """``X-Btcchannel-Auth: <counter>.<signature>`` as (counter, DER signature); ``Unauthorized`` if
-    missing or malformed (counter: decimal, below 2^63; signature: lowercase hex)."""
+@dataclass(frozen=True)
+class RequestAuth:
+    """A parsed ``X-Btcchannel-Auth``: ``version`` 1 (``<counter>.<sig>``, over channel, counter,
+    method and target) or 2 (``v2.<counter>.<sig>``, :func:`btcchannel.core.keys.request_digest_v2`)."""
+
+    version: int
+    counter: int
+    signature: bytes
+
+
+def parse_auth(value: str | None) -> RequestAuth:
+    """``X-Btcchannel-Auth`` as a :class:`RequestAuth`; ``Unauthorized`` if missing or malformed
+    (counter: decimal, below 2^63; signature: lowercase hex DER)."""
     m = _AUTH.match(value) if value is not None else None
-    if m is None or int(m.group(1)) >= 2**63:
-        raise Unauthorized(f"a metered request needs {HDR_AUTH}: <counter>.<signature by the channel key>")
-    return int(m.group(1)), bytes.fromhex(m.group(2))
+    if m is None or int(m.group(2)) >= 2**63:
+        raise Unauthorized(f"a metered request needs {HDR_AUTH}: v2.<counter>.<signature by the channel key>")
+    return RequestAuth(2 if m.group(1) else 1, int(m.group(2)), bytes.fromhex(m.group(3)))
+
+
+def parse_auth_header(value: str | None) -> tuple[int, bytes]:
+    """:func:`parse_auth` as (counter, DER signature), whatever the version."""
+    auth = parse_auth(value)
+    return auth.counter, auth.signature
+
+
+def body_sha256(body: bytes | None) -> bytes:
+    """SHA-256 of a request body (of the empty string when there is none)."""
+    return hashlib.sha256(body or b"").digest()
+
+
+#: SHA-256 of the empty body
+EMPTY_BODY_SHA256 = hashlib.sha256(b"").digest()
+
+
+@dataclass(frozen=True)
+class PaidRequest:
+    """What a paid request's authentication covers, as the payee received it."""
+
+    method: str
+    authority: str  #: the ``Host`` header
+    target: str  #: the raw request target (path and query exactly as sent)
+    body_sha256: bytes = EMPTY_BODY_SHA256
+    amount: str = ""  #: the ``X-Btcchannel-Amount`` value ("" without one)
+    signature: str = ""  #: the ``X-Btcchannel-Signature`` value
+
+    @classmethod
+    def of(cls, method: str, target: str, headers: Mapping[str, str], body: bytes | None) -> PaidRequest:
+        """The request of ``method``/``target`` with ``headers`` (``Host`` and the payment headers)."""
+        return cls(method, _header(headers, "Host"), target, body_sha256(body), _header(headers, HDR_AMOUNT),
+                   _header(headers, HDR_SIGNATURE))
+
+    def digest(self, channel_id: str, auth: RequestAuth) -> bytes:
+        """The digest ``auth`` must sign: v2's over everything, v1's over channel, counter, method, target."""
+        if auth.version == 1:
+            return request_digest(channel_id, auth.counter, self.method, self.target)
+        return request_digest_v2(channel_id, auth.counter, self.method, self.authority, self.target,
+                                 self.body_sha256, self.amount, self.signature)
+
+    def key(self, digest: bytes) -> bytes:
+        """The idempotency key of the request signed as ``digest``: its digest and payment headers
+        (a v1 digest does not cover the payment), hashed."""
+        return hashlib.sha256(digest + b"\n" + self.amount.encode("utf-8", "surrogateescape") + b"\n"
+                              + self.signature.encode("utf-8", "surrogateescape")).digest()
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str:
+    if not headers:
+        return ""
+    value = headers.get(name)
+    if value is None:  # a plain dict: look the name up case-insensitively
+        lower = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == lower), None)
+    return value or ""
+
+
+def auth_header_v2(channel_key: bytes, channel_id: str, counter: int, method: str, authority: str, target: str,
+                   body: bytes | None, payment_headers: Mapping[str, str] | None = None) -> str:
+    """The ``X-Btcchannel-Auth`` value (``v2.<counter>.<signature>``) of one paid request: the payer's
+    channel key signs :func:`btcchannel.core.keys.request_digest_v2` over the channel, ``counter``,
+    ``method``, ``authority`` (the ``Host`` header the request carries), the raw ``target`` (path and
+    query exactly as sent), the SHA-256 of ``body`` and the ``X-Btcchannel-Amount`` and
+    ``X-Btcchannel-Signature`` values in ``payment_headers`` (none: empty)."""
+    digest = request_digest_v2(channel_id, counter, method, authority, target, body_sha256(body),
+                               _header(payment_headers, HDR_AMOUNT), _header(payment_headers, HDR_SIGNATURE))
+    return f"v2.{counter}.{sign_digest(channel_key, digest).hex()}"
 
 
 def check_decimal(raw: str, what: str) -> int:
@@ -236,4 +322,5 @@ def payment_required_body(metering: Metering, units: int, rec: ChannelRow | None
         body["owed_sat"] = metering.owed_total(rec.owed_sat, rec.amount_sat)
         body["next_amount_sat"] = metering.next_amount(rec.amount_sat, rec.owed_sat, units)
         body["state"] = rec.state
-    return {"payment": body}
+    # inside the error envelope too (revision 2): {"error": {"code": "payment_required", ...}, "payment": {...}}
+    return {"payment": body, **PaymentRequired("this request needs a payment or credit").to_json()}

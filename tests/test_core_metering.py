@@ -203,10 +203,15 @@ def test_end_conditions() -> None:
     # 20,000 deposit at 5,000 a unit: after 15,000 the 4th unit takes the whole deposit (fits)
     assert _end(pre, paid=15_000, deposit=20_000) is None
     # 98,000 + 5,000 > deposit: one more unit does not fit
-    assert _end(pre, paid=98_000) == "capacity_exhausted"
+    assert _end(pre, paid=98_000, units=19) == "capacity_exhausted"
+    # ... unless a unit's price is still paid and not served: the surplus is the next request's credit
+    assert _end(pre, paid=98_000, units=18) is None
+    assert _end(pre, paid=100_000, units=19) is None and _end(pre, paid=100_000, units=20) == "capacity_exhausted"
+    assert _end(pre, paid=10_000, units=0, max_total=10_000) is None  # paid ahead on /payments: served first
+    assert _end(pre, paid=10_000, units=2, max_total=10_000) == "agreed_total_reached"
     # 94,707 + 5,000 = 99,707 would leave dust to the payer
-    assert _end(pre, paid=94_707) == "capacity_exhausted"
-    assert _end(pre, paid=94_706) is None
+    assert _end(pre, paid=94_707, units=18) == "capacity_exhausted"
+    assert _end(pre, paid=94_706, units=18) is None
     assert _end(post, paid=94_707, owed=95_000) is None  # something is owed: let the payer settle first
 
 
@@ -230,6 +235,8 @@ def test_end_condition_matches_the_agreed_rules(
                deposit=deposit, c=c)
     if max_units is not None and units >= max_units and owed <= paid:
         assert got == "unit_count_reached"
+    elif price > 0 and paid - price * units >= price:  # prepay: a unit's price paid and not served yet
+        assert got is None
     elif max_total is not None and paid >= max_total:
         assert got == "agreed_total_reached"
     elif paid >= deposit or (price > 0 and owed <= paid and not c.carries(paid + price)):

@@ -162,15 +162,15 @@ async def test_a_paid_unit_whose_handler_fails_is_credited_to_the_next_request(
             with pytest.raises(ChannelError):
                 await payer.fetch(f"{srv.url}/v1/flaky")  # answered 503
             rec = srv.store.get(cid)
-            if mode == "prepay":  # one payment, nothing served: one unit of credit
-                assert (rec.amount_sat, rec.units, rec.unit_credit, rec.payments) == (PRICE, 0, 1, 1)
+            if mode == "prepay":  # one payment, nothing served: one unit's price of surplus (credit)
+                assert (rec.amount_sat, rec.units, rec.payments) == (PRICE, 0, 1)
             else:  # nothing owed for what was not served
                 assert (rec.owed_sat, rec.units, rec.owed_since) == (0, 0, None)
             assert (await payer.fetch(f"{srv.url}/v1/flaky")) == (200, b"served")
             assert (await payer.fetch(f"{srv.url}/v1/flaky")) == (200, b"served")
             await payer.settle()
             rec = srv.store.get(cid)
-            assert (rec.amount_sat, rec.units, rec.unit_credit) == (2 * PRICE, 2, 0), mode
+            assert (rec.amount_sat, rec.units) == (2 * PRICE, 2), mode
             assert (client.store.get(cid).units, client.store.get(cid).acked_sat) == (2, 2 * PRICE)
         finally:
             await payer.aclose()

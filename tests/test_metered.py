@@ -24,7 +24,7 @@ CHUNK = 100
 
 def _auth(client: PayerClient, cid: str, url: str, **extra: str) -> dict[str, str]:
     """The headers of a metered GET of ``url`` on channel ``cid``, authenticated by the payer's key."""
-    return {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "GET", url), **extra}
+    return {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "GET", url, None, extra), **extra}
 
 
 def _file(tmp_path: Path, chunks: int = 12) -> Path:

@@ -3,6 +3,8 @@ group commit, the leader lock, and compare-and-set across processes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import subprocess
 import sys
@@ -41,6 +43,27 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PayeeStore
         yield s
     finally:
         s.close()
+
+
+async def test_credit_caps_across_channels_on_both_stores(store: PayeeStore) -> None:
+    """The cross-channel caps on outstanding postpay credit hold in the credit's own statement."""
+    s = store
+    key, other = "02" + "aa" * 32, "03" + "bb" * 32
+    for n, (cid, payer) in enumerate((("e1" * 16, key), ("e2" * 16, key), ("e3" * 16, key), ("e4" * 16, other))):
+        s.insert_proposal(dataclasses.replace(_proposal(cid), params={"payer_pubkey": payer}, client="10.0.0.1"))
+        assert s.set_funding(cid, f"{n + 40:064x}", 0, 1) and s.set_confirmations(cid, 1, open_now=True)
+    per_key = [("payer_pubkey", key, 250)]
+    assert await s.record_credit_async("e1" * 16, 0, 100, 1, 1, caps=per_key) is not None
+    assert await s.record_credit_async("e2" * 16, 0, 100, 1, 1, caps=per_key) is not None
+    assert s.outstanding_credit("payer_pubkey", key) == 200 and s.outstanding_credit() == 200
+    assert await s.record_credit_async("e3" * 16, 0, 100, 1, 1, caps=per_key) is None  # 300 > 250
+    assert await s.record_credit_async("e1" * 16, 100, 150, 1, 2, caps=per_key) is not None  # 250: within
+    assert await s.record_credit_async("e4" * 16, 0, 100, 1, 1, caps=[("payer_pubkey", other, 250)]) is not None
+    assert await s.record_credit_async("e3" * 16, 0, 100, 1, 1, caps=[("client", "10.0.0.1", 400)]) is None
+    assert await s.record_credit_async("e3" * 16, 0, 50, 1, 1, caps=[(None, None, 400)]) is not None  # 400
+    assert s.outstanding_credit("client", "10.0.0.1") == 400 and s.get("e3" * 16).owed_sat == 50
+    assert s.record_payment("e1" * 16, 150, b"s", owed_sat=150)  # paid: no longer outstanding
+    assert s.outstanding_credit("payer_pubkey", key) == 150
 
 
 def test_the_same_rules_on_both_stores(store: PayeeStore) -> None:
@@ -86,10 +109,13 @@ def test_the_same_rules_on_both_stores(store: PayeeStore) -> None:
     rec = s.record_payment("dd" * 16, 100, b"p", units_delta=1, request_counter=5)
     assert rec is not None and (rec.payments, rec.request_counter, rec.units) == (1, 5, 1) and rec.paid_at
     assert s.record_payment("dd" * 16, 200, b"q", units_delta=1, request_counter=3).request_counter == 5  # type: ignore[union-attr]
-    assert s.unserve("dd" * 16, 1) and s.get("dd" * 16).unit_credit == 1
-    assert s.use_unit_credit("dd" * 16, 1, 5) is None  # the counter was used
-    credited = s.use_unit_credit("dd" * 16, 1, 6)
-    assert credited is not None and credited.unit_credit == 0 and credited.request_counter == 6
+    # 200 paid, one unit of 100 served after the other was unserved: 100 of surplus, one unit's credit
+    assert s.unserve("dd" * 16, 1) and s.get("dd" * 16).units == 1
+    assert s.use_surplus("dd" * 16, 1, 100, 5) is None  # the counter was used
+    assert s.use_surplus("dd" * 16, 2, 100, 6) is None  # the surplus holds one unit, not two
+    credited = s.use_surplus("dd" * 16, 1, 100, 6, b"k" * 32)
+    assert credited is not None and (credited.units, credited.request_counter, credited.last_request) == (2, 6, b"k" * 32)
+    assert s.use_surplus("dd" * 16, 1, 100, 7) is None  # spent
     # lapse
     s.insert_proposal(_proposal("01" * 16, lapse_at=time.time() - 1))
     assert s.lapse_proposals() == 1 and s.get("01" * 16).state == "failed"

@@ -148,6 +148,7 @@ class RoguePayee:
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower().startswith("x-btcchannel")}
+        headers["Host"] = request.host  # a reverse proxy that keeps the authority the payer signed
         async with aiohttp.ClientSession() as s, s.request(
             request.method, self.target + request.path_qs, data=await request.read(), headers=headers,
         ) as r:
@@ -260,18 +261,26 @@ async def test_third_party_with_the_channel_id_gets_nothing(
         ):
             async with s.get(url, headers=headers) as r:
                 assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized", headers
-        # a request the payer signed is served once; replayed by whoever saw it, it buys nothing
+        # a request the payer signed is charged once; repeated exactly (a lost answer's retry) while it
+        # is the last charged request, it is served again and charged nothing
         async with s.get(url, headers={HDR_CHANNEL: cid, HDR_AUTH: captured}) as r:
             assert r.status == 200
         client.store.add_units(cid, 1)  # the payer's own request: it counts it
         async with s.get(url, headers={HDR_CHANNEL: cid, HDR_AUTH: captured}) as r:
-            assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
+            assert r.status == 200 and r.headers["X-Btcchannel-Owed"] == str(3 * P)
+        assert (srv.store.get(cid).units, srv.store.get(cid).owed_sat) == (3, 3 * P)
+        # once a later request is charged, the old one is an older counter: 401, naming the last counter
+        assert (await payer.fetch(f"{srv.url}/v1/file/6"))[0] == 200
+        async with s.get(url, headers={HDR_CHANNEL: cid, HDR_AUTH: captured}) as r:
+            err = (await r.json())["error"]
+            assert r.status == 401 and err["code"] == "unauthorized"
+            assert err["last_counter"] == srv.store.get(cid).request_counter == client.store.get(cid).request_counter
     rec = srv.store.get(cid)
-    assert (rec.units, rec.owed_sat) == (3, 3 * P)
-    assert await payer.settle() == 3 * P
+    assert (rec.units, rec.owed_sat) == (4, 4 * P)
+    assert await payer.settle() == 4 * P
     await client.close(cid)
     close = await _confirmed_close(bitcoind, srv, cid)
-    assert _paid_to_payee(close, rec.params["payer_script"], rec.deposit_sat) == 3 * P
+    assert _paid_to_payee(close, rec.params["payer_script"], rec.deposit_sat) == 4 * P
 
 
 async def test_the_authenticated_target_is_the_path_and_query_as_sent(

@@ -402,6 +402,11 @@ class PayeeChannel(_Machine):
         """Whether ``signature`` authenticates this metered request as the payer's."""
         return self._verifier.verify(signature, request_digest(channel_id, counter, method, target))
 
+    def verify_payer_digest(self, digest: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` (DER, low-S) is the payer's channel key's over ``digest`` (a metered
+        request's auth v2 digest, :func:`~btcchannel.core.keys.request_digest_v2`)."""
+        return self._verifier.verify(signature, digest)
+
     def verify_close_request(self, channel_id: str, signature: bytes) -> None:
         """BadSignature unless ``signature`` is the payer's close request for ``channel_id``."""
         if not isinstance(signature, bytes) or not self._verifier.verify(signature, close_request_digest(channel_id)):

@@ -33,6 +33,10 @@ __all__ = [
     "is_valid_signature_encoding",
     "close_request_digest",
     "CLOSE_REQUEST_TAG",
+    "REQUEST_TAG",
+    "REQUEST_TAG_V2",
+    "request_digest",
+    "request_digest_v2",
     "Verifier",
 ]
 
@@ -41,6 +45,8 @@ HALF_ORDER = CURVE_ORDER // 2
 CLOSE_REQUEST_TAG = b"btcchannel/v1/close"
 #: the domain tag of a metered request's authentication (see :func:`request_digest`)
 REQUEST_TAG = b"btcchannel/v1/request"
+#: the domain tag of auth v2 (see :func:`request_digest_v2`)
+REQUEST_TAG_V2 = b"btcchannel/v2/request"
 
 _CTX = GLOBAL_CONTEXT.ctx
 
@@ -213,4 +219,45 @@ def request_digest(channel_id: str, counter: int, method: str, target: str) -> b
         raise BadRequest("request counter out of range")
     return hashlib.sha256(
         REQUEST_TAG + raw + counter.to_bytes(8, "big") + method.upper().encode("ascii") + b" " + target.encode("utf-8")
+    ).digest()
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` as UTF-8 (header bytes an HTTP library decoded with ``surrogateescape`` come back as sent)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _field(value: bytes) -> bytes:
+    """One variable-length field of :func:`request_digest_v2`: 2-byte big-endian length, then the bytes."""
+    if len(value) > 0xFFFF:
+        raise BadRequest("request field over 65,535 bytes")
+    return len(value).to_bytes(2, "big") + value
+
+
+def request_digest_v2(channel_id: str, counter: int, method: str, authority: str, target: str,
+                      body_sha256: bytes, amount: str = "", signature: str = "") -> bytes:
+    """The digest a payer signs to authenticate one metered request (auth v2)::
+
+        SHA256(b"btcchannel/v2/request" || channel_id (16 bytes) || counter (8 bytes, big endian)
+               || F(METHOD) || F(authority) || F(target) || SHA256(body) (32 bytes)
+               || F(X-Btcchannel-Amount) || F(X-Btcchannel-Signature))
+
+    where ``F(x)`` is the length of ``x`` in bytes (2 bytes, big endian) followed by ``x`` (UTF-8);
+    ``METHOD`` upper case; ``authority`` the ``Host`` header as sent, lower case; ``target`` the raw
+    request target (path and query exactly as sent, percent-encoding untouched); the payment headers'
+    values exactly as sent, empty when the request carries none."""
+    try:
+        raw = bytes.fromhex(channel_id)
+    except (ValueError, TypeError):
+        raise BadRequest("channel_id must be hex") from None
+    if len(raw) != 16:
+        raise BadRequest("channel_id must be 16 bytes")
+    if not 0 <= counter < 2**63:
+        raise BadRequest("request counter out of range")
+    if len(body_sha256) != 32:
+        raise BadRequest("body digest must be 32 bytes")
+    return hashlib.sha256(
+        REQUEST_TAG_V2 + raw + counter.to_bytes(8, "big") + _field(_utf8(method.upper()))
+        + _field(_utf8(authority.lower())) + _field(_utf8(target)) + body_sha256
+        + _field(_utf8(amount)) + _field(_utf8(signature))
     ).digest()

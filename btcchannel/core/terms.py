@@ -263,17 +263,28 @@ class Metering:
         """The agreed end condition a channel has reached, if any (checked after each payment):
         ``unit_count_reached`` (all agreed units served and paid), ``agreed_total_reached``,
         ``capacity_exhausted`` (the deposit is paid, or, when metered and nothing is owed, the
-        channel cannot carry one more unit). ``capacity`` is called only when needed."""
+        channel cannot carry one more unit). ``capacity`` is called only when needed.
+
+        Prepay: while the paid total still holds a unit's price above what was served (the
+        :meth:`surplus`, the credit of the next requests), the channel is not ended by its amounts:
+        the agreed total and the exhausted deposit end it once that credit is spent."""
         if max_units is not None and units >= max_units and owed_sat <= paid_sat:
             return "unit_count_reached"
+        price = self.price_sat
+        if price > 0 and self.mode == "prepay" and self.surplus(paid_sat, units) >= price:
+            return None
         if max_total_sat is not None and paid_sat >= max_total_sat:
             return "agreed_total_reached"
         if paid_sat >= deposit_sat:
             return "capacity_exhausted"
-        price = self.price_sat
         if price > 0 and owed_sat <= paid_sat and not capacity().carries(paid_sat + price):
             return "capacity_exhausted"
         return None
+
+    def surplus(self, paid_sat: int, units: int) -> int:
+        """Prepay: the paid total above the price of the ``units`` served (a payment on
+        ``/payments``, or units whose handler failed): the credit the next requests are served from."""
+        return max(0, paid_sat - self.price_sat * units)
 
 
 #: the latest agreed end time accepted (unix seconds, UTC; year 2106)

@@ -184,7 +184,10 @@ class PaidRoutes:
         origin = f"{scope.get('scheme', 'http')}://{headers.get('host') or 'localhost'}"
         if self.protocol_path:
             origin += scope.get("root_path", "") + self.protocol_path
-        admitted = await gate.admit(scope["method"], target, headers, gate.units_for(price), origin)
+        body, receive = await _read_body(receive)  # auth v2 covers it; the app receives it as sent
+        client = scope.get("client")
+        admitted = await gate.admit(scope["method"], target, headers, gate.units_for(price), origin, body=body,
+                                    peer=client[0] if client else None)
         if isinstance(admitted, GateAnswer):
             await _send_json(send, admitted)
             return
@@ -368,6 +371,30 @@ def _find(routes: list[Any], scope: Scope) -> list[Any]:
         if name == "PARTIAL" and not partial:
             partial = [route]
     return partial
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's whole body, and a ``receive`` that hands it to the app as one message (then
+    whatever the server sends next, e.g. ``http.disconnect``)."""
+    chunks: list[bytes] = []
+    first: Message | None = None
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the app sees that, after the body
+            first = message
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+    if first is not None:
+        pending.append(first)
+
+    async def replay() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return body, replay
 
 
 async def _send_json(send: Send, answer: GateAnswer) -> None:

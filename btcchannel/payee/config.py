@@ -54,7 +54,11 @@ class ServerConfig:
     max_block_age_s: float | None = None    # ... or when its best block is older than this (None: per network)
     price_sat: int = 0                      # metered service: price per unit (0: none)
     mode: str = "prepay"                    # "prepay" or "postpay"
-    credit_limit_sat: int = 0               # postpay: unpaid total allowed
+    credit_limit_sat: int = 0               # postpay: unpaid total allowed (per channel)
+    credit_cap_per_payer_sat: int | None = None   # postpay: unpaid total across one payer key's channels
+    credit_cap_per_client_sat: int | None = None  # ... across one client address's channels
+    credit_cap_total_sat: int | None = None       # ... across all channels (None: no cap)
+    allow_plain_http: bool = False          # paid routes over plain HTTP from non-loopback clients
     payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
     idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
@@ -87,6 +91,10 @@ class ServerConfig:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
         if self.max_block_age_s is not None and self.max_block_age_s <= 0:
             raise ValueError("max_block_age_s must be positive")
+        for cap in ("credit_cap_per_payer_sat", "credit_cap_per_client_sat", "credit_cap_total_sat"):
+            value = getattr(self, cap)
+            if value is not None and value < 0:
+                raise ValueError(f"{cap} must not be negative")
         if self.store_url is not None and not is_postgres_url(self.store_url):
             raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
         try:

@@ -21,12 +21,14 @@ its ``payee_pubkey``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import Metering
 from btcchannel.errors import (
     ChannelError,
@@ -37,21 +39,25 @@ from btcchannel.errors import (
     NotExpired,
     NotOpen,
     ProtocolViolation,
+    TlsRequired,
 )
 from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeRecord
 from btcchannel.wire import (
     HDR_AUTH,
     HDR_CHANNEL,
+    HDR_END_REASON,
     HDR_OWED,
     HDR_PAID,
+    HDR_STATE,
+    PaidRequest,
     check_channel_id,
-    parse_auth_header,
+    parse_auth,
     parse_payment_headers,
     payment_required_body,
 )
 
-__all__ = ["Charge", "GateAnswer", "PaymentGate", "gate_of", "wire_error", "www_authenticate"]
+__all__ = ["Charge", "GateAnswer", "PaymentGate", "gate_of", "state_headers", "wire_error", "www_authenticate"]
 
 log = logging.getLogger("btcchannel.payee.gate")
 
@@ -69,11 +75,15 @@ def wire_error(err: ChannelError) -> ChannelError:
 
 @dataclass(frozen=True)
 class Charge:
-    """An admitted request: ``rec`` is the charged row (None for a free request)."""
+    """An admitted request: ``rec`` is the charged row (None for a free request); ``key`` the
+    request's idempotency key; ``replay`` an exact retry of the last charged request (served again,
+    charged nothing)."""
 
     rec: PayeeRecord | None
     units: int
     metering: Metering | None = None
+    key: bytes | None = None
+    replay: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,20 @@ class GateAnswer:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+
+
+#: the states in which a channel may still take payments (no end reason yet)
+_TAKING_PAYMENTS = frozenset({ChannelState.PROPOSED, ChannelState.FUNDING, ChannelState.OPEN})
+
+
+def state_headers(rec: PayeeRecord) -> dict[str, str]:
+    """``X-Btcchannel-State`` (the channel's state) and, once it takes no more payments,
+    ``X-Btcchannel-End-Reason``: on every metered answer that names a channel."""
+    out = {HDR_STATE: rec.state.value}
+    reason = rec.wire_end_reason
+    if rec.state not in _TAKING_PAYMENTS and reason:
+        out[HDR_END_REASON] = reason
+    return out
 
 
 def www_authenticate(params: Mapping[str, Any]) -> str:
@@ -115,65 +139,92 @@ class PaymentGate:
             raise ValueError(f"{price_sat} sat is not a multiple of the unit price ({unit} sat)")
         return price_sat // unit
 
-    async def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
-                    origin: str) -> Charge | GateAnswer:
-        """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``).
+    def secure(self, origin: str, peer: str | None) -> bool:
+        """Whether a paid request may be served over this transport: TLS (``origin`` is https), a
+        loopback peer, or an operator who opted out (``allow_plain_http``)."""
+        if self.svc.config.allow_plain_http or origin.lower().startswith("https://"):
+            return True
+        try:
+            return peer is not None and ipaddress.ip_address(peer.split("%")[0]).is_loopback
+        except ValueError:
+            return False
 
-        The channel's row is read once; every write (the prepay payment, a unit credit, postpay
-        credit) goes through the store's group commit, so the event loop never waits on the disk."""
+    async def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
+                    origin: str, *, body: bytes | None = None, peer: str | None = None) -> Charge | GateAnswer:
+        """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``; ``body``:
+        the request's body, which auth v2 covers; ``peer``: the client's address).
+
+        Checks, in order: a channel named (402 otherwise), the transport (``tls_required``), the
+        channel (``unknown_channel``), the authentication (``unauthorized``), then the payment or
+        credit. The channel's row is read once; every write (the prepay payment, the surplus used,
+        postpay credit) goes through the store's group commit, so the event loop never waits on the disk."""
         svc = self.svc
+        rec: PayeeRecord | None = None
         try:
             cid_h = headers.get(HDR_CHANNEL)
             if cid_h is None:
                 if not svc.config.metering.enabled:
                     return Charge(None, units)
                 return self.payment_required(None, units, origin)
+            if not self.secure(origin, peer):
+                raise TlsRequired("paid requests need TLS (or a loopback client)")
             cid = check_channel_id(cid_h)
             rec = svc.store.get(cid)
             metering = svc.terms_of(rec).metering  # the channel's agreed terms
             if not metering.enabled:
                 return Charge(None, units)
-            counter, auth_sig = parse_auth_header(headers.get(HDR_AUTH))
-            svc.authenticate(rec, counter, auth_sig, method, target)
+            auth = parse_auth(headers.get(HDR_AUTH))
+            key, replay = svc.authenticate(rec, auth, PaidRequest.of(method, target, headers, body))
+            if replay:
+                return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             charged: PayeeRecord | None
             if metering.mode == "prepay":
                 if pay is None:
-                    charged = await svc.use_unit_credit(rec, units, counter)
+                    charged = await svc.use_surplus(rec, units, auth.counter, key)
                     if charged is None:
-                        return self.payment_required(cid, units, origin, rec)
+                        return self.payment_required(cid, units, origin, svc.store.get(cid))
                 else:
-                    charged = await svc.charge_prepay(rec, pay[0], pay[1], units, counter)
+                    charged = await svc.charge_prepay(rec, pay[0], pay[1], units, auth.counter, key)
             else:
                 if pay is not None:
                     rec = await svc.pay_owed(rec, pay[0], pay[1])
-                charged = await svc.charge_postpay(rec, units, counter)
+                charged = await svc.charge_postpay(rec, units, auth.counter, key)
                 if charged is None:
-                    return self.payment_required(cid, units, origin, rec)
-            return Charge(charged, units, metering)
+                    return self.payment_required(cid, units, origin, svc.store.get(cid))
+            return Charge(charged, units, metering, key)
         except ChannelError as err:
             wire = wire_error(err)
-            return GateAnswer(wire.http_status, wire.to_json())
+            now = svc.store.find(rec.channel_id) if rec is not None else None
+            return GateAnswer(wire.http_status, wire.to_json(), state_headers(now) if now is not None else {})
 
     async def served(self, charge: Charge, status: int) -> dict[str, str]:
-        """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back."""
+        """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back.
+        Any status below 500 is served and charged (a 4xx of the handler included)."""
         if charge.rec is None or charge.metering is None:
             return {}
+        if charge.replay:  # the last charged request again: served, charged once already
+            return self._charged_headers(charge.metering, self.svc.store.get(charge.rec.channel_id))
         if status >= 500:
-            await self.svc.unserve(charge.rec, charge.units)
-            return {}
+            await self.svc.unserve(charge.rec, charge.units, charge.key)
+            return state_headers(self.svc.store.get(charge.rec.channel_id))
         rec = await self.svc.after_payment(charge.rec)
         self._payments += 1
         if self._payments == 1 or self._payments % self.log_every == 0:
             log.info("payment on %s: total %d sat (%d requests paid through this gate)", rec.channel_id,
                      rec.amount_sat, self._payments, extra={"event": "payment", "channel_id": rec.channel_id,
                                                             "amount_sat": rec.amount_sat, "payments": self._payments})
-        return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(charge.metering.owed_total(rec.owed_sat, rec.amount_sat))}
+        return self._charged_headers(charge.metering, rec)
+
+    @staticmethod
+    def _charged_headers(metering: Metering, rec: PayeeRecord) -> dict[str, str]:
+        return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(metering.owed_total(rec.owed_sat, rec.amount_sat)),
+                **state_headers(rec)}
 
     async def failed(self, charge: Charge) -> None:
-        """The handler raised: nothing was served, nothing is charged."""
-        if charge.rec is not None and charge.metering is not None:
-            await self.svc.unserve(charge.rec, charge.units)
+        """The handler raised: nothing was served, nothing is charged (a replay was never charged)."""
+        if charge.rec is not None and charge.metering is not None and not charge.replay:
+            await self.svc.unserve(charge.rec, charge.units, charge.key)
 
     def payment_required(self, cid: str | None, units: int, origin: str,
                          rec: PayeeRecord | None = None) -> GateAnswer:
@@ -197,7 +248,7 @@ class PaymentGate:
             "channels": payment["channels_url"], "price_sat": payment["route_price_sat"], "units": units,
             "mode": metering.mode, "channel": cid,
         })
-        return GateAnswer(402, body, {"WWW-Authenticate": header})
+        return GateAnswer(402, body, {"WWW-Authenticate": header, **(state_headers(rec) if rec is not None else {})})
 
 
 _GATES: weakref.WeakKeyDictionary[PayeeService, PaymentGate] = weakref.WeakKeyDictionary()

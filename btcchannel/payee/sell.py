@@ -40,8 +40,9 @@ async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler,
     web.HTTPFound(...)`` is a redirect the payer receives); a stream once started. Failed (not
     charged): a status of 500 or more, or an exception other than an HTTP answer raised before
     anything was sent."""
+    body = await request.read() if request.body_exists else None  # auth v2 covers it (kept for the handler)
     admitted = await gate.admit(request.method, request.raw_path, request.headers, units,
-                                f"{request.scheme}://{request.host}{protocol_path}")
+                                f"{request.scheme}://{request.host}{protocol_path}", body=body, peer=request.remote)
     if not isinstance(admitted, Charge):
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:

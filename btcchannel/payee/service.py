@@ -37,6 +37,7 @@ from btcchannel.errors import (
     ChannelClosed,
     BadRequest,
     ChannelError,
+    CreditCapReached,
     FundingMismatch,
     FundingNotFound,
     InternalError,
@@ -50,7 +51,16 @@ from btcchannel.payee.closer import Closer
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.shared import ChainTip, agreed_terms
 from btcchannel.store import PayeeRecord, PayeeStore
-from btcchannel.wire import MAX_INT_DIGITS, channel_object, hex_field, int_field, txid_field
+from btcchannel.wire import (
+    EMPTY_BODY_SHA256,
+    MAX_INT_DIGITS,
+    PaidRequest,
+    RequestAuth,
+    channel_object,
+    hex_field,
+    int_field,
+    txid_field,
+)
 
 __all__ = ["PayeeService"]
 
@@ -210,19 +220,38 @@ class PayeeService:
     def _state_error(rec: PayeeRecord) -> ChannelError:
         return not_open_error(ChannelState(rec.state))
 
-    def authenticate(self, rec: PayeeRecord, counter: int, signature: bytes, method: str, target: str) -> None:
+    def authenticate(self, rec: PayeeRecord, auth: RequestAuth, request: PaidRequest) -> tuple[bytes, bool]:
         """A metered request's ``X-Btcchannel-Auth``: ``Unauthorized`` unless signed by the channel's
-        payer over (channel, counter, method, target) with a counter above the last one stored
-        (a replay, or the channel id alone, buys nothing). ``rec``: the channel's row."""
+        payer (auth v2: over channel, counter, method, authority, target, body digest and payment
+        headers; v1, only for a request without a body: channel, counter, method, target) with a
+        counter above the last one stored, or exactly the last charged request again (same counter,
+        same signed request, same payment). Returns (the request's idempotency key, whether it is
+        that exact retry: served again, not charged). A counter not above the stored one is refused
+        naming the last counter accepted, so that the payer can resync."""
         cid = rec.channel_id
-        if not self.channels.get(cid).verify_request(cid, counter, method, target, signature):
+        if auth.version == 1 and request.body_sha256 != EMPTY_BODY_SHA256:
+            raise Unauthorized("a request with a body needs auth v2 (a v1 signature does not cover the body)")
+        digest = request.digest(cid, auth)
+        if not self.channels.get(cid).verify_payer_digest(digest, auth.signature):
             raise Unauthorized("the request is not signed by this channel's payer")
-        if counter <= rec.request_counter:
-            raise Unauthorized(f"request counter {counter} is not above {rec.request_counter}")
+        key = request.key(digest)
+        if auth.counter == rec.request_counter and rec.last_request is not None and rec.last_request == key:
+            return key, True
+        if auth.counter <= rec.request_counter:
+            raise Unauthorized(f"request counter {auth.counter} is not above {rec.request_counter}",
+                               last_counter=rec.request_counter)
+        return key, False
+
+    def exact_retry(self, cid: str, amount: int, sig: bytes) -> PayeeRecord | None:
+        """The channel's row if it holds exactly this payment (an exact retry, answered in any state)."""
+        rec = self.store.find(cid)
+        if rec is not None and rec.amount_sat == amount and rec.signature == sig:
+            return rec
+        return None
 
     async def accept(
         self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
-        request_counter: int = 0,
+        request_counter: int = 0, last_request: bytes | None = None,
     ) -> PayeeRecord | None:
         """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
@@ -243,7 +272,7 @@ class PayeeService:
                 return None
             fut = asyncio.ensure_future(self.store.record_payment_async(
                 cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
-                request_counter=request_counter))
+                request_counter=request_counter, last_request=last_request))
             self._pending[cid] = fut
             try:
                 stored = await fut
@@ -318,10 +347,16 @@ class PayeeService:
         stored through the group commit."""
         amount = int_field(body, "amount_sat", 1)
         sig = hex_field(body, "signature", 80)
-        if self.terms_for(cid).metering.settles_owed:
-            rec = await self.pay_owed(self.store.get(cid), amount, sig)
-        else:
-            rec = await self._stored(cid, await self.accept(cid, amount, sig), amount, sig)
+        try:
+            if self.terms_for(cid).metering.settles_owed:
+                rec = await self.pay_owed(self.store.get(cid), amount, sig)
+            else:
+                rec = await self._stored(cid, await self.accept(cid, amount, sig), amount, sig)
+        except ChannelError:
+            retried = self.exact_retry(cid, amount, sig)  # the stored payment again: its stored result,
+            if retried is None:                           # whatever the channel's state now
+                raise
+            rec = retried
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
     async def pay_owed(self, rec: PayeeRecord, amount: int, sig: bytes) -> PayeeRecord:
@@ -340,8 +375,9 @@ class PayeeService:
         return await self._stored(cid, stored, amount, sig)
 
     async def charge_prepay(self, rec: PayeeRecord, amount: int, sig: bytes, units: int = 1,
-                            counter: int = 0) -> PayeeRecord:
-        """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)."""
+                            counter: int = 0, key: bytes | None = None) -> PayeeRecord:
+        """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)
+        for the request ``counter`` (idempotency key ``key``)."""
         self.require_fresh_chain()  # before the amount check: a stale view never ends a channel
         cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
@@ -354,17 +390,20 @@ class PayeeService:
             self.verify_only(rec, amount, sig)  # a forged request must not end the channel
             await self.closer.claim_async(cid, "wrong_amount")
             raise
-        stored = await self.accept(cid, amount, sig, units_delta=units, request_counter=counter)
+        stored = await self.accept(cid, amount, sig, units_delta=units, request_counter=counter, last_request=key)
         if stored is None:
             raise StalePayment("payment already used")
         return stored
 
-    async def charge_postpay(self, rec: PayeeRecord, units: int = 1, counter: int = 0) -> PayeeRecord | None:
-        """Postpay: serve ``units`` on credit if the unpaid total stays within the limit (None if not).
-        ``counter``: the authenticated request's; a request whose counter is not above the stored one
-        (a replay racing its original) is ``Unauthorized``."""
+    async def charge_postpay(self, rec: PayeeRecord, units: int = 1, counter: int = 0,
+                             key: bytes | None = None) -> PayeeRecord | None:
+        """Postpay: serve ``units`` on credit if the unpaid total stays within the channel's limit
+        (None if not) and the outstanding credit across channels within the payee's caps
+        (``CreditCapReached`` if not). ``counter``: the authenticated request's; a request whose
+        counter is not above the stored one (a replay racing its original) is ``Unauthorized``."""
         self.require_fresh_chain()
         cid = rec.channel_id
+        caps = self.credit_caps(rec)
         for _attempt in range(5):
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
@@ -373,27 +412,57 @@ class PayeeService:
             new_owed = terms.metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
             if new_owed is None:
                 return None
-            stored = await self.store.record_credit_async(cid, rec.owed_sat, new_owed, units, counter)
+            stored = await self.store.record_credit_async(cid, rec.owed_sat, new_owed, units, counter,
+                                                          last_request=key, caps=caps)
             if stored is not None:
                 return stored
             rec = self.store.get(cid)
             if counter and rec.request_counter >= counter:
-                raise Unauthorized(f"request counter {counter} is already used")
+                raise Unauthorized(f"request counter {counter} is already used", last_counter=rec.request_counter)
+            if caps:
+                self._check_caps(rec, new_owed, caps)  # refused by a cap (not a race): say which
         raise InternalError("credit could not be stored (concurrent updates)")
 
-    async def use_unit_credit(self, rec: PayeeRecord, units: int, counter: int) -> PayeeRecord | None:
-        """Prepay without a payment: serve ``units`` from the units paid for whose handler failed
-        (None if there are not enough: the request needs a payment)."""
+    def credit_caps(self, rec: PayeeRecord) -> list[tuple[str | None, Any, int]]:
+        """The configured caps on outstanding postpay credit that apply to ``rec``'s payer, as
+        (column, value, limit): per payer key, per client address, in total."""
+        cfg = self.config
+        caps: list[tuple[str | None, Any, int]] = []
+        if cfg.credit_cap_per_payer_sat is not None:
+            caps.append(("payer_pubkey", rec.payer_pubkey or rec.params.get("payer_pubkey"), cfg.credit_cap_per_payer_sat))
+        if cfg.credit_cap_per_client_sat is not None and rec.client is not None:
+            caps.append(("client", rec.client, cfg.credit_cap_per_client_sat))
+        if cfg.credit_cap_total_sat is not None:
+            caps.append((None, None, cfg.credit_cap_total_sat))
+        return caps
+
+    def _check_caps(self, rec: PayeeRecord, new_owed: int, caps: list[tuple[str | None, Any, int]]) -> None:
+        """CreditCapReached if serving up to ``new_owed`` on ``rec`` passes one of ``caps`` (the
+        write's own guard refused it: say which)."""
+        added = new_owed - Metering.owed_total(rec.owed_sat, rec.amount_sat)
+        names = {"payer_pubkey": "this payer key's", "client": "this client's", None: "the payee's total"}
+        for column, value, limit in caps:
+            if self.store.outstanding_credit(column, value) + added > limit:
+                raise CreditCapReached(f"{names[column]} outstanding credit across channels would pass its cap of "
+                                       f"{limit} sat: settle what is owed on another channel first")
+
+    async def use_surplus(self, rec: PayeeRecord, units: int, counter: int,
+                          key: bytes | None = None) -> PayeeRecord | None:
+        """Prepay without a payment: serve ``units`` from the prepaid surplus, the paid total above
+        what was served, whatever carried it (a payment on ``/payments``, or units whose handler
+        failed); None if it is short (the request needs a payment)."""
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
-        Metering.check_units(rec.units, self.terms_of(rec).max_units, units)
-        return await self.store.use_unit_credit_async(rec.channel_id, units, counter)
+        terms = self.terms_of(rec)
+        Metering.check_units(rec.units, terms.max_units, units)
+        return await self.store.use_surplus_async(rec.channel_id, units, terms.metering.price_sat, counter, key)
 
-    async def unserve(self, rec: PayeeRecord, units: int) -> None:
-        """A charged request whose handler failed: not charged after all. Prepay: its units are
-        credited to the next requests; postpay: the owed total goes back down."""
+    async def unserve(self, rec: PayeeRecord, units: int, key: bytes | None = None) -> None:
+        """A charged request whose handler failed: not charged after all. Prepay: what was paid for
+        its units is surplus, the next requests' credit; postpay: the owed total goes back down."""
         metering = self.terms_of(rec).metering
-        await self.store.unserve_async(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0)
+        await self.store.unserve_async(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0,
+                                       key)
 
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:
         """``POST /v1/channels/{id}/close``: the payer's signed close request."""
@@ -416,7 +485,11 @@ class PayeeService:
             "min_lifetime_blocks": cfg.min_lifetime_blocks, "max_lifetime_blocks": cfg.max_lifetime_blocks,
             "close_margin_blocks": cfg.close_margin_blocks, "min_confirmations": cfg.min_confirmations,
             "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
-            "terms": cfg.terms.required().to_json(),
+            "terms": cfg.terms.required().to_json(), "revision": 2, "auth_versions": [1, 2],
+            "proposal_ttl_s": cfg.proposal_ttl_s, "max_proposals": cfg.max_proposals,
+            "max_proposals_per_client": cfg.max_proposals_per_client, "proposal_cooldown_s": cfg.proposal_cooldown_s,
+            "credit_cap_per_payer_sat": cfg.credit_cap_per_payer_sat,
+            "credit_cap_per_client_sat": cfg.credit_cap_per_client_sat, "credit_cap_total_sat": cfg.credit_cap_total_sat,
             "final_confirmations": cfg.final_confirmations, **self.chain_view(),
         }
 

@@ -17,7 +17,7 @@ Entry points (what the CLI calls)::
         async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment
                                                              # checked against the terms, stored, not sent
         def terms(self, channel_id: str) -> Terms | None     # the terms agreed at open
-        def request_auth(self, channel_id: str, method: str, url: str) -> str  # X-Btcchannel-Auth
+        def request_auth(self, channel_id, method, url, body=None, payment_headers=None) -> str  # X-Btcchannel-Auth v2
         async def resume(self, channel_id: str) -> dict[str, Any]    # reconcile with the payee
         async def status(self, channel_id: str) -> dict[str, Any]    # GET /v1/channels/{id}
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
@@ -56,7 +56,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 from yarl import URL
@@ -84,6 +84,7 @@ from btcchannel.payer.views import Progress, mempool_fee, no_progress, none_usab
 from btcchannel.store import PayerRecord, PayerStore
 from btcchannel.store.ops import write_payer_backup
 from btcchannel.core.tx import OutPoint
+from btcchannel.wire import auth_header_v2
 
 __all__ = ["PayerClient", "Progress", "payee_unreachable"]
 
@@ -112,7 +113,6 @@ class PayerClient(PayeeHttp, Refunds):
         if self.store.has_seed():
             self.store.restore_keys()  # a key lost from the row is re-derived (and checked) from the seed
         self._session: aiohttp.ClientSession | None = None
-        self._request_counters: dict[str, int] = {}
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
         self._terms: dict[str, Terms] = {}  # agreed terms, parsed
@@ -385,16 +385,32 @@ class PayerClient(PayeeHttp, Refunds):
         ch.commit_payment(payment)
         return payment
 
-    def request_auth(self, channel_id: str, method: str, url: str) -> str:
-        """The ``X-Btcchannel-Auth`` value of one metered request: ``<counter>.<signature>``, the
-        channel key's signature over (channel, counter, method, request target). The counter is
-        the microsecond clock, strictly increasing within this client."""
-        rec = self.store.get(channel_id)
-        target = URL(url).raw_path_qs  # the request target exactly as aiohttp sends it (percent-encoded)
-        counter = max(self._request_counters.get(channel_id, 0) + 1, time.time_ns() // 1000)
-        self._request_counters[channel_id] = counter
-        sig = self._channel(rec).request_signature(channel_id, counter, method, target)
-        return f"{counter}.{sig.hex()}"
+    def request_auth(self, channel_id: str, method: str, url: str, body: bytes | None = None,
+                     payment_headers: Mapping[str, str] | None = None) -> str:
+        """The ``X-Btcchannel-Auth`` value of one metered request (auth v2, ``v2.<counter>.<signature>``):
+        the channel key's signature over the channel, the next counter, ``method``, ``url``'s authority
+        and raw target, the SHA-256 of ``body`` and the payment headers the request carries. The
+        counter is ``max(stored + 1, microsecond clock)``, stored before it is used: it never repeats
+        or goes down, across restarts and clock steps."""
+        counter = self.store.next_request_counter(channel_id, time.time_ns() // 1000)
+        return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
+
+    async def request_auth_async(self, channel_id: str, method: str, url: str, body: bytes | None = None,
+                                 payment_headers: Mapping[str, str] | None = None) -> str:
+        """:meth:`request_auth` with the counter stored through the group commit."""
+        counter = await self.store.next_request_counter_async(channel_id, time.time_ns() // 1000)
+        return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
+
+    def _signed_auth(self, channel_id: str, counter: int, method: str, url: str, body: bytes | None,
+                     payment_headers: Mapping[str, str] | None) -> str:
+        u = URL(url)  # the authority and raw target exactly as aiohttp sends them (percent-encoded)
+        return auth_header_v2(self.store.get(channel_id).privkey, channel_id, counter, method,
+                              u.host_port_subcomponent or "", u.raw_path_qs, body, payment_headers)
+
+    def resync_request_counter(self, channel_id: str, last_counter: int) -> None:
+        """The payee answered 401 naming ``last_counter`` as the last one it accepted (this store lost
+        a counter, e.g. restored from an older backup): the next counter is above it."""
+        self.store.raise_request_counter(channel_id, last_counter)
 
     async def _send(self, rec: PayerRecord, payment: Payment) -> int:
         _, ans = await self.request("POST", self._url(rec, "/payments"), payment.to_json())

@@ -207,6 +207,26 @@ class MeteredPayer:
         finally:
             resp.release()
 
+    async def _sign(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> str:
+        """``X-Btcchannel-Auth`` (v2) of the request about to be sent with ``headers`` and body ``data``,
+        under the channel's next durable counter."""
+        return await self.client.request_auth_async(self.channel_id, method, url, data, headers)
+
+    def _resync(self, body: bytes) -> bool:
+        """A 401 naming ``last_counter`` at or above ours: store it, so the next counter is above it
+        (True: retry once). Any other 401 is final."""
+        try:
+            err = json.loads(body)["error"]
+            last = err.get("last_counter") if err.get("code") == "unauthorized" else None
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return False
+        if not isinstance(last, int) or isinstance(last, bool) or not 0 <= last < 2**63 - 1:
+            return False
+        if last < self.client.store.get(self.channel_id).request_counter:
+            return False  # our counter is already above it: not a lost counter, do not loop
+        self.client.resync_request_counter(self.channel_id, last)
+        return True
+
     def exchange(self, method: str, url: str, units: int | None, data: bytes | None = None) -> Exchange:
         """One paid request, transport-free: :meth:`Exchange.headers` to send, then
         :meth:`Exchange.answered` with what came back, until it says done (the caller holds
@@ -277,6 +297,7 @@ class Exchange:
         self.data = data
         self.payment: Payment | None = None
         self.attempts = 0
+        self.resynced = False
         #: the route's 402 challenge, once one was seen
         self.challenge: Challenge | None = None
 
@@ -294,7 +315,7 @@ class Exchange:
             if self.payment is not None:
                 out[HDR_AMOUNT] = str(self.payment.amount_sat)
                 out[HDR_SIGNATURE] = self.payment.signature.hex()
-        out[HDR_AUTH] = payer.client.request_auth(payer.channel_id, self.method, self.url)
+        out[HDR_AUTH] = await payer._sign(self.method, self.url, self.data, out)
         return out
 
     async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
@@ -302,6 +323,9 @@ class Exchange:
         payer = self.payer
         metering = await payer.metering()
         client = payer.client
+        if status == 401 and not self.resynced and payer._resync(body or b""):
+            self.resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
+            return False
         if status == 402:
             challenge = Challenge.from_answer(headers, body)
             if self.units is None:  # the route names its price: pay exactly that, or nothing

@@ -75,9 +75,17 @@ _V6_PROPOSAL_CLIENT: Migration = (
     "CREATE INDEX IF NOT EXISTS channels_unfunded ON channels(updated_at) WHERE funding_txid IS NULL",
 )
 
+_V8_METERED_V2: Migration = (
+    "ALTER TABLE channels ADD COLUMN last_request BLOB",
+    "ALTER TABLE channels ADD COLUMN payer_pubkey TEXT",
+    "UPDATE channels SET payer_pubkey=json_extract(params, '$.payer_pubkey')",
+    "CREATE INDEX IF NOT EXISTS channels_owing ON channels(state) WHERE owed_sat > amount_sat",
+)
+
 
 #: every migration, in order (the schema version is the number applied)
 MIGRATIONS: tuple[Migration, ...] = (
     _V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT, _V5_CHAIN_CURSOR, _V6_PROPOSAL_CLIENT,
     SEED_MIGRATION,  # 7: the seed, its next key index, each channel's key_index
+    _V8_METERED_V2,  # 8: the last charged request's key, the payer key as a column (credit caps)
 )

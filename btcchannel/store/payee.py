@@ -27,7 +27,10 @@ authenticated metered request's) and ``unit_credit`` (prepaid units not served);
 ``payout_script`` (fixed per channel when it is proposed) and ``close_tx``/``close_tx_txid`` (the
 close, recorded before its broadcast); 5 adds the ``chain_cursor`` table (the last block the watcher
 processed); 6 adds ``client`` (who proposed the channel, for the per-client proposal cap); 7 adds the
-seed, its next key index and each channel's ``key_index`` (:mod:`btcchannel.store._seed`).
+seed, its next key index and each channel's ``key_index`` (:mod:`btcchannel.store._seed`); 8 adds
+``last_request`` (the idempotency key of the last charged metered request) and ``payer_pubkey`` (a
+column, for the cross-channel credit caps). Since 8, ``unit_credit`` is no longer written: a prepaid
+total above what was served (``amount_sat - price * units``) is the credit, whatever carried it.
 """
 
 from __future__ import annotations
@@ -106,6 +109,10 @@ class PayeeRecord:
     #: who proposed the channel (the client's network address), for the per-client proposal cap
     client: str | None = None
     key_index: int | None = None  # the key's BIP32 index under the datadir's seed (None: a random key)
+    #: the idempotency key of the last charged metered request (its exact retry is served, not charged)
+    last_request: bytes | None = None
+    #: the payer's channel key (hex), a column of its own for the cross-channel credit caps
+    payer_pubkey: str | None = None
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -281,12 +288,12 @@ class PayeeStore(SeedKeys, Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script, client, key_index)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script, client, key_index,"
+            " payer_pubkey) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
              rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
              rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
-             rec.payout_script, rec.client, rec.key_index))
+             rec.payout_script, rec.client, rec.key_index, rec.params.get("payer_pubkey")))
 
     def set_funding(
         self, channel_id: str, txid: str, vout: int, confirmations: int,
@@ -330,22 +337,15 @@ class PayeeStore(SeedKeys, Database):
     @staticmethod
     def _payment_sql(
         channel_id: str, amount_sat: int, signature: bytes, units_delta: int, owed_sat: int | None,
-        request_counter: int,
+        request_counter: int, last_request: bytes | None = None,
     ) -> tuple[str, tuple[Any, ...]]:
         now = time.time()
-        if owed_sat is None:
-            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
-                   " request_counter=MAX(request_counter, ?),"
-                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-            args: tuple[Any, ...] = (amount_sat, signature, units_delta, request_counter, now, now, channel_id,
-                                     _S.OPEN.value, amount_sat)
-        else:
-            sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
-                   " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
-                   " request_counter=MAX(request_counter, ?),"
-                   " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-            args = (amount_sat, signature, units_delta, owed_sat, request_counter, now, now, channel_id,
-                    _S.OPEN.value, amount_sat)
+        settle = "" if owed_sat is None else " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
+        sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1," + settle +
+               " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request),"
+               " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
+        args: tuple[Any, ...] = (amount_sat, signature, units_delta, *(() if owed_sat is None else (owed_sat,)),
+                                 request_counter, last_request, now, now, channel_id, _S.OPEN.value, amount_sat)
         return sql, args
 
     def record_payment(
@@ -381,22 +381,37 @@ class PayeeStore(SeedKeys, Database):
         units_delta: int = 0,
         owed_sat: int | None = None,
         request_counter: int = 0,
+        last_request: bytes | None = None,
     ) -> PayeeRecord | None:
         """:meth:`record_payment` through the group-commit writer: the event loop never waits on
-        the disk, and the result is returned only once the batch holding it is committed."""
-        sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter)
+        the disk, and the result is returned only once the batch holding it is committed.
+        ``last_request``: the idempotency key of the metered request the payment pays for."""
+        sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter,
+                                      last_request)
         rows = await self.writer.submit(sql, args)
         return _payee_from_row(rows[0]) if rows else None
 
     @staticmethod
     def _credit_sql(channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
-                    request_counter: int) -> tuple[str, tuple[Any, ...]]:
+                    request_counter: int, last_request: bytes | None = None,
+                    caps: Sequence[tuple[str | None, Any, int]] = ()) -> tuple[str, tuple[Any, ...]]:
         now = time.time()
-        return ("UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
-                " request_counter=MAX(request_counter, ?), updated_at=?"
-                " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<? RETURNING *",
-                (new_owed, units_delta, now, request_counter, now, channel_id, _S.OPEN.value,
-                 expected_owed, max(request_counter, 1)))
+        sql = ("UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
+               " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request), updated_at=?"
+               " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<?")
+        args: list[Any] = [new_owed, units_delta, now, request_counter, last_request, now, channel_id, _S.OPEN.value,
+                           expected_owed, max(request_counter, 1)]
+        added = None
+        for column, value, limit in caps:  # the outstanding credit across channels stays within each cap
+            if added is None:
+                row = "(SELECT MAX(c.owed_sat, c.amount_sat) FROM channels c WHERE c.channel_id=?)"
+                added, added_args = f"(? - {row})", [new_owed, channel_id]
+            where = "" if column is None else f" AND {column}=?"
+            sql += (f" AND (SELECT COALESCE(SUM(o.owed_sat - o.amount_sat), 0) FROM channels o"
+                    f" WHERE o.state IN (?, ?) AND o.owed_sat > o.amount_sat{where.replace(' AND ', ' AND o.')})"
+                    f" + {added} <= ?")
+            args += [_S.OPEN.value, _S.FUNDING.value, *(() if column is None else (value,)), *added_args, limit]
+        return sql + " RETURNING *", tuple(args)
 
     def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
                       request_counter: int = 0) -> bool:
@@ -405,50 +420,74 @@ class PayeeStore(SeedKeys, Database):
         sql, args = self._credit_sql(channel_id, expected_owed, new_owed, units_delta, request_counter)
         return bool(self._db.execute(sql, args).fetchall())
 
-    async def record_credit_async(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
-                                  request_counter: int = 0) -> PayeeRecord | None:
+    async def record_credit_async(
+        self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int, request_counter: int = 0,
+        *, last_request: bytes | None = None, caps: Sequence[tuple[str | None, Any, int]] = (),
+    ) -> PayeeRecord | None:
         """:meth:`record_credit` through the group-commit writer: the updated row, or None if the
-        owed total or the counter changed under us."""
+        owed total or the counter changed under us, or a cap would be passed. ``caps``: (column,
+        value, limit) triples, each bounding the outstanding credit (owed minus paid, over open and
+        funding channels) of the channels whose ``column`` is ``value`` (None: all channels), this
+        unit included; checked in the same statement as the write."""
         return await self._returning(*self._credit_sql(channel_id, expected_owed, new_owed, units_delta,
-                                                       request_counter))
+                                                       request_counter, last_request, caps))
+
+    def outstanding_credit(self, column: str | None = None, value: Any = None) -> int:
+        """The unpaid credit (owed minus paid) over open and funding channels (whose ``column`` is ``value``)."""
+        if column not in (None, "payer_pubkey", "client"):
+            raise ValueError(column)
+        where = "" if column is None else f" AND {column}=?"
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(owed_sat - amount_sat), 0) FROM channels WHERE state IN (?, ?)"
+            f" AND owed_sat > amount_sat{where}",
+            (_S.OPEN.value, _S.FUNDING.value, *(() if column is None else (value,)))).fetchone()
+        return int(row[0])
 
     @staticmethod
-    def _unserve_sql(channel_id: str, units: int, owed_delta: int) -> tuple[str, tuple[Any, ...]]:
+    def _unserve_sql(channel_id: str, units: int, owed_delta: int, last_request: bytes | None) -> tuple[str, tuple[Any, ...]]:
+        forget = "last_request=CASE WHEN last_request=? THEN NULL ELSE last_request END"
         if owed_delta == 0:
-            return ("UPDATE channels SET units=units-?, unit_credit=unit_credit+?, updated_at=?"
+            return (f"UPDATE channels SET units=units-?, {forget}, updated_at=?"
                     " WHERE channel_id=? AND units>=? RETURNING channel_id",
-                    (units, units, time.time(), channel_id, units))
-        return ("UPDATE channels SET units=units-?, owed_sat=owed_sat-?,"
+                    (units, last_request, time.time(), channel_id, units))
+        return (f"UPDATE channels SET units=units-?, owed_sat=owed_sat-?, {forget},"
                 " owed_since=CASE WHEN owed_sat-?<=amount_sat THEN NULL ELSE owed_since END, updated_at=?"
                 " WHERE channel_id=? AND units>=? AND owed_sat>=? RETURNING channel_id",
-                (units, owed_delta, owed_delta, time.time(), channel_id, units, owed_delta))
+                (units, owed_delta, last_request, owed_delta, time.time(), channel_id, units, owed_delta))
 
-    def unserve(self, channel_id: str, units: int, owed_delta: int = 0) -> bool:
+    def unserve(self, channel_id: str, units: int, owed_delta: int = 0, last_request: bytes | None = None) -> bool:
         """A charged request whose handler failed: its ``units`` are not counted as served. Prepay
-        (``owed_delta`` 0): they become ``unit_credit`` for the next requests; postpay: the owed
-        total is lowered by ``owed_delta`` (the payment timer stops if nothing more is owed)."""
-        sql, args = self._unserve_sql(channel_id, units, owed_delta)
+        (``owed_delta`` 0): what was paid for them is surplus, the credit of the next requests;
+        postpay: the owed total is lowered by ``owed_delta`` (the payment timer stops if nothing more
+        is owed). ``last_request``: that request's idempotency key, forgotten if it is the last one."""
+        sql, args = self._unserve_sql(channel_id, units, owed_delta, last_request)
         return bool(self._db.execute(sql, args).fetchall())
 
-    async def unserve_async(self, channel_id: str, units: int, owed_delta: int = 0) -> bool:
+    async def unserve_async(self, channel_id: str, units: int, owed_delta: int = 0,
+                            last_request: bytes | None = None) -> bool:
         """:meth:`unserve` through the group-commit writer."""
-        return await self._changed(*self._unserve_sql(channel_id, units, owed_delta))
+        return await self._changed(*self._unserve_sql(channel_id, units, owed_delta, last_request))
 
     @staticmethod
-    def _unit_credit_sql(channel_id: str, units: int, request_counter: int) -> tuple[str, tuple[Any, ...]]:
-        return ("UPDATE channels SET units=units+?, unit_credit=unit_credit-?, request_counter=?, updated_at=?"
-                " WHERE channel_id=? AND state=? AND unit_credit>=? AND request_counter<? RETURNING *",
-                (units, units, request_counter, time.time(), channel_id, _S.OPEN.value, units, request_counter))
+    def _surplus_sql(channel_id: str, units: int, price_sat: int, request_counter: int,
+                     last_request: bytes | None) -> tuple[str, tuple[Any, ...]]:
+        return ("UPDATE channels SET units=units+?, request_counter=?, last_request=?, updated_at=?"
+                " WHERE channel_id=? AND state=? AND amount_sat - units * ? >= ? AND request_counter<? RETURNING *",
+                (units, request_counter, last_request, time.time(), channel_id, _S.OPEN.value, price_sat,
+                 price_sat * units, request_counter))
 
-    def use_unit_credit(self, channel_id: str, units: int, request_counter: int) -> PayeeRecord | None:
-        """Prepay: serve ``units`` from ``unit_credit`` (units paid for whose handler failed) for the
-        authenticated request ``request_counter``; None if the credit is short (or the counter used)."""
-        rows = self._db.execute(*self._unit_credit_sql(channel_id, units, request_counter)).fetchall()
+    def use_surplus(self, channel_id: str, units: int, price_sat: int, request_counter: int,
+                    last_request: bytes | None = None) -> PayeeRecord | None:
+        """Prepay: serve ``units`` from the prepaid surplus (``amount_sat - price_sat * units`` served)
+        for the authenticated request ``request_counter``; None if the surplus is short (or the counter used)."""
+        rows = self._db.execute(*self._surplus_sql(channel_id, units, price_sat, request_counter,
+                                                   last_request)).fetchall()
         return _payee_from_row(rows[0]) if rows else None
 
-    async def use_unit_credit_async(self, channel_id: str, units: int, request_counter: int) -> PayeeRecord | None:
-        """:meth:`use_unit_credit` through the group-commit writer."""
-        return await self._returning(*self._unit_credit_sql(channel_id, units, request_counter))
+    async def use_surplus_async(self, channel_id: str, units: int, price_sat: int, request_counter: int,
+                                last_request: bytes | None = None) -> PayeeRecord | None:
+        """:meth:`use_surplus` through the group-commit writer."""
+        return await self._returning(*self._surplus_sql(channel_id, units, price_sat, request_counter, last_request))
 
     def claim_close(self, channel_id: str, reason: str) -> PayeeRecord | None:
         """Claim the right to close: ``open``/``funding`` -> ``closing``.

@@ -16,7 +16,9 @@ Entry points::
 
 Schema versions: 1 is the unversioned schema of earlier releases; 2 adds the agreed ``terms``,
 the metered ``units`` received and the number of signed ``payments``; 3 adds the seed (one per
-payer datadir), its next key index and each channel's ``key_index`` (see :mod:`btcchannel.core.seed`).
+payer datadir), its next key index and each channel's ``key_index`` (see :mod:`btcchannel.core.seed`);
+4 adds ``request_counter``, the last metered-request counter used (auth v2: durable, so a restart or a
+clock stepped back never reuses or lowers it; a restored backup resyncs from the payee's 401).
 A channel with a ``key_index`` has its key derived from the seed, and :meth:`PayerStore.restore_keys`
 re-derives a lost key; the ``privkey`` column stays authoritative (older channels have random keys).
 """
@@ -67,6 +69,8 @@ class PayerRecord:
     payments: int = 0
     #: the BIP32 index of the key under the datadir's seed; None for a random key (before seeds)
     key_index: int | None = None
+    #: the last metered-request counter this payer used on the channel (auth v2: each is above it)
+    request_counter: int = 0
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -99,6 +103,10 @@ _V2_TERMS: Migration = (
     "ALTER TABLE channels ADD COLUMN payments INTEGER NOT NULL DEFAULT 0",
 )
 
+_V4_REQUEST_COUNTER: Migration = (
+    "ALTER TABLE channels ADD COLUMN request_counter INTEGER NOT NULL DEFAULT 0",
+)
+
 _PAYER_FIELDS = (
     "channel_id", "server_url", "state", "params", "privkey", "deposit_sat", "expiry_height", "amount_sat",
     "signature", "acked_sat", "funding_txid", "funding_vout", "close_txid", "refund_txid", "created_at",
@@ -121,7 +129,7 @@ def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
 class PayerStore(SeedKeys, Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
-    MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION)
+    MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION, _V4_REQUEST_COUNTER)
     PUBKEY_FIELD = "payer_pubkey"
 
     def get(self, channel_id: str) -> PayerRecord:
@@ -202,6 +210,33 @@ class PayerStore(SeedKeys, Database):
             "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, updated_at=?"
             " WHERE channel_id=? AND amount_sat<? RETURNING channel_id", (amount_sat, signature, time.time(), channel_id, amount_sat))
         return bool(rows)
+
+    @staticmethod
+    def _counter_sql(channel_id: str, at_least: int) -> tuple[str, tuple[Any, ...]]:
+        return ("UPDATE channels SET request_counter=MAX(request_counter + 1, ?), updated_at=?"
+                " WHERE channel_id=? AND request_counter < 9223372036854775807 RETURNING request_counter",
+                (at_least, time.time(), channel_id))
+
+    def next_request_counter(self, channel_id: str, at_least: int) -> int:
+        """Take the channel's next metered-request counter, ``max(stored + 1, at_least)``, and store it
+        (committed before it returns, so no counter is used twice, across restarts and clock steps)."""
+        rows = self._db.execute(*self._counter_sql(channel_id, at_least)).fetchall()
+        if not rows:
+            raise UnknownChannel(f"no channel {channel_id} (or its request counter is exhausted)")
+        return int(rows[0][0])
+
+    async def next_request_counter_async(self, channel_id: str, at_least: int) -> int:
+        """:meth:`next_request_counter` through the group commit."""
+        rows = await self.writer.submit(*self._counter_sql(channel_id, at_least))
+        if not rows:
+            raise UnknownChannel(f"no channel {channel_id} (or its request counter is exhausted)")
+        return int(rows[0]["request_counter"])
+
+    def raise_request_counter(self, channel_id: str, at_least: int) -> None:
+        """Resync: the payee accepted ``at_least`` already (a counter lost with an older copy of this
+        store): the next counter is above it."""
+        self._db.execute("UPDATE channels SET request_counter=MAX(request_counter, ?), updated_at=? WHERE channel_id=?",
+                         (at_least, time.time(), channel_id))
 
     async def set_acked_async(self, channel_id: str, amount_sat: int) -> None:
         """:meth:`set_acked` through the group commit (returns once committed)."""

@@ -118,10 +118,17 @@ _PG_V6_PROPOSAL_CLIENT: Migration = (
     "CREATE INDEX IF NOT EXISTS channels_unfunded ON channels(updated_at) WHERE funding_txid IS NULL",
 )
 
+_PG_V8_METERED_V2: Migration = (
+    "ALTER TABLE channels ADD COLUMN last_request BYTEA",
+    "ALTER TABLE channels ADD COLUMN payer_pubkey TEXT",
+    "UPDATE channels SET payer_pubkey=(params::json)->>'payer_pubkey'",
+    "CREATE INDEX IF NOT EXISTS channels_owing ON channels(state) WHERE owed_sat > amount_sat",
+)
+
 #: the SQLite store's migrations in PostgreSQL's dialect, same numbers, same meaning
 PG_MIGRATIONS: Final[tuple[Migration, ...]] = (
     _PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS, _PG_V4_CLOSE_INTENT, _PG_V5_CHAIN_CURSOR, _PG_V6_PROPOSAL_CLIENT,
-    PG_SEED_MIGRATION,
+    PG_SEED_MIGRATION, _PG_V8_METERED_V2,
 )
 
 
