@@ -286,13 +286,18 @@ def run_metered(args: argparse.Namespace) -> None:
         figures = {}
         for phase in ("free", "paid"):
             before = cpu_s(seller.pid)
+            payers_before = sum(cpu_s(w.p.pid) for w in workers)
             answers = all_do(workers, f"{phase} {args.duration}")
             used = cpu_s(seller.pid) - before
+            payers_used = sum(cpu_s(w.p.pid) for w in workers) - payers_before
             count = sum(a["count"] for a in answers)
             figures[phase] = {"rate": rate(answers), "cpu_us": used / max(count, 1) * 1e6,
+                              "payer_cpu_us": payers_used / max(count, 1) * 1e6,
                               "lat": sorted(x for a in answers for x in a["lat_ms"]), "count": count}
         free, paid = figures["free"], figures["paid"]
-        print(f"free: {free['count']} requests, paid: {paid['count']} requests (1 sat each)")
+        print(f"free: {free['count']} requests, paid: {paid['count']} requests (1 sat each); CPU per request: "
+              f"seller {free['cpu_us']:.0f} us free, {paid['cpu_us']:.0f} us paid; payers {free['payer_cpu_us']:.0f} us "
+              f"free, {paid['payer_cpu_us']:.0f} us paid")
         print(f"metered_per_s={paid['rate']:.0f} free_per_s={free['rate']:.0f} ratio={paid['rate'] / free['rate']:.2f} "
               f"p50_ms={percentile(paid['lat'], 0.5):.2f} p99_ms={percentile(paid['lat'], 0.99):.2f} "
               f"payee_cpu_us_per_request={paid['cpu_us']:.0f} free_cpu_us_per_request={free['cpu_us']:.0f} "
