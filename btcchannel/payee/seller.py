@@ -75,7 +75,8 @@ _SERVE = {"price-sat": "price_sat", "mode": "mode", "credit-limit-sat": "credit_
 _SERVE_OTHER = frozenset({"host", "port", "serve-file", "chunk-size", "metrics", "backup-db", "backup-interval"})
 #: the header by which the ASGI side tells btcchannel's service the buyer's address
 _CLIENT_HEADER = "X-Btcchannel-Client"
-_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length"})
+_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length",
+                  _CLIENT_HEADER.lower()})
 
 
 def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
