@@ -14,7 +14,10 @@ and gate your handlers with a :class:`Seller` made from it::
     app.router.add_get("/answer", answer)
 
 The gating itself is :class:`btcchannel.payee.gate.PaymentGate`'s; :func:`serve_gated` is the
-aiohttp side of it (also used by ``paid()`` in :mod:`btcchannel.payee.metered`).
+aiohttp side of it (also used by ``paid()`` in :mod:`btcchannel.payee.metered`): it decides only
+whether the handler *served* (any status below 500, returned or raised as ``web.HTTPException``:
+charged) or *failed* (5xx, or another exception before anything was sent: not charged). A seller's
+whole program in one object (node, store, protocol mounted) is :class:`btcchannel.payee.seller.PaidService`.
 """
 
 from __future__ import annotations
