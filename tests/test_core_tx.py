@@ -238,7 +238,7 @@ def test_close_uneconomic_and_errors() -> None:
 def test_refund(outpoint: OutPoint, deposit: int, rate: float, dest: bytes) -> None:
     tx = build_refund_tx(outpoint, deposit, WS, 1000, PAYER_KEY, dest, rate)
     assert tx.nVersion == 2 and tx.nLockTime == 1000
-    assert len(tx.vin) == 1 and tx.vin[0].nSequence == REFUND_SEQUENCE == 0xFFFFFFFE
+    assert len(tx.vin) == 1 and tx.vin[0].nSequence == REFUND_SEQUENCE == 0xFFFFFFFD
     vsize = tx_vsize(tx)
     assert vsize == _weight_vsize(tx)
     assert len(tx.vout) == 1 and bytes(tx.vout[0].scriptPubKey) == dest

@@ -53,7 +53,18 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--port", default=8402, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--price-sat", type=click.IntRange(0), default=None, help="Price of one unit of the metered service.")
 @click.option("--mode", type=click.Choice(["prepay", "postpay"]), default=None)
-@click.option("--credit-limit-sat", type=click.IntRange(0), default=None, help="postpay: unpaid total allowed.")
+@click.option("--credit-limit-sat", type=click.IntRange(0), default=None,
+              help="postpay: unpaid total allowed per channel (what a payer that never pays takes per channel).")
+@click.option("--credit-cap-per-payer-sat", type=click.IntRange(0), default=None,
+              help="postpay: unpaid total allowed across one payer key's channels [default: no cap].")
+@click.option("--credit-cap-per-client-sat", type=click.IntRange(0), default=None,
+              help="postpay: unpaid total allowed across the channels one client address proposed, so that "
+                   "opening many channels does not multiply --credit-limit-sat [default: no cap].")
+@click.option("--credit-cap-total-sat", type=click.IntRange(0), default=None,
+              help="postpay: unpaid total allowed across all channels: the most the payee risks on credit "
+                   "[default: no cap].")
+@click.option("--allow-plain-http", is_flag=True, default=False,
+              help="Serve paid routes over plain HTTP to non-loopback clients (default: TLS or loopback only).")
 @click.option("--payment-timeout", type=click.FloatRange(0.1), default=None, help="postpay: seconds to pay what is owed.")
 @click.option("--idle-timeout", type=click.FloatRange(0.001), default=None,
               help="prepay: seconds without a payment before an open channel is closed [default: never].")
@@ -75,7 +86,9 @@ def _channel_text(obj: dict[str, Any]) -> str:
               help="Seconds between copies when nothing changed.")
 @click.pass_obj
 def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
-          credit_limit_sat: int | None, payment_timeout: float | None, idle_timeout: float | None,
+          credit_limit_sat: int | None, credit_cap_per_payer_sat: int | None,
+          credit_cap_per_client_sat: int | None, credit_cap_total_sat: int | None, allow_plain_http: bool,
+          payment_timeout: float | None, idle_timeout: float | None,
           close_margin_blocks: int | None,
           min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
           chunk_size: int, store_url: str | None, metrics: bool, backup_db: Path | None,
@@ -96,6 +109,8 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
 
     config = _server_config(
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
+        credit_cap_per_payer_sat=credit_cap_per_payer_sat, credit_cap_per_client_sat=credit_cap_per_client_sat,
+        credit_cap_total_sat=credit_cap_total_sat, allow_plain_http=allow_plain_http or None,
         payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
         min_confirmations=min_confirmations, payee_address=payee_address, store_url=store_url,
     )

@@ -218,7 +218,7 @@ def request_digest(channel_id: str, counter: int, method: str, target: str) -> b
     if not 0 <= counter < 2**63:
         raise BadRequest("request counter out of range")
     return hashlib.sha256(
-        REQUEST_TAG + raw + counter.to_bytes(8, "big") + method.upper().encode("ascii") + b" " + target.encode("utf-8")
+        REQUEST_TAG + raw + counter.to_bytes(8, "big") + _utf8(method.upper()) + b" " + _utf8(target)
     ).digest()
 
 

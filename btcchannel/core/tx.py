@@ -78,7 +78,7 @@ __all__ = [
 
 TX_VERSION: Final = 2
 ITERATIVE_SEQUENCE: Final = 0xFFFFFFFD
-REFUND_SEQUENCE: Final = 0xFFFFFFFE
+REFUND_SEQUENCE: Final = 0xFFFFFFFD  # below 0xfffffffe: nLockTime enforced, and BIP125 replaceable
 SIGHASH_ALL: Final = 0x01
 SIGHASH_NONE: Final = 0x02
 SIGHASH_SINGLE: Final = 0x03
@@ -382,7 +382,8 @@ def build_refund_tx(
     *,
     min_fee_sat: int = 0,
 ) -> Any:
-    """The payer's signed refund: nLockTime ``expiry_height``, nSequence 0xfffffffe,
+    """The payer's signed refund: nLockTime ``expiry_height``, nSequence 0xfffffffd (BIP125-replaceable:
+    the payee may outbid it with a close while it is unconfirmed),
     witness ``[payer_sig(ALL), <empty>, script]``, one output ``deposit - fee`` to ``dest_script``.
 
     It is only valid once the chain tip has reached ``expiry_height`` (no tip check here).

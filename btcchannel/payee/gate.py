@@ -1,19 +1,25 @@
 """The payment-gating core every web framework adapter shares (aiohttp: :mod:`btcchannel.payee.sell`,
 ASGI: :mod:`btcchannel.payee.asgi`; ``paid()`` of :mod:`btcchannel.payee.metered` is built on it).
 
-A request to a paid route is admitted (:meth:`PaymentGate.admit`) from its method, request target
-and headers: the channel named by ``X-Btcchannel-Channel``, the request's authentication, then a
-prepay payment, a unit credit, or postpay credit, exactly as ``docs/PROTOCOL.md`` says. The
-answer is either a :class:`Charge` (serve the request, then ``await`` :meth:`PaymentGate.served`
-with its status: a failed request, 5xx or exception, is not charged) or a :class:`GateAnswer`
-(send it as it is: the 402 that says how to pay, or a protocol error).
+A request to a paid route is admitted (``await`` :meth:`PaymentGate.admit`) from its method, raw
+request target, headers, body and peer address: the transport (TLS or loopback), the channel named
+by ``X-Btcchannel-Channel``, the request's authentication (auth v2 covers the body), then a prepay
+payment, the prepaid surplus, or postpay credit within the channel's limit and the payee's
+cross-channel caps, exactly as ``docs/PROTOCOL.md`` says; the exact retry of the last charged
+request is admitted as a replay (served, not charged). The answer is either a :class:`Charge`
+(serve the request, then ``await`` :meth:`PaymentGate.served` with its status, or ``await``
+:meth:`PaymentGate.failed` if the handler raised before answering: a 5xx or an exception is not
+charged) or a :class:`GateAnswer` (send it as it is: the 402 that says how to pay, or a protocol
+error). Every answer naming a known channel carries its ``X-Btcchannel-State`` (and
+``X-Btcchannel-End-Reason`` once it takes no payments). All writes go through the store's group
+commit: nothing here waits on the disk on the event loop.
 
 Prices are per route, in satoshis: a route costs ``price_sat // unit price`` units of the
 channel's agreed price (the price must be a multiple of it; with a unit price of 1 sat any
 price works).
 
 The 402 carries ``WWW-Authenticate: Btcchannel realm=..., network=..., info=..., channels=...,
-price_sat=..., units=..., mode=...`` and a JSON body ``{"payment": {...}}``: the fields of
+price_sat=..., units=..., mode=...`` and a JSON body ``{"payment": {...}, "error": {...}}``: the fields of
 :func:`btcchannel.wire.payment_required_body` plus absolute ``info_url`` and ``channels_url``,
 ``network``, the payee's ``terms``, the route's ``route_price_sat`` and, for a named channel,
 its ``payee_pubkey``.
@@ -39,7 +45,9 @@ from btcchannel.errors import (
     NotExpired,
     NotOpen,
     ProtocolViolation,
+    StalePayment,
     TlsRequired,
+    Unauthorized,
 )
 from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeRecord
@@ -179,24 +187,28 @@ class PaymentGate:
                 return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             charged: PayeeRecord | None
-            if metering.mode == "prepay":
-                if pay is None:
-                    charged = await svc.use_surplus(rec, units, auth.counter, key)
-                    if charged is None:
-                        return self.payment_required(cid, units, origin, svc.store.get(cid))
+            try:
+                if metering.mode == "prepay":
+                    if pay is None:
+                        charged = await svc.use_surplus(rec, units, auth.counter, key)
+                    else:
+                        charged = await svc.charge_prepay(rec, pay[0], pay[1], units, auth.counter, key)
                 else:
-                    charged = await svc.charge_prepay(rec, pay[0], pay[1], units, auth.counter, key)
-            else:
-                if pay is not None:
-                    rec = await svc.pay_owed(rec, pay[0], pay[1])
-                charged = await svc.charge_postpay(rec, units, auth.counter, key)
-                if charged is None:
-                    return self.payment_required(cid, units, origin, svc.store.get(cid))
+                    if pay is not None:
+                        rec = await svc.pay_owed(rec, pay[0], pay[1])
+                    charged = await svc.charge_postpay(rec, units, auth.counter, key)
+            except (StalePayment, Unauthorized):
+                now = svc.store.get(cid)  # the same request, retried while its original was being charged?
+                if now.request_counter == auth.counter and now.last_request == key:
+                    return Charge(now, units, metering, key, replay=True)
+                raise
+            if charged is None:
+                return self.payment_required(cid, units, origin, svc.store.get(cid))
             return Charge(charged, units, metering, key)
         except ChannelError as err:
             wire = wire_error(err)
-            now = svc.store.find(rec.channel_id) if rec is not None else None
-            return GateAnswer(wire.http_status, wire.to_json(), state_headers(now) if now is not None else {})
+            current = svc.store.find(rec.channel_id) if rec is not None else None
+            return GateAnswer(wire.http_status, wire.to_json(), state_headers(current) if current is not None else {})
 
     async def served(self, charge: Charge, status: int) -> dict[str, str]:
         """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back.

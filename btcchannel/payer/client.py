@@ -392,14 +392,19 @@ class PayerClient(PayeeHttp, Refunds):
         and raw target, the SHA-256 of ``body`` and the payment headers the request carries. The
         counter is ``max(stored + 1, microsecond clock)``, stored before it is used: it never repeats
         or goes down, across restarts and clock steps."""
-        counter = self.store.next_request_counter(channel_id, time.time_ns() // 1000)
+        counter = self.store.next_request_counter(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
 
     async def request_auth_async(self, channel_id: str, method: str, url: str, body: bytes | None = None,
                                  payment_headers: Mapping[str, str] | None = None) -> str:
         """:meth:`request_auth` with the counter stored through the group commit."""
-        counter = await self.store.next_request_counter_async(channel_id, time.time_ns() // 1000)
+        counter = await self.store.next_request_counter_async(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
+
+    @staticmethod
+    def clock_us() -> int:
+        """The wall clock in microseconds: the floor of each request counter (never its only source)."""
+        return time.time_ns() // 1000
 
     def _signed_auth(self, channel_id: str, counter: int, method: str, url: str, body: bytes | None,
                      payment_headers: Mapping[str, str] | None) -> str:

@@ -212,6 +212,15 @@ class MeteredPayer:
         under the channel's next durable counter."""
         return await self.client.request_auth_async(self.channel_id, method, url, data, headers)
 
+    @staticmethod
+    def _error_code(body: bytes) -> str | None:
+        """The ``error.code`` of an answer's JSON body (None if it has none)."""
+        try:
+            code = json.loads(body)["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return code if isinstance(code, str) else None
+
     def _resync(self, body: bytes) -> bool:
         """A 401 naming ``last_counter`` at or above ours: store it, so the next counter is above it
         (True: retry once). Any other 401 is final."""
@@ -327,6 +336,8 @@ class Exchange:
             self.resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
             return False
         if status == 402:
+            if body is not None and payer._error_code(body) == "credit_cap_reached":
+                payer._raise(status, body)  # the payee's cap across channels: settling this one does not help
             challenge = Challenge.from_answer(headers, body)
             if self.units is None:  # the route names its price: pay exactly that, or nothing
                 self.challenge = challenge

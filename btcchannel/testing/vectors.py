@@ -4,9 +4,11 @@
 function, byte for byte). Everything is derived from two fixed private keys and fixed channel
 parameters: the witness script, funding script and address; the digest and signature of a partial
 payment, of a second one and of a full drain; the signed close request and metered-request
-authentication; and the fully signed close transaction of the last partial payment and of the full
-drain, at a fixed fee rate and payout script. Signatures are RFC 6979 (deterministic), low-S; the
-payee's close signatures are ground to 70 bytes of DER (low R).
+authentication (v1 and v2); the fully signed close transaction of each payment, at a fixed fee rate
+and payout script; and the payer's signed refund. The signing rules are stated in the document's
+``signing`` object (and in ``docs/PROTOCOL.md``): every signature is RFC 6979 (deterministic), low-S;
+the payer's payments and requests without extra entropy, the payee's close signatures and the payer's
+refund ground to 70 bytes of DER.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import json
 from typing import Any
 
 from btcchannel.core.channel import PayeeChannel, PayerChannel
-from btcchannel.core.keys import close_request_digest, public_key, request_digest
+from btcchannel.core.keys import close_request_digest, public_key, request_digest, request_digest_v2
 from btcchannel.core.params import ChannelParams
+from btcchannel.core.script import dust_limit
 from btcchannel.core.state import ChannelState
-from btcchannel.core.tx import OutPoint, payment_sighash_type, tx_hex, tx_id, tx_vsize
+from btcchannel.core.tx import REFUND_SEQUENCE, OutPoint, payment_sighash_type, tx_hex, tx_id, tx_vsize
+from btcchannel.wire import HDR_AMOUNT, HDR_SIGNATURE, auth_header_v2, body_sha256
 
 __all__ = ["vectors"]
 
@@ -34,6 +38,17 @@ EXPIRY_HEIGHT = 800_000
 CHANNEL_ID = hashlib.sha256(b"channel id").hexdigest()[:32]
 PARTIAL_AMOUNTS = (1_000, 42_000)
 FEE_RATE_SAT_VB = 2.0
+REFUND_FEE_RATE_SAT_VB = 3.0
+
+#: the signing rules the vectors follow (an implementation accepts any valid strict-DER low-S signature)
+SIGNING = {
+    "payer": "ECDSA, RFC 6979 nonce without extra entropy, low-S, strict DER",
+    "payee_close": "ECDSA, RFC 6979 nonce with extra entropy i (32 bytes, i little-endian; none for i = 0), "
+                   "i = 0, 1, ... until the DER encoding is 70 bytes (low R, low S), strict DER, SIGHASH_ALL",
+    "payer_refund": "as payee_close (70 bytes of DER, so that the refund's size and fee are known before it is "
+                    "signed), SIGHASH_ALL",
+    "verification": "any strict-DER (BIP66), low-S (BIP146) signature that verifies is accepted",
+}
 
 
 def _close(params: ChannelParams, payer: PayerChannel, amount: int) -> dict[str, Any]:
@@ -62,9 +77,12 @@ def vectors() -> dict[str, Any]:
     payments = [_close(params, payer, amount) for amount in PARTIAL_AMOUNTS]
     full = _close(params, PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN), DEPOSIT_SAT)
     counter, method, target = 1_700_000_000_000_000, "GET", "/v1/file/7"
+    refund = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN).build_refund(EXPIRY_HEIGHT, REFUND_FEE_RATE_SAT_VB)
     return {
-        "description": "btcchannel protocol version 1 test vectors (docs/PROTOCOL.md); amounts in satoshis, "
+        "description": "btcchannel protocol test vectors, revision 2 (docs/PROTOCOL.md); amounts in satoshis, "
                        "hex lowercase, txids in display order. Regenerate: python -m btcchannel.testing.vectors",
+        "revision": 2,
+        "signing": SIGNING,
         "network": NETWORK,
         "keys": {"payer_privkey": PAYER_KEY.hex(), "payer_pubkey": params.payer_pubkey.hex(),
                  "payee_privkey": PAYEE_KEY.hex(), "payee_pubkey": params.payee_pubkey.hex()},
@@ -80,7 +98,25 @@ def vectors() -> dict[str, Any]:
         "request_auth": {"channel_id": CHANNEL_ID, "counter": counter, "method": method, "target": target,
                          "digest": request_digest(CHANNEL_ID, counter, method, target).hex(),
                          "header": f"{counter}.{payer.request_signature(CHANNEL_ID, counter, method, target).hex()}"},
+        "request_auth_v2": _auth_v2(payer.privkey, counter + 1),
+        "capacity": {"payer_dust_sat": dust_limit(PAYER_SCRIPT), "payee_dust_sat": dust_limit(PAYEE_SCRIPT),
+                     "max_partial_sat": params.capacity.max_partial_sat},
+        "refund": {"fee_rate_sat_vb": REFUND_FEE_RATE_SAT_VB, "dest_script": PAYER_SCRIPT.hex(),
+                   "locktime": EXPIRY_HEIGHT, "sequence": REFUND_SEQUENCE, "txid": tx_id(refund),
+                   "vsize": tx_vsize(refund), "hex": tx_hex(refund)},
     }
+
+
+def _auth_v2(channel_key: bytes, counter: int) -> dict[str, Any]:
+    """A paid POST with a body and a payment, authenticated by auth v2."""
+    method, authority, target, body = "POST", "api.example:8443", "/v1/echo?q=a%20b", b'{"q": 1}'
+    payment = {HDR_AMOUNT: "1100", HDR_SIGNATURE: "3044" + "00" * 68 + "83"}
+    digest = request_digest_v2(CHANNEL_ID, counter, method, authority, target, body_sha256(body),
+                               payment[HDR_AMOUNT], payment[HDR_SIGNATURE])
+    return {"channel_id": CHANNEL_ID, "counter": counter, "method": method, "authority": authority, "target": target,
+            "body_hex": body.hex(), "body_sha256": body_sha256(body).hex(), "amount_header": payment[HDR_AMOUNT],
+            "signature_header": payment[HDR_SIGNATURE], "digest": digest.hex(),
+            "header": auth_header_v2(channel_key, CHANNEL_ID, counter, method, authority, target, body, payment)}
 
 
 if __name__ == "__main__":  # pragma: no cover
