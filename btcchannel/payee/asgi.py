@@ -143,7 +143,7 @@ class PaidRoutes:
 
     def price(self, method: str, path: str, root_path: str = "") -> int | None:
         """The price of ``method path`` (as the app would route it), or None for a free route."""
-        scope = {"type": "http", "method": method.upper(), "path": path, "root_path": root_path}
+        scope = {"type": "http", "method": method.upper(), "path": path, "root_path": root_path, "headers": []}
         found = self._prices().lookup(scope)
         return found if isinstance(found, int) else None
 

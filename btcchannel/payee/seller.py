@@ -138,6 +138,8 @@ class PaidService:
         self._token = secrets.token_hex(16)
         self.payee_app.middlewares.append(_client_address(self._token))
         self._seller = Seller(self.payee_app, protocol_path=self.protocol_path)
+        #: the ASGI app's prices (set by :meth:`asgi`)
+        self.routes = PaidRoutes(protocol_path=self.protocol_path)
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._internal_url = ""
@@ -185,7 +187,7 @@ class PaidService:
         return serve
 
     def costs(self, price_sat: int) -> Callable[[], Awaitable[None]]:
-        """A FastAPI dependency pricing its route (see :meth:`PaidRoutes.costs`); use after :meth:`asgi`."""
+        """A FastAPI dependency pricing its route (see :meth:`PaidRoutes.costs`)."""
         return self.routes.costs(price_sat)
 
     async def start(self) -> None:

@@ -98,8 +98,11 @@ class Paying:
             raise
         self._switched = True
         self._release()
-        payer = await self.session._switch(wait=True)
-        await self._take(payer)
+        current = self.session._current
+        if current is not None and current is not self.payer:  # another request already moved on
+            await self._take(current)
+            return
+        await self._take(await self.session._switch(wait=True))
 
     async def headers(self) -> dict[str, str]:
         """The channel's headers for the next attempt."""
