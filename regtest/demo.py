@@ -223,8 +223,8 @@ async def wrong_amount_story(w: World) -> str:
         check(paid == k * SCENARIO_PRICE_SAT, f"paid {paid}, expected {k * SCENARIO_PRICE_SAT}")
         wrong = paid + SCENARIO_PRICE_SAT // 2
         payment = await client.sign_next(cid, wrong, units_ahead=1)
-        headers = {HDR_CHANNEL: cid, HDR_AMOUNT: str(wrong), HDR_SIGNATURE: payment.signature.hex(),
-                   HDR_AUTH: client.request_auth(cid, "GET", f"{payee.url}/v1/file/{k}")}
+        headers = {HDR_CHANNEL: cid, HDR_AMOUNT: str(wrong), HDR_SIGNATURE: payment.signature.hex()}
+        headers[HDR_AUTH] = client.request_auth(cid, "GET", f"{payee.url}/v1/file/{k}", None, headers)
         async with client.session.get(f"{payee.url}/v1/file/{k}", headers=headers) as resp:
             status, body = resp.status, await resp.json(content_type=None)
         code = body.get("error", {}).get("code") if isinstance(body, dict) else None

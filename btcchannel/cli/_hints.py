@@ -59,6 +59,12 @@ HINTS: dict[str, str] = {
     "unauthorized": "the request was not signed by this channel's payer key; pay with the datadir that "
                     "opened the channel",
     "terms_mismatch": "propose the terms the payee states in GET /v1/info (price, mode, credit limit, timeouts)",
+    "payment_required": "the request needs a payment or credit on the channel: fetch it through btcchannel's "
+                        "payer, which pays what the 402 asks",
+    "credit_cap_reached": "the payee's cap on unpaid credit across channels is reached: settle what is owed on "
+                          "your other channels (btcchannel pay), then retry",
+    "tls_required": "the payee serves paid routes over https only (or to clients on its own machine): use its "
+                    "https:// URL",
     "terms_refused": "the payee asks more than your limits allow; raise --max-price-sat (or the other "
                      "limits) or choose another payee",
     "terms_changed": "the payee no longer states the terms agreed at open; nothing else is signed: close "
