@@ -66,10 +66,10 @@ def is_challenge(status: int, headers: Mapping[str, str]) -> bool:
 class Paying:
     """One request being paid: its channel's lock is held from :meth:`Buyer.begin` to :meth:`close`."""
 
-    def __init__(self, buyer: Buyer, session: ContinuousPayer, challenge: Challenge, method: str, url: str,
+    def __init__(self, buyer: Buyer, continuous: ContinuousPayer, challenge: Challenge, method: str, url: str,
                  body: bytes | None) -> None:
         self.buyer = buyer
-        self.session = session
+        self.continuous = continuous
         self.challenge = challenge
         self.method = method
         self.url = url
@@ -98,11 +98,11 @@ class Paying:
             raise
         self._switched = True
         self._release()
-        current = self.session._current
+        current = self.continuous._current
         if current is not None and current is not self.payer:  # another request already moved on
             await self._take(current)
             return
-        await self._take(await self.session._switch(wait=True))
+        await self._take(await self.continuous._switch(wait=True))
 
     async def headers(self) -> dict[str, str]:
         """The channel's headers for the next attempt."""
@@ -130,7 +130,7 @@ class Paying:
         """Release the channel; start opening the next one if this one nears its end."""
         self._release()
         if self.payer is not None:
-            await self.session._maybe_prepare(self.payer.channel_id)
+            await self.continuous._maybe_prepare(self.payer.channel_id)
 
 
 class Buyer:
@@ -165,7 +165,7 @@ class Buyer:
             min_remaining_sat=min_remaining_sat if min_remaining_sat is not None else deposit_sat // 10,
             min_blocks_left=min_blocks_left if min_blocks_left is not None else min(lifetime_blocks - 1, 12),
             open_timeout_s=open_timeout_s)
-        self._sessions: dict[str, ContinuousPayer] = {}
+        self._continuous: dict[str, ContinuousPayer] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: PayerClient | None = None
@@ -188,7 +188,7 @@ class Buyer:
     @property
     def channels(self) -> list[str]:
         """Every channel this buyer has paid through, in order."""
-        return [cid for session in self._sessions.values() for cid in session.channels]
+        return [cid for continuous in self._continuous.values() for cid in continuous.channels]
 
     # -- running on the buyer's loop ------------------------------------------------------
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
@@ -225,17 +225,17 @@ class Buyer:
             raise TermsRefused(f"the route costs {challenge.price_sat} sat: over what is left of the budget "
                                f"({self.max_total_sat - self.spent_sat} of {self.max_total_sat} sat)")
         client = await self._client_now()
-        session = self._sessions.get(challenge.protocol_url)
-        if session is None:
-            session = self._sessions[challenge.protocol_url] = ContinuousPayer(client, challenge.protocol_url,
+        continuous = self._continuous.get(challenge.protocol_url)
+        if continuous is None:
+            continuous = self._continuous[challenge.protocol_url] = ContinuousPayer(client, challenge.protocol_url,
                                                                                self.policy)
-        paying = Paying(self, session, challenge, method, url, body)
-        await paying._take(await session._payer())
+        paying = Paying(self, continuous, challenge, method, url, body)
+        await paying._take(await continuous._payer())
         return paying
 
     async def _aclose(self) -> None:
-        for session in self._sessions.values():
-            await session.aclose()
+        for continuous in self._continuous.values():
+            await continuous.aclose()
         if self._client is not None:
             await self._client.aclose()
         if self._node is not None:
