@@ -437,7 +437,7 @@ def test_refund() -> None:
     with pytest.raises(NotExpired):
         payer.build_refund(EXPIRY - 1, 1.0)
     tx = payer.build_refund(EXPIRY, 1.0)
-    assert tx.nLockTime == EXPIRY and tx.vin[0].nSequence == 0xFFFFFFFE
+    assert tx.nLockTime == EXPIRY and tx.vin[0].nSequence == 0xFFFFFFFD  # BIP125-replaceable
     assert bytes(tx.vout[0].scriptPubKey) == PAYER_SCRIPT
     assert tx.vout[0].nValue == DEPOSIT - tx_vsize(tx)
     dest = p2pkh_script(b"\x09" * 20)

@@ -6,16 +6,22 @@ uneconomic close's outcome. Where the wire matters the requests go out through a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import uvicorn
 from aiohttp import web
+from fastapi import FastAPI, Request, Response
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.keys import request_digest, sign_digest
+from btcchannel.payee.asgi import PaidRoutes, payee_service
 from btcchannel.payee.gate import Charge, GateAnswer, PaymentGate
 from btcchannel.payee.metered import add_file_route, add_paid_route
 from btcchannel.payer.client import PayerClient
@@ -358,3 +364,47 @@ async def test_paid_requests_need_tls_or_a_loopback_client(
     headers = {"Host": "api.example", **_auth_only(payer_client, cid, url)}
     assert isinstance(await gate.admit("GET", "/v1/file/0", headers, 1, "http://api.example", peer="203.0.113.5"),
                       Charge)
+
+
+async def test_an_asgi_paid_post_is_signed_over_its_body(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    config = payee_factory.config(price_sat=1, mode="postpay", credit_limit_sat=10_000)
+    paid = PaidRoutes({("POST", "/echo"): 100})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with payee_service(config, payee_factory.node()) as service:
+            paid.attach(service.gate())
+            app.state.protocol_url = service.url
+            yield
+
+    api = FastAPI(lifespan=lifespan)
+
+    @api.post("/echo")
+    async def echo(request: Request) -> Response:
+        return Response(await request.body())  # the app still receives the body the gate read
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    task = asyncio.ensure_future(server.serve())
+    try:
+        await wait_until_async(lambda: server.started, timeout=30, what="uvicorn started")
+        origin = f"http://127.0.0.1:{port}"
+        cid = await open_channel(payer_client, bitcoind, api.state.protocol_url, 20_000)
+        payer = MeteredPayer(payer_client, cid)
+        try:
+            assert await payer.fetch(f"{origin}/echo", "POST", units=100, data=b"a" * 70_000) == (200, b"a" * 70_000)
+        finally:
+            await payer.aclose()
+        signed = _auth_only(payer_client, cid, f"{origin}/echo", "POST", b"pay 1")
+        status, _, raw = await _raw(origin, "POST", "/echo", signed, b"pay 9")
+        assert status == 401 and json.loads(raw)["error"]["code"] == "unauthorized"
+        signed = _auth_only(payer_client, cid, f"{origin}/echo", "POST", b"pay 1")
+        assert (await _raw(origin, "POST", "/echo", signed, b"pay 1"))[::2] == (200, b"pay 1")
+    finally:
+        server.should_exit = True
+        await task

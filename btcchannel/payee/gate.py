@@ -186,6 +186,7 @@ class PaymentGate:
             if replay:
                 return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
+            svc.require_fresh_chain()  # once: no payment, surplus or credit is used on a stale chain view
             charged: PayeeRecord | None
             try:
                 if metering.mode == "prepay":

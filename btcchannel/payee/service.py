@@ -258,9 +258,8 @@ class PayeeService:
         The row is committed through the store's group commit (in one transaction with the other
         payments waiting then) before this returns; the event loop never waits on the disk. An
         exact retry of a payment whose commit is still under way waits for that commit, so its
-        answer carries the amount it repeats. Raises the core's errors, NodeUnavailable on a
-        stale chain view."""
-        self.require_fresh_chain()
+        answer carries the amount it repeats. Raises the core's errors. The caller has checked the
+        chain view (:meth:`require_fresh_chain`) once for the request."""
         for _attempt in range(3):
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
@@ -348,6 +347,7 @@ class PayeeService:
         amount = int_field(body, "amount_sat", 1)
         sig = hex_field(body, "signature", 80)
         try:
+            self.require_fresh_chain()  # once for the request: no payment is taken on a stale chain view
             if self.terms_for(cid).metering.settles_owed:
                 rec = await self.pay_owed(self.store.get(cid), amount, sig)
             else:
@@ -360,7 +360,8 @@ class PayeeService:
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
     async def pay_owed(self, rec: PayeeRecord, amount: int, sig: bytes) -> PayeeRecord:
-        """Postpay: the payment must be exactly the owed total; anything else ends the channel."""
+        """Postpay: the payment must be exactly the owed total; anything else ends the channel. The
+        caller has checked the chain view."""
         cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
@@ -377,8 +378,8 @@ class PayeeService:
     async def charge_prepay(self, rec: PayeeRecord, amount: int, sig: bytes, units: int = 1,
                             counter: int = 0, key: bytes | None = None) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)
-        for the request ``counter`` (idempotency key ``key``)."""
-        self.require_fresh_chain()  # before the amount check: a stale view never ends a channel
+        for the request ``counter`` (idempotency key ``key``). The caller has checked the chain view
+        (a stale view never ends a channel for a wrong amount)."""
         cid = rec.channel_id
         if rec.state is not ChannelState.OPEN:
             raise self._state_error(rec)
@@ -400,8 +401,8 @@ class PayeeService:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the channel's limit
         (None if not) and the outstanding credit across channels within the payee's caps
         (``CreditCapReached`` if not). ``counter``: the authenticated request's; a request whose
-        counter is not above the stored one (a replay racing its original) is ``Unauthorized``."""
-        self.require_fresh_chain()
+        counter is not above the stored one (a replay racing its original) is ``Unauthorized``. The
+        caller has checked the chain view."""
         cid = rec.channel_id
         caps = self.credit_caps(rec)
         for _attempt in range(5):

@@ -94,7 +94,7 @@ class PayeeRecord:
     terms: dict[str, Any] | None = None
     #: how many payments were stored (an agreed end condition may count them)
     payments: int = 0
-    #: when the last payment was stored (unix seconds; the prepay idle timeout runs from it)
+    #: when the last payment was stored, or a unit served from the prepaid surplus (the prepay idle timer runs from it)
     paid_at: float | None = None
     #: the highest metered-request counter the payer authenticated (each must be above it)
     request_counter: int = 0
@@ -471,9 +471,10 @@ class PayeeStore(SeedKeys, Database):
     @staticmethod
     def _surplus_sql(channel_id: str, units: int, price_sat: int, request_counter: int,
                      last_request: bytes | None) -> tuple[str, tuple[Any, ...]]:
-        return ("UPDATE channels SET units=units+?, request_counter=?, last_request=?, updated_at=?"
+        now = time.time()  # a unit served from what was paid ahead is activity: paid_at (the idle timer) moves
+        return ("UPDATE channels SET units=units+?, request_counter=?, last_request=?, paid_at=?, updated_at=?"
                 " WHERE channel_id=? AND state=? AND amount_sat - units * ? >= ? AND request_counter<? RETURNING *",
-                (units, request_counter, last_request, time.time(), channel_id, _S.OPEN.value, price_sat,
+                (units, request_counter, last_request, now, now, channel_id, _S.OPEN.value, price_sat,
                  price_sat * units, request_counter))
 
     def use_surplus(self, channel_id: str, units: int, price_sat: int, request_counter: int,
