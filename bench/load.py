@@ -20,6 +20,14 @@ fsync_floor_per_s=<z> channels=<n> store=<sqlite|postgresql> instances=<k>``.
 ``--profile DIR`` writes cProfile files of the payment phase (payee: the whole run).
 Run: ``python bench/load.py [--channels 100] [--duration 10] [--payers 4]
 [--store postgresql --instances 2]``.
+
+``--route metered --framework aiohttp|asgi`` measures a seller's route instead: one seller process
+(:class:`~btcchannel.payee.seller.PaidService` in an aiohttp app, or a FastAPI app under uvicorn)
+serves the same handler free (``/free``) and paid (``/paid``, 1 sat, prepay, one unit a request,
+bought with ``MeteredPayer.fetch``), one loop per channel in the payer processes, in one run. The
+last line is ``metered_per_s=<x> free_per_s=<y> ratio=<x/y> p50_ms=<a> p99_ms=<b>
+payee_cpu_us_per_request=<c> free_cpu_us_per_request=<d> framework=<f> channels=<n>``
+(latencies and CPU of the paid requests; ``--profile DIR`` profiles the seller process).
 """
 
 from __future__ import annotations
@@ -117,6 +125,36 @@ class Worker:
                 prof.disable()
                 prof.dump_stats(self.spec["profile"])
 
+    async def free(self, duration: float) -> dict[str, Any]:
+        session = self.client.session
+
+        async def get(cid: str) -> None:
+            async with session.get(self.spec["free_url"]) as resp:
+                await resp.read()
+                assert resp.status == 200, resp.status
+
+        return await self._loop(duration, get)
+
+    async def paid(self, duration: float) -> dict[str, Any]:
+        from btcchannel.payer.metered import MeteredPayer
+
+        payers = {cid: MeteredPayer(self.client, cid) for cid in self.ids}
+        url = self.spec["paid_url"]
+
+        async def get(cid: str) -> None:
+            status, _ = await payers[cid].fetch(url, units=1)
+            assert status == 200, status
+
+        prof = cProfile.Profile() if self.spec.get("profile") and duration > 1 else None
+        if prof is not None:
+            prof.enable()
+        try:
+            return await self._loop(duration, get)
+        finally:
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(self.spec["profile"])
+
     async def acked(self) -> dict[str, Any]:
         return {"acked": {cid: self.client.store.get(cid).acked_sat for cid in self.ids}}
 
@@ -133,6 +171,152 @@ class Worker:
             sys.stdout.flush()
         await self.client.aclose()
         await self.node.aclose()
+
+
+# ----------------------------------------------------------------------------- the seller
+
+
+def run_seller(spec: dict[str, Any]) -> None:
+    """The seller's program: the same handler at /free and, at 1 sat a request, at /paid."""
+    from btcchannel.payee.seller import PaidService
+
+    fields = spec["fields"]
+    service = PaidService(datadir=spec["datadir"], wallet="miner", rpc_url=spec["rpc_url"],
+                          rpc_cookie=spec["cookie_file"], price_sat=1, **fields)
+    payload = {"answer": 42}
+    if spec["framework"] == "aiohttp":
+        from aiohttp import web
+
+        async def answer(request: web.Request) -> web.Response:
+            return web.json_response(payload)
+
+        app = web.Application()
+        app.router.add_get("/free", answer)
+        app.router.add_get("/paid", service.paid(price_sat=1)(answer))
+        service.mount(app)
+        web.run_app(app, host="127.0.0.1", port=spec["port"], access_log=None, print=None)
+    else:
+        import uvicorn
+        from fastapi import FastAPI
+
+        api = FastAPI()
+
+        @api.get("/free")
+        async def free() -> dict[str, int]:
+            return payload
+
+        @api.get("/paid")
+        async def paid() -> dict[str, int]:
+            return payload
+
+        uvicorn.run(service.asgi(api, {"/paid": 1}), host="127.0.0.1", port=spec["port"], log_level="warning",
+                    access_log=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def start_seller(work: Path, framework: str, bitcoind: RegtestNode, channels: int,
+                 profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+    """The seller process (under cProfile with ``profile``); (process, origin)."""
+    port = free_port()
+    spec = work / "seller.json"
+    spec.write_text(json.dumps({
+        "framework": framework, "port": port, "datadir": str(work / "seller"), "rpc_url": bitcoind.rpc_url,
+        "cookie_file": str(bitcoind.cookie_file),
+        "fields": {"close_fee_rate_sat_vb": 2.0, "max_proposals": channels + 10, "max_proposals_per_client": channels + 10,
+                   "min_lifetime_blocks": 12, "max_lifetime_blocks": LIFETIME + 10}}))
+    prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
+    with open(work / "seller.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, *prof, __file__, "--seller", str(spec)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    origin = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{origin}/btc/v1/info", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(lambda: proc.poll() is not None or up(), timeout=60, what="the seller to listen")
+    if proc.poll() is not None:
+        raise RuntimeError((work / "seller.log").read_text()[-2000:])
+    return proc, origin
+
+
+def run_metered(args: argparse.Namespace) -> None:
+    """The same route free and paid, in one run (see the module)."""
+    work = Path(tempfile.mkdtemp(prefix="btcchannel-load-"))
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+    bitcoind = RegtestNode(datadir=work / "bitcoind")
+    bitcoind.start()
+    seller: subprocess.Popen[bytes] | None = None
+    workers: list[Proc] = []
+    try:
+        bitcoind.prepare(201)
+        seller, origin = start_seller(work, args.framework, bitcoind, args.channels,
+                                      profile / f"seller-{args.framework}.prof" if profile is not None else None)
+        payers = min(args.payers, args.channels)
+        shares = [args.channels // payers + (1 if i < args.channels % payers else 0) for i in range(payers)]
+        fund_payers(bitcoind, [(f"payer{i}", n) for i, n in enumerate(shares)])
+        for i, n in enumerate(shares):
+            spec = {"rpc_url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": f"payer{i}",
+                    "datadir": str(work / f"payer{i}"), "urls": [f"{origin}/btc"], "channels": n, "first": 0,
+                    "free_url": f"{origin}/free", "paid_url": f"{origin}/paid",
+                    "profile": str(profile / f"payer{i}-{args.framework}.prof") if profile is not None else None}
+            spec_file = work / f"payer{i}.json"
+            spec_file.write_text(json.dumps(spec))
+            workers.append(Proc(spec_file))
+        all_do(workers, "open")
+        bitcoind.mine(1)
+        all_do(workers, "wait_open")
+        all_do(workers, "paid 0.5")  # warm up both paths (connections, first payment)
+        all_do(workers, "free 0.5")
+        figures = {}
+        for phase in ("free", "paid"):
+            before = cpu_s(seller.pid)
+            payers_before = sum(cpu_s(w.p.pid) for w in workers)
+            answers = all_do(workers, f"{phase} {args.duration}")
+            used = cpu_s(seller.pid) - before
+            payers_used = sum(cpu_s(w.p.pid) for w in workers) - payers_before
+            count = sum(a["count"] for a in answers)
+            figures[phase] = {"rate": rate(answers), "cpu_us": used / max(count, 1) * 1e6,
+                              "payer_cpu_us": payers_used / max(count, 1) * 1e6,
+                              "lat": sorted(x for a in answers for x in a["lat_ms"]), "count": count}
+        free, paid = figures["free"], figures["paid"]
+        print(f"free: {free['count']} requests, paid: {paid['count']} requests (1 sat each); CPU per request: "
+              f"seller {free['cpu_us']:.0f} us free, {paid['cpu_us']:.0f} us paid; payers {free['payer_cpu_us']:.0f} us "
+              f"free, {paid['payer_cpu_us']:.0f} us paid")
+        print(f"metered_per_s={paid['rate']:.0f} free_per_s={free['rate']:.0f} ratio={paid['rate'] / free['rate']:.2f} "
+              f"p50_ms={percentile(paid['lat'], 0.5):.2f} p99_ms={percentile(paid['lat'], 0.99):.2f} "
+              f"payee_cpu_us_per_request={paid['cpu_us']:.0f} free_cpu_us_per_request={free['cpu_us']:.0f} "
+              f"framework={args.framework} channels={args.channels}")
+    finally:
+        for w in workers:
+            try:
+                w.send("quit")
+                w.p.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                w.p.kill()
+        if seller is not None:
+            seller.send_signal(signal.SIGINT)
+            try:
+                seller.wait(30)
+            except subprocess.TimeoutExpired:
+                seller.kill()
+        bitcoind.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -343,10 +527,18 @@ def main() -> None:
     ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
                     help="postgresql: a real server (PATH or pgserver), shared by the instances")
     ap.add_argument("--profile", help="write cProfile files (payer workers, payees) to this folder")
+    ap.add_argument("--route", choices=["payments", "metered"], default="payments",
+                    help="metered: a seller's route, free and paid, in one run")
+    ap.add_argument("--framework", choices=["aiohttp", "asgi"], default="aiohttp", help="--route metered: the seller's")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--seller", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         asyncio.run(Worker(json.loads(Path(args.worker).read_text())).serve())
+    elif args.seller:
+        run_seller(json.loads(Path(args.seller).read_text()))
+    elif args.route == "metered":
+        run_metered(args)
     else:
         run(args)
 

@@ -66,27 +66,3 @@ def test_operate_and_backup_commands_parse(tmp_path: Path) -> None:
             name, cmd, rest = main.resolve_command(ctx, ctx._protected_args + ctx.args)
             assert cmd is not None, args
             cmd.make_context(name or "", rest, parent=ctx)  # raises on an unknown option or a missing argument
-
-
-def test_sell_your_endpoint_examples_build_their_apps(tmp_path: Path) -> None:
-    from btcchannel.bitcoind.rpc import Node
-    from btcchannel.store import PayeeStore
-    from btcchannel.testing.payee import fast_config
-
-    section = README.split("## Sell your endpoint", 1)[1].split("\n## ", 1)[0]
-    aio, asgi = re.findall(r"```python\n(.*?)```", section, re.S)
-    config = fast_config(tmp_path / "payee", price_sat=1)
-    config.datadir.mkdir(parents=True)
-    node = Node("http://127.0.0.1:1", auth=("u", "p"))  # not called: nothing is started here
-    with PayeeStore(config.db_path) as store:
-        ns: dict[str, object] = {"config": config, "store": store, "node": node}
-        exec(compile(aio, "README aiohttp", "exec"), ns)  # noqa: S102 - the README's own example
-        app = ns["app"]
-        assert any(getattr(r, "canonical", None) == "/answer" for r in app.router.resources())  # type: ignore[attr-defined]
-        ns = {"config": config, "node": node}
-        exec(compile(asgi, "README asgi", "exec"), ns)  # noqa: S102
-        paid = ns["paid"]
-        assert paid.price("GET", "/answer") == 250 and paid.price("POST", "/render") == 2000  # type: ignore[attr-defined]
-        assert callable(ns["app"])
-    assert len([line for line in aio.splitlines() if line.strip()]) <= 12
-    assert len([line for line in asgi.splitlines() if line.strip()]) <= 13

@@ -122,6 +122,10 @@ async def test_fastapi_seller_under_uvicorn(
     async def free() -> dict[str, str]:
         return {"free": "yes"}
 
+    @api.post("/render")
+    async def render() -> dict[str, str]:
+        return {"rendered": "yes"}
+
     server = uvicorn.Server(uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=_free_port(), log_level="warning",
                                            lifespan="on"))
     task = asyncio.ensure_future(server.serve())

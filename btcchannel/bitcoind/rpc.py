@@ -330,6 +330,14 @@ class Node:
             return False
         return True
 
+    async def _mined_by_wallet(self, txid: str) -> bool:
+        """Whether the wallet's transaction ``txid`` is in a block."""
+        try:
+            tx = await self.call("gettransaction", txid, wallet=self.wallet)
+        except RpcInvalidAddressOrKey:
+            return False
+        return int(tx.get("confirmations", 0)) > 0
+
     async def test_mempool_accept(self, tx_hex: str) -> tuple[bool, str | None]:
         """Would the node's mempool accept this transaction now?
 
@@ -428,7 +436,8 @@ class Node:
             if not ok:
                 raise RpcVerifyRejected(f"the funding transaction would be rejected: {reason}")
             txid = await self.broadcast(signed["hex"])
-            if not await self._in_mempool(txid):
+            # (a block may take it between the broadcast and this check)
+            if not await self._in_mempool(txid) and not await self._mined_by_wallet(txid):
                 raise RpcVerifyRejected(f"funding transaction {txid} was sent but is not in the mempool")
             unfunded_inputs = []
         finally:

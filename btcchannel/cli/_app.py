@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,10 +27,10 @@ import click
 from btcchannel import __version__
 from btcchannel.cli._hints import hint_for
 from btcchannel.cli._logging import setup_logging
-from btcchannel.cli._network import derive_node_access
-from btcchannel.errors import ChannelError, NodeUnavailable, WrongNetwork
+from btcchannel.errors import ChannelError, WrongNetwork
 
 if TYPE_CHECKING:
+    from btcchannel.bitcoind.locate import NodeEndpoint
     from btcchannel.bitcoind.rpc import Node
     from btcchannel.payer.client import PayerClient
 
@@ -83,8 +82,9 @@ class Settings:
 
 def default_datadir() -> Path:
     """``$XDG_DATA_HOME/btcchannel`` (``~/.local/share/btcchannel`` without it)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "btcchannel"
+    from btcchannel.bitcoind.locate import default_datadir as library_default
+
+    return library_default()
 
 
 def error_document(error: ChannelError, hint: str | None = None) -> dict[str, Any]:
@@ -297,88 +297,25 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
     )
 
 
-@dataclass(frozen=True)
-class NodeEndpoint:
-    """Where the commands' node is and how they log in (a user and password, or a cookie file)."""
-
-    url: str
-    user: str | None
-    password: str | None
-    cookie: Path | None
-    source: str  # how it was found, in words
-
-
 def node_endpoint(settings: Settings) -> NodeEndpoint:
     """The node of the global options; else, on regtest, the background node of ``regtest start``
     (in this datadir, else in the default one); else the network's node found as bitcoin-cli
-    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``).
-    ``NodeUnavailable`` when none is found."""
-    from btcchannel.bitcoind.regtest import recorded_rpc
+    finds it (port and cookie from the network, ``--bitcoin-datadir`` and ``--bitcoin-conf``):
+    :func:`btcchannel.bitcoind.locate.locate_node`. ``NodeUnavailable`` when none is found."""
+    from btcchannel.bitcoind.locate import locate_node
 
-    access = derive_node_access(settings.network, settings.bitcoin_datadir, settings.bitcoin_conf, settings.rpc_url)
-    if settings.rpc_user is not None:
-        return NodeEndpoint(access.url, settings.rpc_user, settings.rpc_password or "", None, "--rpc-user")
-    if settings.rpc_url or settings.rpc_cookie:
-        if access.user is not None and settings.rpc_cookie is None:
-            return NodeEndpoint(access.url, access.user, access.password or "", None, "rpcpassword of bitcoin.conf")
-        return NodeEndpoint(access.url, None, None, settings.rpc_cookie or access.cookie,
-                            "--rpc-cookie" if settings.rpc_cookie else "the network's cookie")
-    if settings.network == "regtest" and settings.bitcoin_datadir is None and settings.bitcoin_conf is None:
-        for folder in (settings.regtest_dir, default_datadir() / "regtest-node"):
-            rec = recorded_rpc(folder)
-            if rec is not None:
-                url, user, password = rec
-                return NodeEndpoint(url, user, password, None, f"`btcchannel regtest start` node in {folder}")
-    if access.user is not None:
-        return NodeEndpoint(access.url, access.user, access.password or "", None, "rpcpassword of bitcoin.conf")
-    if access.cookie is not None and access.cookie.exists():
-        return NodeEndpoint(access.url, None, None, access.cookie, "the network's cookie")
-    start = " or run `btcchannel regtest start`" if settings.network == "regtest" else ""
-    raise NodeUnavailable(f"no {settings.network} node found: no cookie at {access.cookie} and no rpcpassword in "
-                          f"bitcoin.conf; pass --bitcoin-datadir, --rpc-url with --rpc-cookie or "
-                          f"--rpc-user/--rpc-password{start}")
+    return locate_node(settings.network, rpc_url=settings.rpc_url, rpc_cookie=settings.rpc_cookie,
+                       rpc_user=settings.rpc_user, rpc_password=settings.rpc_password,
+                       bitcoin_datadir=settings.bitcoin_datadir, bitcoin_conf=settings.bitcoin_conf,
+                       regtest_dirs=(settings.regtest_dir, default_datadir() / "regtest-node"))
 
 
 def make_node(settings: Settings, default_wallet: str) -> Node:
     """A client of :func:`node_endpoint`'s node (``default_wallet`` unless ``--wallet``); a node
     that does not answer at all is reported as such, not as a missing cookie."""
-    from btcchannel.bitcoind.rpc import Node
+    from btcchannel.bitcoind.locate import node_client
 
-    wallet = settings.wallet or default_wallet
-    ep = node_endpoint(settings)
-    _check_url(ep.url)
-    if ep.user is not None:
-        return Node(ep.url, auth=(ep.user, ep.password or ""), wallet=wallet)
-    if ep.cookie is None or not ep.cookie.exists():
-        _check_reachable(ep.url)
-    return Node(ep.url, cookie_file=ep.cookie, wallet=wallet)
-
-
-def _check_url(url: str) -> tuple[str, int]:
-    """The host and port of the node's RPC ``url``; ``NodeUnavailable`` saying how to write it
-    when it is not an http(s) URL with a host and a valid port."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise NodeUnavailable(f"--rpc-url {url!r} is not a URL: give it as http://HOST:PORT, "
-                              "e.g. http://127.0.0.1:18443")
-    try:
-        return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        raise NodeUnavailable(f"--rpc-url {url!r} has a bad port: {e}") from e
-
-
-def _check_reachable(url: str, timeout: float = 3.0) -> None:
-    """``NodeUnavailable`` naming ``url`` when nothing accepts a connection there."""
-    import socket
-
-    host, port = _check_url(url)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        raise NodeUnavailable(f"no node answers at {url}: {why}") from e
+    return node_client(node_endpoint(settings), settings.wallet or default_wallet)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

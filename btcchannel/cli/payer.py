@@ -223,45 +223,88 @@ def pay(settings: Settings, channel_id: str, amount_sat: int) -> None:
 
 @click.command()
 @click.argument("url")
-@click.option("--channel", "channel_id", default=None, help="Channel to pay with [default: the open one to this payee].")
+@click.option("--channel", "channel_id", default=None, help="Channel to pay with [default: an open one to the route's payee].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the body here.")
+@click.option("--method", default="GET", show_default=True, help="The HTTP method of the request.")
+@click.option("--deposit-sat", type=click.IntRange(1), default=None,
+              help="Open a channel with this deposit when none to the route's payee can pay.")
+@click.option("--lifetime-blocks", type=click.IntRange(1), default=144, show_default=True,
+              help="The lifetime of a channel opened by --deposit-sat.")
+@click.option("--max-price-sat", type=click.IntRange(0), default=None, help="Refuse a route asking more per unit.")
+@click.option("--max-total-sat", type=click.IntRange(1), default=None,
+              help="Refuse a route costing more; a channel opened here agrees on this total.")
 @click.pass_obj
-def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None) -> None:
-    """Request a paid URL, paying as the payee's 402 answer asks; a /v1/file URL fetches every chunk.
+def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None, method: str,
+          deposit_sat: int | None, lifetime_blocks: int, max_price_sat: int | None, max_total_sat: int | None) -> None:
+    """Request a paid URL and pay exactly what its 402 asks; a /v1/file URL fetches every chunk.
 
+    The route's 402 names its price, its units and its payee's protocol URL: the request is paid
+    through an open channel to that URL, else (with --deposit-sat) through one opened there
+    under --max-price-sat/--max-total-sat; without one the error names the `open` command.
     The body goes to --out, else to stdout (under --json: base64 in the document's body_base64).
-    Without --channel it pays with the newest channel the payee reports open with deposit left.
 
     \b
     Example:
+      btcchannel fetch http://127.0.0.1:8080/answer --deposit-sat 20000 --max-price-sat 1
       btcchannel fetch http://127.0.0.1:8402/v1/file --out data.bin
     """
+    from btcchannel.payer.buy import Budget, NoChannel, ask_price, channel_for_challenge
     from btcchannel.payer.metered import MeteredPayer
 
+    budget = Budget(max_price_sat=max_price_sat, max_total_sat=max_total_sat, deposit_sat=deposit_sat,
+                    lifetime_blocks=lifetime_blocks)
+
     async def run(client: PayerClient) -> dict[str, Any]:
-        cid = channel_id or await client.pick_channel(url)
-        await client.wait_open(cid, timeout=600.0)
-        payer = MeteredPayer(client, cid)
         if url.rstrip("/").endswith("/v1/file"):
-            body, units = await _fetch_file(payer, url.rstrip("/"), settings)
+            cid = channel_id or await client.pick_channel(url)
+            await client.wait_open(cid, timeout=600.0)
+            body, units = await _fetch_file(MeteredPayer(client, cid), url.rstrip("/"), settings)
+            paid = None
         else:
-            _status, body = await payer.fetch(url)
-            units = 1
+            challenge, status, body = await ask_price(client, url, method)
+            if challenge is None:  # a free answer
+                cid, units, paid = None, 0, 0
+                if status >= 400:
+                    raise BadRequest(f"{url}: HTTP {status}")
+            else:
+                cid = await channel_for_challenge(client, challenge, budget, channel_id=channel_id,
+                                                  progress=None if settings.json else _open_progress)
+                payer = MeteredPayer(client, cid)
+                before = client.store.get(cid).acked_sat
+                units = challenge.units_for(await payer.metering())
+                answer = await payer.request(url, method, units=units)
+                body = answer.body
+                paid = client.store.get(cid).acked_sat - before
         if out is not None:
             out.write_bytes(body)
         elif not settings.json:
             sys.stdout.buffer.write(body)
-        rec = client.store.get(cid)
-        doc = {"channel_id": cid, "bytes": len(body), "units": units, "amount_sat": rec.acked_sat,
-               "remaining_sat": rec.deposit_sat - rec.acked_sat, "out": str(out) if out else None}
+        doc: dict[str, Any] = {"channel_id": cid, "bytes": len(body), "units": units, "paid_sat": paid,
+                               "out": str(out) if out else None}
+        if cid is not None:
+            rec = client.store.get(cid)
+            doc.update({"amount_sat": rec.acked_sat, "remaining_sat": rec.deposit_sat - rec.acked_sat,
+                        "state": rec.state.value})
         if out is None and settings.json:
             doc["body_base64"] = base64.b64encode(body).decode()
         return doc
 
-    doc = run_async(with_client(settings, run))
+    try:
+        doc = run_async(with_client(settings, run))
+    except NoChannel as exc:
+        fail(exc, settings.json, hint=f"open one at the protocol URL the route names: {exc.open_command}, "
+                                      f"or pass --deposit-sat to open it here")
     if settings.json or out is not None:
         emit(settings, doc, f"fetched {doc['bytes']} bytes in {doc['units']} paid units; "
-                            f"channel {doc['channel_id']} total {doc['amount_sat']} sat")
+                            f"channel {doc['channel_id']} total {doc.get('amount_sat')} sat")
+
+
+def _open_progress(event: str, f: dict[str, Any]) -> None:
+    """What ``fetch`` says on stderr while it opens a channel."""
+    if event == "funded":
+        click.echo(f"opening channel {f['channel_id']}: funding transaction {f['funding_txid']} broadcast", err=True)
+    elif event == "confirmations":
+        click.echo(f"waiting for confirmations: {f['confirmations']}/{f['needed']}", err=True)
 
 
 async def _fetch_file(payer: MeteredPayer, url: str, settings: Settings) -> tuple[bytes, int]:

@@ -14,7 +14,10 @@ and gate your handlers with a :class:`Seller` made from it::
     app.router.add_get("/answer", answer)
 
 The gating itself is :class:`btcchannel.payee.gate.PaymentGate`'s; :func:`serve_gated` is the
-aiohttp side of it (also used by ``paid()`` in :mod:`btcchannel.payee.metered`).
+aiohttp side of it (also used by ``paid()`` in :mod:`btcchannel.payee.metered`): it decides only
+whether the handler *served* (any status below 500, returned or raised as ``web.HTTPException``:
+charged) or *failed* (5xx, or another exception before anything was sent: not charged). A seller's
+whole program in one object (node, store, protocol mounted) is :class:`btcchannel.payee.seller.PaidService`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler, units: int,
                       protocol_path: str = "") -> web.StreamResponse:
-    """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served."""
+    """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served.
+
+    Served (charged): any answer with a status below 500, returned or raised (``raise
+    web.HTTPFound(...)`` is a redirect the payer receives); a stream once started. Failed (not
+    charged): a status of 500 or more, or an exception other than an HTTP answer raised before
+    anything was sent."""
     body = await request.read() if request.body_exists else None  # auth v2 covers it (kept for the handler)
     admitted = await gate.admit(request.method, request.raw_path, request.headers, units,
                                 f"{request.scheme}://{request.host}{protocol_path}", body=body, peer=request.remote)
@@ -42,14 +50,25 @@ async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler,
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:
         resp = await handler(request)
+    except web.HTTPException as answer:  # an answer raised: served unless 5xx
+        if answer.status < 500:
+            answer.headers.update(await gate.served(admitted, answer.status))
+        elif not _started(request):
+            await gate.failed(admitted)
+        raise
     except BaseException:
-        if request.writer is None or request.writer.output_size == 0:  # served nothing: charged nothing
+        if not _started(request):  # served nothing: charged nothing
             await gate.failed(admitted)  # (a stream the payer broke off was served: it stays charged)
         raise
     extra = await gate.served(admitted, resp.status)
     if not resp.prepared:
         resp.headers.update(extra)
     return resp
+
+
+def _started(request: web.Request) -> bool:
+    """Whether anything of an answer was sent."""
+    return request.writer is not None and request.writer.output_size > 0
 
 
 class Seller:

@@ -3,8 +3,11 @@ metered payee (``btcchannel.payee.metered``) through one open channel, in either
 
     class MeteredPayer:
         def __init__(self, client: PayerClient, channel_id: str) -> None
-        async def fetch(self, url: str, method: str = "GET", *, units: int = 1,
+        async def fetch(self, url: str, method: str = "GET", *, units: int | None = 1,
                         data: bytes | None = None) -> tuple[int, bytes]
+        async def request(self, url, method="GET", *, units=None, data=None, headers=None,
+                          allow_redirects=True) -> PaidResponse   # units None: as the route's 402 says
+        def stream(self, url, ...) -> AsyncContextManager[aiohttp.ClientResponse]   # the answer unread
         async def settle(self) -> int          # postpay: pay the owed total now (also by a timer)
         async def aclose(self) -> None         # stop the settle timer
 
@@ -17,7 +20,10 @@ names are :mod:`btcchannel.wire`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -25,10 +31,11 @@ import aiohttp
 from btcchannel.core.params import Payment
 from btcchannel.core.terms import Metering
 from btcchannel.errors import ChannelError, ProtocolViolation, error_for_code
+from btcchannel.payer.challenge import Challenge
 from btcchannel.payer.client import PayerClient
 from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_OWED, HDR_PAID, HDR_SIGNATURE
 
-__all__ = ["MeteredPayer"]
+__all__ = ["Exchange", "MeteredPayer", "PaidResponse"]
 
 
 class MeteredPayer:
@@ -143,68 +150,62 @@ class MeteredPayer:
         return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units),
                                            units_ahead=units)
 
-    async def fetch(self, url: str, method: str = "GET", *, units: int = 1, data: bytes | None = None) -> tuple[int, bytes]:
+    async def fetch(self, url: str, method: str = "GET", *, units: int | None = 1,
+                    data: bytes | None = None) -> tuple[int, bytes]:
         """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed.
 
-        One request at a time on the channel (its authentication counters must arrive in order); a
-        timed settlement waits for the request in flight, so it counts that request's units."""
-        async with self._lock:
-            return await self._fetch(url, method, units, data)
+        ``units=None``: pay what the route's 402 asks (see :meth:`request`, which also gives the
+        headers). One request at a time on the channel (its authentication counters must arrive
+        in order); a timed settlement waits for the request in flight, so it counts its units."""
+        answer = await self.request(url, method, units=units, data=data)
+        return answer.status, answer.body
 
-    async def _fetch(self, url: str, method: str, units: int, data: bytes | None) -> tuple[int, bytes]:
-        metering = await self.metering()
-        headers = {HDR_CHANNEL: self.channel_id}
-        payment: Payment | None = None
-        resynced = False
-        for _attempt in range(3):
-            if metering.mode == "prepay" and metering.cost(units) > 0:
-                payment = await self._prepay_payment(metering, units)
-                for name in (HDR_AMOUNT, HDR_SIGNATURE):
-                    headers.pop(name, None)
-                if payment is not None:
-                    headers[HDR_AMOUNT] = str(payment.amount_sat)
-                    headers[HDR_SIGNATURE] = payment.signature.hex()
-            headers[HDR_AUTH] = await self._sign(method, url, data, headers)
-            status, body, resp_headers = await self._request(method, url, headers, data)
-            if status == 401 and not resynced and self._resync(body):
-                resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
-                continue
-            if status == 402:
-                if self._error_code(body) == "credit_cap_reached":
-                    self._raise(status, body)  # the payee's cap across channels: settling this one does not help
-                if metering.mode == "prepay" and payment is None:
-                    if self._failed_units >= units:  # we know they were not served: never paid twice
-                        raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
-                    # a unit paid ahead that the payee has no credit for: it was served and its answer
-                    # lost (prepay's risk, one request's units); counted as received, then paid afresh
-                    self.client.store.add_units(self.channel_id, units)
-                    continue
-                if metering.mode == "postpay":
-                    before = self.client.store.get(self.channel_id).acked_sat
-                    self._cancel_timer()
-                    if await self._settle() > before:
-                        continue
-                if metering.mode == "prepay":
-                    self._failed_units += units  # a paid request is never answered 402: not served
-                raise ProtocolViolation(f"payment refused: {body[:200]!r}")
-            if status >= 400:
-                if status >= 500 and payment is not None and metering.mode == "prepay":
-                    self._failed_units += units  # not served, not charged: credited to the next request
-                self._raise(status, body)
-            if payment is None and metering.mode == "prepay":
-                self._failed_units = max(0, self._failed_units - units)
-            self.client.store.add_units(self.channel_id, units, payment.amount_sat if payment is not None else None)
-            if metering.mode == "postpay":
-                owed = int(resp_headers.get(HDR_OWED, "0"))
-                paid_total = int(resp_headers.get(HDR_PAID, "0"))
-                if metering.exceeds_credit(owed, paid_total, units):
-                    if owed > self.client.store.get(self.channel_id).acked_sat:
-                        await self.client.pay(self.channel_id, amount=owed)
-                    self._cancel_timer()
-                else:
-                    self._arm_timer()
-            return status, body
-        raise ProtocolViolation("the payee keeps asking for payment")
+    async def request(self, url: str, method: str = "GET", *, units: int | None = None, data: bytes | None = None,
+                      headers: Mapping[str, str] | None = None, allow_redirects: bool = True) -> PaidResponse:
+        """Request ``url`` and pay for it: the status, headers and body (:class:`PaidResponse`).
+
+        Without ``units`` the route says what it costs: the request is first sent without a
+        payment and the payee's 402 names the route's units (``WWW-Authenticate: Btcchannel ...
+        units=...``); the payment of exactly those units follows (a route that costs nothing
+        more, e.g. on the credit of a failed request, is served at once). Nothing is ever
+        signed for an amount other than the route's price. :meth:`stream` gives the answer
+        unread."""
+        async with self.stream(url, method, units=units, data=data, headers=headers,
+                               allow_redirects=allow_redirects) as resp:
+            try:
+                body = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise self.client.unreachable(method, url, exc) from exc
+            return PaidResponse(resp.status, resp.headers.copy(), body)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, url: str, method: str = "GET", *, units: int | None = None, data: bytes | None = None,
+                     headers: Mapping[str, str] | None = None,
+                     allow_redirects: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
+        """As :meth:`request`, but the paid answer is given unread (``async for chunk in
+        resp.content.iter_chunked(n)``), and released when the block ends."""
+        async with self._lock:
+            exchange = self.exchange(method, url, units, data)
+            while True:
+                sent = {**(headers or {}), **await exchange.headers()}
+                try:
+                    resp = await self.client.session.request(method, url, headers=sent, data=data,
+                                                             allow_redirects=allow_redirects)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise self.client.unreachable(method, url, exc) from exc
+                try:
+                    error_body = await resp.read() if resp.status >= 400 else None
+                    done = await exchange.answered(resp.status, resp.headers, error_body)
+                except BaseException:
+                    resp.release()
+                    raise
+                if done:
+                    break
+                resp.release()
+        try:
+            yield resp
+        finally:
+            resp.release()
 
     async def _sign(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> str:
         """``X-Btcchannel-Auth`` (v2) of the request about to be sent with ``headers`` and body ``data``,
@@ -235,14 +236,32 @@ class MeteredPayer:
         self.client.resync_request_counter(self.channel_id, last)
         return True
 
-    async def _request(
-        self, method: str, url: str, headers: dict[str, str], data: bytes | None
-    ) -> tuple[int, bytes, dict[str, str]]:
-        try:
-            async with self.client.session.request(method, url, headers=headers, data=data) as resp:
-                return resp.status, await resp.read(), dict(resp.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise self.client.unreachable(method, url, exc) from exc
+    def exchange(self, method: str, url: str, units: int | None, data: bytes | None = None) -> Exchange:
+        """One paid request, transport-free: :meth:`Exchange.headers` to send, then
+        :meth:`Exchange.answered` with what came back, until it says done (the caller holds
+        :attr:`lock`). What the HTTP client integrations are built on."""
+        return Exchange(self, method, url, units, data)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held for one request at a time on the channel."""
+        return self._lock
+
+    async def _after_served(self, metering: Metering, units: int, payment: Payment | None,
+                            resp_headers: Mapping[str, str]) -> None:
+        """A served answer: count its units, and in postpay settle when the credit runs out."""
+        if payment is None and metering.mode == "prepay":
+            self._failed_units = max(0, self._failed_units - units)
+        self.client.store.add_units(self.channel_id, units, payment.amount_sat if payment is not None else None)
+        if metering.mode == "postpay":
+            owed = int(resp_headers.get(HDR_OWED, "0"))
+            paid_total = int(resp_headers.get(HDR_PAID, "0"))
+            if metering.exceeds_credit(owed, paid_total, units):
+                if owed > self.client.store.get(self.channel_id).acked_sat:
+                    await self.client.pay(self.channel_id, amount=owed)
+                self._cancel_timer()
+            else:
+                self._arm_timer()
 
     @staticmethod
     def _raise(status: int, body: bytes) -> None:
@@ -252,3 +271,113 @@ class MeteredPayer:
         except (ValueError, KeyError, TypeError):
             raise ProtocolViolation(f"HTTP {status} without an error body") from None
         raise error_for_code(code, msg)
+
+
+@dataclass(frozen=True)
+class PaidResponse:
+    """A paid request's answer: ``status``, ``headers`` and ``body``."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON."""
+        return json.loads(self.body)
+
+
+class Exchange:
+    """One paid request, whatever sends it: :meth:`headers` gives the channel's headers for the next
+    attempt (the payment, if one is due, signed and stored first); :meth:`answered` takes the
+    status, headers and, for a status of 400 or more, the body, and says whether the request is
+    done (True) or must be sent again with fresh headers (False: a 402 named the route's units,
+    or a credit was used up); typed errors otherwise."""
+
+    #: attempts before the payee is taken to be asking for payment forever
+    max_attempts = 4
+
+    def __init__(self, payer: MeteredPayer, method: str, url: str, units: int | None, data: bytes | None) -> None:
+        if units is not None and units < 1:
+            raise ValueError("units must be at least 1")
+        self.payer = payer
+        self.method = method.upper()
+        self.url = url
+        self.units = units
+        self.data = data
+        self.payment: Payment | None = None
+        self.attempts = 0
+        self.resynced = False
+        #: the route's 402 challenge, once one was seen
+        self.challenge: Challenge | None = None
+
+    async def headers(self) -> dict[str, str]:
+        """The channel's headers for the next attempt (a payment only once the units are known)."""
+        self.attempts += 1
+        if self.attempts > self.max_attempts:
+            raise ProtocolViolation("the payee keeps asking for payment")
+        payer = self.payer
+        metering = await payer.metering()
+        out = {HDR_CHANNEL: payer.channel_id}
+        self.payment = None
+        if self.units is not None and metering.mode == "prepay" and metering.cost(self.units) > 0:
+            self.payment = await payer._prepay_payment(metering, self.units)
+            if self.payment is not None:
+                out[HDR_AMOUNT] = str(self.payment.amount_sat)
+                out[HDR_SIGNATURE] = self.payment.signature.hex()
+        out[HDR_AUTH] = await payer._sign(self.method, self.url, self.data, out)
+        return out
+
+    async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
+        """What came back: True when served (its units counted), False to send again."""
+        payer = self.payer
+        metering = await payer.metering()
+        client = payer.client
+        if status == 401 and not self.resynced and payer._resync(body or b""):
+            self.resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
+            return False
+        if status == 402:
+            if body is not None and payer._error_code(body) == "credit_cap_reached":
+                payer._raise(status, body)  # the payee's cap across channels: settling this one does not help
+            challenge = Challenge.from_answer(headers, body)
+            if self.units is None:  # the route names its price: pay exactly that, or nothing
+                self.challenge = challenge
+                self.units = challenge.units_for(metering)
+                return False
+            if metering.mode == "prepay" and self.payment is None:
+                if payer._failed_units >= self.units:  # we know they were not served: never paid twice
+                    raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
+                # a unit paid ahead that the payee has no credit for: it was served and its answer
+                # lost (prepay's risk, one request's units); counted as received, then paid afresh
+                client.store.add_units(payer.channel_id, self.units)
+                return False
+            if metering.mode == "postpay":
+                before = client.store.get(payer.channel_id).acked_sat
+                payer._cancel_timer()
+                if await payer._settle() > before:
+                    return False
+            if metering.mode == "prepay":
+                payer._failed_units += self.units  # a paid request is never answered 402: not served
+            raise ProtocolViolation(f"payment refused: {(body or b'')[:200]!r}")
+        if status >= 400:
+            if status >= 500 and self.payment is not None and metering.mode == "prepay":
+                payer._failed_units += self.units or 0  # not served, not charged: credited to the next request
+            payer._raise(status, body or b"")
+        units = self.units
+        if units is None:  # served without a 402 (a free route, a unit credit, postpay credit)
+            units = self._served_units(metering, headers)
+            if units == 0:
+                return True
+        await payer._after_served(metering, units, self.payment, headers)
+        return True
+
+    def _served_units(self, metering: Metering, headers: Mapping[str, str]) -> int:
+        """The units a request sent without a price was charged: from the owed total it reports."""
+        if HDR_OWED not in headers or metering.price_sat == 0:
+            return 0  # not metered
+        rec = self.payer.client.store.get(self.payer.channel_id)
+        owed = int(headers[HDR_OWED])
+        units, rest = divmod(owed - metering.cost(rec.units), metering.price_sat)
+        if rest or units < 0:
+            raise ProtocolViolation(f"the payee reports {owed} sat owed after {rec.units} units at "
+                                    f"{metering.price_sat} sat: not a whole number of units more")
+        return units
