@@ -60,6 +60,7 @@ from btcchannel.errors import (
 from btcchannel.payee.appkeys import CLOSER, SERVICE, WATCHER
 from btcchannel.payee.closer import Closer, is_uneconomic
 from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.leadership import Leadership
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payee.service import PayeeService
 from btcchannel.payee.shared import ChainTip
@@ -196,21 +197,22 @@ async def _close(request: web.Request) -> web.Response:
 # ----------------------------------------------------------------------------- the app
 
 
-async def _lead(config: ServerConfig, store: PayeeStore, watcher: Watcher) -> None:
-    """Run the watcher (and with it the closer's rounds) once this instance holds the store's leader
-    lock (always, on SQLite); until then retry the lock every poll interval (at most a second)."""
+async def _lead(config: ServerConfig, leadership: Leadership, watcher: Watcher) -> None:
+    """Run the watcher (and with it the closer's rounds) while this instance holds the store's leader
+    lock (always, on SQLite); until then, and again once it is lost, retry the lock every poll
+    interval (at most a second). The watcher's run ends when the lock is lost."""
     interval = min(config.poll_interval_s, LEAD_RETRY_S)
-    while not store.try_lead():
-        await asyncio.sleep(interval)
-    log.info("this instance runs the watcher and the closer")
-    await watcher.run()
+    while True:
+        await leadership.acquire(interval)
+        await watcher.run()
 
 
 def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watcher: bool = True) -> web.Application:
     """The payee's aiohttp application: service, closer and watcher (its background task)."""
     app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
     tip = ChainTip()
-    closer = Closer(config, store, node)
+    leadership = Leadership(store)
+    closer = Closer(config, store, node, leadership=leadership)
     watcher = Watcher(config, store, node, closer, tip)
     app[SERVICE] = PayeeService(config, store, node, closer, tip)
     app[CLOSER] = closer
@@ -229,7 +231,7 @@ def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watch
         await watcher.start()
         tasks = [asyncio.ensure_future(watcher.follow_tip())]
         if run_watcher:
-            tasks.append(asyncio.ensure_future(_lead(config, store, watcher)))
+            tasks.append(asyncio.ensure_future(_lead(config, leadership, watcher)))
         yield
         for task in tasks:
             task.cancel()

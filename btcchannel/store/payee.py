@@ -36,7 +36,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Iterable, Mapping
+from typing import Any, ClassVar, Final, Iterable, Mapping, Sequence
 
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
@@ -168,6 +168,16 @@ class PayeeStore(SeedKeys, Database):
     def try_lead(self) -> bool:
         """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
         return True
+
+    def still_leads(self) -> bool:
+        """Whether this process still holds the leadership it took with :meth:`try_lead`: always, on
+        SQLite (one file, one payee); on PostgreSQL a check of the lock's own session."""
+        return True
+
+    def _fence(self) -> tuple[str, tuple[Any, ...]]:
+        """The condition (SQL appended to a close's compare-and-set, and its arguments) that holds only
+        while this process's leadership is the current one: none on SQLite (see ``PgPayeeStore``)."""
+        return "", ()
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -417,38 +427,61 @@ class PayeeStore(SeedKeys, Database):
         return self.transition(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
 
     def reclaim_stale_close(self, channel_id: str, older_than: float) -> bool:
-        """Take over a ``closing`` claim that never got a close txid (its process died)."""
+        """Take over a ``closing`` claim that never got a close txid (its process died); fenced
+        by the leadership (:meth:`_fence`)."""
         now = time.time()
+        fence, fence_args = self._fence()
         return self._update(
             "UPDATE channels SET close_claimed_at=?, updated_at=? WHERE channel_id=? AND state=?"
-            " AND close_txid IS NULL AND close_claimed_at<?",
-            (now, now, channel_id, _S.CLOSING.value, older_than),
+            " AND close_txid IS NULL AND close_claimed_at<?" + fence,
+            (now, now, channel_id, _S.CLOSING.value, older_than, *fence_args),
         )
 
     def record_close_intent(
         self, channel_id: str, txid: str, raw_tx: str, fee_rate: float, previous_txid: str | None
     ) -> bool:
         """Record the close about to be broadcast (or its RBF replacement): its raw transaction,
-        txid and fee rate, CAS on the current close txid. Called *before* the broadcast, so a
-        process that dies in between leaves a close the next one sends byte for byte."""
+        txid and fee rate, CAS on the current close txid and on the leadership (:meth:`_fence`).
+        Called *before* the broadcast, so a process that dies in between leaves a close the next
+        one sends byte for byte; a False means: do not broadcast it."""
         rec = self.get(channel_id)
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        fence, fence_args = self._fence()
         return self._update(
             "UPDATE channels SET close_tx=?, close_tx_txid=?, close_txids=?, close_fee_rate=?, updated_at=?"
-            " WHERE channel_id=? AND state=? AND close_txid IS ?",
-            (raw_tx, txid, json.dumps(txids), fee_rate, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+            " WHERE channel_id=? AND state=? AND close_txid IS ?" + fence,
+            (raw_tx, txid, json.dumps(txids), fee_rate, time.time(), channel_id, _S.CLOSING.value, previous_txid,
+             *fence_args),
         )
+
+    def record_close_intents(
+        self, channel_ids: Sequence[str], txid: str, raw_tx: str, fee_rate: float, previous_txid: str | None
+    ) -> bool:
+        """:meth:`record_close_intent` for every channel of one shared close, all or none in one
+        transaction: True only if every one was recorded (a close spending several fundings is
+        broadcast only when each of them records it)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            ok = all(self.record_close_intent(cid, txid, raw_tx, fee_rate, previous_txid) for cid in channel_ids)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT" if ok else "ROLLBACK")
+        return ok
 
     def set_close_tx(
         self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None
     ) -> bool:
-        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid."""
+        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid and on
+        the leadership (:meth:`_fence`)."""
         rec = self.get(channel_id)
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        fence, fence_args = self._fence()
         return self._update(
             "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, updated_at=?"
-            " WHERE channel_id=? AND state=? AND close_txid IS ?",
-            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+            " WHERE channel_id=? AND state=? AND close_txid IS ?" + fence,
+            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid,
+             *fence_args),
         )
 
     def release_close_claim(self, channel_id: str) -> bool:
