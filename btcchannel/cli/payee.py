@@ -70,7 +70,11 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--metrics/--no-metrics", default=True, show_default=True,
               help="Serve Prometheus metrics at /metrics.")
 @click.option("--backup-db", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Keep a copy of payee.db here (put it on another disk), updated on every change.")
+              help="Keep a copy of payee.db here (put it on another disk): every payment is written to it "
+                   "before it is acknowledged, every other change copied within a second.")
+@click.option("--backup-async", is_flag=True, default=False,
+              help="Copy payee.db to --backup-db only in the background (faster; the copy may lack the "
+                   "payments of the last second, and a restore from it closes those channels for less).")
 @click.option("--backup-interval", type=click.FloatRange(1.0), default=60.0, show_default=True,
               help="Seconds between copies when nothing changed.")
 @click.pass_obj
@@ -79,7 +83,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
           close_margin_blocks: int | None,
           min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
           chunk_size: int, store_url: str | None, metrics: bool, backup_db: Path | None,
-          backup_interval: float) -> None:
+          backup_interval: float, backup_async: bool) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
     mode, credit limit and timeouts given here (``GET /v1/info`` states them); channels already
     open keep the terms they were agreed under.
@@ -106,7 +110,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
         if backup_db is not None:
             from btcchannel.payee.backup import install_backup
 
-            install_backup(app, config.db_path, backup_db, interval_s=backup_interval)
+            install_backup(app, config.db_path, backup_db, interval_s=backup_interval, synchronous=not backup_async)
         if metrics:
             from btcchannel.payee.metrics import install_metrics
 

@@ -22,7 +22,8 @@ Entry points (what the CLI calls)::
 
     def main(argv: list[str] | None = None) -> None
         # python -m btcchannel.payee CONFIG.json : {"config": {ServerConfig fields},
-        #   "node": {"url": ..., "cookie_file": ..., "wallet": ...}, "file": optional path to sell}
+        #   "node": {"url": ..., "cookie_file": ..., "wallet": ...}, "file": optional path to sell,
+        #   "backup_db": optional path of the backup (payee.backup), "backup_async": false}
 
 Errors leave as ``{"error": {"code", "message"}}`` with the code's HTTP status; bad input
 never yields a 500. Errors that are not the client's (the node's, the payee's own bugs)
@@ -300,11 +301,14 @@ def main(argv: list[str] | None = None) -> None:
     async def run() -> None:
         node = Node(n["url"], cookie_file=Path(n["cookie_file"]) if n.get("cookie_file") else None,
                     auth=tuple(n["auth"]) if n.get("auth") else None, wallet=n.get("wallet"))
-        hook = None
-        if spec.get("file"):
-
-            def hook(app: web.Application) -> None:
+        def hook(app: web.Application) -> None:
+            if spec.get("file"):
                 add_file_route(app, Path(spec["file"]), chunk_size=int(spec.get("chunk_size", 1024)))
+            if spec.get("backup_db"):
+                from btcchannel.payee.backup import install_backup
+
+                install_backup(app, config.db_path, Path(spec["backup_db"]),
+                               synchronous=not spec.get("backup_async", False))
 
         task = asyncio.ensure_future(serve(config, node, app_hook=hook))
         loop = asyncio.get_running_loop()

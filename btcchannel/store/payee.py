@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final, Iterable, Mapping, Sequence
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
+from btcchannel.store._group import AfterCommit
 from btcchannel.store._payee_schema import MIGRATIONS as _MIGRATIONS
 from btcchannel.store._seed import SeedKeys
 
@@ -164,6 +165,10 @@ class PayeeStore(SeedKeys, Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
     MIGRATIONS, PUBKEY_FIELD = _MIGRATIONS, "payee_pubkey"
+
+    #: a second durable copy of every stored payment, written before the payment is acknowledged
+    #: (the payee's synchronous backup); the group-commit writer calls it as its ``after_commit``
+    payment_mirror: AfterCommit | None = None
 
     def try_lead(self) -> bool:
         """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
@@ -361,6 +366,8 @@ class PayeeStore(SeedKeys, Database):
         """
         sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter)
         rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
+        if rows and self.payment_mirror is not None:
+            self.payment_mirror([(sql, args, len(rows))])  # in the backup too, before the acknowledgement
         return _payee_from_row(rows[0]) if rows else None
 
     async def record_payment_async(
