@@ -58,6 +58,11 @@ class ServerConfig:
     payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
     idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
+    body_timeout_s: float = 10.0            # a request body must arrive whole within this (else 400, connection closed)
+    header_timeout_s: float = 15.0          # a connection must complete a request's headers within this of opening
+                                            # (or of its last answer), else it is closed
+    max_header_bytes: int = 8190            # longest request line and header field
+    max_headers: int = 64                   # most header fields in a request
     store_url: str | None = None            # postgresql://... shared by several instances; None: <datadir>/payee.db
 
     @property
@@ -85,6 +90,10 @@ class ServerConfig:
             raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
+        if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
+            raise ValueError("body_timeout_s and header_timeout_s must be positive")
+        if self.max_header_bytes < 256 or self.max_headers < 8:
+            raise ValueError("max_header_bytes must be at least 256 and max_headers at least 8")
         if self.max_block_age_s is not None and self.max_block_age_s <= 0:
             raise ValueError("max_block_age_s must be positive")
         if self.store_url is not None and not is_postgres_url(self.store_url):

@@ -44,10 +44,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState
 from btcchannel.errors import (
+    BadRequest,
     ChannelError,
     CloseUneconomic,
     IllegalTransition,
@@ -58,7 +60,8 @@ from btcchannel.errors import (
     ProtocolViolation,
     TooLarge,
 )
-from btcchannel.payee.appkeys import CLOSER, SERVICE, WATCHER
+from btcchannel.payee.appkeys import CLIENT_ERRORS, CLOSER, SERVICE, WATCHER
+from btcchannel.payee.clientlog import ClientErrorLog
 from btcchannel.payee.closer import Closer, is_uneconomic
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.leadership import Leadership
@@ -69,7 +72,8 @@ from btcchannel.payee.watcher import Watcher
 from btcchannel.store import PayeeStore, open_payee_store
 from btcchannel.wire import channel_object, check_channel_id, parse_body
 
-__all__ = ["SERVICE", "CLOSER", "WATCHER", "create_app", "serve", "main", "read_body", "error_response"]
+__all__ = ["SERVICE", "CLOSER", "WATCHER", "ClientFault", "app_runner", "create_app", "serve", "main", "read_body",
+           "error_response"]
 
 log = logging.getLogger("btcchannel.payee.http")
 
@@ -81,6 +85,10 @@ _NOT_OPEN: tuple[type[ChannelError], ...] = (NotExpired, CloseUneconomic)
 #: how often an instance that does not run the watcher retries the leader lock (at most)
 LEAD_RETRY_S = 1.0
 
+#: after answering a request whose body was not read whole (too large, too slow), the payee drains
+#: what else the client sends for at most this long (so it can read the answer), then closes
+LINGER_S = 1.0
+
 #: how long POST .../close waits for the close's broadcast so the answer can carry close_txid
 CLOSE_WAIT_S = 10.0
 
@@ -90,11 +98,33 @@ def error_response(err: ChannelError) -> web.Response:
     return web.json_response(err.to_json(), status=err.http_status)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+class ClientFault(BadRequest):
+    """The client did not send its request body (it went away, or was too slow): answered
+    ``bad_request`` (if anyone still listens), counted and logged at INFO by :class:`ClientErrorLog`,
+    and the connection closed."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+async def read_body(request: web.Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The whole request body, whatever its framing (a length, chunks, several TCP segments),
-    ``TooLarge`` beyond ``limit`` bytes (reading no further than one byte past it)."""
+    ``TooLarge`` beyond ``limit`` bytes (reading no further than one byte past it). A body that
+    does not arrive whole within ``timeout_s`` seconds, or is cut short by a disconnect or broken
+    framing, is a :class:`ClientFault`."""
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"request body over {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_all(request, limit)
+    except TimeoutError:
+        raise ClientFault(f"request body not received within {timeout_s:g} s", "body_timeout") from None
+    except (ConnectionError, HttpProcessingError, asyncio.IncompleteReadError) as exc:
+        raise ClientFault(f"request body incomplete: {type(exc).__name__}", "body_incomplete") from None
+
+
+async def _read_all(request: web.Request, limit: int) -> bytes:
     parts: list[bytes] = []
     total = 0
     while True:
@@ -107,10 +137,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             raise TooLarge(f"request body over {limit} bytes")
 
 
+def _body(request: web.Request) -> Awaitable[bytes]:
+    cfg = request.app[SERVICE].config
+    return read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ClientFault as err:
+        request.app[CLIENT_ERRORS].client_error(err.kind, f"{request.method} {request.path}: {err.message}")
+        response = error_response(err)
+        response.force_close()
+        return response
     except _INTERNAL as err:
         log.warning("%s %s: %s", request.method, request.path, err)
         return error_response(InternalError(err.message))
@@ -142,7 +182,7 @@ async def _info(request: web.Request) -> web.Response:
 async def _propose(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     body = parse_body(
-        await read_body(request, svc.config.max_body_bytes),
+        await _body(request),
         ("payer_pubkey", "deposit_sat", "expiry_height", "payer_script"),
         ("max_units", "max_total_sat", "terms"),
     )
@@ -152,14 +192,14 @@ async def _propose(request: web.Request) -> web.Response:
 async def _funding(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     cid = check_channel_id(request.match_info["cid"])
-    body = parse_body(await read_body(request, svc.config.max_body_bytes), ("txid", "vout"))
+    body = parse_body(await _body(request), ("txid", "vout"))
     return web.json_response(await svc.register_funding(cid, body))
 
 
 async def _payment(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     cid = check_channel_id(request.match_info["cid"])
-    body = parse_body(await read_body(request, svc.config.max_body_bytes), ("amount_sat", "signature"))
+    body = parse_body(await _body(request), ("amount_sat", "signature"))
     # the hot path: orjson, and no charset negotiation (JSON is UTF-8)
     return web.Response(body=orjson.dumps(await svc.pay_async(cid, body)), content_type="application/json")
 
@@ -174,7 +214,7 @@ async def _close(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     closer = request.app[CLOSER]
     cid = check_channel_id(request.match_info["cid"])
-    body = parse_body(await read_body(request, svc.config.max_body_bytes), ("signature",))
+    body = parse_body(await _body(request), ("signature",))
     rec = svc.close_request(cid, body)
     # give the broadcast (ours, or another process's that won the claim) up to CLOSE_WAIT_S
     # so the answer can carry close_txid
@@ -211,6 +251,7 @@ async def _lead(config: ServerConfig, leadership: Leadership, watcher: Watcher) 
 def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watcher: bool = True) -> web.Application:
     """The payee's aiohttp application: service, closer and watcher (its background task)."""
     app = web.Application(middlewares=[_errors], client_max_size=config.max_body_bytes)
+    app[CLIENT_ERRORS] = ClientErrorLog()
     tip = ChainTip()
     leadership = Leadership(store)
     closer = Closer(config, store, node, leadership=leadership)
@@ -244,6 +285,17 @@ def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watch
     return app
 
 
+def app_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:
+    """The runner of a payee's app with its bounds on what a client may send: headers complete within
+    ``header_timeout_s`` of a connection's opening or last answer (aiohttp's keep-alive timeout),
+    ``max_header_bytes`` per line and field, ``max_headers`` fields, at most ``LINGER_S`` spent
+    draining a body left unread after the answer; aiohttp's reports of malformed requests go to
+    the app's :class:`ClientErrorLog` (counted, INFO, rate-limited)."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=config.header_timeout_s,
+                         max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
+                         max_headers=config.max_headers, logger=app[CLIENT_ERRORS], lingering_time=LINGER_S)
+
+
 async def serve(
     config: ServerConfig,
     node: Node,
@@ -257,7 +309,7 @@ async def serve(
     app = create_app(config, store, node)
     if app_hook is not None:
         app_hook(app)
-    runner = web.AppRunner(app, access_log=None)
+    runner = app_runner(app, config)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
