@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from btcchannel.core import script
 from btcchannel.core.terms import Metering, ProposalLimits, Terms, deadline_blocks
@@ -13,6 +15,15 @@ from btcchannel.store import is_postgres_url
 from btcchannel.wire import MAX_BODY
 
 __all__ = ["MIN_CLOSE_MARGIN_BLOCKS", "ServerConfig"]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 #: The close is sent ``close_margin_blocks`` before expiry and can be replaced from the next block
 #: on; the payer's refund is valid from expiry: below 2 blocks a stuck close never gets a bump.
@@ -64,6 +75,12 @@ class ServerConfig:
     max_header_bytes: int = 8190            # longest request line and header field
     max_headers: int = 64                   # most header fields in a request
     store_url: str | None = None            # postgresql://... shared by several instances; None: <datadir>/payee.db
+    public_url: str | None = None           # where payers reach the protocol endpoints (the 402's URLs), e.g.
+                                            # https://api.example/btc; None: the request's Host (see origin_policy)
+    trust_host_header: bool = False         # build the 402's URLs from the Host header even on a public address
+    metrics_host: str = "127.0.0.1"         # the separate /metrics listener (see payee.metrics)
+    metrics_port: int = 0                   # (0: a free port, recorded in server.json)
+    metrics_public: bool = False            # serve /metrics on the payee's own port instead (anyone can read it)
 
     @property
     def block_age_bound_s(self) -> float | None:
@@ -96,6 +113,15 @@ class ServerConfig:
             raise ValueError("max_header_bytes must be at least 256 and max_headers at least 8")
         if self.max_block_age_s is not None and self.max_block_age_s <= 0:
             raise ValueError("max_block_age_s must be positive")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError(f"public_url must be an absolute http(s) URL without query, not {self.public_url!r}")
+        if self.price_sat > 0 and not self.host_header_allowed:
+            raise ValueError(
+                f"the payee listens on {self.host} on {self.network} and sells metered requests: set public_url "
+                "(the URL payers reach it at; the 402's URLs are built from it), or trust_host_header if a "
+                "proxy in front sets the Host header")
         if self.store_url is not None and not is_postgres_url(self.store_url):
             raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
         try:
@@ -103,6 +129,15 @@ class ServerConfig:
             self.proposal_limits  # noqa: B018
         except ChannelError as err:
             raise ValueError(err.message) from None
+
+    @property
+    def host_header_allowed(self) -> bool:
+        """Whether the 402's URLs may be built from a request's ``Host`` header (when no ``public_url``
+        is set): on regtest, on a loopback address, or when the operator says so
+        (``trust_host_header``). On a public address a client could otherwise point other payers
+        (through a cache) at any host it names."""
+        return (self.public_url is not None or self.trust_host_header or self.network == "regtest"
+                or _is_loopback(self.host))
 
     def warnings(self) -> list[str]:
         """What is valid but probably unintended in this configuration (the service logs each at start)."""

@@ -60,12 +60,14 @@ from btcchannel.errors import (
     ProtocolViolation,
     TooLarge,
 )
+from btcchannel.logs import hold_back_repeats
 from btcchannel.payee.appkeys import CLIENT_ERRORS, CLOSER, SERVICE, WATCHER
 from btcchannel.payee.clientlog import ClientErrorLog
 from btcchannel.payee.closer import Closer, is_uneconomic
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.leadership import Leadership
 from btcchannel.payee.metered import add_file_route
+from btcchannel.payee.metrics import METRICS
 from btcchannel.payee.service import PayeeService
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payee.watcher import Watcher
@@ -267,6 +269,7 @@ def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watch
     app.router.add_post("/v1/channels/{cid}/close", _close)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        hold_back_repeats()  # the library's repeated warnings, whoever set up logging
         for warning in config.warnings():
             log.warning("configuration: %s", warning)
         await closer.start()
@@ -319,7 +322,9 @@ async def serve(
         port = server.sockets[0].getsockname()[1]
         url = f"http://{config.host}:{port}"
         tmp = config.datadir / "server.json.tmp"
-        tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+        metrics = app.get(METRICS)
+        tmp.write_text(json.dumps({"url": url, "pid": os.getpid(),
+                                   "metrics_url": metrics.url if metrics is not None else None}))
         os.replace(tmp, config.datadir / "server.json")
         log.info("payee service on %s", url)
         if ready is not None:
@@ -349,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     config = ServerConfig.from_json(spec["config"])
     n = spec["node"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per RPC call
 
     async def run() -> None:
         node = Node(n["url"], cookie_file=Path(n["cookie_file"]) if n.get("cookie_file") else None,
