@@ -71,6 +71,9 @@ def _channel_text(obj: dict[str, Any]) -> str:
 @click.option("--public-url", default=None, metavar="URL",
               help="Where payers reach this payee (e.g. https://api.example/btc): the 402's URLs are built from "
                    "it [default: the request's Host header, only on regtest or a loopback address].")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS[/BITS]",
+              help="A reverse proxy in front (repeatable): requests from it are counted against the proposal "
+                   "caps of the client its X-Forwarded-For names.")
 @click.option("--trust-host-header", is_flag=True, default=False,
               help="Build the 402's URLs from the Host header even on a public address (a proxy in front sets it).")
 @click.option("--metrics/--no-metrics", default=True, show_default=True,
@@ -93,7 +96,8 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
           credit_limit_sat: int | None, payment_timeout: float | None, idle_timeout: float | None,
           close_margin_blocks: int | None,
           min_confirmations: int | None, payee_address: str | None, serve_file: Path | None,
-          chunk_size: int, store_url: str | None, public_url: str | None, trust_host_header: bool, metrics: bool,
+          chunk_size: int, store_url: str | None, public_url: str | None, trusted_proxies: tuple[str, ...],
+          trust_host_header: bool, metrics: bool,
           metrics_host: str | None, metrics_port: int | None, metrics_public: bool, backup_db: Path | None,
           backup_interval: float, backup_async: bool) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
@@ -114,7 +118,8 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
         settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
         payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
         min_confirmations=min_confirmations, payee_address=payee_address, store_url=store_url,
-        public_url=public_url, trust_host_header=trust_host_header or None, metrics_host=metrics_host,
+        public_url=public_url, trusted_proxies=trusted_proxies or None,
+        trust_host_header=trust_host_header or None, metrics_host=metrics_host,
         metrics_port=metrics_port, metrics_public=metrics_public or None,
     )
     if backup_db is not None and store_url is not None:

@@ -52,7 +52,10 @@ class ServerConfig:
     proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
     max_proposals: int = 100                # cap on unfunded proposals (too_many_channels)
     max_proposals_per_client: int = 10      # the same cap per client address
-    proposal_cooldown_s: float = 600.0      # a lapsed or cancelled proposal counts against the caps this long
+    proposal_cooldown_s: float = 600.0      # a lapsed or cancelled proposal counts against its client's cap this long
+    proposal_grace_s: float = 10.0          # with the total cap full, the oldest proposal of the client holding
+                                            # the most, unfunded after this long, gives way to a client with fewer
+    trusted_proxies: tuple[str, ...] = ()   # addresses/networks of reverse proxies whose X-Forwarded-For is believed
     retention_s: float = 7 * 86400.0       # failed rows without payments are deleted after this
     close_fee_rate_sat_vb: float | None = None   # None: the node's estimate
     fee_conf_target: int = 6
@@ -107,6 +110,10 @@ class ServerConfig:
             raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
+        try:
+            self.trusted_proxies = tuple(str(ipaddress.ip_network(p, strict=False)) for p in self.trusted_proxies)
+        except ValueError as e:
+            raise ValueError(f"trusted_proxies: {e}") from None
         if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
             raise ValueError("body_timeout_s and header_timeout_s must be positive")
         if self.max_header_bytes < 256 or self.max_headers < 8:
@@ -138,6 +145,31 @@ class ServerConfig:
         (through a cache) at any host it names."""
         return (self.public_url is not None or self.trust_host_header or self.network == "regtest"
                 or _is_loopback(self.host))
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        """Whether ``address`` is one of the configured reverse proxies (``trusted_proxies``)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(net) for net in self.trusted_proxies)
+
+    def client_address(self, peer: str | None, forwarded_for: list[str]) -> str | None:
+        """The address a request comes from, for the per-client caps: the peer's, unless the peer is
+        a trusted proxy; then the nearest address of ``X-Forwarded-For`` (read from the right) that
+        is not itself a trusted proxy. A client cannot forge it: hops added before the first
+        untrusted one are never read."""
+        if peer is None or not self.is_trusted_proxy(peer):
+            return peer
+        hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+        for hop in reversed(hops):
+            try:
+                addr = str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a malformed entry: the proxy's own address, not a guess
+            if not self.is_trusted_proxy(addr):
+                return addr
+        return peer
 
     def warnings(self) -> list[str]:
         """What is valid but probably unintended in this configuration (the service logs each at start)."""

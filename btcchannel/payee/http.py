@@ -188,7 +188,8 @@ async def _propose(request: web.Request) -> web.Response:
         ("payer_pubkey", "deposit_sat", "expiry_height", "payer_script"),
         ("max_units", "max_total_sat", "terms"),
     )
-    return web.json_response(svc.propose(body, client=request.remote), status=201)
+    client = svc.config.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
+    return web.json_response(svc.propose(body, client=client), status=201)
 
 
 async def _funding(request: web.Request) -> web.Response:

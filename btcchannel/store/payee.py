@@ -232,6 +232,23 @@ class PayeeStore(SeedKeys, Database):
             args.append(client)
         return int(self._db.execute(sql, args).fetchone()[0])
 
+    def evictable_proposal(self, created_before: float, below: int) -> str | None:
+        """The oldest proposal created before ``created_before`` of the client holding the most
+        proposals, if that client holds more than ``below``: the proposal to lapse when the total cap
+        is full and a client holding ``below - 1`` asks (None: no client holds that many)."""
+        row = self._db.execute(
+            "SELECT client, COUNT(*) AS n FROM channels WHERE state=? GROUP BY client ORDER BY n DESC LIMIT 1",
+            (_S.PROPOSED.value,),
+        ).fetchone()
+        if row is None or int(row[1]) <= below:
+            return None
+        found = self._db.execute(
+            "SELECT channel_id FROM channels WHERE state=? AND client IS ? AND created_at<?"
+            " ORDER BY created_at LIMIT 1",
+            (_S.PROPOSED.value, row[0], created_before),
+        ).fetchone()
+        return None if found is None else str(found[0])
+
     def prune(self, ended_before: float) -> int:
         """Delete ``failed`` rows without payments that ended before ``ended_before`` (lapsed or
         cancelled proposals, failed fundings): the retention of rows that hold nothing owed."""
