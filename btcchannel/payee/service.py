@@ -53,6 +53,9 @@ from btcchannel.wire import MAX_INT_DIGITS, channel_object, hex_field, int_field
 
 __all__ = ["PayeeService"]
 
+#: the rows of proposals that ended unfunded are kept up to this many times ``max_proposals``
+ENDED_PROPOSAL_ROWS = 10
+
 
 class PayeeService:
     """The payee: validation + core + store + node. The HTTP layer is a thin shell over it."""
@@ -176,13 +179,16 @@ class PayeeService:
         else). The total cap counts only proposals waiting for a funding, and when it is full, a
         client holding fewer than the client with the most takes the place of that client's oldest
         proposal not funded within ``proposal_grace_s`` (it lapses now, and counts against its own
-        client's cap for the cooldown): a few addresses cannot lock everyone else out."""
+        client's cap for the cooldown): a few addresses cannot lock everyone else out. The rows of
+        ended proposals are kept for at most ``ENDED_PROPOSAL_ROWS`` times the total cap (the oldest
+        are deleted first): a flood of proposals from many addresses cannot fill the database."""
         cfg = self.config
         self.store.lapse_proposals()
         now = time.time()
         own = self.store.count_unfunded(now - cfg.proposal_cooldown_s, client)
         if client is not None and own >= cfg.max_proposals_per_client:
             raise TooManyChannels("too many unfunded proposals from this client, try later")
+        self.store.forget_ended_proposals(ENDED_PROPOSAL_ROWS * cfg.max_proposals)
         if self.store.count_proposals() < cfg.max_proposals:
             return
         waiting = self.store.count_unfunded(now + 1.0, client)  # (only those still waiting: none ended later)

@@ -232,6 +232,17 @@ class PayeeStore(SeedKeys, Database):
             args.append(client)
         return int(self._db.execute(sql, args).fetchone()[0])
 
+    def forget_ended_proposals(self, keep: int) -> int:
+        """Delete the proposals that ended unfunded (lapsed, cancelled: no funding, no payment) except
+        the ``keep`` most recent: a bound on the rows a proposal flood leaves behind. How many went."""
+        ended = "state=? AND funding_txid IS NULL AND signature IS NULL"
+        cur = self._db.execute(
+            f"DELETE FROM channels WHERE {ended} AND updated_at <="
+            f" (SELECT updated_at FROM channels WHERE {ended} ORDER BY updated_at DESC LIMIT 1 OFFSET ?)",
+            (_S.FAILED.value, _S.FAILED.value, keep),
+        )
+        return int(cur.rowcount)
+
     def evictable_proposal(self, created_before: float, below: int) -> str | None:
         """The oldest proposal created before ``created_before`` of the client holding the most
         proposals, if that client holds more than ``below``: the proposal to lapse when the total cap
