@@ -5,12 +5,14 @@ client (by X-Forwarded-For) has a cap of its own, and a client cannot forge its 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core import keys, script
+from btcchannel.payee.config import ServerConfig
 from btcchannel.testing import wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 
@@ -81,3 +83,14 @@ async def test_clients_behind_a_trusted_proxy_are_told_apart(
     assert (await _propose(srv.url, body, "127.0.0.9", {"X-Forwarded-For": "203.0.113.99"}))[0] == 201
     assert "127.0.0.9" in {r.client for r in srv.store.list(["proposed"])}
     assert "203.0.113.99" not in {r.client for r in srv.store.list(["proposed"])}
+
+
+def test_an_ipv6_client_is_its_64(tmp_path: Path) -> None:
+    cfg = ServerConfig(datadir=tmp_path, trusted_proxies=("10.0.0.0/8",))
+    assert cfg.client_address("2001:db8:1:2:aaaa::1", []) == cfg.client_address("2001:db8:1:2:bbbb::7", []) \
+        == "2001:db8:1:2::/64"
+    assert cfg.client_address("2001:db8:1:3::1", []) == "2001:db8:1:3::/64"
+    assert cfg.client_address("::ffff:192.0.2.1", []) == "192.0.2.1"
+    assert cfg.client_address("10.1.2.3", ["192.0.2.9, 10.9.9.9"]) == "192.0.2.9"  # past the trusted hops
+    assert cfg.client_address("10.1.2.3", ["not-an-address"]) == "10.1.2.3"
+    assert cfg.client_address("192.0.2.5", ["198.51.100.1"]) == "192.0.2.5"  # not a proxy: not believed

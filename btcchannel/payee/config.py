@@ -17,6 +17,20 @@ from btcchannel.wire import MAX_BODY
 __all__ = ["MIN_CLOSE_MARGIN_BLOCKS", "ServerConfig"]
 
 
+def _client_key(address: str | None) -> str | None:
+    """IPv6 addresses come by the /64 to one host: a client is its /64 (loopback stays itself)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -155,10 +169,13 @@ class ServerConfig:
         return any(ip in ipaddress.ip_network(net) for net in self.trusted_proxies)
 
     def client_address(self, peer: str | None, forwarded_for: list[str]) -> str | None:
-        """The address a request comes from, for the per-client caps: the peer's, unless the peer is
-        a trusted proxy; then the nearest address of ``X-Forwarded-For`` (read from the right) that
-        is not itself a trusted proxy. A client cannot forge it: hops added before the first
-        untrusted one are never read."""
+        """The client a request comes from, for the per-client caps: the peer's address, unless the
+        peer is a trusted proxy; then the nearest address of ``X-Forwarded-For`` (read from the
+        right) that is not itself a trusted proxy. A client cannot forge it: hops added before the
+        first untrusted one are never read. An IPv6 client is its /64 (one host's usual share)."""
+        return _client_key(self._client_ip(peer, forwarded_for))
+
+    def _client_ip(self, peer: str | None, forwarded_for: list[str]) -> str | None:
         if peer is None or not self.is_trusted_proxy(peer):
             return peer
         hops = [h.strip() for value in forwarded_for for h in value.split(",")]
