@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.core import keys
 from btcchannel.core.tx import OutPoint
 from btcchannel.payee.http import CLOSER, WATCHER
 from btcchannel.payee.leadership import LEAD_LINE, LOST_LINE
@@ -176,6 +177,10 @@ async def test_leader_lock_session_terminated_under_load(
     stop.set()
     await asyncio.wait_for(asyncio.gather(*payers), 30)
     acked = {cid: client.store.get(cid).acked_sat for cid in ids}
+    # a close asked of the old leader: claimed there (no more payments), sent by the new leader
+    sig = keys.sign_digest(client.store.get(ids[0]).privkey, keys.close_request_digest(ids[0])).hex()
+    _, obj = await client.request("POST", f"{url_a}/v1/channels/{ids[0]}/close", {"signature": sig})
+    assert obj["state"] == "closing" and obj["amount_sat"] == acked[ids[0]]
 
     # every channel reaches its closing height: only the new leader closes
     with PgPayeeStore(postgres_url) as store:

@@ -145,7 +145,7 @@ class Closer:
         """A close claimed by an instance that does not lead: released at once, so the leader's next
         watcher pass adopts and broadcasts it (no close intent is recorded here)."""
         self.store.release_close_claim(cid)
-        log.info("close of %s claimed; the leading instance broadcasts it", cid)
+        log.info("close of %s claimed here; the leading instance sends it", cid)
 
     def claim_only(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) without broadcasting it: the caller hands it to

@@ -91,6 +91,9 @@ LEAD_RETRY_S = 1.0
 #: what else the client sends for at most this long (so it can read the answer), then closes
 LINGER_S = 1.0
 
+#: an instance that lost the leader lock tries to take it again only after this long
+LOST_LEAD_BACKOFF_S = 5.0
+
 #: how long POST .../close waits for the close's broadcast so the answer can carry close_txid
 CLOSE_WAIT_S = 10.0
 
@@ -243,12 +246,14 @@ async def _close(request: web.Request) -> web.Response:
 
 async def _lead(config: ServerConfig, leadership: Leadership, watcher: Watcher) -> None:
     """Run the watcher (and with it the closer's rounds) while this instance holds the store's leader
-    lock (always, on SQLite); until then, and again once it is lost, retry the lock every poll
-    interval (at most a second). The watcher's run ends when the lock is lost."""
+    lock (always, on SQLite); until then, and again once it is lost (after ``LOST_LEAD_BACKOFF_S``,
+    so that another instance, whose database session is healthy, takes it first), retry the lock
+    every poll interval (at most a second). The watcher's run ends when the lock is lost."""
     interval = min(config.poll_interval_s, LEAD_RETRY_S)
     while True:
         await leadership.acquire(interval)
         await watcher.run()
+        await asyncio.sleep(LOST_LEAD_BACKOFF_S)  # (its session died: let a healthy instance take over first)
 
 
 def create_app(config: ServerConfig, store: PayeeStore, node: Node, *, run_watcher: bool = True) -> web.Application:
