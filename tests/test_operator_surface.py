@@ -21,9 +21,11 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.cli import main
 from btcchannel.logs import RepeatFilter, hold_back_repeats
 from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.appkeys import CLIENT_ERRORS
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payee.metrics import METRICS, install_metrics
 from btcchannel.store import PayeeStore
+from btcchannel.testing import wait_until_async
 from btcchannel.testing.cli import CliProcess
 from btcchannel.testing.fixtures import PayeeFactory
 
@@ -56,6 +58,16 @@ async def test_metrics_are_not_public_and_402_urls_come_from_the_public_url(
         assert payment["channels_url"] == "https://pay.example/btc/v1/channels"
         assert payment["info_url"] == "https://pay.example/btc/v1/info"
         assert "evil.example" not in answer.headers["WWW-Authenticate"]
+    # what clients get wrong is counted (here: a body cut short by a disconnect)
+    host, port = payee.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/channels HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n{")
+    await writer.drain()
+    writer.close()
+    errors = payee.app[CLIENT_ERRORS]
+    await wait_until_async(lambda: errors.kinds["body_incomplete"] == 1, timeout=10, what="the client error counted")
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert 'btcchannel_client_errors_total{kind="body_incomplete"} 1.0' in (await http.get(metrics_url)).text
 
 
 async def test_the_host_header_is_only_a_fallback_on_loopback_or_regtest(

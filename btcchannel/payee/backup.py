@@ -19,8 +19,9 @@ below what the payer was acknowledged).
 
 In both modes a background task watches the database with its own connection: ``PRAGMA
 data_version`` changes whenever any other connection (this service's store, an operator's
-command, another instance) commits, so every state change is copied within ``poll_s``; a copy
-is also taken every ``interval_s`` and once more at shutdown. Each copy uses SQLite's online
+command, another instance) commits, so every state change is copied within ``poll_s`` (with
+the synchronous backup, which holds the payments already, at most every
+``SYNC_COPY_EVERY_S``); a copy is also taken every ``interval_s`` and once more at shutdown. Each copy uses SQLite's online
 backup API (a consistent snapshot while the service keeps writing): asynchronous copies go to
 ``path.tmp``, then are renamed over ``path``; synchronous ones go into the open backup
 database in one transaction (under the lock its payment writes take). The backup is always a
@@ -141,6 +142,10 @@ class SyncBackup:
             self._conn.close()
 
 
+#: with the synchronous backup, changes other than payments are copied at most this often
+SYNC_COPY_EVERY_S = 2.0
+
+
 def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
@@ -150,9 +155,12 @@ async def _run(db_path: Path, backup_path: Path, poll_s: float, interval_s: floa
     watch = sqlite3.connect(str(db_path), check_same_thread=False)
     try:
         seen: int | None = None
+        # synchronous: payments are in the backup already, a copy only catches up the other changes
+        least = SYNC_COPY_EVERY_S if sync is not None else 0.0
         while True:
             version = _data_version(watch)
-            if version != seen or time.monotonic() - stats.last_at >= interval_s:
+            since = time.monotonic() - stats.last_at
+            if (version != seen and since >= least) or since >= interval_s:
                 await _copy(db_path, backup_path, stats, sync)
                 seen = version
             await asyncio.sleep(poll_s)

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from btcchannel.payee.appkeys import SERVICE
+from btcchannel.payee.appkeys import CLIENT_ERRORS, SERVICE
+from btcchannel.payee.clientlog import ClientErrorLog
 from btcchannel.payee.shared import ChainTip
 from btcchannel.store import PayeeStore
 from btcchannel.store.ops import state_totals
@@ -86,6 +87,21 @@ class _StoreCollector(Collector):
                                 value=0.0 if self.tip.problem is None else 1.0)
 
 
+class _ClientErrors(Collector):
+    """What clients did wrong (malformed requests, bodies cut short or too slow), by kind."""
+
+    def __init__(self, errors: ClientErrorLog) -> None:
+        self.errors = errors
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("btcchannel_client_errors", "Requests a client got wrong, by kind "
+                                     "(answered 400 or dropped; logged at INFO at most once a minute).",
+                                     labels=["kind"])
+        for kind, n in sorted(self.errors.kinds.items()):
+            family.add_metric([kind], n)
+        yield family
+
+
 def install_metrics(app: web.Application) -> MetricsEndpoint:
     """Add the counting middleware to the payee's ``app`` (not started yet) and ``GET /metrics`` on
     the metrics listener (or, with ``metrics_public``, on the app itself)."""
@@ -99,6 +115,8 @@ def install_metrics(app: web.Application) -> MetricsEndpoint:
                        ["kind"], registry=registry)
     svc = app[SERVICE]
     registry.register(_StoreCollector(svc.store, svc.tip))
+    if CLIENT_ERRORS in app:
+        registry.register(_ClientErrors(app[CLIENT_ERRORS]))
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
