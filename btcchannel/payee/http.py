@@ -103,13 +103,14 @@ def error_response(err: ChannelError) -> web.Response:
     return web.json_response(err.to_json(), status=err.http_status)
 
 
-class ClientFault(BadRequest):
+class ClientFault(Exception):
     """The client did not send its request body (it went away, or was too slow): answered
     ``bad_request`` (if anyone still listens), counted and logged at INFO by :class:`ClientErrorLog`,
     and the connection closed."""
 
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
+        self.message = message
         self.kind = kind
 
 
@@ -153,7 +154,7 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         return await handler(request)
     except ClientFault as err:
         request.app[CLIENT_ERRORS].client_error(err.kind, f"{request.method} {request.path}: {err.message}")
-        response = error_response(err)
+        response = error_response(BadRequest(err.message))
         response.force_close()
         return response
     except _INTERNAL as err:

@@ -131,6 +131,14 @@ _PG_V6_PROPOSAL_CLIENT: Migration = (
     "CREATE INDEX IF NOT EXISTS channels_unfunded ON channels(updated_at) WHERE funding_txid IS NULL",
 )
 
+#: the leader lock's session notices a dead network within seconds (TCP keepalives, and at most
+#: 10 s of unacknowledged data) instead of the kernel's defaults (minutes to hours): its next check
+#: fails and the instance stops leading (ignored on a Unix socket)
+LOCK_SESSION_PARAMS: Final[dict[str, Any]] = {
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+    "tcp_user_timeout": 10_000, "connect_timeout": 10,
+}
+
 #: the leader epoch: one row, raised by each instance that takes the leader lock (outside the
 #: versioned schema, like ``btcchannel_schema``: it holds no channel data)
 _LEADER_TABLE: Final = ("CREATE TABLE IF NOT EXISTS btcchannel_leader"
@@ -189,8 +197,9 @@ def _arg(value: Any) -> Any:
 class PgConnection:
     """A psycopg connection (autocommit, rows as :class:`Row`) with the ``sqlite3`` interface the stores use."""
 
-    def __init__(self, url: str) -> None:
-        self._conn: psycopg.Connection[Row] = psycopg.connect(url, autocommit=True, row_factory=_rows)
+    def __init__(self, url: str, **params: Any) -> None:
+        """``params``: libpq connection parameters over the URL's (e.g. TCP keepalives)."""
+        self._conn: psycopg.Connection[Row] = psycopg.connect(url, autocommit=True, row_factory=_rows, **params)
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Row]:
         """Run one statement; an integrity violation raises ``sqlite3.IntegrityError`` like SQLite's."""
@@ -271,7 +280,7 @@ class PgPayeeStore(PayeeStore):
             return self.still_leads()
         try:
             if self._lead is None:
-                self._lead = PgConnection(self.url)
+                self._lead = PgConnection(self.url, **LOCK_SESSION_PARAMS)
             row = self._lead.execute("SELECT pg_try_advisory_lock(?) AS ok", (LEADER_KEY,)).fetchone()
             if row is None or not row["ok"]:
                 return False
