@@ -73,7 +73,8 @@ class Leadership:
         while not self.store.try_lead():
             await asyncio.sleep(retry_s)
         self._held = True
-        log.info("%s (leader epoch %s)", LEAD_LINE, getattr(self.store, "epoch", None))
+        epoch = getattr(self.store, "epoch", None)  # (PostgreSQL: the epoch taken with the lock)
+        log.info("%s%s", LEAD_LINE, "" if epoch is None else f" (leader epoch {epoch})")
 
 
 class AlwaysLeads(Leadership):
