@@ -16,10 +16,13 @@ processes and one concurrent loop per channel, for ``--duration`` seconds each:
 
 Afterwards every channel's stored amount is checked against what its payer saw acknowledged.
 The last line is ``payments_per_s=<x> p50_ms=<a> p99_ms=<b> noop_per_s=<y>
-fsync_floor_per_s=<z> channels=<n> store=<sqlite|postgresql> instances=<k>``.
+fsync_floor_per_s=<z> channels=<n> store=<sqlite|postgresql> instances=<k> backup=<none|sync|async>``.
+``--backup sync`` runs the payees with a synchronous backup (``serve --backup-db``: every payment
+in a second database before it is acknowledged), ``--backup async`` with the background copy only;
+compare ``payments_per_s`` with a run without ``--backup``.
 ``--profile DIR`` writes cProfile files of the payment phase (payee: the whole run).
 Run: ``python bench/load.py [--channels 100] [--duration 10] [--payers 4]
-[--store postgresql --instances 2]``.
+[--store postgresql --instances 2] [--backup sync]``.
 
 ``--route metered --framework aiohttp|asgi`` measures a seller's route instead: one seller process
 (:class:`~btcchannel.payee.seller.PaidService` in an aiohttp app, or a FastAPI app under uvicorn)
@@ -349,15 +352,18 @@ def all_do(procs: list[Proc], cmd: str) -> list[dict[str, Any]]:
 
 
 def start_payee(work: Path, name: str, config: ServerConfig, bitcoind: RegtestNode,
-                profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m btcchannel.payee`` (under cProfile with ``profile``); (process, url)."""
+                profile: Path | None, backup: str = "none") -> tuple[subprocess.Popen[bytes], str]:
+    """``python -m btcchannel.payee`` (under cProfile with ``profile``; with a backup of payee.db in
+    ``<work>/<name>-backup.db`` unless ``backup`` is ``none``); (process, url)."""
     datadir = work / name
     datadir.mkdir(parents=True, exist_ok=True)
     cfg = config.to_json()
     cfg["datadir"] = str(config.datadir)
     spec = work / f"{name}.json"
+    extra = {} if backup == "none" else {"backup_db": str(work / f"{name}-backup.db"),
+                                         "backup_async": backup == "async"}
     spec.write_text(json.dumps({"config": cfg, "node": {
-        "url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": "miner"}}))
+        "url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": "miner"}, **extra}))
     info = config.datadir / "server.json"
     info.unlink(missing_ok=True)
     prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
@@ -446,6 +452,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         bitcoind.prepare(201)
         pg_url = pg.create_database("payee") if pg is not None else None
+        if pg_url is not None and args.backup != "none":
+            raise SystemExit("--backup copies the SQLite payee.db: not with --store postgresql")
         if pg_url is None and args.instances > 1:
             raise SystemExit("several instances share a PostgreSQL store: add --store postgresql")
         urls = []
@@ -454,7 +462,7 @@ def run(args: argparse.Namespace) -> None:
                                   max_proposals=args.channels + 10, min_lifetime_blocks=12,
                                   max_lifetime_blocks=LIFETIME + 10, **({"store_url": pg_url} if pg_url else {}))
             proc, url = start_payee(work, f"payee{k}", config, bitcoind,
-                                    profile / f"payee{k}.prof" if profile is not None else None)
+                                    profile / f"payee{k}.prof" if profile is not None else None, args.backup)
             payees.append(proc)
             urls.append(url)
         payers = min(args.payers, args.channels)
@@ -495,10 +503,16 @@ def run(args: argparse.Namespace) -> None:
             lost = [cid for cid, amount in acked.items() if store.get(cid).amount_sat < amount]
         if lost:
             raise SystemExit(f"acknowledged payments missing from the payee's store: {lost}")
+        if args.backup == "sync":
+            with PayeeStore(work / "payee0-backup.db") as backup:
+                behind = [cid for cid, amount in acked.items() if backup.get(cid).amount_sat < amount]
+            if behind:
+                raise SystemExit(f"acknowledged payments missing from the synchronous backup: {behind}")
+            print("every acknowledged amount also in the synchronous backup")
         print(f"{len(acked)} channels, {count} payments, every acknowledged amount stored")
         print(f"payments_per_s={payments:.0f} p50_ms={percentile(lat, 0.5):.2f} p99_ms={percentile(lat, 0.99):.2f} "
               f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store={args.store} "
-              f"instances={args.instances}")
+              f"instances={args.instances} backup={args.backup}")
     finally:
         for w in workers:
             try:
@@ -526,6 +540,9 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=1, help="payee processes on one store")
     ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
                     help="postgresql: a real server (PATH or pgserver), shared by the instances")
+    ap.add_argument("--backup", choices=["none", "sync", "async"], default="none",
+                    help="run the payees with a backup of payee.db: sync (every payment before its"
+                         " acknowledgement) or async (background copies only)")
     ap.add_argument("--profile", help="write cProfile files (payer workers, payees) to this folder")
     ap.add_argument("--route", choices=["payments", "metered"], default="payments",
                     help="metered: a seller's route, free and paid, in one run")

@@ -1,5 +1,5 @@
 """Bounded resources: a proposal flood (propose, cancel, repeat) stays within the caps, cancelled and
-lapsed proposals count against them for a while, and old failed rows are deleted."""
+lapsed proposals count against their client's cap for a while, and old failed rows are deleted."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core import keys, script
 from btcchannel.errors import TooManyChannels
+from btcchannel.payee.service import ENDED_PROPOSAL_ROWS
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing import RunningPayee, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
@@ -54,11 +55,12 @@ async def test_proposal_flood_is_bounded(
     assert all(srv.store.find(cid) is None for cid in accepted)
 
 
-async def test_total_cap_counts_cancelled_proposals(
+async def test_cancelled_proposals_hold_no_place_in_the_total_cap_and_their_rows_stay_bounded(
     bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
 ) -> None:
-    srv = await payee_factory.start(max_proposals=2, max_proposals_per_client=10)
-    await _propose_and_cancel(payer_client, srv, bitcoind)
-    await _propose_and_cancel(payer_client, srv, bitcoind)
-    with pytest.raises(TooManyChannels, match="too many unfunded proposals, try later"):
-        await _propose_and_cancel(payer_client, srv, bitcoind)
+    srv = await payee_factory.start(max_proposals=2, max_proposals_per_client=100)
+    ids = [await _propose_and_cancel(payer_client, srv, bitcoind) for _ in range(30)]  # all accepted
+    assert len(ids) == 30
+    rows = srv.store.list()
+    assert len(rows) <= ENDED_PROPOSAL_ROWS * 2 + 1  # the oldest ended proposals were deleted
+    assert ids[-1] in {r.channel_id for r in rows} and srv.store.find(ids[0]) is None

@@ -39,8 +39,8 @@ def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, 
         log.close()
 
 
-def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _samples(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(metrics_url, timeout=10).text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -58,7 +58,10 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert payer.json("fetch", f"{url}/v1/file", "--channel", cid)["amount_sat"] == 4000  # 3 chunks more
 
     # /metrics, parsed: payments, channels and sats by state, latency by route pattern
-    m = _samples(url)
+    assert httpx.get(f"{url}/metrics", timeout=10).status_code == 404  # not on the public port by default
+    metrics_url = json.loads((payee.datadir / "regtest" / "server.json").read_text())["metrics_url"]
+    assert metrics_url.startswith("http://127.0.0.1:") and not metrics_url.startswith(url)
+    m = _samples(metrics_url)
     assert m[("btcchannel_payments_total", (("kind", "metered"),))] == 4.0
     assert m[("btcchannel_channels", (("state", "open"),))] == 2.0
     assert m[("btcchannel_paid_sat", (("state", "open"),))] == 4000.0

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import click
 
@@ -266,7 +266,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None)
               help="The payer's backup, rewritten before every funding (put it on another disk) "
                    "[default: <datadir>/<network>/payer-backup.json].")
 @click.option("--rpc-user", default=None)
-@click.option("--rpc-password", default=None)
+@click.option("--rpc-password", default=None, help="Also $BTCCHANNEL_RPC_PASSWORD, or --rpc-password-file.")
+@click.option("--rpc-password-file", type=click.File("r"), default=None,
+              help="Read the RPC password from this file's first line ('-': standard input).")
 @click.option("--wallet", default=None, help="bitcoind wallet name.")
 @click.option("--json", "as_json", is_flag=True, envvar="BTCCHANNEL_JSON", help="Machine-readable output: one JSON document.")
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info: payments, closes; -vv debug).")
@@ -275,8 +277,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None)
 @click.pass_context
 def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | None,
          rpc_cookie: Path | None, bitcoin_datadir: Path | None, bitcoin_conf: Path | None,
-         payer_backup: Path | None, rpc_user: str | None, rpc_password: str | None, wallet: str | None, as_json: bool,
-         verbose: int, log_json: bool) -> None:
+         payer_backup: Path | None, rpc_user: str | None, rpc_password: str | None, rpc_password_file: TextIO | None,
+         wallet: str | None, as_json: bool, verbose: int, log_json: bool) -> None:
     """Unidirectional Bitcoin payment channels.
 
     The options below may also follow the command's name (btcchannel list --json).
@@ -289,12 +291,25 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
     if problem is not None:
         fail(problem, as_json, status=EXIT_USAGE)
     setup_logging(verbose, log_json)
+    if rpc_password_file is not None:
+        if rpc_password is not None:
+            raise click.UsageError("give --rpc-password or --rpc-password-file, not both")
+        rpc_password = read_secret(rpc_password_file, "--rpc-password-file")
     ctx.obj = Settings(
         network=network, root=datadir or default_datadir(), rpc_url=rpc_url,
         rpc_cookie=rpc_cookie, rpc_user=rpc_user, rpc_password=rpc_password,
         wallet=wallet, json=as_json, verbose=verbose, bitcoin_datadir=bitcoin_datadir, bitcoin_conf=bitcoin_conf,
         payer_backup=payer_backup,
     )
+
+
+def read_secret(source: TextIO, what: str) -> str:
+    """A secret given in a file (or on standard input): its first line, without the line end, so it
+    never has to appear on a command line (the process list, the shell's history)."""
+    value = source.readline().rstrip("\r\n")
+    if not value:
+        raise click.UsageError(f"{what}: the first line is empty")
+    return value
 
 
 def node_endpoint(settings: Settings) -> NodeEndpoint:

@@ -33,6 +33,7 @@ HINTS: dict[str, str] = {
     "channel_closing": "this channel takes no more payments; open a new one with `btcchannel open`",
     "channel_closed": "this channel has ended; open a new one with `btcchannel open`",
     "too_many_channels": "the payee holds too many unfunded proposals; retry later",
+    "not_leader": "another payee instance on this store runs the watcher and the closer; it acts instead",
     "node_unavailable": "start bitcoind (or `btcchannel regtest start`), or pass --rpc-url and "
                         "--rpc-cookie / --rpc-user with --rpc-password",
     "illegal_transition": "the channel is not in a state that allows this; `btcchannel list` or "

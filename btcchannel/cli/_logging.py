@@ -2,7 +2,7 @@
 
 :class:`JsonFormatter` writes one JSON object per record (``time``, ``level``, ``logger``,
 ``message`` and any ``event``, ``channel_id``, ``amount_sat``... passed in ``extra``).
-:class:`RepeatFilter` lets a warning through once and then holds back the same warning
+:class:`RepeatFilter` (:mod:`btcchannel.logs`) lets a warning through once and then holds back the same warning
 (same logger and message template) for ``window_s`` seconds, so a node that is down for an
 hour gives a handful of lines, not one per poll; the next one that passes says how many were
 held back. :class:`OwnLogsFilter` keeps ``-v`` to btcchannel's own lines: the libraries'
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
+
+from btcchannel.logs import RepeatFilter
 
 __all__ = ["EXTRA_FIELDS", "JsonFormatter", "OwnLogsFilter", "RepeatFilter", "setup_logging"]
 
@@ -35,31 +35,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, sort_keys=True)
-
-
-class RepeatFilter(logging.Filter):
-    """Warnings and errors of the same template pass once per ``window_s`` seconds."""
-
-    def __init__(self, window_s: float = 300.0, clock: Callable[[], float] | None = None) -> None:
-        super().__init__()
-        self.window_s = window_s
-        self.clock = clock or time.monotonic
-        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
-            return True
-        key = (record.name, record.levelno, str(record.msg))
-        now = self.clock()
-        seen = self._last.get(key)
-        if seen is not None and now - seen[0] < self.window_s:
-            self._last[key] = (seen[0], seen[1] + 1)
-            return False
-        held = seen[1] if seen is not None else 0
-        self._last[key] = (now, 0)
-        if held:
-            record.msg = f"{record.msg} ({held} more like this in the last {self.window_s:g} s)"
-        return True
 
 
 class OwnLogsFilter(logging.Filter):

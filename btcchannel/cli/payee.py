@@ -111,12 +111,30 @@ def _terms_text(config: ServerConfig) -> str:
 @click.option("--serve-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Sell this file's chunks at /v1/file/{index}.")
 @click.option("--chunk-size", type=click.IntRange(1, 60_000), default=1024, show_default=True)
-@click.option("--store", "store_url", metavar="postgresql://...", default=None,
-              help="A PostgreSQL database shared by several payee instances [default: <datadir>/payee.db].")
+@click.option("--store", "store_url", metavar="postgresql://...", default=None, envvar="BTCCHANNEL_STORE",
+              help="A PostgreSQL database shared by several payee instances [default: <datadir>/payee.db] "
+                   "(also $BTCCHANNEL_STORE; a password is best left to PGPASSWORD or ~/.pgpass).")
+@click.option("--public-url", default=None, metavar="URL",
+              help="Where payers reach this payee (e.g. https://api.example/btc): the 402's URLs are built from "
+                   "it [default: the request's Host header, only on regtest or a loopback address].")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS[/BITS]",
+              help="A reverse proxy in front (repeatable): requests from it are counted against the proposal "
+                   "caps of the client its X-Forwarded-For names.")
+@click.option("--trust-host-header", is_flag=True, default=False,
+              help="Build the 402's URLs from the Host header even on a public address (a proxy in front sets it).")
 @click.option("--metrics/--no-metrics", default=True, show_default=True,
-              help="Serve Prometheus metrics at /metrics.")
+              help="Serve Prometheus metrics at /metrics on a listener of its own (see --metrics-port).")
+@click.option("--metrics-host", default=None, help="The metrics listener's address [default: 127.0.0.1].")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="The metrics listener's port [default: a free one, in <datadir>/server.json].")
+@click.option("--metrics-public", is_flag=True, default=False,
+              help="Serve /metrics on the payee's own port instead (anyone who reaches it reads revenue and deposits).")
 @click.option("--backup-db", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Keep a copy of payee.db here (put it on another disk), updated on every change.")
+              help="Keep a copy of payee.db here (put it on another disk): every payment is written to it "
+                   "before it is acknowledged, every other change copied within a second.")
+@click.option("--backup-async", is_flag=True, default=False,
+              help="Copy payee.db to --backup-db only in the background (faster; the copy may lack the "
+                   "payments of the last second, and a restore from it closes those channels for less).")
 @click.option("--backup-interval", type=click.FloatRange(1.0), default=60.0, show_default=True,
               help="Seconds between copies when nothing changed.")
 @click.pass_obj
@@ -127,8 +145,10 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
           close_margin_blocks: int | None,
           min_confirmations: int | None, final_confirmations: int | None, payee_address: str | None,
           serve_file: Path | None,
-          chunk_size: int, store_url: str | None, metrics: bool, backup_db: Path | None,
-          backup_interval: float) -> None:
+          chunk_size: int, store_url: str | None, public_url: str | None, trusted_proxies: tuple[str, ...],
+          trust_host_header: bool, metrics: bool,
+          metrics_host: str | None, metrics_port: int | None, metrics_public: bool, backup_db: Path | None,
+          backup_interval: float, backup_async: bool) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
     mode, credit limit and timeouts given here (GET /v1/info states them, and serve prints them);
     channels already open keep the terms they were agreed under.
@@ -150,6 +170,9 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
         payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
         min_confirmations=min_confirmations, final_confirmations=final_confirmations, payee_address=payee_address,
         store_url=store_url,
+        public_url=public_url, trusted_proxies=trusted_proxies or None,
+        trust_host_header=trust_host_header or None, metrics_host=metrics_host,
+        metrics_port=metrics_port, metrics_public=metrics_public or None,
     )
     if backup_db is not None and store_url is not None:
         raise click.UsageError("--backup-db copies the SQLite payee.db; back a PostgreSQL store up with its own tools")
@@ -158,7 +181,7 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
         if backup_db is not None:
             from btcchannel.payee.backup import install_backup
 
-            install_backup(app, config.db_path, backup_db, interval_s=backup_interval)
+            install_backup(app, config.db_path, backup_db, interval_s=backup_interval, synchronous=not backup_async)
         if metrics:
             from btcchannel.payee.metrics import install_metrics
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
-from btcchannel.cli._app import Group, Settings, emit
+from btcchannel.cli._app import Group, Settings, emit, read_secret
 from btcchannel.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -53,10 +53,13 @@ def seed_show(settings: Settings, role: str) -> None:
 
 
 @seed.command("restore")
-@click.argument("seed_hex")
+@click.argument("seed_hex", required=False)
+@click.option("--from-file", "from_file", type=click.File("r"), default=None,
+              help="Read the seed from this file's first line ('-': standard input) instead of SEED_HEX, "
+                   "so it appears in no process list or shell history.")
 @_ROLE
 @click.pass_obj
-def seed_restore(settings: Settings, seed_hex: str, role: str) -> None:
+def seed_restore(settings: Settings, seed_hex: str | None, from_file: TextIO | None, role: str) -> None:
     """Install SEED_HEX (from `seed show`) and re-derive every missing channel key from it.
 
     Each derived key is checked against the channel's stored public key. A datadir that
@@ -65,8 +68,13 @@ def seed_restore(settings: Settings, seed_hex: str, role: str) -> None:
 
     \b
     Example:
-      btcchannel seed restore 5f2c...e1
+      btcchannel seed restore --from-file - < seed.txt
     """
+    if (seed_hex is None) == (from_file is None):
+        raise click.UsageError("give SEED_HEX or --from-file (not both)")
+    if from_file is not None:
+        seed_hex = read_secret(from_file, "--from-file")
+    assert seed_hex is not None
     try:
         value = bytes.fromhex(seed_hex)
     except ValueError:

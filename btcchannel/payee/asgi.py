@@ -63,14 +63,14 @@ class RunningService:
 @contextlib.asynccontextmanager
 async def payee_service(config: ServerConfig, node: Node) -> AsyncIterator[RunningService]:
     """Run btcchannel's payee service (protocol endpoints, watcher, closer) on ``config.host:port``."""
-    from btcchannel.payee.http import create_app
+    from btcchannel.payee.http import app_runner, create_app
 
     config.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = PayeeStore(config.db_path)
     runner: web.AppRunner | None = None
     try:
         app = create_app(config, store, node)
-        runner = web.AppRunner(app, access_log=None)
+        runner = app_runner(app, config)
         await runner.setup()
         await web.TCPSite(runner, config.host, config.port).start()
         host, port = runner.addresses[0][:2]

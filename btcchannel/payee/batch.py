@@ -38,6 +38,7 @@ from btcchannel.core.terms import bump_fee_rate, close_is_urgent, replacement_mi
 from btcchannel.core.tx import OutPoint, tx_id, tx_vsize
 from btcchannel.errors import ChannelError, CloseUneconomic, RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
 from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.leadership import Leadership
 from btcchannel.payee.shared import Channels
 from btcchannel.store import PayeeRecord, PayeeStore
 
@@ -52,6 +53,7 @@ class Closer(Protocol):
     channels: Channels
     claimed: set[str]
     lock: asyncio.Lock
+    leadership: Leadership
 
     def payout_of(self, rec: PayeeRecord) -> bytes: ...
     def done(self, cid: str) -> None: ...
@@ -133,10 +135,8 @@ async def _send_new(closer: Closer, members: list[PayeeRecord], rate: float) -> 
     tx = build_multi_close([closer.channels.build(m) for m in members], payout, rate)
     raw, txid = tx.serialize().hex(), tx_id(tx)
     async with closer.lock:
-        for m in members:
-            if not closer.store.record_close_intent(m.channel_id, txid, raw, rate, None):
-                log.info("close of %s recorded by someone else meanwhile", m.channel_id)
-            closer.claimed.discard(m.channel_id)
+        if not _record_intents(closer, members, txid, raw, rate, None):
+            return set()  # (the claims stay this process's: the next pass looks at them again)
         try:
             await _send(closer, raw, txid)
         except (RpcVerifyRejected, RpcVerifyError) as err:
@@ -157,7 +157,24 @@ async def _funding_spent(closer: Closer, rec: PayeeRecord) -> bool:
     return await closer.node.get_txout(OutPoint(rec.funding_txid, rec.funding_vout), include_mempool=True) is None
 
 
+def _record_intents(closer: Closer, members: list[PayeeRecord], txid: str, raw: str, rate: float,
+                    previous: str | None) -> bool:
+    """Record the shared close as every member's intent, all or none, as the leader (the store's
+    compare-and-sets are fenced by the leader epoch). False: recorded for none, so it must not be
+    broadcast (a member's close was recorded by someone else meanwhile, or this instance no
+    longer leads)."""
+    closer.leadership.require()
+    if not closer.store.record_close_intents([m.channel_id for m in members], txid, raw, rate, previous):
+        log.warning("close %s of %d channels not recorded for all of them (recorded by someone else meanwhile,"
+                    " or no longer the leader): not broadcast", txid, len(members))
+        return False
+    for m in members:
+        closer.claimed.discard(m.channel_id)
+    return True
+
+
 async def _send(closer: Closer, raw: str, txid: str) -> None:
+    closer.leadership.require()
     try:
         sent = await closer.node.broadcast(raw)
     except RpcAlreadyInChain:
@@ -207,9 +224,8 @@ async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, ra
     rate = _fee(members, tx) / tx_vsize(tx)
     raw, txid = tx.serialize().hex(), tx_id(tx)
     async with closer.lock:
-        for m in members:
-            if not closer.store.record_close_intent(m.channel_id, txid, raw, rate, previous):
-                log.info("close of %s replaced by someone else meanwhile", m.channel_id)
+        if not _record_intents(closer, members, txid, raw, rate, previous):
+            return previous
         await _send(closer, raw, txid)
         tip = await closer.node.tip_height()
         for m in members:

@@ -46,6 +46,7 @@ from btcchannel.errors import (
 )
 from btcchannel.payee.batch import batch_of, bump_batch, close_claimed
 from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.leadership import AlwaysLeads, Leadership
 from btcchannel.payee.shared import Channels
 from btcchannel.store import PayeeRecord, PayeeStore
 from btcchannel.wire import channel_object
@@ -66,10 +67,13 @@ def is_uneconomic(rec: PayeeRecord) -> bool:
 class Closer:
     """Closes the channels of one payee (one per process; the store arbitrates between processes)."""
 
-    def __init__(self, config: ServerConfig, store: PayeeStore, node: Node, channels: Channels | None = None) -> None:
+    def __init__(self, config: ServerConfig, store: PayeeStore, node: Node, channels: Channels | None = None,
+                 leadership: Leadership | None = None) -> None:
         self.config = config
         self.store = store
         self.node = node
+        #: asked before every close intent and broadcast (a closer built alone always leads)
+        self.leadership = leadership if leadership is not None else AlwaysLeads(store)
         self.channels = channels if channels is not None else Channels(store, config.close_margin_blocks)
         self.payee_script = b""
         self.claimed: set[str] = set()   # closes claimed by this process, not broadcast yet
@@ -125,12 +129,16 @@ class Closer:
         """Claim the close now (no more payments) and broadcast it in the background.
 
         Returns the claimed row, or None when the channel was not open or funding (someone
-        else claimed it, or it ended)."""
+        else claimed it, or it ended). An instance that does not lead leaves the broadcast to the
+        leader (:meth:`_leave_to_leader`)."""
         rec = self.store.claim_close(cid, reason)
         self.channels.invalidate(cid)
         if rec is not None:
-            self.claimed.add(cid)
-            self._spawn(self._broadcast_safely(cid))
+            if self.leadership.held:
+                self.claimed.add(cid)
+                self._spawn(self._broadcast_safely(cid))
+            else:
+                self._leave_to_leader(cid)
         return rec
 
     async def claim_async(self, cid: str, reason: str) -> PayeeRecord | None:
@@ -139,9 +147,18 @@ class Closer:
         rec = await self.store.claim_close_async(cid, reason)
         self.channels.invalidate(cid)
         if rec is not None:
-            self.claimed.add(cid)
-            self._spawn(self._broadcast_safely(cid))
+            if self.leadership.held:
+                self.claimed.add(cid)
+                self._spawn(self._broadcast_safely(cid))
+            else:
+                self._leave_to_leader(cid)
         return rec
+
+    def _leave_to_leader(self, cid: str) -> None:
+        """A close claimed by an instance that does not lead: released at once, so the leader's next
+        watcher pass adopts and broadcasts it (no close intent is recorded here)."""
+        self.store.release_close_claim(cid)
+        log.info("close of %s claimed here; the leading instance sends it", cid)
 
     def claim_only(self, cid: str, reason: str) -> PayeeRecord | None:
         """Claim the close now (no more payments) without broadcasting it: the caller hands it to
@@ -233,18 +250,24 @@ class Closer:
         return self.store.get(cid), recorded
 
     def _intend(self, rec: PayeeRecord, tx: Any, rate: float) -> bool:
+        """Record ``tx`` as ``rec``'s close intent, as the leader (the store's compare-and-set is
+        fenced by the leader epoch): False means it must not be broadcast."""
         cid = rec.channel_id
         txid = tx_id(tx)
+        self.leadership.require()
         recorded = self.store.record_close_intent(cid, txid, tx.serialize().hex(), rate, rec.close_txid)
-        self.claimed.discard(cid)
         if not recorded:
-            log.info("close of %s recorded by someone else meanwhile", cid)
+            log.info("close of %s not recorded (recorded by someone else meanwhile, or no longer the leader)", cid)
+            return False
+        self.claimed.discard(cid)
         return recorded
 
     async def _send_recorded(self, rec: PayeeRecord) -> None:
-        """Broadcast the recorded close of ``rec`` (after :meth:`_intend`), then record the broadcast."""
+        """Broadcast the recorded close of ``rec`` (after :meth:`_intend`), then record the broadcast;
+        only while this instance leads (:class:`~btcchannel.payee.leadership.NotLeader` otherwise)."""
         assert rec.close_tx is not None and rec.close_tx_txid is not None
         txid = rec.close_tx_txid
+        self.leadership.require()
         try:
             sent = await self.node.broadcast(rec.close_tx)
         except RpcAlreadyInChain:
@@ -312,6 +335,7 @@ class Closer:
         the recorded transaction byte for byte, or, if the node refuses it now, one at today's rate."""
         cid = rec.channel_id
         if rec.close_tx is not None and rec.close_tx_txid == rec.close_txid:
+            self.leadership.require()
             try:
                 await self.node.broadcast(rec.close_tx)
                 return

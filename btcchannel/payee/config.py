@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from btcchannel.core import script
 from btcchannel.core.terms import Metering, ProposalLimits, Terms, deadline_blocks
@@ -13,6 +15,29 @@ from btcchannel.store import is_postgres_url
 from btcchannel.wire import MAX_BODY
 
 __all__ = ["MIN_CLOSE_MARGIN_BLOCKS", "ServerConfig"]
+
+
+def _client_key(address: str | None) -> str | None:
+    """IPv6 addresses come by the /64 to one host: a client is its /64 (loopback stays itself)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if not ip.is_loopback:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 #: The close is sent ``close_margin_blocks`` before expiry and can be replaced from the next block
 #: on; the payer's refund is valid from expiry: below 2 blocks a stuck close never gets a bump.
@@ -41,7 +66,10 @@ class ServerConfig:
     proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
     max_proposals: int = 100                # cap on unfunded proposals (too_many_channels)
     max_proposals_per_client: int = 10      # the same cap per client address
-    proposal_cooldown_s: float = 600.0      # a lapsed or cancelled proposal counts against the caps this long
+    proposal_cooldown_s: float = 600.0      # a lapsed or cancelled proposal counts against its client's cap this long
+    proposal_grace_s: float = 10.0          # with the total cap full, the oldest proposal of the client holding
+                                            # the most, unfunded after this long, gives way to a client with fewer
+    trusted_proxies: tuple[str, ...] = ()   # addresses/networks of reverse proxies whose X-Forwarded-For is believed
     retention_s: float = 7 * 86400.0       # failed rows without payments are deleted after this
     close_fee_rate_sat_vb: float | None = None   # None: the node's estimate
     fee_conf_target: int = 6
@@ -62,7 +90,18 @@ class ServerConfig:
     payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
     idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
+    body_timeout_s: float = 10.0            # a request body must arrive whole within this (else 400, connection closed)
+    header_timeout_s: float = 15.0          # a connection must complete a request's headers within this of opening
+                                            # (or of its last answer), else it is closed
+    max_header_bytes: int = 8190            # longest request line and header field
+    max_headers: int = 64                   # most header fields in a request
     store_url: str | None = None            # postgresql://... shared by several instances; None: <datadir>/payee.db
+    public_url: str | None = None           # where payers reach the protocol endpoints (the 402's URLs), e.g.
+                                            # https://api.example/btc; None: the request's Host (see origin_policy)
+    trust_host_header: bool = False         # build the 402's URLs from the Host header even on a public address
+    metrics_host: str = "127.0.0.1"         # the separate /metrics listener (see payee.metrics)
+    metrics_port: int = 0                   # (0: a free port, recorded in server.json)
+    metrics_public: bool = False            # serve /metrics on the payee's own port instead (anyone can read it)
 
     @property
     def block_age_bound_s(self) -> float | None:
@@ -89,12 +128,29 @@ class ServerConfig:
             raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
+        try:
+            self.trusted_proxies = tuple(str(ipaddress.ip_network(p, strict=False)) for p in self.trusted_proxies)
+        except ValueError as e:
+            raise ValueError(f"trusted_proxies: {e}") from None
+        if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
+            raise ValueError("body_timeout_s and header_timeout_s must be positive")
+        if self.max_header_bytes < 256 or self.max_headers < 8:
+            raise ValueError("max_header_bytes must be at least 256 and max_headers at least 8")
         if self.max_block_age_s is not None and self.max_block_age_s <= 0:
             raise ValueError("max_block_age_s must be positive")
         for cap in ("credit_cap_per_payer_sat", "credit_cap_per_client_sat", "credit_cap_total_sat"):
             value = getattr(self, cap)
             if value is not None and value < 0:
                 raise ValueError(f"{cap} must not be negative")
+        if self.public_url is not None:
+            parts = urlsplit(self.public_url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise ValueError(f"public_url must be an absolute http(s) URL without query, not {self.public_url!r}")
+        if self.price_sat > 0 and not self.host_header_allowed:
+            raise ValueError(
+                f"the payee listens on {self.host} on {self.network} and sells metered requests: set public_url "
+                "(the URL payers reach it at; the 402's URLs are built from it), or trust_host_header if a "
+                "proxy in front sets the Host header")
         if self.store_url is not None and not is_postgres_url(self.store_url):
             raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
         try:
@@ -102,6 +158,43 @@ class ServerConfig:
             self.proposal_limits  # noqa: B018
         except ChannelError as err:
             raise ValueError(err.message) from None
+
+    @property
+    def host_header_allowed(self) -> bool:
+        """Whether the 402's URLs may be built from a request's ``Host`` header (when no ``public_url``
+        is set): on regtest, on a loopback address, or when the operator says so
+        (``trust_host_header``). On a public address a client could otherwise point other payers
+        (through a cache) at any host it names."""
+        return (self.public_url is not None or self.trust_host_header or self.network == "regtest"
+                or _is_loopback(self.host))
+
+    def is_trusted_proxy(self, address: str) -> bool:
+        """Whether ``address`` is one of the configured reverse proxies (``trusted_proxies``)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(net) for net in self.trusted_proxies)
+
+    def client_address(self, peer: str | None, forwarded_for: list[str]) -> str | None:
+        """The client a request comes from, for the per-client caps: the peer's address, unless the
+        peer is a trusted proxy; then the nearest address of ``X-Forwarded-For`` (read from the
+        right) that is not itself a trusted proxy. A client cannot forge it: hops added before the
+        first untrusted one are never read. An IPv6 client is its /64 (one host's usual share)."""
+        return _client_key(self._client_ip(peer, forwarded_for))
+
+    def _client_ip(self, peer: str | None, forwarded_for: list[str]) -> str | None:
+        if peer is None or not self.is_trusted_proxy(peer):
+            return peer
+        hops = [h.strip() for value in forwarded_for for h in value.split(",")]
+        for hop in reversed(hops):
+            try:
+                addr = str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a malformed entry: the proxy's own address, not a guess
+            if not self.is_trusted_proxy(addr):
+                return addr
+        return peer
 
     def warnings(self) -> list[str]:
         """What is valid but probably unintended in this configuration (the service logs each at start)."""

@@ -133,6 +133,7 @@ class PaymentGate:
 
     def __init__(self, svc: PayeeService, protocol_url: str | None = None) -> None:
         self.svc = svc
+        protocol_url = protocol_url or svc.config.public_url  # the configured public URL over the Host header
         self.protocol_url = protocol_url.rstrip("/") if protocol_url else None
         self._payments = 0
 

@@ -1,5 +1,11 @@
 """The payee's Prometheus metrics at ``GET /metrics`` (``prometheus_client``, one registry per app).
 
+They tell revenue, deposits and channel counts, so they are not served to the public: by default
+``/metrics`` is on a listener of its own at ``metrics_host:metrics_port`` of the
+:class:`~btcchannel.payee.config.ServerConfig` (``127.0.0.1``, a free port unless set; its URL
+is :attr:`MetricsEndpoint.url` once the app runs, and in ``server.json``). ``metrics_public``
+serves it on the payee's own port instead.
+
 Counted as requests pass (an aiohttp middleware): requests by route and status, their
 latency (histogram by route), acknowledged payments (``kind``: ``channel`` for the payments
 endpoint, ``metered`` for a paid request that carried its payment). Read from the store at each scrape
@@ -9,26 +15,42 @@ so the label set stays bounded whatever the requests.
 
 Entry point::
 
-    install_metrics(app: web.Application) -> CollectorRegistry   # before the app starts
+    install_metrics(app: web.Application) -> MetricsEndpoint   # before the app starts
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from btcchannel.payee.appkeys import SERVICE
+from btcchannel.payee.appkeys import CLIENT_ERRORS, SERVICE
+from btcchannel.payee.clientlog import ClientErrorLog
 from btcchannel.payee.shared import ChainTip
 from btcchannel.store import PayeeStore
 from btcchannel.store.ops import state_totals
 from btcchannel.wire import HDR_AMOUNT
 
-__all__ = ["install_metrics"]
+__all__ = ["METRICS", "MetricsEndpoint", "install_metrics"]
+
+log = logging.getLogger("btcchannel.payee.metrics")
+
+
+@dataclass
+class MetricsEndpoint:
+    """Where the app's metrics are read: ``url`` (None until the listener runs) and the registry."""
+
+    registry: CollectorRegistry
+    url: str | None = None
+
+
+METRICS: web.AppKey[MetricsEndpoint] = web.AppKey("btcchannel_metrics", MetricsEndpoint)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -65,8 +87,24 @@ class _StoreCollector(Collector):
                                 value=0.0 if self.tip.problem is None else 1.0)
 
 
-def install_metrics(app: web.Application) -> CollectorRegistry:
-    """Add ``GET /metrics`` and the counting middleware to the payee's ``app`` (not started yet)."""
+class _ClientErrors(Collector):
+    """What clients did wrong (malformed requests, bodies cut short or too slow), by kind."""
+
+    def __init__(self, errors: ClientErrorLog) -> None:
+        self.errors = errors
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("btcchannel_client_errors", "Requests a client got wrong, by kind "
+                                     "(answered 400 or dropped; logged at INFO at most once a minute).",
+                                     labels=["kind"])
+        for kind, n in sorted(self.errors.kinds.items()):
+            family.add_metric([kind], n)
+        yield family
+
+
+def install_metrics(app: web.Application) -> MetricsEndpoint:
+    """Add the counting middleware to the payee's ``app`` (not started yet) and ``GET /metrics`` on
+    the metrics listener (or, with ``metrics_public``, on the app itself)."""
     registry = CollectorRegistry()
     requests = Counter("btcchannel_http_requests", "HTTP requests by route and status.", ["route", "status"],
                        registry=registry)
@@ -77,6 +115,8 @@ def install_metrics(app: web.Application) -> CollectorRegistry:
                        ["kind"], registry=registry)
     svc = app[SERVICE]
     registry.register(_StoreCollector(svc.store, svc.tip))
+    if CLIENT_ERRORS in app:
+        registry.register(_ClientErrors(app[CLIENT_ERRORS]))
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -102,5 +142,25 @@ def install_metrics(app: web.Application) -> CollectorRegistry:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.middlewares.insert(0, count)  # outermost: it sees the status the error middleware answers with
-    app.router.add_get("/metrics", metrics)
-    return registry
+    endpoint = app[METRICS] = MetricsEndpoint(registry)
+    cfg = svc.config
+    if cfg.metrics_public:
+        app.router.add_get("/metrics", metrics)
+        return endpoint
+
+    async def listener(app: web.Application) -> AsyncIterator[None]:
+        own = web.Application()
+        own.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(own, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, cfg.metrics_host, cfg.metrics_port).start()
+            host, port = runner.addresses[0][:2]
+            endpoint.url = f"http://{host}:{port}/metrics"
+            log.info("metrics on %s", endpoint.url)
+            yield
+        finally:
+            await runner.cleanup()
+
+    app.cleanup_ctx.append(listener)
+    return endpoint

@@ -64,6 +64,9 @@ from btcchannel.wire import (
 
 __all__ = ["PayeeService"]
 
+#: the rows of proposals that ended unfunded are kept up to this many times ``max_proposals``
+ENDED_PROPOSAL_ROWS = 10
+
 
 class PayeeService:
     """The payee: validation + core + store + node. The HTTP layer is a thin shell over it."""
@@ -154,12 +157,7 @@ class PayeeService:
         self.require_fresh_chain()  # the expiry bounds are relative to the tip
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
-        self.store.lapse_proposals()
-        since = time.time() - cfg.proposal_cooldown_s  # cancelled and lapsed proposals count for a while
-        if self.store.count_unfunded(since) >= cfg.max_proposals:
-            raise TooManyChannels("too many unfunded proposals, try later")
-        if client is not None and self.store.count_unfunded(since, client) >= cfg.max_proposals_per_client:
-            raise TooManyChannels("too many unfunded proposals from this client, try later")
+        self._admit_proposal(client)
         key_index, payee_priv = self.store.reserve_key()  # committed before the key is used: never reused
         params = ChannelParams(
             network=cfg.network, payer_pubkey=payer_pubkey, payee_pubkey=keys.public_key(payee_priv),
@@ -187,6 +185,31 @@ class PayeeService:
             "terms": terms.to_json(),
             "script_version": script_version,
         }
+
+    def _admit_proposal(self, client: str | None) -> None:
+        """Room for one more unfunded proposal from ``client``, or ``TooManyChannels``.
+
+        A client's own cap counts its proposals waiting for a funding plus those that lapsed or were
+        cancelled within ``proposal_cooldown_s`` (so proposing and cancelling in a loop fills nothing
+        else). The total cap counts only proposals waiting for a funding, and when it is full, a
+        client holding fewer than the client with the most takes the place of that client's oldest
+        proposal not funded within ``proposal_grace_s`` (it lapses now, and counts against its own
+        client's cap for the cooldown): a few addresses cannot lock everyone else out. The rows of
+        ended proposals are kept for at most ``ENDED_PROPOSAL_ROWS`` times the total cap (the oldest
+        are deleted first): a flood of proposals from many addresses cannot fill the database."""
+        cfg = self.config
+        self.store.lapse_proposals()
+        now = time.time()
+        own = self.store.count_unfunded(now - cfg.proposal_cooldown_s, client)
+        if client is not None and own >= cfg.max_proposals_per_client:
+            raise TooManyChannels("too many unfunded proposals from this client, try later")
+        self.store.forget_ended_proposals(ENDED_PROPOSAL_ROWS * cfg.max_proposals)
+        if self.store.count_proposals() < cfg.max_proposals:
+            return
+        waiting = self.store.count_unfunded(now + 1.0, client)  # (only those still waiting: none ended later)
+        victim = self.store.evictable_proposal(now - cfg.proposal_grace_s, waiting + 1)
+        if victim is None or not self.store.mark_exception(victim, ChannelState.FAILED, None, "lapsed"):
+            raise TooManyChannels("too many unfunded proposals, try later")
 
     async def register_funding(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/channels/{id}/funding``: check the outpoint on the node and record it."""

@@ -153,16 +153,18 @@ class Watcher:
 
     # -- the loop ------------------------------------------------------------------
     async def run(self) -> None:
-        """Forever: ``step()`` every poll interval, and at once when the node announces a block
-        (errors are logged, never fatal). The announcements are the node's ``pubhashblock``
-        endpoint, if ``getzmqnotifications`` lists one; a lost announcement costs at most one
-        poll interval."""
+        """``step()`` every poll interval, and at once when the node announces a block
+        (errors are logged, never fatal), for as long as this instance leads: the leadership is
+        checked before every step (:meth:`_leads`), and ``run`` returns once it is lost. The
+        announcements are the node's ``pubhashblock`` endpoint, if ``getzmqnotifications`` lists
+        one; a lost announcement costs at most one poll interval."""
+        self._resume_as_leader()
         try:
             self.notifier = await BlockNotifier.discover(self.node)
         except Exception:  # the notifications are an optimisation: never a reason not to watch
             log.exception("block notifications unavailable: polling only")
         try:
-            while True:
+            while self._leads():
                 seen = self._seen()
                 try:
                     await self.step()
@@ -175,6 +177,15 @@ class Watcher:
             notifier, self.notifier = self.notifier, None
             if notifier is not None:
                 await notifier.aclose()
+
+    def _resume_as_leader(self) -> None:
+        """Start leading from what the store says (another instance may have led meanwhile)."""
+        self.follower = BlockFollower(self.node, self.store.chain_cursor())
+        self._full_pass = True
+
+    def _leads(self) -> bool:
+        """Whether this instance (still) leads: checked before every step (see ``Leadership``)."""
+        return self.closer.leadership.holds()
 
     async def step(self) -> None:
         """One pass: the new blocks (each fetched once), then every channel that needs a look.
@@ -204,6 +215,8 @@ class Watcher:
         self._claims = claims  # (a concurrent pass may replace it: each pass sends the list it made)
         try:
             for rec in live:
+                if not self.closer.leadership.held:
+                    break  # lost meanwhile (the closer found out): stop acting at once
                 if not (full or rec.channel_id in touched or self._due(rec, tip)):
                     continue
                 try:
@@ -213,6 +226,7 @@ class Watcher:
                     log.warning("watcher: channel %s: %s", rec.channel_id, err)
             if self._claims is claims:
                 self._claims = None
+            self.closer.leadership.require()  # (no-op while it leads) lost meanwhile: act no further
             await self.closer.close_claimed(claims)  # one transaction for those that can share it
         except BaseException:
             self._full_pass = True  # the blocks are consumed: the next pass looks at every channel

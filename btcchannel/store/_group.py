@@ -19,9 +19,15 @@ The connection is anything with sqlite3's small interface (``execute`` returning
 a cursor with ``description`` and ``fetchall``, ``in_transaction``, ``close``):
 an SQLite connection, or the PostgreSQL adapter of :mod:`btcchannel.store.postgres`.
 
+A second durable copy can share each commit: :attr:`GroupWriter.after_commit`, if set, is called
+in the writer thread with every statement the batch committed (``(sql, args, rows)``) after the
+commit and before any of them is acknowledged; if it raises, none of them is acknowledged (each
+gets its error). The payee's synchronous backup (:mod:`btcchannel.payee.backup`) is one.
+
 Entry points::
 
     GroupWriter(conn)                                  # owns this connection, starts the thread
+    GroupWriter.after_commit = fn                      # fn(list[(sql, args, rows)]) before acknowledging
     await GroupWriter.submit(sql, args) -> list[dict]  # rows (RETURNING) once committed
     GroupWriter.close()                                # drains the queue, stops the thread
     GroupWriter.batches, .statements                   # counters (commits, statements committed)
@@ -32,9 +38,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
-__all__ = ["Connection", "Cursor", "GroupWriter"]
+__all__ = ["AfterCommit", "Connection", "Cursor", "GroupWriter"]
 
 
 class Cursor(Protocol):
@@ -58,6 +64,9 @@ class Connection(Protocol):
 
 #: one queued statement: sql, args, the loop and the future to resolve there
 _Item = tuple[str, Sequence[Any], asyncio.AbstractEventLoop, "asyncio.Future[list[dict[str, Any]]]"]
+
+#: called with the committed statements (sql, args, number of rows returned) before they are acknowledged
+AfterCommit = Callable[[list[tuple[str, Sequence[Any], int]]], None]
 
 #: at most this many statements in one transaction (keeps one commit's latency bounded)
 MAX_BATCH = 1000
@@ -84,6 +93,7 @@ class GroupWriter:
         self._closed = False
         self.batches = 0
         self.statements = 0
+        self.after_commit: AfterCommit | None = None
         self._thread = threading.Thread(target=self._run, name="btcchannel-group-commit", daemon=True)
         self._thread.start()
 
@@ -157,11 +167,26 @@ class GroupWriter:
             results = [(None, exc)] * len(items)
         self.batches += 1
         self.statements += sum(1 for rows, _ in results if rows is not None)
+        results = self._after_commit(items, results)
         for (_sql, _args, loop, fut), (rows, err) in zip(items, results):
             try:
                 loop.call_soon_threadsafe(_resolve, fut, rows, err)
             except RuntimeError:  # that loop is closed: nobody waits for this answer any more
                 pass
+
+    def _after_commit(
+        self, items: list[_Item], results: list[tuple[list[dict[str, Any]] | None, BaseException | None]],
+    ) -> list[tuple[list[dict[str, Any]] | None, BaseException | None]]:
+        """Hand the committed statements to :attr:`after_commit`; if it fails, none is acknowledged."""
+        hook = self.after_commit
+        done = [(sql, args, len(rows)) for (sql, args, _l, _f), (rows, _e) in zip(items, results) if rows]
+        if hook is None or not done:
+            return results
+        try:
+            hook(done)
+        except Exception as exc:
+            return [(None, exc) if rows is not None else (rows, err) for rows, err in results]
+        return results
 
     def _alone(self, sql: str, args: Sequence[Any]) -> tuple[list[dict[str, Any]] | None, BaseException | None]:
         """After a failed batch: one statement in its own transaction, so a bad one fails alone."""

@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Final, Iterable, Mapping, Sequence
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
+from btcchannel.store._group import AfterCommit
 from btcchannel.store._payee_schema import MIGRATIONS as _MIGRATIONS
 from btcchannel.store._seed import SeedKeys
 
@@ -172,9 +173,23 @@ class PayeeStore(SeedKeys, Database):
 
     MIGRATIONS, PUBKEY_FIELD = _MIGRATIONS, "payee_pubkey"
 
+    #: a second durable copy of every stored payment, written before the payment is acknowledged
+    #: (the payee's synchronous backup); the group-commit writer calls it as its ``after_commit``
+    payment_mirror: AfterCommit | None = None
+
     def try_lead(self) -> bool:
         """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
         return True
+
+    def still_leads(self) -> bool:
+        """Whether this process still holds the leadership it took with :meth:`try_lead`: always, on
+        SQLite (one file, one payee); on PostgreSQL a check of the lock's own session."""
+        return True
+
+    def _fence(self) -> tuple[str, tuple[Any, ...]]:
+        """The condition (SQL appended to a close's compare-and-set, and its arguments) that holds only
+        while this process's leadership is the current one: none on SQLite (see ``PgPayeeStore``)."""
+        return "", ()
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -223,6 +238,34 @@ class PayeeStore(SeedKeys, Database):
             sql += " AND client=?"
             args.append(client)
         return int(self._db.execute(sql, args).fetchone()[0])
+
+    def forget_ended_proposals(self, keep: int) -> int:
+        """Delete the proposals that ended unfunded (lapsed, cancelled: no funding, no payment) except
+        the ``keep`` most recent: a bound on the rows a proposal flood leaves behind. How many went."""
+        ended = "state=? AND funding_txid IS NULL AND signature IS NULL"
+        cur = self._db.execute(
+            f"DELETE FROM channels WHERE {ended} AND updated_at <="
+            f" (SELECT updated_at FROM channels WHERE {ended} ORDER BY updated_at DESC LIMIT 1 OFFSET ?)",
+            (_S.FAILED.value, _S.FAILED.value, keep),
+        )
+        return int(cur.rowcount)
+
+    def evictable_proposal(self, created_before: float, below: int) -> str | None:
+        """The oldest proposal created before ``created_before`` of the client holding the most
+        proposals, if that client holds more than ``below``: the proposal to lapse when the total cap
+        is full and a client holding ``below - 1`` asks (None: no client holds that many)."""
+        row = self._db.execute(
+            "SELECT client, COUNT(*) AS n FROM channels WHERE state=? GROUP BY client ORDER BY n DESC LIMIT 1",
+            (_S.PROPOSED.value,),
+        ).fetchone()
+        if row is None or int(row[1]) <= below:
+            return None
+        found = self._db.execute(
+            "SELECT channel_id FROM channels WHERE state=? AND client IS ? AND created_at<?"
+            " ORDER BY created_at LIMIT 1",
+            (_S.PROPOSED.value, row[0], created_before),
+        ).fetchone()
+        return None if found is None else str(found[0])
 
     def prune(self, ended_before: float) -> int:
         """Delete ``failed`` rows without payments that ended before ``ended_before`` (lapsed or
@@ -370,6 +413,8 @@ class PayeeStore(SeedKeys, Database):
         """
         sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter)
         rows = self._db.execute(sql, args).fetchall()  # stepped to the end: committed and fsynced
+        if rows and self.payment_mirror is not None:
+            self.payment_mirror([(sql, args, len(rows))])  # in the backup too, before the acknowledgement
         return _payee_from_row(rows[0]) if rows else None
 
     async def record_payment_async(
@@ -503,38 +548,61 @@ class PayeeStore(SeedKeys, Database):
         return await self.transition_async(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
 
     def reclaim_stale_close(self, channel_id: str, older_than: float) -> bool:
-        """Take over a ``closing`` claim that never got a close txid (its process died)."""
+        """Take over a ``closing`` claim that never got a close txid (its process died); fenced
+        by the leadership (:meth:`_fence`)."""
         now = time.time()
+        fence, fence_args = self._fence()
         return self._update(
             "UPDATE channels SET close_claimed_at=?, updated_at=? WHERE channel_id=? AND state=?"
-            " AND close_txid IS NULL AND close_claimed_at<?",
-            (now, now, channel_id, _S.CLOSING.value, older_than),
+            " AND close_txid IS NULL AND close_claimed_at<?" + fence,
+            (now, now, channel_id, _S.CLOSING.value, older_than, *fence_args),
         )
 
     def record_close_intent(
         self, channel_id: str, txid: str, raw_tx: str, fee_rate: float, previous_txid: str | None
     ) -> bool:
         """Record the close about to be broadcast (or its RBF replacement): its raw transaction,
-        txid and fee rate, CAS on the current close txid. Called *before* the broadcast, so a
-        process that dies in between leaves a close the next one sends byte for byte."""
+        txid and fee rate, CAS on the current close txid and on the leadership (:meth:`_fence`).
+        Called *before* the broadcast, so a process that dies in between leaves a close the next
+        one sends byte for byte; a False means: do not broadcast it."""
         rec = self.get(channel_id)
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        fence, fence_args = self._fence()
         return self._update(
             "UPDATE channels SET close_tx=?, close_tx_txid=?, close_txids=?, close_fee_rate=?, updated_at=?"
-            " WHERE channel_id=? AND state=? AND close_txid IS ?",
-            (raw_tx, txid, json.dumps(txids), fee_rate, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+            " WHERE channel_id=? AND state=? AND close_txid IS ?" + fence,
+            (raw_tx, txid, json.dumps(txids), fee_rate, time.time(), channel_id, _S.CLOSING.value, previous_txid,
+             *fence_args),
         )
+
+    def record_close_intents(
+        self, channel_ids: Sequence[str], txid: str, raw_tx: str, fee_rate: float, previous_txid: str | None
+    ) -> bool:
+        """:meth:`record_close_intent` for every channel of one shared close, all or none in one
+        transaction: True only if every one was recorded (a close spending several fundings is
+        broadcast only when each of them records it)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            ok = all(self.record_close_intent(cid, txid, raw_tx, fee_rate, previous_txid) for cid in channel_ids)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT" if ok else "ROLLBACK")
+        return ok
 
     def set_close_tx(
         self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None
     ) -> bool:
-        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid."""
+        """Record a broadcast close (or its RBF replacement), CAS on the previous close txid and on
+        the leadership (:meth:`_fence`)."""
         rec = self.get(channel_id)
         txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
+        fence, fence_args = self._fence()
         return self._update(
             "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, updated_at=?"
-            " WHERE channel_id=? AND state=? AND close_txid IS ?",
-            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid),
+            " WHERE channel_id=? AND state=? AND close_txid IS ?" + fence,
+            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid,
+             *fence_args),
         )
 
     def release_close_claim(self, channel_id: str) -> bool:

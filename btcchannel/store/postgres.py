@@ -22,14 +22,27 @@ takes a session-level advisory lock on a connection of its own, held until the
 process (or that connection) dies, when PostgreSQL releases it and another
 instance's next attempt takes it.
 
+The lock alone does not fence an instance that lost it without noticing (its lock session was
+terminated, a network blip, a pooler, ``idle_session_timeout``, a database restart): so taking
+the lock also takes a new *leader epoch* (``btcchannel_leader``: one row, its number raised by
+each new leader in the lock's own session), and every close compare-and-set of the store
+(``record_close_intent``, ``set_close_tx``, ``reclaim_stale_close``) also requires that the
+epoch is still this instance's (:meth:`PgPayeeStore._fence`). A stale leader's close
+compare-and-set fails, so it records no close intent and broadcasts nothing;
+:meth:`PgPayeeStore.still_leads` checks the lock's session (the lock still granted to it, the
+epoch still its own) before each watcher step and each broadcast.
+
 Entry points::
 
     PgPayeeStore(url)                      # postgresql://... ; migrates on open
     PgPayeeStore.try_lead() -> bool        # the leader lock (SQLite stores always lead)
+    PgPayeeStore.still_leads() -> bool     # the lock's session alive, holding the lock, epoch current
+    PgPayeeStore.epoch -> int | None       # the epoch this instance took with the lock
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sqlite3
@@ -125,6 +138,27 @@ _PG_V8_METERED_V2: Migration = (
     "CREATE INDEX IF NOT EXISTS channels_owing ON channels(state) WHERE owed_sat > amount_sat",
 )
 
+#: the leader lock's session notices a dead network within seconds (TCP keepalives, and at most
+#: 10 s of unacknowledged data) instead of the kernel's defaults (minutes to hours): its next check
+#: fails and the instance stops leading (ignored on a Unix socket)
+LOCK_SESSION_PARAMS: Final[dict[str, Any]] = {
+    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+    "tcp_user_timeout": 10_000, "connect_timeout": 10,
+}
+
+#: the leader epoch: one row, raised by each instance that takes the leader lock (outside the
+#: versioned schema, like ``btcchannel_schema``: it holds no channel data)
+_LEADER_TABLE: Final = ("CREATE TABLE IF NOT EXISTS btcchannel_leader"
+                        " (id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL)")
+
+#: whether the lock's session holds the leader lock and the epoch is still ``?`` (the bigint key
+#: of an advisory lock is its classid (high 32 bits) and objid (low 32 bits), objsubid 1)
+_STILL_LEADS: Final = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    " AND granted AND objsubid = 1 AND classid::bigint = ? AND objid::bigint = ?)"
+    " AND EXISTS (SELECT 1 FROM btcchannel_leader WHERE id = 1 AND epoch = ?) AS ok"
+)
+
 #: the SQLite store's migrations in PostgreSQL's dialect, same numbers, same meaning
 PG_MIGRATIONS: Final[tuple[Migration, ...]] = (
     _PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS, _PG_V4_CLOSE_INTENT, _PG_V5_CHAIN_CURSOR, _PG_V6_PROPOSAL_CLIENT,
@@ -170,8 +204,9 @@ def _arg(value: Any) -> Any:
 class PgConnection:
     """A psycopg connection (autocommit, rows as :class:`Row`) with the ``sqlite3`` interface the stores use."""
 
-    def __init__(self, url: str) -> None:
-        self._conn: psycopg.Connection[Row] = psycopg.connect(url, autocommit=True, row_factory=_rows)
+    def __init__(self, url: str, **params: Any) -> None:
+        """``params``: libpq connection parameters over the URL's (e.g. TCP keepalives)."""
+        self._conn: psycopg.Connection[Row] = psycopg.connect(url, autocommit=True, row_factory=_rows, **params)
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Row]:
         """Run one statement; an integrity violation raises ``sqlite3.IntegrityError`` like SQLite's."""
@@ -198,6 +233,10 @@ class PgPayeeStore(PayeeStore):
         self.path = Path("postgresql")  # for messages only; the URL may carry a password
         self._db = PgConnection(url)  # type: ignore[assignment]
         self._lead: PgConnection | None = None
+        #: the leader epoch this instance took with the lock (None: it never led); kept when the
+        #: lock is lost, so that the fenced compare-and-sets of a stale leader fail
+        self.epoch: int | None = None
+        self._leading = False
         try:
             self._migrate()
         except BaseException:
@@ -232,6 +271,7 @@ class PgPayeeStore(PayeeStore):
                 for sql in self.MIGRATIONS[version - 1]:
                     db.execute(sql)
                 db.execute("INSERT INTO btcchannel_schema (version) VALUES (?)", (version,))
+            db.execute(_LEADER_TABLE)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
@@ -239,22 +279,60 @@ class PgPayeeStore(PayeeStore):
             raise
 
     def try_lead(self) -> bool:
-        """Take (or hold) the leader lock: True while this instance runs the watcher and closer."""
+        """Take (or hold) the leader lock: True while this instance runs the watcher and closer.
+
+        Taking it raises the leader epoch in the lock's session (:attr:`epoch`); holding it is
+        checked with :meth:`still_leads`."""
+        if self._leading:
+            return self.still_leads()
         try:
             if self._lead is None:
-                self._lead = PgConnection(self.url)
+                self._lead = PgConnection(self.url, **LOCK_SESSION_PARAMS)
             row = self._lead.execute("SELECT pg_try_advisory_lock(?) AS ok", (LEADER_KEY,)).fetchone()
-            return row is not None and bool(row["ok"])
+            if row is None or not row["ok"]:
+                return False
+            row = self._lead.execute(
+                "INSERT INTO btcchannel_leader (id, epoch) VALUES (1, 1)"
+                " ON CONFLICT (id) DO UPDATE SET epoch = btcchannel_leader.epoch + 1 RETURNING epoch").fetchone()
+            assert row is not None
+            self.epoch, self._leading = int(row["epoch"]), True
+            return True
         except psycopg.Error:
-            if self._lead is not None:
-                self._lead.close()
-            self._lead = None
+            self._drop_lead()
             return False
+
+    def still_leads(self) -> bool:
+        """Whether this instance still leads: its lock's session answers, holds the leader lock, and
+        the epoch is still the one it took. False from the first failure on (the lock's connection
+        is dropped; :meth:`try_lead` may take the lock again, with a new epoch)."""
+        if not self._leading or self._lead is None or self.epoch is None:
+            return False
+        try:
+            row = self._lead.execute(
+                _STILL_LEADS, ((LEADER_KEY >> 32) & 0xFFFF_FFFF, LEADER_KEY & 0xFFFF_FFFF, self.epoch)).fetchone()
+            if row is not None and bool(row["ok"]):
+                return True
+        except psycopg.Error:
+            pass
+        self._drop_lead()
+        return False
+
+    def _drop_lead(self) -> None:
+        self._leading = False
+        if self._lead is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._lead.close()
+        self._lead = None
+
+    def _fence(self) -> tuple[str, tuple[Any, ...]]:
+        """Once this instance has led, its close compare-and-sets hold only while its epoch is the
+        current one (a store that never led, e.g. an operator's tool, is not fenced)."""
+        if self.epoch is None:
+            return "", ()
+        return " AND EXISTS (SELECT 1 FROM btcchannel_leader WHERE id = 1 AND epoch = ?)", (self.epoch,)
 
     def close(self) -> None:
         """Stop the writer, release the leader lock (its connection), close."""
-        if self._lead is not None:
-            self._lead.close()
-            self._lead = None
+        self._drop_lead()
         super().close()
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.payee.config import ServerConfig
-from btcchannel.payee.http import SERVICE, create_app
+from btcchannel.payee.http import SERVICE, app_runner, create_app
 from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeStore, open_payee_store
 from btcchannel.wait import wait_until_async
@@ -78,7 +78,7 @@ async def start_payee(
         app = create_app(config, store, node, run_watcher=run_watcher)
         if hook is not None:
             hook(app)
-        runner = web.AppRunner(app, access_log=None)
+        runner = app_runner(app, config)
         await runner.setup()
     except BaseException:
         store.close()

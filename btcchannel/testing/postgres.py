@@ -9,6 +9,7 @@ with its durability settings left on (``fsync``, ``synchronous_commit``).
 
     server = start_postgres(folder)        # -> PostgresServer
     url = server.create_database()         # a fresh database: postgresql://...
+    terminate_leader(url)                  # end the session holding the payee's leader lock
     server.stop()
 """
 
@@ -26,7 +27,9 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-__all__ = ["PostgresServer", "start_postgres"]
+from btcchannel.store.postgres import LEADER_KEY
+
+__all__ = ["PostgresServer", "start_postgres", "terminate_leader"]
 
 _numbers = itertools.count(1)
 
@@ -95,3 +98,19 @@ def start_postgres(folder: Path) -> PostgresServer:
         shutil.rmtree(data, ignore_errors=True)
 
     return PostgresServer(f"postgresql://postgres@/postgres?host={quote(str(sock))}", stop)
+
+
+def terminate_leader(url: str) -> int | None:
+    """End the database session that holds the payee's leader lock in database ``url`` with
+    ``pg_terminate_backend`` (what a network blip, a pooler or an operator does to it); the
+    session's pid, or None when no session holds the lock."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid::bigint = %s AND objid::bigint = %s",
+            ((LEADER_KEY >> 32) & 0xFFFF_FFFF, LEADER_KEY & 0xFFFF_FFFF)).fetchone()
+        if row is None:
+            return None
+        conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+        return int(row[0])
