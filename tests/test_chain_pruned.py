@@ -17,7 +17,7 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.errors import NodePruned
 from btcchannel.payee.http import CLOSER, WATCHER
 from btcchannel.payer.client import PayerClient
-from btcchannel.testing import node_for, open_channel, sats, tx_of, wait_until_async
+from btcchannel.testing import node_for, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory, PayerFactory
 from btcchannel.testing.payee import RunningPayee, start_payee
 
@@ -49,6 +49,15 @@ async def _until(srv: RunningPayee, cid: str, state: str) -> None:
     await wait_until_async(reached, timeout=30, what=f"channel {state}")
 
 
+async def _open(srv: RunningPayee, client: PayerClient, bitcoind: RegtestNode, deposit: int, lifetime: int) -> str:
+    """A channel funded, its funding mined and seen by the (stepped) payee, open."""
+    cid = await client.open_channel(srv.url, deposit, lifetime, wait_open=False)
+    bitcoind.mine(1)
+    await srv.app[WATCHER].step()
+    await client.wait_open(cid, timeout=30)
+    return cid
+
+
 def test_the_node_is_pruned_without_a_transaction_index(bitcoind: RegtestNode) -> None:
     assert bitcoind.rpc("getblockchaininfo")["pruned"] is True
     assert "txindex" not in bitcoind.rpc("getindexinfo")
@@ -64,7 +73,7 @@ async def test_open_pay_close_to_final_depth(
     bitcoind.mine(1)
     await _until(srv, cid, "open")
     await payer_client.pay(cid, 20_000)
-    await payer_client.pay(cid, 35_000)
+    assert await payer_client.pay(cid, 15_000) == 35_000  # (increments)
     assert (await payer_client.close(cid))["state"] == "closing"
     await srv.app[CLOSER].aclose()
     close_txid = srv.store.get(cid).close_txid
@@ -101,7 +110,7 @@ async def test_funding_reorged_out_and_double_spent_fails(
     bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(final_confirmations=2, run_watcher=False)
-    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
+    cid = await _open(srv, payer_client, bitcoind, 100_000, 60)
     funding = srv.store.get(cid).funding_txid or ""
     bitcoind.rpc("invalidateblock", bitcoind.transaction(funding)["blockhash"])
     conflict = bitcoind.rpc("bumpfee", funding, wallet=funded_wallet)["txid"]
@@ -118,7 +127,7 @@ async def test_refund_in_the_mempool_is_outbid(
     """Without a transaction index the payee finds the confirmed funding in the block it saw it in:
     a refund in the mempool at expiry is a conflict to outbid, not a lost funding."""
     srv = await payee_factory.start(final_confirmations=2, close_fee_rate_sat_vb=1.0, run_watcher=False)
-    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 12)
+    cid = await _open(srv, payer_client, bitcoind, 100_000, 12)
     await payer_client.pay(cid, 50_000)
     bitcoind.mine(srv.store.get(cid).expiry_height - bitcoind.tip_height())
     refund = await payer_client.refund(cid, fee_rate_sat_vb=5.0)
@@ -140,7 +149,7 @@ async def test_payer_refund_after_expiry(
 ) -> None:
     """A payee that never closes: the payer's refund path works on the same node."""
     srv = await payee_factory.start(run_watcher=False)
-    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 8)
+    cid = await _open(srv, payer_client, bitcoind, 100_000, 8)
     expiry = srv.store.get(cid).expiry_height
     await srv.stop()
     bitcoind.mine(expiry - bitcoind.tip_height())
@@ -157,7 +166,7 @@ async def test_close_through_a_reorg_and_a_restart(
     """A close confirmed, reorged out, confirmed again while no payee ran: the restarted payee (its
     memory of where transactions were seen lost) still finds it and closes the channel."""
     srv = await payee_factory.start(final_confirmations=2, run_watcher=False)
-    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
+    cid = await _open(srv, payer_client, bitcoind, 100_000, 60)
     await payer_client.pay(cid, 30_000)
     await payer_client.close(cid)
     await srv.app[CLOSER].aclose()
@@ -169,7 +178,7 @@ async def test_close_through_a_reorg_and_a_restart(
     await srv.app[WATCHER].step()
     assert srv.store.get(cid).state == "closing"
     await srv.stop()
-    bitcoind.mine(2)
+    bitcoind.mine(2, address=bitcoind.new_address("miner"))  # (not the invalidated block again)
     srv = await payee_factory.start(srv.config, run_watcher=False)
     await _until(srv, cid, "closed")
     assert srv.store.get(cid).close_txid == close_txid
@@ -205,25 +214,23 @@ async def test_payee_works_past_pruned_blocks_and_refuses_once_its_own_are_prune
         try:
             await srv.app[WATCHER].step()
             # the payee keeps up while the node deletes old blocks: nothing it has to read is gone
-            for _ in range(3):
-                node.mine(300)
-                await srv.app[WATCHER].step()
-            node.rpc("pruneblockchain", node.tip_height() - 288)
-            pruned = int(node.rpc("getblockchaininfo")["pruneheight"])
-            assert pruned > 300, "the node pruned nothing: the test proves nothing"
+            node.mine(400)
+            await srv.app[WATCHER].step()
+            pruned = _prune_below(node, 0)
+            assert pruned > 100, "the node pruned nothing: the test proves nothing"
             await srv.stop()
             srv = await start_payee(config, rpc, run_watcher=False)  # its last block is kept: it starts
-            cid = await open_channel(client, node, srv.url, 100_000, 30)
+            cid = await _open(srv, client, node, 100_000, 30)
             await client.pay(cid, 40_000)
             await client.close(cid)
             await srv.app[CLOSER].aclose()
             node.mine(1)
             await _until(srv, cid, "closed")
+            last = srv.store.chain_cursor()
+            assert last is not None and last[0] > pruned
             await srv.stop()
             # an outage longer than the node keeps blocks: the payee refuses to start
-            last = srv.store.chain_cursor()
-            assert last is not None
-            assert _prune_below(node, 1_200) > last[0] + 1
+            assert _prune_below(node, 450) > last[0] + 1
             with pytest.raises(NodePruned, match=f"last processed block {last[0]}") as err:
                 await start_payee(config, rpc, run_watcher=False)
             assert err.value.code == "node_pruned"

@@ -264,13 +264,15 @@ class Node:
         plist = list(params)
         if self._cookie_file is not None:
             await self._load_cookie(refresh=False)
+        sent_with = self._cookie
         try:
             return await self._acall_once(method, plist, wallet)
         except httpx.HTTPStatusError as e:
             status = e.response.status_code
             if status == 401 and self._cookie_file is not None:
-                # bitcoind writes a fresh cookie each time it starts: re-read and retry once
-                if await self._load_cookie(refresh=True):
+                # bitcoind writes a fresh cookie each time it starts: re-read and retry once (also
+                # when a concurrent call re-read it first)
+                if await self._load_cookie(refresh=True) or self._cookie != sent_with:
                     try:
                         return await self._acall_once(method, plist, wallet)
                     except httpx.HTTPStatusError as e2:
