@@ -182,6 +182,9 @@ class Node:
         self._depth_hints: dict[str, tuple[str, int]] = {}  # txid -> (best block, confirmations) of gettxout
         self._searched: dict[str, tuple[int, str]] = {}     # txid -> (height, hash) of the tip searched up to
         self._txindex: bool | None = None                   # whether the node keeps -txindex (asked once)
+        #: every block above this height was read by a block follower noting the transactions it
+        #: watches (:meth:`note_block`): a search for one of them need not read those blocks again
+        self.followed_after: int | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -416,7 +419,8 @@ class Node:
 
     async def _search_blocks(self, txid: str, start: int) -> int | None:
         """Confirmations of ``txid`` found by reading the blocks from the tip down to ``start``
-        (blocks searched before, still in the active chain, are not read again)."""
+        (neither blocks searched before, still in the active chain, nor blocks a follower read
+        since :attr:`followed_after` are read again)."""
         searched = self._searched.get(txid)
         if searched is not None:
             try:
@@ -424,16 +428,20 @@ class Node:
                     start = max(start, searched[0] + 1)
             except RpcInvalidAddressOrKey:
                 pass
-        tip_hash = str(await self.call("getbestblockhash"))
-        tip = int((await self.call("getblockheader", tip_hash))["height"])
-        for height in range(tip, max(start, 0) - 1, -1):
+        tip = await self.tip_height()
+        top = tip if self.followed_after is None else min(tip, self.followed_after)
+        if top < max(start, 0):
+            return None
+        top_hash = ""
+        for height in range(top, max(start, 0) - 1, -1):
             block_hash, block = await self._read_block(height, 1)
             if block is None:
                 return None  # reorganised meanwhile: not found this time
+            top_hash = top_hash or block_hash
             if txid in block["tx"]:
                 self.note_block(txid, block_hash)
                 return tip - height + 1
-        _bounded(self._searched)[txid] = (tip, tip_hash)
+        _bounded(self._searched)[txid] = (top, top_hash)
         return None
 
     async def _read_block(self, height: int, verbosity: int) -> tuple[str, dict[str, Any] | None]:

@@ -30,7 +30,7 @@ import asyncio
 import logging
 from typing import Any, Protocol, Sequence
 
-from btcchannel.bitcoind.chain import mempool_package
+from btcchannel.bitcoind.chain import MempoolPackage, mempool_package
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.channel import build_multi_close, build_multi_close_at_most
 from btcchannel.core.state import ChannelState
@@ -60,7 +60,9 @@ class Closer(Protocol):
     async def broadcast(
         self, cid: str, fee_rate: float | None, previous_txid: str | None, *, deadline: bool = False
     ) -> str | None: ...
-    async def replacement_floor(self, previous_txid: str, vsize: int, *, deadline: bool, what: str) -> int: ...
+    def replacement_floor(
+        self, previous_txid: str, package: MempoolPackage | None, vsize: int, *, deadline: bool, what: str
+    ) -> int: ...
 
 __all__ = ["batch_of", "close_claimed", "bump_batch"]
 
@@ -231,7 +233,8 @@ async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, ra
     payout = closer.payout_of(members[0])
     chs = [closer.channels.build(m) for m in members]
     tx = build_multi_close_at_most(chs, payout, rate)  # a deadline rate they cannot pay: the most they can
-    need = await closer.replacement_floor(previous, tx_vsize(tx), deadline=deadline, what=f"{len(members)} channels")
+    package = await mempool_package(closer.node, previous)
+    need = closer.replacement_floor(previous, package, tx_vsize(tx), deadline=deadline, what=f"{len(members)} channels")
     if need < 0:
         raise CloseUneconomic(f"batch {previous} is pinned by its descendants: replaced at the deadline")
     if _fee(members, tx) < need:

@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from typing import Any, Awaitable
 
-from btcchannel.bitcoind.chain import mempool_package
+from btcchannel.bitcoind.chain import MempoolPackage, mempool_package
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import script
 from btcchannel.core.channel import PayeeChannel
@@ -229,10 +229,14 @@ class Closer:
         ch = self.channels.build(rec)
         floor = 0
         if previous_txid is not None:
-            floor = await self.replacement_floor(previous_txid, tx_vsize(ch.build_close(self.payout_of(rec), MIN_RELAY_FEE_RATE)),
-                                                 deadline=deadline, what=cid)
-            if floor < 0:
-                return rec, False
+            # (a replacement's rate is at least 1 sat/vB above the old one's: that outbids a lone
+            # close; the floor matters when a payer hung descendants on it)
+            package = await mempool_package(self.node, previous_txid)
+            if package is not None and package.pinned:
+                vsize = tx_vsize(ch.build_close(self.payout_of(rec), MIN_RELAY_FEE_RATE))
+                floor = self.replacement_floor(previous_txid, package, vsize, deadline=deadline, what=cid)
+                if floor < 0:
+                    return rec, False
         built = self._build(ch, rec, rate, bump=previous_txid is not None, min_fee_sat=floor)
         if built is None:
             return self.store.get(cid), False
@@ -276,26 +280,28 @@ class Closer:
             log.info("recorded close %s of %s sent", fresh.close_tx_txid, fresh.channel_id)
             return True
 
-    async def replacement_floor(self, previous_txid: str, vsize: int, *, deadline: bool, what: str) -> int:
-        """The least fee a replacement of ``vsize`` vbytes must pay to evict ``previous_txid`` and
-        every descendant hanging on it (BIP125: ``fees.descendant``, not the close's own fee); 0
-        when it is not in the mempool any more. -1 when descendants (a payer's pinning child)
-        push it above ``max_fee_rate_sat_vb`` and the deadline is not near: not worth it yet."""
-        package = await mempool_package(self.node, previous_txid)
+    def replacement_floor(
+        self, previous_txid: str, package: MempoolPackage | None, vsize: int, *, deadline: bool, what: str
+    ) -> int:
+        """The least fee a replacement of ``vsize`` vbytes must pay to evict ``previous_txid`` (whose
+        mempool entry is ``package``) and every descendant hanging on it (BIP125: ``fees.descendant``, not the close's own fee, plus
+        the incremental relay fee); 0 when it is not in the mempool any more. When descendants (a
+        payer's pinning child) are what it must outbid: -1 (no replacement now) if that costs more
+        than ``max_fee_rate_sat_vb`` and the deadline is not near; near it, up to what the payment
+        affords."""
         if package is None:
             return 0
         floor = replacement_min_fee(package.descendant_fee, vsize)
-        if package.pinned:
-            self.events["pinned"] += 1
-            capped = math.floor(self.config.max_fee_rate_sat_vb * vsize)
-            log.warning("close %s of %s carries %d descendant(s) (%d vB, %d sat in all): a replacement "
-                        "must pay %d sat%s", previous_txid, what, package.descendant_count - 1,
-                        package.descendant_vsize - package.vsize, package.descendant_fee, floor,
-                        "" if deadline or floor <= capped else "; waiting for the deadline",
-                        extra={"event": "close_pinned", "txid": previous_txid})
-            if not deadline and floor > capped:
-                return -1
-        return floor
+        if not package.pinned:
+            return floor
+        self.events["pinned"] += 1
+        wait = not deadline and floor > math.floor(self.config.max_fee_rate_sat_vb * vsize)
+        log.warning("close %s of %s carries %d descendant(s) (%d vB, %d sat in all): a replacement must pay "
+                    "%d sat%s", previous_txid, what, package.descendant_count - 1,
+                    package.descendant_vsize - package.vsize, package.descendant_fee, floor,
+                    "; waiting for the deadline" if wait else "",
+                    extra={"event": "close_pinned", "txid": previous_txid})
+        return -1 if wait else floor
 
     def _build(
         self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool, min_fee_sat: int = 0

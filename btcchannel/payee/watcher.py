@@ -211,7 +211,9 @@ class Watcher:
             log.warning("watcher pass skipped: %s", self.tip.problem)
             return
         live = self.store.list([ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING])
+        before = self.follower.height
         advance = await self.follower.advance(self.tip.best_hash)
+        self._note_followed(before, advance.restart)
         full = self._full_pass or advance.reorg or advance.restart
         if advance.reorg:
             log.warning("chain reorganised: back to block %d, now at %d", self.follower.height, tip)
@@ -245,6 +247,14 @@ class Watcher:
         self._full_pass = False
         self.store.set_chain_cursor(self.follower.height, self.follower.hash)
         self.closer.forget_except({rec.channel_id for rec in live})
+
+    def _note_followed(self, before: int, restart: bool) -> None:
+        """Tell the node from which height on this follower reads (and notes) every block: a
+        search for a watched transaction then reads no block above it (a restart skipped blocks)."""
+        if restart:
+            self.node.followed_after = self.follower.height
+        elif self.node.followed_after is None:
+            self.node.followed_after = before
 
     def _due(self, rec: PayeeRecord, tip: int) -> bool:
         """Whether a channel no new block touched needs a look anyway."""
