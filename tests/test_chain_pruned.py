@@ -93,7 +93,8 @@ async def test_a_confirmed_funding_is_read_from_the_block_its_depth_points_at(
     """How the payee registers a funding that confirmed before it was registered: ``gettxout``
     gives its depth, which names its block; its inputs (to notice a double-spend after a reorg)
     are read from there, as a node without a transaction index cannot look it up by txid alone."""
-    script = bytes.fromhex(bitcoind.rpc("getaddressinfo", bitcoind.new_address("miner"), wallet="miner")["scriptPubKey"])
+    address = bitcoind.new_address("miner")
+    script = bytes.fromhex(bitcoind.rpc("getaddressinfo", address, wallet="miner")["scriptPubKey"])
     async with node_for(bitcoind, funded_wallet) as payer, node_for(bitcoind, None) as node:
         outpoint = await payer.fund_output(script, 100_000)
         bitcoind.mine(2)

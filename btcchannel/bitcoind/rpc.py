@@ -22,7 +22,10 @@ This module is the RPC edge of the library:
   which is read lazily and read again when the node refuses it (bitcoind writes
   a new cookie every time it starts);
 - wallet calls go to ``<url>/wallet/<name>``; every endpoint shares one HTTP
-  connection pool.
+  connection pool;
+- nothing needs the node's ``-txindex``: a confirmed transaction is read from the block it was
+  seen in (noted by a block follower, found by a bounded scan, or named by the depth ``gettxout``
+  gave for one of its outputs), so a pruned node without an index will do.
 
 Example::
 

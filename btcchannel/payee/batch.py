@@ -21,7 +21,10 @@ Not batched (each closes alone, exactly as before): a channel already within ``u
 of its expiry, one whose payment alone does not pay for a close, a pass with one channel due.
 A bump of a batch (RBF) rebuilds it with every member's payment; a member that has become urgent
 while the others have not is split out: the others' batch replaces the old one (paying more
-than it), then the urgent channel's own close goes out at the deadline rate.
+than it and every descendant a payer hung on it), then the urgent channel's own close goes out
+at the deadline rate. When the others' replacement is not made (pinned by a payer's child and
+not worth outbidding yet, or refused), the urgent members are split out all the same: each
+one's own close outbids the pinned batch with its child, if its payment affords it.
 """
 
 from __future__ import annotations

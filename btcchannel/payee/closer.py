@@ -284,11 +284,11 @@ class Closer:
         self, previous_txid: str, package: MempoolPackage | None, vsize: int, *, deadline: bool, what: str
     ) -> int:
         """The least fee a replacement of ``vsize`` vbytes must pay to evict ``previous_txid`` (whose
-        mempool entry is ``package``) and every descendant hanging on it (BIP125: ``fees.descendant``, not the close's own fee, plus
-        the incremental relay fee); 0 when it is not in the mempool any more. When descendants (a
-        payer's pinning child) are what it must outbid: -1 (no replacement now) if that costs more
-        than ``max_fee_rate_sat_vb`` and the deadline is not near; near it, up to what the payment
-        affords."""
+        mempool entry is ``package``) and every descendant hanging on it (BIP125: ``fees.descendant``,
+        not the close's own fee, plus the incremental relay fee); 0 when it is not in the mempool
+        any more. When descendants (a payer's pinning child) are what it must outbid: -1 (no
+        replacement now) if that costs more than ``max_fee_rate_sat_vb`` and the deadline is not
+        near; near it, up to what the payment affords."""
         if package is None:
             return 0
         floor = replacement_min_fee(package.descendant_fee, vsize)

@@ -9,6 +9,10 @@ shared :class:`~btcchannel.payee.shared.ChainTip` fresh whatever a pass costs (t
 refuses payments on a stale tip); every close is left to the
 :class:`~btcchannel.payee.closer.Closer`.
 
+The node needs no transaction index: the follower notes the block of every watched transaction
+and spend it reads (:meth:`Node.note_block`, :meth:`Node.note_spend`), and a pruned node is
+refused at start only when it deleted a block after the last one processed (``node_pruned``).
+
 - ``proposed``: lapses after ``proposal_ttl_s``.
 - ``funding``: counts confirmations, opens at ``min_confirmations`` (at least
   1); a funding transaction that vanished (double-spent) becomes ``failed``
