@@ -126,6 +126,52 @@ async def test_a_pinned_close_is_replaced_with_its_child_before_the_deadline(
     assert tx_of(bitcoind, replaced)["confirmations"] == 2 and bitcoind.tip_height() - 1 < expiry
 
 
+async def _pinned_batch(srv: RunningPayee, client: PayerClient, bitcoind: RegtestNode, wallet: str,
+                        lifetimes: tuple[int, ...], amounts: tuple[int, ...]) -> tuple[list[str], str, str, int]:
+    """Channels paid ``amounts``, closed in one batch, a pin hung on the first one's payer change.
+    Returns (channel ids, the batch's txid, the child's txid, the batch's fee)."""
+    coins = _small_coins(bitcoind, wallet)
+    cids = [await client.open_channel(srv.url, DEPOSIT, life, wait_open=False) for life in lifetimes]
+    bitcoind.mine(1)
+    await srv.app[WATCHER].step()
+    for cid, amount in zip(cids, amounts):
+        await client.wait_open(cid, timeout=30)
+        await client.pay(cid, amount)
+    closer = srv.app[CLOSER]
+    for c in cids:  # claimed by this process in one pass (the operator's end condition)
+        assert closer.claim_only(c, "operator") is not None
+    await closer.close_claimed(sorted(cids))
+    batch = srv.store.get(cids[0]).close_txid or ""
+    assert {srv.store.get(c).close_txid for c in cids} == {batch}
+    first = srv.store.get(cids[0])
+    pinned_in = [(v["txid"], v["vout"]) for v in tx_of(bitcoind, batch)["vin"]].index(
+        (first.funding_txid, first.funding_vout))
+    batch_fee = _fee(bitcoind, batch, len(cids) * DEPOSIT)
+    return cids, batch, _pin(bitcoind, wallet, batch, pinned_in, coins), batch_fee
+
+
+async def test_a_pinned_batch_is_replaced_with_its_child_at_the_deadline(
+    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    srv = await payee_factory.start(run_watcher=False, **CONFIG)
+    cids, batch, child, batch_fee = await _pinned_batch(srv, payer_client, bitcoind, funded_wallet,
+                                                        (16, 16, 16), (40_000, 40_000, 40_000))
+    child_fee = sats(bitcoind.rpc("getmempoolentry", child)["fees"]["base"])
+    expiry = srv.store.get(cids[0]).expiry_height
+    while srv.store.get(cids[0]).close_txid == batch:  # empty blocks until the deadline bump outbids it all
+        assert bitcoind.tip_height() < expiry - 1, "the pinned batch was never replaced"
+        _mine_empty(bitcoind, 1)
+        await _step(srv)
+    replaced = srv.store.get(cids[0]).close_txid or ""
+    assert {srv.store.get(c).close_txid for c in cids} == {replaced}  # still one close for all three
+    mempool = set(bitcoind.rpc("getrawmempool"))
+    assert replaced in mempool and not {batch, child} & mempool
+    assert _fee(bitcoind, replaced, 3 * DEPOSIT) > child_fee + batch_fee
+    bitcoind.mine(2)
+    await _step(srv)
+    assert [srv.store.get(c).state for c in cids] == ["closed"] * 3
+
+
 async def test_a_pinned_batch_splits_out_its_urgent_member_and_every_channel_closes(
     bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
 ) -> None:
@@ -133,25 +179,11 @@ async def test_a_pinned_batch_splits_out_its_urgent_member_and_every_channel_clo
     replacement is not worth outbidding the pin yet, and the urgent one is split out regardless,
     its own close replacing the batch and the child; the two others then close on their own."""
     srv = await payee_factory.start(run_watcher=False, hook=install_metrics, **CONFIG)
-    coins = _small_coins(bitcoind, funded_wallet)
-    lifetimes, amounts = (40, 16, 40), (40_000, 150_000, 40_000)
-    cids = [await payer_client.open_channel(srv.url, DEPOSIT, life, wait_open=False) for life in lifetimes]
-    bitcoind.mine(1)
-    await srv.app[WATCHER].step()
-    for cid, amount in zip(cids, amounts):
-        await payer_client.wait_open(cid, timeout=30)
-        await payer_client.pay(cid, amount)
-    near, rest = cids[1], [cids[0], cids[2]]
+    amounts = (40_000, 150_000, 40_000)
+    cids, batch, child, batch_fee = await _pinned_batch(srv, payer_client, bitcoind, funded_wallet,
+                                                        (40, 16, 40), amounts)
+    near = cids[1]  # the pin hangs on cids[0]'s payer change, a member not yet urgent
     closer = srv.app[CLOSER]
-    for c in cids:
-        assert closer.claim_only(c, "operator") is not None
-    await closer.close_claimed(sorted(cids))
-    batch = srv.store.get(near).close_txid or ""
-    assert {srv.store.get(c).close_txid for c in cids} == {batch}
-    pinned_in = [(v["txid"], v["vout"]) for v in tx_of(bitcoind, batch)["vin"]].index(
-        (srv.store.get(rest[0]).funding_txid, srv.store.get(rest[0]).funding_vout))
-    batch_fee = _fee(bitcoind, batch, 3 * DEPOSIT)
-    child = _pin(bitcoind, funded_wallet, batch, pinned_in, coins)  # on a non-urgent payer's change
     child_fee = sats(bitcoind.rpc("getmempoolentry", child)["fees"]["base"])
     _mine_empty(bitcoind, srv.store.get(near).expiry_height - 3 - bitcoind.tip_height())
     await _step(srv)
@@ -175,7 +207,7 @@ async def test_a_pinned_batch_splits_out_its_urgent_member_and_every_channel_clo
         rec = srv.store.get(c)
         i = [(v["txid"], v["vout"]) for v in close["vin"]].index((rec.funding_txid, rec.funding_vout))
         assert sats(close["vout"][i]["value"]) == DEPOSIT - amount  # every payer's change as signed
-    assert srv.store.get(near).close_txid != srv.store.get(rest[0]).close_txid
+    assert srv.store.get(near).close_txid != srv.store.get(cids[0]).close_txid
 
 
 async def test_the_payee_resends_its_close_to_a_node_that_lost_it(
