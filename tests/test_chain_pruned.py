@@ -214,13 +214,30 @@ async def test_payee_works_past_pruned_blocks_and_refuses_once_its_own_are_prune
         client = PayerClient(payer_factory.folder / "pruning-payer", payer_rpc)
         try:
             await srv.app[WATCHER].step()
+            old = await _open(srv, client, node, 100_000, 420)  # its funding's block is pruned below
+            await client.pay(old, 50_000)
+            funded_at = node.transaction(srv.store.get(old).funding_txid or "")["blockhash"]
             # the payee keeps up while the node deletes old blocks: nothing it has to read is gone
             node.mine(400)
             await srv.app[WATCHER].step()
             pruned = _prune_below(node, 0)
-            assert pruned > 100, "the node pruned nothing: the test proves nothing"
+            assert pruned > int(node.rpc("getblockheader", funded_at)["height"]), "the funding's block is kept"
             await srv.stop()
             srv = await start_payee(config, rpc, run_watcher=False)  # its last block is kept: it starts
+            # at expiry the payer's refund races the (restarted) payee, whose funding block is gone
+            node.mine(srv.store.get(old).expiry_height - node.tip_height())
+            refund = await client.refund(old, fee_rate_sat_vb=5.0)
+
+            async def outbid() -> bool:
+                await srv.app[WATCHER].step()
+                await srv.app[CLOSER].aclose()
+                rec = srv.store.get(old)
+                return rec.close_txid is not None and rec.close_txid in node.rpc("getrawmempool")
+
+            await wait_until_async(outbid, timeout=30, what="the refund replaced by our close")
+            assert refund not in node.rpc("getrawmempool")
+            node.mine(1)
+            await _until(srv, old, "closed")
             cid = await _open(srv, client, node, 100_000, 30)
             await client.pay(cid, 40_000)
             await client.close(cid)

@@ -382,11 +382,22 @@ class Node:
     async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:
         """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool.
 
-        A confirmed transaction is found as :meth:`get_transaction` finds it, else through the
+        A transaction seen in a block (see :meth:`get_transaction`) counts that block's
+        confirmations, read from its header, so a pruned block still counts; else it is found as
+        :meth:`get_transaction` finds it, else through the
         wallet (its own transactions); with ``search_from``, else by reading the blocks from the
         tip down to that height (newest first; :class:`~btcchannel.errors.NodePruned` if the node
         pruned one of them).
         """
+        block = await self._block_of(txid)
+        if block is not None:  # its block's header says (headers are kept when blocks are pruned)
+            try:
+                conf = int((await self.call("getblockheader", block)).get("confirmations", -1))
+            except RpcInvalidAddressOrKey:
+                conf = -1
+            if conf > 0:
+                return conf
+            self._seen_in.pop(txid, None)  # that block left the active chain
         tx = await self.get_transaction(txid)
         if tx is not None:
             conf = int(tx.get("confirmations", 0))
@@ -611,6 +622,17 @@ class Node:
             # a block found meanwhile may have moved the spend out of the mempool: look again
             if scanned_to >= tip and await self.tip_height() == tip:
                 return None
+
+    async def confirmed_spender(self, outpoint: OutPoint) -> str | None:
+        """The confirmed spend of ``outpoint`` this client knows of (:meth:`note_spend`, an earlier
+        :meth:`find_spender`), if it is still in the active chain; reads no block."""
+        known = self._confirmed_spends.get(outpoint)
+        if known is None:
+            return None
+        if (await self.tx_confirmations(known[0]) or 0) > 0:
+            return known[0]
+        del self._confirmed_spends[outpoint]
+        return None
 
     async def _mempool_spender(self, outpoint: OutPoint) -> str | None:
         res = await self.call("gettxspendingprevout", [{"txid": outpoint.txid, "vout": outpoint.vout}])

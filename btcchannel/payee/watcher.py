@@ -315,6 +315,9 @@ class Watcher:
         """(whether the funding still exists, the txid spending its output or None). Blocks are
         scanned only for a confirmed funding whose output is spent in the chain; a funding that
         vanished is handed to :meth:`_funding_vanished`."""
+        spender = await self.node.confirmed_spender(_outpoint(rec))  # the follower saw it: no lookup
+        if spender is not None:
+            return True, spender
         depth = await self._funding_depth(rec)
         if depth is None:
             await self._funding_vanished(rec)
@@ -326,8 +329,12 @@ class Watcher:
 
     async def _funding_depth(self, rec: PayeeRecord) -> int | None:
         """Confirmations of the funding transaction (0: in the mempool; None: in neither). Found
-        without a transaction index: in the block the follower saw it in or the depth its output had
+        without a transaction index: the depth of its output while unspent in the chain (also when a
+        mempool transaction spends it), the block the follower saw it in or the depth its output had
         when last unspent, else by reading the blocks since the channel's creation (newest first)."""
+        info = await self.node.get_txout(_outpoint(rec), include_mempool=False)
+        if info is not None:
+            return info.confirmations
         return await self.node.tx_confirmations(_outpoint(rec).txid, search_from=rec.created_height)
 
     async def _check_open(self, rec: PayeeRecord, tip: int) -> None:
@@ -335,10 +342,11 @@ class Watcher:
         cfg = self.config
         info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
         if info is None:
-            depth = await self._funding_depth(rec)
-            if depth is None or depth < cfg.min_confirmations:
-                self._funding_lost(rec, depth or 0)
-                return
+            if await self.node.confirmed_spender(_outpoint(rec)) is None:  # (a confirmed spend: it exists)
+                depth = await self._funding_depth(rec)
+                if depth is None or depth < cfg.min_confirmations:
+                    self._funding_lost(rec, depth or 0)
+                    return
             await self._spent_elsewhere(rec)
             return
         if info.confirmations < cfg.min_confirmations:
