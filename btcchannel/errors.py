@@ -305,6 +305,16 @@ class BitcoindNotFound(ChannelError):
     http_status = 500
 
 
+class NodePruned(ChannelError):
+    """The node has pruned blocks the payee still has to read: blocks after the last one the
+    payee processed (a restart after a long outage on a pruned node), or the block of a
+    transaction it must find. Local code ``node_pruned``, HTTP 503: resync the node (or raise
+    its ``-prune`` target) so it keeps the blocks from the payee's last processed block on."""
+
+    code = "node_pruned"
+    http_status = 503
+
+
 class ProtocolViolation(ChannelError):
     """The other party answered something the protocol does not allow.
     Local code ``protocol_violation``, HTTP 502."""

@@ -220,7 +220,7 @@ async def test_a_recorded_batch_is_sent_byte_for_byte_after_a_restart(
     srv = await payee_factory.start(srv.config, run_watcher=False)
     await _step(srv)
     assert txid in bitcoind.rpc("getrawmempool")
-    assert bitcoind.rpc("getrawtransaction", txid) == raw  # byte for byte
+    assert tx_of(bitcoind, txid)["hex"] == raw  # byte for byte
     bitcoind.mine(2)
     await _step(srv)
     assert [srv.store.get(c).state for c in cids] == ["closed"] * 3

@@ -33,7 +33,7 @@ def test_zero_confirmations_refused(tmp_path: Path) -> None:
 
 
 def _block_of(bitcoind: RegtestNode, txid: str) -> str:
-    return str(bitcoind.rpc("getrawtransaction", txid, True)["blockhash"])
+    return str(bitcoind.transaction(txid)["blockhash"])
 
 
 async def _state(srv: RunningPayee, cid: str, state: str) -> None:
@@ -125,7 +125,7 @@ async def test_funding_reorged_out_and_double_spent_fails_at_final_depth(
     with pytest.raises(NotOpen):
         await client.pay(cid, 5_000)
     bitcoind.mine(2)  # the conflict is buried, not yet at final depth: not final
-    await wait_until_async(lambda: bitcoind.rpc("getrawtransaction", conflict, True).get("confirmations") == 2,
+    await wait_until_async(lambda: bitcoind.transaction(conflict).get("confirmations") == 2,
                            timeout=30, what="conflict at depth 2")
     await srv.app[WATCHER].step()  # a full pass at depth 2
     assert srv.store.get(cid).state == "funding"

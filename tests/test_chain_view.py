@@ -171,7 +171,7 @@ async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
             await client.wait_open(cid, timeout=30)
             await client.pay(cid, 1_000)
             funding = str(srv.store.get(cid).funding_txid)
-            bitcoind.rpc("invalidateblock", str(bitcoind.rpc("getrawtransaction", funding, True)["blockhash"]))
+            bitcoind.rpc("invalidateblock", str(bitcoind.transaction(funding)["blockhash"]))
             assert funding in bitcoind.rpc("getrawmempool")
             relay.failing = {"gettxout"}
             await watcher.step()  # sees the reorg, cannot look at the channel
@@ -185,22 +185,6 @@ async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
             await srv.stop()
             with contextlib.suppress(AssertionError):
                 await relay.cut()
-
-
-async def test_a_payee_node_without_a_transaction_index_is_refused(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, tmp_path: Path,
-) -> None:
-    """Without -txindex the node cannot look up a confirmed funding: a payer's refund in the
-    mempool after expiry then looks like a lost funding (the channel went back to ``funding``
-    and the refund was never outbid: the payee lost its 50,000 sat). The payee refuses such a node."""
-    other = RegtestNode(datadir=tmp_path / "no-index", binary=bitcoind.binary, extra_args=("-txindex=0",)).start()
-    try:
-        other.create_wallet("payee")
-        async with Node(other.rpc_url, auth=(other.rpc_user, other.rpc_password), wallet="payee") as node:
-            with pytest.raises(NodeError, match="txindex"):
-                await start_payee(payee_factory.config("no-index"), node)
-    finally:
-        other.stop()
 
 
 async def test_a_node_with_an_old_best_block_is_a_stale_view(

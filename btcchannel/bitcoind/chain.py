@@ -7,7 +7,9 @@ reorganisation.
 
     async def chain_state(node: Node) -> ChainState      # one getblockchaininfo
     async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None   # (fee sat, vsize)
+    async def mempool_package(node: Node, txid: str) -> MempoolPackage | None  # with its descendants
     async def mempool_spender(node: Node, outpoint: OutPoint) -> str | None  # gettxspendingprevout
+    async def require_blocks_after(node: Node, height: int) -> None   # NodePruned if pruned past it
     BlockFollower(node, cursor=(height, hash)).advance(best_hash) -> Advance(blocks, reorg, restart)
     BITCOIND_CHAIN["mainnet"] == "main"                  # btcchannel network -> bitcoind chain
 """
@@ -21,9 +23,12 @@ from typing import Any, Final, Mapping
 from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.tx import OutPoint
-from btcchannel.errors import NodeError, RpcInvalidAddressOrKey
+from btcchannel.errors import NodeError, NodePruned, RpcInvalidAddressOrKey
 
-__all__ = ["BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee", "mempool_spender", "Advance", "BlockFollower"]
+__all__ = [
+    "BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee", "MempoolPackage", "mempool_package",
+    "mempool_spender", "require_blocks_after", "Advance", "BlockFollower",
+]
 
 #: btcchannel's network names -> the ``chain`` bitcoind's getblockchaininfo reports
 BITCOIND_CHAIN: Final[Mapping[str, str]] = MappingProxyType({
@@ -65,6 +70,56 @@ async def mempool_fee(node: Node, txid: str) -> tuple[int, int] | None:
         return btc_to_sat(entry["fees"]["base"]), int(entry["vsize"])
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         raise NodeError(f"getmempoolentry: malformed reply: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class MempoolPackage:
+    """A mempool transaction with its descendants (``getmempoolentry``): what a replacement of it
+    must outbid (BIP125: the fees of everything it evicts, the transaction and all its
+    descendants, e.g. a large low-fee child a payer hung on its change)."""
+
+    fee: int                # the transaction's own fee, satoshis
+    vsize: int
+    descendant_fee: int     # its fee plus every descendant's
+    descendant_vsize: int
+    descendant_count: int   # itself included
+
+    @property
+    def pinned(self) -> bool:
+        """Whether other transactions hang on it (a replacement must pay for them too)."""
+        return self.descendant_count > 1
+
+
+async def mempool_package(node: Node, txid: str) -> MempoolPackage | None:
+    """``txid``'s :class:`MempoolPackage`, or None if it is not in the node's mempool."""
+    try:
+        entry = await node.call("getmempoolentry", txid)
+    except RpcInvalidAddressOrKey:
+        return None
+    try:
+        fees = entry["fees"]
+        return MempoolPackage(
+            fee=btc_to_sat(fees["base"]), vsize=int(entry["vsize"]),
+            descendant_fee=btc_to_sat(fees["descendant"]), descendant_vsize=int(entry["descendantsize"]),
+            descendant_count=int(entry["descendantcount"]),
+        )
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        raise NodeError(f"getmempoolentry: malformed reply: {exc}") from exc
+
+
+async def require_blocks_after(node: Node, height: int) -> None:
+    """Check the node still has every block above ``height`` (the payee's last processed block):
+    :class:`~btcchannel.errors.NodePruned` if a pruned node deleted any of them."""
+    info = await node.call("getblockchaininfo")
+    if not info.get("pruned"):
+        return
+    prune_height = int(info.get("pruneheight", 0))  # the lowest height whose block is still stored
+    if prune_height > height + 1:
+        raise NodePruned(
+            f"the node has pruned its blocks below height {prune_height}, but the payee last processed "
+            f"block {height} and has to read every block after it; resync the node (-reindex) or run "
+            f"it with a larger -prune target"
+        )
 
 
 async def mempool_spender(node: Node, outpoint: OutPoint) -> str | None:

@@ -46,6 +46,7 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.errors import (
     NodeError,
     NodeUnavailable,
+    RpcInvalidAddressOrKey,
     RpcWalletAlreadyLoaded,
     RpcWalletError,
 )
@@ -151,7 +152,12 @@ def recorded_rpc(datadir: Path) -> tuple[str, str, str] | None:
 
 
 class RegtestNode:
-    """One regtest bitcoind process in its own datadir, on free loopback ports."""
+    """One regtest bitcoind process in its own datadir, on free loopback ports.
+
+    By default the node keeps every block and a transaction index; ``txindex=False`` and
+    ``prune`` (MiB, or 1 for ``pruneblockchain`` only; with ``fastprune`` regtest's small blocks
+    fill block files fast enough to be pruned) run it as many operators do, and
+    ``persist_mempool=False`` makes a restart lose the mempool."""
 
     def __init__(
         self,
@@ -161,6 +167,11 @@ class RegtestNode:
         rpc_timeout: float = 120.0,
         die_with_parent: bool = True,
         zmq: bool = True,
+        *,
+        txindex: bool = True,
+        prune: int = 0,
+        fastprune: bool = False,
+        persist_mempool: bool = True,
     ) -> None:
         self.binary = binary or find_bitcoind()
         self.datadir = Path(datadir) if datadir else Path(tempfile.mkdtemp(prefix="btcchannel-regtest-"))
@@ -174,6 +185,11 @@ class RegtestNode:
         self.p2p_port = 0
         self.zmq = zmq              # publish new block hashes (-zmqpubhashblock) on zmq_port
         self.zmq_port = 0
+        # the node's storage, as operators run it (read at each start: change them, then restart)
+        self.txindex = txindex      # -txindex (incompatible with prune)
+        self.prune = prune          # -prune: 0 keeps every block, 1 prunes only on pruneblockchain, else MiB
+        self.fastprune = fastprune  # -fastprune: tiny block files, so regtest blocks can be pruned at all
+        self.persist_mempool = persist_mempool  # -persistmempool: False restarts with an empty mempool
         self.process: subprocess.Popen[bytes] | None = None
         self._rpc_loop: _RpcLoop | None = None
         self._mining_address: str | None = None
@@ -246,7 +262,10 @@ class RegtestNode:
             "fixedseeds=0",
             "discover=0",
             "natpmp=0",
-            "txindex=1",
+            f"txindex={int(self.txindex and not self.prune)}",
+            f"prune={self.prune}",
+            *(["fastprune=1"] if self.fastprune else []),
+            f"persistmempool={int(self.persist_mempool)}",
             "fallbackfee=0.0002",
             # mainnet's policy, so every transaction accepted here is one a real node accepts
             "acceptnonstdtxn=0",
@@ -376,6 +395,23 @@ class RegtestNode:
     def tip_height(self) -> int:
         """The height of the node's best block."""
         return int(self.rpc("getblockcount"))
+
+    def transaction(self, txid: str, verbosity: int = 1, search_blocks: int = 2_000) -> dict[str, Any]:
+        """``getrawtransaction txid verbosity``, also without a transaction index: a confirmed
+        transaction is looked for in the last ``search_blocks`` blocks (newest first) and read from
+        its block. :class:`~btcchannel.errors.RpcInvalidAddressOrKey` if it is not found."""
+        try:
+            return dict(self.rpc("getrawtransaction", txid, verbosity))
+        except RpcInvalidAddressOrKey:
+            if self.txindex and not self.prune:
+                raise
+        tip = self.tip_height()
+        for height in range(tip, max(-1, tip - search_blocks), -1):
+            block_hash = str(self.rpc("getblockhash", height))
+            if txid in self.rpc("getblock", block_hash, 1)["tx"]:
+                return dict(self.rpc("getrawtransaction", txid, verbosity, block_hash))
+        raise RpcInvalidAddressOrKey(f"transaction {txid} is neither in the mempool nor in the last "
+                                     f"{search_blocks} blocks")
 
     def create_wallet(self, name: str) -> None:
         """Create (or load) a descriptor wallet."""

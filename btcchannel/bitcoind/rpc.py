@@ -22,7 +22,10 @@ This module is the RPC edge of the library:
   which is read lazily and read again when the node refuses it (bitcoind writes
   a new cookie every time it starts);
 - wallet calls go to ``<url>/wallet/<name>``; every endpoint shares one HTTP
-  connection pool.
+  connection pool;
+- nothing needs the node's ``-txindex``: a confirmed transaction is read from the block it was
+  seen in (noted by a block follower, found by a bounded scan, or named by the depth ``gettxout``
+  gave for one of its outputs), so a pruned node without an index will do.
 
 Example::
 
@@ -38,7 +41,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -49,6 +52,7 @@ from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
     NodeError,
+    NodePruned,
     NodeUnavailable,
     RpcAlreadyInChain,
     RpcDeserializationError,
@@ -128,6 +132,18 @@ def _sats(value: Any, what: str) -> int:
         raise NodeError(f"the node returned an invalid amount for {what}: {value!r}") from e
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+_REMEMBERED = 10_000  # entries of each of the node client's memories of the chain
+
+
+def _bounded(memory: dict[_K, _V]) -> dict[_K, _V]:
+    """``memory``, emptied first when it is full (a forgotten entry costs a lookup again)."""
+    if len(memory) >= _REMEMBERED:
+        memory.clear()
+    return memory
+
+
 class Node:
     """An asynchronous client of one bitcoind (Bitcoin Core >= 25 or Bitcoin Knots).
 
@@ -164,6 +180,14 @@ class Node:
         )
         self._rpcs: dict[str | None, BitcoinRPC] = {}
         self._confirmed_spends: dict[OutPoint, tuple[str, int]] = {}  # outpoint -> (txid, height)
+        # where transactions were seen, so that no lookup needs the node's -txindex:
+        self._seen_in: dict[str, str] = {}                  # txid -> hash of a block holding it
+        self._depth_hints: dict[str, tuple[str, int]] = {}  # txid -> (best block, confirmations) of gettxout
+        self._searched: dict[str, tuple[int, str]] = {}     # txid -> (height, hash) of the tip searched up to
+        self._txindex: bool | None = None                   # whether the node keeps -txindex (asked once)
+        #: every block above this height was read by a block follower noting the transactions it
+        #: watches (:meth:`note_block`): a search for one of them need not read those blocks again
+        self.followed_after: int | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -246,13 +270,15 @@ class Node:
         plist = list(params)
         if self._cookie_file is not None:
             await self._load_cookie(refresh=False)
+        sent_with = self._cookie
         try:
             return await self._acall_once(method, plist, wallet)
         except httpx.HTTPStatusError as e:
             status = e.response.status_code
             if status == 401 and self._cookie_file is not None:
-                # bitcoind writes a fresh cookie each time it starts: re-read and retry once
-                if await self._load_cookie(refresh=True):
+                # bitcoind writes a fresh cookie each time it starts: re-read and retry once (also
+                # when a concurrent call re-read it first)
+                if await self._load_cookie(refresh=True) or self._cookie != sent_with:
                     try:
                         return await self._acall_once(method, plist, wallet)
                     except httpx.HTTPStatusError as e2:
@@ -280,48 +306,170 @@ class Node:
         res = await self.call("gettxout", outpoint.txid, outpoint.vout, include_mempool)
         if res is None:
             return None
+        confirmations = int(res.get("confirmations", 0))
+        if confirmations > 0 and res.get("bestblock"):  # where its transaction is, should it be looked up
+            _bounded(self._depth_hints)[outpoint.txid] = (str(res["bestblock"]), confirmations)
         return TxOutInfo(
             value_sat=_sats(res["value"], "gettxout value"),
             script=bytes.fromhex(res["scriptPubKey"]["hex"]),
-            confirmations=int(res.get("confirmations", 0)),
+            confirmations=confirmations,
             coinbase=bool(res.get("coinbase", False)),
         )
 
-    async def get_transaction(self, txid: str) -> dict[str, Any] | None:
-        """``getrawtransaction txid true`` (a dict), or ``None`` if the node does not know it.
+    # ------------------------------------------------------------------ transactions by txid
+    #
+    # Without ``-txindex`` the node finds a confirmed transaction only in a block it is told about
+    # (``getrawtransaction txid true blockhash``). The node remembers the blocks it saw each
+    # transaction in: blocks its callers followed (:meth:`note_block`, :meth:`note_spend`), blocks
+    # it scanned itself, and the depth ``gettxout`` reported for an unspent output.
 
-        Confirmed transactions are found through the node's ``-txindex`` (or, for
-        wallet transactions, its wallet); amounts in the dict are bitcoind's BTC
-        floats, untouched.
+    def note_block(self, txid: str, block_hash: str) -> None:
+        """Remember that ``txid`` is in block ``block_hash`` (a block follower saw it there)."""
+        _bounded(self._seen_in)[txid] = block_hash
+
+    def note_spend(self, outpoint: OutPoint, txid: str, height: int, block_hash: str) -> None:
+        """Remember that ``txid``, in block ``block_hash`` at ``height``, spends ``outpoint``
+        (:meth:`find_spender` then needs no block scan; a reorganisation is still noticed)."""
+        _bounded(self._confirmed_spends)[outpoint] = (txid, height)
+        self.note_block(txid, block_hash)
+
+    async def _block_of(self, txid: str) -> str | None:
+        """The hash of a block ``txid`` was seen in, if this client knows one."""
+        known = self._seen_in.get(txid)
+        if known is not None:
+            return known
+        hint = self._depth_hints.pop(txid, None)
+        if hint is None:
+            return None
+        best, depth = hint
+        try:
+            header = await self.call("getblockheader", best)
+            if int(header.get("confirmations", -1)) < 0:
+                return None  # that tip left the active chain: the depth says nothing any more
+            block_hash = str(await self.call("getblockhash", int(header["height"]) - depth + 1))
+        except (RpcInvalidAddressOrKey, RpcInvalidParameter):
+            return None
+        self.note_block(txid, block_hash)
+        return block_hash
+
+    async def get_transaction(self, txid: str, blockhash: str | None = None) -> dict[str, Any] | None:
+        """``getrawtransaction txid true [blockhash]`` (a dict), or ``None`` if the node cannot find it.
+
+        Needs no ``-txindex``: a mempool transaction is found as it is, a confirmed one in the block
+        given, or the block this client saw it in (:meth:`note_block`, a block scan, the depth of
+        an unspent output of it that :meth:`get_txout` returned); with ``-txindex`` any confirmed
+        one. A transaction in a block that left the active chain has ``"confirmations": 0`` and
+        ``"in_active_chain": false``. Amounts in the dict are bitcoind's BTC floats, untouched.
         """
+        block = blockhash if blockhash is not None else await self._block_of(txid)
+        if block is not None:
+            try:
+                res = await self.call("getrawtransaction", txid, True, block)
+            except (RpcInvalidAddressOrKey, RpcMiscError):  # not in that block, or the block is pruned
+                if self._seen_in.get(txid) == block:
+                    del self._seen_in[txid]
+            else:
+                self.note_block(txid, block)
+                return dict(res)
         try:
             res = await self.call("getrawtransaction", txid, True)
         except RpcInvalidAddressOrKey:
             return None
+        if res.get("blockhash"):
+            self.note_block(txid, str(res["blockhash"]))
         return dict(res)
 
-    async def tx_confirmations(self, txid: str) -> int | None:
-        """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool."""
+    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:
+        """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool.
+
+        A transaction seen in a block (see :meth:`get_transaction`) counts that block's
+        confirmations, read from its header, so a pruned block still counts; else it is found as
+        :meth:`get_transaction` finds it, else through the
+        wallet (its own transactions); with ``search_from``, else by reading the blocks from the
+        tip down to that height (newest first; :class:`~btcchannel.errors.NodePruned` if the node
+        pruned one of them).
+        """
+        block = await self._block_of(txid)
+        if block is not None:  # its block's header says (headers are kept when blocks are pruned)
+            try:
+                conf = int((await self.call("getblockheader", block)).get("confirmations", -1))
+            except RpcInvalidAddressOrKey:
+                conf = -1
+            if conf > 0:
+                return conf
+            self._seen_in.pop(txid, None)  # that block left the active chain
         tx = await self.get_transaction(txid)
-        if tx is None:
-            if self.wallet is None:
-                return None
-            try:  # without -txindex the wallet still knows its own transactions
-                wtx = await self.call("gettransaction", txid, wallet=self.wallet)
-            except (RpcInvalidAddressOrKey, RpcWalletNotFound):
-                return None
-            conf = int(wtx.get("confirmations", 0))
-            if conf < 0:  # conflicted by a confirmed transaction
-                return None
-        else:
+        if tx is not None:
             conf = int(tx.get("confirmations", 0))
             if conf > 0 or "blockhash" not in tx:
                 return conf
-        # a wallet transaction that was replaced, or one indexed in a block that is no
-        # longer in the active chain: it counts only if it is (back) in the mempool
-        if conf == 0 and not await self._in_mempool(txid):
+            # in a block no longer in the active chain: it counts only if it is back in the mempool
+            self._seen_in.pop(txid, None)
+            if await self._in_mempool(txid):
+                return 0
+        if self.wallet is not None:
+            try:  # the wallet knows its own transactions
+                wtx = await self.call("gettransaction", txid, wallet=self.wallet)
+            except (RpcInvalidAddressOrKey, RpcWalletNotFound):
+                wtx = None
+            if wtx is not None:
+                conf = int(wtx.get("confirmations", 0))
+                if conf > 0:
+                    if wtx.get("blockhash"):
+                        self.note_block(txid, str(wtx["blockhash"]))
+                    return conf
+                # a wallet transaction that was replaced or conflicted: only if (back) in the mempool
+                if conf == 0 and await self._in_mempool(txid):
+                    return 0
+        if search_from is not None and not await self.has_txindex():  # (a txindex would have found it)
+            return await self._search_blocks(txid, search_from)
+        return None
+
+    async def has_txindex(self) -> bool:
+        """Whether the node keeps a transaction index (``getindexinfo``; asked once)."""
+        if self._txindex is None:
+            self._txindex = "txindex" in await self.call("getindexinfo")
+        return self._txindex
+
+    async def _search_blocks(self, txid: str, start: int) -> int | None:
+        """Confirmations of ``txid`` found by reading the blocks from the tip down to ``start``
+        (neither blocks searched before, still in the active chain, nor blocks a follower read
+        since :attr:`followed_after` are read again)."""
+        searched = self._searched.get(txid)
+        if searched is not None:
+            try:
+                if int((await self.call("getblockheader", searched[1])).get("confirmations", -1)) > 0:
+                    start = max(start, searched[0] + 1)
+            except RpcInvalidAddressOrKey:
+                pass
+        tip = await self.tip_height()
+        top = tip if self.followed_after is None else min(tip, self.followed_after)
+        if top < max(start, 0):
             return None
-        return conf
+        top_hash = ""
+        for height in range(top, max(start, 0) - 1, -1):
+            block_hash, block = await self._read_block(height, 1)
+            if block is None:
+                return None  # reorganised meanwhile: not found this time
+            top_hash = top_hash or block_hash
+            if txid in block["tx"]:
+                self.note_block(txid, block_hash)
+                return tip - height + 1
+        _bounded(self._searched)[txid] = (top, top_hash)
+        return None
+
+    async def _read_block(self, height: int, verbosity: int) -> tuple[str, dict[str, Any] | None]:
+        """(hash, ``getblock`` at ``verbosity``) of the active chain's block at ``height``; None for a
+        block that left the chain meanwhile; :class:`NodePruned` for a pruned one."""
+        try:
+            block_hash = str(await self.call("getblockhash", height))
+            return block_hash, dict(await self.call("getblock", block_hash, verbosity))
+        except (RpcInvalidAddressOrKey, RpcInvalidParameter):
+            return "", None
+        except RpcMiscError as err:
+            if "pruned" in str(err).lower() or "not available" in str(err).lower():
+                raise NodePruned(f"the node pruned block {height}, which the payee has to read: {err}") from err
+            raise
 
     async def _in_mempool(self, txid: str) -> bool:
         try:
@@ -473,9 +621,7 @@ class Node:
             elif tip > scanned_to:
                 found, complete = await self._scan_blocks(outpoint, scanned_to + 1, tip)
                 if found is not None:
-                    if len(self._confirmed_spends) >= 10_000:  # bounded: a forgotten spend costs a scan again
-                        self._confirmed_spends.clear()
-                    self._confirmed_spends[outpoint] = found
+                    _bounded(self._confirmed_spends)[outpoint] = found  # a forgotten spend costs a scan again
                     return found[0]
                 if complete:
                     scanned_to = tip
@@ -485,6 +631,17 @@ class Node:
             # a block found meanwhile may have moved the spend out of the mempool: look again
             if scanned_to >= tip and await self.tip_height() == tip:
                 return None
+
+    async def confirmed_spender(self, outpoint: OutPoint) -> str | None:
+        """The confirmed spend of ``outpoint`` this client knows of (:meth:`note_spend`, an earlier
+        :meth:`find_spender`), if it is still in the active chain; reads no block."""
+        known = self._confirmed_spends.get(outpoint)
+        if known is None:
+            return None
+        if (await self.tx_confirmations(known[0]) or 0) > 0:
+            return known[0]
+        del self._confirmed_spends[outpoint]
+        return None
 
     async def _mempool_spender(self, outpoint: OutPoint) -> str | None:
         res = await self.call("gettxspendingprevout", [{"txid": outpoint.txid, "vout": outpoint.vout}])
@@ -496,13 +653,12 @@ class Node:
     ) -> tuple[tuple[str, int] | None, bool]:
         """((spending txid, height) or None, whether every block end..start was scanned)."""
         for height in range(end, max(start, 0) - 1, -1):
-            try:
-                block_hash = await self.call("getblockhash", height)
-                block = await self.call("getblock", block_hash, 2)
-            except (RpcInvalidAddressOrKey, RpcInvalidParameter):
+            block_hash, block = await self._read_block(height, 2)
+            if block is None:
                 return None, False  # the chain was reorganised meanwhile: the caller retries
             for tx in block["tx"]:
                 for txin in tx["vin"]:
                     if txin.get("txid") == outpoint.txid and txin.get("vout") == outpoint.vout:
+                        self.note_block(str(tx["txid"]), block_hash)
                         return (str(tx["txid"]), height), True
         return None, True

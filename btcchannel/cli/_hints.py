@@ -43,6 +43,8 @@ HINTS: dict[str, str] = {
     "close_uneconomic": "the payments do not pay for a close at this fee rate; try a lower --fee-rate "
                         "or let the payer refund after expiry",
     "bitcoind_not_found": "install Bitcoin Core (bitcoind on PATH) or set $BITCOIND",
+    "node_pruned": "the node pruned blocks the payee has not read yet: resync it (-reindex) or keep "
+                   "more blocks (a larger -prune), then start again",
     "protocol_violation": "the other side broke the protocol; nothing was paid for that answer; "
                           "check that the URL is a btcchannel payee",
     "store_schema": "this datadir was written by a newer btcchannel; upgrade, or use another --datadir",

@@ -21,7 +21,10 @@ Not batched (each closes alone, exactly as before): a channel already within ``u
 of its expiry, one whose payment alone does not pay for a close, a pass with one channel due.
 A bump of a batch (RBF) rebuilds it with every member's payment; a member that has become urgent
 while the others have not is split out: the others' batch replaces the old one (paying more
-than it), then the urgent channel's own close goes out at the deadline rate.
+than it and every descendant a payer hung on it), then the urgent channel's own close goes out
+at the deadline rate. When the others' replacement is not made (pinned by a payer's child and
+not worth outbidding yet, or refused), the urgent members are split out all the same: each
+one's own close outbids the pinned batch with its child, if its payment affords it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import asyncio
 import logging
 from typing import Any, Protocol, Sequence
 
-from btcchannel.bitcoind.chain import mempool_fee
+from btcchannel.bitcoind.chain import MempoolPackage, mempool_package
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.channel import build_multi_close, build_multi_close_at_most
 from btcchannel.core.state import ChannelState
@@ -59,7 +62,12 @@ class Closer(Protocol):
     def done(self, cid: str) -> None: ...
     async def fee_rate(self) -> float: ...
     async def broadcast_claimed(self, cid: str) -> None: ...
-    async def broadcast(self, cid: str, fee_rate: float | None, previous_txid: str | None) -> str | None: ...
+    async def broadcast(
+        self, cid: str, fee_rate: float | None, previous_txid: str | None, *, deadline: bool = False
+    ) -> str | None: ...
+    def replacement_floor(
+        self, previous_txid: str, package: MempoolPackage | None, vsize: int, *, deadline: bool, what: str
+    ) -> int: ...
 
 __all__ = ["batch_of", "close_claimed", "bump_batch"]
 
@@ -185,40 +193,70 @@ async def _send(closer: Closer, raw: str, txid: str) -> None:
 
 async def bump_batch(closer: Closer, group: list[PayeeRecord], fee_rate: float | None) -> str | None:
     """RBF: replace the unconfirmed batch close shared by ``group`` with one paying more that keeps
-    every member's payment; members now within ``urgent_blocks`` of expiry (while others are not)
-    are split out into their own close at ``max_fee_rate_sat_vb``. Returns the new txid."""
+    every member's payment, outbidding the batch with every descendant hung on it (a payer's
+    pinning child); members now within ``urgent_blocks`` of expiry (while others are not) are split
+    out into their own close at ``max_fee_rate_sat_vb``. When the replacement of the others is
+    refused or unaffordable (pinned), the urgent members are split out all the same, each of
+    their own closes outbidding the pinned batch if its payment affords it. Returns the new txid."""
     cfg = closer.config
     old = group[0]
     assert old.close_txid is not None
-    entry = await mempool_fee(closer.node, old.close_txid)
-    if entry is None:
+    if await mempool_package(closer.node, old.close_txid) is None:
         return old.close_txid  # not in the mempool: the watcher rebroadcasts or adopts instead
     tip = await closer.node.tip_height()
     urgent = [m for m in group if _urgent(closer, m, tip)]
     rest = [m for m in group if not _urgent(closer, m, tip)]
+    all_urgent = not rest
     if not rest or not urgent:
         rest, urgent = group, []
-        if all(_urgent(closer, m, tip) for m in group):
+        if all_urgent:
             fee_rate = cfg.max_fee_rate_sat_vb if fee_rate is None else fee_rate
     estimate = await closer.fee_rate() if fee_rate is None else 0.0
     rate = min(bump_fee_rate(old.close_fee_rate, fee_rate, cfg.bump_factor, estimate), cfg.max_fee_rate_sat_vb)
     if not urgent and rate <= (old.close_fee_rate or 0.0):
         return old.close_txid  # at its cap already: nothing higher to replace it with
-    txid = await _replace(closer, rest, old.close_txid, rate, entry[0])
-    for m in urgent:  # the old batch is gone now: its own close at the deadline rate, not delayed
-        log.warning("channel %s is %d blocks from expiry: split out of batch %s",
-                    m.channel_id, m.expiry_height - tip, old.close_txid)
-        await closer.broadcast(m.channel_id, cfg.max_fee_rate_sat_vb, old.close_txid)
+    try:
+        txid = await _replace(closer, rest, old.close_txid, rate, deadline=all_urgent)
+    except (CloseUneconomic, RpcVerifyRejected, RpcVerifyError) as err:
+        split = urgent or (sorted(group, key=lambda m: -m.amount_sat) if all_urgent else [])
+        if not split:
+            raise
+        log.warning("replacement of batch %s not made (%s): its %d urgent channel(s) split out all the same",
+                    old.close_txid, err, len(split), extra={"event": "batch_pinned", "txid": old.close_txid})
+        return await _split_out(closer, split, old.close_txid, tip, pinned=True) or old.close_txid
+    await _split_out(closer, urgent, old.close_txid, tip, pinned=False)
     return txid
 
 
-async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, rate: float, old_fee: int) -> str:
+async def _split_out(closer: Closer, urgent: list[PayeeRecord], previous: str, tip: int, *, pinned: bool) -> str | None:
+    """Each urgent member's own close at the deadline rate, not delayed (outbidding ``previous``
+    with its descendants while it is still in the mempool); the last txid sent, if any."""
+    sent = None
+    for m in urgent:
+        log.warning("channel %s is %d blocks from expiry: split out of batch %s%s", m.channel_id,
+                    m.expiry_height - tip, previous, " (pinned)" if pinned else "")
+        try:
+            sent = await closer.broadcast(m.channel_id, closer.config.max_fee_rate_sat_vb, previous,
+                                          deadline=True) or sent
+        except ChannelError as err:
+            if not pinned:
+                raise
+            log.warning("channel %s: its own close cannot outbid the pinned batch %s either: %s",
+                        m.channel_id, previous, err)
+    return sent
+
+
+async def _replace(closer: Closer, members: list[PayeeRecord], previous: str, rate: float, *, deadline: bool) -> str:
     """Record and send a replacement of ``previous`` closing ``members`` at ``rate``, paying at least
-    the old fee plus the incremental relay fee for its own size (BIP125)."""
+    the fees of ``previous`` and of its descendants plus the incremental relay fee for its own size
+    (BIP125; :meth:`Closer.replacement_floor`: CloseUneconomic when that is not worth it yet)."""
     payout = closer.payout_of(members[0])
     chs = [closer.channels.build(m) for m in members]
     tx = build_multi_close_at_most(chs, payout, rate)  # a deadline rate they cannot pay: the most they can
-    need = replacement_min_fee(old_fee, tx_vsize(tx))
+    package = await mempool_package(closer.node, previous)
+    need = closer.replacement_floor(previous, package, tx_vsize(tx), deadline=deadline, what=f"{len(members)} channels")
+    if need < 0:
+        raise CloseUneconomic(f"batch {previous} is pinned by its descendants: replaced at the deadline")
     if _fee(members, tx) < need:
         tx = build_multi_close(chs, payout, rate, min_fee_sat=need)  # CloseUneconomic if they cannot
     rate = _fee(members, tx) / tx_vsize(tx)

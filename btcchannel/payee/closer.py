@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import Counter
 from typing import Any, Awaitable
 
-from btcchannel.bitcoind.chain import mempool_fee
+from btcchannel.bitcoind.chain import MempoolPackage, mempool_package
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import script
 from btcchannel.core.channel import PayeeChannel
@@ -80,6 +82,10 @@ class Closer:
         self._events: dict[str, asyncio.Event] = {}
         self.lock = asyncio.Lock()    # one close built, recorded and sent at a time
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: what the closer did that the chain alone does not show (exported as metrics):
+        #: ``rebroadcast``: a recorded close the node no longer had, sent again by this process;
+        #: ``pinned``: a close whose replacement had to outbid descendants the payer hung on it
+        self.events: Counter[str] = Counter()
 
     async def start(self) -> None:
         """Fix the payout script of the channels proposed from now on: the configured address, or a
@@ -214,14 +220,19 @@ class Closer:
         finally:
             self._event(cid).set()
 
-    async def broadcast(self, cid: str, fee_rate: float | None, previous_txid: str | None) -> str | None:
+    async def broadcast(
+        self, cid: str, fee_rate: float | None, previous_txid: str | None, *, deadline: bool = False
+    ) -> str | None:
         """Build our close at ``fee_rate`` (default: estimate), record it, broadcast it, record the
         broadcast. Returns the txid.
 
         ``previous_txid``: the close this one replaces (None for the first); nothing is done
-        unless the row still records exactly that close."""
+        unless the row still records exactly that close. A replacement outbids the previous close
+        with all its descendants (:meth:`replacement_floor`); ``deadline``: the payer's refund is
+        near, so it does so up to what the payment affords, else only within
+        ``max_fee_rate_sat_vb``."""
         async with self.lock:
-            rec, recorded = await self.record_close(cid, fee_rate, previous_txid)
+            rec, recorded = await self.record_close(cid, fee_rate, previous_txid, deadline=deadline)
             if not recorded or rec.close_tx is None or rec.close_tx_txid is None:
                 return rec.close_txid
             await self._send_recorded(rec)
@@ -230,7 +241,7 @@ class Closer:
             return rec.close_tx_txid
 
     async def record_close(
-        self, cid: str, fee_rate: float | None, previous_txid: str | None
+        self, cid: str, fee_rate: float | None, previous_txid: str | None, *, deadline: bool = False
     ) -> tuple[PayeeRecord, bool]:
         """Build our close at ``fee_rate`` (default: estimate) and record it (raw transaction, txid,
         rate) *without* broadcasting it: the row after, and whether this call recorded a new close.
@@ -242,7 +253,18 @@ class Closer:
             return rec, False
         rate = fee_rate if fee_rate is not None else await self.fee_rate()
         rate = min(rate, self.config.max_fee_rate_sat_vb)
-        built = self._build(self.channels.build(rec), rec, rate, bump=previous_txid is not None)
+        ch = self.channels.build(rec)
+        floor = 0
+        if previous_txid is not None:
+            # (a replacement's rate is at least 1 sat/vB above the old one's: that outbids a lone
+            # close; the floor matters when a payer hung descendants on it)
+            package = await mempool_package(self.node, previous_txid)
+            if package is not None and package.pinned:
+                vsize = tx_vsize(ch.build_close(self.payout_of(rec), MIN_RELAY_FEE_RATE))
+                floor = self.replacement_floor(previous_txid, package, vsize, deadline=deadline, what=cid)
+                if floor < 0:
+                    return rec, False
+        built = self._build(ch, rec, rate, bump=previous_txid is not None, min_fee_sat=floor)
         if built is None:
             return self.store.get(cid), False
         tx, rate = built
@@ -291,9 +313,42 @@ class Closer:
             log.info("recorded close %s of %s sent", fresh.close_tx_txid, fresh.channel_id)
             return True
 
-    def _build(self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool) -> tuple[Any, float] | None:
-        """Our close at ``rate``, or what the payment can afford; None if it affords no close at all."""
+    def replacement_floor(
+        self, previous_txid: str, package: MempoolPackage | None, vsize: int, *, deadline: bool, what: str
+    ) -> int:
+        """The least fee a replacement of ``vsize`` vbytes must pay to evict ``previous_txid`` (whose
+        mempool entry is ``package``) and every descendant hanging on it (BIP125: ``fees.descendant``,
+        not the close's own fee, plus the incremental relay fee); 0 when it is not in the mempool
+        any more. When descendants (a payer's pinning child) are what it must outbid: -1 (no
+        replacement now) if that costs more than ``max_fee_rate_sat_vb`` and the deadline is not
+        near; near it, up to what the payment affords."""
+        if package is None:
+            return 0
+        floor = replacement_min_fee(package.descendant_fee, vsize)
+        if not package.pinned:
+            return floor
+        self.events["pinned"] += 1
+        wait = not deadline and floor > math.floor(self.config.max_fee_rate_sat_vb * vsize)
+        log.warning("close %s of %s carries %d descendant(s) (%d vB, %d sat in all): a replacement must pay "
+                    "%d sat%s", previous_txid, what, package.descendant_count - 1,
+                    package.descendant_vsize - package.vsize, package.descendant_fee, floor,
+                    "; waiting for the deadline" if wait else "",
+                    extra={"event": "close_pinned", "txid": previous_txid})
+        return -1 if wait else floor
+
+    def _build(
+        self, ch: PayeeChannel, rec: PayeeRecord, rate: float, bump: bool, min_fee_sat: int = 0
+    ) -> tuple[Any, float] | None:
+        """Our close at ``rate`` (paying at least ``min_fee_sat``), or what the payment can afford;
+        None if it affords no close at all."""
         payout = self.payout_of(rec)
+        if min_fee_sat:
+            try:
+                tx = ch.build_close(payout, rate, min_fee_sat=min_fee_sat)
+                return tx, (rec.deposit_sat - sum(o.nValue for o in tx.vout)) / tx_vsize(tx)
+            except CloseUneconomic as err:
+                raise CloseUneconomic(f"a close of {rec.amount_sat} sat cannot pay the {min_fee_sat} sat "
+                                      f"its replacement needs: {err}") from err
         try:
             return ch.build_close(payout, rate), rate
         except CloseUneconomic:
@@ -328,7 +383,7 @@ class Closer:
             return await bump_batch(self, group, None if deadline else fee_rate)
         estimate = await self.fee_rate() if fee_rate is None else 0.0
         rate = bump_fee_rate(rec.close_fee_rate, fee_rate, self.config.bump_factor, estimate)
-        return await self.broadcast(cid, rate, rec.close_txid)
+        return await self.broadcast(cid, rate, rec.close_txid, deadline=deadline)
 
     async def rebroadcast(self, rec: PayeeRecord) -> None:
         """Broadcast ``rec``'s close again (it left the mempool, or its process died before sending it):
@@ -338,11 +393,13 @@ class Closer:
             self.leadership.require()
             try:
                 await self.node.broadcast(rec.close_tx)
-                return
             except RpcAlreadyInChain:
                 return
             except (RpcVerifyRejected, RpcVerifyError) as err:
                 log.info("recorded close of %s refused again (%s): rebuilding it", cid, err)
+            else:
+                self._resent(cid, str(rec.close_tx_txid))
+                return
         rate = max(rec.close_fee_rate or MIN_RELAY_FEE_RATE, await self.fee_rate())
         async with self.lock:
             fresh = self.store.get(cid)
@@ -351,16 +408,24 @@ class Closer:
             tx = self.channels.build(fresh).build_close(self.payout_of(fresh), rate)
             if self._intend(fresh, tx, rate):
                 await self._send_recorded(self.store.get(cid))
+                self._resent(cid, tx_id(tx))
+
+    def _resent(self, cid: str, txid: str) -> None:
+        """Count and log a close this process sent again because the node no longer had it (a
+        restart without its mempool, an eviction, the close's block left the chain)."""
+        self.events["rebroadcast"] += 1
+        log.warning("close %s of %s was in neither the node's mempool nor its chain: sent again", txid, cid,
+                    extra={"event": "close_rebroadcast", "channel_id": cid, "txid": txid})
 
     async def outbid(self, rec: PayeeRecord, conflict_txid: str) -> str | None:
         """Replace an unconfirmed conflicting spend of the funding (the payer's refund, valid from
         expiry) with our close paying more than it: a refund in the mempool is not final. The
         close pays up to what the payment affords (``max_fee_rate_sat_vb`` does not cap this)."""
         cid = rec.channel_id
-        entry = await mempool_fee(self.node, conflict_txid)
-        if entry is None:
+        package = await mempool_package(self.node, conflict_txid)
+        if package is None:
             return None
-        fee, vsize = entry
+        fee, vsize = package.descendant_fee, package.vsize  # its descendants are evicted with it too
         async with self.lock:
             fresh = self.store.get(cid)
             if fresh.state is not ChannelState.CLOSING or fresh.signature is None:
@@ -368,7 +433,7 @@ class Closer:
             ch = self.channels.build(fresh)
             payout = self.payout_of(fresh)
             need = replacement_min_fee(fee, tx_vsize(ch.build_close(payout, MIN_RELAY_FEE_RATE)))
-            rate = max(fee / vsize, fresh.close_fee_rate or 0.0) * self.config.bump_factor
+            rate = max(package.fee / vsize, fresh.close_fee_rate or 0.0) * self.config.bump_factor
             try:
                 tx = ch.build_close(payout, rate, min_fee_sat=need)
             except CloseUneconomic:

@@ -10,7 +10,10 @@ Counted as requests pass (an aiohttp middleware): requests by route and status, 
 latency (histogram by route), acknowledged payments (``kind``: ``channel`` for the payments
 endpoint, ``metered`` for a paid request that carried its payment). Read from the store at each scrape
 (one aggregate query): channels, paid and deposited satoshis by state, the chain tip the
-service last saw and the node's staleness (seconds since it last answered, a problem flag). Routes are labelled by their pattern (``/v1/channels/{cid}/payments``),
+service last saw and the node's staleness (seconds since it last answered, a problem flag). Read
+from the closer: the closes it sent again because the node had lost them (a restart without its
+mempool, an invalidated block) and the closes it found pinned by descendants (a replacement then
+pays for them too). Routes are labelled by their pattern (``/v1/channels/{cid}/payments``),
 so the label set stays bounded whatever the requests.
 
 Entry point::
@@ -32,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from btcchannel.payee.appkeys import CLIENT_ERRORS, SERVICE
 from btcchannel.payee.clientlog import ClientErrorLog
+from btcchannel.payee.closer import Closer
 from btcchannel.payee.shared import ChainTip
 from btcchannel.store import PayeeStore
 from btcchannel.store.ops import state_totals
@@ -102,6 +106,23 @@ class _ClientErrors(Collector):
         yield family
 
 
+class _CloserCollector(Collector):
+    """What the closer did that the chain alone does not show, read at each scrape."""
+
+    def __init__(self, closer: Closer) -> None:
+        self.closer = closer
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        events = self.closer.events
+        yield CounterMetricFamily("btcchannel_close_rebroadcasts",
+                                  "Recorded closes the node no longer had (restarted without its mempool, "
+                                  "evicted, their block invalidated), sent again by the payee.",
+                                  value=events["rebroadcast"])
+        yield CounterMetricFamily("btcchannel_close_pinned",
+                                  "Replacements of a close that had to outbid descendants hung on it.",
+                                  value=events["pinned"])
+
+
 def install_metrics(app: web.Application) -> MetricsEndpoint:
     """Add the counting middleware to the payee's ``app`` (not started yet) and ``GET /metrics`` on
     the metrics listener (or, with ``metrics_public``, on the app itself)."""
@@ -117,6 +138,7 @@ def install_metrics(app: web.Application) -> MetricsEndpoint:
     registry.register(_StoreCollector(svc.store, svc.tip))
     if CLIENT_ERRORS in app:
         registry.register(_ClientErrors(app[CLIENT_ERRORS]))
+    registry.register(_CloserCollector(svc.closer))
 
     @web.middleware
     async def count(request: web.Request, handler: Handler) -> web.StreamResponse:

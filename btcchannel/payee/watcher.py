@@ -9,6 +9,10 @@ shared :class:`~btcchannel.payee.shared.ChainTip` fresh whatever a pass costs (t
 refuses payments on a stale tip); every close is left to the
 :class:`~btcchannel.payee.closer.Closer`.
 
+The node needs no transaction index: the follower notes the block of every watched transaction
+and spend it reads (:meth:`Node.note_block`, :meth:`Node.note_spend`), and a pruned node is
+refused at start only when it deleted a block after the last one processed (``node_pruned``).
+
 - ``proposed``: lapses after ``proposal_ttl_s``.
 - ``funding``: counts confirmations, opens at ``min_confirmations`` (at least
   1); a funding transaction that vanished (double-spent) becomes ``failed``
@@ -39,7 +43,7 @@ import logging
 import time
 from typing import Any
 
-from btcchannel.bitcoind.chain import BlockFollower, chain_state, mempool_spender
+from btcchannel.bitcoind.chain import BlockFollower, chain_state, mempool_spender, require_blocks_after
 from btcchannel.bitcoind.notify import BlockNotifier
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.state import ChannelState, SpendKind, classify_spend
@@ -56,9 +60,12 @@ __all__ = ["Watcher"]
 log = logging.getLogger("btcchannel.payee.watcher")
 
 
-def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]]) -> set[str]:
+def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]], node: Node | None = None) -> set[str]:
     """The channels a block touches: its funding or close transaction, or a spend of the funding
-    output or of the funding's inputs (a double-spend)."""
+    output or of the funding's inputs (a double-spend).
+
+    With ``node``, each watched transaction and spend found is noted there with its block (the
+    follower's own index: later lookups by txid need no ``-txindex``)."""
     if not blocks:
         return set()
     txids: dict[str, str] = {}
@@ -74,14 +81,21 @@ def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]]) -> set[str]:
             outpoints[(str(txid), int(vout))] = cid
     touched: set[str] = set()
     for block in blocks:
+        block_hash, height = str(block.get("hash")), int(block.get("height", -1))
         for tx in block.get("tx", []):
-            hit = txids.get(str(tx.get("txid")))
+            txid = str(tx.get("txid"))
+            hit = txids.get(txid)
             if hit is not None:
                 touched.add(hit)
+                if node is not None:
+                    node.note_block(txid, block_hash)
             for vin in tx.get("vin", []):
-                hit = outpoints.get((str(vin.get("txid")), int(vin.get("vout", -1))))
+                spent = (str(vin.get("txid")), int(vin.get("vout", -1)))
+                hit = outpoints.get(spent)
                 if hit is not None:
                     touched.add(hit)
+                    if node is not None:
+                        node.note_spend(OutPoint(*spent), txid, height, block_hash)
     return touched
 
 
@@ -106,13 +120,23 @@ class Watcher:
         self._claims: list[str] | None = None  # closes claimed by this pass, sent (batched) at its end
 
     async def start(self) -> None:
-        """Check the node keeps a transaction index, then fetch the tip (before the service answers
-        anything). Without ``-txindex`` the node cannot look up a confirmed funding or spend that is
-        not its wallet's: a refund in the mempool would look like a lost funding, never outbid."""
-        if "txindex" not in await self.node.call("getindexinfo"):
-            raise NodeError("the payee's node must run with -txindex=1 (confirmed fundings and their "
-                            "spends are looked up by txid)")
+        """Check the node still has the blocks this payee has to read, then fetch the tip (before the
+        service answers anything).
+
+        No transaction index is needed (the follower notes where it sees each watched transaction
+        and spend), and a pruned node will do as long as it keeps every block after the last one
+        processed: :class:`~btcchannel.errors.NodePruned` otherwise (a restart after an outage
+        longer than the node's prune window), since a funding or spend in a deleted block would
+        go unseen."""
+        await self.check_blocks_kept()
         await self.refresh_tip()
+
+    async def check_blocks_kept(self) -> None:
+        """:class:`~btcchannel.errors.NodePruned` if the node pruned a block after the last one
+        this payee processed (nothing to check on a first start)."""
+        cursor = self.store.chain_cursor()
+        if cursor is not None:
+            await require_blocks_after(self.node, cursor[0])
 
     async def refresh_tip(self) -> int:
         """Ask the node for its tip and update the shared :class:`ChainTip` (its height)."""
@@ -202,11 +226,14 @@ class Watcher:
             log.warning("watcher pass skipped: %s", self.tip.problem)
             return
         live = self.store.list([ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING])
+        before = self.follower.height
         advance = await self.follower.advance(self.tip.best_hash)
+        self._note_followed(before, advance.restart)
         full = self._full_pass or advance.reorg or advance.restart
         if advance.reorg:
             log.warning("chain reorganised: back to block %d, now at %d", self.follower.height, tip)
-        touched = set() if full else _touched(live, advance.blocks) | self._retry
+        seen = _touched(live, advance.blocks, self.node)  # (also notes where each was seen)
+        touched = set() if full else seen | self._retry
         if not full and advance.blocks:
             # an open channel is looked at only when a block touches it: keep its depth current
             self.store.add_confirmations(len(advance.blocks))
@@ -238,6 +265,14 @@ class Watcher:
         self._full_pass = False
         self.store.set_chain_cursor(self.follower.height, self.follower.hash)
         self.closer.forget_except({rec.channel_id for rec in live})
+
+    def _note_followed(self, before: int, restart: bool) -> None:
+        """Tell the node from which height on this follower reads (and notes) every block: a
+        search for a watched transaction then reads no block above it (a restart skipped blocks)."""
+        if restart:
+            self.node.followed_after = self.follower.height
+        elif self.node.followed_after is None:
+            self.node.followed_after = before
 
     def _due(self, rec: PayeeRecord, tip: int) -> bool:
         """Whether a channel no new block touched needs a look anyway."""
@@ -294,23 +329,38 @@ class Watcher:
         """(whether the funding still exists, the txid spending its output or None). Blocks are
         scanned only for a confirmed funding whose output is spent in the chain; a funding that
         vanished is handed to :meth:`_funding_vanished`."""
-        depth = await self.node.tx_confirmations(_outpoint(rec).txid)
+        spender = await self.node.confirmed_spender(_outpoint(rec))  # the follower saw it: no lookup
+        if spender is not None:
+            return True, spender
+        depth = await self._funding_depth(rec)
         if depth is None:
             await self._funding_vanished(rec)
             return False, None
         if depth == 0:
             return True, await mempool_spender(self.node, _outpoint(rec))
-        return True, await self.node.find_spender(_outpoint(rec), rec.created_height)
+        tip = await self.node.tip_height()
+        return True, await self.node.find_spender(_outpoint(rec), max(rec.created_height, tip - depth + 1))
+
+    async def _funding_depth(self, rec: PayeeRecord) -> int | None:
+        """Confirmations of the funding transaction (0: in the mempool; None: in neither). Found
+        without a transaction index: the depth of its output while unspent in the chain (also when a
+        mempool transaction spends it), the block the follower saw it in or the depth its output had
+        when last unspent, else by reading the blocks since the channel's creation (newest first)."""
+        info = await self.node.get_txout(_outpoint(rec), include_mempool=False)
+        if info is not None:
+            return info.confirmations
+        return await self.node.tx_confirmations(_outpoint(rec).txid, search_from=rec.created_height)
 
     async def _check_open(self, rec: PayeeRecord, tip: int) -> None:
         cid = rec.channel_id
         cfg = self.config
         info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
         if info is None:
-            depth = await self.node.tx_confirmations(_outpoint(rec).txid)
-            if depth is None or depth < cfg.min_confirmations:
-                self._funding_lost(rec, depth or 0)
-                return
+            if await self.node.confirmed_spender(_outpoint(rec)) is None:  # (a confirmed spend: it exists)
+                depth = await self._funding_depth(rec)
+                if depth is None or depth < cfg.min_confirmations:
+                    self._funding_lost(rec, depth or 0)
+                    return
             await self._spent_elsewhere(rec)
             return
         if info.confirmations < cfg.min_confirmations:

@@ -204,16 +204,17 @@ class LightNode(Node):
             return int(pos.confirmation_block_time.block_id.height)
         return None
 
-    async def tx_confirmations(self, txid: str) -> int | None:
-        """Confirmations of a wallet transaction: 0 unconfirmed, None unknown to the wallet."""
+    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:
+        """Confirmations of a wallet transaction: 0 unconfirmed, None unknown to the wallet
+        (``search_from`` is the full node's block-scan hint: the wallet knows its own)."""
         for ctx in self._canonical():
             if str(ctx.transaction.compute_txid()) == txid:
                 height = self._height_of(ctx)
                 return 0 if height is None else await self.tip_height() - height + 1
         return None
 
-    async def get_transaction(self, txid: str) -> dict[str, Any] | None:
-        """A wallet transaction as ``{"txid", "hex", "confirmations", "vin"}``; None if the wallet does not know it."""
+    async def get_transaction(self, txid: str, blockhash: str | None = None) -> dict[str, Any] | None:
+        """(``blockhash``: the full node's lookup hint, unused here.) A wallet transaction as ``{"txid", "hex", "confirmations", "vin"}``; None if the wallet does not know it."""
         for ctx in self._canonical():
             tx = ctx.transaction
             if str(tx.compute_txid()) == txid:

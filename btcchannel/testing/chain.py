@@ -25,6 +25,7 @@ from btcchannel.wait import wait_until_async
 
 RPC_WALLET_ALREADY_LOADED = -35
 WAIT_S = 30.0
+SEARCH_BLOCKS = 2_000  # without a transaction index, confirmed transactions are looked for this deep
 
 
 def node_for(bitcoind: RegtestNode, wallet: str | None) -> Node:
@@ -38,8 +39,9 @@ def sats(btc: float) -> int:
 
 
 def tx_of(bitcoind: RegtestNode, txid: str) -> dict[str, Any]:
-    """``getrawtransaction txid true`` (the session node runs with a txindex)."""
-    return dict(bitcoind.rpc("getrawtransaction", txid, True))
+    """``getrawtransaction txid true``, also on a node without a transaction index
+    (:meth:`~btcchannel.bitcoind.regtest.RegtestNode.transaction`)."""
+    return bitcoind.transaction(txid, 1)
 
 
 def _matches(err: NodeError, expected: int | type[NodeError], message: str | None) -> bool:
@@ -183,7 +185,14 @@ class Chain:
         return True
 
     async def raw(self, txid: str) -> dict[str, Any] | None:
-        return await self.node.get_transaction(txid)
+        """The transaction (``getrawtransaction`` verbose), also without a transaction index: a
+        confirmed one is looked for in the last ``SEARCH_BLOCKS`` blocks; None if not found."""
+        tx = await self.node.get_transaction(txid)
+        if tx is None:
+            tip = await self.tip()
+            if await self.node.tx_confirmations(txid, search_from=tip - SEARCH_BLOCKS) is not None:
+                tx = await self.node.get_transaction(txid)
+        return tx
 
     async def confirmations(self, txid: str) -> int:
         """Confirmations of ``txid``: 0 in the mempool, -1 unknown."""
@@ -203,7 +212,7 @@ class Chain:
         await wait_until_async(confirmed, timeout=timeout, what=f"{what} {txid} to confirm")
 
     async def view(self, txid: str) -> TxView:
-        """Size, fee (inputs looked up through the txindex), outputs and confirmations of ``txid``."""
+        """Size, fee (its inputs looked up too), outputs and confirmations of ``txid``."""
         tx = await self.raw(txid)
         if tx is None:
             raise NodeError(f"the node does not know transaction {txid}")
@@ -211,7 +220,7 @@ class Chain:
         for vin in tx["vin"]:
             prev = await self.raw(vin["txid"])
             if prev is None:
-                raise NodeError(f"the node does not know {vin['txid']} (is -txindex on?)")
+                raise NodeError(f"the node does not know {vin['txid']} (not in the last {SEARCH_BLOCKS} blocks)")
             inputs += btc_to_sat(prev["vout"][vin["vout"]]["value"])
         outputs = [
             (btc_to_sat(o["value"]), str(o["scriptPubKey"]["hex"]), str(o["scriptPubKey"].get("address", "")))
@@ -255,16 +264,16 @@ class Chain:
         return ChannelView(funding, spenders, spend, paid_to)
 
     async def prepare(self, wallets: tuple[str, ...], fund: dict[str, int], height: int = 201) -> None:
-        """Check it is a regtest node with a synced txindex, mine past ``height``, create
-        ``wallets`` (and ``miner``) and pay each wallet of ``fund`` its amount, confirmed."""
+        """Check it is a regtest node (with its transaction index synced, if it keeps one), mine
+        past ``height``, create ``wallets`` (and ``miner``) and pay each wallet of ``fund`` its
+        amount, confirmed."""
         info = await self.rpc("getblockchaininfo")
         if info["chain"] != "regtest":
             raise ChannelError(f"this mines blocks: it needs a regtest node, not {info['chain']}")
-        if "txindex" not in await self.rpc("getindexinfo"):
-            raise ChannelError("this reads transactions back from the node: run it with -txindex=1")
 
         async def synced() -> bool:
-            return bool((await self.rpc("getindexinfo"))["txindex"]["synced"])
+            index = (await self.rpc("getindexinfo")).get("txindex")
+            return index is None or bool(index["synced"])
         await wait_until_async(synced, timeout=WAIT_S, what="the txindex to sync")
         for wallet in ("miner", *wallets):
             await self.ensure_wallet(wallet)

@@ -4,11 +4,15 @@ Registered through the ``pytest11`` entry point, so any project that installs
 btcchannel gets them:
 
 - ``bitcoind`` (session): a running :class:`~btcchannel.bitcoind.regtest.RegtestNode`
-  past height 200, with a ``miner`` wallet holding mature coins;
+  past height 200, with a ``miner`` wallet holding mature coins; it keeps a transaction index,
+  or, with ``--btcchannel-node=pruned``, runs as most operators' nodes do: ``-prune=550`` and
+  no transaction index (:data:`NODE_KINDS`);
 - ``funded_wallet``: the name of a fresh wallet on it holding 10 BTC, confirmed;
 - ``node_datadir``: a per-test folder, removed when the test passes and kept
   (its path printed) when it fails;
-- ``node_factory``: starts more nodes for a test (stopped at its end);
+- ``node_factory``: starts more nodes for a test (stopped at its end), with the node options of
+  :class:`~btcchannel.bitcoind.regtest.RegtestNode` (``txindex``, ``prune``, ``fastprune``,
+  ``persist_mempool``);
 - ``postgres`` (session): a real PostgreSQL server (:mod:`btcchannel.testing.postgres`);
   ``postgres_url``: a fresh empty database on it for one test;
 - with pytest-asyncio installed, ``payee_factory``, ``payer_factory`` and ``payer_client``
@@ -35,12 +39,25 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.testing.postgres import PostgresServer, start_postgres
 
 FUNDED_WALLET_SAT = 10 * 100_000_000
+#: ``--btcchannel-node`` -> the session node's storage options
+NODE_KINDS: dict[str, dict[str, Any]] = {
+    "full": {"txindex": True, "prune": 0},
+    "pruned": {"txindex": False, "prune": 550},
+}
 _wallet_numbers = itertools.count(1)
 
 if importlib.util.find_spec("pytest_asyncio") is not None:
     from btcchannel.testing.fixtures import payee_factory, payer_client, payer_factory
 
     __all__ = ["payee_factory", "payer_client", "payer_factory"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--btcchannel-node", choices=sorted(NODE_KINDS), default="full",
+        help="the session bitcoind: full (every block, a transaction index) or pruned "
+             "(-prune=550, no transaction index)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,9 +100,10 @@ def bitcoind(
     bitcoind_binary: BitcoindBinary, tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> Iterator[RegtestNode]:
-    """A regtest node for the whole session, mined past height 200."""
+    """A regtest node for the whole session, mined past height 200 (``--btcchannel-node``: its kind)."""
     datadir = tmp_path_factory.mktemp("bitcoind")
-    node = RegtestNode(datadir=datadir, binary=bitcoind_binary)
+    kind = NODE_KINDS[str(request.config.getoption("--btcchannel-node"))]
+    node = RegtestNode(datadir=datadir, binary=bitcoind_binary, **kind)
     node.start()
     try:
         node.prepare(201)
@@ -123,11 +141,13 @@ def node_factory(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., RegtestNode]]:
     """Start extra regtest nodes for one test (``node_factory(zmq=False)``: one that announces no
-    blocks over ZMQ); all are stopped when it ends."""
+    blocks over ZMQ; ``node_factory(txindex=False, prune=1, fastprune=True)``: a pruned one, see
+    :class:`~btcchannel.bitcoind.regtest.RegtestNode`); all are stopped when it ends."""
     nodes: list[RegtestNode] = []
 
-    def start(*, zmq: bool = True) -> RegtestNode:
-        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary, zmq=zmq)
+    def start(*, zmq: bool = True, **options: Any) -> RegtestNode:
+        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary, zmq=zmq,
+                           **options)
         nodes.append(node)
         return node.start()
 

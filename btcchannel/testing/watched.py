@@ -52,7 +52,7 @@ def open_watched_channels(store: PayeeStore, bitcoind: RegtestNode, wallet: str,
         made.append((secrets.token_hex(16), params, payee_priv))
     txid = bitcoind.rpc("sendmany", "", {p.funding_address: sat_to_btc(deposit_sat) for _, p, _ in made},
                         wallet=wallet)
-    vouts = {o["scriptPubKey"]["hex"]: o["n"] for o in bitcoind.rpc("getrawtransaction", txid, True)["vout"]}
+    vouts = {o["scriptPubKey"]["hex"]: o["n"] for o in bitcoind.transaction(txid)["vout"]}
     bitcoind.mine(1)
     now = time.time()
     for cid, params, priv in made:
