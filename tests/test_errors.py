@@ -91,8 +91,8 @@ def test_every_class_documents_its_code() -> None:
 
 def test_error_for_code() -> None:
     for cls in all_classes():
-        if issubclass(cls, NodeError) and cls is not NodeError:
-            continue
+        if (issubclass(cls, NodeError) and cls is not NodeError) or "code" not in vars(cls):
+            continue  # a family member, or a refinement that keeps its parent's code: the parent is rebuilt
         err = error_for_code(cls.code, "why")
         assert type(err) is cls and err.message == "why"
     node = error_for_code("node_error", "boom")
