@@ -31,18 +31,31 @@ ROUNDS = 15
 def fill(store: PayeeStore, n: int) -> list[str]:
     payer, payee = public_key(generate_private_key()), public_key(generate_private_key())
     key = generate_private_key()
-    params = ChannelParams(network="regtest", payer_pubkey=payer, payee_pubkey=payee, expiry_height=10_000,
-                           deposit_sat=100_000, payer_script=b"\x00\x14" + bytes(20)).to_json()
+    params = ChannelParams(
+        network="regtest",
+        payer_pubkey=payer,
+        payee_pubkey=payee,
+        expiry_height=10_000,
+        deposit_sat=100_000,
+        payer_script=b"\x00\x14" + bytes(20),
+    ).to_json()
     ids = []
     store._db.execute("BEGIN")  # noqa: SLF001 - one transaction to fill quickly
     for i in range(n):
         cid = f"{i:032x}"
-        rec = PayeeRecord(channel_id=cid, state=ChannelState.PROPOSED, params=params, privkey=key,
-                          deposit_sat=100_000, expiry_height=10_000)
+        rec = PayeeRecord(
+            channel_id=cid,
+            state=ChannelState.PROPOSED,
+            params=params,
+            privkey=key,
+            deposit_sat=100_000,
+            expiry_height=10_000,
+        )
         store.insert_proposal(rec)
         ids.append(cid)
     store._db.execute(  # noqa: SLF001
-        "UPDATE channels SET state='open', amount_sat=1000, signature=?", (os.urandom(71),))
+        "UPDATE channels SET state='open', amount_sat=1000, signature=?", (os.urandom(71),)
+    )
     store._db.execute("COMMIT")  # noqa: SLF001
     return ids
 
@@ -57,12 +70,15 @@ def main() -> None:
             for i in range(ROUNDS):
                 t = time.perf_counter()
                 store._db.execute(  # noqa: SLF001 - the statement record_payment runs, durably
-                    "UPDATE channels SET amount_sat=? WHERE channel_id=?", (2000 + i, ids[i % len(ids)]))
+                    "UPDATE channels SET amount_sat=? WHERE channel_id=?", (2000 + i, ids[i % len(ids)])
+                )
                 commits.append((time.perf_counter() - t) * 1000)
             size = (Path(d) / "copy" / "payee.db").stat().st_size // 1024
             store.close()
-            print(f"channels={n} db_kib={size} backup_ms={statistics.median(backups):.2f} "
-                  f"payment_commit_ms={statistics.median(commits):.3f}")
+            print(
+                f"channels={n} db_kib={size} backup_ms={statistics.median(backups):.2f} "
+                f"payment_commit_ms={statistics.median(commits):.3f}"
+            )
 
 
 if __name__ == "__main__":

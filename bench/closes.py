@@ -60,8 +60,10 @@ def main() -> None:
             assert close["outputs"][k] == sum(amounts) - close["fee_sat"]
             per[k] = close["vsize"] / k
             print(f"channels={k} vbytes_per_channel={per[k]:.1f} fee_per_channel_sat={close['fee_sat'] / k:.1f}")
-        print(f"k=100 costs {per[100] / per[1]:.0%} of a single close per channel "
-              "(each channel keeps its input and its payer's change output)")
+        print(
+            f"k=100 costs {per[100] / per[1]:.0%} of a single close per channel "
+            "(each channel keeps its input and its payer's change output)"
+        )
         for k in (1, 10, 100):
             asyncio.run(_through_the_closer(node, work / f"payee-{k}", k, payee_script))
     finally:
@@ -91,8 +93,10 @@ async def _through_the_closer(node: RegtestNode, datadir: Path, k: int, payee_sc
         vsize, fee = sum(c["vsize"] for c in summaries), sum(c["fee_sat"] for c in summaries)
         paid = sum(c["outputs"][-1] + c["fee_sat"] for c in summaries)
         assert paid == sum(amounts)  # every payment in a close, the payee output gets the rest
-        print(f"closer channels={k} close_transactions={len(txids)} vbytes_per_channel={vsize / k:.1f} "
-              f"fee_per_channel_sat={fee / k:.1f}")
+        print(
+            f"closer channels={k} close_transactions={len(txids)} vbytes_per_channel={vsize / k:.1f} "
+            f"fee_per_channel_sat={fee / k:.1f}"
+        )
     finally:
         await rpc.aclose()
         store.close()

@@ -31,14 +31,14 @@ import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
+from btcchannel.bitcoind.rpc import Node  # noqa: E402
 from btcchannel.core.channel import PayeeChannel, PayerChannel  # noqa: E402
 from btcchannel.core.params import ChannelParams  # noqa: E402
 from btcchannel.core.state import ChannelState  # noqa: E402
-from btcchannel.payer.client import PayerClient  # noqa: E402
-from btcchannel.bitcoind.rpc import Node  # noqa: E402
-from btcchannel.bitcoind.regtest import RegtestNode  # noqa: E402
 from btcchannel.payee.config import ServerConfig  # noqa: E402
 from btcchannel.payee.http import SERVICE, create_app  # noqa: E402
+from btcchannel.payer.client import PayerClient  # noqa: E402
 from btcchannel.store import PayeeStore  # noqa: E402
 
 
@@ -106,8 +106,10 @@ async def run(payments: int, channels: int) -> None:
         print(f"parallel payments over HTTP ({channels} channels): {par:,.0f}/s")
         print(f"unpaid no-op GET /v1/info: {noop:,.0f}/s")
         print(f"bare accept_payment: {accept:,.0f}/s")
-        print(f"payments_per_s={seq:.0f} noop_per_s={noop:.0f} ratio_to_noop={seq / noop:.2f} "
-              f"parallel_payments_per_s={par:.0f} accept_per_s={accept:.0f}")
+        print(
+            f"payments_per_s={seq:.0f} noop_per_s={noop:.0f} ratio_to_noop={seq / noop:.2f} "
+            f"parallel_payments_per_s={par:.0f} accept_per_s={accept:.0f}"
+        )
         await client.aclose()
         await runner.cleanup()
         store.close()

@@ -4,7 +4,8 @@ Starts a throw-away regtest bitcoind, ``--instances`` payee processes (``python 
 btcchannel.payee``) on one store, and ``--payers`` payer processes, each a real
 :class:`~btcchannel.payer.client.PayerClient` with its own store and wallet, sharing
 ``--channels`` channels (spread over the instances). ``--store postgresql`` runs the
-instances on one PostgreSQL database (a real server: on ``PATH``, else ``pgserver``'s). Then, in the same run, with the same
+instances on one PostgreSQL database (a real server: on ``PATH``, else ``pgserver``'s). Then, in the same run, with
+the same
 processes and one concurrent loop per channel, for ``--duration`` seconds each:
 
 - ``noop_per_s``: unpaid ``GET /v1/info`` requests per second (the HTTP floor);
@@ -42,7 +43,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -184,8 +184,14 @@ def run_seller(spec: dict[str, Any]) -> None:
     from btcchannel.payee.seller import PaidService
 
     fields = spec["fields"]
-    service = PaidService(datadir=spec["datadir"], wallet="miner", rpc_url=spec["rpc_url"],
-                          rpc_cookie=spec["cookie_file"], price_sat=1, **fields)
+    service = PaidService(
+        datadir=spec["datadir"],
+        wallet="miner",
+        rpc_url=spec["rpc_url"],
+        rpc_cookie=spec["cookie_file"],
+        price_sat=1,
+        **fields,
+    )
     payload = {"answer": 42}
     if spec["framework"] == "aiohttp":
         from aiohttp import web
@@ -212,8 +218,9 @@ def run_seller(spec: dict[str, Any]) -> None:
         async def paid() -> dict[str, int]:
             return payload
 
-        uvicorn.run(service.asgi(api, {"/paid": 1}), host="127.0.0.1", port=spec["port"], log_level="warning",
-                    access_log=False)
+        uvicorn.run(
+            service.asgi(api, {"/paid": 1}), host="127.0.0.1", port=spec["port"], log_level="warning", access_log=False
+        )
 
 
 def free_port() -> int:
@@ -225,20 +232,35 @@ def free_port() -> int:
     return port
 
 
-def start_seller(work: Path, framework: str, bitcoind: RegtestNode, channels: int,
-                 profile: Path | None) -> tuple[subprocess.Popen[bytes], str]:
+def start_seller(
+    work: Path, framework: str, bitcoind: RegtestNode, channels: int, profile: Path | None
+) -> tuple[subprocess.Popen[bytes], str]:
     """The seller process (under cProfile with ``profile``); (process, origin)."""
     port = free_port()
     spec = work / "seller.json"
-    spec.write_text(json.dumps({
-        "framework": framework, "port": port, "datadir": str(work / "seller"), "rpc_url": bitcoind.rpc_url,
-        "cookie_file": str(bitcoind.cookie_file),
-        "fields": {"close_fee_rate_sat_vb": 2.0, "max_proposals": channels + 10, "max_proposals_per_client": channels + 10,
-                   "min_lifetime_blocks": 12, "max_lifetime_blocks": LIFETIME + 10}}))
+    spec.write_text(
+        json.dumps(
+            {
+                "framework": framework,
+                "port": port,
+                "datadir": str(work / "seller"),
+                "rpc_url": bitcoind.rpc_url,
+                "cookie_file": str(bitcoind.cookie_file),
+                "fields": {
+                    "close_fee_rate_sat_vb": 2.0,
+                    "max_proposals": channels + 10,
+                    "max_proposals_per_client": channels + 10,
+                    "min_lifetime_blocks": 12,
+                    "max_lifetime_blocks": LIFETIME + 10,
+                },
+            }
+        )
+    )
     prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     with open(work / "seller.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, *prof, __file__, "--seller", str(spec)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *prof, __file__, "--seller", str(spec)], stdout=log, stderr=subprocess.STDOUT
+        )
     origin = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -268,16 +290,29 @@ def run_metered(args: argparse.Namespace) -> None:
     workers: list[Proc] = []
     try:
         bitcoind.prepare(201)
-        seller, origin = start_seller(work, args.framework, bitcoind, args.channels,
-                                      profile / f"seller-{args.framework}.prof" if profile is not None else None)
+        seller, origin = start_seller(
+            work,
+            args.framework,
+            bitcoind,
+            args.channels,
+            profile / f"seller-{args.framework}.prof" if profile is not None else None,
+        )
         payers = min(args.payers, args.channels)
         shares = [args.channels // payers + (1 if i < args.channels % payers else 0) for i in range(payers)]
         fund_payers(bitcoind, [(f"payer{i}", n) for i, n in enumerate(shares)])
         for i, n in enumerate(shares):
-            spec = {"rpc_url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": f"payer{i}",
-                    "datadir": str(work / f"payer{i}"), "urls": [f"{origin}/btc"], "channels": n, "first": 0,
-                    "free_url": f"{origin}/free", "paid_url": f"{origin}/paid",
-                    "profile": str(profile / f"payer{i}-{args.framework}.prof") if profile is not None else None}
+            spec = {
+                "rpc_url": bitcoind.rpc_url,
+                "cookie_file": str(bitcoind.cookie_file),
+                "wallet": f"payer{i}",
+                "datadir": str(work / f"payer{i}"),
+                "urls": [f"{origin}/btc"],
+                "channels": n,
+                "first": 0,
+                "free_url": f"{origin}/free",
+                "paid_url": f"{origin}/paid",
+                "profile": str(profile / f"payer{i}-{args.framework}.prof") if profile is not None else None,
+            }
             spec_file = work / f"payer{i}.json"
             spec_file.write_text(json.dumps(spec))
             workers.append(Proc(spec_file))
@@ -294,17 +329,25 @@ def run_metered(args: argparse.Namespace) -> None:
             used = cpu_s(seller.pid) - before
             payers_used = sum(cpu_s(w.p.pid) for w in workers) - payers_before
             count = sum(a["count"] for a in answers)
-            figures[phase] = {"rate": rate(answers), "cpu_us": used / max(count, 1) * 1e6,
-                              "payer_cpu_us": payers_used / max(count, 1) * 1e6,
-                              "lat": sorted(x for a in answers for x in a["lat_ms"]), "count": count}
+            figures[phase] = {
+                "rate": rate(answers),
+                "cpu_us": used / max(count, 1) * 1e6,
+                "payer_cpu_us": payers_used / max(count, 1) * 1e6,
+                "lat": sorted(x for a in answers for x in a["lat_ms"]),
+                "count": count,
+            }
         free, paid = figures["free"], figures["paid"]
-        print(f"free: {free['count']} requests, paid: {paid['count']} requests (1 sat each); CPU per request: "
-              f"seller {free['cpu_us']:.0f} us free, {paid['cpu_us']:.0f} us paid; payers {free['payer_cpu_us']:.0f} us "
-              f"free, {paid['payer_cpu_us']:.0f} us paid")
-        print(f"metered_per_s={paid['rate']:.0f} free_per_s={free['rate']:.0f} ratio={paid['rate'] / free['rate']:.2f} "
-              f"p50_ms={percentile(paid['lat'], 0.5):.2f} p99_ms={percentile(paid['lat'], 0.99):.2f} "
-              f"payee_cpu_us_per_request={paid['cpu_us']:.0f} free_cpu_us_per_request={free['cpu_us']:.0f} "
-              f"framework={args.framework} channels={args.channels}")
+        print(
+            f"free: {free['count']} requests, paid: {paid['count']} requests (1 sat each); CPU per request: "
+            f"seller {free['cpu_us']:.0f} us free, {paid['cpu_us']:.0f} us paid; payers {free['payer_cpu_us']:.0f} us "
+            f"free, {paid['payer_cpu_us']:.0f} us paid"
+        )
+        print(
+            f"metered_per_s={paid['rate']:.0f} free_per_s={free['rate']:.0f} ratio={paid['rate'] / free['rate']:.2f} "
+            f"p50_ms={percentile(paid['lat'], 0.5):.2f} p99_ms={percentile(paid['lat'], 0.99):.2f} "
+            f"payee_cpu_us_per_request={paid['cpu_us']:.0f} free_cpu_us_per_request={free['cpu_us']:.0f} "
+            f"framework={args.framework} channels={args.channels}"
+        )
     finally:
         for w in workers:
             try:
@@ -329,8 +372,12 @@ class Proc:
     """A worker subprocess spoken to line by line."""
 
     def __init__(self, spec_file: Path) -> None:
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_file)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(spec_file)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def send(self, cmd: str) -> None:
         assert self.p.stdin is not None
@@ -351,8 +398,9 @@ def all_do(procs: list[Proc], cmd: str) -> list[dict[str, Any]]:
     return [p.answer() for p in procs]
 
 
-def start_payee(work: Path, name: str, config: ServerConfig, bitcoind: RegtestNode,
-                profile: Path | None, backup: str = "none") -> tuple[subprocess.Popen[bytes], str]:
+def start_payee(
+    work: Path, name: str, config: ServerConfig, bitcoind: RegtestNode, profile: Path | None, backup: str = "none"
+) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m btcchannel.payee`` (under cProfile with ``profile``; with a backup of payee.db in
     ``<work>/<name>-backup.db`` unless ``backup`` is ``none``); (process, url)."""
     datadir = work / name
@@ -360,16 +408,25 @@ def start_payee(work: Path, name: str, config: ServerConfig, bitcoind: RegtestNo
     cfg = config.to_json()
     cfg["datadir"] = str(config.datadir)
     spec = work / f"{name}.json"
-    extra = {} if backup == "none" else {"backup_db": str(work / f"{name}-backup.db"),
-                                         "backup_async": backup == "async"}
-    spec.write_text(json.dumps({"config": cfg, "node": {
-        "url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": "miner"}, **extra}))
+    extra = (
+        {} if backup == "none" else {"backup_db": str(work / f"{name}-backup.db"), "backup_async": backup == "async"}
+    )
+    spec.write_text(
+        json.dumps(
+            {
+                "config": cfg,
+                "node": {"url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": "miner"},
+                **extra,
+            }
+        )
+    )
     info = config.datadir / "server.json"
     info.unlink(missing_ok=True)
     prof = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     with open(work / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, *prof, "-m", "btcchannel.payee", str(spec)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, *prof, "-m", "btcchannel.payee", str(spec)], stdout=log, stderr=subprocess.STDOUT
+        )
     wait_until(lambda: info.exists() or proc.poll() is not None, timeout=30, what="the payee to listen")
     if proc.poll() is not None:
         raise RuntimeError((work / f"{name}.log").read_text()[-2000:])
@@ -458,11 +515,22 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit("several instances share a PostgreSQL store: add --store postgresql")
         urls = []
         for k in range(args.instances):
-            config = ServerConfig(datadir=work / f"payee{k}", close_fee_rate_sat_vb=2.0,
-                                  max_proposals=args.channels + 10, min_lifetime_blocks=12,
-                                  max_lifetime_blocks=LIFETIME + 10, **({"store_url": pg_url} if pg_url else {}))
-            proc, url = start_payee(work, f"payee{k}", config, bitcoind,
-                                    profile / f"payee{k}.prof" if profile is not None else None, args.backup)
+            config = ServerConfig(
+                datadir=work / f"payee{k}",
+                close_fee_rate_sat_vb=2.0,
+                max_proposals=args.channels + 10,
+                min_lifetime_blocks=12,
+                max_lifetime_blocks=LIFETIME + 10,
+                **({"store_url": pg_url} if pg_url else {}),
+            )
+            proc, url = start_payee(
+                work,
+                f"payee{k}",
+                config,
+                bitcoind,
+                profile / f"payee{k}.prof" if profile is not None else None,
+                args.backup,
+            )
             payees.append(proc)
             urls.append(url)
         payers = min(args.payers, args.channels)
@@ -470,9 +538,16 @@ def run(args: argparse.Namespace) -> None:
         fund_payers(bitcoind, [(f"payer{i}", n) for i, n in enumerate(shares)])
         first = 0
         for i, n in enumerate(shares):
-            spec = {"rpc_url": bitcoind.rpc_url, "cookie_file": str(bitcoind.cookie_file), "wallet": f"payer{i}",
-                    "datadir": str(work / f"payer{i}"), "urls": urls, "channels": n, "first": first,
-                    "profile": str(profile / f"payer{i}.prof") if profile is not None else None}
+            spec = {
+                "rpc_url": bitcoind.rpc_url,
+                "cookie_file": str(bitcoind.cookie_file),
+                "wallet": f"payer{i}",
+                "datadir": str(work / f"payer{i}"),
+                "urls": urls,
+                "channels": n,
+                "first": first,
+                "profile": str(profile / f"payer{i}.prof") if profile is not None else None,
+            }
             first += n
             spec_file = work / f"payer{i}.json"
             spec_file.write_text(json.dumps(spec))
@@ -510,9 +585,11 @@ def run(args: argparse.Namespace) -> None:
                 raise SystemExit(f"acknowledged payments missing from the synchronous backup: {behind}")
             print("every acknowledged amount also in the synchronous backup")
         print(f"{len(acked)} channels, {count} payments, every acknowledged amount stored")
-        print(f"payments_per_s={payments:.0f} p50_ms={percentile(lat, 0.5):.2f} p99_ms={percentile(lat, 0.99):.2f} "
-              f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store={args.store} "
-              f"instances={args.instances} backup={args.backup}")
+        print(
+            f"payments_per_s={payments:.0f} p50_ms={percentile(lat, 0.5):.2f} p99_ms={percentile(lat, 0.99):.2f} "
+            f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store={args.store} "
+            f"instances={args.instances} backup={args.backup}"
+        )
     finally:
         for w in workers:
             try:
@@ -538,14 +615,26 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase")
     ap.add_argument("--payers", type=int, default=4, help="payer processes")
     ap.add_argument("--instances", type=int, default=1, help="payee processes on one store")
-    ap.add_argument("--store", choices=["sqlite", "postgresql"], default="sqlite",
-                    help="postgresql: a real server (PATH or pgserver), shared by the instances")
-    ap.add_argument("--backup", choices=["none", "sync", "async"], default="none",
-                    help="run the payees with a backup of payee.db: sync (every payment before its"
-                         " acknowledgement) or async (background copies only)")
+    ap.add_argument(
+        "--store",
+        choices=["sqlite", "postgresql"],
+        default="sqlite",
+        help="postgresql: a real server (PATH or pgserver), shared by the instances",
+    )
+    ap.add_argument(
+        "--backup",
+        choices=["none", "sync", "async"],
+        default="none",
+        help="run the payees with a backup of payee.db: sync (every payment before its"
+        " acknowledgement) or async (background copies only)",
+    )
     ap.add_argument("--profile", help="write cProfile files (payer workers, payees) to this folder")
-    ap.add_argument("--route", choices=["payments", "metered"], default="payments",
-                    help="metered: a seller's route, free and paid, in one run")
+    ap.add_argument(
+        "--route",
+        choices=["payments", "metered"],
+        default="payments",
+        help="metered: a seller's route, free and paid, in one run",
+    )
     ap.add_argument("--framework", choices=["aiohttp", "asgi"], default="aiohttp", help="--route metered: the seller's")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--seller", help=argparse.SUPPRESS)

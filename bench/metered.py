@@ -108,8 +108,10 @@ async def run(requests: int, channels: int) -> None:
         print(f"sequential metered requests (one channel, a payment each): {seq:,.0f}/s")
         print(f"parallel metered requests ({channels} channels): {par:,.0f}/s")
         print(f"unpaid no-op GET /v1/info: {noop:,.0f}/s")
-        print(f"metered_per_s={seq:.0f} noop_per_s={noop:.0f} ratio_to_noop={seq / noop:.2f} "
-              f"metered_parallel_per_s={par:.0f} loop_lag_ms={worst[0] * 1000:.1f}")
+        print(
+            f"metered_per_s={seq:.0f} noop_per_s={noop:.0f} ratio_to_noop={seq / noop:.2f} "
+            f"metered_parallel_per_s={par:.0f} loop_lag_ms={worst[0] * 1000:.1f}"
+        )
         await client.aclose()
         await runner.cleanup()
         store.close()

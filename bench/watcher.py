@@ -55,8 +55,10 @@ async def measure(bitcoind: RegtestNode, work: Path, n: int, blocks: int) -> str
                 await watcher.step()
                 seconds += time.perf_counter() - t0
                 calls += sum(node.calls.values())
-        return (f"channels={n} rpc_calls_per_block={calls / blocks:g} ms_per_block={1000 * seconds / blocks:.1f}"
-                f" first_pass_rpc_calls={first}")
+        return (
+            f"channels={n} rpc_calls_per_block={calls / blocks:g} ms_per_block={1000 * seconds / blocks:.1f}"
+            f" first_pass_rpc_calls={first}"
+        )
     finally:
         store.close()
 

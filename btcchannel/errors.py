@@ -530,6 +530,8 @@ class AmountNotAgreed(ChannelError):
     code = "amount_not_agreed"
     http_status = 409
     wire = False
+
+
 class OpenTimeout(ChannelError):
     """A funded channel that the payee did not report open within the wait the caller gave
     (its funding is not confirmed enough yet). Nothing is lost: the channel opens once the

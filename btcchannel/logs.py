@@ -32,8 +32,9 @@ class RepeatFilter(logging.Filter):
     """Warnings and errors of the same template (and arguments, with ``by_args``) pass once per
     ``window_s`` seconds."""
 
-    def __init__(self, window_s: float = WINDOW_S, clock: Callable[[], float] | None = None, *,
-                 by_args: bool = False) -> None:
+    def __init__(
+        self, window_s: float = WINDOW_S, clock: Callable[[], float] | None = None, *, by_args: bool = False
+    ) -> None:
         super().__init__()
         self.window_s = window_s
         self.clock = clock or time.monotonic

@@ -58,18 +58,29 @@ def wait_until(
 
 @overload
 async def wait_until_async(
-    predicate: Callable[[], Awaitable[T | None]], *, timeout: float, interval: float = ..., what: str | None = ...,
+    predicate: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float,
+    interval: float = ...,
+    what: str | None = ...,
 ) -> T: ...
 
 
 @overload
 async def wait_until_async(
-    predicate: Callable[[], T | None], *, timeout: float, interval: float = ..., what: str | None = ...,
+    predicate: Callable[[], T | None],
+    *,
+    timeout: float,
+    interval: float = ...,
+    what: str | None = ...,
 ) -> T: ...
 
 
 async def wait_until_async(
-    predicate: Callable[[], T | None | Awaitable[T | None]], *, timeout: float, interval: float = 0.05,
+    predicate: Callable[[], T | None | Awaitable[T | None]],
+    *,
+    timeout: float,
+    interval: float = 0.05,
     what: str | None = None,
 ) -> T:
     """:func:`wait_until` for an event loop: ``predicate`` may be a plain or a coroutine function."""

@@ -25,12 +25,34 @@ from btcchannel.core.terms import Metering
 from btcchannel.errors import BadRequest, PaymentRequired, Unauthorized, UnknownChannel
 
 __all__ = [
-    "MAX_BODY", "MAX_SAT", "MAX_INT_DIGITS",
-    "HDR_CHANNEL", "HDR_AMOUNT", "HDR_SIGNATURE", "HDR_PAID", "HDR_OWED", "HDR_AUTH", "HDR_STATE",
-    "HDR_END_REASON", "parse_auth_header", "parse_auth", "RequestAuth", "auth_header_v2", "body_sha256",
-    "PaidRequest", "EMPTY_BODY_SHA256",
-    "ChannelRow", "parse_body", "int_field", "hex_field", "txid_field", "check_channel_id",
-    "channel_object", "parse_payment_headers", "check_decimal", "payment_required_body",
+    "MAX_BODY",
+    "MAX_SAT",
+    "MAX_INT_DIGITS",
+    "HDR_CHANNEL",
+    "HDR_AMOUNT",
+    "HDR_SIGNATURE",
+    "HDR_PAID",
+    "HDR_OWED",
+    "HDR_AUTH",
+    "HDR_STATE",
+    "HDR_END_REASON",
+    "parse_auth_header",
+    "parse_auth",
+    "RequestAuth",
+    "auth_header_v2",
+    "body_sha256",
+    "PaidRequest",
+    "EMPTY_BODY_SHA256",
+    "ChannelRow",
+    "parse_body",
+    "int_field",
+    "hex_field",
+    "txid_field",
+    "check_channel_id",
+    "channel_object",
+    "parse_payment_headers",
+    "check_decimal",
+    "payment_required_body",
 ]
 
 #: the default limit on a request body, in bytes
@@ -126,8 +148,13 @@ def parse_body(raw: bytes, required: tuple[str, ...], optional: tuple[str, ...] 
     """Strict JSON object: exactly the ``required`` fields plus any of ``optional``; every integer
     literal at most :data:`MAX_INT_DIGITS` digits."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes, parse_constant=_reject_constant,
-                         parse_int=_bounded_int, parse_float=_bounded_float)
+        obj = json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_no_dupes,
+            parse_constant=_reject_constant,
+            parse_int=_bounded_int,
+            parse_float=_bounded_float,
+        )
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequest("body is not valid JSON") from exc
     if not isinstance(obj, dict):
@@ -263,21 +290,40 @@ class PaidRequest:
     @classmethod
     def of(cls, method: str, target: str, headers: Mapping[str, str], body: bytes | None) -> PaidRequest:
         """The request of ``method``/``target`` with ``headers`` (``Host`` and the payment headers)."""
-        return cls(method, _header(headers, "Host"), target, body_sha256(body), _header(headers, HDR_AMOUNT),
-                   _header(headers, HDR_SIGNATURE))
+        return cls(
+            method,
+            _header(headers, "Host"),
+            target,
+            body_sha256(body),
+            _header(headers, HDR_AMOUNT),
+            _header(headers, HDR_SIGNATURE),
+        )
 
     def digest(self, channel_id: str, auth: RequestAuth) -> bytes:
         """The digest ``auth`` must sign: v2's over everything, v1's over channel, counter, method, target."""
         if auth.version == 1:
             return request_digest(channel_id, auth.counter, self.method, self.target)
-        return request_digest_v2(channel_id, auth.counter, self.method, self.authority, self.target,
-                                 self.body_sha256, self.amount, self.signature)
+        return request_digest_v2(
+            channel_id,
+            auth.counter,
+            self.method,
+            self.authority,
+            self.target,
+            self.body_sha256,
+            self.amount,
+            self.signature,
+        )
 
     def key(self, digest: bytes) -> bytes:
         """The idempotency key of the request signed as ``digest``: its digest and payment headers
         (a v1 digest does not cover the payment), hashed."""
-        return hashlib.sha256(digest + b"\n" + self.amount.encode("utf-8", "surrogateescape") + b"\n"
-                              + self.signature.encode("utf-8", "surrogateescape")).digest()
+        return hashlib.sha256(
+            digest
+            + b"\n"
+            + self.amount.encode("utf-8", "surrogateescape")
+            + b"\n"
+            + self.signature.encode("utf-8", "surrogateescape")
+        ).digest()
 
 
 def _header(headers: Mapping[str, str] | None, name: str) -> str:
@@ -290,15 +336,31 @@ def _header(headers: Mapping[str, str] | None, name: str) -> str:
     return value or ""
 
 
-def auth_header_v2(channel_key: bytes, channel_id: str, counter: int, method: str, authority: str, target: str,
-                   body: bytes | None, payment_headers: Mapping[str, str] | None = None) -> str:
+def auth_header_v2(
+    channel_key: bytes,
+    channel_id: str,
+    counter: int,
+    method: str,
+    authority: str,
+    target: str,
+    body: bytes | None,
+    payment_headers: Mapping[str, str] | None = None,
+) -> str:
     """The ``X-Btcchannel-Auth`` value (``v2.<counter>.<signature>``) of one paid request: the payer's
     channel key signs :func:`btcchannel.core.keys.request_digest_v2` over the channel, ``counter``,
     ``method``, ``authority`` (the ``Host`` header the request carries), the raw ``target`` (path and
     query exactly as sent), the SHA-256 of ``body`` and the ``X-Btcchannel-Amount`` and
     ``X-Btcchannel-Signature`` values in ``payment_headers`` (none: empty)."""
-    digest = request_digest_v2(channel_id, counter, method, authority, target, body_sha256(body),
-                               _header(payment_headers, HDR_AMOUNT), _header(payment_headers, HDR_SIGNATURE))
+    digest = request_digest_v2(
+        channel_id,
+        counter,
+        method,
+        authority,
+        target,
+        body_sha256(body),
+        _header(payment_headers, HDR_AMOUNT),
+        _header(payment_headers, HDR_SIGNATURE),
+    )
     return f"v2.{counter}.{sign_digest(channel_key, digest).hex()}"
 
 
@@ -312,9 +374,16 @@ def check_decimal(raw: str, what: str) -> int:
 def payment_required_body(metering: Metering, units: int, rec: ChannelRow | None = None) -> dict[str, Any]:
     """The body of the 402 answer: the terms, where to open a channel and, for ``rec``, what to pay next."""
     body: dict[str, Any] = {
-        "price_sat": metering.price_sat, "mode": metering.mode, "credit_limit_sat": metering.credit_limit_sat,
-        "units": units, "info_endpoint": "/v1/info", "channel_endpoint": "/v1/channels",
-        "channel_id": None, "amount_sat": None, "owed_sat": None, "next_amount_sat": None,
+        "price_sat": metering.price_sat,
+        "mode": metering.mode,
+        "credit_limit_sat": metering.credit_limit_sat,
+        "units": units,
+        "info_endpoint": "/v1/info",
+        "channel_endpoint": "/v1/channels",
+        "channel_id": None,
+        "amount_sat": None,
+        "owed_sat": None,
+        "next_amount_sat": None,
     }
     if rec is not None:
         body["channel_id"] = rec.channel_id

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -31,7 +31,6 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.testing import RunningPayee
 from btcchannel.testing.cli import CliProcess
 from btcchannel.testing.fixtures import PayeeFactory
-
 
 _PINNED = ("HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")
 _STASH = pytest.StashKey[tuple[Path, dict[str, "str | None"]]]()
@@ -64,11 +63,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(home, ignore_errors=True)
 
 
-
 @pytest_asyncio.fixture
 async def payee(payee_factory: PayeeFactory) -> RunningPayee:
     """A running payee service (``fast_config(tmp_path / "payee")``), stopped at teardown."""
     return await payee_factory.start()
+
 
 @pytest.fixture
 def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, subprocess.Popen[str], str]]:
@@ -77,9 +76,13 @@ def payee_process(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliPr
     data = tmp_path / "data.bin"
     data.write_bytes(os.urandom(10 * 1000))
     proc = subprocess.Popen(
-        cli.argv("--json", "serve", "--port", "0", "--price-sat", "2000", "--serve-file", str(data),
-                 "--chunk-size", "1000"),
-        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cli.argv(
+            "--json", "serve", "--port", "0", "--price-sat", "2000", "--serve-file", str(data), "--chunk-size", "1000"
+        ),
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None

@@ -25,14 +25,22 @@ STEP = 200
 
 
 async def test_restore_after_a_sigkill_under_load_pays_every_acknowledged_payment(
-    bitcoind: RegtestNode, payer_factory: PayerFactory, tmp_path: Path,
+    bitcoind: RegtestNode,
+    payer_factory: PayerFactory,
+    tmp_path: Path,
 ) -> None:
     bitcoind.create_wallet("sync-backup-payee")
     payee = CliProcess(bitcoind, tmp_path / "payee", "sync-backup-payee")
     copy = tmp_path / "other-disk" / "payee.db"
-    proc = subprocess.Popen(payee.argv("--json", "serve", "--port", "0", "--price-sat", "0",
-                                       "--backup-db", str(copy), "--backup-interval", "3600"),
-                            env=payee.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        payee.argv(
+            "--json", "serve", "--port", "0", "--price-sat", "0", "--backup-db", str(copy), "--backup-interval", "3600"
+        ),
+        env=payee.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         url = json.loads(proc.stdout.readline())["url"]
@@ -48,8 +56,11 @@ async def test_restore_after_a_sigkill_under_load_pays_every_acknowledged_paymen
                     await client.pay(cid, STEP)
 
         payers = [asyncio.ensure_future(stream(cid)) for cid in ids]
-        await wait_until_async(lambda: all(client.store.get(c).acked_sat >= 30 * STEP for c in ids), timeout=60,
-                               what="payments flowing on every channel")
+        await wait_until_async(
+            lambda: all(client.store.get(c).acked_sat >= 30 * STEP for c in ids),
+            timeout=60,
+            what="payments flowing on every channel",
+        )
         proc.send_signal(signal.SIGKILL)  # under load: payments in flight
         proc.wait(30)
         await asyncio.wait_for(asyncio.gather(*payers), 60)

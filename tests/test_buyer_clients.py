@@ -36,8 +36,12 @@ async def _mining(bitcoind: RegtestNode) -> AsyncIterator[None]:
 
     async def miner() -> None:
         while not stop.is_set():
-            await wait_until_async(lambda: stop.is_set() or bool(bitcoind.rpc("getrawmempool")), timeout=300,
-                                   interval=0.05, what="a transaction to mine")
+            await wait_until_async(
+                lambda: stop.is_set() or bool(bitcoind.rpc("getrawmempool")),
+                timeout=300,
+                interval=0.05,
+                what="a transaction to mine",
+            )
             if not stop.is_set():
                 bitcoind.mine(1)
 
@@ -60,8 +64,14 @@ async def _seller(payee_factory: PayeeFactory) -> RunningPayee:
 
 
 def _buyer(bitcoind: RegtestNode, wallet: str, datadir: Path, **budget: int) -> Buyer:
-    return Buyer(datadir=datadir, wallet=wallet, rpc_url=bitcoind.rpc_url, rpc_user=bitcoind.rpc_user,
-                 rpc_password=bitcoind.rpc_password, **{"max_price_sat": 1, "deposit_sat": DEPOSIT, **budget})
+    return Buyer(
+        datadir=datadir,
+        wallet=wallet,
+        rpc_url=bitcoind.rpc_url,
+        rpc_user=bitcoind.rpc_user,
+        rpc_password=bitcoind.rpc_password,
+        **{"max_price_sat": 1, "deposit_sat": DEPOSIT, **budget},
+    )
 
 
 def _check_paid(srv: RunningPayee, datadir: Path, channels: list[str]) -> None:
@@ -96,7 +106,11 @@ def _buy_sync(buyer: Buyer, url: str, kind: str) -> list[tuple[int, dict[str, ob
 
 @pytest.mark.parametrize("kind", ["httpx", "requests"])
 async def test_sync_clients_buy_across_a_rollover(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path, kind: str,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    funded_wallet: str,
+    tmp_path: Path,
+    kind: str,
 ) -> None:
     srv = await _seller(payee_factory)
     datadir = tmp_path / "buyer"
@@ -115,7 +129,10 @@ async def test_sync_clients_buy_across_a_rollover(
 
 
 async def test_async_httpx_buys_across_a_rollover_within_its_budget(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    funded_wallet: str,
+    tmp_path: Path,
 ) -> None:
     srv = await _seller(payee_factory)
     url = f"{srv.url}/answer"

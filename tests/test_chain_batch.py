@@ -20,8 +20,13 @@ from btcchannel.testing.payee import RunningPayee
 DEPOSIT = 100_000
 AMOUNTS = [20_000, 31_337, 45_000]
 # closes sent 6 blocks before expiry, bumped every 2 blocks, at the deadline rate in the last 3
-CONFIG: dict[str, Any] = dict(close_margin_blocks=6, bump_after_blocks=2, close_fee_rate_sat_vb=1.0,
-                              max_fee_rate_sat_vb=3.0, final_confirmations=2)
+CONFIG: dict[str, Any] = dict(
+    close_margin_blocks=6,
+    bump_after_blocks=2,
+    close_fee_rate_sat_vb=1.0,
+    max_fee_rate_sat_vb=3.0,
+    final_confirmations=2,
+)
 
 
 def _mine_empty(bitcoind: RegtestNode, n: int) -> None:
@@ -31,8 +36,9 @@ def _mine_empty(bitcoind: RegtestNode, n: int) -> None:
         bitcoind.rpc("generateblock", addr, [])
 
 
-async def _three_channels(srv: RunningPayee, client: PayerClient, bitcoind: RegtestNode,
-                          lifetimes: tuple[int, int, int] = (14, 14, 14)) -> list[str]:
+async def _three_channels(
+    srv: RunningPayee, client: PayerClient, bitcoind: RegtestNode, lifetimes: tuple[int, int, int] = (14, 14, 14)
+) -> list[str]:
     """Three channels proposed at the same tip (same expiry for the same lifetime), open, paid AMOUNTS."""
     cids = [await client.open_channel(srv.url, DEPOSIT, life, wait_open=False) for life in lifetimes]
     bitcoind.mine(1)
@@ -66,7 +72,9 @@ async def _step(srv: RunningPayee) -> None:
 
 
 async def test_three_channels_due_in_one_pass_close_in_one_transaction(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False, **CONFIG)
     cids = await _three_channels(srv, payer_client, bitcoind)
@@ -89,7 +97,9 @@ async def test_three_channels_due_in_one_pass_close_in_one_transaction(
 
 
 async def test_a_bump_of_a_batch_keeps_every_payment(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False, **CONFIG)
     cids = await _three_channels(srv, payer_client, bitcoind)
@@ -116,7 +126,9 @@ async def test_a_bump_of_a_batch_keeps_every_payment(
 
 
 async def test_a_refund_racing_one_channel_of_a_batch_is_outbid_and_the_others_close(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The batch is kept out of blocks until expiry; the payer of one channel replaces it with its
     refund (paying more); that channel is split out and outbids the refund, the other two close."""
@@ -158,7 +170,9 @@ async def test_a_refund_racing_one_channel_of_a_batch_is_outbid_and_the_others_c
 
 
 async def test_a_member_nearer_its_deadline_is_split_out_at_a_bump(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """Three channels claimed in one pass with different expiries share a close; when the nearest
     one's last blocks come while the others' do not, it gets its own close at the deadline rate
@@ -189,7 +203,9 @@ async def test_a_member_nearer_its_deadline_is_split_out_at_a_bump(
 
 
 async def test_a_recorded_batch_is_sent_byte_for_byte_after_a_restart(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False, **CONFIG)
     cids = await _three_channels(srv, payer_client, bitcoind)
@@ -229,7 +245,9 @@ async def test_a_recorded_batch_is_sent_byte_for_byte_after_a_restart(
 
 
 async def test_a_deadline_bump_of_a_batch_pays_the_most_its_payments_afford(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """In the last blocks before expiry the batch is bumped toward a deadline rate its payments cannot
     pay: it is replaced by the batch paying the most they afford (the payee output at its dust
@@ -254,7 +272,9 @@ async def test_a_deadline_bump_of_a_batch_pays_the_most_its_payments_afford(
 
 
 async def test_a_batch_recorded_by_part_of_its_channels_before_a_crash_closes_them_all(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The process died after two of the three channels recorded the batch: the restarted payee
     sends it byte for byte; the third channel, whose own close is refused (its funding is spent
@@ -270,8 +290,9 @@ async def test_a_batch_recorded_by_part_of_its_channels_before_a_crash_closes_th
         await closer.start()
         recs = [store.claim_close(c, "operator") for c in sorted(cids)]
         assert None not in recs
-        tx = build_multi_close([closer.channels.build(r) for r in recs if r is not None],
-                               closer.payout_of(store.get(min(cids))), 1.0)
+        tx = build_multi_close(
+            [closer.channels.build(r) for r in recs if r is not None], closer.payout_of(store.get(min(cids))), 1.0
+        )
         txid = bytes(tx.GetTxid())[::-1].hex()
         for c in cids[:2]:  # the third never recorded it (looked at last: the channels go oldest first)
             assert store.record_close_intent(c, txid, tx.serialize().hex(), 1.0, None)

@@ -19,10 +19,16 @@ from btcchannel.testing.fixtures import PayeeFactory
 async def _propose_and_cancel(client: PayerClient, srv: RunningPayee, bitcoind: RegtestNode) -> str:
     priv = keys.generate_private_key()
     payer_script = script.address_to_script(bitcoind.new_address("miner"), "regtest")
-    _, ans = await client.request("POST", f"{srv.url}/v1/channels", {
-        "payer_pubkey": keys.public_key(priv).hex(), "deposit_sat": 100_000,
-        "expiry_height": bitcoind.tip_height() + 60, "payer_script": payer_script.hex(),
-    })
+    _, ans = await client.request(
+        "POST",
+        f"{srv.url}/v1/channels",
+        {
+            "payer_pubkey": keys.public_key(priv).hex(),
+            "deposit_sat": 100_000,
+            "expiry_height": bitcoind.tip_height() + 60,
+            "payer_script": payer_script.hex(),
+        },
+    )
     cid = str(ans["channel_id"])
     sig = keys.sign_digest(priv, keys.close_request_digest(cid))
     obj: Any = (await client.request("POST", f"{srv.url}/v1/channels/{cid}/close", {"signature": sig.hex()}))[1]
@@ -31,10 +37,13 @@ async def _propose_and_cancel(client: PayerClient, srv: RunningPayee, bitcoind: 
 
 
 async def test_proposal_flood_is_bounded(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
-    srv = await payee_factory.start(max_proposals=100, max_proposals_per_client=3, proposal_cooldown_s=2.0,
-                                    retention_s=3.0)
+    srv = await payee_factory.start(
+        max_proposals=100, max_proposals_per_client=3, proposal_cooldown_s=2.0, retention_s=3.0
+    )
     accepted = []
     with pytest.raises(TooManyChannels, match="from this client"):
         for _ in range(50):
@@ -56,7 +65,9 @@ async def test_proposal_flood_is_bounded(
 
 
 async def test_cancelled_proposals_hold_no_place_in_the_total_cap_and_their_rows_stay_bounded(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(max_proposals=2, max_proposals_per_client=100)
     ids = [await _propose_and_cancel(payer_client, srv, bitcoind) for _ in range(30)]  # all accepted

@@ -17,8 +17,9 @@ from btcchannel.testing import open_channel, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 
 
-async def _crash_after_recording(factory: PayeeFactory, payer: PayerClient, bitcoind: RegtestNode,
-                                 *, sent: bool) -> tuple[str, str, str]:
+async def _crash_after_recording(
+    factory: PayeeFactory, payer: PayerClient, bitcoind: RegtestNode, *, sent: bool
+) -> tuple[str, str, str]:
     """A payee whose process dies right after recording its close (``sent``: after its broadcast too).
 
     Returns (channel id, recorded close txid, the channel's stored payout script)."""
@@ -46,7 +47,9 @@ async def _crash_after_recording(factory: PayeeFactory, payer: PayerClient, bitc
 
 
 async def test_close_recorded_but_not_sent_is_sent_byte_for_byte_after_restart(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     cid, txid, payout = await _crash_after_recording(payee_factory, payer_client, bitcoind, sent=False)
     srv = await payee_factory.start(payee_factory.config())  # a new wallet address for this process
@@ -61,7 +64,9 @@ async def test_close_recorded_but_not_sent_is_sent_byte_for_byte_after_restart(
 
 
 async def test_close_sent_then_crash_is_adopted_once_confirmed(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     cid, txid, payout = await _crash_after_recording(payee_factory, payer_client, bitcoind, sent=True)
     bitcoind.mine(1)  # the close confirms while no payee runs
@@ -73,7 +78,9 @@ async def test_close_sent_then_crash_is_adopted_once_confirmed(
 
 
 async def test_operator_close_with_the_node_down(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start()
     cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
@@ -93,7 +100,9 @@ async def test_operator_close_with_the_node_down(
 
 
 async def test_a_close_exported_and_broadcast_by_hand_stops_payments(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The operator takes the last state out (``channel ID --close-tx``) and broadcasts it while the
     service still runs. Once the watcher sees that close spend the funding, the channel takes no

@@ -33,10 +33,10 @@ from btcchannel import (
     tx_vsize,
 )
 from btcchannel.amounts import btc_to_sat
-from btcchannel.errors import NodeError, NotExpired
-from btcchannel.bitcoind.rpc import RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, Node
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.bitcoind.rpc import RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, Node
 from btcchannel.core.tx import SIGHASH_NONE_ACP, SIGHASH_SINGLE_ACP
+from btcchannel.errors import NodeError, NotExpired
 
 NET = "regtest"
 FEE_RATE = 2.0  # sat/vB
@@ -73,8 +73,12 @@ async def open_channel(
     payee_script = address_to_script(bitcoind.new_address(wallet), NET)
     tip = await node.tip_height()
     params = ChannelParams(
-        network=NET, payer_pubkey=public_key(payer_key), payee_pubkey=public_key(payee_key),
-        expiry_height=tip + lifetime_blocks, deposit_sat=deposit_sat, payer_script=payer_script,
+        network=NET,
+        payer_pubkey=public_key(payer_key),
+        payee_pubkey=public_key(payee_key),
+        expiry_height=tip + lifetime_blocks,
+        deposit_sat=deposit_sat,
+        payer_script=payer_script,
     )
     # our bech32 agrees with the node's
     assert bitcoind.rpc("decodescript", params.funding_script.hex())["address"] == params.funding_address
@@ -170,7 +174,7 @@ async def test_200_payments_every_close_accepted_last_confirms_older_rejected(
 
     assert await outputs_on_chain(node, close_txid) == [
         (deposit - last_amount, chan.params.payer_script),  # payer change == deposit - A
-        (last_amount - fee, chan.payee_script),              # payee output == A - fee
+        (last_amount - fee, chan.payee_script),  # payee output == A - fee
     ]
     assert FEE_RATE * tx_vsize(last_close) <= fee < FEE_RATE * tx_vsize(last_close) + 1
     assert await inputs_on_chain(node, close_txid) == [chan.funding]
@@ -327,8 +331,9 @@ async def test_two_channels_closed_in_one_transaction(
         pay(b, amount, tip)
     paid = a.payee.amount_sat + b.payee.amount_sat
 
-    close = build_multi_close([b.payee, a.payee] if not second_drained else [a.payee, b.payee],
-                              a.payee_script, FEE_RATE)
+    close = build_multi_close(
+        [b.payee, a.payee] if not second_drained else [a.payee, b.payee], a.payee_script, FEE_RATE
+    )
     assert await node.test_mempool_accept(tx_hex(close)) == (True, None)
     txid = await node.broadcast(tx_hex(close))
     bitcoind.mine(1)

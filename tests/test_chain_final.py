@@ -17,7 +17,9 @@ def _mine_empty(bitcoind: RegtestNode, n: int) -> None:
 
 
 async def test_close_is_final_only_at_final_depth_and_survives_a_reorg(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(final_confirmations=3)
     cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
@@ -40,12 +42,15 @@ async def test_close_is_final_only_at_final_depth_and_survives_a_reorg(
 
 
 async def test_refund_racing_a_stuck_close_at_expiry_is_outbid(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The payee's close is kept out of blocks until expiry; the payer's refund replaces it in the
     mempool; the payee replaces the refund with a close that pays more, which confirms."""
-    srv = await payee_factory.start(final_confirmations=2, close_fee_rate_sat_vb=1.0, max_fee_rate_sat_vb=3.0,
-                                    bump_after_blocks=2)
+    srv = await payee_factory.start(
+        final_confirmations=2, close_fee_rate_sat_vb=1.0, max_fee_rate_sat_vb=3.0, bump_after_blocks=2
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000, 12)
     await client.pay(cid, 50_000)
@@ -82,7 +87,9 @@ async def test_refund_racing_a_stuck_close_at_expiry_is_outbid(
 
 
 async def test_refund_in_the_mempool_before_any_close_is_outbid(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The payee's watcher was not running through the closing window (its process down); at
     expiry the payer's refund reaches the mempool first and the payee's first close, at its usual
@@ -122,7 +129,9 @@ async def test_refund_in_the_mempool_before_any_close_is_outbid(
 
 
 async def test_a_refund_pinned_by_a_child_is_still_outbid(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """At expiry the payer's refund reaches the mempool with a child spending its output that pays
     a large fee (a pin: a replacement must pay more than both). The payee's close pays more than
@@ -140,8 +149,11 @@ async def test_a_refund_pinned_by_a_child_is_still_outbid(
     refund = await client.refund(cid, fee_rate_sat_vb=2.0, dest_address=bitcoind.new_address("miner"))
     value = sats(tx_of(bitcoind, refund)["vout"][0]["value"])
     child_fee = 15_000
-    raw = bitcoind.rpc("createrawtransaction", [{"txid": refund, "vout": 0}],
-                       [{bitcoind.new_address("miner"): f"{(value - child_fee) / 1e8:.8f}"}])
+    raw = bitcoind.rpc(
+        "createrawtransaction",
+        [{"txid": refund, "vout": 0}],
+        [{bitcoind.new_address("miner"): f"{(value - child_fee) / 1e8:.8f}"}],
+    )
     child = bitcoind.rpc("sendrawtransaction", bitcoind.rpc("signrawtransactionwithwallet", raw, wallet="miner")["hex"])
     assert {refund, child} <= set(bitcoind.rpc("getrawmempool"))
 

@@ -16,8 +16,8 @@ from btcchannel.errors import FundingMismatch, NotOpen
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.http import WATCHER
 from btcchannel.payee.metered import add_file_route
-from btcchannel.payer.metered import MeteredPayer
 from btcchannel.payer.client import PayerClient
+from btcchannel.payer.metered import MeteredPayer
 from btcchannel.testing import RunningPayee, open_channel, sats, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 
@@ -41,7 +41,9 @@ async def _state(srv: RunningPayee, cid: str, state: str) -> None:
 
 
 async def test_coinbase_funding_refused(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(max_deposit_sat=50 * 100_000_000)
     # the subsidy of the next block: that of an empty block mined now, unless a halving falls between
@@ -52,23 +54,32 @@ async def test_coinbase_funding_refused(
     subsidy = sats(bitcoind.rpc("getblock", bitcoind.rpc("getbestblockhash"), 2)["tx"][0]["vout"][0]["value"])
     payer_priv = keys.generate_private_key()
     payer_script = script.address_to_script(bitcoind.new_address("miner"), "regtest")
-    _, ans = await payer_client.request("POST", f"{srv.url}/v1/channels", {
-        "payer_pubkey": keys.public_key(payer_priv).hex(), "deposit_sat": subsidy,
-        "expiry_height": bitcoind.tip_height() + 60, "payer_script": payer_script.hex(),
-    })
+    _, ans = await payer_client.request(
+        "POST",
+        f"{srv.url}/v1/channels",
+        {
+            "payer_pubkey": keys.public_key(payer_priv).hex(),
+            "deposit_sat": subsidy,
+            "expiry_height": bitcoind.tip_height() + 60,
+            "payer_script": payer_script.hex(),
+        },
+    )
     cid = ans["channel_id"]
     # a block whose coinbase pays exactly the deposit to the funding address
     block = bitcoind.rpc("generateblock", ans["funding_address"], [])["hash"]
     coinbase = bitcoind.rpc("getblock", block, 2)["tx"][0]
     assert sats(coinbase["vout"][0]["value"]) == subsidy
     with pytest.raises(FundingMismatch, match="coinbase"):
-        await payer_client.request("POST", f"{srv.url}/v1/channels/{cid}/funding",
-                                   {"txid": coinbase["txid"], "vout": 0})
+        await payer_client.request(
+            "POST", f"{srv.url}/v1/channels/{cid}/funding", {"txid": coinbase["txid"], "vout": 0}
+        )
     assert srv.store.get(cid).state == "proposed"
 
 
 async def test_funding_reorged_out_refuses_payments_until_back(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_client: PayerClient,
 ) -> None:
     srv, client = payee, payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000, 60)
@@ -89,12 +100,16 @@ async def test_funding_reorged_out_refuses_payments_until_back(
 
 
 async def test_funding_reorged_out_refuses_prepaid_units(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, tmp_path: Path,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+    tmp_path: Path,
 ) -> None:
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(range(256)) * 4)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=100),
-                                    price_sat=100, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=100), price_sat=100, mode="prepay"
+    )
     cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
     metered = MeteredPayer(payer_client, cid)
     assert (await metered.fetch(f"{srv.url}/v1/file/0"))[0] == 200
@@ -111,7 +126,10 @@ async def test_funding_reorged_out_refuses_prepaid_units(
 
 
 async def test_funding_reorged_out_and_double_spent_fails_at_final_depth(
-    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(final_confirmations=3)
     client = payer_client
@@ -125,8 +143,9 @@ async def test_funding_reorged_out_and_double_spent_fails_at_final_depth(
     with pytest.raises(NotOpen):
         await client.pay(cid, 5_000)
     bitcoind.mine(2)  # the conflict is buried, not yet at final depth: not final
-    await wait_until_async(lambda: bitcoind.transaction(conflict).get("confirmations") == 2,
-                           timeout=30, what="conflict at depth 2")
+    await wait_until_async(
+        lambda: bitcoind.transaction(conflict).get("confirmations") == 2, timeout=30, what="conflict at depth 2"
+    )
     await srv.app[WATCHER].step()  # a full pass at depth 2
     assert srv.store.get(cid).state == "funding"
     bitcoind.mine(1)

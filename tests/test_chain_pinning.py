@@ -27,8 +27,13 @@ from btcchannel.testing.payee import RunningPayee, fast_config, start_payee
 DEPOSIT = 200_000
 PIN_VSIZE = 50_000
 # closes at 1 sat/vB, bumped every 2 blocks up to 3 sat/vB, at the deadline in the last 3 blocks
-CONFIG: dict[str, Any] = dict(close_margin_blocks=6, bump_after_blocks=2, close_fee_rate_sat_vb=1.0,
-                              max_fee_rate_sat_vb=3.0, final_confirmations=2)
+CONFIG: dict[str, Any] = dict(
+    close_margin_blocks=6,
+    bump_after_blocks=2,
+    close_fee_rate_sat_vb=1.0,
+    max_fee_rate_sat_vb=3.0,
+    final_confirmations=2,
+)
 
 
 def _mine_empty(bitcoind: RegtestNode, n: int) -> None:
@@ -70,8 +75,11 @@ def _pin(bitcoind: RegtestNode, wallet: str, close_txid: str, vout: int, coins: 
     change = sats(tx_of(bitcoind, close_txid)["vout"][vout]["value"])
     fee = 69 * (len(coins) + 1) + 60  # a little over 1 sat/vB: every input is P2WPKH
     value = change + 2_000 * len(coins) - fee
-    raw = bitcoind.rpc("createrawtransaction", [{"txid": close_txid, "vout": vout}, *coins],
-                       [{bitcoind.new_address(wallet): f"{value / 1e8:.8f}"}])
+    raw = bitcoind.rpc(
+        "createrawtransaction",
+        [{"txid": close_txid, "vout": vout}, *coins],
+        [{bitcoind.new_address(wallet): f"{value / 1e8:.8f}"}],
+    )
     signed = bitcoind.rpc("signrawtransactionwithwallet", raw, wallet=wallet)
     assert signed["complete"], signed
     child = str(bitcoind.rpc("sendrawtransaction", signed["hex"]))
@@ -97,7 +105,10 @@ async def _metric(srv: RunningPayee, name: str) -> float:
 
 
 async def test_a_pinned_close_is_replaced_with_its_child_before_the_deadline(
-    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False, hook=install_metrics, **CONFIG)
     coins = _small_coins(bitcoind, funded_wallet)
@@ -128,8 +139,14 @@ async def test_a_pinned_close_is_replaced_with_its_child_before_the_deadline(
     assert tx_of(bitcoind, replaced)["confirmations"] == 2 and bitcoind.tip_height() - 1 < expiry
 
 
-async def _pinned_batch(srv: RunningPayee, client: PayerClient, bitcoind: RegtestNode, wallet: str,
-                        lifetimes: tuple[int, ...], amounts: tuple[int, ...]) -> tuple[list[str], str, str, int]:
+async def _pinned_batch(
+    srv: RunningPayee,
+    client: PayerClient,
+    bitcoind: RegtestNode,
+    wallet: str,
+    lifetimes: tuple[int, ...],
+    amounts: tuple[int, ...],
+) -> tuple[list[str], str, str, int]:
     """Channels paid ``amounts``, closed in one batch, a pin hung on the first one's payer change.
     Returns (channel ids, the batch's txid, the child's txid, the batch's fee)."""
     coins = _small_coins(bitcoind, wallet)
@@ -147,17 +164,22 @@ async def _pinned_batch(srv: RunningPayee, client: PayerClient, bitcoind: Regtes
     assert {srv.store.get(c).close_txid for c in cids} == {batch}
     first = srv.store.get(cids[0])
     pinned_in = [(v["txid"], v["vout"]) for v in tx_of(bitcoind, batch)["vin"]].index(
-        (first.funding_txid, first.funding_vout))
+        (first.funding_txid, first.funding_vout)
+    )
     batch_fee = _fee(bitcoind, batch, len(cids) * DEPOSIT)
     return cids, batch, _pin(bitcoind, wallet, batch, pinned_in, coins), batch_fee
 
 
 async def test_a_pinned_batch_is_replaced_with_its_child_at_the_deadline(
-    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False, **CONFIG)
-    cids, batch, child, batch_fee = await _pinned_batch(srv, payer_client, bitcoind, funded_wallet,
-                                                        (16, 16, 16), (40_000, 40_000, 40_000))
+    cids, batch, child, batch_fee = await _pinned_batch(
+        srv, payer_client, bitcoind, funded_wallet, (16, 16, 16), (40_000, 40_000, 40_000)
+    )
     child_fee = sats(bitcoind.rpc("getmempoolentry", child)["fees"]["base"])
     expiry = srv.store.get(cids[0]).expiry_height
     while srv.store.get(cids[0]).close_txid == batch:  # empty blocks until the deadline bump outbids it all
@@ -175,15 +197,19 @@ async def test_a_pinned_batch_is_replaced_with_its_child_at_the_deadline(
 
 
 async def test_a_pinned_batch_splits_out_its_urgent_member_and_every_channel_closes(
-    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A batch of three, pinned by a child on one payer's change: the two non-urgent members'
     replacement is not worth outbidding the pin yet, and the urgent one is split out regardless,
     its own close replacing the batch and the child; the two others then close on their own."""
     srv = await payee_factory.start(run_watcher=False, hook=install_metrics, **CONFIG)
     amounts = (40_000, 150_000, 40_000)
-    cids, batch, child, batch_fee = await _pinned_batch(srv, payer_client, bitcoind, funded_wallet,
-                                                        (40, 16, 40), amounts)
+    cids, batch, child, batch_fee = await _pinned_batch(
+        srv, payer_client, bitcoind, funded_wallet, (40, 16, 40), amounts
+    )
     near = cids[1]  # the pin hangs on cids[0]'s payer change, a member not yet urgent
     closer = srv.app[CLOSER]
     child_fee = sats(bitcoind.rpc("getmempoolentry", child)["fees"]["base"])
@@ -213,7 +239,9 @@ async def test_a_pinned_batch_splits_out_its_urgent_member_and_every_channel_clo
 
 
 async def test_the_payee_resends_its_close_to_a_node_that_lost_it(
-    node_factory: Callable[..., RegtestNode], payee_factory: PayeeFactory, caplog: pytest.LogCaptureFixture,
+    node_factory: Callable[..., RegtestNode],
+    payee_factory: PayeeFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The node restarts without a mempool (``-persistmempool=0``), later with the block holding
     the close invalidated: each time the payee sends its recorded close again, logged
@@ -248,8 +276,11 @@ async def test_the_payee_resends_its_close_to_a_node_that_lost_it(
             assert close in node.rpc("getrawmempool")
             assert srv.app[CLOSER].events["rebroadcast"] == 1
             assert await _metric(srv, "btcchannel_close_rebroadcasts_total") == 1
-            assert [r for r in caplog.records if getattr(r, "event", None) == "close_rebroadcast"
-                    and getattr(r, "txid", None) == close]
+            assert [
+                r
+                for r in caplog.records
+                if getattr(r, "event", None) == "close_rebroadcast" and getattr(r, "txid", None) == close
+            ]
             block = node.mine(1)[0]
             await _step(srv)
             assert srv.store.get(cid).state == "closing"  # 1 of 3 confirmations

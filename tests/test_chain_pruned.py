@@ -46,6 +46,7 @@ async def _until(srv: RunningPayee, cid: str, state: str) -> None:
         await srv.app[WATCHER].step()
         await srv.app[CLOSER].aclose()
         return srv.store.get(cid).state == state
+
     await wait_until_async(reached, timeout=30, what=f"channel {state}")
 
 
@@ -64,7 +65,9 @@ def test_the_node_is_pruned_without_a_transaction_index(bitcoind: RegtestNode) -
 
 
 async def test_open_pay_close_to_final_depth(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(final_confirmations=3, run_watcher=False)
     cid = await payer_client.open_channel(srv.url, 100_000, 60, wait_open=False)
@@ -88,7 +91,8 @@ async def test_open_pay_close_to_final_depth(
 
 
 async def test_a_confirmed_funding_is_read_from_the_block_its_depth_points_at(
-    bitcoind: RegtestNode, funded_wallet: str,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
 ) -> None:
     """How the payee registers a funding that confirmed before it was registered: ``gettxout``
     gives its depth, which names its block; its inputs (to notice a double-spend after a reorg)
@@ -104,11 +108,15 @@ async def test_a_confirmed_funding_is_read_from_the_block_its_depth_points_at(
         tx = await node.get_transaction(outpoint.txid)
         assert tx is not None and tx["confirmations"] == 2
         assert [[i["txid"], i["vout"]] for i in tx["vin"]] == [
-            [i["txid"], i["vout"]] for i in tx_of(bitcoind, outpoint.txid)["vin"]]
+            [i["txid"], i["vout"]] for i in tx_of(bitcoind, outpoint.txid)["vin"]
+        ]
 
 
 async def test_funding_reorged_out_and_double_spent_fails(
-    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(final_confirmations=2, run_watcher=False)
     cid = await _open(srv, payer_client, bitcoind, 100_000, 60)
@@ -123,7 +131,9 @@ async def test_funding_reorged_out_and_double_spent_fails(
 
 
 async def test_refund_in_the_mempool_is_outbid(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """Without a transaction index the payee finds the confirmed funding in the block it saw it in:
     a refund in the mempool at expiry is a conflict to outbid, not a lost funding."""
@@ -146,7 +156,9 @@ async def test_refund_in_the_mempool_is_outbid(
 
 
 async def test_payer_refund_after_expiry(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A payee that never closes: the payer's refund path works on the same node."""
     srv = await payee_factory.start(run_watcher=False)
@@ -162,7 +174,9 @@ async def test_payer_refund_after_expiry(
 
 
 async def test_close_through_a_reorg_and_a_restart(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A close confirmed, reorged out, confirmed again while no payee ran: the restarted payee (its
     memory of where transactions were seen lost) still finds it and closes the channel."""
@@ -202,7 +216,9 @@ def _prune_below(node: RegtestNode, blocks: int) -> int:
 
 
 async def test_payee_works_past_pruned_blocks_and_refuses_once_its_own_are_pruned(
-    pruning_node: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    pruning_node: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     node = pruning_node
     node.create_wallet("payer")

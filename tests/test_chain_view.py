@@ -15,7 +15,7 @@ import pytest
 from btcchannel.bitcoind.chain import ChainState
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.errors import NodeError, NodeUnavailable, NotOpen
+from btcchannel.errors import NodeUnavailable, NotOpen
 from btcchannel.payee.http import WATCHER
 from btcchannel.payee.shared import ChainTip
 from btcchannel.payer.client import PayerClient
@@ -65,14 +65,17 @@ class Relay:
 
 
 async def test_payments_refused_while_the_node_is_away(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     host, port = bitcoind.rpc_url.split("//", 1)[1].rsplit(":", 1)
     relay = Relay(host, int(port))
     await relay.start()
     config = payee_factory.config(max_tip_age_s=1.0)
-    async with Node(f"http://127.0.0.1:{relay.port}", cookie_file=bitcoind.cookie_file, wallet="miner",
-                    timeout=2.0) as node:
+    async with Node(
+        f"http://127.0.0.1:{relay.port}", cookie_file=bitcoind.cookie_file, wallet="miner", timeout=2.0
+    ) as node:
         srv = await start_payee(config, node)
         try:
             client = payer_client
@@ -98,8 +101,9 @@ async def test_payments_refused_while_the_node_is_away(
             assert srv.store.get(cid).amount_sat == paid  # nothing was stored while the view was stale
 
             await relay.start()  # the node is back (same port)
-            await wait_until_async(lambda: srv.svc.tip.stale_reason(config.max_tip_age_s) is None,
-                                   timeout=30, what="fresh tip")
+            await wait_until_async(
+                lambda: srv.svc.tip.stale_reason(config.max_tip_age_s) is None, timeout=30, what="fresh tip"
+            )
             assert await client.pay(cid, 1_000) == paid + 2_000  # the refused payment is re-sent, then this one
             assert srv.store.get(cid).amount_sat == paid + 2_000
             assert (await client.info(srv.url))["chain_fresh"] is True
@@ -110,7 +114,8 @@ async def test_payments_refused_while_the_node_is_away(
 
 
 async def test_tip_follows_the_node_without_watcher_passes(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False)  # no pass ever runs: only the tip follower
     before = srv.svc.tip.checked_at
@@ -150,7 +155,9 @@ class FlakyRelay(Relay):
 
 
 async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The funding of an open channel leaves the chain; the one watcher pass that sees the reorg
     cannot look at the channel (the node drops that call). The next pass looks again: the channel
@@ -158,8 +165,9 @@ async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
     host, port = bitcoind.rpc_url.split("//", 1)[1].rsplit(":", 1)
     relay = FlakyRelay(host, int(port))
     await relay.start()
-    async with Node(f"http://127.0.0.1:{relay.port}", cookie_file=bitcoind.cookie_file, wallet="miner",
-                    timeout=5.0) as node:
+    async with Node(
+        f"http://127.0.0.1:{relay.port}", cookie_file=bitcoind.cookie_file, wallet="miner", timeout=5.0
+    ) as node:
         srv = await start_payee(payee_factory.config("flaky"), node, run_watcher=False)
         try:
             watcher = srv.app[WATCHER]
@@ -188,7 +196,9 @@ async def test_a_reorg_pass_the_node_fails_is_not_forgotten(
 
 
 async def test_a_node_with_an_old_best_block_is_a_stale_view(
-    node_factory: Callable[..., RegtestNode], payee_factory: PayeeFactory, payer_client: PayerClient,
+    node_factory: Callable[..., RegtestNode],
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A node cut off from its peers still answers, with an old tip: past ``max_block_age_s`` the
     payee refuses proposals and payments until a recent block arrives."""
@@ -207,8 +217,11 @@ async def test_a_node_with_an_old_best_block_is_a_stale_view(
             with pytest.raises(NodeUnavailable):
                 await payer_client.open_channel(srv.url, 100_000, 60, wait_open=False)
             lonely.mine(1)  # a recent block: the view is current again
-            await wait_until_async(lambda: srv.svc.tip.stale_reason(config.max_tip_age_s) is None,
-                                   timeout=30, what="fresh view after a recent block")
+            await wait_until_async(
+                lambda: srv.svc.tip.stale_reason(config.max_tip_age_s) is None,
+                timeout=30,
+                what="fresh view after a recent block",
+            )
             assert (await payer_client.info(srv.url))["chain_fresh"] is True
         finally:
             await srv.stop()

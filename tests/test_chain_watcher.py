@@ -18,7 +18,9 @@ from btcchannel.testing.watched import CountingNode, open_watched_channels
 
 
 async def test_one_block_costs_one_getblock_with_1000_channels(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
 ) -> None:
     config = fast_config(tmp_path / "payee")
     config.datadir.mkdir(parents=True)
@@ -57,7 +59,10 @@ async def test_one_block_costs_one_getblock_with_1000_channels(
 
 
 async def test_vanished_funding_costs_no_block_scans(
-    bitcoind: RegtestNode, funded_wallet: str, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A funding double-spent after a close request: each pass stays O(new blocks), not O(blocks
     since the channel was created)."""

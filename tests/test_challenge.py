@@ -15,21 +15,45 @@ from btcchannel.payer.challenge import Challenge, parse_www_authenticate
 
 
 def test_the_payees_header_reads_back() -> None:
-    params = {"realm": "https://api.example/btc", "network": "signet", "info": "https://api.example/btc/v1/info",
-              "channels": "https://api.example/btc/v1/channels", "price_sat": 250, "units": 250, "mode": "prepay",
-              "channel": None, "odd": 'a "quoted", \\ value'}
+    params = {
+        "realm": "https://api.example/btc",
+        "network": "signet",
+        "info": "https://api.example/btc/v1/info",
+        "channels": "https://api.example/btc/v1/channels",
+        "price_sat": 250,
+        "units": 250,
+        "mode": "prepay",
+        "channel": None,
+        "odd": 'a "quoted", \\ value',
+    }
     parsed = parse_www_authenticate(www_authenticate(params))
     assert parsed == {k: str(v) for k, v in params.items() if v is not None}
     assert parse_www_authenticate('Basic realm="x"') is None
 
 
 def test_challenge_from_header_and_body() -> None:
-    header = www_authenticate({"info": "https://api.example/btc/v1/info", "channels": "https://api.example/btc/v1/channels",
-                               "price_sat": 250, "units": 250, "network": "signet", "mode": "prepay"})
+    header = www_authenticate(
+        {
+            "info": "https://api.example/btc/v1/info",
+            "channels": "https://api.example/btc/v1/channels",
+            "price_sat": 250,
+            "units": 250,
+            "network": "signet",
+            "mode": "prepay",
+        }
+    )
     c = Challenge.from_answer({"WWW-Authenticate": header}, None)
     assert (c.protocol_url, c.price_sat, c.units, c.unit_price_sat) == ("https://api.example/btc", 250, 250, 1)
-    body = json.dumps({"payment": {"info_url": "http://h:1/v1/info", "channels_url": "http://h:1/v1/channels",
-                                   "route_price_sat": 300, "units": 3}}).encode()
+    body = json.dumps(
+        {
+            "payment": {
+                "info_url": "http://h:1/v1/info",
+                "channels_url": "http://h:1/v1/channels",
+                "route_price_sat": 300,
+                "units": 3,
+            }
+        }
+    ).encode()
     older = Challenge.from_answer({}, body)  # a payee without the header: the body's fields
     assert (older.protocol_url, older.price_sat, older.units) == ("http://h:1", 300, 3)
     with pytest.raises(ProtocolViolation):

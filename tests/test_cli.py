@@ -14,13 +14,13 @@ import pytest
 from click.testing import CliRunner
 
 from btcchannel.amounts import btc_to_sat
-from btcchannel.cli import main
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.bitcoind.rpc import Node
+from btcchannel.cli import main
 from btcchannel.errors import PayeeUnreachable
 from btcchannel.payer.client import PayerClient
-from btcchannel.wait import wait_until
 from btcchannel.testing.cli import CliProcess
+from btcchannel.wait import wait_until
 
 
 def invoke(*args: str) -> Any:
@@ -50,9 +50,22 @@ def test_errors_are_one_line_with_a_code_and_a_hint(tmp_path: Path) -> None:
     assert "Traceback" not in out.output
     out = invoke("--datadir", str(tmp_path), "pay", "00" * 16, "--amount-sat", "-5")
     assert out.exit_code == 2
-    out = invoke("--datadir", str(tmp_path), "--rpc-url", "http://127.0.0.1:1", "--rpc-user", "u",
-                 "--rpc-password", "p", "open", "http://127.0.0.1:1", "--deposit-sat", "100000",
-                 "--lifetime-blocks", "20")
+    out = invoke(
+        "--datadir",
+        str(tmp_path),
+        "--rpc-url",
+        "http://127.0.0.1:1",
+        "--rpc-user",
+        "u",
+        "--rpc-password",
+        "p",
+        "open",
+        "http://127.0.0.1:1",
+        "--deposit-sat",
+        "100000",
+        "--lifetime-blocks",
+        "20",
+    )
     assert out.exit_code == 1 and "error: " in out.output
     out = invoke("--datadir", str(tmp_path), "backup", "import", str(tmp_path / "nope.json"))
     assert out.exit_code == 2
@@ -80,18 +93,36 @@ async def test_client_call_to_a_closed_port_is_payee_unreachable(tmp_path: Path,
     finally:
         await node.aclose()
     assert e.value.code == "payee_unreachable"
-    assert e.value.message == f"payee unreachable: GET {url}/v1/info: cannot connect to 127.0.0.1:{closed_port}: " \
-                              "Connection refused"
+    assert (
+        e.value.message == f"payee unreachable: GET {url}/v1/info: cannot connect to 127.0.0.1:{closed_port}: "
+        "Connection refused"
+    )
 
 
 def test_cli_reports_an_unreachable_payee_with_its_code(tmp_path: Path, closed_port: int) -> None:
     url = f"http://127.0.0.1:{closed_port}"
-    out = invoke("--datadir", str(tmp_path), "--rpc-url", "http://127.0.0.1:1", "--rpc-user", "u",
-                 "--rpc-password", "p", "open", url, "--deposit-sat", "100000", "--lifetime-blocks", "20")
+    out = invoke(
+        "--datadir",
+        str(tmp_path),
+        "--rpc-url",
+        "http://127.0.0.1:1",
+        "--rpc-user",
+        "u",
+        "--rpc-password",
+        "p",
+        "open",
+        url,
+        "--deposit-sat",
+        "100000",
+        "--lifetime-blocks",
+        "20",
+    )
     assert out.exit_code == 1
     last = out.output.strip().splitlines()[-2]
-    assert last == (f"error: payee_unreachable: payee unreachable: GET {url}/v1/info: "
-                    f"cannot connect to 127.0.0.1:{closed_port}: Connection refused")
+    assert last == (
+        f"error: payee_unreachable: payee unreachable: GET {url}/v1/info: "
+        f"cannot connect to 127.0.0.1:{closed_port}: Connection refused"
+    )
     assert "Traceback" not in out.output and "Error(" not in out.output
 
 
@@ -114,19 +145,33 @@ def test_env_vars_set_global_options(tmp_path: Path) -> None:
 
 
 def test_two_processes_open_fetch_close_and_refund(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, server, url = payee_process
     payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
 
     # a payee asking more than the payer's limit: refused before anything is funded
-    assert "terms_refused" in payer.fails("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50",
-                                          "--max-price-sat", "1999", "--no-wait")
+    assert "terms_refused" in payer.fails(
+        "open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50", "--max-price-sat", "1999", "--no-wait"
+    )
     assert payer.json("list")["channels"] == []
     # a channel opened, used for a paid download (nothing more: the payer pays only for units), closed
-    opened = payer.json("open", url, "--deposit-sat", "200000", "--lifetime-blocks", "50", "--no-wait",
-                        "--max-price-sat", "2000", "--max-total-sat", "150000")
+    opened = payer.json(
+        "open",
+        url,
+        "--deposit-sat",
+        "200000",
+        "--lifetime-blocks",
+        "50",
+        "--no-wait",
+        "--max-price-sat",
+        "2000",
+        "--max-total-sat",
+        "150000",
+    )
     cid = opened["channel_id"]
     assert opened["state"] == "funding"
     bitcoind.mine(1)
@@ -188,7 +233,9 @@ def test_two_processes_open_fetch_close_and_refund(
 
 
 def test_close_tx_prints_the_last_state_as_a_transaction_any_node_accepts(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, server, url = payee_process
@@ -202,8 +249,9 @@ def test_close_tx_prints_the_last_state_as_a_transaction_any_node_accepts(
     server.wait(30)
     doc = payee.json("channel", cid, "--close-tx", "--fee-rate", "2")
     assert doc["amount_sat"] == 3 * 2000
-    plain = subprocess.run(payee.argv("channel", cid, "--close-tx"), env=payee.env, capture_output=True, text=True,
-                           timeout=300)
+    plain = subprocess.run(
+        payee.argv("channel", cid, "--close-tx"), env=payee.env, capture_output=True, text=True, timeout=300
+    )
     decoded = bitcoind.rpc("decoderawtransaction", plain.stdout.strip())  # the hex alone, for a pipe
     assert decoded["vin"][0]["txid"] == opened["funding_txid"] and len(decoded["vin"][0]["txinwitness"]) == 4
     txid = bitcoind.rpc("sendrawtransaction", doc["hex"])

@@ -52,12 +52,14 @@ def _write(path: Path, text: str) -> Path:
 
 
 def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
-    conf = _write(tmp_path / "btcchannel.toml", f"""
+    conf = _write(
+        tmp_path / "btcchannel.toml",
+        f"""
 [global]
 wallet = "file-wallet"
 rpc-user = "file-user"
 rpc-password = "s3cret-in-file"
-datadir = "{tmp_path / 'from-file'}"
+datadir = "{tmp_path / "from-file"}"
 
 [serve]
 price-sat = 100
@@ -67,9 +69,13 @@ store = "postgresql://pay:db-s3cret@db.example/payee"
 
 [regtest.mine]
 address = "bcrt1qexample"
-""")
-    doc = _show(["--config", str(conf), "--wallet", "flag-wallet"],
-                BTCCHANNEL_RPC_USER="env-user", BTCCHANNEL_SERVE_PRICE_SAT="7")
+""",
+    )
+    doc = _show(
+        ["--config", str(conf), "--wallet", "flag-wallet"],
+        BTCCHANNEL_RPC_USER="env-user",
+        BTCCHANNEL_SERVE_PRICE_SAT="7",
+    )
     g, serve = doc["tables"]["global"], doc["tables"]["serve"]
     assert doc["file"] == str(conf)
     assert g["wallet"] == {"value": "flag-wallet", "source": "command line"}
@@ -109,8 +115,11 @@ address = "bcrt1qexample"
 
 def test_the_file_reaches_the_command(tmp_path: Path) -> None:
     """A global from the file is what the command runs with (here the datadir `list` reads)."""
-    conf = _write(tmp_path / "c.toml", f'[global]\ndatadir = "{tmp_path / "dd"}"\nnetwork = "signet"\n'
-                                       f'rpc-url = "http://127.0.0.1:1"\nrpc-user = "u"\n')
+    conf = _write(
+        tmp_path / "c.toml",
+        f'[global]\ndatadir = "{tmp_path / "dd"}"\nnetwork = "signet"\n'
+        f'rpc-url = "http://127.0.0.1:1"\nrpc-user = "u"\n',
+    )
     out = _invoke(["--config", str(conf), "--json", "backup", "export", str(tmp_path / "b.json")])
     # the payer's datadir of the file's network is the one read: an empty one has nothing to export
     assert out.exit_code in (0, 1), out.output
@@ -152,20 +161,23 @@ def test_unknown_keys_are_usage_errors_naming_file_and_key(tmp_path: Path) -> No
     assert "[global]: unknown key 'serve'" in msg
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("[serve]\nprice-sat = '100'\n", "[serve] price-sat: expected an integer, got str '100'"),
-    ("[serve]\nport = true\n", "[serve] port: expected an integer, got bool True"),
-    ("[serve]\nprice-sat = -1\n", "[serve] price-sat: -1 is not in the range x>=0"),
-    ("[serve]\nmode = 'free'\n", "[serve] mode: 'free' is not one of 'prepay', 'postpay'"),
-    ("[serve]\nmetrics = 'no'\n", "[serve] metrics: expected true or false, got str 'no'"),
-    ("[serve]\npayment-timeout = 'soon'\n", "[serve] payment-timeout: expected a number, got str 'soon'"),
-    ("[serve]\nport = 1.5\n", "[serve] port: expected an integer, got float 1.5"),
-    ("[global]\nnetwork = 'moonnet'\n", "[global] network: 'moonnet' is not one of"),
-    ("[global]\nverbose = 'yes'\n", "[global] verbose: expected an integer"),
-    ("[global]\nwallet = 3\n", "[global] wallet: expected a string, got int 3"),
-    ("serve = 5\n", "serve: expected a table [serve]"),
-    ("[regtest]\nstart = 1\n", "[regtest] start: expected a table [regtest.start]"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[serve]\nprice-sat = '100'\n", "[serve] price-sat: expected an integer, got str '100'"),
+        ("[serve]\nport = true\n", "[serve] port: expected an integer, got bool True"),
+        ("[serve]\nprice-sat = -1\n", "[serve] price-sat: -1 is not in the range x>=0"),
+        ("[serve]\nmode = 'free'\n", "[serve] mode: 'free' is not one of 'prepay', 'postpay'"),
+        ("[serve]\nmetrics = 'no'\n", "[serve] metrics: expected true or false, got str 'no'"),
+        ("[serve]\npayment-timeout = 'soon'\n", "[serve] payment-timeout: expected a number, got str 'soon'"),
+        ("[serve]\nport = 1.5\n", "[serve] port: expected an integer, got float 1.5"),
+        ("[global]\nnetwork = 'moonnet'\n", "[global] network: 'moonnet' is not one of"),
+        ("[global]\nverbose = 'yes'\n", "[global] verbose: expected an integer"),
+        ("[global]\nwallet = 3\n", "[global] wallet: expected a string, got int 3"),
+        ("serve = 5\n", "serve: expected a table [serve]"),
+        ("[regtest]\nstart = 1\n", "[regtest] start: expected a table [regtest.start]"),
+    ],
+)
 def test_wrong_types_are_usage_errors_naming_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     msg, _ = _bad(tmp_path, text, "serve")
     assert expected in msg, msg
@@ -177,8 +189,7 @@ def test_a_missing_or_malformed_file_is_a_usage_error(tmp_path: Path) -> None:
         out = _invoke([*args, "--json", "summary"], **env)
         assert out.exit_code == 2, out.output
         err = json.loads(out.stdout)["error"]
-        assert err == {"code": "bad_config", "message": f"{missing}: no such config file",
-                       "hint": HINTS["bad_config"]}
+        assert err == {"code": "bad_config", "message": f"{missing}: no such config file", "hint": HINTS["bad_config"]}
     msg, _ = _bad(tmp_path, "[serve\nport = 1\n", "summary")
     assert "not valid TOML" in msg and "line 1" in msg
 
@@ -196,17 +207,20 @@ def test_readme_example_file_is_valid(tmp_path: Path) -> None:
     assert len(blocks) == 1
     conf = _write(tmp_path / "btcchannel.toml", blocks[0])
     doc = _show(["--config", str(conf)])
-    file_keys = {(t, k) for t, entries in doc["tables"].items() for k, e in entries.items()
-                 if e["source"] == "config file"}
+    file_keys = {
+        (t, k) for t, entries in doc["tables"].items() for k, e in entries.items() if e["source"] == "config file"
+    }
     assert {("global", "network"), ("global", "wallet"), ("serve", "price-sat"), ("serve", "backup-db")} <= file_keys
 
 
 @pytest.fixture
 def served_from_file(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     bitcoind.create_wallet("conf-payee")
-    conf = _write(tmp_path / "btcchannel.toml", f"""
+    conf = _write(
+        tmp_path / "btcchannel.toml",
+        f"""
 [global]
-datadir = "{tmp_path / 'data'}"
+datadir = "{tmp_path / "data"}"
 rpc-url = "{bitcoind.rpc_url}"
 rpc-user = "{bitcoind.rpc_user}"
 rpc-password = "{bitcoind.rpc_password}"
@@ -217,14 +231,16 @@ port = 0
 price-sat = 1234
 mode = "postpay"
 credit-limit-sat = 5000
-backup-db = "{tmp_path / 'copy' / 'payee.db'}"
-""")
+backup-db = "{tmp_path / "copy" / "payee.db"}"
+""",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BTCCHANNEL_")}
     env["BTCCHANNEL_CONFIG"] = str(conf)
     env["BTCCHANNEL_SERVE_CREDIT_LIMIT_SAT"] = "3000"  # the environment still beats the file
     log = (tmp_path / "payee.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "btcchannel", "--json", "serve"], env=env,
-                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "btcchannel", "--json", "serve"], env=env, stdout=subprocess.PIPE, stderr=log, text=True
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

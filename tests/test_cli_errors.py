@@ -67,9 +67,21 @@ def test_json_usage_error_is_a_document_with_exit_status_2(tmp_path: Path) -> No
 
 
 def test_json_error_for_a_missing_node(tmp_path: Path) -> None:
-    out = CliRunner().invoke(main, ["--datadir", str(tmp_path), "--json", "open", "http://127.0.0.1:1",
-                                    "--deposit-sat", "1000", "--lifetime-blocks", "20"],
-                             env={"BTCCHANNEL_RPC_URL": None})
+    out = CliRunner().invoke(
+        main,
+        [
+            "--datadir",
+            str(tmp_path),
+            "--json",
+            "open",
+            "http://127.0.0.1:1",
+            "--deposit-sat",
+            "1000",
+            "--lifetime-blocks",
+            "20",
+        ],
+        env={"BTCCHANNEL_RPC_URL": None},
+    )
     assert out.exit_code == 1
     doc = json.loads(out.stdout)
     assert doc["error"]["code"] == "node_unavailable"

@@ -32,8 +32,9 @@ def test_a_repeated_warning_passes_once_per_window_and_says_how_many_were_held()
 
 
 def test_json_lines_carry_the_event_fields() -> None:
-    line = JsonFormatter().format(_record("payment on %s", logging.INFO, event="payment", channel_id="ab" * 16,
-                                          amount_sat=500))
+    line = JsonFormatter().format(
+        _record("payment on %s", logging.INFO, event="payment", channel_id="ab" * 16, amount_sat=500)
+    )
     doc = json.loads(line)
     assert doc["event"] == "payment" and doc["amount_sat"] == 500 and doc["channel_id"] == "ab" * 16
     assert doc["level"] == "info" and doc["message"] == "payment on x" and doc["logger"] == "btcchannel.payee.watcher"

@@ -40,8 +40,11 @@ def _invoke(tmp_path: Path, *args: str, env: dict[str, str | None] | None = None
 
 # 1. open on regtest says at once, and while it waits, that someone must mine -------------------
 
+
 def test_open_on_regtest_says_at_once_and_while_it_waits_that_someone_must_mine(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     _payee, _server, url = payee_process
@@ -61,8 +64,11 @@ def test_open_on_regtest_says_at_once_and_while_it_waits_that_someone_must_mine(
 
 # 2, 3. the payer's state follows the chain; pay on a metered channel explains itself ---------------
 
+
 def test_the_payers_list_follows_the_chain_and_agrees_with_the_payee(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, _server, url = payee_process
@@ -71,8 +77,11 @@ def test_the_payers_list_follows_the_chain_and_agrees_with_the_payee(
 
     # (3) after the funding block, the payer's list says open without a fetch
     bitcoind.mine(1)
-    wait_until(lambda: payer.json("list")["channels"][0]["state"] == "open", timeout=30,
-               what="the payer's list follows the funding block")
+    wait_until(
+        lambda: payer.json("list")["channels"][0]["state"] == "open",
+        timeout=30,
+        what="the payer's list follows the funding block",
+    )
 
     # (2) pay on a metered channel: refused up front, saying what to use instead
     err = payer.error("pay", cid, "--amount-sat", "1000")
@@ -83,7 +92,8 @@ def test_the_payers_list_follows_the_chain_and_agrees_with_the_payee(
     # (3) closing on both sides until the close is final (6 confirmations), then closed on both
     payer.json("fetch", f"{url}/v1/file/0", "--channel", cid)
     close_txid = payer.json("close", cid)["close_txid"] or wait_until(
-        lambda: payee.json("channel", cid)["close_txid"], timeout=30, what="the close broadcast")
+        lambda: payee.json("channel", cid)["close_txid"], timeout=30, what="the close broadcast"
+    )
     wait_until(lambda: close_txid in bitcoind.rpc("getrawmempool"), timeout=30, what="the close in the mempool")
     bitcoind.mine(1)
     assert payer.json("list")["channels"][0]["state"] == "closing"
@@ -106,7 +116,9 @@ def test_the_payers_list_follows_the_chain_and_agrees_with_the_payee(
 
 
 def test_a_mistaken_open_gets_the_code_and_hint_of_its_cause(
-    bitcoind: RegtestNode, tmp_path: Path, payee_process: tuple[CliProcess, subprocess.Popen[str], str],
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     _payee, _server, url = payee_process
     bitcoind.create_wallet("newcomer-empty")
@@ -135,6 +147,7 @@ def test_a_mistaken_open_gets_the_code_and_hint_of_its_cause(
 
 # 4. -v is btcchannel's own log --------------------------------------------------------------------
 
+
 @pytest.fixture
 def cli_logging() -> object:
     root = logging.getLogger()
@@ -154,14 +167,15 @@ def _passes(verbose: int, name: str, level: int) -> bool:
 
 def test_v_logs_btcchannels_lines_and_dependencies_only_at_vv(cli_logging: object) -> None:
     assert _passes(1, "btcchannel.payee.watcher", logging.INFO)
-    assert not _passes(1, "httpx", logging.INFO)          # one line per RPC call: not at -v
+    assert not _passes(1, "httpx", logging.INFO)  # one line per RPC call: not at -v
     assert not _passes(1, "httpcore.connection", logging.DEBUG)
-    assert _passes(1, "httpx", logging.WARNING)           # their warnings always show
+    assert _passes(1, "httpx", logging.WARNING)  # their warnings always show
     assert _passes(2, "httpx", logging.INFO) and _passes(2, "btcchannel.payer", logging.DEBUG)
     assert not _passes(0, "btcchannel.payer", logging.INFO)
 
 
 # 5. precise codes and hints -----------------------------------------------------------------------
+
 
 def test_backup_import_errors_have_their_own_code_and_hint(tmp_path: Path) -> None:
     (tmp_path / "notjson.txt").write_text("hello")
@@ -175,21 +189,44 @@ def test_backup_import_errors_have_their_own_code_and_hint(tmp_path: Path) -> No
 
 
 def test_an_rpc_url_where_nothing_listens_is_reported_as_unreachable(tmp_path: Path) -> None:
-    out = _invoke(tmp_path, "--rpc-url", "http://127.0.0.1:1", "--json", "open", "http://127.0.0.1:8402",
-                  "--deposit-sat", "20000", "--lifetime-blocks", "40",
-                  env={"BTCCHANNEL_RPC_USER": None, "BTCCHANNEL_RPC_PASSWORD": None})
+    out = _invoke(
+        tmp_path,
+        "--rpc-url",
+        "http://127.0.0.1:1",
+        "--json",
+        "open",
+        "http://127.0.0.1:8402",
+        "--deposit-sat",
+        "20000",
+        "--lifetime-blocks",
+        "40",
+        env={"BTCCHANNEL_RPC_USER": None, "BTCCHANNEL_RPC_PASSWORD": None},
+    )
     assert out.exit_code == 1
     err = json.loads(out.stdout)["error"]
     assert err["code"] == "node_unavailable" and "no node answers at http://127.0.0.1:1" in err["message"]
     assert "cookie" not in err["message"]
     # without its scheme, even with a user: said as a URL to fix, before any connection
-    out = _invoke(tmp_path, "--rpc-url", "127.0.0.1:18443", "--rpc-user", "u", "--json", "open",
-                  "http://127.0.0.1:8402", "--deposit-sat", "20000", "--lifetime-blocks", "40")
+    out = _invoke(
+        tmp_path,
+        "--rpc-url",
+        "127.0.0.1:18443",
+        "--rpc-user",
+        "u",
+        "--json",
+        "open",
+        "http://127.0.0.1:8402",
+        "--deposit-sat",
+        "20000",
+        "--lifetime-blocks",
+        "40",
+    )
     err = json.loads(out.stdout)["error"]
     assert err["code"] == "node_unavailable" and "give it as http://HOST:PORT" in err["message"]
 
 
 # 6. progress on a first run -----------------------------------------------------------------------
+
 
 def test_a_bitcoind_fetch_says_what_it_does_before_it_does_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     heard: list[str] = []
@@ -207,15 +244,21 @@ def test_venv_script_says_it_is_installing(tmp_path: Path) -> None:
         (project / name).write_text("")
     fake = project / ".venv" / "bin" / "python"  # a venv whose pip install only records its call
     fake.parent.mkdir(parents=True)
-    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {project / 'pip.log'}\n")
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {project / "pip.log"}\n')
     fake.chmod(0o755)
-    out = subprocess.run(["bash", str(project / "regtest" / "venv.sh"), "true"], capture_output=True, text=True,
-                         timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    out = subprocess.run(
+        ["bash", str(project / "regtest" / "venv.sh"), "true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert out.returncode == 0, out.stderr
     assert "venv.sh: installing btcchannel" in out.stderr and "-e .[test]" in (project / "pip.log").read_text()
 
 
 # 7. the suite never finds the user's own node -----------------------------------------------------
+
 
 def test_the_suite_is_isolated_from_a_node_the_user_runs(bitcoind: RegtestNode, tmp_path: Path) -> None:
     """A user's walk-through node (`btcchannel regtest start`) recorded in their home: the CLI test
@@ -223,20 +266,41 @@ def test_the_suite_is_isolated_from_a_node_the_user_runs(bitcoind: RegtestNode, 
     home = tmp_path / "home"
     node_dir = home / ".local" / "share" / "btcchannel" / "regtest-node"
     node_dir.mkdir(parents=True)
-    (node_dir / "node.json").write_text(json.dumps({
-        "pid": bitcoind.pid, "rpc_port": bitcoind.rpc_port, "p2p_port": bitcoind.p2p_port,
-        "rpc_user": bitcoind.rpc_user, "rpc_password": bitcoind.rpc_password}))
+    (node_dir / "node.json").write_text(
+        json.dumps(
+            {
+                "pid": bitcoind.pid,
+                "rpc_port": bitcoind.rpc_port,
+                "p2p_port": bitcoind.p2p_port,
+                "rpc_user": bitcoind.rpc_user,
+                "rpc_password": bitcoind.rpc_password,
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BTCCHANNEL_", "XDG_DATA", "PYTEST"))}
     env["HOME"] = str(home)
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_cli_errors.py::test_json_error_for_a_missing_node"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_cli_errors.py::test_json_error_for_a_missing_node",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:]
     assert "1 passed" in out.stdout
 
 
 # 8. --json after the subcommand -------------------------------------------------------------------
+
 
 def test_json_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
     out = _invoke(tmp_path, "list", "--json")
@@ -245,8 +309,9 @@ def test_json_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
     out = _invoke(tmp_path, "backup", "import", str(tmp_path / "missing.json"), "--json")
     assert out.exit_code == 2 and json.loads(out.stdout)["error"]["code"] == "usage"
     # every global option, with its value, in either form, and -vv
-    out = CliRunner().invoke(main, ["config", "show", "--datadir", str(tmp_path), "--wallet", "w", "--network=signet",
-                                    "-vv", "--json"])
+    out = CliRunner().invoke(
+        main, ["config", "show", "--datadir", str(tmp_path), "--wallet", "w", "--network=signet", "-vv", "--json"]
+    )
     assert out.exit_code == 0, out.output
     shown = json.loads(out.stdout)["tables"]["global"]
     assert shown["wallet"] == {"value": "w", "source": "command line"} and shown["network"]["value"] == "signet"
@@ -257,6 +322,7 @@ def test_json_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
 
 
 # 9. the smaller ones ------------------------------------------------------------------------------
+
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out = [prefix]
@@ -275,17 +341,27 @@ def test_help_has_no_rst_markup(tmp_path: Path) -> None:
 
 
 def test_channel_text_shows_nested_values_without_python_reprs() -> None:
-    text = _channel_text({"state": "open", "terms": {"price_sat": 100, "mode": "prepay", "max_units": None},
-                          "close_txid": None})
+    text = _channel_text(
+        {"state": "open", "terms": {"price_sat": 100, "mode": "prepay", "max_units": None}, "close_txid": None}
+    )
     assert "terms           price_sat=100, mode=prepay, max_units=-" in text
     assert "{" not in text and "'" not in text and "None" not in text
 
 
 def test_a_stale_payee_summary_says_the_expiry_passed_and_counts_in_words() -> None:
-    doc = {"earned_sat": 0, "pending_close": {"channels": 1, "amount_sat": 5},
-           "open": {"channels": 1, "amount_sat": 0, "deposit_sat": 9, "nearest_expiry_height": 300,
-                    "blocks_to_nearest_expiry": -1},
-           "close_fee_rate_sat_vb": None, "channels": {"open": 1}}
+    doc = {
+        "earned_sat": 0,
+        "pending_close": {"channels": 1, "amount_sat": 5},
+        "open": {
+            "channels": 1,
+            "amount_sat": 0,
+            "deposit_sat": 9,
+            "nearest_expiry_height": 300,
+            "blocks_to_nearest_expiry": -1,
+        },
+        "close_fee_rate_sat_vb": None,
+        "channels": {"open": 1},
+    }
     text = summary_text(doc)
     assert "-1 blocks" not in text and "expired at height 300, 1 block ago" in text
     assert "pending closes 1 channel, 5 sat" in text and "open           1 channel," in text
@@ -298,13 +374,24 @@ def test_serve_states_its_terms(tmp_path: Path) -> None:
 
 
 def test_config_show_names_the_node_the_commands_would_use(tmp_path: Path) -> None:
-    out = _invoke(tmp_path, "--rpc-url", "http://127.0.0.1:18443", "--rpc-user", "alice", "config", "show",
-                  env={"BTCCHANNEL_RPC_PASSWORD": "secret"})
+    out = _invoke(
+        tmp_path,
+        "--rpc-url",
+        "http://127.0.0.1:18443",
+        "--rpc-user",
+        "alice",
+        "config",
+        "show",
+        env={"BTCCHANNEL_RPC_PASSWORD": "secret"},
+    )
     assert out.exit_code == 0, out.output
     assert "# node: http://127.0.0.1:18443 (user 'alice' with a password; from --rpc-user)" in out.stdout
     assert "secret" not in out.stdout
-    doc = json.loads(_invoke(tmp_path, "--json", "--network", "signet", "--bitcoin-datadir", str(tmp_path / "none"),
-                             "config", "show").stdout)
+    doc = json.loads(
+        _invoke(
+            tmp_path, "--json", "--network", "signet", "--bitcoin-datadir", str(tmp_path / "none"), "config", "show"
+        ).stdout
+    )
     assert doc["node"]["rpc_url"] is None and "no signet node found" in doc["node"]["problem"]
 
 
@@ -312,8 +399,9 @@ def test_regtest_start_mine_and_stop_as_a_newcomer_reads_them(tmp_path: Path) ->
     env = {**os.environ, "BTCCHANNEL_DATADIR": str(tmp_path)}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "btcchannel", *args], env=env, capture_output=True, text=True,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "btcchannel", *args], env=env, capture_output=True, text=True, timeout=300
+        )
 
     started = run("regtest", "start")
     assert started.returncode == 0, started.stderr

@@ -20,14 +20,16 @@ import pytest
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.store import PayerStore
-from btcchannel.wait import wait_until
 from btcchannel.testing.cli import CliProcess
+from btcchannel.wait import wait_until
 
 CHUNK = 1000
 
 
 @pytest.fixture
-def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[CliProcess, str, bytes]]:
+def payee(
+    bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[CliProcess, str, bytes]]:
     """A payee process selling 1000-byte chunks at 100 sat (``indirect`` parameter: another price)."""
     price = str(getattr(request, "param", 100))
     bitcoind.create_wallet("flow-payee")
@@ -35,9 +37,22 @@ def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest)
     data = os.urandom(4 * CHUNK)
     (tmp_path / "data.bin").write_bytes(data)
     proc = subprocess.Popen(
-        cli.argv("--json", "serve", "--port", "0", "--price-sat", price, "--serve-file", str(tmp_path / "data.bin"),
-                 "--chunk-size", str(CHUNK)),
-        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cli.argv(
+            "--json",
+            "serve",
+            "--port",
+            "0",
+            "--price-sat",
+            price,
+            "--serve-file",
+            str(tmp_path / "data.bin"),
+            "--chunk-size",
+            str(CHUNK),
+        ),
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -49,14 +64,16 @@ def payee(bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest)
 
 
 def test_open_reports_progress_and_a_timeout_without_a_traceback(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[CliProcess, str, bytes],
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
+    payee: tuple[CliProcess, str, bytes],
 ) -> None:
     _, url, _ = payee
     payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
 
     # --no-wait: the funding txid, and no word of waiting
-    out = payer.run("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait",
-                    "--fee-rate", "3")
+    out = payer.run("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50", "--no-wait", "--fee-rate", "3")
     assert out.returncode == 0, out.stderr
     assert "wait" not in out.stderr.lower()
     with PayerStore(payer.datadir / "regtest" / "payer.db") as store:
@@ -77,8 +94,13 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
     assert "hint: nothing is lost" in out.stderr
 
     # a wait that ends: confirmations counted up to open
-    proc = subprocess.Popen(payer.argv("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50"),
-                            env=payer.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        payer.argv("open", url, "--deposit-sat", "100000", "--lifetime-blocks", "50"),
+        env=payer.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def funded() -> bool:
         with PayerStore(payer.datadir / "regtest" / "payer.db") as store:
@@ -97,7 +119,10 @@ def test_open_reports_progress_and_a_timeout_without_a_traceback(
 
 
 def test_fetch_picks_a_usable_channel_and_keeps_the_body(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[CliProcess, str, bytes],
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
+    payee: tuple[CliProcess, str, bytes],
 ) -> None:
     payee_cli, url, data = payee
     payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
@@ -114,10 +139,10 @@ def test_fetch_picks_a_usable_channel_and_keeps_the_body(
     assert newer["state"] == "funding"
     raw = subprocess.run(payer.argv("fetch", f"{url}/v1/file/1"), env=payer.env, capture_output=True, timeout=60)
     assert raw.returncode == 0, raw.stderr
-    assert raw.stdout == data[CHUNK:2 * CHUNK]  # without --out and --json: the body on stdout
+    assert raw.stdout == data[CHUNK : 2 * CHUNK]  # without --out and --json: the body on stdout
     got = payer.json("fetch", f"{url}/v1/file/2")
     assert got["channel_id"] == old["channel_id"]
-    assert base64.b64decode(got["body_base64"]) == data[2 * CHUNK:3 * CHUNK]
+    assert base64.b64decode(got["body_base64"]) == data[2 * CHUNK : 3 * CHUNK]
     assert got["amount_sat"] == 200 and got["remaining_sat"] == 20000 - 200
 
     # one code for one condition: paying a closing channel, by pay or by fetch
@@ -129,7 +154,10 @@ def test_fetch_picks_a_usable_channel_and_keeps_the_body(
 
 @pytest.mark.parametrize("payee", [0], indirect=True)  # free-form payments: no price per unit
 def test_pay_bump_and_refund_say_what_they_did(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path, payee: tuple[CliProcess, str, bytes],
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
+    payee: tuple[CliProcess, str, bytes],
 ) -> None:
     payee_cli, url, _ = payee
     payer = CliProcess(bitcoind, tmp_path / "payer", funded_wallet)
@@ -176,5 +204,6 @@ def test_pay_bump_and_refund_say_what_they_did(
     assert refund["fee_rate_sat_vb"] >= 2 and refund["amount_sat"] + refund["fee_sat"] == 20000
     text = payer.run("refund", newer["channel_id"])
     assert text.returncode == 1 and "Traceback" not in text.stderr
-    assert text.stderr.startswith(f"error: already_refunded: channel {newer['channel_id']} was refunded already by "
-                                  f"{refund['refund_txid']}")
+    assert text.stderr.startswith(
+        f"error: already_refunded: channel {newer['channel_id']} was refunded already by {refund['refund_txid']}"
+    )

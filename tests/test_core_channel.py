@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, PayerChannel, Payment, build_multi_close
-from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, next_state
 from btcchannel.core.channel import build_multi_close_at_most
+from btcchannel.core.keys import CURVE_ORDER, _sign, public_key, sign_digest
+from btcchannel.core.script import address_to_script, dust_limit, p2pkh_script, p2wpkh_script, p2wsh_script
+from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, ChannelEvent, next_state
 from btcchannel.core.terms import (
     MIN_RELAY_FEE_RATE,
     bump_fee_rate,
@@ -22,7 +24,7 @@ from btcchannel.core.terms import (
     deadline_blocks,
     replacement_min_fee,
 )
-from btcchannel.core.state import ChannelEvent
+from btcchannel.core.tx import ITERATIVE_SEQUENCE, PaymentSighash, tx_vsize
 from btcchannel.errors import (
     AmountOutOfRange,
     BadPubkey,
@@ -39,9 +41,6 @@ from btcchannel.errors import (
     NotOpen,
     StalePayment,
 )
-from btcchannel.core.keys import CURVE_ORDER, _sign, public_key, sign_digest
-from btcchannel.core.script import address_to_script, dust_limit, p2pkh_script, p2wpkh_script, p2wsh_script
-from btcchannel.core.tx import ITERATIVE_SEQUENCE, PaymentSighash, tx_vsize
 
 PAYER_KEY = hashlib.sha256(b"payer-key").digest()
 PAYEE_KEY = hashlib.sha256(b"payee-key").digest()
@@ -57,8 +56,13 @@ DUST = 294  # p2wpkh change
 
 def make_params(**kw: Any) -> ChannelParams:
     base: dict[str, Any] = dict(
-        network="regtest", payer_pubkey=PAYER, payee_pubkey=PAYEE, expiry_height=EXPIRY,
-        deposit_sat=DEPOSIT, payer_script=PAYER_SCRIPT, funding=None,
+        network="regtest",
+        payer_pubkey=PAYER,
+        payee_pubkey=PAYEE,
+        expiry_height=EXPIRY,
+        deposit_sat=DEPOSIT,
+        payer_script=PAYER_SCRIPT,
+        funding=None,
     )
     base.update(kw)
     return ChannelParams(**base)
@@ -75,9 +79,18 @@ def open_pair(params: ChannelParams | None = None, margin: int = 6) -> tuple[Pay
     return payer, payee
 
 
-def sig_over_template(amount: int, *, version: int = 2, locktime: int = 0, sequence: int = ITERATIVE_SEQUENCE,
-                      outpoint: OutPoint = FUNDING, deposit: int = DEPOSIT, ws: bytes | None = None,
-                      payer_script: bytes = PAYER_SCRIPT, hashtype: int = 0x83) -> bytes:
+def sig_over_template(
+    amount: int,
+    *,
+    version: int = 2,
+    locktime: int = 0,
+    sequence: int = ITERATIVE_SEQUENCE,
+    outpoint: OutPoint = FUNDING,
+    deposit: int = DEPOSIT,
+    ws: bytes | None = None,
+    payer_script: bytes = PAYER_SCRIPT,
+    hashtype: int = 0x83,
+) -> bytes:
     """The payer's signature over an independently built (possibly tampered) iterative template."""
     ws = ws if ws is not None else make_params().witness_script
     vin = [CMutableTxIn(outpoint.to_coutpoint(), CScript(), sequence)]
@@ -498,10 +511,15 @@ def test_close_at_most_caps_the_fee_at_what_the_payment_affords() -> None:
     assert rate == (1_000 - DUST) / tx_vsize(tx) < 50.0
 
 
-@given(old=st.one_of(st.none(), st.floats(0.5, 500)), requested=st.one_of(st.none(), st.floats(0.1, 1000)),
-       factor=st.floats(1.0, 4.0), estimate=st.floats(0.0, 1000))
-def test_bump_rate_always_raises_the_old_rate(old: float | None, requested: float | None, factor: float,
-                                             estimate: float) -> None:
+@given(
+    old=st.one_of(st.none(), st.floats(0.5, 500)),
+    requested=st.one_of(st.none(), st.floats(0.1, 1000)),
+    factor=st.floats(1.0, 4.0),
+    estimate=st.floats(0.0, 1000),
+)
+def test_bump_rate_always_raises_the_old_rate(
+    old: float | None, requested: float | None, factor: float, estimate: float
+) -> None:
     rate = bump_fee_rate(old, requested, factor, estimate)
     base = old or MIN_RELAY_FEE_RATE
     assert rate > base

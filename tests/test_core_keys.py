@@ -9,7 +9,6 @@ from coincurve import PrivateKey, PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btcchannel.errors import BadPubkey, BadRequest
 from btcchannel.core.keys import (
     CURVE_ORDER,
     HALF_ORDER,
@@ -25,6 +24,7 @@ from btcchannel.core.keys import (
     sign_digest_fixed_length,
     verify_digest,
 )
+from btcchannel.errors import BadPubkey, BadRequest
 
 KEY = bytes.fromhex("11" * 32)
 DIGEST = hashlib.sha256(b"btcchannel").digest()

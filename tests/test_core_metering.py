@@ -1,4 +1,5 @@
-"""Unit and property tests of the service terms in btcchannel.core.channel: Capacity, Metering, ProposalLimits (pure)."""
+"""Unit and property tests of the service terms in btcchannel.core.channel: Capacity, Metering,
+ProposalLimits (pure)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from btcchannel.core.keys import public_key
 from btcchannel.core.params import ChannelParams
+from btcchannel.core.script import p2pkh_script, p2wpkh_script
 from btcchannel.core.terms import Capacity, Metering, ProposalLimits, closing_height
 from btcchannel.errors import (
     BadRequest,
@@ -18,8 +21,6 @@ from btcchannel.errors import (
     StalePayment,
     WrongAmount,
 )
-from btcchannel.core.keys import public_key
-from btcchannel.core.script import p2pkh_script, p2wpkh_script
 
 PAYER = public_key(hashlib.sha256(b"payer-key").digest())
 PAYEE = public_key(hashlib.sha256(b"payee-key").digest())
@@ -45,8 +46,11 @@ def test_capacity_of_params_follows_the_payer_dust_limit() -> None:
         assert not params.capacity.carries(50_001)
 
 
-@given(deposit=st.integers(min_value=330, max_value=10**9), dust=st.integers(min_value=1, max_value=600),
-       amount=st.integers(min_value=0, max_value=2 * 10**9))
+@given(
+    deposit=st.integers(min_value=330, max_value=10**9),
+    dust=st.integers(min_value=1, max_value=600),
+    amount=st.integers(min_value=0, max_value=2 * 10**9),
+)
 def test_capacity_carries_the_whole_deposit_or_leaves_dust(deposit: int, dust: int, amount: int) -> None:
     c = Capacity(deposit, deposit - dust)
     assert c.carries(amount) == (amount == deposit or amount <= deposit - dust)
@@ -117,9 +121,9 @@ def test_credit_within_limit_and_capacity() -> None:
     c = cap(100_000)
     assert m.credit(0, 0, 1, c) == 1000
     assert m.credit(2000, 0, 1, c) == 3000
-    assert m.credit(3000, 0, 1, c) is None          # 4000 unpaid > 3000
+    assert m.credit(3000, 0, 1, c) is None  # 4000 unpaid > 3000
     assert m.credit(12_000, 12_000, 3, c) == 15_000  # settled: credit again
-    assert m.credit(0, 5000, 1, c) == 6000          # owed below paid counts from paid
+    assert m.credit(0, 5000, 1, c) == 6000  # owed below paid counts from paid
     # the channel must carry the owed total: 99_706 fits, 99_707..99_999 would leave dust, 100_000 fits
     assert m.credit(98_706, 98_706, 1, c) == 99_706
     assert m.credit(98_707, 98_707, 1, c) is None
@@ -135,8 +139,15 @@ def test_exceeds_credit() -> None:
     assert not m.exceeds_credit(12_000, 12_000, 3)
 
 
-@given(price=st.integers(min_value=1, max_value=10**5), limit=small, owed=small, paid=small, units=units_st,
-       deposit=st.integers(min_value=330, max_value=10**7), dust=st.integers(min_value=1, max_value=546))
+@given(
+    price=st.integers(min_value=1, max_value=10**5),
+    limit=small,
+    owed=small,
+    paid=small,
+    units=units_st,
+    deposit=st.integers(min_value=330, max_value=10**7),
+    dust=st.integers(min_value=1, max_value=546),
+)
 def test_credit_matches_the_postpay_rule(
     price: int, limit: int, owed: int, paid: int, units: int, deposit: int, dust: int
 ) -> None:
@@ -185,11 +196,27 @@ def test_check_units() -> None:
         Metering.check_units(2, 3, 2)
 
 
-def _end(m: Metering, *, units: int = 0, max_units: int | None = None, paid: int = 0, owed: int = 0,
-         max_total: int | None = None, deposit: int = 100_000, c: Capacity | None = None) -> str | None:
+def _end(
+    m: Metering,
+    *,
+    units: int = 0,
+    max_units: int | None = None,
+    paid: int = 0,
+    owed: int = 0,
+    max_total: int | None = None,
+    deposit: int = 100_000,
+    c: Capacity | None = None,
+) -> str | None:
     capacity = c or cap(deposit)
-    return m.end_condition(units=units, max_units=max_units, paid_sat=paid, owed_sat=owed,
-                           max_total_sat=max_total, deposit_sat=deposit, capacity=lambda: capacity)
+    return m.end_condition(
+        units=units,
+        max_units=max_units,
+        paid_sat=paid,
+        owed_sat=owed,
+        max_total_sat=max_total,
+        deposit_sat=deposit,
+        capacity=lambda: capacity,
+    )
 
 
 def test_end_conditions() -> None:
@@ -219,20 +246,38 @@ def test_end_condition_asks_for_capacity_only_when_metered() -> None:
     def boom() -> Capacity:
         raise AssertionError("capacity needed")
 
-    assert Metering(0).end_condition(units=5, max_units=None, paid_sat=10, owed_sat=0, max_total_sat=None,
-                                     deposit_sat=100, capacity=boom) is None
+    assert (
+        Metering(0).end_condition(
+            units=5, max_units=None, paid_sat=10, owed_sat=0, max_total_sat=None, deposit_sat=100, capacity=boom
+        )
+        is None
+    )
 
 
-@given(price=st.integers(min_value=0, max_value=10**4), units=st.integers(min_value=0, max_value=50),
-       max_units=st.none() | st.integers(min_value=1, max_value=50), paid=small, owed=small,
-       max_total=st.none() | st.integers(min_value=1, max_value=10**6),
-       deposit=st.integers(min_value=330, max_value=10**6), dust=st.integers(min_value=1, max_value=329))
+@given(
+    price=st.integers(min_value=0, max_value=10**4),
+    units=st.integers(min_value=0, max_value=50),
+    max_units=st.none() | st.integers(min_value=1, max_value=50),
+    paid=small,
+    owed=small,
+    max_total=st.none() | st.integers(min_value=1, max_value=10**6),
+    deposit=st.integers(min_value=330, max_value=10**6),
+    dust=st.integers(min_value=1, max_value=329),
+)
 def test_end_condition_matches_the_agreed_rules(
     price: int, units: int, max_units: int | None, paid: int, owed: int, max_total: int | None, deposit: int, dust: int
 ) -> None:
     c = Capacity(deposit, deposit - dust)
-    got = _end(Metering(price), units=units, max_units=max_units, paid=paid, owed=owed, max_total=max_total,
-               deposit=deposit, c=c)
+    got = _end(
+        Metering(price),
+        units=units,
+        max_units=max_units,
+        paid=paid,
+        owed=owed,
+        max_total=max_total,
+        deposit=deposit,
+        c=c,
+    )
     if max_units is not None and units >= max_units and owed <= paid:
         assert got == "unit_count_reached"
     elif price > 0 and paid - price * units >= price:  # prepay: a unit's price paid and not served yet
@@ -273,8 +318,11 @@ def test_proposal_limits() -> None:
         ProposalLimits(0, -1, 0, 0)
 
 
-@given(deposit=st.integers(min_value=0, max_value=10**9), tip=st.integers(min_value=0, max_value=10**6),
-       lifetime=st.integers(min_value=-10, max_value=10_000))
+@given(
+    deposit=st.integers(min_value=0, max_value=10**9),
+    tip=st.integers(min_value=0, max_value=10**6),
+    lifetime=st.integers(min_value=-10, max_value=10_000),
+)
 def test_proposal_limits_accept_exactly_the_ranges(deposit: int, tip: int, lifetime: int) -> None:
     limits = ProposalLimits(10_000, 100_000_000, 12, 4320)
     ok_deposit = 10_000 <= deposit <= 100_000_000

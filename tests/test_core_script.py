@@ -20,8 +20,6 @@ from bitcoin.core.script import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btcchannel.errors import BadRequest, BadScript, ExpiryOutOfRange
-from btcchannel.core.keys import public_key
 from btcchannel.core.address import (
     BECH32_CONST,
     BECH32M_CONST,
@@ -32,6 +30,7 @@ from btcchannel.core.address import (
     decode_segwit_address,
     encode_segwit_address,
 )
+from btcchannel.core.keys import public_key
 from btcchannel.core.script import (
     NETWORKS,
     address_to_script,
@@ -47,6 +46,7 @@ from btcchannel.core.script import (
     script_to_address,
     script_type,
 )
+from btcchannel.errors import BadRequest, BadScript, ExpiryOutOfRange
 
 PAYER = public_key(b"\x01" * 32)
 PAYEE = public_key(b"\x02" * 32)
@@ -111,7 +111,18 @@ SEGWIT_VECTORS = [
 def test_funding_script_matches_cscript() -> None:
     for expiry in (1, 16, 17, 127, 128, 255, 256, 32767, 32768, 8388608, 499_999_999, 850_000):
         expected = CScript(
-            [OP_IF, PAYEE, OP_CHECKSIGVERIFY, OP_ELSE, expiry, OP_CHECKLOCKTIMEVERIFY, OP_DROP, OP_ENDIF, PAYER, OP_CHECKSIG]
+            [
+                OP_IF,
+                PAYEE,
+                OP_CHECKSIGVERIFY,
+                OP_ELSE,
+                expiry,
+                OP_CHECKLOCKTIMEVERIFY,
+                OP_DROP,
+                OP_ENDIF,
+                PAYER,
+                OP_CHECKSIG,
+            ]
         )
         ws = funding_witness_script(PAYER, PAYEE, expiry)
         assert ws == bytes(expected)
@@ -347,7 +358,9 @@ def test_bip173_v1_plus_addresses_need_bech32m(address: str) -> None:
     with pytest.raises(BadScript):
         decode_segwit_address("bc", address)
     assert decode_segwit_address("bc", encode_segwit_address("bc", version, bytes(program))) == (
-        version, bytes(program))
+        version,
+        bytes(program),
+    )
 
 
 def test_base58check_through_the_library() -> None:

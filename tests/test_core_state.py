@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from btcchannel.core import channel as channel_module
-from btcchannel.core.params import ChannelParams
 from btcchannel.core.keys import public_key
+from btcchannel.core.params import ChannelParams
 from btcchannel.core.script import funding_witness_script, p2wpkh_script
 from btcchannel.core.state import (
     TERMINAL_STATES,
@@ -116,8 +116,13 @@ def test_any_event_sequence_walks_only_table_edges(events: list[ChannelEvent]) -
 
 def _close_witness(amount: int, script: bytes = SCRIPT) -> list[bytes]:
     params = ChannelParams(
-        network="regtest", payer_pubkey=PAYER, payee_pubkey=PAYEE, expiry_height=EXPIRY,
-        deposit_sat=DEPOSIT, payer_script=p2wpkh_script(PAYER), funding=FUNDING,
+        network="regtest",
+        payer_pubkey=PAYER,
+        payee_pubkey=PAYEE,
+        expiry_height=EXPIRY,
+        deposit_sat=DEPOSIT,
+        payer_script=p2wpkh_script(PAYER),
+        funding=FUNDING,
     )
     payer = channel_module.PayerChannel(params, PAYER_KEY, state=ChannelState.OPEN)
     payment = payer.sign_payment(amount)

@@ -14,9 +14,18 @@ from btcchannel.errors import AmountNotAgreed, BadRequest, TermsMismatch, TermsR
 def test_wire_form_round_trips_and_is_strict() -> None:
     t = Terms(100, "postpay", 500, 7_000, None, 10_000, 50, 20, 2_000_000_000)
     assert list(t.to_json()) == list(TERMS_FIELDS) and Terms.from_json(t.to_json()) == t
-    for bad in ({**t.to_json(), "price_sat": -1}, {**t.to_json(), "mode": "free"}, {**t.to_json(), "x": 1},
-                {**t.to_json(), "max_units": 0}, {**t.to_json(), "end_time": 2**32}, {**t.to_json(), "price_sat": 1.0},
-                {**t.to_json(), "payment_timeout_ms": None}, {**t.to_json(), "credit_limit_sat": False}, [], None):
+    for bad in (
+        {**t.to_json(), "price_sat": -1},
+        {**t.to_json(), "mode": "free"},
+        {**t.to_json(), "x": 1},
+        {**t.to_json(), "max_units": 0},
+        {**t.to_json(), "end_time": 2**32},
+        {**t.to_json(), "price_sat": 1.0},
+        {**t.to_json(), "payment_timeout_ms": None},
+        {**t.to_json(), "credit_limit_sat": False},
+        [],
+        None,
+    ):
         with pytest.raises(BadRequest):
             Terms.from_json(bad)
 
@@ -32,10 +41,19 @@ def test_payee_agrees_only_to_its_own_terms_and_payer_refuses_outside_its_limits
             limits.accept(mine)
 
 
-@given(price=st.integers(1, 10_000), units=st.integers(0, 1_000), ahead=st.integers(0, 3),
-       total=st.none() | st.integers(1, 10**7), amount=st.integers(1, 2 * 10**7))
+@given(
+    price=st.integers(1, 10_000),
+    units=st.integers(0, 1_000),
+    ahead=st.integers(0, 3),
+    total=st.none() | st.integers(1, 10**7),
+    amount=st.integers(1, 2 * 10**7),
+)
 def test_payer_never_signs_above_units_times_price_nor_the_agreed_total(
-    price: int, units: int, ahead: int, total: int | None, amount: int,
+    price: int,
+    units: int,
+    ahead: int,
+    total: int | None,
+    amount: int,
 ) -> None:
     t = Terms(price, max_total_sat=total)
     allowed = amount <= price * (units + ahead) and (total is None or amount <= total)

@@ -12,12 +12,11 @@ import math
 from typing import Any
 
 import pytest
-from bitcoin.core import COutPoint, CMutableTransaction, CMutableTxIn, CMutableTxOut, CTransaction, lx
+from bitcoin.core import CMutableTransaction, CMutableTxIn, CMutableTxOut, COutPoint, CTransaction, lx
 from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, SignatureHash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from btcchannel.errors import BadRequest, BadSignature, CloseUneconomic
 from btcchannel.core.keys import public_key, sign_digest, verify_digest
 from btcchannel.core.script import funding_witness_script, p2pkh_script, p2sh_script, p2wpkh_script
 from btcchannel.core.tx import (
@@ -39,6 +38,7 @@ from btcchannel.core.tx import (
     tx_id,
     tx_vsize,
 )
+from btcchannel.errors import BadRequest, BadSignature, CloseUneconomic
 
 PAYER_KEY = hashlib.sha256(b"payer").digest()
 PAYEE_KEY = hashlib.sha256(b"payee").digest()
@@ -81,7 +81,14 @@ def test_outpoint() -> None:
     assert op.to_coutpoint() == COutPoint(lx(txid), 7)
     assert OutPoint.from_json(op.to_json()) == op
     assert str(op) == f"{txid}:7"
-    for bad_txid, bad_vout in ((txid.upper(), 0), (txid[:-2], 0), ("zz" * 32, 0), (txid, -1), (txid, 2**32), (txid, True)):
+    for bad_txid, bad_vout in (
+        (txid.upper(), 0),
+        (txid[:-2], 0),
+        ("zz" * 32, 0),
+        (txid, -1),
+        (txid, 2**32),
+        (txid, True),
+    ):
         with pytest.raises(BadRequest):
             OutPoint(bad_txid, bad_vout)
     with pytest.raises(BadRequest):
@@ -110,7 +117,9 @@ def test_payment_sighash_matches_bitcoinlib(outpoint: OutPoint, deposit: int, da
     st.sampled_from([0x01, 0x02, 0x03, 0x81, 0x82, 0x83]),
     st.data(),
 )
-def test_general_bip143_matches_bitcoinlib(ops: list[OutPoint], outs: list[tuple[int, bytes]], hashtype: int, data: Any) -> None:
+def test_general_bip143_matches_bitcoinlib(
+    ops: list[OutPoint], outs: list[tuple[int, bytes]], hashtype: int, data: Any
+) -> None:
     seqs = data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=len(ops), max_size=len(ops)))
     vin = [CMutableTxIn(o.to_coutpoint(), CScript(), s) for o, s in zip(ops, seqs)]
     vout = [CMutableTxOut(v, CScript(s)) for v, s in outs]
@@ -166,17 +175,25 @@ def _check_close(tx: Any, inputs: list[CloseInput], payee_script: bytes, rate: f
 
 
 def _close_input(outpoint: OutPoint, deposit: int, amount: int, payer_script: bytes = PAYER_SCRIPT) -> CloseInput:
-    return CloseInput(outpoint, deposit, WS, payer_script, amount, _payment(outpoint, deposit, amount, payer_script), PAYEE_KEY)
+    return CloseInput(
+        outpoint, deposit, WS, payer_script, amount, _payment(outpoint, deposit, amount, payer_script), PAYEE_KEY
+    )
 
 
 @settings(max_examples=40, deadline=None)
 @given(
-    st.lists(st.tuples(outpoints, st.integers(10_000, 10**8), st.floats(0.01, 1.0), st.booleans(), scripts),
-             min_size=1, max_size=3, unique_by=lambda t: t[0]),
+    st.lists(
+        st.tuples(outpoints, st.integers(10_000, 10**8), st.floats(0.01, 1.0), st.booleans(), scripts),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda t: t[0],
+    ),
     st.sampled_from([1.0, 1.1, 2.5, 7.77, 25.0]),
     scripts,
 )
-def test_close_property(specs: list[tuple[OutPoint, int, float, bool, bytes]], rate: float, payee_script: bytes) -> None:
+def test_close_property(
+    specs: list[tuple[OutPoint, int, float, bool, bytes]], rate: float, payee_script: bytes
+) -> None:
     inputs = []
     for outpoint, deposit, fraction, drain, payer_script in specs:
         amount = deposit if drain else max(1, min(deposit - 546, int(deposit * fraction)))

@@ -85,7 +85,10 @@ def test_the_two_script_versions_differ_in_one_opcode_and_parse_back() -> None:
     legacy = funding_witness_script(PAYER, PAYEE, 300, SCRIPT_LEGACY)
     new = funding_witness_script(PAYER, PAYEE, 300, SCRIPT_DESCRIPTOR)
     assert len(legacy) == len(new) and [i for i, (a, b) in enumerate(zip(legacy, new)) if a != b] == [41]
-    assert legacy[40] == new[40] == 0xB1 and (legacy[41], new[41]) == (0x75, 0x69)  # OP_DROP, OP_VERIFY after OP_CHECKLOCKTIMEVERIFY
+    assert legacy[40] == new[40] == 0xB1 and (legacy[41], new[41]) == (
+        0x75,
+        0x69,
+    )  # OP_DROP, OP_VERIFY after OP_CHECKLOCKTIMEVERIFY
     assert parse_channel_script(legacy) == (PAYER, PAYEE, 300, SCRIPT_LEGACY)
     assert parse_channel_script(new) == (PAYER, PAYEE, 300, SCRIPT_DESCRIPTOR)
     assert parse_funding_witness_script(new) == (PAYER, PAYEE, 300)
@@ -109,9 +112,11 @@ def test_params_json_of_a_legacy_channel_is_unchanged_and_the_version_round_trip
 def test_descriptors_of_both_forms() -> None:
     new = _params(SCRIPT_DESCRIPTOR, 700_000)
     assert strip_checksum(funding_descriptor(new)) == (
-        f"wsh(and_v(or_i(v:pk({PAYEE.hex()}),v:after(700000)),pk({PAYER.hex()})))")
+        f"wsh(and_v(or_i(v:pk({PAYEE.hex()}),v:after(700000)),pk({PAYER.hex()})))"
+    )
     assert strip_checksum(funding_descriptor(new, payer_key=wif(PAYER_KEY, "regtest"))).endswith(
-        f"pk({wif(PAYER_KEY, 'regtest')})))")
+        f"pk({wif(PAYER_KEY, 'regtest')})))"
+    )
     legacy = _params(SCRIPT_LEGACY)
     assert funding_descriptor(legacy) == add_checksum(f"addr({legacy.funding_address})")
     with pytest.raises(BadRequest):
@@ -155,12 +160,22 @@ def test_old_channels_of_the_committed_fixtures_keep_the_legacy_script(tmp_path:
 
 def test_bitcoin_core_computes_the_same_descriptors(bitcoind: RegtestNode) -> None:
     seed = bytes(range(32))
-    seeded = ChannelParams("regtest", public_key(derive_channel_key(seed, 3)), PAYEE, 450, 100_000, CHANGE,
-                           script_version=SCRIPT_DESCRIPTOR)
+    seeded = ChannelParams(
+        "regtest",
+        public_key(derive_channel_key(seed, 3)),
+        PAYEE,
+        450,
+        100_000,
+        CHANGE,
+        script_version=SCRIPT_DESCRIPTOR,
+    )
     cases = [
         (funding_descriptor(_params(SCRIPT_DESCRIPTOR)), _params(SCRIPT_DESCRIPTOR)),
         (funding_descriptor(_params(SCRIPT_DESCRIPTOR, 499_999_999)), _params(SCRIPT_DESCRIPTOR, 499_999_999)),
-        (funding_descriptor(_params(SCRIPT_DESCRIPTOR), payer_key=wif(PAYER_KEY, "regtest")), _params(SCRIPT_DESCRIPTOR)),
+        (
+            funding_descriptor(_params(SCRIPT_DESCRIPTOR), payer_key=wif(PAYER_KEY, "regtest")),
+            _params(SCRIPT_DESCRIPTOR),
+        ),
         (funding_descriptor(seeded, payer_key=seed_key_expression(seed, 3, "regtest")), seeded),
         (funding_descriptor(_params(SCRIPT_LEGACY)), _params(SCRIPT_LEGACY)),
     ]
@@ -171,7 +186,10 @@ def test_bitcoin_core_computes_the_same_descriptors(bitcoind: RegtestNode) -> No
     for params in (_params(SCRIPT_DESCRIPTOR), seeded):  # Core reads the witness script as this miniscript
         decoded = bitcoind.rpc("decodescript", params.witness_script.hex())
         assert decoded["segwit"]["desc"] == funding_descriptor(params)
-    assert "OP_CHECKLOCKTIMEVERIFY OP_VERIFY" in bitcoind.rpc("decodescript", _params(SCRIPT_DESCRIPTOR).witness_script.hex())["asm"]
+    assert (
+        "OP_CHECKLOCKTIMEVERIFY OP_VERIFY"
+        in bitcoind.rpc("decodescript", _params(SCRIPT_DESCRIPTOR).witness_script.hex())["asm"]
+    )
 
 
 def _kill(server: subprocess.Popen[str]) -> None:
@@ -180,33 +198,52 @@ def _kill(server: subprocess.Popen[str]) -> None:
 
 
 def _readme_bitcoin_cli(
-    node: RegtestNode, binary: BitcoindBinary, tmp_path: Path, descriptors: Path,
+    node: RegtestNode,
+    binary: BitcoindBinary,
+    tmp_path: Path,
+    descriptors: Path,
 ) -> list[Callable[..., str]]:
     """The README's ``bitcoin-cli`` lines of "Refund with Bitcoin Core alone", each as a function running it
     on ``node`` (placeholders given as keyword arguments); its stdout."""
     section = README.split("### Refund with Bitcoin Core alone", 1)[1].split("\n## ", 1)[0]
-    lines = [line.split("  #", 1)[0].strip() for block in re.findall(r"```sh\n(.*?)```", section, re.S)
-             for line in block.splitlines() if line.startswith("bitcoin-cli ")]
+    lines = [
+        line.split("  #", 1)[0].strip()
+        for block in re.findall(r"```sh\n(.*?)```", section, re.S)
+        for line in block.splitlines()
+        if line.startswith("bitcoin-cli ")
+    ]
     assert len(lines) == 4
-    cli = " ".join(shlex.quote(a) for a in (*binary.bitcoin_cli, f"-datadir={node.datadir}",
-                                            f"-rpcuser={node.rpc_user}", f"-rpcpassword={node.rpc_password}"))
+    cli = " ".join(
+        shlex.quote(a)
+        for a in (
+            *binary.bitcoin_cli,
+            f"-datadir={node.datadir}",
+            f"-rpcuser={node.rpc_user}",
+            f"-rpcpassword={node.rpc_password}",
+        )
+    )
 
     def runner(line: str) -> Callable[..., str]:
         def run(**values: str) -> str:
             command = line.replace("bitcoin-cli", cli, 1).replace("descriptors.json", str(descriptors))
             for name, value in values.items():
                 command = command.replace(name, value)
-            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120,
-                                  cwd=tmp_path, check=False)
+            done = subprocess.run(
+                ["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False
+            )
             assert done.returncode == 0, (command, done.stderr)
             return done.stdout
+
         return run
 
     return [runner(line) for line in lines]
 
 
 def test_core_wallet_alone_sweeps_the_deposit_after_expiry(
-    bitcoind: RegtestNode, bitcoind_binary: BitcoindBinary, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    bitcoind_binary: BitcoindBinary,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee_cli, server, url = payee_process
@@ -220,7 +257,9 @@ def test_core_wallet_alone_sweeps_the_deposit_after_expiry(
     funding = tx_of(bitcoind, opened["funding_txid"])
     out = next(o for o in funding["vout"] if btc_to_sat(o["value"]) == 100_000)
     assert bitcoind.rpc("deriveaddresses", public["descriptor"]) == [out["scriptPubKey"]["address"]]
-    assert bitcoind.rpc("getdescriptorinfo", strip_checksum(public["descriptor"]))["checksum"] == public["descriptor"][-8:]
+    assert (
+        bitcoind.rpc("getdescriptorinfo", strip_checksum(public["descriptor"]))["checksum"] == public["descriptor"][-8:]
+    )
     assert "private" in payee_cli.fails("channel", cid, "--descriptor", "--private")
 
     private = payer.json("channel", cid, "--descriptor", "--private")["descriptor"]
@@ -239,12 +278,15 @@ def test_core_wallet_alone_sweeps_the_deposit_after_expiry(
     created()
     assert [r["success"] for r in json.loads(imported())] == [True]
     utxos = json.loads(listed())
-    assert [(u["txid"], btc_to_sat(u["amount"]), u["solvable"]) for u in utxos] == [(opened["funding_txid"], 100_000, True)]
+    assert [(u["txid"], btc_to_sat(u["amount"]), u["solvable"]) for u in utxos] == [
+        (opened["funding_txid"], 100_000, True)
+    ]
     dest = bitcoind.new_address(funded_wallet)
     assert bitcoind.tip_height() < expiry
     # before the expiry: signed with the expiry as locktime, the node refuses it as non-final ...
-    early = bitcoind.rpc("sendall", [dest], None, "unset", 2, {"locktime": expiry, "add_to_wallet": False},
-                         wallet="refund")
+    early = bitcoind.rpc(
+        "sendall", [dest], None, "unset", 2, {"locktime": expiry, "add_to_wallet": False}, wallet="refund"
+    )
     assert early["complete"]
     [verdict] = bitcoind.rpc("testmempoolaccept", [early["hex"]])
     assert not verdict["allowed"] and verdict["reject-reason"] == "non-final"
@@ -281,15 +323,23 @@ async def _propose_raw(url: str, body: dict[str, Any]) -> tuple[int, dict[str, A
 async def test_a_proposal_without_the_field_keeps_the_legacy_script(bitcoind: RegtestNode, payee: RunningPayee) -> None:
     info = await _info(payee.url)
     assert info["script_versions"] == [SCRIPT_LEGACY, SCRIPT_DESCRIPTOR]
-    base = {"payer_pubkey": PAYER.hex(), "deposit_sat": 100_000, "expiry_height": info["tip_height"] + 50,
-            "payer_script": CHANGE.hex()}
+    base = {
+        "payer_pubkey": PAYER.hex(),
+        "deposit_sat": 100_000,
+        "expiry_height": info["tip_height"] + 50,
+        "payer_script": CHANGE.hex(),
+    }
     status, old = await _propose_raw(payee.url, base)  # an older client's proposal
     assert status == 201 and old["script_version"] == SCRIPT_LEGACY
     assert parse_channel_script(bytes.fromhex(old["witness_script"]))[3] == SCRIPT_LEGACY
     status, new = await _propose_raw(payee.url, {**base, "script_version": SCRIPT_DESCRIPTOR})
     assert status == 201 and new["script_version"] == SCRIPT_DESCRIPTOR
     assert parse_channel_script(bytes.fromhex(new["witness_script"])) == (
-        PAYER, bytes.fromhex(new["payee_pubkey"]), base["expiry_height"], SCRIPT_DESCRIPTOR)
+        PAYER,
+        bytes.fromhex(new["payee_pubkey"]),
+        base["expiry_height"],
+        SCRIPT_DESCRIPTOR,
+    )
     assert ChannelParams.from_json(payee.store.get(new["channel_id"]).params).script_version == SCRIPT_DESCRIPTOR
     for bad in (2, True, "1", -1):
         status, err = await _propose_raw(payee.url, {**base, "script_version": bad})
@@ -303,7 +353,9 @@ async def _info(url: str) -> dict[str, Any]:
 
 
 async def test_legacy_and_descriptor_channels_both_close_on_chain(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_client: PayerClient,
 ) -> None:
     cids = {}
     for version in (SCRIPT_LEGACY, SCRIPT_DESCRIPTOR):
@@ -313,8 +365,11 @@ async def test_legacy_and_descriptor_channels_both_close_on_chain(
         await payer_client.close(cid)
     bitcoind.mine(1)
     for version, cid in cids.items():
-        await wait_until_async(lambda c=cid: payee.store.get(c).state in ("closing", "closed") and
-                               bool(payee.store.get(c).close_txid), timeout=30, what="close broadcast")
+        await wait_until_async(
+            lambda c=cid: payee.store.get(c).state in ("closing", "closed") and bool(payee.store.get(c).close_txid),
+            timeout=30,
+            what="close broadcast",
+        )
         rec = payee.store.get(cid)
         close = tx_of(bitcoind, rec.close_txid)
         ws = ChannelParams.from_json(rec.params).witness_script
@@ -325,11 +380,15 @@ async def test_legacy_and_descriptor_channels_both_close_on_chain(
 
 
 async def test_legacy_and_descriptor_channels_both_refund_after_expiry(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_factory: PayerFactory,
 ) -> None:
     client = payer_factory("refunder")
-    cids = {v: await open_channel(client, bitcoind, payee.url, 100_000, lifetime=14, script_version=v)
-            for v in (SCRIPT_LEGACY, SCRIPT_DESCRIPTOR)}
+    cids = {
+        v: await open_channel(client, bitcoind, payee.url, 100_000, lifetime=14, script_version=v)
+        for v in (SCRIPT_LEGACY, SCRIPT_DESCRIPTOR)
+    }
     expiry = max(payee.store.get(c).expiry_height for c in cids.values())
     await payee.stop()  # the payee vanishes
     bitcoind.mine(expiry - bitcoind.tip_height())
@@ -362,8 +421,12 @@ def test_descriptor_vectors_check_out_independently(bitcoind: RegtestNode) -> No
     v: dict[str, Any] = json.loads((FIXTURES.parent.parent / "docs" / "vectors.json").read_text())
     d, keys, params = v["descriptor_channel"], v["keys"], v["params"]
     ws = bytes.fromhex(d["witness_script"])
-    assert parse_channel_script(ws) == (bytes.fromhex(keys["payer_pubkey"]), bytes.fromhex(keys["payee_pubkey"]),
-                                        params["expiry_height"], SCRIPT_DESCRIPTOR)
+    assert parse_channel_script(ws) == (
+        bytes.fromhex(keys["payer_pubkey"]),
+        bytes.fromhex(keys["payee_pubkey"]),
+        params["expiry_height"],
+        SCRIPT_DESCRIPTOR,
+    )
     assert d["funding_script"] == "0020" + hashlib.sha256(ws).hexdigest() != v["funding_script"]
     for desc in (d["descriptor"], d["private_descriptor"]):
         assert bitcoind.rpc("getdescriptorinfo", strip_checksum(desc))["checksum"] == desc[-8:]
@@ -380,14 +443,18 @@ def test_descriptor_vectors_check_out_independently(bitcoind: RegtestNode) -> No
     witness = [bytes(x) for x in refund.wit.vtxinwit[0].scriptWitness.stack]
     assert classify_spend(witness, ws) is SpendKind.REFUND and refund.nLockTime == params["expiry_height"]
     assert PublicKey(bytes.fromhex(keys["payer_pubkey"])).verify(
-        witness[0][:-1], bip143_sighash(refund, 0, ws, params["deposit_sat"], 1), hasher=None)
+        witness[0][:-1], bip143_sighash(refund, 0, ws, params["deposit_sat"], 1), hasher=None
+    )
     for tx in (p["close_tx"], d["refund_tx"]):
         decoded = bitcoind.rpc("decoderawtransaction", tx["hex"])
         assert decoded["txid"] == tx["txid"] and decoded["vsize"] == tx["vsize"]
 
 
 async def test_a_payer_asks_an_older_payee_for_nothing_new(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient, monkeypatch: pytest.MonkeyPatch,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_client: PayerClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A payee whose /v1/info has no script_versions (an older one, which refuses unknown fields) gets a
     proposal without script_version, and the channel uses the legacy script on both sides."""
@@ -418,15 +485,27 @@ def test_descriptor_backup_with_and_without_keys(tmp_path: Path) -> None:
     channels left out; without keys every channel not ended, watch-only; ended channels never."""
     with PayerStore(tmp_path / "payer.db") as store:
         index, seeded_key = store.reserve_key()
-        rows = [("seeded", seeded_key, index, SCRIPT_DESCRIPTOR, ChannelState.OPEN),
-                ("random", PAYER_KEY, None, SCRIPT_DESCRIPTOR, ChannelState.FUNDING),
-                ("legacy", hashlib.sha256(b"legacy").digest(), None, SCRIPT_LEGACY, ChannelState.OPEN),
-                ("ended", hashlib.sha256(b"ended").digest(), None, SCRIPT_DESCRIPTOR, ChannelState.CLOSED)]
+        rows = [
+            ("seeded", seeded_key, index, SCRIPT_DESCRIPTOR, ChannelState.OPEN),
+            ("random", PAYER_KEY, None, SCRIPT_DESCRIPTOR, ChannelState.FUNDING),
+            ("legacy", hashlib.sha256(b"legacy").digest(), None, SCRIPT_LEGACY, ChannelState.OPEN),
+            ("ended", hashlib.sha256(b"ended").digest(), None, SCRIPT_DESCRIPTOR, ChannelState.CLOSED),
+        ]
         for n, (name, key, key_index, version, state) in enumerate(rows):
             params = ChannelParams("regtest", public_key(key), PAYEE, 300 + n, 100_000, CHANGE, script_version=version)
-            store.insert(PayerRecord(channel_id=name.ljust(32, "0")[:32], server_url="http://payee", state=state,
-                                     params=params.to_json(), privkey=key, deposit_sat=100_000, expiry_height=300 + n,
-                                     created_at=1_700_000_000.0 + n, key_index=key_index))
+            store.insert(
+                PayerRecord(
+                    channel_id=name.ljust(32, "0")[:32],
+                    server_url="http://payee",
+                    state=state,
+                    params=params.to_json(),
+                    privkey=key,
+                    deposit_sat=100_000,
+                    expiry_height=300 + n,
+                    created_at=1_700_000_000.0 + n,
+                    key_index=key_index,
+                )
+            )
         private = descriptor_backup(store, keys=True)
         public = descriptor_backup(store, keys=False)
         seed = store.seed()
@@ -434,8 +513,10 @@ def test_descriptor_backup_with_and_without_keys(tmp_path: Path) -> None:
         write_descriptor_backup(private, target)
         with pytest.raises(BadRequest):
             write_descriptor_backup(private, target)  # never overwritten without being asked
-    assert [r["label"] for r in private.requests] == ["btcchannel " + "seeded".ljust(32, "0"),
-                                                      "btcchannel " + "random".ljust(32, "0")]
+    assert [r["label"] for r in private.requests] == [
+        "btcchannel " + "seeded".ljust(32, "0"),
+        "btcchannel " + "random".ljust(32, "0"),
+    ]
     assert f"pk({seed_key_expression(seed, index, 'regtest')})" in private.requests[0]["desc"]
     assert f"pk({wif(PAYER_KEY, 'regtest')})" in private.requests[1]["desc"]
     assert private.requests[0]["timestamp"] == 1_700_000_000
@@ -451,4 +532,6 @@ def test_checksums_agree_with_core_on_many_strings(bitcoind: RegtestNode) -> Non
         ours = add_checksum(desc)
         assert bitcoind.rpc("getdescriptorinfo", ours)["checksum"] == ours[-8:], desc
     addr = _params(SCRIPT_DESCRIPTOR).funding_address
-    assert bitcoind.rpc("getdescriptorinfo", add_checksum(f"addr({addr})"))["checksum"] == descriptor_checksum(f"addr({addr})")
+    assert bitcoind.rpc("getdescriptorinfo", add_checksum(f"addr({addr})"))["checksum"] == descriptor_checksum(
+        f"addr({addr})"
+    )

@@ -44,7 +44,10 @@ async def _ended(srv: RunningPayee, cid: str, reason: str, amount: int) -> None:
 
 
 async def test_each_agreed_end_condition_ends_its_channel(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await _payee(payee_factory, tmp_path, mode="prepay")
     client = payer_client
@@ -84,7 +87,10 @@ async def test_each_agreed_end_condition_ends_its_channel(
 
 
 async def test_idle_prepay_channel_is_closed_with_its_last_payment(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await _payee(payee_factory, tmp_path, mode="prepay", idle_timeout_s=1.0)
     client = payer_client
@@ -100,7 +106,10 @@ async def test_idle_prepay_channel_is_closed_with_its_last_payment(
 
 
 async def test_honest_postpay_payer_settles_by_itself_within_the_payment_timeout(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await _payee(payee_factory, tmp_path, mode="postpay", credit_limit_sat=5 * PRICE, payment_timeout_s=1.5)
     client = payer_client
@@ -114,9 +123,16 @@ async def test_honest_postpay_payer_settles_by_itself_within_the_payment_timeout
     try:
         assert (await payer.fetch(f"{srv.url}/v1/file/0"))[0] == 200
         url = f"{srv.url}/v1/file/0"  # the same unit bought on the other channel, never paid for
-        async with aiohttp.ClientSession() as s, s.get(url, headers={
-            HDR_CHANNEL: silent, HDR_AUTH: client.request_auth(silent, "GET", url),
-        }) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                url,
+                headers={
+                    HDR_CHANNEL: silent,
+                    HDR_AUTH: client.request_auth(silent, "GET", url),
+                },
+            ) as r,
+        ):
             assert r.status == 200
         client.store.add_units(silent, 1)
         # both payers now pause, well inside their credit line, for longer than the payment timeout
@@ -134,7 +150,10 @@ async def test_honest_postpay_payer_settles_by_itself_within_the_payment_timeout
 
 @pytest.mark.allow_payee_errors
 async def test_a_paid_unit_whose_handler_fails_is_credited_to_the_next_request(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     failures = {"raise": 1, "503": 1}
 
@@ -150,7 +169,9 @@ async def test_a_paid_unit_whose_handler_fails_is_credited_to_the_next_request(
     for mode in ("prepay", "postpay"):
         failures.update({"raise": 1, "503": 1})
         srv = await payee_factory.start(
-            hook=lambda app: add_paid_route(app, "GET", "/v1/flaky", flaky), price_sat=PRICE, mode=mode,
+            hook=lambda app: add_paid_route(app, "GET", "/v1/flaky", flaky),
+            price_sat=PRICE,
+            mode=mode,
             credit_limit_sat=5 * PRICE,
         )
         client = payer_client

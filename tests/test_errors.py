@@ -126,11 +126,20 @@ def test_node_error_constructors() -> None:
 def test_rpc_constants_are_bitcoinds_codes() -> None:
     """The numbers of bitcoind's src/rpc/protocol.h, importable from bitcoind.rpc."""
     expected = {
-        "RPC_MISC_ERROR": -1, "RPC_TYPE_ERROR": -3, "RPC_WALLET_ERROR": -4,
-        "RPC_INVALID_ADDRESS_OR_KEY": -5, "RPC_WALLET_INSUFFICIENT_FUNDS": -6,
-        "RPC_INVALID_PARAMETER": -8, "RPC_WALLET_NOT_FOUND": -18, "RPC_WALLET_NOT_SPECIFIED": -19,
-        "RPC_DESERIALIZATION_ERROR": -22, "RPC_VERIFY_ERROR": -25, "RPC_VERIFY_REJECTED": -26,
-        "RPC_VERIFY_ALREADY_IN_CHAIN": -27, "RPC_IN_WARMUP": -28, "RPC_WALLET_ALREADY_LOADED": -35,
+        "RPC_MISC_ERROR": -1,
+        "RPC_TYPE_ERROR": -3,
+        "RPC_WALLET_ERROR": -4,
+        "RPC_INVALID_ADDRESS_OR_KEY": -5,
+        "RPC_WALLET_INSUFFICIENT_FUNDS": -6,
+        "RPC_INVALID_PARAMETER": -8,
+        "RPC_WALLET_NOT_FOUND": -18,
+        "RPC_WALLET_NOT_SPECIFIED": -19,
+        "RPC_DESERIALIZATION_ERROR": -22,
+        "RPC_VERIFY_ERROR": -25,
+        "RPC_VERIFY_REJECTED": -26,
+        "RPC_VERIFY_ALREADY_IN_CHAIN": -27,
+        "RPC_IN_WARMUP": -28,
+        "RPC_WALLET_ALREADY_LOADED": -35,
         "RPC_METHOD_NOT_FOUND": -32601,
     }
     for name, number in expected.items():
@@ -138,9 +147,15 @@ def test_rpc_constants_are_bitcoinds_codes() -> None:
         assert name in rpc.__all__
         assert type(NodeError.from_rpc(number, "")) is not NodeError, name
     api = {
-        "RpcInvalidAddressOrKey": -5, "RpcWalletError": -4, "RpcInsufficientFunds": -6,
-        "RpcInvalidParameter": -8, "RpcWalletNotFound": -18, "RpcVerifyError": -25,
-        "RpcVerifyRejected": -26, "RpcAlreadyInChain": -27, "RpcMethodNotFound": -32601,
+        "RpcInvalidAddressOrKey": -5,
+        "RpcWalletError": -4,
+        "RpcInsufficientFunds": -6,
+        "RpcInvalidParameter": -8,
+        "RpcWalletNotFound": -18,
+        "RpcVerifyError": -25,
+        "RpcVerifyRejected": -26,
+        "RpcAlreadyInChain": -27,
+        "RpcMethodNotFound": -32601,
     }
     for name, number in api.items():
         assert getattr(errors, name).RPC_ERROR_CODE == number, name

@@ -35,8 +35,16 @@ def _watch_only_of(bitcoind: RegtestNode, signer: str) -> str:
     name = f"watch{next(_numbers)}"
     bitcoind.rpc("createwallet", name, True, True)  # private keys disabled, blank
     public = bitcoind.rpc("listdescriptors", wallet=signer)["descriptors"]
-    requests = [{"desc": d["desc"], "timestamp": 0, "active": d["active"], "internal": d.get("internal", False),
-                 **({"range": d["range"], "next_index": d.get("next", 0)} if "range" in d else {})} for d in public]
+    requests = [
+        {
+            "desc": d["desc"],
+            "timestamp": 0,
+            "active": d["active"],
+            "internal": d.get("internal", False),
+            **({"range": d["range"], "next_index": d.get("next", 0)} if "range" in d else {}),
+        }
+        for d in public
+    ]
     assert all(r["success"] for r in bitcoind.rpc("importdescriptors", requests, wallet=name))
     assert bitcoind.rpc("getwalletinfo", wallet=name)["private_keys_enabled"] is False
     return name
@@ -60,15 +68,28 @@ def _open_state(payee: CliProcess, cid: str) -> bool:
 
 
 def test_psbt_signed_by_an_external_wallet_opens_and_pays(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, _, url = payee_process
     watch = _watch_only_of(bitcoind, funded_wallet)
     payer = CliProcess(bitcoind, tmp_path / "payer", watch)
     refund_to = bitcoind.new_address(funded_wallet)
-    done = payer.run("--json", "open", url, "--deposit-sat", "150000", "--lifetime-blocks", "30", "--psbt",
-                     "--no-wait", "--refund-address", refund_to)
+    done = payer.run(
+        "--json",
+        "open",
+        url,
+        "--deposit-sat",
+        "150000",
+        "--lifetime-blocks",
+        "30",
+        "--psbt",
+        "--no-wait",
+        "--refund-address",
+        refund_to,
+    )
     assert done.returncode == 0, done.stderr
     request, proposed = _lines(done.stdout)
     cid = request["channel_id"]
@@ -81,7 +102,9 @@ def test_psbt_signed_by_an_external_wallet_opens_and_pays(
     assert all("final_scriptwitness" not in i and "partial_signatures" not in i for i in decoded["inputs"])
 
     # a transaction that does not pay exactly the deposit is refused and not broadcast
-    wrong = bitcoind.rpc("walletcreatefundedpsbt", [], [{request["funding_address"]: "0.00149999"}], wallet=funded_wallet)
+    wrong = bitcoind.rpc(
+        "walletcreatefundedpsbt", [], [{request["funding_address"]: "0.00149999"}], wallet=funded_wallet
+    )
     wrong_hex = _sign_externally(bitcoind, funded_wallet, wrong["psbt"])
     err = payer.error("open", url, "--funding-tx", wrong_hex)
     assert err["code"] == "funding_mismatch", err
@@ -102,16 +125,33 @@ def test_psbt_signed_by_an_external_wallet_opens_and_pays(
 
 
 def test_open_psbt_waits_for_the_funding_in_a_block(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     _, _, url = payee_process
     watch = _watch_only_of(bitcoind, funded_wallet)
     payer = CliProcess(bitcoind, tmp_path / "payer", watch)
     proc = subprocess.Popen(
-        payer.argv("--json", "open", url, "--deposit-sat", "120000", "--lifetime-blocks", "30", "--psbt",
-                   "--refund-address", bitcoind.new_address(funded_wallet), "--timeout", "60"),
-        env=payer.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        payer.argv(
+            "--json",
+            "open",
+            url,
+            "--deposit-sat",
+            "120000",
+            "--lifetime-blocks",
+            "30",
+            "--psbt",
+            "--refund-address",
+            bitcoind.new_address(funded_wallet),
+            "--timeout",
+            "60",
+        ),
+        env=payer.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -132,13 +172,21 @@ def test_open_psbt_waits_for_the_funding_in_a_block(
 
 
 async def test_a_funding_tx_for_a_proposal_the_payee_dropped_is_not_broadcast(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient, funded_wallet: str,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_client: PayerClient,
+    funded_wallet: str,
 ) -> None:
     cid = await payer_client.propose(payee.url, 100_000, 20)
     request = await funding_request(payer_client, cid)
     assert request["psbt"] is not None  # the payer's own node wallet can fund it
-    tx_hex = _sign_externally(bitcoind, funded_wallet, bitcoind.rpc(
-        "walletcreatefundedpsbt", [], [{request["funding_address"]: request["amount_btc"]}], wallet=funded_wallet)["psbt"])
+    tx_hex = _sign_externally(
+        bitcoind,
+        funded_wallet,
+        bitcoind.rpc(
+            "walletcreatefundedpsbt", [], [{request["funding_address"]: request["amount_btc"]}], wallet=funded_wallet
+        )["psbt"],
+    )
     assert funding_outpoint(ChannelParams.from_json(payer_client.store.get(cid).params), tx_hex).vout in (0, 1)
     await payer_client.close(cid)  # a close request on a proposal cancels it
     with pytest.raises(BadRequest, match="failed"):  # known here already

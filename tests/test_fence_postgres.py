@@ -32,8 +32,9 @@ CONFIG: dict[str, Any] = dict(close_margin_blocks=6, close_fee_rate_sat_vb=1.0, 
 
 
 def _proposal(cid: str) -> PayeeRecord:
-    return PayeeRecord(channel_id=cid, state="proposed", params={"x": 1}, privkey=b"\x01" * 32,
-                       deposit_sat=100_000, expiry_height=500)
+    return PayeeRecord(
+        channel_id=cid, state="proposed", params={"x": 1}, privkey=b"\x01" * 32, deposit_sat=100_000, expiry_height=500
+    )
 
 
 def _closing(s: PgPayeeStore, cid: str, n: int) -> None:
@@ -93,7 +94,10 @@ def _unspent(bitcoind: RegtestNode, rec: PayeeRecord) -> bool:
 
 
 async def test_a_close_whose_intent_lost_its_compare_and_set_is_never_broadcast(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, postgres_url: str,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+    postgres_url: str,
 ) -> None:
     srv = await payee_factory.start(run_watcher=False, store_url=postgres_url, **CONFIG)
     closer = srv.app[CLOSER]
@@ -141,7 +145,10 @@ def _log(proc: ServerProcess) -> str:
 
 
 async def test_leader_lock_session_terminated_under_load(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory, postgres_url: str,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
+    postgres_url: str,
 ) -> None:
     """Payments flow through two instances; the leader's lock session is terminated: the old leader
     stops within 2 s (no step, no broadcast, no close compare-and-set), the other leads, and every
@@ -160,20 +167,27 @@ async def test_leader_lock_session_terminated_under_load(
         i = 0
         while not stop.is_set():
             payment = await client.sign_next(cid, client.store.get(cid).amount_sat + 100)
-            _, ans = await client.request("POST", f"{url_a if i % 2 else url_b}/v1/channels/{cid}/payments",
-                                          payment.to_json())
+            _, ans = await client.request(
+                "POST", f"{url_a if i % 2 else url_b}/v1/channels/{cid}/payments", payment.to_json()
+            )
             assert ans["amount_sat"] == payment.amount_sat
             client.store.set_acked(cid, payment.amount_sat)
             i += 1
 
     payers = [asyncio.ensure_future(stream(cid)) for cid in ids]
-    await wait_until_async(lambda: all(client.store.get(c).acked_sat >= 1_000 for c in ids), timeout=60,
-                           what="payments flowing through both instances")
+    await wait_until_async(
+        lambda: all(client.store.get(c).acked_sat >= 1_000 for c in ids),
+        timeout=60,
+        what="payments flowing through both instances",
+    )
     assert terminate_leader(postgres_url) is not None
     await wait_until_async(lambda: LOST_LINE in _log(a), timeout=2, what="the old leader to stop")
     await wait_until_async(lambda: LEAD_LINE in _log(b), timeout=10, what="the other instance to lead")
-    await wait_until_async(lambda: all(client.store.get(c).acked_sat >= 2_000 for c in ids), timeout=60,
-                           what="payments flowing on after the change of leader")
+    await wait_until_async(
+        lambda: all(client.store.get(c).acked_sat >= 2_000 for c in ids),
+        timeout=60,
+        what="payments flowing on after the change of leader",
+    )
     stop.set()
     await asyncio.wait_for(asyncio.gather(*payers), 30)
     acked = {cid: client.store.get(cid).acked_sat for cid in ids}
@@ -186,11 +200,13 @@ async def test_leader_lock_session_terminated_under_load(
     with PgPayeeStore(postgres_url) as store:
         expiry = max(store.get(c).expiry_height for c in ids)
         bitcoind.mine(expiry - 6 - bitcoind.tip_height())
-        await wait_until_async(lambda: all(store.get(c).close_txid for c in ids), timeout=30,
-                               what="every close broadcast")
+        await wait_until_async(
+            lambda: all(store.get(c).close_txid for c in ids), timeout=30, what="every close broadcast"
+        )
         bitcoind.mine(1)
-        await wait_until_async(lambda: all(store.get(c).state == "closed" for c in ids), timeout=30,
-                               what="the closes confirmed")
+        await wait_until_async(
+            lambda: all(store.get(c).state == "closed" for c in ids), timeout=30, what="the closes confirmed"
+        )
         for cid in ids:
             rec = store.get(cid)
             assert len(rec.close_txids) == 1  # one closer: no competing close was ever recorded

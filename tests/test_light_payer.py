@@ -23,8 +23,12 @@ from btcchannel.testing import RunningPayee, wait_until, wait_until_async
 @pytest.fixture
 def filter_node(bitcoind: RegtestNode, bitcoind_binary: BitcoindBinary, tmp_path: Path) -> Iterator[RegtestNode]:
     """A node serving compact block filters, a peer of the shared test node (whose blocks it follows)."""
-    node = RegtestNode(datadir=tmp_path / "filters", binary=bitcoind_binary, zmq=False,
-                       extra_args=("-blockfilterindex=1", "-peerblockfilters=1"))
+    node = RegtestNode(
+        datadir=tmp_path / "filters",
+        binary=bitcoind_binary,
+        zmq=False,
+        extra_args=("-blockfilterindex=1", "-peerblockfilters=1"),
+    )
     node.start()
     try:
         node.connect(bitcoind)
@@ -37,8 +41,13 @@ def filter_node(bitcoind: RegtestNode, bitcoind_binary: BitcoindBinary, tmp_path
 @pytest.fixture
 async def light(filter_node: RegtestNode, tmp_path: Path) -> AsyncIterator[LightNode]:
     master = BIP32.from_seed(bytes(range(32)), network="test").get_xpriv()
-    node = LightNode(f"wpkh({master}/84h/1h/0h/0/*)", f"wpkh({master}/84h/1h/0h/1/*)", "regtest",
-                     [("127.0.0.1", filter_node.p2p_port)], tmp_path / "light")
+    node = LightNode(
+        f"wpkh({master}/84h/1h/0h/0/*)",
+        f"wpkh({master}/84h/1h/0h/1/*)",
+        "regtest",
+        [("127.0.0.1", filter_node.p2p_port)],
+        tmp_path / "light",
+    )
     await node.start()
     try:
         yield node
@@ -51,8 +60,12 @@ def _synced(bitcoind: RegtestNode, filter_node: RegtestNode) -> None:
 
 
 async def test_light_payer_opens_pays_follows_and_refunds(
-    bitcoind: RegtestNode, filter_node: RegtestNode, light: LightNode, funded_wallet: str,
-    payee: RunningPayee, tmp_path: Path,
+    bitcoind: RegtestNode,
+    filter_node: RegtestNode,
+    light: LightNode,
+    funded_wallet: str,
+    payee: RunningPayee,
+    tmp_path: Path,
 ) -> None:
     with pytest.raises(NodeUnavailable):
         await light.call("getblockchaininfo")  # no RPC: everything below goes through filters and P2P
@@ -79,7 +92,9 @@ async def test_light_payer_opens_pays_follows_and_refunds(
         _synced(bitcoind, filter_node)
         await light.wait_for_height(bitcoind.tip_height())
         for txid in funding.values():
-            assert await light.tx_confirmations(txid) == 3 == bitcoind.rpc("getrawtransaction", txid, 1)["confirmations"]
+            assert (
+                await light.tx_confirmations(txid) == 3 == bitcoind.rpc("getrawtransaction", txid, 1)["confirmations"]
+            )
 
         # a close: the payer's change comes back to the light wallet, which sees the close in a block
         close_txid = (await client.close(closed))["close_txid"]

@@ -10,14 +10,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from btcchannel.payer.client import PayerClient
+from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.errors import AmountNotAgreed, BadRequest, WrongAmount
 from btcchannel.payee.metered import add_file_route, add_paid_route
+from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
-from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
-from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
+from btcchannel.wire import HDR_AMOUNT, HDR_AUTH, HDR_CHANNEL, HDR_SIGNATURE
 
 CHUNK = 100
 
@@ -46,11 +46,15 @@ async def _closed_with(bitcoind: RegtestNode, srv: RunningPayee, cid: str, amoun
 
 
 async def test_prepay_file_chunks(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=100, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK), price_sat=100, mode="prepay"
+    )
     client = payer_client
     async with aiohttp.ClientSession() as s:
         # unpaid: 402 with the price and where to open a channel
@@ -79,8 +83,12 @@ async def test_prepay_file_chunks(
         assert srv.store.get(cid).amount_sat == 1000
         # replaying the last payment buys nothing
         last = srv.store.get(cid)
-        hdr = _auth(client, cid, f"{srv.url}/v1/file/3", **{HDR_AMOUNT: str(last.amount_sat),
-                                                              HDR_SIGNATURE: last.signature.hex()})
+        hdr = _auth(
+            client,
+            cid,
+            f"{srv.url}/v1/file/3",
+            **{HDR_AMOUNT: str(last.amount_sat), HDR_SIGNATURE: last.signature.hex()},
+        )
         async with s.get(f"{srv.url}/v1/file/3", headers=hdr) as r:
             assert r.status == 409 and (await r.json())["error"]["code"] == "stale_payment"
         # a forged payment of the wrong amount does not end the channel
@@ -104,11 +112,18 @@ async def test_prepay_file_chunks(
 
 
 async def test_prepay_unit_count_and_capacity(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=5000, mode="prepay", min_deposit_sat=15_000)
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+        price_sat=5000,
+        mode="prepay",
+        min_deposit_sat=15_000,
+    )
     client = payer_client
     units = await client.open_channel(srv.url, 100_000, 60, wait_open=False, max_units=3)
     capacity = await client.open_channel(srv.url, 20_000, 60, wait_open=False)
@@ -131,11 +146,19 @@ async def test_prepay_unit_count_and_capacity(
 
 
 async def test_postpay_credit_timeout_and_wrong_amount(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=1000, mode="postpay", credit_limit_sat=3000, payment_timeout_s=1.0)
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+        price_sat=1000,
+        mode="postpay",
+        credit_limit_sat=3000,
+        payment_timeout_s=1.0,
+    )
     client = payer_client
     async with aiohttp.ClientSession() as s:
         good = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
@@ -180,7 +203,9 @@ async def test_postpay_credit_timeout_and_wrong_amount(
 
 @pytest.mark.allow_payee_errors  # the handler's write fails once the payer dropped the connection
 async def test_a_streamed_unit_the_payer_breaks_off_is_still_charged(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A malicious payer reads most of a paid streamed answer, then drops the connection: the
     handler's next write fails. What it received was served: the unit stays charged (no credit
@@ -201,8 +226,9 @@ async def test_a_streamed_unit_the_payer_breaks_off_is_still_charged(
         finished.append("done")
         return resp
 
-    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "GET", "/v1/stream", stream),
-                                    price_sat=100, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_paid_route(app, "GET", "/v1/stream", stream), price_sat=100, mode="prepay"
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     url = f"{srv.url}/v1/stream"
@@ -217,7 +243,8 @@ async def test_a_streamed_unit_the_payer_breaks_off_is_still_charged(
         r.close()  # most of it received: the connection is dropped
     await wait_until_async(lambda: finished, timeout=30, what="the handler ended")
     assert finished != ["done"]  # the handler's write failed after the payer left
-    await wait_until_async(lambda: srv.store.get(cid).units + srv.store.get(cid).unit_credit == 1, timeout=30,
-                           what="the unit settled")
+    await wait_until_async(
+        lambda: srv.store.get(cid).units + srv.store.get(cid).unit_credit == 1, timeout=30, what="the unit settled"
+    )
     rec = srv.store.get(cid)
     assert (rec.amount_sat, rec.units, rec.unit_credit) == (100, 1, 0)

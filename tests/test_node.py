@@ -11,6 +11,17 @@ from typing import Any
 import pytest
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
+from btcchannel.bitcoind.regtest import RegtestNode, free_port
+from btcchannel.bitcoind.rpc import (
+    RPC_METHOD_NOT_FOUND,
+    RPC_VERIFY_ALREADY_IN_CHAIN,
+    RPC_VERIFY_ERROR,
+    RPC_VERIFY_REJECTED,
+    RPC_WALLET_ERROR,
+    Node,
+    TxOutInfo,
+)
+from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
     NodeError,
     NodeUnavailable,
@@ -29,18 +40,6 @@ from btcchannel.errors import (
     RpcWalletNotFound,
     RpcWalletNotSpecified,
 )
-from btcchannel.bitcoind.rpc import (
-    RPC_INVALID_ADDRESS_OR_KEY,
-    RPC_METHOD_NOT_FOUND,
-    RPC_VERIFY_ALREADY_IN_CHAIN,
-    RPC_VERIFY_ERROR,
-    RPC_VERIFY_REJECTED,
-    RPC_WALLET_ERROR,
-    Node,
-    TxOutInfo,
-)
-from btcchannel.bitcoind.regtest import RegtestNode, free_port
-from btcchannel.core.tx import OutPoint
 
 
 def p2wsh(witness_script: bytes) -> bytes:
@@ -63,8 +62,13 @@ def wallet_script(bitcoind: RegtestNode, wallet: str) -> tuple[str, bytes]:
 
 
 def spend_hex(
-    bitcoind: RegtestNode, wallet: str, outpoint: OutPoint, amount_sat: int, *,
-    locktime: int = 0, sequence: int = 0xFFFFFFFD,
+    bitcoind: RegtestNode,
+    wallet: str,
+    outpoint: OutPoint,
+    amount_sat: int,
+    *,
+    locktime: int = 0,
+    sequence: int = 0xFFFFFFFD,
 ) -> str:
     """A wallet-signed transaction spending ``outpoint`` to a fresh wallet address."""
     raw = bitcoind.rpc(
@@ -74,8 +78,14 @@ def spend_hex(
         locktime,
     )
     prev = bitcoind.rpc("getrawtransaction", outpoint.txid, True)["vout"][outpoint.vout]
-    prevtxs = [{"txid": outpoint.txid, "vout": outpoint.vout, "amount": prev["value"],
-                "scriptPubKey": prev["scriptPubKey"]["hex"]}]  # also signs an already spent output
+    prevtxs = [
+        {
+            "txid": outpoint.txid,
+            "vout": outpoint.vout,
+            "amount": prev["value"],
+            "scriptPubKey": prev["scriptPubKey"]["hex"],
+        }
+    ]  # also signs an already spent output
     signed = bitcoind.rpc("signrawtransactionwithwallet", raw, prevtxs, wallet=wallet)
     assert signed["complete"], signed
     return str(signed["hex"])
@@ -103,9 +113,7 @@ async def test_call_routes_to_wallet_and_types_rpc_errors(node: Node, funded_wal
     assert e.value.rpc_code == -8
 
 
-async def test_fund_output_pays_exactly_and_confirms(
-    node: Node, bitcoind: RegtestNode, funded_wallet: str
-) -> None:
+async def test_fund_output_pays_exactly_and_confirms(node: Node, bitcoind: RegtestNode, funded_wallet: str) -> None:
     amount = 987_654_321  # 9.87654321 BTC: every digit must survive the float round trip
     balance_before = bitcoind.balance_sat(funded_wallet)
     outpoint = await node.fund_output(SOME_P2WSH, amount)
@@ -134,9 +142,7 @@ async def test_fund_output_pays_exactly_and_confirms(
     assert bitcoind.balance_sat(funded_wallet) == balance_before - amount - fee
 
 
-async def test_fund_output_with_fee_rate_and_any_script(
-    node: Node, bitcoind: RegtestNode, funded_wallet: str
-) -> None:
+async def test_fund_output_with_fee_rate_and_any_script(node: Node, bitcoind: RegtestNode, funded_wallet: str) -> None:
     address, p2wpkh = wallet_script(bitcoind, funded_wallet)
     outpoint = await node.fund_output(p2wpkh, 50_000, fee_rate_sat_vb=7.0)
     tx = await node.get_transaction(outpoint.txid)
@@ -203,9 +209,7 @@ async def test_test_mempool_accept_reports_the_reject_reason(
     assert not ok and reason in ("txn-already-in-mempool", "txn-already-known")
 
 
-async def test_broadcast_errors_are_node_errors(
-    node: Node, bitcoind: RegtestNode, funded_wallet: str
-) -> None:
+async def test_broadcast_errors_are_node_errors(node: Node, bitcoind: RegtestNode, funded_wallet: str) -> None:
     _, script = wallet_script(bitcoind, funded_wallet)
     outpoint = await node.fund_output(script, 100_000)
     bitcoind.mine(1)
@@ -239,9 +243,7 @@ async def test_broadcast_errors_are_node_errors(
 # ---------------------------------------------------------------------------- spends
 
 
-async def test_find_spender_in_mempool_and_in_blocks(
-    node: Node, bitcoind: RegtestNode, funded_wallet: str
-) -> None:
+async def test_find_spender_in_mempool_and_in_blocks(node: Node, bitcoind: RegtestNode, funded_wallet: str) -> None:
     _, script = wallet_script(bitcoind, funded_wallet)
     outpoint = await node.fund_output(script, 200_000)
     start = await node.tip_height()
@@ -362,7 +364,6 @@ def test_constructor_refuses_two_kinds_of_auth(tmp_path: Path) -> None:
         Node("http://127.0.0.1:1", auth=("u", "p"), cookie_file=tmp_path / ".cookie")
 
 
-
 # ---------------------------------------------------------------------------- typed RPC errors
 
 
@@ -386,12 +387,18 @@ RPC_ERROR_CASES: list[tuple[type[NodeError], str, tuple[Any, ...], str | None]] 
 
 
 @pytest.mark.parametrize(
-    "expected,method,params,wallet", RPC_ERROR_CASES,
+    "expected,method,params,wallet",
+    RPC_ERROR_CASES,
     ids=[f"{cls.__name__}-{method}" for cls, method, _, _ in RPC_ERROR_CASES],
 )
 async def test_each_rpc_error_code_raises_its_class(
-    node: Node, bitcoind: RegtestNode, funded_wallet: str,
-    expected: type[NodeError], method: str, params: tuple[Any, ...], wallet: str | None,
+    node: Node,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    expected: type[NodeError],
+    method: str,
+    params: tuple[Any, ...],
+    wallet: str | None,
 ) -> None:
     address = bitcoind.new_address(funded_wallet)
 
@@ -410,9 +417,7 @@ async def test_each_rpc_error_code_raises_its_class(
         bitcoind.rpc(method, *args, wallet=fill(wallet))
 
 
-async def test_broadcast_errors_have_their_classes(
-    node: Node, bitcoind: RegtestNode, funded_wallet: str
-) -> None:
+async def test_broadcast_errors_have_their_classes(node: Node, bitcoind: RegtestNode, funded_wallet: str) -> None:
     _, script = wallet_script(bitcoind, funded_wallet)
     outpoint = await node.fund_output(script, 100_000)
     bitcoind.mine(1)

@@ -27,7 +27,8 @@ async def _followed(watcher: Watcher, node: RegtestNode, timeout: float) -> floa
     start = time.monotonic()
     await wait_until_async(
         lambda: watcher.store.chain_cursor() == (height, best) and watcher.tip.height == height,
-        timeout=timeout, what=f"the watcher at block {height}",
+        timeout=timeout,
+        what=f"the watcher at block {height}",
     )
     return time.monotonic() - start
 
@@ -55,7 +56,8 @@ async def test_a_mined_block_wakes_the_watcher_at_once(bitcoind: RegtestNode, pa
 
 
 async def test_without_zmq_the_watcher_follows_by_polling(
-    node_factory: Callable[..., RegtestNode], tmp_path: Path,
+    node_factory: Callable[..., RegtestNode],
+    tmp_path: Path,
 ) -> None:
     bare = node_factory(zmq=False)
     node = node_for(bare, "miner")

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.cli import main
 from btcchannel.logs import RepeatFilter, hold_back_repeats
-from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.appkeys import CLIENT_ERRORS
+from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.metered import add_file_route
 from btcchannel.payee.metrics import METRICS, install_metrics
 from btcchannel.store import PayeeStore
@@ -41,7 +41,8 @@ def _file_route(path: Path) -> object:
 
 
 async def test_metrics_are_not_public_and_402_urls_come_from_the_public_url(
-    payee_factory: PayeeFactory, tmp_path: Path,
+    payee_factory: PayeeFactory,
+    tmp_path: Path,
 ) -> None:
     cfg = payee_factory.config(price_sat=100, public_url="https://pay.example/btc/")
     payee = await payee_factory.start(cfg, hook=_file_route(tmp_path / "data.bin"))  # type: ignore[arg-type]
@@ -71,7 +72,8 @@ async def test_metrics_are_not_public_and_402_urls_come_from_the_public_url(
 
 
 async def test_the_host_header_is_only_a_fallback_on_loopback_or_regtest(
-    payee_factory: PayeeFactory, tmp_path: Path,
+    payee_factory: PayeeFactory,
+    tmp_path: Path,
 ) -> None:
     payee = await payee_factory.start(price_sat=100, hook=_file_route(tmp_path / "data.bin"))  # type: ignore[arg-type]
     async with httpx.AsyncClient(timeout=10) as http:  # regtest on loopback: the documented fallback
@@ -79,10 +81,12 @@ async def test_the_host_header_is_only_a_fallback_on_loopback_or_regtest(
         assert answer.json()["payment"]["channels_url"] == "http://127.0.0.1:1234/v1/channels"
     with pytest.raises(ValueError, match="public_url"):  # a public address on a public network: refused
         ServerConfig(datadir=tmp_path, network="signet", host="0.0.0.0", price_sat=100)
-    assert ServerConfig(datadir=tmp_path, network="signet", host="0.0.0.0", price_sat=100,
-                        public_url="https://pay.example").host_header_allowed
-    assert ServerConfig(datadir=tmp_path, network="signet", host="0.0.0.0", price_sat=100,
-                        trust_host_header=True).host_header_allowed
+    assert ServerConfig(
+        datadir=tmp_path, network="signet", host="0.0.0.0", price_sat=100, public_url="https://pay.example"
+    ).host_header_allowed
+    assert ServerConfig(
+        datadir=tmp_path, network="signet", host="0.0.0.0", price_sat=100, trust_host_header=True
+    ).host_header_allowed
     assert ServerConfig(datadir=tmp_path, network="signet", host="::1", price_sat=100).host_header_allowed
     with pytest.raises(ValueError, match="public_url"):
         ServerConfig(datadir=tmp_path, public_url="ftp://x")
@@ -109,17 +113,25 @@ def test_secrets_from_a_file_stdin_or_the_environment(bitcoind: RegtestNode, tmp
     assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "node_unavailable"
     # the seed from standard input (never on the command line)
     seed = "ab" * 32
-    out = subprocess.run(cli.argv("--json", "seed", "restore", "--role", "payee", "--from-file", "-"), input=seed + "\n",
-                         env=cli.env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        cli.argv("--json", "seed", "restore", "--role", "payee", "--from-file", "-"),
+        input=seed + "\n",
+        env=cli.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     with PayeeStore(cli.datadir / "regtest" / "payee.db") as store:
         assert store.seed().hex() == seed
-    out = subprocess.run(cli.argv("seed", "restore", "--role", "payee"), env=cli.env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        cli.argv("seed", "restore", "--role", "payee"), env=cli.env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2 and "SEED_HEX or --from-file" in out.stderr
     # the store's URL from the environment: BTCCHANNEL_STORE (a bad one is refused as a usage error)
-    refused = CliRunner().invoke(main, ["--datadir", str(tmp_path / "x"), "serve"],
-                                 env={"BTCCHANNEL_STORE": "mysql://user:secret@db/x"})
+    refused = CliRunner().invoke(
+        main, ["--datadir", str(tmp_path / "x"), "serve"], env={"BTCCHANNEL_STORE": "mysql://user:secret@db/x"}
+    )
     assert refused.exit_code == 2 and "postgresql://" in refused.output
 
 

@@ -17,8 +17,8 @@ import pytest
 from btcchannel.amounts import btc_to_sat
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.store import PayerStore
-from btcchannel.wait import wait_until
 from btcchannel.testing.cli import CliProcess
+from btcchannel.wait import wait_until
 
 
 def _backup_amounts(path: Path) -> dict[str, int]:
@@ -36,9 +36,24 @@ def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, s
     bitcoind.create_wallet("backup-payee")
     cli = CliProcess(bitcoind, tmp_path / "payee", "backup-payee")
     copy = tmp_path / "other-disk" / "payee.db"
-    proc = subprocess.Popen(cli.argv("--json", "serve", "--port", "0", "--price-sat", "0",  # free-form payments
-                                     "--backup-db", str(copy), "--backup-interval", "3600"),
-                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cli.argv(
+            "--json",
+            "serve",
+            "--port",
+            "0",
+            "--price-sat",
+            "0",  # free-form payments
+            "--backup-db",
+            str(copy),
+            "--backup-interval",
+            "3600",
+        ),
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         yield cli, proc, json.loads(proc.stdout.readline())["url"], copy
@@ -49,7 +64,9 @@ def payee(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, s
 
 
 def test_payer_backup_follows_every_open_and_never_overwrites_a_users_file(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee: tuple[CliProcess, subprocess.Popen[str], str, Path],
 ) -> None:
     _, _, url, _ = payee
@@ -63,8 +80,10 @@ def test_payer_backup_follows_every_open_and_never_overwrites_a_users_file(
     with PayerStore(payer.datadir / "regtest" / "payer.db") as store:
         assert saved["channels"][0]["privkey"] == store.get(first["channel_id"]).privkey.hex()
     second = payer.json("open", url, "--deposit-sat", "20000", "--lifetime-blocks", "40", "--no-wait")
-    assert [c["channel_id"] for c in json.loads(backup.read_text())["channels"]] == \
-        [first["channel_id"], second["channel_id"]]
+    assert [c["channel_id"] for c in json.loads(backup.read_text())["channels"]] == [
+        first["channel_id"],
+        second["channel_id"],
+    ]
 
     # a user's own file is never overwritten: not by export, not by the automatic backup
     notes = tmp_path / "notes.txt"
@@ -82,7 +101,9 @@ def test_payer_backup_follows_every_open_and_never_overwrites_a_users_file(
 
 
 def test_payee_restores_from_its_continuous_copy_and_closes_every_open_channel(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee: tuple[CliProcess, subprocess.Popen[str], str, Path],
 ) -> None:
     payee_cli, proc, url, copy = payee
@@ -96,8 +117,11 @@ def test_payee_restores_from_its_continuous_copy_and_closes_every_open_channel(
     payer.json("pay", b["channel_id"], "--amount-sat", "5000")
     payer.json("pay", b["channel_id"], "--amount-sat", "1000")
     # the copy follows every payment (the timer is an hour: these copies are change-driven)
-    wait_until(lambda: _backup_amounts(copy) == {a["channel_id"]: 7000, b["channel_id"]: 6000}, timeout=30,
-               what="the backup holds the latest payments")
+    wait_until(
+        lambda: _backup_amounts(copy) == {a["channel_id"]: 7000, b["channel_id"]: 6000},
+        timeout=30,
+        what="the backup holds the latest payments",
+    )
 
     # the payee's disk dies
     proc.send_signal(signal.SIGKILL)

@@ -26,13 +26,20 @@ CHUNK = 100
 @contextlib.asynccontextmanager
 async def miner(bitcoind: RegtestNode, client: PayerClient) -> AsyncIterator[None]:
     """The chain's part, in the background: a block as soon as the payer broadcasts a funding."""
+
     async def run() -> None:
         while True:
-            await wait_until_async(lambda: any(r.state is ChannelState.FUNDING for r in client.store.list()),
-                                   timeout=600, what="a funding to mine")
+            await wait_until_async(
+                lambda: any(r.state is ChannelState.FUNDING for r in client.store.list()),
+                timeout=600,
+                what="a funding to mine",
+            )
             bitcoind.mine(1)
-            await wait_until_async(lambda: all(r.state is not ChannelState.FUNDING for r in client.store.list()),
-                                   timeout=60, what="the funded channel open")
+            await wait_until_async(
+                lambda: all(r.state is not ChannelState.FUNDING for r in client.store.list()),
+                timeout=60,
+                what="the funded channel open",
+            )
 
     task = asyncio.ensure_future(run())
     try:
@@ -46,13 +53,17 @@ async def miner(bitcoind: RegtestNode, client: PayerClient) -> AsyncIterator[Non
 async def _file_payee(payee_factory: PayeeFactory, tmp_path: Path, price: int, chunks: int) -> tuple[str, bytes]:
     data = os.urandom(chunks * CHUNK)
     (tmp_path / "data.bin").write_bytes(data)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, tmp_path / "data.bin", chunk_size=CHUNK),
-                                    price_sat=price, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, tmp_path / "data.bin", chunk_size=CHUNK), price_sat=price, mode="prepay"
+    )
     return srv.url, data
 
 
 async def test_rollover_before_the_deposit_runs_out(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     url, data = await _file_payee(payee_factory, tmp_path, 500, 10)
     # 20 units of 500 sat per channel; the next one is opened when less than 2,500 sat are left
@@ -61,7 +72,7 @@ async def test_rollover_before_the_deposit_runs_out(
     async with miner(bitcoind, payer_client), ContinuousPayer(payer_client, url, policy) as payer:
         for i in range(40):
             status, body = await payer.fetch(f"{url}/v1/file/{i % 10}")
-            assert status == 200 and body == data[(i % 10) * CHUNK:(i % 10 + 1) * CHUNK]
+            assert status == 200 and body == data[(i % 10) * CHUNK : (i % 10 + 1) * CHUNK]
             assert payer._current is not None
             used.append(payer._current.channel_id)
             if payer.next_pending:  # a client with think time: the next channel opens meanwhile
@@ -78,7 +89,10 @@ async def test_rollover_before_the_deposit_runs_out(
 
 
 async def test_a_session_that_outruns_its_open_waits_then_goes_on(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     url, _ = await _file_payee(payee_factory, tmp_path, 500, 1)
     policy = RolloverPolicy(deposit_sat=10_000, lifetime_blocks=100, min_remaining_sat=1_000, min_blocks_left=5)
@@ -90,7 +104,10 @@ async def test_a_session_that_outruns_its_open_waits_then_goes_on(
 
 
 async def test_rollover_before_the_channel_expires(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     url, _ = await _file_payee(payee_factory, tmp_path, 100, 1)
     policy = RolloverPolicy(deposit_sat=10_000, lifetime_blocks=14, min_remaining_sat=1_000, min_blocks_left=4)

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.wait import wait_until
 from btcchannel.testing.cli import CliProcess
+from btcchannel.wait import wait_until
 
 
 @pytest.fixture
@@ -26,9 +26,26 @@ def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, 
     cli = CliProcess(bitcoind, tmp_path / "payee", "ops-payee")
     (tmp_path / "data.bin").write_bytes(os.urandom(3000))
     log = (tmp_path / "payee.log").open("w")
-    proc = subprocess.Popen(cli.argv("--json", "-v", "--log-json", "serve", "--port", "0", "--price-sat", "1000",
-                                     "--serve-file", str(tmp_path / "data.bin"), "--chunk-size", "1000"),
-                            env=cli.env, stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen(
+        cli.argv(
+            "--json",
+            "-v",
+            "--log-json",
+            "serve",
+            "--port",
+            "0",
+            "--price-sat",
+            "1000",
+            "--serve-file",
+            str(tmp_path / "data.bin"),
+            "--chunk-size",
+            "1000",
+        ),
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         yield cli, proc, json.loads(proc.stdout.readline())["url"]
@@ -41,12 +58,17 @@ def served(bitcoind: RegtestNode, tmp_path: Path) -> Iterator[tuple[CliProcess, 
 
 def _samples(metrics_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = httpx.get(metrics_url, timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     served: tuple[CliProcess, subprocess.Popen[str], str],
 ) -> None:
     payee, proc, url = served
@@ -92,9 +114,13 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert {c["channel_id"]: c["state"] for c in payer.json("list")["channels"]}[cid] == "closed"
     s = payee.json("summary")["payee"]
     assert s["earned_sat"] == 4000 and s["channels"]["closed"] == 1
-    assert s["open"] == {"channels": 1, "amount_sat": 0, "deposit_sat": 30000,
-                         "nearest_expiry_height": short["expiry_height"],
-                         "blocks_to_nearest_expiry": short["expiry_height"] - bitcoind.tip_height()}
+    assert s["open"] == {
+        "channels": 1,
+        "amount_sat": 0,
+        "deposit_sat": 30000,
+        "nearest_expiry_height": short["expiry_height"],
+        "blocks_to_nearest_expiry": short["expiry_height"] - bitcoind.tip_height(),
+    }
     assert s["close_fee_rate_sat_vb"]["last"] >= 1.0
     text = payee.run("summary").stdout
     assert "earned         4000 sat" in text and "close fees" in text

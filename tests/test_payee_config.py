@@ -50,7 +50,8 @@ def test_the_cli_refuses_a_one_block_margin(tmp_path: Path) -> None:
 
 
 async def test_the_service_logs_the_warning_at_start(
-    payee_factory: PayeeFactory, caplog: pytest.LogCaptureFixture,
+    payee_factory: PayeeFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="btcchannel.payee.http"):
         await payee_factory.start(close_margin_blocks=4, bump_after_blocks=1000)

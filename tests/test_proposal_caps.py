@@ -22,12 +22,17 @@ TOTAL = 100
 
 def _proposal(bitcoind: RegtestNode) -> dict[str, Any]:
     pub = keys.public_key(keys.generate_private_key())
-    return {"payer_pubkey": pub.hex(), "deposit_sat": 50_000, "expiry_height": bitcoind.tip_height() + 50,
-            "payer_script": script.p2wpkh_script(pub).hex()}
+    return {
+        "payer_pubkey": pub.hex(),
+        "deposit_sat": 50_000,
+        "expiry_height": bitcoind.tip_height() + 50,
+        "payer_script": script.p2wpkh_script(pub).hex(),
+    }
 
 
-async def _propose(url: str, body: dict[str, Any], source: str = "127.0.0.1",
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+async def _propose(
+    url: str, body: dict[str, Any], source: str = "127.0.0.1", headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     """POST a proposal from the local address ``source`` (a fresh connection each time)."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0))) as s:
         async with s.post(f"{url}/v1/channels", json=body, headers=headers or {}) as resp:
@@ -35,10 +40,10 @@ async def _propose(url: str, body: dict[str, Any], source: str = "127.0.0.1",
 
 
 async def test_a_proposal_flood_from_ten_addresses_locks_no_one_out(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
 ) -> None:
-    srv = await payee_factory.start(max_proposals=TOTAL, max_proposals_per_client=PER_CLIENT,
-                                    proposal_grace_s=1.0)
+    srv = await payee_factory.start(max_proposals=TOTAL, max_proposals_per_client=PER_CLIENT, proposal_grace_s=1.0)
     body = _proposal(bitcoind)
     flooders = [f"127.0.0.{i}" for i in range(2, 12)]
     for source in flooders:
@@ -68,7 +73,8 @@ async def test_a_proposal_flood_from_ten_addresses_locks_no_one_out(
 
 
 async def test_clients_behind_a_trusted_proxy_are_told_apart(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
 ) -> None:
     srv = await payee_factory.start(max_proposals_per_client=2, trusted_proxies=("127.0.0.1",))
     body = _proposal(bitcoind)
@@ -87,8 +93,11 @@ async def test_clients_behind_a_trusted_proxy_are_told_apart(
 
 def test_an_ipv6_client_is_its_64(tmp_path: Path) -> None:
     cfg = ServerConfig(datadir=tmp_path, trusted_proxies=("10.0.0.0/8",))
-    assert cfg.client_address("2001:db8:1:2:aaaa::1", []) == cfg.client_address("2001:db8:1:2:bbbb::7", []) \
+    assert (
+        cfg.client_address("2001:db8:1:2:aaaa::1", [])
+        == cfg.client_address("2001:db8:1:2:bbbb::7", [])
         == "2001:db8:1:2::/64"
+    )
     assert cfg.client_address("2001:db8:1:3::1", []) == "2001:db8:1:3::/64"
     assert cfg.client_address("::ffff:192.0.2.1", []) == "192.0.2.1"
     assert cfg.client_address("10.1.2.3", ["192.0.2.9, 10.9.9.9"]) == "192.0.2.9"  # past the trusted hops

@@ -41,8 +41,13 @@ async def _raw(url: str, method: str, path: str, headers: dict[str, str], body: 
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:
-        head = [f"{method} {path} HTTP/1.1", f"Host: {parts.netloc}", "Connection: close",
-                f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+        head = [
+            f"{method} {path} HTTP/1.1",
+            f"Host: {parts.netloc}",
+            "Connection: close",
+            f"Content-Length: {len(body)}",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), timeout=30)
@@ -68,7 +73,9 @@ async def _prepay_headers(client: PayerClient, cid: str, url: str, units: int = 
     return {**pay, HDR_AUTH: client.request_auth(cid, "GET", url, None, pay)}
 
 
-def _auth_only(client: PayerClient, cid: str, url: str, method: str = "GET", body: bytes | None = None) -> dict[str, str]:
+def _auth_only(
+    client: PayerClient, cid: str, url: str, method: str = "GET", body: bytes | None = None
+) -> dict[str, str]:
     return {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, method, url, body)}
 
 
@@ -77,15 +84,22 @@ async def _pay_ahead(url: str, client: PayerClient, cid: str, units: int) -> int
     implementation, may send); returns the acknowledged total."""
     rec = client.store.get(cid)
     payment = await client.sign_next(cid, rec.amount_sat + PRICE * units, units_ahead=units)
-    status, _, raw = await _raw(url, "POST", f"/v1/channels/{cid}/payments", {"Content-Type": "application/json"},
-                                json.dumps(payment.to_json()).encode())
+    status, _, raw = await _raw(
+        url,
+        "POST",
+        f"/v1/channels/{cid}/payments",
+        {"Content-Type": "application/json"},
+        json.dumps(payment.to_json()).encode(),
+    )
     assert status == 200, raw
     client.store.set_acked(cid, payment.amount_sat)
     return int(json.loads(raw)["amount_sat"])
 
 
 async def test_the_retried_final_payment_is_answered_200(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start()
     client = payer_client
@@ -112,17 +126,21 @@ async def test_the_retried_final_payment_is_answered_200(
 
 
 async def test_a_lost_prepay_answer_is_served_again_and_charged_once(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=PRICE, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK), price_sat=PRICE, mode="prepay"
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     headers = await _prepay_headers(client, cid, f"{srv.url}/v1/file/3")
     first = await _raw(srv.url, "GET", "/v1/file/3", headers)  # its answer is "lost": sent again as it was
     again = await _raw(srv.url, "GET", "/v1/file/3", headers)
-    assert first[0] == again[0] == 200 and first[2] == again[2] == data.read_bytes()[3 * CHUNK:4 * CHUNK]
+    assert first[0] == again[0] == 200 and first[2] == again[2] == data.read_bytes()[3 * CHUNK : 4 * CHUNK]
     assert again[1]["x-btcchannel-paid"] == str(PRICE) and again[1]["x-btcchannel-state"] == "open"
     rec = srv.store.get(cid)
     assert (rec.amount_sat, rec.units, rec.payments) == (PRICE, 1, 1)
@@ -140,11 +158,15 @@ async def test_a_lost_prepay_answer_is_served_again_and_charged_once(
 
 
 async def test_an_older_counter_is_refused_naming_the_last(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=PRICE, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK), price_sat=PRICE, mode="prepay"
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     old = await _prepay_headers(client, cid, f"{srv.url}/v1/file/0")
@@ -161,11 +183,15 @@ async def test_an_older_counter_is_refused_naming_the_last(
 
 
 async def test_prepaid_surplus_is_spent_by_auth_only_requests(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=PRICE, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK), price_sat=PRICE, mode="prepay"
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     assert await _pay_ahead(srv.url, client, cid, 3) == 3 * PRICE  # paid on /payments: three units ahead
@@ -173,7 +199,7 @@ async def test_prepaid_surplus_is_spent_by_auth_only_requests(
         headers = _auth_only(client, cid, f"{srv.url}/v1/file/{i}")
         assert HDR_AMOUNT not in headers
         status, hdrs, chunk = await _raw(srv.url, "GET", f"/v1/file/{i}", headers)
-        assert status == 200 and chunk == data.read_bytes()[i * CHUNK:(i + 1) * CHUNK]
+        assert status == 200 and chunk == data.read_bytes()[i * CHUNK : (i + 1) * CHUNK]
         assert hdrs["x-btcchannel-paid"] == str(3 * PRICE)
     rec = srv.store.get(cid)
     assert (rec.amount_sat, rec.units) == (3 * PRICE, 3)
@@ -195,14 +221,20 @@ async def test_prepaid_surplus_is_spent_by_auth_only_requests(
 
 
 async def test_the_unit_that_ends_the_channel_says_so(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=PRICE, mode="prepay")
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK), price_sat=PRICE, mode="prepay"
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000, max_units=2)
-    status, hdrs, _ = await _raw(srv.url, "GET", "/v1/file/0", await _prepay_headers(client, cid, f"{srv.url}/v1/file/0"))
+    status, hdrs, _ = await _raw(
+        srv.url, "GET", "/v1/file/0", await _prepay_headers(client, cid, f"{srv.url}/v1/file/0")
+    )
     assert status == 200 and hdrs["x-btcchannel-state"] == "open" and "x-btcchannel-end-reason" not in hdrs
     client.store.add_units(cid, 1, PRICE)
     last = await _prepay_headers(client, cid, f"{srv.url}/v1/file/1")
@@ -216,13 +248,19 @@ async def test_the_unit_that_ends_the_channel_says_so(
 
 
 async def test_a_swapped_body_is_refused(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     async def echo(request: web.Request) -> web.StreamResponse:
         return web.Response(body=await request.read())
 
-    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "POST", "/v1/echo", echo),
-                                    price_sat=PRICE, mode="postpay", credit_limit_sat=10 * PRICE)
+    srv = await payee_factory.start(
+        hook=lambda app: add_paid_route(app, "POST", "/v1/echo", echo),
+        price_sat=PRICE,
+        mode="postpay",
+        credit_limit_sat=10 * PRICE,
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     url = f"{srv.url}/v1/echo"
@@ -232,12 +270,14 @@ async def test_a_swapped_body_is_refused(
     assert srv.store.get(cid).units == 0
     # a v1 signature does not cover the body: refused on any request that has one
     counter = client.store.next_request_counter(cid, client.clock_us())
-    v1 = f"{counter}.{sign_digest(client.store.get(cid).privkey, request_digest(cid, counter, 'POST', '/v1/echo')).hex()}"
+    v1_sig = sign_digest(client.store.get(cid).privkey, request_digest(cid, counter, "POST", "/v1/echo"))
+    v1 = f"{counter}.{v1_sig.hex()}"
     status, _, raw = await _raw(srv.url, "POST", "/v1/echo", {HDR_CHANNEL: cid, HDR_AUTH: v1}, b'{"buy": 1}')
     assert status == 401 and "v2" in json.loads(raw)["error"]["message"]
     # the body it was signed for is served and charged
-    status, _, raw = await _raw(srv.url, "POST", "/v1/echo", _auth_only(client, cid, url, "POST", b'{"buy": 1}'),
-                                b'{"buy": 1}')
+    status, _, raw = await _raw(
+        srv.url, "POST", "/v1/echo", _auth_only(client, cid, url, "POST", b'{"buy": 1}'), b'{"buy": 1}'
+    )
     assert (status, raw) == (200, b'{"buy": 1}')
     # so is the same through the payer's client (it signs the body it sends)
     payer = MeteredPayer(client, cid)
@@ -249,11 +289,18 @@ async def test_a_swapped_body_is_refused(
 
 
 async def test_a_clock_jump_and_a_restart_do_not_lock_the_channel(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=PRICE, mode="postpay", credit_limit_sat=10 * PRICE)
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+        price_sat=PRICE,
+        mode="postpay",
+        credit_limit_sat=10 * PRICE,
+    )
     client = payer_factory("payer")
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     ten_years_us = 10 * 365 * 86_400 * 1_000_000
@@ -283,13 +330,20 @@ async def test_a_clock_jump_and_a_restart_do_not_lock_the_channel(
 
 
 async def test_credit_across_channels_is_capped(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     price = 1_000
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=price, mode="postpay", credit_limit_sat=2 * price,
-                                    credit_cap_per_client_sat=6 * price)
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+        price_sat=price,
+        mode="postpay",
+        credit_limit_sat=2 * price,
+        credit_cap_per_client_sat=6 * price,
+    )
     client = payer_client
     cids = [await client.open_channel(srv.url, 100_000, 60, wait_open=False) for _ in range(4)]
     bitcoind.mine(1)
@@ -314,7 +368,9 @@ async def test_credit_across_channels_is_capped(
 
 
 async def test_an_uneconomic_close_ends_refunded(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start(close_fee_rate_sat_vb=5.0)
     client = payer_client
@@ -336,17 +392,29 @@ async def test_an_uneconomic_close_ends_refunded(
     await wait_until_async(lambda: srv.store.get(cid).state == "refunded", timeout=30, what="refunded")
     assert srv.store.get(cid).exception_txid == txid
     # the stored payment, retried after the end, is still answered with its stored result
-    status, _, raw = await _raw(srv.url, "POST", f"/v1/channels/{cid}/payments", {"Content-Type": "application/json"},
-                                json.dumps({"amount_sat": 300, "signature": sig.hex()}).encode())
+    status, _, raw = await _raw(
+        srv.url,
+        "POST",
+        f"/v1/channels/{cid}/payments",
+        {"Content-Type": "application/json"},
+        json.dumps({"amount_sat": 300, "signature": sig.hex()}).encode(),
+    )
     assert status == 200 and json.loads(raw) == {"channel_id": cid, "amount_sat": 300, "state": "refunded"}
 
 
 async def test_paid_requests_need_tls_or_a_loopback_client(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     data = _file(tmp_path)
-    srv = await payee_factory.start(hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
-                                    price_sat=PRICE, mode="postpay", credit_limit_sat=10 * PRICE)
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK),
+        price_sat=PRICE,
+        mode="postpay",
+        credit_limit_sat=10 * PRICE,
+    )
     cid = await open_channel(payer_client, bitcoind, srv.url, 100_000)
     gate = PaymentGate(srv.svc)
     url = "http://api.example/v1/file/0"
@@ -362,12 +430,15 @@ async def test_paid_requests_need_tls_or_a_loopback_client(
     assert srv.store.get(cid).units == 2
     srv.svc.config.allow_plain_http = True  # the operator's opt-out
     headers = {"Host": "api.example", **_auth_only(payer_client, cid, url)}
-    assert isinstance(await gate.admit("GET", "/v1/file/0", headers, 1, "http://api.example", peer="203.0.113.5"),
-                      Charge)
+    assert isinstance(
+        await gate.admit("GET", "/v1/file/0", headers, 1, "http://api.example", peer="203.0.113.5"), Charge
+    )
 
 
 async def test_an_asgi_paid_post_is_signed_over_its_body(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     config = payee_factory.config(price_sat=1, mode="postpay", credit_limit_sat=10_000)
     paid = PaidRoutes({("POST", "/echo"): 100})
@@ -388,8 +459,9 @@ async def test_an_asgi_paid_post_is_signed_over_its_body(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     task = asyncio.ensure_future(server.serve())
     try:
         await wait_until_async(lambda: server.started, timeout=30, what="uvicorn started")

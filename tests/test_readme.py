@@ -38,8 +38,12 @@ def test_run_on_signet_commands_parse_and_name_the_missing_node(tmp_path: Path) 
     assert len(commands) == 2
     env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "xdg")}
     env.pop("BTCCHANNEL_RPC_URL", None)
-    results = [subprocess.run([sys.executable, "-m", "btcchannel", "--json", *args], env=env, capture_output=True,
-                              text=True, timeout=60) for args in commands]
+    results = [
+        subprocess.run(
+            [sys.executable, "-m", "btcchannel", "--json", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        for args in commands
+    ]
     opened, listed = results
     assert opened.returncode == 1, opened.stderr  # options accepted (2 would be a usage error)
     err = json.loads(opened.stdout)["error"]
@@ -58,8 +62,11 @@ def test_operate_and_backup_commands_parse(tmp_path: Path) -> None:
         lines = [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()]
         backup = tmp_path / "payee.db"  # the restore's argument must exist
         backup.write_bytes(b"")
-        commands = [shlex.split(line.replace("...", "").replace("/mnt/other-disk/payee.db", str(backup)))[1:]
-                    for line in lines if line.startswith("btcchannel ")]
+        commands = [
+            shlex.split(line.replace("...", "").replace("/mnt/other-disk/payee.db", str(backup)))[1:]
+            for line in lines
+            if line.startswith("btcchannel ")
+        ]
         assert commands, title
         for args in commands:
             ctx = main.make_context("btcchannel", list(args))

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from btcchannel.amounts import btc_to_sat
-from btcchannel.cli import main
-from btcchannel.errors import NodeError, NodeUnavailable
 from btcchannel.bitcoind.binary import BitcoindBinary, debian_archive_uri, fetch_bitcoind
 from btcchannel.bitcoind.regtest import RegtestNode, _pid_alive
+from btcchannel.cli import main
+from btcchannel.errors import NodeError, NodeUnavailable
 from btcchannel.wait import wait_until
 
 pytest_plugins = ["pytester"]

@@ -19,8 +19,9 @@ def test_one_transaction_closes_ten_channels_with_every_exact_amount(bitcoind: R
     txid = bitcoind.rpc("sendrawtransaction", tx.serialize().hex())
     bitcoind.mine(1)
     close = close_summary(bitcoind, txid)
-    assert [tuple(i) for i in close["inputs"]] == [(p.payee.params.funding.txid, p.payee.params.funding.vout)
-                                                   for p in pairs if p.payee.params.funding is not None]
+    assert [tuple(i) for i in close["inputs"]] == [
+        (p.payee.params.funding.txid, p.payee.params.funding.vout) for p in pairs if p.payee.params.funding is not None
+    ]
     assert close["outputs"][:10] == [DEPOSIT - a for a in amounts]  # input i pairs with its payer's change
     assert close["outputs"][10] == sum(amounts) - close["fee_sat"]  # one payee output
     assert len(close["outputs"]) == 11

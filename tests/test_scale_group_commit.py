@@ -17,10 +17,10 @@ from btcchannel.testing import open_channel, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory, PayerFactory
 
 CHANNELS = 100
-PAYERS = 10              # clients, each paying on CHANNELS // PAYERS channels at once
+PAYERS = 10  # clients, each paying on CHANNELS // PAYERS channels at once
 DEPOSIT = 1_000_000
 STEP = 500
-OPEN_BATCH = 20          # fundings chained in the mempool before a block (the wallet's chain limit)
+OPEN_BATCH = 20  # fundings chained in the mempool before a block (the wallet's chain limit)
 
 
 async def _pay_until_gone(client: PayerClient, cid: str) -> None:
@@ -45,7 +45,9 @@ async def _open_all(clients: list[PayerClient], bitcoind: RegtestNode, url: str)
 
 
 async def test_sigkill_under_100_concurrent_payers_loses_no_acknowledged_payment(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     cfg = payee_factory.config()
     proc = payee_factory.process(cfg)
@@ -55,8 +57,11 @@ async def test_sigkill_under_100_concurrent_payers_loses_no_acknowledged_payment
     assert len(owner) == CHANNELS
 
     payers = [asyncio.ensure_future(_pay_until_gone(client, cid)) for cid, client in owner.items()]
-    await wait_until_async(lambda: all(c.store.get(cid).acked_sat >= 3 * STEP for cid, c in owner.items()),
-                           timeout=120, what="every channel to have payments acknowledged")
+    await wait_until_async(
+        lambda: all(c.store.get(cid).acked_sat >= 3 * STEP for cid, c in owner.items()),
+        timeout=120,
+        what="every channel to have payments acknowledged",
+    )
     assert await proc.stop(signal.SIGKILL) == -signal.SIGKILL  # mid-stream: payments in flight
     await asyncio.wait_for(asyncio.gather(*payers), 60)
 
@@ -80,11 +85,13 @@ async def test_sigkill_under_100_concurrent_payers_loses_no_acknowledged_payment
         obj = await client.close(cid)
         assert obj["state"] == "closing" and obj["amount_sat"] == last[cid]
     with PayeeStore(cfg.db_path) as store:
-        await wait_until_async(lambda: all(store.get(cid).close_txid for cid in owner), timeout=60,
-                               what="every close broadcast")
+        await wait_until_async(
+            lambda: all(store.get(cid).close_txid for cid in owner), timeout=60, what="every close broadcast"
+        )
         bitcoind.mine(1)
-        await wait_until_async(lambda: all(store.get(cid).state == "closed" for cid in owner), timeout=60,
-                               what="every channel closed")
+        await wait_until_async(
+            lambda: all(store.get(cid).state == "closed" for cid in owner), timeout=60, what="every channel closed"
+        )
         closes = {cid: store.get(cid).close_txid for cid in owner}
     for cid, txid in closes.items():
         assert txid is not None
@@ -94,7 +101,9 @@ async def test_sigkill_under_100_concurrent_payers_loses_no_acknowledged_payment
 
 
 async def test_an_exact_retry_during_the_commit_is_answered_with_its_amount(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     payee = await payee_factory.start()
     client = payer_factory(timeout=10)

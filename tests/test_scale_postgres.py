@@ -49,7 +49,10 @@ async def _send(client: PayerClient, cid: str, url: str, payment: Payment) -> in
 
 
 async def test_two_instances_leader_killed_follower_takes_over(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory, postgres_url: str,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
+    postgres_url: str,
 ) -> None:
     a = payee_factory.process(payee_factory.config("payee-a", store_url=postgres_url))
     b = payee_factory.process(payee_factory.config("payee-b", store_url=postgres_url))
@@ -84,8 +87,11 @@ async def test_two_instances_leader_killed_follower_takes_over(
             after += killed.is_set()
 
     payers = [asyncio.ensure_future(stream(cid)) for cid in ids]
-    await wait_until_async(lambda: all(client.store.get(c).acked_sat >= 14 * STEP for c in ids), timeout=60,
-                           what="payments flowing through both instances")
+    await wait_until_async(
+        lambda: all(client.store.get(c).acked_sat >= 14 * STEP for c in ids),
+        timeout=60,
+        what="payments flowing through both instances",
+    )
     assert await a.stop(signal.SIGKILL) == -signal.SIGKILL
     killed.set()
     await asyncio.wait_for(asyncio.gather(*payers), 60)
@@ -103,11 +109,15 @@ async def test_two_instances_leader_killed_follower_takes_over(
         _, obj = await client.request("POST", f"{url_b}/v1/channels/{cid}/close", {"signature": sig})
         assert obj["state"] == "closing" and obj["amount_sat"] == acked[cid]
     with PgPayeeStore(postgres_url) as store:
-        await wait_until_async(lambda: all(store.get(cid).close_txid for cid in ids), timeout=30,
-                               what="every close broadcast")
+        await wait_until_async(
+            lambda: all(store.get(cid).close_txid for cid in ids), timeout=30, what="every close broadcast"
+        )
         bitcoind.mine(1)
-        await wait_until_async(lambda: all(store.get(cid).state == "closed" for cid in ids), timeout=30,
-                               what="the new leader to see the closes confirmed")
+        await wait_until_async(
+            lambda: all(store.get(cid).state == "closed" for cid in ids),
+            timeout=30,
+            what="the new leader to see the closes confirmed",
+        )
         for cid in ids:
             close = tx_of(bitcoind, str(store.get(cid).close_txid))
             assert sats(close["vout"][0]["value"]) == DEPOSIT - acked[cid]
@@ -115,12 +125,21 @@ async def test_two_instances_leader_killed_follower_takes_over(
 
 def test_cli_serve_with_a_postgresql_store(bitcoind: RegtestNode, tmp_path: Path, postgres_url: str) -> None:
     bitcoind.create_wallet("pg-cli-payee")
-    env = {**os.environ, "BTCCHANNEL_DATADIR": str(tmp_path / "payee"), "BTCCHANNEL_RPC_URL": bitcoind.rpc_url,
-           "BTCCHANNEL_RPC_USER": bitcoind.rpc_user, "BTCCHANNEL_RPC_PASSWORD": bitcoind.rpc_password,
-           "BTCCHANNEL_WALLET": "pg-cli-payee"}
-    proc = subprocess.Popen([sys.executable, "-m", "btcchannel", "--json", "serve", "--port", "0",
-                             "--store", postgres_url], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    env = {
+        **os.environ,
+        "BTCCHANNEL_DATADIR": str(tmp_path / "payee"),
+        "BTCCHANNEL_RPC_URL": bitcoind.rpc_url,
+        "BTCCHANNEL_RPC_USER": bitcoind.rpc_user,
+        "BTCCHANNEL_RPC_PASSWORD": bitcoind.rpc_password,
+        "BTCCHANNEL_WALLET": "pg-cli-payee",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "btcchannel", "--json", "serve", "--port", "0", "--store", postgres_url],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -129,8 +148,13 @@ def test_cli_serve_with_a_postgresql_store(bitcoind: RegtestNode, tmp_path: Path
         with PgPayeeStore(postgres_url) as store:
             assert store.schema_version == PgPayeeStore.latest_version()  # migrated by the service
             assert not store.try_lead()  # the service holds the leader lock
-        bad = subprocess.run([sys.executable, "-m", "btcchannel", "serve", "--store", "sqlite:///x"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        bad = subprocess.run(
+            [sys.executable, "-m", "btcchannel", "serve", "--store", "sqlite:///x"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert bad.returncode == 2 and "postgresql://" in bad.stderr
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -30,8 +30,15 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PayeeStore
 
 
 def _proposal(cid: str, privkey: bytes, key_index: int | None) -> PayeeRecord:
-    return PayeeRecord(channel_id=cid, state="proposed", params={"payee_pubkey": public_key(privkey).hex()},
-                       privkey=privkey, deposit_sat=100_000, expiry_height=500, key_index=key_index)
+    return PayeeRecord(
+        channel_id=cid,
+        state="proposed",
+        params={"payee_pubkey": public_key(privkey).hex()},
+        privkey=privkey,
+        deposit_sat=100_000,
+        expiry_height=500,
+        key_index=key_index,
+    )
 
 
 def test_payee_seed_indexes_and_restore_on_both_stores(store: PayeeStore) -> None:
@@ -51,7 +58,9 @@ def test_payee_seed_indexes_and_restore_on_both_stores(store: PayeeStore) -> Non
 
 
 async def test_payee_restores_wiped_keys_from_its_seed_and_closes(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     cfg = payee_factory.config()
     proc = payee_factory.process(cfg)

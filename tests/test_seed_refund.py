@@ -16,7 +16,9 @@ from btcchannel.testing.cli import CliProcess
 
 
 def test_payer_restores_wiped_keys_from_the_seed_and_refunds_after_expiry(
-    bitcoind: RegtestNode, funded_wallet: str, tmp_path: Path,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    tmp_path: Path,
     payee_process: tuple[CliProcess, subprocess.Popen[str], str],  # noqa: F811
 ) -> None:
     _, server, url = payee_process

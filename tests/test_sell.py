@@ -43,13 +43,21 @@ async def _paid_twice(bitcoind: RegtestNode, client: PayerClient, protocol_url: 
     units = body["payment"]["units"]  # the route's price in units of the agreed price, from its 402
     first = await payer.fetch(paid_url, units=units)
     second = await payer.fetch(paid_url, units=units)
-    return {"header": header, "body": body, "responses": [first, second],
-            "total": client.store.get(cid).acked_sat, "cid": cid}
+    return {
+        "header": header,
+        "body": body,
+        "responses": [first, second],
+        "total": client.store.get(cid).acked_sat,
+        "cid": cid,
+    }
 
 
 @pytest.mark.parametrize("mounted", [True, False], ids=["sub-app", "own-app"])
 async def test_aiohttp_seller(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, mounted: bool,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+    mounted: bool,
 ) -> None:
     config = payee_factory.config(price_sat=1)  # 1 sat a unit: any route price in sat
     config.datadir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +107,9 @@ def _free_port() -> int:
 
 
 async def test_fastapi_seller_under_uvicorn(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     config = payee_factory.config(price_sat=1)
     node = payee_factory.node()
@@ -126,8 +136,9 @@ async def test_fastapi_seller_under_uvicorn(
     async def render() -> dict[str, str]:
         return {"rendered": "yes"}
 
-    server = uvicorn.Server(uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=_free_port(), log_level="warning",
-                                           lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=_free_port(), log_level="warning", lifespan="on")
+    )
     task = asyncio.ensure_future(server.serve())
     try:
         await wait_until_async(lambda: server.started, timeout=30, what="uvicorn started")

@@ -38,11 +38,14 @@ RAISED: dict[str, Callable[[], web.HTTPException]] = {
 def _raising(make: Callable[[], web.HTTPException]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
         raise make()
+
     return handler
 
 
 async def test_raised_http_answers_are_charged_and_never_credited(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     async def bought(request: web.Request) -> web.Response:
         return web.Response(text="the file")
@@ -87,8 +90,16 @@ def _free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def _uvicorn(app: object, **kw: object) -> AsyncIterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning",  # type: ignore[arg-type]
-                                           lifespan="on", **kw))  # type: ignore[arg-type]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=_free_port(),
+            log_level="warning",  # type: ignore[arg-type]
+            lifespan="on",
+            **kw,
+        )
+    )  # type: ignore[arg-type]
     task = asyncio.ensure_future(server.serve())
     try:
         await wait_until_async(lambda: server.started or task.done(), timeout=30, what="uvicorn started")
@@ -101,7 +112,10 @@ async def _uvicorn(app: object, **kw: object) -> AsyncIterator[str]:
 
 @pytest.mark.parametrize("root_path", ["", "/api"], ids=["root", "root-path"])
 async def test_asgi_routes_priced_through_the_router(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient, root_path: str,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+    root_path: str,
 ) -> None:
     config = payee_factory.config(price_sat=1)
     node = payee_factory.node()
@@ -141,8 +155,12 @@ async def test_asgi_routes_priced_through_the_router(
     async with _uvicorn(paid.wrap(api), root_path=root_path) as origin:
         # uvicorn --root-path: the app is behind a proxy that strips the prefix; uvicorn puts it back
         async with aiohttp.ClientSession() as http:
-            for method, path, units in [("HEAD", "/page", 100), ("GET", "/page", 100),
-                                        ("GET", "/items/7", 250), ("GET", "/report", 300)]:
+            for method, path, units in [
+                ("HEAD", "/page", 100),
+                ("GET", "/page", 100),
+                ("GET", "/items/7", 250),
+                ("GET", "/report", 300),
+            ]:
                 async with http.request(method, origin + path) as resp:
                     assert resp.status == 402, (method, path)
                     assert f'units="{units}"' in resp.headers["WWW-Authenticate"], (method, path)

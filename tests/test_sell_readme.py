@@ -29,8 +29,9 @@ from btcchannel.testing.cli import CliProcess
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = (ROOT / "README.md").read_text().split("## Sell your endpoint", 1)[1].split("\n## ", 1)[0]
 PROGRAMS = dict(zip(["aiohttp", "fastapi"], re.findall(r"```python\n(.*?)```", SECTION, re.S)))
-QUICKSTART = re.findall(r"```python\n(.*?)```",
-                        (ROOT / "README.md").read_text().split("## Buy with httpx or requests", 1)[1], re.S)[0]
+QUICKSTART = re.findall(
+    r"```python\n(.*?)```", (ROOT / "README.md").read_text().split("## Buy with httpx or requests", 1)[1], re.S
+)[0]
 
 
 def _free_port() -> int:
@@ -54,16 +55,25 @@ def _running(program: str, tmp_path: Path, bitcoind: RegtestNode) -> Iterator[st
     source = tmp_path / "seller.py"
     source.write_text(program)
     port = _free_port()
-    env = {**os.environ, "PORT": str(port), "BTCCHANNEL_DATADIR": str(tmp_path / "seller"),
-           "BTCCHANNEL_RPC_URL": bitcoind.rpc_url, "BTCCHANNEL_RPC_USER": bitcoind.rpc_user,
-           "BTCCHANNEL_RPC_PASSWORD": bitcoind.rpc_password, "BTCCHANNEL_WALLET": "miner"}
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "BTCCHANNEL_DATADIR": str(tmp_path / "seller"),
+        "BTCCHANNEL_RPC_URL": bitcoind.rpc_url,
+        "BTCCHANNEL_RPC_USER": bitcoind.rpc_user,
+        "BTCCHANNEL_RPC_PASSWORD": bitcoind.rpc_password,
+        "BTCCHANNEL_WALLET": "miner",
+    }
     log = tmp_path / "seller.log"
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, str(source)], env=env, stdout=out, stderr=subprocess.STDOUT)
     origin = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: proc.poll() is not None or _answers(f"{origin}/btc/v1/info"), timeout=60,
-                   what="the seller's program to answer")
+        wait_until(
+            lambda: proc.poll() is not None or _answers(f"{origin}/btc/v1/info"),
+            timeout=60,
+            what="the seller's program to answer",
+        )
         assert proc.poll() is None, log.read_text()
         yield origin
     finally:
@@ -78,7 +88,11 @@ def _running(program: str, tmp_path: Path, bitcoind: RegtestNode) -> Iterator[st
 
 @pytest.mark.parametrize("framework", ["aiohttp", "fastapi"])
 async def test_readme_seller_bought_by_cli_and_library(
-    bitcoind: RegtestNode, funded_wallet: str, payer_client: PayerClient, tmp_path: Path, framework: str,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payer_client: PayerClient,
+    tmp_path: Path,
+    framework: str,
 ) -> None:
     cli = CliProcess(bitcoind, tmp_path / "buyer", funded_wallet)
     with _running(PROGRAMS[framework], tmp_path, bitcoind) as origin:
@@ -86,14 +100,24 @@ async def test_readme_seller_bought_by_cli_and_library(
         # no channel and no deposit: nothing is paid, the exact `open` command is named
         err = cli.error("fetch", url)
         assert err["code"] == "not_open"
-        assert f"btcchannel open {origin}/btc --deposit-sat 25000 --lifetime-blocks 144 --max-price-sat 1" in err["hint"]
+        assert (
+            f"btcchannel open {origin}/btc --deposit-sat 25000 --lifetime-blocks 144 --max-price-sat 1" in err["hint"]
+        )
         # with a deposit, fetch opens the channel at the protocol URL itself and pays exactly 250 sat
         progress = tmp_path / "fetch.err"
         with progress.open("w") as err_out:
-            opening = subprocess.Popen(cli.argv("fetch", url, "--deposit-sat", "20000", "--max-price-sat", "1"),
-                                       env=cli.env, stdout=subprocess.PIPE, stderr=err_out, text=True)
-        wait_until(lambda: opening.poll() is not None or "waiting for confirmations" in progress.read_text(),
-                   timeout=60, what="the funding broadcast")
+            opening = subprocess.Popen(
+                cli.argv("fetch", url, "--deposit-sat", "20000", "--max-price-sat", "1"),
+                env=cli.env,
+                stdout=subprocess.PIPE,
+                stderr=err_out,
+                text=True,
+            )
+        wait_until(
+            lambda: opening.poll() is not None or "waiting for confirmations" in progress.read_text(),
+            timeout=60,
+            what="the funding broadcast",
+        )
         bitcoind.mine(1)
         stdout, _ = opening.communicate(timeout=120)
         assert opening.returncode == 0, progress.read_text()
@@ -118,11 +142,18 @@ async def test_readme_seller_bought_by_cli_and_library(
         assert status == "open"
         if framework == "aiohttp":  # the httpx quickstart, as written, against this seller
             assert len([line for line in QUICKSTART.splitlines() if line.strip()]) <= 5
-            quick = subprocess.Popen([sys.executable, "-c", QUICKSTART.replace("http://127.0.0.1:8080", origin)],
-                                     env={**cli.env, "BTCCHANNEL_DATADIR": str(tmp_path / "quick")},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            wait_until(lambda: quick.poll() is not None or bool(bitcoind.rpc("getrawmempool")), timeout=60,
-                       what="the quickstart's funding")
+            quick = subprocess.Popen(
+                [sys.executable, "-c", QUICKSTART.replace("http://127.0.0.1:8080", origin)],
+                env={**cli.env, "BTCCHANNEL_DATADIR": str(tmp_path / "quick")},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            wait_until(
+                lambda: quick.poll() is not None or bool(bitcoind.rpc("getrawmempool")),
+                timeout=60,
+                what="the quickstart's funding",
+            )
             bitcoind.mine(1)
             out, err = quick.communicate(timeout=120)
             assert quick.returncode == 0, err

@@ -13,8 +13,10 @@ from btcchannel.payee.seller import PaidService, read_config_file
 
 def _config(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "btcchannel.toml"
-    path.write_text(f'[global]\nnetwork = "signet"\ndatadir = "{tmp_path / "state"}"\nwallet = "shop"\n'
-                    f'[serve]\nprice-sat = 2\nmode = "postpay"\ncredit-limit-sat = 40\nport = 8402\n{extra}')
+    path.write_text(
+        f'[global]\nnetwork = "signet"\ndatadir = "{tmp_path / "state"}"\nwallet = "shop"\n'
+        f'[serve]\nprice-sat = 2\nmode = "postpay"\ncredit-limit-sat = 40\nport = 8402\n{extra}'
+    )
     return path
 
 
@@ -40,10 +42,14 @@ def test_paid_service_settings_in_order(tmp_path: Path, monkeypatch: pytest.Monk
         assert service.config.db_path.exists()
     finally:
         service.store.close()
-    service = PaidService(config=_config(tmp_path), node=node, network="regtest", datadir=tmp_path / "arg",
-                          price_sat=5)  # arguments win over both
+    service = PaidService(
+        config=_config(tmp_path), node=node, network="regtest", datadir=tmp_path / "arg", price_sat=5
+    )  # arguments win over both
     try:
         assert (service.config.network, service.config.datadir, service.config.price_sat) == (
-            "regtest", tmp_path / "arg" / "regtest", 5)
+            "regtest",
+            tmp_path / "arg" / "regtest",
+            5,
+        )
     finally:
         service.store.close()

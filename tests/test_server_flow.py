@@ -7,7 +7,9 @@ from btcchannel.payer.client import PayerClient
 from btcchannel.testing import RunningPayee, open_channel, sats, tx_of, wait_until_async
 
 
-async def test_thousand_payments_one_close(bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient) -> None:
+async def test_thousand_payments_one_close(
+    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient
+) -> None:
     srv, client = payee, payer_client
     deposit = 1_000_000
     cid = await open_channel(client, bitcoind, srv.url, deposit)

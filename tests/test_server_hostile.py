@@ -29,31 +29,46 @@ def _hostile(cid: str, rng: random.Random) -> bytes:
     path = f"/v1/channels/{cid}/payments"
     kind = rng.randrange(9)
     if kind == 0:  # a body shorter than its Content-Length, then the client goes
-        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: 200\r\n\r\n").encode() + b'{"amount_sat": 5'
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+        ).encode() + b'{"amount_sat": 5'
     if kind == 1:  # a malformed request line
-        return rng.choice([b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\r\n\r\n",
-                           b"POST  HTTP/1.1\r\n\r\n", b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n"])
+        return rng.choice(
+            [
+                b"GARBAGE\r\n\r\n",
+                b"GET / HTTP/9.9\r\n\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\r\n\r\n",
+                b"POST  HTTP/1.1\r\n\r\n",
+                b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n",
+            ]
+        )
     if kind == 2:  # a header without a colon, a bad Content-Length
-        return rng.choice([f"POST {path} HTTP/1.1\r\nHost x\r\n\r\n".encode(),
-                           f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n".encode(),
-                           f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n".encode()])
+        return rng.choice(
+            [
+                f"POST {path} HTTP/1.1\r\nHost x\r\n\r\n".encode(),
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n".encode(),
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n".encode(),
+            ]
+        )
     if kind == 3:  # an oversized header
         return f"GET /v1/info HTTP/1.1\r\nHost: x\r\nX-Big: {'a' * 20_000}\r\n\r\n".encode()
     if kind == 4:  # broken chunked framing
-        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                "zz\r\nabc\r\n0\r\n\r\n").encode()
+        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n").encode()
     if kind == 5:  # both framings at once (request smuggling)
-        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-                "0\r\n\r\n").encode()
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ).encode()
     if kind == 6:  # garbage JSON
         body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
-        return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        return (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
     if kind == 7:  # a proposal with nonsense
         body = b'{"payer_pubkey": "zz", "deposit_sat": 1e400}'
-        return (f"POST /v1/channels HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n").encode() + body
+        return (
+            f"POST /v1/channels HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
     # many headers
     return ("GET /v1/info HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-{i}: {i}\r\n" for i in range(500)) + "\r\n").encode()
 
@@ -106,10 +121,13 @@ async def _slow(host: str, port: int, body: bool) -> float:
 
 
 async def test_hostile_requests_and_slow_clients_are_harmless(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
-    proc: ServerProcess = payee_factory.process(payee_factory.config(body_timeout_s=BODY_TIMEOUT_S,
-                                                                     header_timeout_s=BODY_TIMEOUT_S))
+    proc: ServerProcess = payee_factory.process(
+        payee_factory.config(body_timeout_s=BODY_TIMEOUT_S, header_timeout_s=BODY_TIMEOUT_S)
+    )
     url = await proc.start()
     cid = await open_channel(payer_client, bitcoind, url, 100_000, 60)
     await payer_client.pay(cid, 1_000)

@@ -24,7 +24,9 @@ async def _pay_until_gone(client: PayerClient, cid: str) -> None:
 
 
 async def test_payee_killed_and_restarted_mid_stream(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     cfg = payee_factory.config()
     proc = payee_factory.process(cfg)
@@ -53,7 +55,9 @@ async def test_payee_killed_and_restarted_mid_stream(
 
 
 async def test_payer_restarted_resumes(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_factory: PayerFactory,
 ) -> None:
     srv = payee
     a = payer_factory()
@@ -94,7 +98,9 @@ async def open_channel_and_pay(client: PayerClient, bitcoind: RegtestNode, url: 
 
 
 async def test_two_payee_processes_share_one_database(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_factory: PayerFactory,
 ) -> None:
     cfg = payee_factory.config()
     a, b = payee_factory.process(cfg), payee_factory.process(cfg)
@@ -123,8 +129,11 @@ async def test_two_payee_processes_share_one_database(
         assert rec.close_txids == [rec.close_txid]  # exactly one close
         assert all(ans[1]["state"] == "closing" for ans in answers)
         assert {ans[1]["close_txid"] for ans in answers} == {rec.close_txid}
-        spenders = [t for t in bitcoind.rpc("getrawmempool")
-                    if any(v.get("txid") == rec.funding_txid for v in tx_of(bitcoind, t)["vin"])]
+        spenders = [
+            t
+            for t in bitcoind.rpc("getrawmempool")
+            if any(v.get("txid") == rec.funding_txid for v in tx_of(bitcoind, t)["vin"])
+        ]
         assert spenders == [rec.close_txid]
         bitcoind.mine(1)
         await wait_until_async(lambda: store.get(cid).state == "closed", timeout=30, what="closed")
@@ -133,7 +142,9 @@ async def test_two_payee_processes_share_one_database(
 
 
 async def test_a_funding_the_payer_died_before_recording_is_still_refunded(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """The payer's process dies between broadcasting the funding and recording its outpoint: its
     row is left ``proposed`` without a funding. After expiry the payer still takes its deposit
@@ -144,8 +155,9 @@ async def test_a_funding_the_payer_died_before_recording_is_still_refunded(
     rec = client.store.get(cid)
     funding = rec.funding_txid
     # the row as that crash leaves it (the funding is in the mempool, the payer does not know it)
-    client.store.set_state(cid, ChannelState.PROPOSED, funding_txid=None, funding_vout=None,
-                           params={**rec.params, "funding": None})
+    client.store.set_state(
+        cid, ChannelState.PROPOSED, funding_txid=None, funding_vout=None, params={**rec.params, "funding": None}
+    )
     bitcoind.mine(rec.expiry_height - bitcoind.tip_height())
     assert tx_of(bitcoind, str(funding))["confirmations"] > 0
     refund = await client.refund(cid)

@@ -18,8 +18,13 @@ from btcchannel.store import PayeeRecord, PayeeStore, PayerRecord, PayerStore
 
 def _proposal(cid: str = "aa" * 16, lapse_at: float | None = None) -> PayeeRecord:
     return PayeeRecord(
-        channel_id=cid, state="proposed", params={"x": 1}, privkey=b"\x01" * 32,
-        deposit_sat=100_000, expiry_height=500, lapse_at=lapse_at,
+        channel_id=cid,
+        state="proposed",
+        params={"x": 1},
+        privkey=b"\x01" * 32,
+        deposit_sat=100_000,
+        expiry_height=500,
+        lapse_at=lapse_at,
     )
 
 
@@ -134,8 +139,17 @@ def test_two_processes_never_both_claim_a_close(tmp_path: Path) -> None:
 def test_payer_store_signed_before_sent_and_backup(tmp_path: Path) -> None:
     p = PayerStore(tmp_path / "payer.db")
     cid = "cd" * 16
-    p.insert(PayerRecord(channel_id=cid, server_url="http://x", state="proposed", params={"a": 1},
-                         privkey=b"\x02" * 32, deposit_sat=50_000, expiry_height=400))
+    p.insert(
+        PayerRecord(
+            channel_id=cid,
+            server_url="http://x",
+            state="proposed",
+            params={"a": 1},
+            privkey=b"\x02" * 32,
+            deposit_sat=50_000,
+            expiry_height=400,
+        )
+    )
     assert p.save_signed(cid, 100, b"s100")
     assert not p.save_signed(cid, 90, b"s90")
     p.set_acked(cid, 100)

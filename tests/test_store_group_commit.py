@@ -20,8 +20,16 @@ def _open_channels(store: PayeeStore, n: int) -> list[str]:
     ids = []
     for i in range(n):
         cid = f"{i:032x}"
-        store.insert_proposal(PayeeRecord(channel_id=cid, state=ChannelState.PROPOSED, params={},
-                                          privkey=b"k" * 32, deposit_sat=100_000, expiry_height=500))
+        store.insert_proposal(
+            PayeeRecord(
+                channel_id=cid,
+                state=ChannelState.PROPOSED,
+                params={},
+                privkey=b"k" * 32,
+                deposit_sat=100_000,
+                expiry_height=500,
+            )
+        )
         assert store.set_funding(cid, f"{i:064x}", 0, 1)
         assert store.set_confirmations(cid, 1, open_now=True)
         ids.append(cid)
@@ -63,8 +71,11 @@ async def test_a_failing_statement_fails_alone(tmp_path: Path) -> None:
         writer = GroupWriter(connect(path))
         try:
             good = writer.submit("UPDATE channels SET amount_sat=? WHERE channel_id=? RETURNING amount_sat", (5, a))
-            bad = writer.submit("UPDATE channels SET funding_txid=(SELECT funding_txid FROM channels"
-                                " WHERE channel_id=?) WHERE channel_id=?", (a, b))  # the unique index refuses
+            bad = writer.submit(
+                "UPDATE channels SET funding_txid=(SELECT funding_txid FROM channels"
+                " WHERE channel_id=?) WHERE channel_id=?",
+                (a, b),
+            )  # the unique index refuses
             also = writer.submit("UPDATE channels SET amount_sat=? WHERE channel_id=? RETURNING amount_sat", (7, b))
             assert await good == [{"amount_sat": 5}]
             with pytest.raises(sqlite3.IntegrityError):
@@ -77,7 +88,10 @@ async def test_a_failing_statement_fails_alone(tmp_path: Path) -> None:
             writer.submit("SELECT 1", ())
 
 
-_READ = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); print(c.execute('SELECT amount_sat FROM channels').fetchone()[0]); c.close()"
+_READ = (
+    "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+    "print(c.execute('SELECT amount_sat FROM channels').fetchone()[0]); c.close()"
+)
 
 
 def test_a_second_connection_in_the_process_keeps_the_wal_alive(tmp_path: Path) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from btcchannel.core.channel import PayeeChannel, PayerChannel
+from btcchannel.core.keys import public_key
 from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import ChannelState, sources
-from btcchannel.core.keys import public_key
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import ChannelError, IllegalTransition
 from btcchannel.store import PayeeRecord, PayeeStore, PayerStore, StoreSchemaError
@@ -99,7 +99,15 @@ def test_payee_v0_migrates_without_losing_a_key_or_payment(tmp_path: Path) -> No
     assert recs[_cid(8)].exception_txid == "f8" * 32 and recs[_cid(8)].state == "refunded"
     assert recs[_cid(2)].funding_inputs == [["bb" * 32, 1], ["cc" * 32, 0]]
     assert [r.state.value for r in recs.values()] == [
-        "proposed", "funding", "open", "closing", "closed", "failed", "closing", "refunded"]
+        "proposed",
+        "funding",
+        "open",
+        "closing",
+        "closed",
+        "failed",
+        "closing",
+        "refunded",
+    ]
 
 
 def test_migrated_payee_rows_rebuild_valid_channels(tmp_path: Path) -> None:
@@ -114,8 +122,7 @@ def test_migrated_payee_rows_rebuild_valid_channels(tmp_path: Path) -> None:
             params = params.with_funding(OutPoint(rec.funding_txid, rec.funding_vout))
             assert public_key(rec.privkey) == params.payee_pubkey and rec.privkey == _k(2 * n + 2)
             # the payee's machine checks the stored best payment's signature on construction
-            ch = PayeeChannel(params, rec.privkey, state=ChannelState.OPEN,
-                              best=Payment(rec.amount_sat, rec.signature))
+            ch = PayeeChannel(params, rec.privkey, state=ChannelState.OPEN, best=Payment(rec.amount_sat, rec.signature))
             assert ch.best is not None and ch.best.amount_sat == rec.amount_sat
 
 
@@ -171,8 +178,7 @@ def test_payer_v0_migrates_without_losing_a_key_or_payment(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("store, name", [(PayeeStore, "payee-v0.db"), (PayerStore, "payer-v0.db")])
-def test_a_newer_database_is_refused(tmp_path: Path, store: type[PayeeStore] | type[PayerStore],
-                                     name: str) -> None:
+def test_a_newer_database_is_refused(tmp_path: Path, store: type[PayeeStore] | type[PayerStore], name: str) -> None:
     db = _copy(name, tmp_path)
     with store(db):
         pass
@@ -204,7 +210,8 @@ def test_a_fresh_file_is_created_at_the_latest_version(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError):  # the flag is a boolean column
         conn.execute(
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
-            " updated_at, close_uneconomic) VALUES ('x', 'proposed', '{}', x'00', 1, 1, 0, 0, 2)")
+            " updated_at, close_uneconomic) VALUES ('x', 'proposed', '{}', x'00', 1, 1, 0, 0, 2)"
+        )
     conn.close()
 
 
@@ -221,9 +228,16 @@ def test_transition_follows_the_table(tmp_path: Path) -> None:
         with pytest.raises(IllegalTransition):
             s.transition(_cid(3), "no_such_event")
         # a close may be claimed while the funding is unconfirmed, as before
-        s.insert_proposal(PayeeRecord(
-            channel_id=_cid(10), state=ChannelState.PROPOSED, params={}, privkey=b"\x01" * 32,
-            deposit_sat=1, expiry_height=1))
+        s.insert_proposal(
+            PayeeRecord(
+                channel_id=_cid(10),
+                state=ChannelState.PROPOSED,
+                params={},
+                privkey=b"\x01" * 32,
+                deposit_sat=1,
+                expiry_height=1,
+            )
+        )
         assert s.set_funding(_cid(10), "aa" * 32, 5, 0)
         claimed = s.claim_close(_cid(10), "payer_request")
         assert claimed is not None and claimed.state is ChannelState.CLOSING

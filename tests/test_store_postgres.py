@@ -3,9 +3,8 @@ group commit, the leader lock, and compare-and-set across processes."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -23,8 +22,15 @@ from btcchannel.wait import wait_until
 
 
 def _proposal(cid: str, lapse_at: float | None = None) -> PayeeRecord:
-    return PayeeRecord(channel_id=cid, state="proposed", params={"x": 1}, privkey=b"\x01" * 32,
-                       deposit_sat=100_000, expiry_height=500, lapse_at=lapse_at)
+    return PayeeRecord(
+        channel_id=cid,
+        state="proposed",
+        params={"x": 1},
+        privkey=b"\x01" * 32,
+        deposit_sat=100_000,
+        expiry_height=500,
+        lapse_at=lapse_at,
+    )
 
 
 def _open(s: PayeeStore, cid: str, n: int = 1) -> None:
@@ -114,7 +120,11 @@ def test_the_same_rules_on_both_stores(store: PayeeStore) -> None:
     assert s.use_surplus("dd" * 16, 1, 100, 5) is None  # the counter was used
     assert s.use_surplus("dd" * 16, 2, 100, 6) is None  # the surplus holds one unit, not two
     credited = s.use_surplus("dd" * 16, 1, 100, 6, b"k" * 32)
-    assert credited is not None and (credited.units, credited.request_counter, credited.last_request) == (2, 6, b"k" * 32)
+    assert credited is not None and (credited.units, credited.request_counter, credited.last_request) == (
+        2,
+        6,
+        b"k" * 32,
+    )
     assert s.use_surplus("dd" * 16, 1, 100, 7) is None  # spent
     # lapse
     s.insert_proposal(_proposal("01" * 16, lapse_at=time.time() - 1))
@@ -180,7 +190,9 @@ def test_processes_never_both_claim_a_close(postgres_url: str) -> None:
         ids = [f"{i:032x}" for i in range(60)]
         for i, cid in enumerate(ids):
             _open(s, cid, i + 1)
-        procs = [subprocess.Popen([sys.executable, "-c", _RACE, postgres_url, *ids], stdout=subprocess.PIPE,
-                                  text=True) for _ in range(3)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _RACE, postgres_url, *ids], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
         assert sum(int(p.communicate(timeout=60)[0]) for p in procs) == len(ids)
         assert all(r.state == "closing" for r in s.list())

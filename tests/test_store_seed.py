@@ -17,9 +17,16 @@ from btcchannel.store import PayerRecord, PayerStore
 
 
 def _record(cid: str, privkey: bytes, key_index: int | None) -> PayerRecord:
-    return PayerRecord(channel_id=cid, server_url="http://payee", state=ChannelState.OPEN,
-                       params={"payer_pubkey": public_key(privkey).hex()}, privkey=privkey,
-                       deposit_sat=100_000, expiry_height=500, key_index=key_index)
+    return PayerRecord(
+        channel_id=cid,
+        server_url="http://payee",
+        state=ChannelState.OPEN,
+        params={"payer_pubkey": public_key(privkey).hex()},
+        privkey=privkey,
+        deposit_sat=100_000,
+        expiry_height=500,
+        key_index=key_index,
+    )
 
 
 def _wipe_keys(db: Path) -> None:
@@ -43,8 +50,10 @@ def test_seed_is_created_once_and_kept_private(tmp_path: Path) -> None:
 def test_an_index_reserved_before_a_crash_is_never_handed_out_again(tmp_path: Path) -> None:
     db = tmp_path / "payer.db"
     # a process reserves an index and dies (SIGKILL) before it stores any channel with it
-    crash = ("import os, signal, sys; from btcchannel.store import PayerStore; s = PayerStore(sys.argv[1]);"
-             " print(s.reserve_key()[0], flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    crash = (
+        "import os, signal, sys; from btcchannel.store import PayerStore; s = PayerStore(sys.argv[1]);"
+        " print(s.reserve_key()[0], flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     out = subprocess.run([sys.executable, "-c", crash, str(db)], capture_output=True, text=True, timeout=60)
     assert out.returncode == -9 and out.stdout.strip() == "0"
     with PayerStore(db) as s:
@@ -74,8 +83,10 @@ def test_lost_keys_are_re_derived_and_checked_random_keys_stay(tmp_path: Path) -
         assert s.get("aa" * 16).privkey == key and s.get("cc" * 16).privkey == random_key
         assert s.restore_keys() == 0
         # a stored public key the seed does not derive: refused, the row is left as it was
-        s._db.execute("UPDATE channels SET privkey=x'', params=? WHERE channel_id=?",
-                      ('{"payer_pubkey": "%s"}' % public_key(random_key).hex(), "aa" * 16))
+        s._db.execute(
+            "UPDATE channels SET privkey=x'', params=? WHERE channel_id=?",
+            ('{"payer_pubkey": "%s"}' % public_key(random_key).hex(), "aa" * 16),
+        )
         with pytest.raises(BadRequest, match="does not derive"):
             s.restore_keys()
         assert s.get("aa" * 16).privkey == b""
@@ -110,8 +121,12 @@ def test_a_backup_without_keys_restores_only_with_its_seed(tmp_path: Path) -> No
         # a keyed backup from another datadir keeps its keys, but not its (foreign) indexes
     with PayerStore(tmp_path / "other.db") as o:
         o.seed()
-        assert o.import_backup({**backup, "channels": [
-            {**c, "privkey": keys[c["channel_id"]].hex()} for c in backup["channels"]]}) == 2
+        assert (
+            o.import_backup(
+                {**backup, "channels": [{**c, "privkey": keys[c["channel_id"]].hex()} for c in backup["channels"]]}
+            )
+            == 2
+        )
         assert [r.key_index for r in o.list()] == [None, None]
         assert o.reserve_key()[0] == 0
 

@@ -58,15 +58,27 @@ def _paid_to_payee(close: dict[str, Any], payer_script: str, deposit: int) -> in
 
 
 async def test_terms_are_agreed_at_open_and_kept_by_both_sides(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
-    srv = await _payee(payee_factory, tmp_path, price_sat=PRICE, mode="prepay", payment_timeout_s=7.5,
-                       idle_timeout_s=3600.0)
+    srv = await _payee(
+        payee_factory, tmp_path, price_sat=PRICE, mode="prepay", payment_timeout_s=7.5, idle_timeout_s=3600.0
+    )
     client = payer_client
     info = await client.info(srv.url)
-    assert info["terms"] == {"price_sat": PRICE, "mode": "prepay", "credit_limit_sat": 0,
-                             "payment_timeout_ms": 7500, "idle_timeout_ms": 3_600_000, "max_total_sat": None,
-                             "max_units": None, "max_payments": None, "end_time": None}
+    assert info["terms"] == {
+        "price_sat": PRICE,
+        "mode": "prepay",
+        "credit_limit_sat": 0,
+        "payment_timeout_ms": 7500,
+        "idle_timeout_ms": 3_600_000,
+        "max_total_sat": None,
+        "max_units": None,
+        "max_payments": None,
+        "end_time": None,
+    }
     # outside the payer's limits: refused before anything is proposed or funded
     for limits in (PayerLimits(max_price_sat=PRICE - 1), PayerLimits(mode="postpay")):
         with pytest.raises(TermsRefused):
@@ -94,12 +106,19 @@ async def test_terms_are_agreed_at_open_and_kept_by_both_sides(
 
 
 async def test_payee_checks_proposed_terms_and_keeps_old_clients_working(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await _payee(payee_factory, tmp_path, price_sat=PRICE, mode="postpay", credit_limit_sat=500)
     tip = bitcoind.rpc("getblockcount")
-    base = {"payer_pubkey": public_key(generate_private_key()).hex(), "deposit_sat": 100_000, "expiry_height": tip + 60,
-            "payer_script": "0014" + "22" * 20}
+    base = {
+        "payer_pubkey": public_key(generate_private_key()).hex(),
+        "deposit_sat": 100_000,
+        "expiry_height": tip + 60,
+        "payer_script": "0014" + "22" * 20,
+    }
     required = Terms.from_json((await payer_client.info(srv.url))["terms"])
     url = f"{srv.url}/v1/channels"
     # an old client (no terms): the payee's current terms with its legacy end conditions
@@ -107,15 +126,24 @@ async def test_payee_checks_proposed_terms_and_keeps_old_clients_working(
     assert status == 201 and ans["terms"] == required.with_end_conditions(max_units=7).to_json()
     assert srv.store.get(ans["channel_id"]).terms == ans["terms"]
     # terms that are not the payee's: terms_mismatch; malformed or out of bounds: bad_request
-    for name, value in (("price_sat", PRICE - 1), ("mode", "prepay"), ("credit_limit_sat", 501),
-                        ("payment_timeout_ms", 1), ("idle_timeout_ms", 1000)):
+    for name, value in (
+        ("price_sat", PRICE - 1),
+        ("mode", "prepay"),
+        ("credit_limit_sat", 501),
+        ("payment_timeout_ms", 1),
+        ("idle_timeout_ms", 1000),
+    ):
         status, ans = await _post(url, {**base, "terms": {**required.to_json(), name: value}})
         assert (status, ans["error"]["code"]) == (409, "terms_mismatch"), name
     bad_terms: list[dict[str, Any]] = [
-        {**required.to_json(), "max_units": 10**100}, {**required.to_json(), "max_total_sat": -1},
-        {**required.to_json(), "end_time": 2**40}, {**required.to_json(), "end_time": int(time.time()) - 10},
-        {**required.to_json(), "max_payments": True}, {**required.to_json(), "extra": 1},
-        {k: v for k, v in required.to_json().items() if k != "end_time"}, [1, 2],
+        {**required.to_json(), "max_units": 10**100},
+        {**required.to_json(), "max_total_sat": -1},
+        {**required.to_json(), "end_time": 2**40},
+        {**required.to_json(), "end_time": int(time.time()) - 10},
+        {**required.to_json(), "max_payments": True},
+        {**required.to_json(), "extra": 1},
+        {k: v for k, v in required.to_json().items() if k != "end_time"},
+        [1, 2],
     ]
     for terms in bad_terms:
         status, ans = await _post(url, {**base, "terms": terms})
@@ -149,9 +177,15 @@ class RoguePayee:
     async def forward(self, request: web.Request) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower().startswith("x-btcchannel")}
         headers["Host"] = request.host  # a reverse proxy that keeps the authority the payer signed
-        async with aiohttp.ClientSession() as s, s.request(
-            request.method, self.target + request.path_qs, data=await request.read(), headers=headers,
-        ) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                request.method,
+                self.target + request.path_qs,
+                data=await request.read(),
+                headers=headers,
+            ) as r,
+        ):
             raw = await r.read()
             out_headers = {k: v for k, v in r.headers.items() if k.lower().startswith("x-btcchannel")}
             if HDR_OWED in out_headers and self.owed_bonus:
@@ -169,7 +203,10 @@ class RoguePayee:
 
 
 async def test_rogue_payee_cannot_change_terms_or_inflate_what_is_owed(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     P = 10 * PRICE  # noqa: N806 - three units pay for a close
     srv = await _payee(payee_factory, tmp_path, price_sat=P, mode="postpay", credit_limit_sat=10 * P)
@@ -197,6 +234,7 @@ async def test_rogue_payee_cannot_change_terms_or_inflate_what_is_owed(
         payer = MeteredPayer(client, cid)
         for i in range(3):
             assert (await payer.fetch(f"{rogue.url}/v1/file/{i}"))[0] == 200
+
         # raises the price after open (in /v1/info and the channel object): the payer keeps the agreed one
         def raise_price(path: str, body: Any) -> Any:
             if path == "/v1/info":
@@ -236,7 +274,10 @@ async def test_rogue_payee_cannot_change_terms_or_inflate_what_is_owed(
 
 
 async def test_third_party_with_the_channel_id_gets_nothing(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     P = 10 * PRICE  # noqa: N806 - two units pay for a close
     srv = await _payee(payee_factory, tmp_path, price_sat=P, mode="postpay", credit_limit_sat=10 * P)
@@ -252,12 +293,15 @@ async def test_third_party_with_the_channel_id_gets_nothing(
     async with aiohttp.ClientSession() as s:
         url = f"{srv.url}/v1/file/5"
         for headers in (
-            {HDR_CHANNEL: cid},                                                  # the channel id alone
-            {HDR_CHANNEL: cid, HDR_AUTH: forged},                                # another key
-            {HDR_CHANNEL: cid, HDR_AUTH: "1.00"},                                # malformed
+            {HDR_CHANNEL: cid},  # the channel id alone
+            {HDR_CHANNEL: cid, HDR_AUTH: forged},  # another key
+            {HDR_CHANNEL: cid, HDR_AUTH: "1.00"},  # malformed
             {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "GET", f"{srv.url}/v1/file/6")},  # other path
             {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "POST", url)},  # other method
-            {HDR_CHANNEL: cid, HDR_AUTH: f"1.{other.request_signature(cid, 1, 'GET', '/v1/file/5').hex()}"},  # old counter
+            {
+                HDR_CHANNEL: cid,
+                HDR_AUTH: f"1.{other.request_signature(cid, 1, 'GET', '/v1/file/5').hex()}",
+            },  # old counter
         ):
             async with s.get(url, headers=headers) as r:
                 assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized", headers
@@ -284,21 +328,30 @@ async def test_third_party_with_the_channel_id_gets_nothing(
 
 
 async def test_the_authenticated_target_is_the_path_and_query_as_sent(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     async def echo(request: web.Request) -> web.StreamResponse:
         return web.Response(text=request.query.get("q", ""))
 
-    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "GET", "/v1/echo", echo),
-                                    price_sat=PRICE, mode="postpay", credit_limit_sat=10 * PRICE)
+    srv = await payee_factory.start(
+        hook=lambda app: add_paid_route(app, "GET", "/v1/echo", echo),
+        price_sat=PRICE,
+        mode="postpay",
+        credit_limit_sat=10 * PRICE,
+    )
     client = payer_client
     cid = await open_channel(client, bitcoind, srv.url, 100_000)
     payer = MeteredPayer(client, cid)
     try:
         assert await payer.fetch(f"{srv.url}/v1/echo?q=a b ü") == (200, "a b ü".encode())
         signed_for = client.request_auth(cid, "GET", f"{srv.url}/v1/echo?q=a")
-        async with aiohttp.ClientSession() as s, s.get(f"{srv.url}/v1/echo?q=b",
-                                                       headers={HDR_CHANNEL: cid, HDR_AUTH: signed_for}) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"{srv.url}/v1/echo?q=b", headers={HDR_CHANNEL: cid, HDR_AUTH: signed_for}) as r,
+        ):
             assert r.status == 401 and (await r.json())["error"]["code"] == "unauthorized"
         assert srv.store.get(cid).units == 1
     finally:
@@ -323,7 +376,11 @@ class FailingRogue(RoguePayee):
 
 @pytest.mark.parametrize("status", [500, 402])
 async def test_a_payee_that_fails_paid_units_and_refuses_their_credit_is_not_paid_again(
-    bitcoind: RegtestNode, tmp_path: Path, payee_factory: PayeeFactory, payer_client: PayerClient, status: int,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+    status: int,
 ) -> None:
     srv = await _payee(payee_factory, tmp_path, price_sat=PRICE, mode="prepay")
     rogue = FailingRogue(srv.url, status)

@@ -8,13 +8,12 @@ each transaction."""
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
+import struct
 from pathlib import Path
 from typing import Any
-
-import hmac
-import struct
 
 from bitcoin.core import CTransaction
 from bitcoin.core.script import SIGVERSION_WITNESS_V0, CScript, SignatureHash
@@ -127,12 +126,16 @@ def test_vectors_check_out_independently(bitcoind: RegtestNode) -> None:
         assert decoded["txid"] == p["close_tx"]["txid"] and decoded["vsize"] == p["close_tx"]["vsize"]
     rf = v["refund"]
     tx = CTransaction.deserialize(bytes.fromhex(rf["hex"]))
-    assert tx.vin[0].nSequence == rf["sequence"] == 0xFFFFFFFD and tx.nLockTime == rf["locktime"] == params["expiry_height"]
+    assert (
+        tx.vin[0].nSequence == rf["sequence"] == 0xFFFFFFFD
+        and tx.nLockTime == rf["locktime"] == params["expiry_height"]
+    )
     witness = [bytes(x) for x in tx.wit.vtxinwit[0].scriptWitness.stack]
     assert witness[1:] == [b"", ws] and witness[0][-1] == 0x01
     assert _low_r_sign(payer_key, bytes.fromhex(_bip143(tx, ws, params["deposit_sat"], 1))) == witness[0][:-1]
     assert [(o.nValue, bytes(o.scriptPubKey).hex()) for o in tx.vout] == [
-        (params["deposit_sat"] - math.ceil(rf["fee_rate_sat_vb"] * rf["vsize"]), rf["dest_script"])]
+        (params["deposit_sat"] - math.ceil(rf["fee_rate_sat_vb"] * rf["vsize"]), rf["dest_script"])
+    ]
     decoded = bitcoind.rpc("decoderawtransaction", rf["hex"])
     assert decoded["txid"] == rf["txid"] and decoded["vsize"] == rf["vsize"]
     cr = v["close_request"]
@@ -141,15 +144,28 @@ def test_vectors_check_out_independently(bitcoind: RegtestNode) -> None:
     ra = v["request_auth"]
     counter, sig = parse_auth_header(ra["header"])
     assert counter == ra["counter"]
-    digest = hashlib.sha256(b"btcchannel/v1/request" + bytes.fromhex(ra["channel_id"]) + counter.to_bytes(8, "big")
-                            + ra["method"].encode() + b" " + ra["target"].encode()).hexdigest()
+    digest = hashlib.sha256(
+        b"btcchannel/v1/request"
+        + bytes.fromhex(ra["channel_id"])
+        + counter.to_bytes(8, "big")
+        + ra["method"].encode()
+        + b" "
+        + ra["target"].encode()
+    ).hexdigest()
     assert digest == ra["digest"] and _rfc6979_sign(payer_key, bytes.fromhex(digest)) == sig
     a2 = v["request_auth_v2"]
     body = bytes.fromhex(a2["body_hex"])
     assert a2["body_sha256"] == hashlib.sha256(body).hexdigest()
     digest2 = hashlib.sha256(
-        b"btcchannel/v2/request" + bytes.fromhex(a2["channel_id"]) + a2["counter"].to_bytes(8, "big")
-        + _f(a2["method"]) + _f(a2["authority"]) + _f(a2["target"]) + hashlib.sha256(body).digest()
-        + _f(a2["amount_header"]) + _f(a2["signature_header"])).hexdigest()
+        b"btcchannel/v2/request"
+        + bytes.fromhex(a2["channel_id"])
+        + a2["counter"].to_bytes(8, "big")
+        + _f(a2["method"])
+        + _f(a2["authority"])
+        + _f(a2["target"])
+        + hashlib.sha256(body).digest()
+        + _f(a2["amount_header"])
+        + _f(a2["signature_header"])
+    ).hexdigest()
     assert digest2 == a2["digest"]
     assert a2["header"] == f"v2.{a2['counter']}.{_rfc6979_sign(payer_key, bytes.fromhex(digest2)).hex()}"

@@ -29,7 +29,9 @@ async def _mined_close(bitcoind: RegtestNode, srv: RunningPayee, cid: str) -> di
 
 
 async def test_end_conditions_total_operator_expiry(
-    bitcoind: RegtestNode, payee: RunningPayee, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee: RunningPayee,
+    payer_client: PayerClient,
 ) -> None:
     srv, client, cfg = payee, payer_client, payee.config
     total = await client.open_channel(srv.url, 100_000, 60, wait_open=False, max_total_sat=30_000)
@@ -70,7 +72,9 @@ async def test_end_conditions_total_operator_expiry(
 
 
 async def test_refund_when_payee_gone_is_detected(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     client = payer_client
     cfg = payee_factory.config()
@@ -97,7 +101,10 @@ async def test_refund_when_payee_gone_is_detected(
 
 
 async def test_double_spent_funding_detected(
-    bitcoind: RegtestNode, funded_wallet: str, payee: RunningPayee, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    funded_wallet: str,
+    payee: RunningPayee,
+    payer_client: PayerClient,
 ) -> None:
     srv, client = payee, payer_client
     cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
@@ -111,7 +118,9 @@ async def test_double_spent_funding_detected(
 
 
 async def test_rbf_bump_of_stuck_close(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     client = payer_client
     srv = await payee_factory.start(bump_after_blocks=2, close_fee_rate_sat_vb=2.0)
@@ -141,7 +150,9 @@ async def test_rbf_bump_of_stuck_close(
 
 
 async def test_bump_beyond_what_the_payment_affords(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     """A bump the payment cannot fully pay takes the most it can; past that it is refused, not faked."""
     client = payer_client

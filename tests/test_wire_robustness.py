@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -56,7 +55,9 @@ def _chunked(*pieces: bytes) -> bytes:
 
 
 async def test_bodies_whatever_their_framing(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start()
     client = payer_client
@@ -66,34 +67,47 @@ async def test_bodies_whatever_their_framing(
     # a correctly signed payment whose body arrives in two TCP writes 50 ms apart
     p1 = await client.sign_next(cid, 1_000)
     body = json.dumps(p1.to_json()).encode()
-    status, ans = await _raw(srv.url, _head("POST", path, host, Content_Length=len(body)),
-                             body[:20], body[20:], gap_s=0.05)
+    status, ans = await _raw(
+        srv.url, _head("POST", path, host, Content_Length=len(body)), body[:20], body[20:], gap_s=0.05
+    )
     assert (status, ans["amount_sat"]) == (200, 1_000)
     # the same with chunked framing, the chunks 50 ms apart
     p2 = await client.sign_next(cid, 2_000)
     body = json.dumps(p2.to_json()).encode()
-    status, ans = await _raw(srv.url, _head("POST", path, host, Transfer_Encoding="chunked"),
-                             b"%x\r\n%s\r\n" % (17, body[:17]), _chunked(body[17:]), gap_s=0.05)
+    status, ans = await _raw(
+        srv.url,
+        _head("POST", path, host, Transfer_Encoding="chunked"),
+        b"%x\r\n%s\r\n" % (17, body[:17]),
+        _chunked(body[17:]),
+        gap_s=0.05,
+    )
     assert (status, ans["amount_sat"]) == (200, 2_000)
     # over 64 KiB: too_large for a length and for chunks, even when each chunk is small
     big = b'{"amount_sat": 3000, "signature": "' + b"00" * MAX_BODY + b'"}'
     status, ans = await _raw(srv.url, _head("POST", path, host, Content_Length=len(big)), big)
     assert (status, ans["error"]["code"]) == (413, "too_large")
-    pieces = [big[i:i + 4096] for i in range(0, len(big), 4096)]
+    pieces = [big[i : i + 4096] for i in range(0, len(big), 4096)]
     status, ans = await _raw(srv.url, _head("POST", path, host, Transfer_Encoding="chunked"), _chunked(*pieces))
     assert (status, ans["error"]["code"]) == (413, "too_large")
     assert srv.store.get(cid).amount_sat == 2_000
 
 
 async def test_numbers_are_bounded_before_conversion(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start()
     cid = await open_channel(payer_client, bitcoind, srv.url, 100_000)
     tip = bitcoind.rpc("getblockcount")
-    proposal = {"payer_pubkey": public_key(generate_private_key()).hex(), "deposit_sat": 100_000,
-                "expiry_height": tip + 60, "payer_script": "0014" + "22" * 20}
+    proposal = {
+        "payer_pubkey": public_key(generate_private_key()).hex(),
+        "deposit_sat": 100_000,
+        "expiry_height": tip + 60,
+        "payer_script": "0014" + "22" * 20,
+    }
     async with aiohttp.ClientSession() as s:
+
         async def post(path: str, raw: bytes) -> tuple[int, str]:
             async with s.post(srv.url + path, data=raw) as r:
                 return r.status, (await r.json())["error"]["code"] if r.status >= 400 else ""
@@ -114,7 +128,9 @@ async def test_numbers_are_bounded_before_conversion(
 
 
 async def test_exact_retry_across_two_processes_is_answered_with_its_own_amount_only(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     first = await payee_factory.start()
     second = await payee_factory.start(first.config, run_watcher=False)  # one database, two services
@@ -123,6 +139,7 @@ async def test_exact_retry_across_two_processes_is_answered_with_its_own_amount_
     p1 = await client.sign_next(cid, 1_000)
     p2 = await client.sign_next(cid, 2_000)
     async with aiohttp.ClientSession() as s:
+
         async def pay(url: str, body: dict[str, Any]) -> tuple[int, Any]:
             async with s.post(f"{url}/v1/channels/{cid}/payments", json=body) as r:
                 return r.status, await r.json()
@@ -137,20 +154,41 @@ async def test_exact_retry_across_two_processes_is_answered_with_its_own_amount_
 
 
 async def test_fuzzed_bodies_never_get_a_500(
-    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
 ) -> None:
     srv = await payee_factory.start()
     cid = await open_channel(payer_client, bitcoind, srv.url, 100_000)
     rng = random.Random(1234)
     valid = {
-        "/v1/channels": {"payer_pubkey": public_key(generate_private_key()).hex(), "deposit_sat": 100_000,
-                         "expiry_height": bitcoind.rpc("getblockcount") + 60, "payer_script": "0014" + "22" * 20},
+        "/v1/channels": {
+            "payer_pubkey": public_key(generate_private_key()).hex(),
+            "deposit_sat": 100_000,
+            "expiry_height": bitcoind.rpc("getblockcount") + 60,
+            "payer_script": "0014" + "22" * 20,
+        },
         f"/v1/channels/{cid}/payments": {"amount_sat": 5_000, "signature": "30" * 70},
         f"/v1/channels/{cid}/funding": {"txid": "ab" * 32, "vout": 0},
         f"/v1/channels/{cid}/close": {"signature": "30" * 70},
     }
-    numbers = ["0", "-1", "1e400", "1.5", "9" * rng.randint(20, 6000), "-" + "9" * 5000, "true", "null", '"7"',
-               "[]", "{}", "1" + "0" * 4400, "NaN", "-0", "0x10"]
+    numbers = [
+        "0",
+        "-1",
+        "1e400",
+        "1.5",
+        "9" * rng.randint(20, 6000),
+        "-" + "9" * 5000,
+        "true",
+        "null",
+        '"7"',
+        "[]",
+        "{}",
+        "1" + "0" * 4400,
+        "NaN",
+        "-0",
+        "0x10",
+    ]
     statuses: dict[int, int] = {}
     async with aiohttp.ClientSession() as s:
         for _ in range(300):

@@ -50,8 +50,15 @@ INSTALL_HINT = (
 # Runtime of Debian's bitcoin-knots: these packages and the libraries they need.
 KNOTS_PACKAGE = "bitcoin-knots"
 KNOTS_ROOTS = (
-    KNOTS_PACKAGE, "libc6", "libstdc++6", "libgcc-s1", "libsqlite3-0", "libzmq5",
-    "libevent-core-2.1-7t64", "libevent-extra-2.1-7t64", "libevent-pthreads-2.1-7t64",
+    KNOTS_PACKAGE,
+    "libc6",
+    "libstdc++6",
+    "libgcc-s1",
+    "libsqlite3-0",
+    "libzmq5",
+    "libevent-core-2.1-7t64",
+    "libevent-extra-2.1-7t64",
+    "libevent-pthreads-2.1-7t64",
 )
 # Dependencies that are not shared libraries and are never needed to run bitcoind.
 _NOT_RUNTIME = re.compile(
@@ -89,9 +96,7 @@ def cache_dir() -> Path:
 
 def _version_of(cmd: tuple[str, ...]) -> str | None:
     try:
-        out = subprocess.run(
-            [*cmd, "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
+        out = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     first = (out.stdout or "").strip().splitlines()
@@ -202,13 +207,20 @@ def debian_archive_uri() -> str:
 def _apt_options(work: Path) -> list[str]:
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=False).stdout.strip()
     return [
-        "-o", f"Dir::Etc::sourcelist={work / 'btcchannel.sources'}",
-        "-o", "Dir::Etc::sourceparts=/dev/null",
-        "-o", f"Dir::State::Lists={work / 'lists'}",
-        "-o", "Dir::State::status=/dev/null",
-        "-o", f"Dir::Cache={work / 'cache'}",
-        "-o", "Debug::NoLocking=1",
-        "-o", f"APT::Sandbox::User={user or 'root'}",
+        "-o",
+        f"Dir::Etc::sourcelist={work / 'btcchannel.sources'}",
+        "-o",
+        "Dir::Etc::sourceparts=/dev/null",
+        "-o",
+        f"Dir::State::Lists={work / 'lists'}",
+        "-o",
+        "Dir::State::status=/dev/null",
+        "-o",
+        f"Dir::Cache={work / 'cache'}",
+        "-o",
+        "Debug::NoLocking=1",
+        "-o",
+        f"APT::Sandbox::User={user or 'root'}",
         "-q",
     ]
 
@@ -231,8 +243,20 @@ def _runtime_closure(apt: list[str]) -> list[str]:
         if not batch:
             break
         seen.update(batch)
-        out = _run(["apt-cache", *apt, "depends", "--no-recommends", "--no-suggests",
-                    "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *batch])
+        out = _run(
+            [
+                "apt-cache",
+                *apt,
+                "depends",
+                "--no-recommends",
+                "--no-suggests",
+                "--no-conflicts",
+                "--no-breaks",
+                "--no-replaces",
+                "--no-enhances",
+                *batch,
+            ]
+        )
         for line in out.splitlines():
             m = re.match(r"\s*\|?(?:Pre)?Depends:\s+(\S+)", line)
             if not m or m.group(1).startswith("<"):
@@ -266,8 +290,10 @@ def fetch_bitcoind(cache: Path | None = None, progress: Progress | None = None) 
     base = cache or cache_dir()
     root = base / "knots"
     if _cached_binary(root) is None:
-        say(f"fetching bitcoind: no bitcoind on PATH or in $BITCOIND; getting Debian's {KNOTS_PACKAGE} into "
-            f"{root} (once, about a minute)")
+        say(
+            f"fetching bitcoind: no bitcoind on PATH or in $BITCOIND; getting Debian's {KNOTS_PACKAGE} into "
+            f"{root} (once, about a minute)"
+        )
     with _file_lock(base / "knots.lock"):
         cached = _cached_binary(root)
         if cached is not None:
@@ -284,8 +310,7 @@ def fetch_bitcoind(cache: Path | None = None, progress: Progress | None = None) 
             for sub in ("lists/partial", "cache/archives/partial", "debs", "root"):
                 (work / sub).mkdir(parents=True)
             (work / "btcchannel.sources").write_text(
-                f"Types: deb\nURIs: {uri}\nSuites: unstable\nComponents: main\n"
-                f"Signed-By: {ARCHIVE_KEYRING}\n"
+                f"Types: deb\nURIs: {uri}\nSuites: unstable\nComponents: main\nSigned-By: {ARCHIVE_KEYRING}\n"
             )
             apt = _apt_options(work)
             say(f"fetching bitcoind: reading the package lists of {uri} (unstable)")

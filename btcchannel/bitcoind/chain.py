@@ -26,25 +26,39 @@ from btcchannel.core.tx import OutPoint
 from btcchannel.errors import NodeError, NodePruned, RpcInvalidAddressOrKey
 
 __all__ = [
-    "BITCOIND_CHAIN", "ChainState", "chain_state", "mempool_fee", "MempoolPackage", "mempool_package",
-    "mempool_spender", "require_blocks_after", "Advance", "BlockFollower",
+    "BITCOIND_CHAIN",
+    "ChainState",
+    "chain_state",
+    "mempool_fee",
+    "MempoolPackage",
+    "mempool_package",
+    "mempool_spender",
+    "require_blocks_after",
+    "Advance",
+    "BlockFollower",
 ]
 
 #: btcchannel's network names -> the ``chain`` bitcoind's getblockchaininfo reports
-BITCOIND_CHAIN: Final[Mapping[str, str]] = MappingProxyType({
-    "mainnet": "main", "testnet": "test", "testnet4": "testnet4", "signet": "signet", "regtest": "regtest",
-})
+BITCOIND_CHAIN: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "mainnet": "main",
+        "testnet": "test",
+        "testnet4": "testnet4",
+        "signet": "signet",
+        "regtest": "regtest",
+    }
+)
 
 
 @dataclass(frozen=True)
 class ChainState:
     """The node's view of the chain at one moment."""
 
-    chain: str           # bitcoind's name: main, test, testnet4, signet, regtest
-    height: int          # of the best block
+    chain: str  # bitcoind's name: main, test, testnet4, signet, regtest
+    height: int  # of the best block
     best_hash: str
-    ibd: bool            # the node is in initial block download (its view is not current)
-    block_time: int | None = None   # the best block's header time (unix seconds), when the node says
+    ibd: bool  # the node is in initial block download (its view is not current)
+    block_time: int | None = None  # the best block's header time (unix seconds), when the node says
 
 
 async def chain_state(node: Node) -> ChainState:
@@ -52,7 +66,9 @@ async def chain_state(node: Node) -> ChainState:
     info = await node.call("getblockchaininfo")
     try:
         return ChainState(
-            chain=str(info["chain"]), height=int(info["blocks"]), best_hash=str(info["bestblockhash"]),
+            chain=str(info["chain"]),
+            height=int(info["blocks"]),
+            best_hash=str(info["bestblockhash"]),
             ibd=bool(info.get("initialblockdownload", False)),
             block_time=int(info["time"]) if "time" in info else None,
         )
@@ -78,11 +94,11 @@ class MempoolPackage:
     must outbid (BIP125: the fees of everything it evicts, the transaction and all its
     descendants, e.g. a large low-fee child a payer hung on its change)."""
 
-    fee: int                # the transaction's own fee, satoshis
+    fee: int  # the transaction's own fee, satoshis
     vsize: int
-    descendant_fee: int     # its fee plus every descendant's
+    descendant_fee: int  # its fee plus every descendant's
     descendant_vsize: int
-    descendant_count: int   # itself included
+    descendant_count: int  # itself included
 
     @property
     def pinned(self) -> bool:
@@ -99,8 +115,10 @@ async def mempool_package(node: Node, txid: str) -> MempoolPackage | None:
     try:
         fees = entry["fees"]
         return MempoolPackage(
-            fee=btc_to_sat(fees["base"]), vsize=int(entry["vsize"]),
-            descendant_fee=btc_to_sat(fees["descendant"]), descendant_vsize=int(entry["descendantsize"]),
+            fee=btc_to_sat(fees["base"]),
+            vsize=int(entry["vsize"]),
+            descendant_fee=btc_to_sat(fees["descendant"]),
+            descendant_vsize=int(entry["descendantsize"]),
             descendant_count=int(entry["descendantcount"]),
         )
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
@@ -152,7 +170,7 @@ class BlockFollower:
     def __init__(self, node: Node, cursor: tuple[int, str] | None = None, keep: int = 144) -> None:
         self.node = node
         self.keep = keep
-        self._known: dict[str, int] = {}    # hash -> height of the blocks processed, newest `keep`
+        self._known: dict[str, int] = {}  # hash -> height of the blocks processed, newest `keep`
         self.height, self.hash = cursor if cursor is not None else (-1, "")
         if cursor is not None:
             self._known[cursor[1]] = cursor[0]

@@ -23,18 +23,41 @@ from btcchannel.bitcoind.regtest import recorded_rpc
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.errors import NodeUnavailable
 
-__all__ = ["DEFAULT_RPC_PORT", "NodeAccess", "NodeEndpoint", "bitcoin_default_datadir", "check_reachable",
-           "check_rpc_url", "default_datadir", "derive_node_access", "find_node", "locate_node", "node_client",
-           "read_bitcoin_conf"]
+__all__ = [
+    "DEFAULT_RPC_PORT",
+    "NodeAccess",
+    "NodeEndpoint",
+    "bitcoin_default_datadir",
+    "check_reachable",
+    "check_rpc_url",
+    "default_datadir",
+    "derive_node_access",
+    "find_node",
+    "locate_node",
+    "node_client",
+    "read_bitcoin_conf",
+]
 
 DEFAULT_RPC_PORT: dict[str, int] = {
-    "mainnet": 8332, "testnet": 18332, "testnet4": 48332, "signet": 38332, "regtest": 18443,
+    "mainnet": 8332,
+    "testnet": 18332,
+    "testnet4": 48332,
+    "signet": 38332,
+    "regtest": 18443,
 }
 NETWORK_SUBDIR: dict[str, str] = {
-    "mainnet": "", "testnet": "testnet3", "testnet4": "testnet4", "signet": "signet", "regtest": "regtest",
+    "mainnet": "",
+    "testnet": "testnet3",
+    "testnet4": "testnet4",
+    "signet": "signet",
+    "regtest": "regtest",
 }
 CONF_SECTION: dict[str, str] = {
-    "mainnet": "main", "testnet": "test", "testnet4": "testnet4", "signet": "signet", "regtest": "regtest",
+    "mainnet": "main",
+    "testnet": "test",
+    "testnet4": "testnet4",
+    "signet": "signet",
+    "regtest": "regtest",
 }
 # options bitcoind takes from the top level only for mainnet (the rest of the networks need a section)
 _NETWORK_ONLY = frozenset({"rpcport", "rpcbind", "port", "bind", "wallet", "addnode", "connect"})
@@ -90,8 +113,9 @@ def read_bitcoin_conf(path: Path, network: str) -> dict[str, str]:
     return conf
 
 
-def derive_node_access(network: str, bitcoin_datadir: Path | None, bitcoin_conf: Path | None,
-                       rpc_url: str | None = None) -> NodeAccess:
+def derive_node_access(
+    network: str, bitcoin_datadir: Path | None, bitcoin_conf: Path | None, rpc_url: str | None = None
+) -> NodeAccess:
     """The RPC URL and credentials of ``network``'s node as bitcoin-cli derives them.
 
     ``rpc_url`` (when given) wins over ``rpcconnect``/``rpcport``; ``rpcuser``/``rpcpassword``
@@ -104,7 +128,8 @@ def derive_node_access(network: str, bitcoin_datadir: Path | None, bitcoin_conf:
         base = Path(conf["datadir"]).expanduser() if conf.get("datadir") else bitcoin_default_datadir()
     netdir = base / NETWORK_SUBDIR[network]
     url = rpc_url or "http://{}:{}".format(
-        conf.get("rpcconnect", "127.0.0.1"), conf.get("rpcport", DEFAULT_RPC_PORT[network]))
+        conf.get("rpcconnect", "127.0.0.1"), conf.get("rpcport", DEFAULT_RPC_PORT[network])
+    )
     if conf.get("rpcpassword"):
         return NodeAccess(url, None, conf.get("rpcuser", ""), conf["rpcpassword"])
     cookie = Path(conf["rpccookiefile"]) if conf.get("rpccookiefile") else netdir / ".cookie"
@@ -130,10 +155,17 @@ class NodeEndpoint:
     source: str  # how it was found, in words
 
 
-def locate_node(network: str = "regtest", *, rpc_url: str | None = None, rpc_cookie: Path | None = None,
-                rpc_user: str | None = None, rpc_password: str | None = None,
-                bitcoin_datadir: Path | None = None, bitcoin_conf: Path | None = None,
-                regtest_dirs: Sequence[Path] = ()) -> NodeEndpoint:
+def locate_node(
+    network: str = "regtest",
+    *,
+    rpc_url: str | None = None,
+    rpc_cookie: Path | None = None,
+    rpc_user: str | None = None,
+    rpc_password: str | None = None,
+    bitcoin_datadir: Path | None = None,
+    bitcoin_conf: Path | None = None,
+    regtest_dirs: Sequence[Path] = (),
+) -> NodeEndpoint:
     """The node as the command line finds it: the given RPC user (or URL and cookie); else, on
     regtest, a background node of ``btcchannel regtest start`` recorded in one of ``regtest_dirs``;
     else ``network``'s node found as bitcoin-cli finds it (port and cookie from the network,
@@ -144,8 +176,13 @@ def locate_node(network: str = "regtest", *, rpc_url: str | None = None, rpc_coo
     if rpc_url or rpc_cookie:
         if access.user is not None and rpc_cookie is None:
             return NodeEndpoint(access.url, access.user, access.password or "", None, "rpcpassword of bitcoin.conf")
-        return NodeEndpoint(access.url, None, None, rpc_cookie or access.cookie,
-                            "--rpc-cookie" if rpc_cookie else "the network's cookie")
+        return NodeEndpoint(
+            access.url,
+            None,
+            None,
+            rpc_cookie or access.cookie,
+            "--rpc-cookie" if rpc_cookie else "the network's cookie",
+        )
     if network == "regtest" and bitcoin_datadir is None and bitcoin_conf is None:
         for folder in regtest_dirs:
             rec = recorded_rpc(folder)
@@ -157,9 +194,11 @@ def locate_node(network: str = "regtest", *, rpc_url: str | None = None, rpc_coo
     if access.cookie is not None and access.cookie.exists():
         return NodeEndpoint(access.url, None, None, access.cookie, "the network's cookie")
     start = " or run `btcchannel regtest start`" if network == "regtest" else ""
-    raise NodeUnavailable(f"no {network} node found: no cookie at {access.cookie} and no rpcpassword in "
-                          f"bitcoin.conf; pass --bitcoin-datadir, --rpc-url with --rpc-cookie or "
-                          f"--rpc-user/--rpc-password{start}")
+    raise NodeUnavailable(
+        f"no {network} node found: no cookie at {access.cookie} and no rpcpassword in "
+        f"bitcoin.conf; pass --bitcoin-datadir, --rpc-url with --rpc-cookie or "
+        f"--rpc-user/--rpc-password{start}"
+    )
 
 
 def check_rpc_url(url: str) -> tuple[str, int]:
@@ -167,8 +206,9 @@ def check_rpc_url(url: str) -> tuple[str, int]:
     when it is not an http(s) URL with a host and a valid port."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise NodeUnavailable(f"--rpc-url {url!r} is not a URL: give it as http://HOST:PORT, "
-                              "e.g. http://127.0.0.1:18443")
+        raise NodeUnavailable(
+            f"--rpc-url {url!r} is not a URL: give it as http://HOST:PORT, e.g. http://127.0.0.1:18443"
+        )
     try:
         return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as e:
@@ -196,11 +236,27 @@ def node_client(ep: NodeEndpoint, wallet: str | None = None) -> Node:
     return Node(ep.url, cookie_file=ep.cookie, wallet=wallet)
 
 
-def find_node(network: str = "regtest", *, wallet: str | None = None, rpc_url: str | None = None,
-              rpc_cookie: Path | None = None, rpc_user: str | None = None, rpc_password: str | None = None,
-              bitcoin_datadir: Path | None = None, bitcoin_conf: Path | None = None,
-              regtest_dirs: Sequence[Path] = ()) -> Node:
+def find_node(
+    network: str = "regtest",
+    *,
+    wallet: str | None = None,
+    rpc_url: str | None = None,
+    rpc_cookie: Path | None = None,
+    rpc_user: str | None = None,
+    rpc_password: str | None = None,
+    bitcoin_datadir: Path | None = None,
+    bitcoin_conf: Path | None = None,
+    regtest_dirs: Sequence[Path] = (),
+) -> Node:
     """A client (of ``wallet``) of the node :func:`locate_node` finds."""
-    ep = locate_node(network, rpc_url=rpc_url, rpc_cookie=rpc_cookie, rpc_user=rpc_user, rpc_password=rpc_password,
-                     bitcoin_datadir=bitcoin_datadir, bitcoin_conf=bitcoin_conf, regtest_dirs=regtest_dirs)
+    ep = locate_node(
+        network,
+        rpc_url=rpc_url,
+        rpc_cookie=rpc_cookie,
+        rpc_user=rpc_user,
+        rpc_password=rpc_password,
+        bitcoin_datadir=bitcoin_datadir,
+        bitcoin_conf=bitcoin_conf,
+        regtest_dirs=regtest_dirs,
+    )
     return node_client(ep, wallet)

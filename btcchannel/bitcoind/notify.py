@@ -57,7 +57,7 @@ class BlockNotifier:
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self.count = 0                      # announcements received so far
+        self.count = 0  # announcements received so far
         # resolved (and replaced) at each announcement; waiters use asyncio.wait, which never
         # swallows their own cancellation (asyncio.wait_for can, on Python 3.11)
         self._next: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -69,7 +69,7 @@ class BlockNotifier:
         self._socket.setsockopt(zmq.HEARTBEAT_IVL, 10_000)
         self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
         self._socket.setsockopt(zmq.SUBSCRIBE, _TOPIC)
-        self._socket.connect(endpoint)      # asynchronous: ZMQ connects (and reconnects) by itself
+        self._socket.connect(endpoint)  # asynchronous: ZMQ connects (and reconnects) by itself
         self._task = asyncio.ensure_future(self._receive())
 
     @classmethod

@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
@@ -183,11 +182,11 @@ class RegtestNode:
         self.rpc_password = secrets.token_hex(16)
         self.rpc_port = 0
         self.p2p_port = 0
-        self.zmq = zmq              # publish new block hashes (-zmqpubhashblock) on zmq_port
+        self.zmq = zmq  # publish new block hashes (-zmqpubhashblock) on zmq_port
         self.zmq_port = 0
         # the node's storage, as operators run it (read at each start: change them, then restart)
-        self.txindex = txindex      # -txindex (incompatible with prune)
-        self.prune = prune          # -prune: 0 keeps every block, 1 prunes only on pruneblockchain, else MiB
+        self.txindex = txindex  # -txindex (incompatible with prune)
+        self.prune = prune  # -prune: 0 keeps every block, 1 prunes only on pruneblockchain, else MiB
         self.fastprune = fastprune  # -fastprune: tiny block files, so regtest blocks can be pruned at all
         self.persist_mempool = persist_mempool  # -persistmempool: False restarts with an empty mempool
         self.process: subprocess.Popen[bytes] | None = None
@@ -218,10 +217,17 @@ class RegtestNode:
 
     def detach(self) -> None:
         """Leave the process running past this Python process (recorded in ``node.json``)."""
-        self.record_file.write_text(json.dumps({
-            "pid": self.pid, "rpc_port": self.rpc_port, "p2p_port": self.p2p_port,
-            "rpc_user": self.rpc_user, "rpc_password": self.rpc_password,
-        }))
+        self.record_file.write_text(
+            json.dumps(
+                {
+                    "pid": self.pid,
+                    "rpc_port": self.rpc_port,
+                    "p2p_port": self.p2p_port,
+                    "rpc_user": self.rpc_user,
+                    "rpc_password": self.rpc_password,
+                }
+            )
+        )
         self.record_file.chmod(0o600)
         _LIVE.discard(self)
         if self._rpc_loop is not None:
@@ -246,36 +252,38 @@ class RegtestNode:
         return node
 
     def _write_conf(self) -> None:
-        conf = "\n".join([
-            "regtest=1",
-            "[regtest]",
-            f"port={self.p2p_port}",
-            f"rpcport={self.rpc_port}",
-            "bind=127.0.0.1",
-            "rpcbind=127.0.0.1",
-            "rpcallowip=127.0.0.1",
-            _rpcauth_line(self.rpc_user, self.rpc_password),
-            "server=1",
-            "listen=1",
-            "listenonion=0",
-            "dnsseed=0",
-            "fixedseeds=0",
-            "discover=0",
-            "natpmp=0",
-            f"txindex={int(self.txindex and not self.prune)}",
-            f"prune={self.prune}",
-            *(["fastprune=1"] if self.fastprune else []),
-            f"persistmempool={int(self.persist_mempool)}",
-            "fallbackfee=0.0002",
-            # mainnet's policy, so every transaction accepted here is one a real node accepts
-            "acceptnonstdtxn=0",
-            "keypool=10",
-            "printtoconsole=0",
-            "shrinkdebugfile=0",
-            "rpcworkqueue=64",
-            *([f"zmqpubhashblock=tcp://127.0.0.1:{self.zmq_port}"] if self.zmq else []),
-            "",
-        ])
+        conf = "\n".join(
+            [
+                "regtest=1",
+                "[regtest]",
+                f"port={self.p2p_port}",
+                f"rpcport={self.rpc_port}",
+                "bind=127.0.0.1",
+                "rpcbind=127.0.0.1",
+                "rpcallowip=127.0.0.1",
+                _rpcauth_line(self.rpc_user, self.rpc_password),
+                "server=1",
+                "listen=1",
+                "listenonion=0",
+                "dnsseed=0",
+                "fixedseeds=0",
+                "discover=0",
+                "natpmp=0",
+                f"txindex={int(self.txindex and not self.prune)}",
+                f"prune={self.prune}",
+                *(["fastprune=1"] if self.fastprune else []),
+                f"persistmempool={int(self.persist_mempool)}",
+                "fallbackfee=0.0002",
+                # mainnet's policy, so every transaction accepted here is one a real node accepts
+                "acceptnonstdtxn=0",
+                "keypool=10",
+                "printtoconsole=0",
+                "shrinkdebugfile=0",
+                "rpcworkqueue=64",
+                *([f"zmqpubhashblock=tcp://127.0.0.1:{self.zmq_port}"] if self.zmq else []),
+                "",
+            ]
+        )
         (self.datadir / "bitcoin.conf").write_text(conf)
 
     def log_tail(self, lines: int = 25) -> str:
@@ -302,7 +310,9 @@ class RegtestNode:
             try:
                 self.process = subprocess.Popen(
                     [*self.binary.bitcoind, f"-datadir={self.datadir}", *self.extra_args],
-                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                    stdin=subprocess.DEVNULL,
+                    stdout=stdout,
+                    stderr=stderr,
                     preexec_fn=_die_with_parent if self.die_with_parent else None,
                     start_new_session=not self.die_with_parent,
                 )
@@ -410,8 +420,9 @@ class RegtestNode:
             block_hash = str(self.rpc("getblockhash", height))
             if txid in self.rpc("getblock", block_hash, 1)["tx"]:
                 return dict(self.rpc("getrawtransaction", txid, verbosity, block_hash))
-        raise RpcInvalidAddressOrKey(f"transaction {txid} is neither in the mempool nor in the last "
-                                     f"{search_blocks} blocks")
+        raise RpcInvalidAddressOrKey(
+            f"transaction {txid} is neither in the mempool nor in the last {search_blocks} blocks"
+        )
 
     def create_wallet(self, name: str) -> None:
         """Create (or load) a descriptor wallet."""
@@ -456,8 +467,12 @@ class RegtestNode:
         """Chain, height, best block, RPC URL, datadir, pid and version (for the CLI)."""
         info = self.rpc("getblockchaininfo")
         return {
-            "chain": info["chain"], "blocks": info["blocks"], "bestblockhash": info["bestblockhash"],
-            "rpc_url": self.rpc_url, "datadir": str(self.datadir), "pid": self.pid,
+            "chain": info["chain"],
+            "blocks": info["blocks"],
+            "bestblockhash": info["bestblockhash"],
+            "rpc_url": self.rpc_url,
+            "datadir": str(self.datadir),
+            "pid": self.pid,
             "version": self.binary.version,
         }
 

@@ -84,27 +84,29 @@ __all__ = [
     "RPC_VERIFY_ERROR",
     "RPC_VERIFY_REJECTED",
     "RPC_VERIFY_ALREADY_IN_CHAIN",
-    "RPC_IN_WARMUP", "RPC_INVALID_PARAMETER",
+    "RPC_IN_WARMUP",
+    "RPC_INVALID_PARAMETER",
     "RPC_METHOD_NOT_FOUND",
-    "RPC_WALLET_NOT_FOUND", "RPC_WALLET_NOT_SPECIFIED",
+    "RPC_WALLET_NOT_FOUND",
+    "RPC_WALLET_NOT_SPECIFIED",
 ]
 
 # bitcoind's RPC error codes (src/rpc/protocol.h), named after the error classes that carry them.
-RPC_MISC_ERROR = RpcMiscError.RPC_ERROR_CODE                         # -1
-RPC_TYPE_ERROR = RpcTypeError.RPC_ERROR_CODE                         # -3
-RPC_WALLET_ERROR = RpcWalletError.RPC_ERROR_CODE                     # -4
-RPC_INVALID_ADDRESS_OR_KEY = RpcInvalidAddressOrKey.RPC_ERROR_CODE   # -5
+RPC_MISC_ERROR = RpcMiscError.RPC_ERROR_CODE  # -1
+RPC_TYPE_ERROR = RpcTypeError.RPC_ERROR_CODE  # -3
+RPC_WALLET_ERROR = RpcWalletError.RPC_ERROR_CODE  # -4
+RPC_INVALID_ADDRESS_OR_KEY = RpcInvalidAddressOrKey.RPC_ERROR_CODE  # -5
 RPC_WALLET_INSUFFICIENT_FUNDS = RpcInsufficientFunds.RPC_ERROR_CODE  # -6
-RPC_INVALID_PARAMETER = RpcInvalidParameter.RPC_ERROR_CODE           # -8
-RPC_WALLET_NOT_FOUND = RpcWalletNotFound.RPC_ERROR_CODE              # -18
-RPC_WALLET_NOT_SPECIFIED = RpcWalletNotSpecified.RPC_ERROR_CODE      # -19
-RPC_DESERIALIZATION_ERROR = RpcDeserializationError.RPC_ERROR_CODE   # -22
-RPC_VERIFY_ERROR = RpcVerifyError.RPC_ERROR_CODE                     # -25
-RPC_VERIFY_REJECTED = RpcVerifyRejected.RPC_ERROR_CODE               # -26
-RPC_VERIFY_ALREADY_IN_CHAIN = RpcAlreadyInChain.RPC_ERROR_CODE       # -27
-RPC_IN_WARMUP = RpcInWarmup.RPC_ERROR_CODE                           # -28
-RPC_WALLET_ALREADY_LOADED = RpcWalletAlreadyLoaded.RPC_ERROR_CODE    # -35
-RPC_METHOD_NOT_FOUND = RpcMethodNotFound.RPC_ERROR_CODE              # -32601
+RPC_INVALID_PARAMETER = RpcInvalidParameter.RPC_ERROR_CODE  # -8
+RPC_WALLET_NOT_FOUND = RpcWalletNotFound.RPC_ERROR_CODE  # -18
+RPC_WALLET_NOT_SPECIFIED = RpcWalletNotSpecified.RPC_ERROR_CODE  # -19
+RPC_DESERIALIZATION_ERROR = RpcDeserializationError.RPC_ERROR_CODE  # -22
+RPC_VERIFY_ERROR = RpcVerifyError.RPC_ERROR_CODE  # -25
+RPC_VERIFY_REJECTED = RpcVerifyRejected.RPC_ERROR_CODE  # -26
+RPC_VERIFY_ALREADY_IN_CHAIN = RpcAlreadyInChain.RPC_ERROR_CODE  # -27
+RPC_IN_WARMUP = RpcInWarmup.RPC_ERROR_CODE  # -28
+RPC_WALLET_ALREADY_LOADED = RpcWalletAlreadyLoaded.RPC_ERROR_CODE  # -35
+RPC_METHOD_NOT_FOUND = RpcMethodNotFound.RPC_ERROR_CODE  # -32601
 
 _HEADERS = {"content-type": "application/json"}
 _BTC_PER_KVB_IN_SAT_PER_VB = 100_000_000 / 1000  # a fee rate in BTC/kvB times this is sat/vB
@@ -175,16 +177,14 @@ class Node:
         self._cookie_file = Path(cookie_file) if cookie_file is not None else None
         self._cookie: tuple[str, str] | None = None
         self._cookie_lock = asyncio.Lock()
-        self._client = httpx.AsyncClient(
-            auth=auth, headers=_HEADERS, timeout=httpx.Timeout(timeout)
-        )
+        self._client = httpx.AsyncClient(auth=auth, headers=_HEADERS, timeout=httpx.Timeout(timeout))
         self._rpcs: dict[str | None, BitcoinRPC] = {}
         self._confirmed_spends: dict[OutPoint, tuple[str, int]] = {}  # outpoint -> (txid, height)
         # where transactions were seen, so that no lookup needs the node's -txindex:
-        self._seen_in: dict[str, str] = {}                  # txid -> hash of a block holding it
+        self._seen_in: dict[str, str] = {}  # txid -> hash of a block holding it
         self._depth_hints: dict[str, tuple[str, int]] = {}  # txid -> (best block, confirmations) of gettxout
-        self._searched: dict[str, tuple[int, str]] = {}     # txid -> (height, hash) of the tip searched up to
-        self._txindex: bool | None = None                   # whether the node keeps -txindex (asked once)
+        self._searched: dict[str, tuple[int, str]] = {}  # txid -> (height, hash) of the tip searched up to
+        self._txindex: bool | None = None  # whether the node keeps -txindex (asked once)
         #: every block above this height was read by a block follower noting the transactions it
         #: watches (:meth:`note_block`): a search for one of them need not read those blocks again
         self.followed_after: int | None = None
@@ -264,7 +264,8 @@ class Node:
         JSON: pass amounts as BTC strings (see :func:`btcchannel.amounts.sat_to_btc`).
 
         Raises the :class:`NodeError` subclass for the code (with ``rpc_code``;
-        see :meth:`NodeError.from_rpc`) when the node answers with an error, :class:`NodeUnavailable` when it cannot be reached, times out,
+        see :meth:`NodeError.from_rpc`) when the node answers with an error, :class:`NodeUnavailable` when it cannot
+        be reached, times out,
         is still starting, or refuses the credentials.
         """
         plist = list(params)
@@ -284,9 +285,7 @@ class Node:
                     except httpx.HTTPStatusError as e2:
                         e, status = e2, e2.response.status_code
             if status in (401, 403):
-                raise NodeUnavailable(
-                    f"{method}: the node refused the RPC credentials (HTTP {status})"
-                ) from e
+                raise NodeUnavailable(f"{method}: the node refused the RPC credentials (HTTP {status})") from e
             if status == 503:
                 raise NodeUnavailable(f"{method}: the node is busy (HTTP 503)") from e
             raise NodeError(f"{method}: HTTP {status} from the node") from e
@@ -543,9 +542,7 @@ class Node:
             raise RpcMiscError(f"script {script.hex()} has no address form")
         return str(address)
 
-    async def fund_output(
-        self, script: bytes, amount_sat: int, *, fee_rate_sat_vb: float | None = None
-    ) -> OutPoint:
+    async def fund_output(self, script: bytes, amount_sat: int, *, fee_rate_sat_vb: float | None = None) -> OutPoint:
         """Pay exactly ``amount_sat`` to ``script`` from the wallet, broadcast, return the outpoint.
 
         The transaction is built with ``createrawtransaction`` (the funded output
@@ -577,9 +574,7 @@ class Node:
                 raise RpcMiscError("the wallet did not keep the funded output first")
             signed = await self.call("signrawtransactionwithwallet", funded["hex"], wallet=self.wallet)
             if not signed.get("complete"):
-                raise RpcMiscError(
-                    f"the wallet could not sign the funding transaction: {signed.get('errors')}"
-                )
+                raise RpcMiscError(f"the wallet could not sign the funding transaction: {signed.get('errors')}")
             ok, reason = await self.test_mempool_accept(signed["hex"])
             if not ok:
                 raise RpcVerifyRejected(f"the funding transaction would be rejected: {reason}")
@@ -648,9 +643,7 @@ class Node:
         spender = res[0].get("spendingtxid") if res else None
         return str(spender) if spender else None
 
-    async def _scan_blocks(
-        self, outpoint: OutPoint, start: int, end: int
-    ) -> tuple[tuple[str, int] | None, bool]:
+    async def _scan_blocks(self, outpoint: OutPoint, start: int, end: int) -> tuple[tuple[str, int] | None, bool]:
         """((spending txid, height) or None, whether every block end..start was scanned)."""
         for height in range(end, max(start, 0) - 1, -1):
             block_hash, block = await self._read_block(height, 2)

@@ -20,6 +20,5 @@ from btcchannel.cli._app import Settings, main
 
 __all__ = ["Settings", "main"]
 
-for _command in (*payee.COMMANDS, *payer.COMMANDS, *ops.COMMANDS, *seed.COMMANDS, *regtest.COMMANDS,
-                 *config.COMMANDS):
+for _command in (*payee.COMMANDS, *payer.COMMANDS, *ops.COMMANDS, *seed.COMMANDS, *regtest.COMMANDS, *config.COMMANDS):
     main.add_command(_command)

@@ -35,9 +35,27 @@ if TYPE_CHECKING:
     from btcchannel.payer.client import PayerClient
 
 __all__ = [
-    "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageProblem", "error_document", "Group", "RootGroup", "Settings",
-    "default_datadir", "emit", "fail", "main", "make_node", "node_endpoint", "NodeEndpoint", "plural", "run_async", "table", "warn_node_unknown",
-    "with_client", "with_node",
+    "EXIT_ERROR",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "UsageProblem",
+    "error_document",
+    "Group",
+    "RootGroup",
+    "Settings",
+    "default_datadir",
+    "emit",
+    "fail",
+    "main",
+    "make_node",
+    "node_endpoint",
+    "NodeEndpoint",
+    "plural",
+    "run_async",
+    "table",
+    "warn_node_unknown",
+    "with_client",
+    "with_node",
 ]
 
 T = TypeVar("T")
@@ -92,8 +110,7 @@ def error_document(error: ChannelError, hint: str | None = None) -> dict[str, An
     return {"error": {"code": error.code, "message": error.message, "hint": hint or hint_for(error)}}
 
 
-def fail(error: ChannelError, as_json: bool = False, *, hint: str | None = None,
-         status: int = EXIT_ERROR) -> NoReturn:
+def fail(error: ChannelError, as_json: bool = False, *, hint: str | None = None, status: int = EXIT_ERROR) -> NoReturn:
     """``error: <code>: <message>`` and ``hint: ...`` on stderr (one JSON document on stdout
     with ``as_json``), then exit with ``status``."""
     if as_json:
@@ -178,8 +195,13 @@ class RootGroup(Group):
     _NOT_MOVED = frozenset({"-h", "--help", "-V", "--version"})
 
     def _root_options(self) -> dict[str, click.Option]:
-        return {name: p for p in self.params if isinstance(p, click.Option)
-                for name in (*p.opts, *p.secondary_opts) if name not in self._NOT_MOVED}
+        return {
+            name: p
+            for p in self.params
+            if isinstance(p, click.Option)
+            for name in (*p.opts, *p.secondary_opts)
+            if name not in self._NOT_MOVED
+        }
 
     @staticmethod
     def _taken(cmd: click.Command) -> set[str]:
@@ -220,7 +242,7 @@ class RootGroup(Group):
                 i += 1
                 continue
             width = 2 if takes_value(p) and "=" not in token else 1
-            moved += args[i:i + width]
+            moved += args[i : i + width]
             i += width
         return super().parse_args(ctx, [*args[:sub], *moved, args[sub], *rest, *args[end:]])
 
@@ -243,42 +265,95 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: Path | None)
     ctx.meta["btcchannel.config_file"] = value
 
 
-@click.group(cls=RootGroup, context_settings={"auto_envvar_prefix": "BTCCHANNEL", "help_option_names": ["-h", "--help"]})
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), envvar="BTCCHANNEL_CONFIG",
-              is_eager=True, expose_value=False, callback=_load_config,
-              help="A TOML file of options: [global] for these, [serve], [open]... for each command "
-                   "(flags and BTCCHANNEL_* variables win over it).")
-@click.option("--network", default="regtest", show_default=True,
-              type=click.Choice(["mainnet", "testnet", "testnet4", "signet", "regtest"]))
-@click.option("--datadir", type=click.Path(path_type=Path), default=None,
-              help="Where btcchannel keeps its state, one subfolder per network "
-                   "[default: $XDG_DATA_HOME/btcchannel].")
-@click.option("--rpc-url", default=None,
-              help="bitcoind RPC URL [default: as bitcoin-cli: rpcconnect/rpcport of bitcoin.conf, "
-                   "else the network's port, e.g. http://127.0.0.1:38332 on signet].")
-@click.option("--rpc-cookie", type=click.Path(path_type=Path), default=None,
-              help="bitcoind's .cookie file [default: <bitcoin datadir>/<network>/.cookie].")
-@click.option("--bitcoin-datadir", type=click.Path(path_type=Path), default=None,
-              help="bitcoind's -datadir, to find its cookie and bitcoin.conf [default: ~/.bitcoin].")
-@click.option("--bitcoin-conf", type=click.Path(path_type=Path), default=None,
-              help="bitcoind's -conf [default: <bitcoin datadir>/bitcoin.conf].")
-@click.option("--payer-backup", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="The payer's backup, rewritten before every funding (put it on another disk) "
-                   "[default: <datadir>/<network>/payer-backup.json].")
+@click.group(
+    cls=RootGroup, context_settings={"auto_envvar_prefix": "BTCCHANNEL", "help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BTCCHANNEL_CONFIG",
+    is_eager=True,
+    expose_value=False,
+    callback=_load_config,
+    help="A TOML file of options: [global] for these, [serve], [open]... for each command "
+    "(flags and BTCCHANNEL_* variables win over it).",
+)
+@click.option(
+    "--network",
+    default="regtest",
+    show_default=True,
+    type=click.Choice(["mainnet", "testnet", "testnet4", "signet", "regtest"]),
+)
+@click.option(
+    "--datadir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where btcchannel keeps its state, one subfolder per network [default: $XDG_DATA_HOME/btcchannel].",
+)
+@click.option(
+    "--rpc-url",
+    default=None,
+    help="bitcoind RPC URL [default: as bitcoin-cli: rpcconnect/rpcport of bitcoin.conf, "
+    "else the network's port, e.g. http://127.0.0.1:38332 on signet].",
+)
+@click.option(
+    "--rpc-cookie",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="bitcoind's .cookie file [default: <bitcoin datadir>/<network>/.cookie].",
+)
+@click.option(
+    "--bitcoin-datadir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="bitcoind's -datadir, to find its cookie and bitcoin.conf [default: ~/.bitcoin].",
+)
+@click.option(
+    "--bitcoin-conf",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="bitcoind's -conf [default: <bitcoin datadir>/bitcoin.conf].",
+)
+@click.option(
+    "--payer-backup",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The payer's backup, rewritten before every funding (put it on another disk) "
+    "[default: <datadir>/<network>/payer-backup.json].",
+)
 @click.option("--rpc-user", default=None)
 @click.option("--rpc-password", default=None, help="Also $BTCCHANNEL_RPC_PASSWORD, or --rpc-password-file.")
-@click.option("--rpc-password-file", type=click.File("r"), default=None,
-              help="Read the RPC password from this file's first line ('-': standard input).")
+@click.option(
+    "--rpc-password-file",
+    type=click.File("r"),
+    default=None,
+    help="Read the RPC password from this file's first line ('-': standard input).",
+)
 @click.option("--wallet", default=None, help="bitcoind wallet name.")
-@click.option("--json", "as_json", is_flag=True, envvar="BTCCHANNEL_JSON", help="Machine-readable output: one JSON document.")
+@click.option(
+    "--json", "as_json", is_flag=True, envvar="BTCCHANNEL_JSON", help="Machine-readable output: one JSON document."
+)
 @click.option("-v", "--verbose", count=True, help="Log to stderr (-v info: payments, closes; -vv debug).")
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line.")
 @click.version_option(__version__, "-V", "--version", prog_name="btcchannel", message="%(prog)s %(version)s")
 @click.pass_context
-def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | None,
-         rpc_cookie: Path | None, bitcoin_datadir: Path | None, bitcoin_conf: Path | None,
-         payer_backup: Path | None, rpc_user: str | None, rpc_password: str | None, rpc_password_file: TextIO | None,
-         wallet: str | None, as_json: bool, verbose: int, log_json: bool) -> None:
+def main(
+    ctx: click.Context,
+    network: str,
+    datadir: Path | None,
+    rpc_url: str | None,
+    rpc_cookie: Path | None,
+    bitcoin_datadir: Path | None,
+    bitcoin_conf: Path | None,
+    payer_backup: Path | None,
+    rpc_user: str | None,
+    rpc_password: str | None,
+    rpc_password_file: TextIO | None,
+    wallet: str | None,
+    as_json: bool,
+    verbose: int,
+    log_json: bool,
+) -> None:
     """Unidirectional Bitcoin payment channels.
 
     The options below may also follow the command's name (btcchannel list --json).
@@ -296,9 +371,17 @@ def main(ctx: click.Context, network: str, datadir: Path | None, rpc_url: str | 
             raise click.UsageError("give --rpc-password or --rpc-password-file, not both")
         rpc_password = read_secret(rpc_password_file, "--rpc-password-file")
     ctx.obj = Settings(
-        network=network, root=datadir or default_datadir(), rpc_url=rpc_url,
-        rpc_cookie=rpc_cookie, rpc_user=rpc_user, rpc_password=rpc_password,
-        wallet=wallet, json=as_json, verbose=verbose, bitcoin_datadir=bitcoin_datadir, bitcoin_conf=bitcoin_conf,
+        network=network,
+        root=datadir or default_datadir(),
+        rpc_url=rpc_url,
+        rpc_cookie=rpc_cookie,
+        rpc_user=rpc_user,
+        rpc_password=rpc_password,
+        wallet=wallet,
+        json=as_json,
+        verbose=verbose,
+        bitcoin_datadir=bitcoin_datadir,
+        bitcoin_conf=bitcoin_conf,
         payer_backup=payer_backup,
     )
 
@@ -319,10 +402,16 @@ def node_endpoint(settings: Settings) -> NodeEndpoint:
     :func:`btcchannel.bitcoind.locate.locate_node`. ``NodeUnavailable`` when none is found."""
     from btcchannel.bitcoind.locate import locate_node
 
-    return locate_node(settings.network, rpc_url=settings.rpc_url, rpc_cookie=settings.rpc_cookie,
-                       rpc_user=settings.rpc_user, rpc_password=settings.rpc_password,
-                       bitcoin_datadir=settings.bitcoin_datadir, bitcoin_conf=settings.bitcoin_conf,
-                       regtest_dirs=(settings.regtest_dir, default_datadir() / "regtest-node"))
+    return locate_node(
+        settings.network,
+        rpc_url=settings.rpc_url,
+        rpc_cookie=settings.rpc_cookie,
+        rpc_user=settings.rpc_user,
+        rpc_password=settings.rpc_password,
+        bitcoin_datadir=settings.bitcoin_datadir,
+        bitcoin_conf=settings.bitcoin_conf,
+        regtest_dirs=(settings.regtest_dir, default_datadir() / "regtest-node"),
+    )
 
 
 def make_node(settings: Settings, default_wallet: str) -> Node:

@@ -100,8 +100,9 @@ def _unknown(where: str, key: str, known: list[str]) -> ConfigProblem:
     return ConfigProblem(f"{where}: unknown key {key!r}{also}; known: {', '.join(sorted(known)) or 'none'}")
 
 
-def _table(path: Path, name: str, cmd: click.Command, table: dict[str, Any], ctx: click.Context,
-           *, with_subcommands: bool) -> dict[str, Any]:
+def _table(
+    path: Path, name: str, cmd: click.Command, table: dict[str, Any], ctx: click.Context, *, with_subcommands: bool
+) -> dict[str, Any]:
     """``table`` checked against ``cmd``'s options (and, for a group, its subcommands' tables)."""
     options = options_by_key(cmd)
     subs = cmd.commands if with_subcommands and isinstance(cmd, click.Group) else {}
@@ -178,8 +179,10 @@ def _entries(ctx: click.Context) -> dict[str, dict[str, Any]]:
     for key, p in options_by_key(ctx.command).items():
         assert p.name is not None
         source = ctx.get_parameter_source(p.name)
-        out[key] = {"value": mask(key, ctx.params.get(p.name)),
-                    "source": SOURCES.get(source, "default") if source is not None else "default"}
+        out[key] = {
+            "value": mask(key, ctx.params.get(p.name)),
+            "source": SOURCES.get(source, "default") if source is not None else "default",
+        }
     return out
 
 

@@ -27,8 +27,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}
+        doc = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         for name in EXTRA_FIELDS:
             if hasattr(record, name):
                 doc[name] = getattr(record, name)
@@ -45,16 +49,21 @@ class OwnLogsFilter(logging.Filter):
         self.everything = everything
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return (self.everything or record.levelno >= logging.WARNING
-                or record.name == "btcchannel" or record.name.startswith("btcchannel."))
+        return (
+            self.everything
+            or record.levelno >= logging.WARNING
+            or record.name == "btcchannel"
+            or record.name.startswith("btcchannel.")
+        )
 
 
 def setup_logging(verbose: int, as_json: bool) -> None:
     """Log to stderr: warnings (``-v`` btcchannel's info, ``-vv`` everyone's debug), text or JSON
     lines, repeats held back."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if as_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     handler.addFilter(OwnLogsFilter(everything=verbose >= 2))
     handler.addFilter(RepeatFilter())
     setattr(handler, "_btcchannel_cli", True)

@@ -66,8 +66,11 @@ def show(ctx: click.Context) -> None:
     file = root.meta.get("btcchannel.config_file")
     tables = effective_settings(root)
     node = _node(settings)
-    emit(settings, {"file": None if file is None else str(file), "tables": tables, "node": node},
-         _text(None if file is None else str(file), tables) + "\n\n" + _node_text(node))
+    emit(
+        settings,
+        {"file": None if file is None else str(file), "tables": tables, "node": node},
+        _text(None if file is None else str(file), tables) + "\n\n" + _node_text(node),
+    )
 
 
 def _node(settings: Settings) -> dict[str, Any]:

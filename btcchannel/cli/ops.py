@@ -16,6 +16,7 @@ __all__ = ["COMMANDS", "forget", "restore", "summary"]
 
 def _tip(settings: Settings, wallet: str) -> tuple[int | None, ChannelError | None]:
     """The node's tip height, or None and the error when no node answers (the totals need none)."""
+
     async def tip(node: Any) -> int:
         return int(await node.tip_height())
 
@@ -39,13 +40,19 @@ def summary(settings: Settings) -> None:
     from btcchannel.store import PayeeStore, PayerStore
 
     payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
-    tip, node_error = (None, None) if not (payee_db.exists() or payer_db.exists()) else \
-        _tip(settings, "payee" if payee_db.exists() else "payer")
+    tip, node_error = (
+        (None, None)
+        if not (payee_db.exists() or payer_db.exists())
+        else _tip(settings, "payee" if payee_db.exists() else "payer")
+    )
     doc: dict[str, Any] = {"payee": None, "payer": None, "tip_height": tip}
     if node_error is not None:
         doc["node_error"] = {"code": node_error.code, "message": node_error.message}
-        warn_node_unknown(settings, node_error, "blocks to expiry and refundable channels are unknown; the payer's "
-                                                "states are as last stored")
+        warn_node_unknown(
+            settings,
+            node_error,
+            "blocks to expiry and refundable channels are unknown; the payer's states are as last stored",
+        )
     parts: list[str] = []
     if payee_db.exists():
         with PayeeStore(payee_db) as store:
@@ -79,12 +86,23 @@ def _payer_text(doc: dict[str, Any]) -> str:
         f"spent          {doc['spent_sat']} sat (channels closed or closing)",
         f"open           {plural(o['channels'], 'channel')}, {o['amount_sat']} sat paid, {o['remaining_sat']} sat "
         f"left of {o['deposit_sat']} sat deposits",
-        "refundable now " + ("unknown (no node)" if unknown else
-                             ", ".join(f"{x['channel_id']} ({x['deposit_sat']} sat)" for x in doc["refundable"])
-                             or "none"),
-        "refundable in  " + ("unknown (no node)" if unknown else
-                             ", ".join(f"{x['channel_id']} {plural(x['blocks_left'], 'block')}"
-                                       for x in doc["refundable_later"] if x["blocks_left"] is not None) or "-"),
+        "refundable now "
+        + (
+            "unknown (no node)"
+            if unknown
+            else ", ".join(f"{x['channel_id']} ({x['deposit_sat']} sat)" for x in doc["refundable"]) or "none"
+        ),
+        "refundable in  "
+        + (
+            "unknown (no node)"
+            if unknown
+            else ", ".join(
+                f"{x['channel_id']} {plural(x['blocks_left'], 'block')}"
+                for x in doc["refundable_later"]
+                if x["blocks_left"] is not None
+            )
+            or "-"
+        ),
         "channels       " + (", ".join(f"{k} {v}" for k, v in doc["channels"].items()) or "none"),
     ]
     return "\n".join(lines)
@@ -106,14 +124,15 @@ def forget(settings: Settings, channel_id: str) -> None:
     with PayerStore(settings.datadir / "payer.db") as store:
         rec = store.get(channel_id)
         dead = rec.state in (ChannelState.FAILED, ChannelState.CLOSED, ChannelState.REFUNDED) or (
-            rec.state is ChannelState.PROPOSED and rec.funding_txid is None)
+            rec.state is ChannelState.PROPOSED and rec.funding_txid is None
+        )
         if not dead:
-            raise IllegalTransition(f"channel {channel_id} is {rec.state.value}: it may still hold the deposit; "
-                                    "only failed, unfunded or ended channels are forgotten")
+            raise IllegalTransition(
+                f"channel {channel_id} is {rec.state.value}: it may still hold the deposit; "
+                "only failed, unfunded or ended channels are forgotten"
+            )
         store.delete(channel_id)
     emit(settings, {"channel_id": channel_id, "forgotten": True}, f"channel {channel_id} forgotten")
-
-
 
 
 @click.command()
@@ -136,9 +155,12 @@ def restore(settings: Settings, backup_db: Path, force: bool) -> None:
     config = _server_config(settings)
     objs = run_async(with_node(settings, "payee", lambda node: restore_closing(config, node, backup_db, force=force)))
     lines = [f"{o['channel_id']} {o['state']} {o.get('close_txid') or '-'} ({o['amount_sat']} sat)" for o in objs]
-    emit(settings, {"restored": str(config.db_path), "closed": objs},
-         f"restored {config.db_path} from {backup_db}; " + (f"{plural(len(objs), 'channel')} closing:\n" + "\n".join(lines)
-                                                             if objs else "no open channel to close"))
+    emit(
+        settings,
+        {"restored": str(config.db_path), "closed": objs},
+        f"restored {config.db_path} from {backup_db}; "
+        + (f"{plural(len(objs), 'channel')} closing:\n" + "\n".join(lines) if objs else "no open channel to close"),
+    )
 
 
 COMMANDS: tuple[click.Command, ...] = (summary, forget, restore)

@@ -33,10 +33,12 @@ def _server_config(settings: Settings, **fields: Any) -> ServerConfig:
         raise click.UsageError(str(e)) from e
 
 
-def _tip_or_none(settings: Settings, wallet: str, doc: dict[str, Any] | None = None, *,
-                 warn: bool = True) -> int | None:
+def _tip_or_none(
+    settings: Settings, wallet: str, doc: dict[str, Any] | None = None, *, warn: bool = True
+) -> int | None:
     """The node's tip height, or None when no node answers (listing works without one: unless
     ``warn`` is False, a warning says so and ``doc`` gets ``node_error``)."""
+
     async def tip(node: Node) -> int:
         return await node.tip_height()
 
@@ -73,11 +75,13 @@ def _terms_text(config: ServerConfig) -> str:
     price = "no price (payments at will)" if config.price_sat == 0 else f"{config.price_sat} sat a unit, {config.mode}"
     if config.price_sat and config.mode == "postpay":
         price += f", credit {config.credit_limit_sat} sat, {config.payment_timeout_s:g} s to pay"
-    return (f"terms: {price}; deposits {config.min_deposit_sat}-{config.max_deposit_sat} sat, lifetimes "
-            f"{config.min_lifetime_blocks}-{config.max_lifetime_blocks} blocks; open at {config.min_confirmations} "
-            f"confirmation{'s' if config.min_confirmations != 1 else ''}, closed {config.close_margin_blocks} blocks "
-            f"before expiry, a close final at {config.final_confirmations} confirmation"
-            f"{'s' if config.final_confirmations != 1 else ''}")
+    return (
+        f"terms: {price}; deposits {config.min_deposit_sat}-{config.max_deposit_sat} sat, lifetimes "
+        f"{config.min_lifetime_blocks}-{config.max_lifetime_blocks} blocks; open at {config.min_confirmations} "
+        f"confirmation{'s' if config.min_confirmations != 1 else ''}, closed {config.close_margin_blocks} blocks "
+        f"before expiry, a close final at {config.final_confirmations} confirmation"
+        f"{'s' if config.final_confirmations != 1 else ''}"
+    )
 
 
 @click.command()
@@ -85,70 +89,174 @@ def _terms_text(config: ServerConfig) -> str:
 @click.option("--port", default=8402, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--price-sat", type=click.IntRange(0), default=None, help="Price of one unit of the metered service.")
 @click.option("--mode", type=click.Choice(["prepay", "postpay"]), default=None)
-@click.option("--credit-limit-sat", type=click.IntRange(0), default=None,
-              help="postpay: unpaid total allowed per channel (what a payer that never pays takes per channel).")
-@click.option("--credit-cap-per-payer-sat", type=click.IntRange(0), default=None,
-              help="postpay: unpaid total allowed across one payer key's channels [default: no cap].")
-@click.option("--credit-cap-per-client-sat", type=click.IntRange(0), default=None,
-              help="postpay: unpaid total allowed across the channels one client address proposed, so that "
-                   "opening many channels does not multiply --credit-limit-sat [default: no cap].")
-@click.option("--credit-cap-total-sat", type=click.IntRange(0), default=None,
-              help="postpay: unpaid total allowed across all channels: the most the payee risks on credit "
-                   "[default: no cap].")
-@click.option("--allow-plain-http", is_flag=True, default=False,
-              help="Serve paid routes over plain HTTP to non-loopback clients (default: TLS or loopback only).")
-@click.option("--payment-timeout", type=click.FloatRange(0.1), default=None, help="postpay: seconds to pay what is owed.")
-@click.option("--idle-timeout", type=click.FloatRange(0.001), default=None,
-              help="prepay: seconds without a payment before an open channel is closed [default: never].")
-@click.option("--close-margin-blocks", type=int, default=None,
-              help="Close a channel this many blocks before its expiry (at least 2) [default: 6].")
-@click.option("--min-confirmations", type=click.IntRange(1), default=None,
-              help="Depth at which a funding opens a channel (at least 1).")
-@click.option("--final-confirmations", type=click.IntRange(1), default=None,
-              help="Depth at which a close (or a conflicting spend) is final: channels show closing until then "
-                   "[default: 6].")
+@click.option(
+    "--credit-limit-sat",
+    type=click.IntRange(0),
+    default=None,
+    help="postpay: unpaid total allowed per channel (what a payer that never pays takes per channel).",
+)
+@click.option(
+    "--credit-cap-per-payer-sat",
+    type=click.IntRange(0),
+    default=None,
+    help="postpay: unpaid total allowed across one payer key's channels [default: no cap].",
+)
+@click.option(
+    "--credit-cap-per-client-sat",
+    type=click.IntRange(0),
+    default=None,
+    help="postpay: unpaid total allowed across the channels one client address proposed, so that "
+    "opening many channels does not multiply --credit-limit-sat [default: no cap].",
+)
+@click.option(
+    "--credit-cap-total-sat",
+    type=click.IntRange(0),
+    default=None,
+    help="postpay: unpaid total allowed across all channels: the most the payee risks on credit [default: no cap].",
+)
+@click.option(
+    "--allow-plain-http",
+    is_flag=True,
+    default=False,
+    help="Serve paid routes over plain HTTP to non-loopback clients (default: TLS or loopback only).",
+)
+@click.option(
+    "--payment-timeout", type=click.FloatRange(0.1), default=None, help="postpay: seconds to pay what is owed."
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(0.001),
+    default=None,
+    help="prepay: seconds without a payment before an open channel is closed [default: never].",
+)
+@click.option(
+    "--close-margin-blocks",
+    type=int,
+    default=None,
+    help="Close a channel this many blocks before its expiry (at least 2) [default: 6].",
+)
+@click.option(
+    "--min-confirmations",
+    type=click.IntRange(1),
+    default=None,
+    help="Depth at which a funding opens a channel (at least 1).",
+)
+@click.option(
+    "--final-confirmations",
+    type=click.IntRange(1),
+    default=None,
+    help="Depth at which a close (or a conflicting spend) is final: channels show closing until then [default: 6].",
+)
 @click.option("--payee-address", default=None, help="Where closes pay [default: a new address of the node wallet].")
-@click.option("--serve-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Sell this file's chunks at /v1/file/{index}.")
+@click.option(
+    "--serve-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Sell this file's chunks at /v1/file/{index}.",
+)
 @click.option("--chunk-size", type=click.IntRange(1, 60_000), default=1024, show_default=True)
-@click.option("--store", "store_url", metavar="postgresql://...", default=None, envvar="BTCCHANNEL_STORE",
-              help="A PostgreSQL database shared by several payee instances [default: <datadir>/payee.db] "
-                   "(also $BTCCHANNEL_STORE; a password is best left to PGPASSWORD or ~/.pgpass).")
-@click.option("--public-url", default=None, metavar="URL",
-              help="Where payers reach this payee (e.g. https://api.example/btc): the 402's URLs are built from "
-                   "it [default: the request's Host header, only on regtest or a loopback address].")
-@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="ADDRESS[/BITS]",
-              help="A reverse proxy in front (repeatable): requests from it are counted against the proposal "
-                   "caps of the client its X-Forwarded-For names.")
-@click.option("--trust-host-header", is_flag=True, default=False,
-              help="Build the 402's URLs from the Host header even on a public address (a proxy in front sets it).")
-@click.option("--metrics/--no-metrics", default=True, show_default=True,
-              help="Serve Prometheus metrics at /metrics on a listener of its own (see --metrics-port).")
+@click.option(
+    "--store",
+    "store_url",
+    metavar="postgresql://...",
+    default=None,
+    envvar="BTCCHANNEL_STORE",
+    help="A PostgreSQL database shared by several payee instances [default: <datadir>/payee.db] "
+    "(also $BTCCHANNEL_STORE; a password is best left to PGPASSWORD or ~/.pgpass).",
+)
+@click.option(
+    "--public-url",
+    default=None,
+    metavar="URL",
+    help="Where payers reach this payee (e.g. https://api.example/btc): the 402's URLs are built from "
+    "it [default: the request's Host header, only on regtest or a loopback address].",
+)
+@click.option(
+    "--trusted-proxy",
+    "trusted_proxies",
+    multiple=True,
+    metavar="ADDRESS[/BITS]",
+    help="A reverse proxy in front (repeatable): requests from it are counted against the proposal "
+    "caps of the client its X-Forwarded-For names.",
+)
+@click.option(
+    "--trust-host-header",
+    is_flag=True,
+    default=False,
+    help="Build the 402's URLs from the Host header even on a public address (a proxy in front sets it).",
+)
+@click.option(
+    "--metrics/--no-metrics",
+    default=True,
+    show_default=True,
+    help="Serve Prometheus metrics at /metrics on a listener of its own (see --metrics-port).",
+)
 @click.option("--metrics-host", default=None, help="The metrics listener's address [default: 127.0.0.1].")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="The metrics listener's port [default: a free one, in <datadir>/server.json].")
-@click.option("--metrics-public", is_flag=True, default=False,
-              help="Serve /metrics on the payee's own port instead (anyone who reaches it reads revenue and deposits).")
-@click.option("--backup-db", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Keep a copy of payee.db here (put it on another disk): every payment is written to it "
-                   "before it is acknowledged, every other change copied within a second.")
-@click.option("--backup-async", is_flag=True, default=False,
-              help="Copy payee.db to --backup-db only in the background (faster; the copy may lack the "
-                   "payments of the last second, and a restore from it closes those channels for less).")
-@click.option("--backup-interval", type=click.FloatRange(1.0), default=60.0, show_default=True,
-              help="Seconds between copies when nothing changed.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="The metrics listener's port [default: a free one, in <datadir>/server.json].",
+)
+@click.option(
+    "--metrics-public",
+    is_flag=True,
+    default=False,
+    help="Serve /metrics on the payee's own port instead (anyone who reaches it reads revenue and deposits).",
+)
+@click.option(
+    "--backup-db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Keep a copy of payee.db here (put it on another disk): every payment is written to it "
+    "before it is acknowledged, every other change copied within a second.",
+)
+@click.option(
+    "--backup-async",
+    is_flag=True,
+    default=False,
+    help="Copy payee.db to --backup-db only in the background (faster; the copy may lack the "
+    "payments of the last second, and a restore from it closes those channels for less).",
+)
+@click.option(
+    "--backup-interval",
+    type=click.FloatRange(1.0),
+    default=60.0,
+    show_default=True,
+    help="Seconds between copies when nothing changed.",
+)
 @click.pass_obj
-def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode: str | None,
-          credit_limit_sat: int | None, credit_cap_per_payer_sat: int | None,
-          credit_cap_per_client_sat: int | None, credit_cap_total_sat: int | None, allow_plain_http: bool,
-          payment_timeout: float | None, idle_timeout: float | None,
-          close_margin_blocks: int | None,
-          min_confirmations: int | None, final_confirmations: int | None, payee_address: str | None,
-          serve_file: Path | None,
-          chunk_size: int, store_url: str | None, public_url: str | None, trusted_proxies: tuple[str, ...],
-          trust_host_header: bool, metrics: bool,
-          metrics_host: str | None, metrics_port: int | None, metrics_public: bool, backup_db: Path | None,
-          backup_interval: float, backup_async: bool) -> None:
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    price_sat: int | None,
+    mode: str | None,
+    credit_limit_sat: int | None,
+    credit_cap_per_payer_sat: int | None,
+    credit_cap_per_client_sat: int | None,
+    credit_cap_total_sat: int | None,
+    allow_plain_http: bool,
+    payment_timeout: float | None,
+    idle_timeout: float | None,
+    close_margin_blocks: int | None,
+    min_confirmations: int | None,
+    final_confirmations: int | None,
+    payee_address: str | None,
+    serve_file: Path | None,
+    chunk_size: int,
+    store_url: str | None,
+    public_url: str | None,
+    trusted_proxies: tuple[str, ...],
+    trust_host_header: bool,
+    metrics: bool,
+    metrics_host: str | None,
+    metrics_port: int | None,
+    metrics_public: bool,
+    backup_db: Path | None,
+    backup_interval: float,
+    backup_async: bool,
+) -> None:
     """Run the payee's service (until Ctrl-C or SIGTERM). New channels are agreed under the price,
     mode, credit limit and timeouts given here (GET /v1/info states them, and serve prints them);
     channels already open keep the terms they were agreed under.
@@ -164,15 +272,29 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
     from btcchannel.payee import http as server
 
     config = _server_config(
-        settings, host=host, port=port, price_sat=price_sat, mode=mode, credit_limit_sat=credit_limit_sat,
-        credit_cap_per_payer_sat=credit_cap_per_payer_sat, credit_cap_per_client_sat=credit_cap_per_client_sat,
-        credit_cap_total_sat=credit_cap_total_sat, allow_plain_http=allow_plain_http or None,
-        payment_timeout_s=payment_timeout, idle_timeout_s=idle_timeout, close_margin_blocks=close_margin_blocks,
-        min_confirmations=min_confirmations, final_confirmations=final_confirmations, payee_address=payee_address,
+        settings,
+        host=host,
+        port=port,
+        price_sat=price_sat,
+        mode=mode,
+        credit_limit_sat=credit_limit_sat,
+        credit_cap_per_payer_sat=credit_cap_per_payer_sat,
+        credit_cap_per_client_sat=credit_cap_per_client_sat,
+        credit_cap_total_sat=credit_cap_total_sat,
+        allow_plain_http=allow_plain_http or None,
+        payment_timeout_s=payment_timeout,
+        idle_timeout_s=idle_timeout,
+        close_margin_blocks=close_margin_blocks,
+        min_confirmations=min_confirmations,
+        final_confirmations=final_confirmations,
+        payee_address=payee_address,
         store_url=store_url,
-        public_url=public_url, trusted_proxies=trusted_proxies or None,
-        trust_host_header=trust_host_header or None, metrics_host=metrics_host,
-        metrics_port=metrics_port, metrics_public=metrics_public or None,
+        public_url=public_url,
+        trusted_proxies=trusted_proxies or None,
+        trust_host_header=trust_host_header or None,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        metrics_public=metrics_public or None,
     )
     if backup_db is not None and store_url is not None:
         raise click.UsageError("--backup-db copies the SQLite payee.db; back a PostgreSQL store up with its own tools")
@@ -192,9 +314,16 @@ def serve(settings: Settings, host: str, port: int, price_sat: int | None, mode:
             add_file_route(app, serve_file, chunk_size=chunk_size)
 
     def ready(url: str) -> None:
-        emit(settings, {"url": url, "datadir": str(settings.datadir), "terms": config.terms.required().to_json(),
-                        "final_confirmations": config.final_confirmations},
-             f"payee service on {url}\n{_terms_text(config)}")
+        emit(
+            settings,
+            {
+                "url": url,
+                "datadir": str(settings.datadir),
+                "terms": config.terms.required().to_json(),
+                "final_confirmations": config.final_confirmations,
+            },
+            f"payee service on {url}\n{_terms_text(config)}",
+        )
         sys.stdout.flush()
 
     async def run(node: Node) -> None:
@@ -217,8 +346,8 @@ def channels(settings: Settings) -> None:
     Example:
       btcchannel channels
     """
-    from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
+    from btcchannel.wire import channel_object
 
     with PayeeStore(settings.datadir / "payee.db") as store:
         objs = [channel_object(r) for r in store.list()]
@@ -227,27 +356,60 @@ def channels(settings: Settings) -> None:
     doc["tip_height"] = tip
     for o in objs:
         o["blocks_left"] = None if tip is None else o["expiry_height"] - tip
-    rows = [[o["channel_id"], o["state"], o["amount_sat"], o["deposit_sat"], o["expiry_height"],
-             "-" if o["blocks_left"] is None else o["blocks_left"]] for o in objs]
-    emit(settings, doc,
-         table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left"]) if rows
-         else "no channels")
+    rows = [
+        [
+            o["channel_id"],
+            o["state"],
+            o["amount_sat"],
+            o["deposit_sat"],
+            o["expiry_height"],
+            "-" if o["blocks_left"] is None else o["blocks_left"],
+        ]
+        for o in objs
+    ]
+    emit(
+        settings,
+        doc,
+        table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left"])
+        if rows
+        else "no channels",
+    )
 
 
 @click.command()
 @click.argument("channel_id")
-@click.option("--close-tx", is_flag=True,
-              help="Print the last payment as a fully signed close transaction (hex) instead; nothing is broadcast.")
-@click.option("--fee-rate", type=click.FloatRange(1.0), default=None, help="--close-tx: sat/vB [default: the node's estimate].")
-@click.option("--address", default=None, help="--close-tx: pay the payee here [default: a new address of the node wallet].")
-@click.option("--descriptor", is_flag=True,
-              help="Print the funding output's descriptor (with checksum) instead; the payer's or the payee's datadir.")
-@click.option("--private", is_flag=True,
-              help="--descriptor with the payer's key (payer's datadir; keep it secret): a descriptor wallet "
-                   "can then refund after expiry.")
+@click.option(
+    "--close-tx",
+    is_flag=True,
+    help="Print the last payment as a fully signed close transaction (hex) instead; nothing is broadcast.",
+)
+@click.option(
+    "--fee-rate", type=click.FloatRange(1.0), default=None, help="--close-tx: sat/vB [default: the node's estimate]."
+)
+@click.option(
+    "--address", default=None, help="--close-tx: pay the payee here [default: a new address of the node wallet]."
+)
+@click.option(
+    "--descriptor",
+    is_flag=True,
+    help="Print the funding output's descriptor (with checksum) instead; the payer's or the payee's datadir.",
+)
+@click.option(
+    "--private",
+    is_flag=True,
+    help="--descriptor with the payer's key (payer's datadir; keep it secret): a descriptor wallet "
+    "can then refund after expiry.",
+)
 @click.pass_obj
-def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float | None, address: str | None,
-            descriptor: bool, private: bool) -> None:
+def channel(
+    settings: Settings,
+    channel_id: str,
+    close_tx: bool,
+    fee_rate: float | None,
+    address: str | None,
+    descriptor: bool,
+    private: bool,
+) -> None:
     """Show one of the payee's channels, or (--close-tx) its last state as a close transaction
     that any node accepts (bitcoin-cli sendrawtransaction HEX), without btcchannel, or
     (--descriptor) its funding output's descriptor.
@@ -258,15 +420,17 @@ def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float
       btcchannel channel 5f0c...e1 --close-tx --fee-rate 2
       btcchannel channel 5f0c...e1 --descriptor --private
     """
-    from btcchannel.wire import channel_object
     from btcchannel.store import PayeeStore
+    from btcchannel.wire import channel_object
 
     if descriptor or private:
         doc = _descriptor(settings, channel_id, private)
         emit(settings, doc, str(doc["descriptor"]))
         return
     if close_tx:
-        doc = run_async(with_node(settings, "payee", lambda node: _close_tx(settings, node, channel_id, fee_rate, address)))
+        doc = run_async(
+            with_node(settings, "payee", lambda node: _close_tx(settings, node, channel_id, fee_rate, address))
+        )
         emit(settings, doc, str(doc["hex"]))
         return
     with PayeeStore(settings.datadir / "payee.db") as store:
@@ -291,20 +455,31 @@ def _descriptor(settings: Settings, channel_id: str, private: bool) -> dict[str,
             rec = store.find(channel_id)
             if rec is not None:
                 params = ChannelParams.from_json(rec.params)
-                return {"channel_id": channel_id, "role": "payer", "script_version": params.script_version,
-                        "private": private, "descriptor": channel_descriptor(store, rec, private)}
+                return {
+                    "channel_id": channel_id,
+                    "role": "payer",
+                    "script_version": params.script_version,
+                    "private": private,
+                    "descriptor": channel_descriptor(store, rec, private),
+                }
     if private:
         raise BadRequest(f"--private needs the payer's datadir, and channel {channel_id} is not a payer's channel here")
     if not payee_db.exists():
         raise UnknownChannel(f"no channel {channel_id}")
     with PayeeStore(payee_db) as payee_store:
         params = ChannelParams.from_json(payee_store.get(channel_id).params)
-    return {"channel_id": channel_id, "role": "payee", "script_version": params.script_version, "private": False,
-            "descriptor": funding_descriptor(params)}
+    return {
+        "channel_id": channel_id,
+        "role": "payee",
+        "script_version": params.script_version,
+        "private": False,
+        "descriptor": funding_descriptor(params),
+    }
 
 
-async def _close_tx(settings: Settings, node: Node, channel_id: str, fee_rate: float | None,
-                    address: str | None) -> dict[str, Any]:
+async def _close_tx(
+    settings: Settings, node: Node, channel_id: str, fee_rate: float | None, address: str | None
+) -> dict[str, Any]:
     """The payee's last state of ``channel_id`` as a fully signed close: the best payment, the payee's
     signature, a fee at ``fee_rate`` (or the most the payment affords below it)."""
     from btcchannel.core import script
@@ -319,8 +494,14 @@ async def _close_tx(settings: Settings, node: Node, channel_id: str, fee_rate: f
     payout = script.check_payout_script(script.address_to_script(address or await node.new_address(), settings.network))
     rate = max(fee_rate or await node.estimate_fee_rate(), MIN_RELAY_FEE_RATE)
     tx, rate = ch.build_close_at_most(payout, rate)
-    return {"channel_id": channel_id, "amount_sat": rec.amount_sat, "txid": tx_id(tx), "hex": tx_hex(tx),
-            "vsize": tx_vsize(tx), "fee_rate_sat_vb": round(rate, 3)}
+    return {
+        "channel_id": channel_id,
+        "amount_sat": rec.amount_sat,
+        "txid": tx_id(tx),
+        "hex": tx_hex(tx),
+        "vsize": tx_vsize(tx),
+        "fee_rate_sat_vb": round(rate, 3),
+    }
 
 
 def _payee_only(settings: Settings, channel_id: str) -> bool:
@@ -387,17 +568,26 @@ def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
             raise NothingToReplace(f"channel {channel_id} is {before.state.value}: it has no close to replace")
         confs = await node.tx_confirmations(old)
         if confs:
-            raise NothingToReplace(f"the close {old} of channel {channel_id} is confirmed "
-                                   f"({confs} confirmations): nothing to replace")
+            raise NothingToReplace(
+                f"the close {old} of channel {channel_id} is confirmed ({confs} confirmations): nothing to replace"
+            )
         obj = await operator_bump(config, node, channel_id, fee_rate)
         if obj.get("close_txid") in (None, old):
             raise NothingToReplace(f"the close {old} of channel {channel_id} was not replaced")
-        return {**obj, "replaced_txid": old, "old_fee_rate_sat_vb": before.close_fee_rate,
-                "new_fee_rate_sat_vb": await _close_fee_rate(config.db_path, channel_id)}
+        return {
+            **obj,
+            "replaced_txid": old,
+            "old_fee_rate_sat_vb": before.close_fee_rate,
+            "new_fee_rate_sat_vb": await _close_fee_rate(config.db_path, channel_id),
+        }
 
     obj = run_async(with_node(settings, "payee", run))
-    emit(settings, obj, f"close {obj['replaced_txid']} ({obj['old_fee_rate_sat_vb']:.2f} sat/vB) replaced by "
-                        f"{obj['close_txid']} ({obj['new_fee_rate_sat_vb']:.2f} sat/vB)")
+    emit(
+        settings,
+        obj,
+        f"close {obj['replaced_txid']} ({obj['old_fee_rate_sat_vb']:.2f} sat/vB) replaced by "
+        f"{obj['close_txid']} ({obj['new_fee_rate_sat_vb']:.2f} sat/vB)",
+    )
 
 
 async def _close_fee_rate(db_path: Path, channel_id: str) -> float | None:

@@ -18,8 +18,8 @@ from btcchannel.core.state import ChannelState
 from btcchannel.errors import BadBackup, BadRequest, ChannelError, OpenTimeout
 
 if TYPE_CHECKING:
-    from btcchannel.payer.metered import MeteredPayer
     from btcchannel.payer.client import PayerClient
+    from btcchannel.payer.metered import MeteredPayer
 
 __all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refund"]
 
@@ -27,38 +27,86 @@ __all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refund
 @click.command("open")
 @click.argument("url")
 @click.option("--deposit-sat", type=click.IntRange(1), default=None, help="The deposit (required unless --funding-tx).")
-@click.option("--lifetime-blocks", type=click.IntRange(1), default=None,
-              help="Blocks until the expiry (required unless --funding-tx).")
-@click.option("--fee-rate", type=click.FloatRange(1.0), default=None,
-              help="Funding fee rate, sat/vB [default: the wallet's estimate].")
+@click.option(
+    "--lifetime-blocks",
+    type=click.IntRange(1),
+    default=None,
+    help="Blocks until the expiry (required unless --funding-tx).",
+)
+@click.option(
+    "--fee-rate",
+    type=click.FloatRange(1.0),
+    default=None,
+    help="Funding fee rate, sat/vB [default: the wallet's estimate].",
+)
 @click.option("--no-wait", is_flag=True, help="Return once funded, without waiting for the channel to open.")
 @click.option("--max-price-sat", type=click.IntRange(0), default=None, help="Refuse a payee asking more per unit.")
-@click.option("--max-total-sat", type=click.IntRange(1), default=None,
-              help="The most this channel may ever pay (proposed as the agreed total).")
+@click.option(
+    "--max-total-sat",
+    type=click.IntRange(1),
+    default=None,
+    help="The most this channel may ever pay (proposed as the agreed total).",
+)
 @click.option("--max-credit-sat", type=click.IntRange(0), default=None, help="Refuse a larger postpay credit limit.")
 @click.option("--mode", type=click.Choice(["prepay", "postpay"]), default=None, help="Refuse any other mode.")
 @click.option("--max-units", type=click.IntRange(1), default=None, help="End condition: the agreed unit count.")
-@click.option("--max-payments", type=click.IntRange(1), default=None, help="End condition: the agreed number of payments.")
-@click.option("--end-time", type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S"]), default=None,
-              help="End condition: the channel ends at this UTC time (e.g. 2030-01-01T00:00:00Z).")
-@click.option("--timeout", type=click.FloatRange(0.0), default=600.0, show_default=True,
-              help="Seconds to wait for the channel to open.")
-@click.option("--psbt", is_flag=True,
-              help="Fund from any wallet: print the funding address, exact amount and an unsigned PSBT (from the "
-                   "--wallet, which may be watch-only) instead of paying from the node wallet, then wait for the "
-                   "funding in a block (--no-wait: return at once and register it later with --funding-tx).")
-@click.option("--funding-tx", default=None, metavar="HEX",
-              help="Register this signed transaction (the external wallet's) as the funding of the proposal to URL "
-                   "made with --psbt; it is checked, broadcast and reported to the payee.")
+@click.option(
+    "--max-payments", type=click.IntRange(1), default=None, help="End condition: the agreed number of payments."
+)
+@click.option(
+    "--end-time",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S"]),
+    default=None,
+    help="End condition: the channel ends at this UTC time (e.g. 2030-01-01T00:00:00Z).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.0),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for the channel to open.",
+)
+@click.option(
+    "--psbt",
+    is_flag=True,
+    help="Fund from any wallet: print the funding address, exact amount and an unsigned PSBT (from the "
+    "--wallet, which may be watch-only) instead of paying from the node wallet, then wait for the "
+    "funding in a block (--no-wait: return at once and register it later with --funding-tx).",
+)
+@click.option(
+    "--funding-tx",
+    default=None,
+    metavar="HEX",
+    help="Register this signed transaction (the external wallet's) as the funding of the proposal to URL "
+    "made with --psbt; it is checked, broadcast and reported to the payee.",
+)
 @click.option("--channel", "channel_id", default=None, help="--funding-tx: the proposal [default: the newest to URL].")
-@click.option("--refund-address", default=None,
-              help="Where the payer's change and refund go [default: a new address of the node wallet].")
+@click.option(
+    "--refund-address",
+    default=None,
+    help="Where the payer's change and refund go [default: a new address of the node wallet].",
+)
 @click.pass_obj
-def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blocks: int | None, fee_rate: float | None,
-             no_wait: bool, max_price_sat: int | None, max_total_sat: int | None, max_credit_sat: int | None,
-             mode: str | None, max_units: int | None, max_payments: int | None, end_time: datetime | None,
-             timeout: float, psbt: bool, funding_tx: str | None, channel_id: str | None,
-             refund_address: str | None) -> None:
+def open_cmd(
+    settings: Settings,
+    url: str,
+    deposit_sat: int | None,
+    lifetime_blocks: int | None,
+    fee_rate: float | None,
+    no_wait: bool,
+    max_price_sat: int | None,
+    max_total_sat: int | None,
+    max_credit_sat: int | None,
+    mode: str | None,
+    max_units: int | None,
+    max_payments: int | None,
+    end_time: datetime | None,
+    timeout: float,
+    psbt: bool,
+    funding_tx: str | None,
+    channel_id: str | None,
+    refund_address: str | None,
+) -> None:
     """Open a channel to a payee: check its terms against the limits given, propose, fund from the
     node wallet, wait until open.
 
@@ -82,8 +130,12 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
     from btcchannel.payer.views import mempool_fee
 
     limits = PayerLimits(
-        max_price_sat=max_price_sat, max_total_sat=max_total_sat, max_credit_limit_sat=max_credit_sat, mode=mode,
-        max_units=max_units, max_payments=max_payments,
+        max_price_sat=max_price_sat,
+        max_total_sat=max_total_sat,
+        max_credit_limit_sat=max_credit_sat,
+        mode=mode,
+        max_units=max_units,
+        max_payments=max_payments,
         end_time=int(end_time.replace(tzinfo=timezone.utc).timestamp()) if end_time is not None else None,
     )
 
@@ -94,13 +146,18 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
         if settings.json:
             return
         if event == "proposed":
-            line = f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, expiry height {f['expiry_height']}"
+            line = (
+                f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, "
+                f"expiry height {f['expiry_height']}"
+            )
         elif event == "funded":
             fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
             line = f"funding transaction {f['funding_txid']} broadcast{fee}"
             if on_regtest and not no_wait:  # said at once: nothing else will confirm it
-                line += (f"\nregtest mines no block by itself: run `{mine}` (in another terminal) to confirm "
-                         f"the funding; waiting up to {timeout:g} s")
+                line += (
+                    f"\nregtest mines no block by itself: run `{mine}` (in another terminal) to confirm "
+                    f"the funding; waiting up to {timeout:g} s"
+                )
         elif event == "confirmations":
             line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
             if on_regtest and f["confirmations"] < f["needed"]:
@@ -114,15 +171,33 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
             cid = await _fund_externally(client, url, channel_id, funding_tx, progress)
         elif psbt:
             assert deposit_sat is not None and lifetime_blocks is not None
-            cid = await _open_with_psbt(client, settings, url, deposit_sat, lifetime_blocks, limits, progress,
-                                        fee_rate, refund_address, no_wait, timeout)
+            cid = await _open_with_psbt(
+                client,
+                settings,
+                url,
+                deposit_sat,
+                lifetime_blocks,
+                limits,
+                progress,
+                fee_rate,
+                refund_address,
+                no_wait,
+                timeout,
+            )
             if no_wait:
                 return await client.status(cid)
         else:
             assert deposit_sat is not None and lifetime_blocks is not None
-            cid = await client.open_channel(url, deposit_sat, lifetime_blocks, wait_open=not no_wait,
-                                            open_timeout=timeout, progress=progress, limits=limits,
-                                            payer_address=refund_address)
+            cid = await client.open_channel(
+                url,
+                deposit_sat,
+                lifetime_blocks,
+                wait_open=not no_wait,
+                open_timeout=timeout,
+                progress=progress,
+                limits=limits,
+                payer_address=refund_address,
+            )
         if not no_wait and (psbt or funding_tx is not None):
             await client.wait_open(cid, timeout, progress=progress)
         obj = await client.status(cid)
@@ -140,19 +215,28 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
             raise
         fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{mine}`")
     if obj["state"] == "proposed":
-        emit(settings, obj, f"channel {obj['channel_id']} proposed: fund it, then "
-                            f"`btcchannel open {url} --funding-tx HEX --channel {obj['channel_id']}`")
+        emit(
+            settings,
+            obj,
+            f"channel {obj['channel_id']} proposed: fund it, then "
+            f"`btcchannel open {url} --funding-tx HEX --channel {obj['channel_id']}`",
+        )
         return
     state = obj["state"]
     after = "" if state == "open" else "; it opens once the funding confirms (`btcchannel list` shows it)"
     if state != "open" and on_regtest:
         after += f"; on regtest confirm it with `{mine}`"
-    emit(settings, obj, f"channel {obj['channel_id']} {state}: deposit {obj['deposit_sat']} sat, "
-                        f"expiry height {obj['expiry_height']}, funding {obj.get('funding_txid')}{after}")
+    emit(
+        settings,
+        obj,
+        f"channel {obj['channel_id']} {state}: deposit {obj['deposit_sat']} sat, "
+        f"expiry height {obj['expiry_height']}, funding {obj.get('funding_txid')}{after}",
+    )
 
 
-async def _fund_externally(client: PayerClient, url: str, channel_id: str | None, funding_tx: str,
-                           progress: Any) -> str:
+async def _fund_externally(
+    client: PayerClient, url: str, channel_id: str | None, funding_tx: str, progress: Any
+) -> str:
     """Register ``funding_tx`` as the funding of the proposal to ``url`` (``channel_id`` or the newest)."""
     from btcchannel.payer.external import fund_with_tx, pending_proposal
 
@@ -162,14 +246,25 @@ async def _fund_externally(client: PayerClient, url: str, channel_id: str | None
     return cid
 
 
-async def _open_with_psbt(client: PayerClient, settings: Settings, url: str, deposit_sat: int, lifetime_blocks: int,
-                          limits: Any, progress: Any, fee_rate: float | None, refund_address: str | None,
-                          no_wait: bool, timeout: float) -> str:
+async def _open_with_psbt(
+    client: PayerClient,
+    settings: Settings,
+    url: str,
+    deposit_sat: int,
+    lifetime_blocks: int,
+    limits: Any,
+    progress: Any,
+    fee_rate: float | None,
+    refund_address: str | None,
+    no_wait: bool,
+    timeout: float,
+) -> str:
     """Propose, print what funds the channel (stdout, at once), then wait for the funding in a block."""
     from btcchannel.payer.external import funding_request, wait_for_funding
 
-    cid = await client.propose(url, deposit_sat, lifetime_blocks, limits=limits, progress=progress,
-                               payer_address=refund_address)
+    cid = await client.propose(
+        url, deposit_sat, lifetime_blocks, limits=limits, progress=progress, payer_address=refund_address
+    )
     req = await funding_request(client, cid, fee_rate_sat_vb=fee_rate)
     if settings.json:
         click.echo(json.dumps(req))
@@ -181,15 +276,18 @@ async def _open_with_psbt(client: PayerClient, settings: Settings, url: str, dep
     sys.stdout.flush()
     if not no_wait:
         outpoint = await wait_for_funding(client, cid, timeout)
-        progress("funded", {"channel_id": cid, "funding_txid": outpoint.txid, "fee_sat": None,
-                            "fee_rate_sat_vb": None})
+        progress("funded", {"channel_id": cid, "funding_txid": outpoint.txid, "fee_sat": None, "fee_rate_sat_vb": None})
     return cid
 
 
 @click.command()
 @click.argument("channel_id")
-@click.option("--amount-sat", type=click.IntRange(1), required=True,
-              help="How much MORE to pay (an increment, added to the channel's total).")
+@click.option(
+    "--amount-sat",
+    type=click.IntRange(1),
+    required=True,
+    help="How much MORE to pay (an increment, added to the channel's total).",
+)
 @click.pass_obj
 def pay(settings: Settings, channel_id: str, amount_sat: int) -> None:
     """Pay AMOUNT more through a channel (signed, stored, then sent), at will: for a payee
@@ -205,17 +303,26 @@ def pay(settings: Settings, channel_id: str, amount_sat: int) -> None:
     Example:
       btcchannel pay 5f0c...e1 --amount-sat 1000
     """
+
     async def run(client: PayerClient) -> dict[str, Any]:
         before = client.store.get(channel_id).acked_sat
         total = await client.pay(channel_id, amount_sat)
         rec = client.store.get(channel_id)
-        return {"channel_id": channel_id, "increment_sat": total - before, "amount_sat": total,
-                "deposit_sat": rec.deposit_sat, "remaining_sat": rec.deposit_sat - total,
-                "state": rec.state.value, "closing": rec.state is not ChannelState.OPEN}
+        return {
+            "channel_id": channel_id,
+            "increment_sat": total - before,
+            "amount_sat": total,
+            "deposit_sat": rec.deposit_sat,
+            "remaining_sat": rec.deposit_sat - total,
+            "state": rec.state.value,
+            "closing": rec.state is not ChannelState.OPEN,
+        }
 
     doc = run_async(with_client(settings, run))
-    text = (f"paid {doc['increment_sat']} sat more: total {doc['amount_sat']} of the {doc['deposit_sat']} sat "
-            f"deposit, {doc['remaining_sat']} sat remaining")
+    text = (
+        f"paid {doc['increment_sat']} sat more: total {doc['amount_sat']} of the {doc['deposit_sat']} sat "
+        f"deposit, {doc['remaining_sat']} sat remaining"
+    )
     if doc["closing"]:
         text += f"\nthe channel is now {doc['state']}: the payee closes it with this total; open a new one to pay more"
     emit(settings, doc, text)
@@ -223,19 +330,43 @@ def pay(settings: Settings, channel_id: str, amount_sat: int) -> None:
 
 @click.command()
 @click.argument("url")
-@click.option("--channel", "channel_id", default=None, help="Channel to pay with [default: an open one to the route's payee].")
+@click.option(
+    "--channel", "channel_id", default=None, help="Channel to pay with [default: an open one to the route's payee]."
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the body here.")
 @click.option("--method", default="GET", show_default=True, help="The HTTP method of the request.")
-@click.option("--deposit-sat", type=click.IntRange(1), default=None,
-              help="Open a channel with this deposit when none to the route's payee can pay.")
-@click.option("--lifetime-blocks", type=click.IntRange(1), default=144, show_default=True,
-              help="The lifetime of a channel opened by --deposit-sat.")
+@click.option(
+    "--deposit-sat",
+    type=click.IntRange(1),
+    default=None,
+    help="Open a channel with this deposit when none to the route's payee can pay.",
+)
+@click.option(
+    "--lifetime-blocks",
+    type=click.IntRange(1),
+    default=144,
+    show_default=True,
+    help="The lifetime of a channel opened by --deposit-sat.",
+)
 @click.option("--max-price-sat", type=click.IntRange(0), default=None, help="Refuse a route asking more per unit.")
-@click.option("--max-total-sat", type=click.IntRange(1), default=None,
-              help="Refuse a route costing more; a channel opened here agrees on this total.")
+@click.option(
+    "--max-total-sat",
+    type=click.IntRange(1),
+    default=None,
+    help="Refuse a route costing more; a channel opened here agrees on this total.",
+)
 @click.pass_obj
-def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None, method: str,
-          deposit_sat: int | None, lifetime_blocks: int, max_price_sat: int | None, max_total_sat: int | None) -> None:
+def fetch(
+    settings: Settings,
+    url: str,
+    channel_id: str | None,
+    out: Path | None,
+    method: str,
+    deposit_sat: int | None,
+    lifetime_blocks: int,
+    max_price_sat: int | None,
+    max_total_sat: int | None,
+) -> None:
     """Request a paid URL and pay exactly what its 402 asks; a /v1/file URL fetches every chunk.
 
     The route's 402 names its price, its units and its payee's protocol URL: the request is paid
@@ -251,8 +382,12 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
     from btcchannel.payer.buy import Budget, NoChannel, ask_price, channel_for_challenge
     from btcchannel.payer.metered import MeteredPayer
 
-    budget = Budget(max_price_sat=max_price_sat, max_total_sat=max_total_sat, deposit_sat=deposit_sat,
-                    lifetime_blocks=lifetime_blocks)
+    budget = Budget(
+        max_price_sat=max_price_sat,
+        max_total_sat=max_total_sat,
+        deposit_sat=deposit_sat,
+        lifetime_blocks=lifetime_blocks,
+    )
 
     async def run(client: PayerClient) -> dict[str, Any]:
         if url.rstrip("/").endswith("/v1/file"):
@@ -267,8 +402,9 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
                 if status >= 400:
                     raise BadRequest(f"{url}: HTTP {status}")
             else:
-                cid = await channel_for_challenge(client, challenge, budget, channel_id=channel_id,
-                                                  progress=None if settings.json else _open_progress)
+                cid = await channel_for_challenge(
+                    client, challenge, budget, channel_id=channel_id, progress=None if settings.json else _open_progress
+                )
                 payer = MeteredPayer(client, cid)
                 before = client.store.get(cid).acked_sat
                 units = challenge.units_for(await payer.metering())
@@ -279,12 +415,22 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
             out.write_bytes(body)
         elif not settings.json:
             sys.stdout.buffer.write(body)
-        doc: dict[str, Any] = {"channel_id": cid, "bytes": len(body), "units": units, "paid_sat": paid,
-                               "out": str(out) if out else None}
+        doc: dict[str, Any] = {
+            "channel_id": cid,
+            "bytes": len(body),
+            "units": units,
+            "paid_sat": paid,
+            "out": str(out) if out else None,
+        }
         if cid is not None:
             rec = client.store.get(cid)
-            doc.update({"amount_sat": rec.acked_sat, "remaining_sat": rec.deposit_sat - rec.acked_sat,
-                        "state": rec.state.value})
+            doc.update(
+                {
+                    "amount_sat": rec.acked_sat,
+                    "remaining_sat": rec.deposit_sat - rec.acked_sat,
+                    "state": rec.state.value,
+                }
+            )
         if out is None and settings.json:
             doc["body_base64"] = base64.b64encode(body).decode()
         return doc
@@ -292,11 +438,19 @@ def fetch(settings: Settings, url: str, channel_id: str | None, out: Path | None
     try:
         doc = run_async(with_client(settings, run))
     except NoChannel as exc:
-        fail(exc, settings.json, hint=f"open one at the protocol URL the route names: {exc.open_command}, "
-                                      f"or pass --deposit-sat to open it here")
+        fail(
+            exc,
+            settings.json,
+            hint=f"open one at the protocol URL the route names: {exc.open_command}, "
+            f"or pass --deposit-sat to open it here",
+        )
     if settings.json or out is not None:
-        emit(settings, doc, f"fetched {doc['bytes']} bytes in {doc['units']} paid units; "
-                            f"channel {doc['channel_id']} total {doc.get('amount_sat')} sat")
+        emit(
+            settings,
+            doc,
+            f"fetched {doc['bytes']} bytes in {doc['units']} paid units; "
+            f"channel {doc['channel_id']} total {doc.get('amount_sat')} sat",
+        )
 
 
 def _open_progress(event: str, f: dict[str, Any]) -> None:
@@ -334,10 +488,17 @@ def refund(settings: Settings, channel_id: str, fee_rate: float | None, address:
     Example:
       btcchannel refund 5f0c...e1
     """
-    doc = run_async(with_client(
-        settings, lambda client: client.refund_details(channel_id, fee_rate_sat_vb=fee_rate, dest_address=address)))
-    emit(settings, doc, f"refund {doc['refund_txid']} broadcast: {doc['amount_sat']} sat back, "
-                        f"fee {doc['fee_sat']} sat ({doc['fee_rate_sat_vb']} sat/vB)")
+    doc = run_async(
+        with_client(
+            settings, lambda client: client.refund_details(channel_id, fee_rate_sat_vb=fee_rate, dest_address=address)
+        )
+    )
+    emit(
+        settings,
+        doc,
+        f"refund {doc['refund_txid']} broadcast: {doc['amount_sat']} sat back, "
+        f"fee {doc['fee_sat']} sat ({doc['fee_rate_sat_vb']} sat/vB)",
+    )
 
 
 @click.command("list")
@@ -360,28 +521,60 @@ def list_cmd(settings: Settings) -> None:
             tip = run_async(with_client(settings, lambda client: client.refresh()))
         except ChannelError as e:
             node_error = e  # no node: the stored view, said to be one
-            warn_node_unknown(settings, e, "the states below are as last stored (a funding or close may have "
-                                           "confirmed since) and blocks_left is unknown")
+            warn_node_unknown(
+                settings,
+                e,
+                "the states below are as last stored (a funding or close may have "
+                "confirmed since) and blocks_left is unknown",
+            )
     with PayerStore(settings.datadir / "payer.db") as store:
         recs = store.list()
     objs: list[dict[str, Any]] = []
     for r in recs:
         left = None if tip is None else r.expiry_height - tip
-        expired = left is not None and left <= 0 and r.state in (ChannelState.OPEN, ChannelState.FUNDING,
-                                                                   ChannelState.CLOSING)
-        objs.append({"channel_id": r.channel_id, "server_url": r.server_url, "state": r.state.value,
-                     "deposit_sat": r.deposit_sat, "amount_sat": r.acked_sat, "signed_sat": r.amount_sat,
-                     "expiry_height": r.expiry_height, "blocks_left": left, "refundable": expired,
-                     "funding_txid": r.funding_txid, "close_txid": r.close_txid, "refund_txid": r.refund_txid})
-    rows = [[o["channel_id"], o["state"] + (" (expired: refundable)" if o["refundable"] else ""), o["amount_sat"],
-             o["deposit_sat"], o["expiry_height"], "-" if o["blocks_left"] is None else o["blocks_left"],
-             o["server_url"]] for o in objs]
+        expired = (
+            left is not None
+            and left <= 0
+            and r.state in (ChannelState.OPEN, ChannelState.FUNDING, ChannelState.CLOSING)
+        )
+        objs.append(
+            {
+                "channel_id": r.channel_id,
+                "server_url": r.server_url,
+                "state": r.state.value,
+                "deposit_sat": r.deposit_sat,
+                "amount_sat": r.acked_sat,
+                "signed_sat": r.amount_sat,
+                "expiry_height": r.expiry_height,
+                "blocks_left": left,
+                "refundable": expired,
+                "funding_txid": r.funding_txid,
+                "close_txid": r.close_txid,
+                "refund_txid": r.refund_txid,
+            }
+        )
+    rows = [
+        [
+            o["channel_id"],
+            o["state"] + (" (expired: refundable)" if o["refundable"] else ""),
+            o["amount_sat"],
+            o["deposit_sat"],
+            o["expiry_height"],
+            "-" if o["blocks_left"] is None else o["blocks_left"],
+            o["server_url"],
+        ]
+        for o in objs
+    ]
     doc: dict[str, Any] = {"channels": objs, "tip_height": tip}
     if node_error is not None:
         doc["node_error"] = {"code": node_error.code, "message": node_error.message}
-    emit(settings, doc,
-         table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left", "payee"]) if rows
-         else "no channels")
+    emit(
+        settings,
+        doc,
+        table(rows, ["channel", "state", "paid_sat", "deposit_sat", "expiry", "blocks_left", "payee"])
+        if rows
+        else "no channels",
+    )
 
 
 @click.group(cls=Group)
@@ -398,9 +591,12 @@ def backup() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite FILE even if it is not a btcchannel backup.")
 @click.option("--no-keys", is_flag=True, help="Leave out the keys that derive from the seed (`seed show`).")
-@click.option("--descriptors", is_flag=True,
-              help="Write the channels not yet ended as output descriptors instead: a JSON array that Bitcoin "
-                   "Core's `importdescriptors` takes as is (private unless --no-keys).")
+@click.option(
+    "--descriptors",
+    is_flag=True,
+    help="Write the channels not yet ended as output descriptors instead: a JSON array that Bitcoin "
+    "Core's `importdescriptors` takes as is (private unless --no-keys).",
+)
 @click.pass_obj
 def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool, descriptors: bool) -> None:
     """Write the payer's channels (keys included unless --no-keys: keep it secret) to FILE.
@@ -425,14 +621,20 @@ def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool, de
             found = descriptor_backup(store, keys=not no_keys)
         write_descriptor_backup(found, file, replace_any=force)
         left = "".join(f"\nleft out {d['channel_id']}: {d['reason']}" for d in found.left_out)
-        emit(settings, {"file": str(file), "descriptors": len(found.requests), "left_out": found.left_out},
-             f"{len(found.requests)} channel descriptors written to {file}{left}")
+        emit(
+            settings,
+            {"file": str(file), "descriptors": len(found.requests), "left_out": found.left_out},
+            f"{len(found.requests)} channel descriptors written to {file}{left}",
+        )
         return
     with PayerStore(settings.datadir / "payer.db") as store:
         data = store.export_backup(keys=not no_keys)
     write_payer_backup(data, file, replace_any=force)
-    emit(settings, {"file": str(file), "channels": len(data["channels"])},
-         f"{plural(len(data['channels']), 'channel')} written to {file}")
+    emit(
+        settings,
+        {"file": str(file), "channels": len(data["channels"])},
+        f"{plural(len(data['channels']), 'channel')} written to {file}",
+    )
 
 
 @backup.command("import")

@@ -37,8 +37,11 @@ def regtest_install(settings: Settings) -> None:
     from btcchannel.bitcoind.binary import find_bitcoind
 
     binary = find_bitcoind()
-    emit(settings, {"version": binary.version, "source": binary.source, "command": list(binary.bitcoind)},
-         f"{binary.version} ({binary.source}): {' '.join(binary.bitcoind)}")
+    emit(
+        settings,
+        {"version": binary.version, "source": binary.source, "command": list(binary.bitcoind)},
+        f"{binary.version} ({binary.source}): {' '.join(binary.bitcoind)}",
+    )
 
 
 def _prepare_wallets(node: Any) -> None:
@@ -87,10 +90,13 @@ def regtest_start(settings: Settings) -> None:
     env = _node_env(node)
     node.detach()
     # the other commands find this node by themselves (make_node): no variables to export
-    emit(settings, {**status, "already_running": already, "env": env},
-         f"regtest node {'already running' if already else 'started'}: pid {status['pid']}, "
-         f"height {status['blocks']}\n  RPC {status['rpc_url']}\n  datadir {status['datadir']}\n"
-         "wallets payee and payer (10 BTC); the other btcchannel commands find this node by themselves")
+    emit(
+        settings,
+        {**status, "already_running": already, "env": env},
+        f"regtest node {'already running' if already else 'started'}: pid {status['pid']}, "
+        f"height {status['blocks']}\n  RPC {status['rpc_url']}\n  datadir {status['datadir']}\n"
+        "wallets payee and payer (10 BTC); the other btcchannel commands find this node by themselves",
+    )
 
 
 @regtest.command("stop")
@@ -125,9 +131,12 @@ def regtest_status(settings: Settings) -> None:
     status = node.status()
     status["env"] = _node_env(node)
     node.detach()
-    emit(settings, status,
-         f"regtest node running: pid {status['pid']}, height {status['blocks']}, "
-         f"tip {status['bestblockhash']}\n  RPC {status['rpc_url']}\n  datadir {status['datadir']}")
+    emit(
+        settings,
+        status,
+        f"regtest node running: pid {status['pid']}, height {status['blocks']}, "
+        f"tip {status['bestblockhash']}\n  RPC {status['rpc_url']}\n  datadir {status['datadir']}",
+    )
 
 
 @regtest.command("mine")

@@ -14,10 +14,17 @@ if TYPE_CHECKING:
 
 __all__ = ["COMMANDS", "seed"]
 
-_WARNING = ("WARNING: anyone who has this seed has every channel key of this datadir (the payer's refunds, "
-            "the payee's closes). Write it down, keep it offline and never share it.")
-_ROLE = click.option("--role", type=click.Choice(["payer", "payee"]), default="payer", show_default=True,
-                     help="Whose seed: the payer's (payer.db) or the payee's (payee.db).")
+_WARNING = (
+    "WARNING: anyone who has this seed has every channel key of this datadir (the payer's refunds, "
+    "the payee's closes). Write it down, keep it offline and never share it."
+)
+_ROLE = click.option(
+    "--role",
+    type=click.Choice(["payer", "payee"]),
+    default="payer",
+    show_default=True,
+    help="Whose seed: the payer's (payer.db) or the payee's (payee.db).",
+)
 
 
 def _open(settings: Settings, role: str) -> PayeeStore | PayerStore:
@@ -48,15 +55,23 @@ def seed_show(settings: Settings, role: str) -> None:
     """
     with _open(settings, role) as store:
         value, nxt = store.seed(), store.next_key_index()
-    emit(settings, {"seed": value.hex(), "next_key_index": nxt, "warning": _WARNING},
-         f"{_WARNING}\nseed: {value.hex()}\nnext key index: {nxt}")
+    emit(
+        settings,
+        {"seed": value.hex(), "next_key_index": nxt, "warning": _WARNING},
+        f"{_WARNING}\nseed: {value.hex()}\nnext key index: {nxt}",
+    )
 
 
 @seed.command("restore")
 @click.argument("seed_hex", required=False)
-@click.option("--from-file", "from_file", type=click.File("r"), default=None,
-              help="Read the seed from this file's first line ('-': standard input) instead of SEED_HEX, "
-                   "so it appears in no process list or shell history.")
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.File("r"),
+    default=None,
+    help="Read the seed from this file's first line ('-': standard input) instead of SEED_HEX, "
+    "so it appears in no process list or shell history.",
+)
 @_ROLE
 @click.pass_obj
 def seed_restore(settings: Settings, seed_hex: str | None, from_file: TextIO | None, role: str) -> None:
@@ -82,8 +97,11 @@ def seed_restore(settings: Settings, seed_hex: str | None, from_file: TextIO | N
     with _open(settings, role) as store:
         installed = store.restore_seed(value)
         n = store.restore_keys()
-    emit(settings, {"installed": installed, "keys_restored": n},
-         f"seed {'installed' if installed else 'already present'}; {n} channel keys restored")
+    emit(
+        settings,
+        {"installed": installed, "keys_restored": n},
+        f"seed {'installed' if installed else 'already present'}; {n} channel keys restored",
+    )
 
 
 COMMANDS: tuple[click.Command, ...] = (seed,)

@@ -20,9 +20,9 @@ from btcchannel.core.keys import (
     Verifier,
     check_private_key,
     close_request_digest,
-    request_digest,
     is_valid_signature_encoding,
     public_key,
+    request_digest,
     sign_digest,
 )
 from btcchannel.core.params import ChannelParams, Payment, check_payment_amount
@@ -347,11 +347,7 @@ class PayeeChannel(_Machine):
 
     def must_close(self, tip_height: int) -> bool:
         """True when the channel is open, holds a payment and ``tip >= expiry - close_margin_blocks``."""
-        return (
-            self.state is ChannelState.OPEN
-            and self.best is not None
-            and tip_height >= self.closing_height
-        )
+        return self.state is ChannelState.OPEN and self.best is not None and tip_height >= self.closing_height
 
     def close_input(self) -> CloseInput:
         """This channel as an input of a (possibly multi-channel) close."""

@@ -43,7 +43,9 @@ __all__ = [
 ]
 
 # BIP380: every character a descriptor may hold, in the order its checksum encodes them
-_INPUT_CHARSET: Final = "0123456789()[],'/*abcdefgh@:$%{}IJKLMNOPQRSTUVWXYZ&+-.;<=>?!^_|~ijklmnopqrstuvwxyzABCDEFGH`#\"\\ "
+_INPUT_CHARSET: Final = (
+    "0123456789()[],'/*abcdefgh@:$%{}IJKLMNOPQRSTUVWXYZ&+-.;<=>?!^_|~ijklmnopqrstuvwxyzABCDEFGH`#\"\\ "
+)
 _CHECKSUM_CHARSET: Final = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 _GENERATOR: Final = (0xF5DEE51989, 0xA9FDCA3312, 0x1BAB10E32D, 0x3706B1677A, 0x644D626FFD)
 _WIF_VERSION: Final = {"mainnet": 0x80, "testnet": 0xEF, "testnet4": 0xEF, "signet": 0xEF, "regtest": 0xEF}
@@ -136,10 +138,11 @@ def funding_descriptor(params: ChannelParams, payer_key: str | None = None, paye
     """
     if params.script_version != SCRIPT_DESCRIPTOR:
         if payer_key is not None or payee_key is not None:
-            raise BadRequest("this channel uses the legacy script, which no descriptor expresses with keys: "
-                             "only its watch-only addr() descriptor exists")
+            raise BadRequest(
+                "this channel uses the legacy script, which no descriptor expresses with keys: "
+                "only its watch-only addr() descriptor exists"
+            )
         return add_checksum(f"addr({params.funding_address})")
     payer = payer_key if payer_key is not None else params.payer_pubkey.hex()
     payee = payee_key if payee_key is not None else params.payee_pubkey.hex()
     return add_checksum(f"wsh({channel_miniscript(payer, payee, params.expiry_height)})")
-

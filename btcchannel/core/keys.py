@@ -206,7 +206,6 @@ def close_request_digest(channel_id: str) -> bytes:
     return hashlib.sha256(CLOSE_REQUEST_TAG + raw).digest()
 
 
-
 def request_digest(channel_id: str, counter: int, method: str, target: str) -> bytes:
     """The digest a payer signs to authenticate one metered request:
     ``SHA256(b"btcchannel/v1/request" || channel_id (16 bytes) || counter (8 bytes, big endian)
@@ -234,8 +233,16 @@ def _field(value: bytes) -> bytes:
     return len(value).to_bytes(2, "big") + value
 
 
-def request_digest_v2(channel_id: str, counter: int, method: str, authority: str, target: str,
-                      body_sha256: bytes, amount: str = "", signature: str = "") -> bytes:
+def request_digest_v2(
+    channel_id: str,
+    counter: int,
+    method: str,
+    authority: str,
+    target: str,
+    body_sha256: bytes,
+    amount: str = "",
+    signature: str = "",
+) -> bytes:
     """The digest a payer signs to authenticate one metered request (auth v2)::
 
         SHA256(b"btcchannel/v2/request" || channel_id (16 bytes) || counter (8 bytes, big endian)
@@ -257,7 +264,13 @@ def request_digest_v2(channel_id: str, counter: int, method: str, authority: str
     if len(body_sha256) != 32:
         raise BadRequest("body digest must be 32 bytes")
     return hashlib.sha256(
-        REQUEST_TAG_V2 + raw + counter.to_bytes(8, "big") + _field(_utf8(method.upper()))
-        + _field(_utf8(authority.lower())) + _field(_utf8(target)) + body_sha256
-        + _field(_utf8(amount)) + _field(_utf8(signature))
+        REQUEST_TAG_V2
+        + raw
+        + counter.to_bytes(8, "big")
+        + _field(_utf8(method.upper()))
+        + _field(_utf8(authority.lower()))
+        + _field(_utf8(target))
+        + body_sha256
+        + _field(_utf8(amount))
+        + _field(_utf8(signature))
     ).digest()

@@ -16,8 +16,8 @@ from btcchannel.core.keys import check_public_key
 from btcchannel.core.script import (
     SCRIPT_LEGACY,
     check_network,
-    check_script_version,
     check_payout_script,
+    check_script_version,
     dust_limit,
     funding_witness_script,
     p2wsh_script,

@@ -14,7 +14,6 @@ Pure: the service layers call these.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Callable, Final
 
@@ -131,9 +130,7 @@ class ProposalLimits:
         """DepositOutOfRange unless ``deposit_sat`` is within ``[min_deposit_sat, max_deposit_sat]``;
         ExpiryOutOfRange unless ``expiry_height`` is within ``tip + [min_lifetime, max_lifetime]``."""
         if not self.min_deposit_sat <= deposit_sat <= self.max_deposit_sat:
-            raise DepositOutOfRange(
-                f"deposit must be within [{self.min_deposit_sat}, {self.max_deposit_sat}] sat"
-            )
+            raise DepositOutOfRange(f"deposit must be within [{self.min_deposit_sat}, {self.max_deposit_sat}] sat")
         lo, hi = tip_height + self.min_lifetime_blocks, tip_height + self.max_lifetime_blocks
         if not lo <= expiry_height <= hi:
             raise ExpiryOutOfRange(f"expiry_height must be within [{lo}, {hi}] (tip {tip_height})")
@@ -238,8 +235,9 @@ class Metering:
         return True
 
     @staticmethod
-    def payment_overdue(owed_sat: int, paid_sat: int, owed_since: float | None, now: float,
-                        payment_timeout_s: float) -> bool:
+    def payment_overdue(
+        owed_sat: int, paid_sat: int, owed_since: float | None, now: float, payment_timeout_s: float
+    ) -> bool:
         """Postpay: whether an owed total has stayed unpaid for longer than the payment timeout."""
         return owed_since is not None and owed_sat > paid_sat and now - owed_since > payment_timeout_s
 
@@ -391,15 +389,20 @@ class Terms:
         d.update(end)
         return Terms.from_json(d)
 
-    def timed_end(self, *, owed_sat: int, paid_sat: int, owed_since: float | None, paid_at: float | None,
-                  now: float) -> str | None:
+    def timed_end(
+        self, *, owed_sat: int, paid_sat: int, owed_since: float | None, paid_at: float | None, now: float
+    ) -> str | None:
         """The end condition that time alone has reached, if any (the payee checks it on every pass):
         ``payment_timeout`` (an owed total unpaid past ``payment_timeout_ms``), ``idle_timeout``
         (prepay: no payment for ``idle_timeout_ms`` since the last one), ``end_time_reached``."""
         if Metering.payment_overdue(owed_sat, paid_sat, owed_since, now, self.payment_timeout_ms / 1000):
             return "payment_timeout"
-        if (self.mode == "prepay" and self.idle_timeout_ms is not None and paid_at is not None
-                and now - paid_at > self.idle_timeout_ms / 1000):
+        if (
+            self.mode == "prepay"
+            and self.idle_timeout_ms is not None
+            and paid_at is not None
+            and now - paid_at > self.idle_timeout_ms / 1000
+        ):
             return "idle_timeout"
         if self.end_time is not None and now >= self.end_time:
             return "end_time_reached"
@@ -416,10 +419,12 @@ class Terms:
             caps.append(self.max_total_sat)
         return min(caps) if caps else None
 
-    def check_signable(self, amount_sat: int, *, units_received: int, units_ahead: int = 0,
-                       payments: int = 0, now: float | None = None) -> None:
+    def check_signable(
+        self, amount_sat: int, *, units_received: int, units_ahead: int = 0, payments: int = 0, now: float | None = None
+    ) -> None:
         """Payer side: ``AmountNotAgreed`` unless a payment of cumulative ``amount_sat`` is allowed:
-        within :meth:`max_signable`, not past ``max_units`` (units received and paid ahead), ``max_payments`` (``payments`` signed so far) nor
+        within :meth:`max_signable`, not past ``max_units`` (units received and paid ahead), ``max_payments``
+        (``payments`` signed so far) nor
         past ``end_time`` (``now``, unix seconds)."""
         cap = self.max_signable(units_received, units_ahead)
         if cap is not None and amount_sat > cap:
@@ -456,8 +461,12 @@ class PayerLimits:
         if self.mode is not None and required.mode != self.mode:
             raise TermsRefused(f"the payee's mode is {required.mode}, not {self.mode}")
         if self.max_credit_limit_sat is not None and required.credit_limit_sat > self.max_credit_limit_sat:
-            raise TermsRefused(f"the payee's credit limit {required.credit_limit_sat} sat is over {self.max_credit_limit_sat}")
+            raise TermsRefused(
+                f"the payee's credit limit {required.credit_limit_sat} sat is over {self.max_credit_limit_sat}"
+            )
         return required.with_end_conditions(
-            max_total_sat=self.max_total_sat, max_units=self.max_units, max_payments=self.max_payments,
+            max_total_sat=self.max_total_sat,
+            max_units=self.max_units,
+            max_payments=self.max_payments,
             end_time=self.end_time,
         )

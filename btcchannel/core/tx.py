@@ -29,10 +29,10 @@ from fractions import Fraction
 from typing import Any, Final, Sequence
 
 from bitcoin.core import (
-    COutPoint,
     CMutableTransaction,
     CMutableTxIn,
     CMutableTxOut,
+    COutPoint,
     CTransaction,
     CTxInWitness,
     CTxWitness,
@@ -40,9 +40,9 @@ from bitcoin.core import (
 )
 from bitcoin.core.script import CScript, CScriptWitness
 
-from btcchannel.errors import BadRequest, BadSignature, CloseUneconomic, InternalError
 from btcchannel.core.keys import check_private_key, sign_digest_fixed_length
 from btcchannel.core.script import check_payout_script, dust_limit
+from btcchannel.errors import BadRequest, BadSignature, CloseUneconomic, InternalError
 
 __all__ = [
     "OutPoint",

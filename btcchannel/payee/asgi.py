@@ -102,10 +102,16 @@ class PaidRoutes:
     themselves: ``dependencies=[Depends(paid.costs(250))]``.
     """
 
-    def __init__(self, prices: Mapping[str | tuple[str, str], int] | None = None,
-                 gate: PaymentGate | None = None, *, protocol_path: str = "") -> None:
+    def __init__(
+        self,
+        prices: Mapping[str | tuple[str, str], int] | None = None,
+        gate: PaymentGate | None = None,
+        *,
+        protocol_path: str = "",
+    ) -> None:
         self.prices: dict[tuple[str, str], int] = {
-            ((k[0].upper(), k[1]) if isinstance(k, tuple) else ("*", k)): v for k, v in (prices or {}).items()}
+            ((k[0].upper(), k[1]) if isinstance(k, tuple) else ("*", k)): v for k, v in (prices or {}).items()
+        }
         self._gate = gate
         #: where the app serves btcchannel's protocol (the 402 names it, under the request's origin)
         self.protocol_path = protocol_path.rstrip("/")
@@ -175,8 +181,9 @@ class PaidRoutes:
 
         return gated
 
-    async def _serve(self, gate: PaymentGate, app: ASGIApp, scope: Scope, receive: Receive, send: Send,
-                     price: int) -> None:
+    async def _serve(
+        self, gate: PaymentGate, app: ASGIApp, scope: Scope, receive: Receive, send: Send, price: int
+    ) -> None:
         headers = _Headers((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope.get("headers", []))
         target = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         if scope.get("query_string"):
@@ -186,8 +193,15 @@ class PaidRoutes:
             origin += scope.get("root_path", "") + self.protocol_path
         body, receive = await _read_body(receive)  # auth v2 covers it; the app receives it as sent
         client = scope.get("client")
-        admitted = await gate.admit(scope["method"], target, headers, gate.units_for(price), origin, body=body,
-                                    peer=client[0] if client else None)
+        admitted = await gate.admit(
+            scope["method"],
+            target,
+            headers,
+            gate.units_for(price),
+            origin,
+            body=body,
+            peer=client[0] if client else None,
+        )
         if isinstance(admitted, GateAnswer):
             await _send_json(send, admitted)
             return
@@ -199,8 +213,13 @@ class PaidRoutes:
             if message["type"] == "http.response.start" and not started:
                 started = True
                 extra = await gate.served(charge, int(message["status"]))
-                message = {**message, "headers": [*message.get("headers", []),
-                                                   *((k.lower().encode(), v.encode()) for k, v in extra.items())]}
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        *((k.lower().encode(), v.encode()) for k, v in extra.items()),
+                    ],
+                }
             await send(message)
 
         token = _ADMITTED.set(price)
@@ -225,7 +244,7 @@ def _template_regex(template: str) -> re.Pattern[str]:
     """``/items/{item_id}`` as a regex (``{name:path}`` takes the rest of the path)."""
     out, pos = "", 0
     for m in re.finditer(r"{([^}:]+)(?::([^}]+))?}", template):
-        out += re.escape(template[pos:m.start()]) + (".*" if m.group(2) == "path" else "[^/]+")
+        out += re.escape(template[pos : m.start()]) + (".*" if m.group(2) == "path" else "[^/]+")
         pos = m.end()
     return re.compile("^" + out + re.escape(template[pos:]) + "$")
 
@@ -235,7 +254,7 @@ def _route_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
     if root and (path == root or path.startswith(root + "/")):
-        return path[len(root):] or "/"
+        return path[len(root) :] or "/"
     return path
 
 
@@ -264,7 +283,12 @@ class _PriceTable:
         routes = _app_routes(app)
         prefixes = [_prefix(t) for _m, t in prices]
         if routes is None:
-            return cls({}, None, [(_template_regex(t), m, v) for (m, t), v in prices.items()], sorted({p for p in prefixes if p}))
+            return cls(
+                {},
+                None,
+                [(_template_regex(t), m, v) for (m, t), v in prices.items()],
+                sorted({p for p in prefixes if p}),
+            )
         by_route: dict[int, dict[str, int]] = {}
         flat = list(_walk(routes, ""))
         for template, route in flat:
@@ -399,7 +423,10 @@ async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
 
 async def _send_json(send: Send, answer: GateAnswer) -> None:
     body = json.dumps(answer.body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in answer.headers.items())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in answer.headers.items()),
+    ]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

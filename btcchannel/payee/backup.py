@@ -21,7 +21,8 @@ In both modes a background task watches the database with its own connection: ``
 data_version`` changes whenever any other connection (this service's store, an operator's
 command, another instance) commits, so every state change is copied within ``poll_s`` (with
 the synchronous backup, which holds the payments already, at most every
-``SYNC_COPY_EVERY_S``); a copy is also taken every ``interval_s`` and once more at shutdown. Each copy uses SQLite's online
+``SYNC_COPY_EVERY_S``); a copy is also taken every ``interval_s`` and once more at shutdown. Each copy uses SQLite's
+online
 backup API (a consistent snapshot while the service keeps writing): asynchronous copies go to
 ``path.tmp``, then are renamed over ``path``; synchronous ones go into the open backup
 database in one transaction (under the lock its payment writes take). The backup is always a
@@ -78,8 +79,8 @@ class BackupStats:
     last_at: float = 0.0
     errors: int = 0
     durations: list[float] = field(default_factory=list)
-    mirrored: int = 0        # payments written to the backup before their acknowledgement
-    catch_ups: int = 0       # whole copies a payment needed (its channel not in the backup yet)
+    mirrored: int = 0  # payments written to the backup before their acknowledgement
+    catch_ups: int = 0  # whole copies a payment needed (its channel not in the backup yet)
 
 
 class SyncBackup:
@@ -150,8 +151,9 @@ def _data_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
 
 
-async def _run(db_path: Path, backup_path: Path, poll_s: float, interval_s: float, stats: BackupStats,
-               sync: SyncBackup | None) -> None:
+async def _run(
+    db_path: Path, backup_path: Path, poll_s: float, interval_s: float, stats: BackupStats, sync: SyncBackup | None
+) -> None:
     watch = sqlite3.connect(str(db_path), check_same_thread=False)
     try:
         seen: int | None = None
@@ -186,8 +188,15 @@ async def _copy(db_path: Path, backup_path: Path, stats: BackupStats, sync: Sync
         stats.durations.append(took)
 
 
-def install_backup(app: web.Application, db_path: Path, backup_path: Path, *, poll_s: float = 0.5,
-                   interval_s: float = 60.0, synchronous: bool = True) -> BackupStats:
+def install_backup(
+    app: web.Application,
+    db_path: Path,
+    backup_path: Path,
+    *,
+    poll_s: float = 0.5,
+    interval_s: float = 60.0,
+    synchronous: bool = True,
+) -> BackupStats:
     """Keep ``backup_path`` a copy of ``db_path`` while ``app`` runs (see the module's docstring):
     ``synchronous``: every payment in the backup before it is acknowledged (the payee store of the
     app's service writes it there), else copies only."""
@@ -219,8 +228,9 @@ def install_backup(app: web.Application, db_path: Path, backup_path: Path, *, po
     return stats
 
 
-async def restore_closing(config: ServerConfig, node: Node, backup_path: Path, *,
-                          force: bool = False) -> list[dict[str, Any]]:
+async def restore_closing(
+    config: ServerConfig, node: Node, backup_path: Path, *, force: bool = False
+) -> list[dict[str, Any]]:
     """Put ``backup_path`` in place of ``config.db_path`` and close every channel that is open or
     funding (or whose close was claimed) with its best payment; the channel objects afterwards.
 

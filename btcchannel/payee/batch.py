@@ -37,7 +37,7 @@ from btcchannel.bitcoind.chain import MempoolPackage, mempool_package
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.channel import build_multi_close, build_multi_close_at_most
 from btcchannel.core.state import ChannelState
-from btcchannel.core.terms import bump_fee_rate, close_is_urgent, replacement_min_fee
+from btcchannel.core.terms import bump_fee_rate, close_is_urgent
 from btcchannel.core.tx import OutPoint, tx_id, tx_vsize
 from btcchannel.errors import ChannelError, CloseUneconomic, RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
 from btcchannel.payee.config import ServerConfig
@@ -68,6 +68,7 @@ class Closer(Protocol):
     def replacement_floor(
         self, previous_txid: str, package: MempoolPackage | None, vsize: int, *, deadline: bool, what: str
     ) -> int: ...
+
 
 __all__ = ["batch_of", "close_claimed", "bump_batch"]
 
@@ -116,8 +117,13 @@ async def _close_batch(closer: Closer, cids: list[str]) -> list[str]:
     alone: list[str] = []
     for cid in sorted(cids):
         rec = closer.store.get(cid)
-        if rec.state is not ChannelState.CLOSING or rec.signature is None or rec.close_txid is not None \
-                or rec.close_tx_txid is not None or _urgent(closer, rec, tip):
+        if (
+            rec.state is not ChannelState.CLOSING
+            or rec.signature is None
+            or rec.close_txid is not None
+            or rec.close_tx_txid is not None
+            or _urgent(closer, rec, tip)
+        ):
             alone.append(cid)  # nothing to send, recorded already, or racing its deadline: alone
             continue
         try:  # a payment that does not pay for its own close is left to the single path's rules
@@ -165,16 +171,21 @@ async def _funding_spent(closer: Closer, rec: PayeeRecord) -> bool:
     return await closer.node.get_txout(OutPoint(rec.funding_txid, rec.funding_vout), include_mempool=True) is None
 
 
-def _record_intents(closer: Closer, members: list[PayeeRecord], txid: str, raw: str, rate: float,
-                    previous: str | None) -> bool:
+def _record_intents(
+    closer: Closer, members: list[PayeeRecord], txid: str, raw: str, rate: float, previous: str | None
+) -> bool:
     """Record the shared close as every member's intent, all or none, as the leader (the store's
     compare-and-sets are fenced by the leader epoch). False: recorded for none, so it must not be
     broadcast (a member's close was recorded by someone else meanwhile, or this instance no
     longer leads)."""
     closer.leadership.require()
     if not closer.store.record_close_intents([m.channel_id for m in members], txid, raw, rate, previous):
-        log.warning("close %s of %d channels not recorded for all of them (recorded by someone else meanwhile,"
-                    " or no longer the leader): not broadcast", txid, len(members))
+        log.warning(
+            "close %s of %d channels not recorded for all of them (recorded by someone else meanwhile,"
+            " or no longer the leader): not broadcast",
+            txid,
+            len(members),
+        )
         return False
     for m in members:
         closer.claimed.discard(m.channel_id)
@@ -221,8 +232,13 @@ async def bump_batch(closer: Closer, group: list[PayeeRecord], fee_rate: float |
         split = urgent or (sorted(group, key=lambda m: -m.amount_sat) if all_urgent else [])
         if not split:
             raise
-        log.warning("replacement of batch %s not made (%s): its %d urgent channel(s) split out all the same",
-                    old.close_txid, err, len(split), extra={"event": "batch_pinned", "txid": old.close_txid})
+        log.warning(
+            "replacement of batch %s not made (%s): its %d urgent channel(s) split out all the same",
+            old.close_txid,
+            err,
+            len(split),
+            extra={"event": "batch_pinned", "txid": old.close_txid},
+        )
         return await _split_out(closer, split, old.close_txid, tip, pinned=True) or old.close_txid
     await _split_out(closer, urgent, old.close_txid, tip, pinned=False)
     return txid
@@ -233,16 +249,23 @@ async def _split_out(closer: Closer, urgent: list[PayeeRecord], previous: str, t
     with its descendants while it is still in the mempool); the last txid sent, if any."""
     sent = None
     for m in urgent:
-        log.warning("channel %s is %d blocks from expiry: split out of batch %s%s", m.channel_id,
-                    m.expiry_height - tip, previous, " (pinned)" if pinned else "")
+        log.warning(
+            "channel %s is %d blocks from expiry: split out of batch %s%s",
+            m.channel_id,
+            m.expiry_height - tip,
+            previous,
+            " (pinned)" if pinned else "",
+        )
         try:
-            sent = await closer.broadcast(m.channel_id, closer.config.max_fee_rate_sat_vb, previous,
-                                          deadline=True) or sent
+            sent = (
+                await closer.broadcast(m.channel_id, closer.config.max_fee_rate_sat_vb, previous, deadline=True) or sent
+            )
         except ChannelError as err:
             if not pinned:
                 raise
-            log.warning("channel %s: its own close cannot outbid the pinned batch %s either: %s",
-                        m.channel_id, previous, err)
+            log.warning(
+                "channel %s: its own close cannot outbid the pinned batch %s either: %s", m.channel_id, previous, err
+            )
     return sent
 
 

@@ -55,8 +55,13 @@ class ClientErrorLog(logging.Logger):
             return
         self._last_at = now
         since, self._since = self._since, 0
-        self.info("%d client error(s) since the last report (%d in all); the last: %s: %s",
-                  since, self.count, kind, detail[:200])
+        self.info(
+            "%d client error(s) since the last report (%d in all); the last: %s: %s",
+            since,
+            self.count,
+            kind,
+            detail[:200],
+        )
 
     # aiohttp reports a request it cannot parse (and a handler that failed) through these
     def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:

@@ -69,8 +69,14 @@ def is_uneconomic(rec: PayeeRecord) -> bool:
 class Closer:
     """Closes the channels of one payee (one per process; the store arbitrates between processes)."""
 
-    def __init__(self, config: ServerConfig, store: PayeeStore, node: Node, channels: Channels | None = None,
-                 leadership: Leadership | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: PayeeStore,
+        node: Node,
+        channels: Channels | None = None,
+        leadership: Leadership | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.node = node
@@ -78,9 +84,9 @@ class Closer:
         self.leadership = leadership if leadership is not None else AlwaysLeads(store)
         self.channels = channels if channels is not None else Channels(store, config.close_margin_blocks)
         self.payee_script = b""
-        self.claimed: set[str] = set()   # closes claimed by this process, not broadcast yet
+        self.claimed: set[str] = set()  # closes claimed by this process, not broadcast yet
         self._events: dict[str, asyncio.Event] = {}
-        self.lock = asyncio.Lock()    # one close built, recorded and sent at a time
+        self.lock = asyncio.Lock()  # one close built, recorded and sent at a time
         self._tasks: set[asyncio.Task[Any]] = set()
         #: what the closer did that the chain alone does not show (exported as metrics):
         #: ``rebroadcast``: a recorded close the node no longer had, sent again by this process;
@@ -236,8 +242,13 @@ class Closer:
             if not recorded or rec.close_tx is None or rec.close_tx_txid is None:
                 return rec.close_txid
             await self._send_recorded(rec)
-            log.info("close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)",
-                     cid, rec.close_tx_txid, rec.close_fee_rate, rec.amount_sat)
+            log.info(
+                "close of %s broadcast: %s at %.2f sat/vB (%s sat to payee)",
+                cid,
+                rec.close_tx_txid,
+                rec.close_fee_rate,
+                rec.amount_sat,
+            )
             return rec.close_tx_txid
 
     async def record_close(
@@ -329,11 +340,17 @@ class Closer:
             return floor
         self.events["pinned"] += 1
         wait = not deadline and floor > math.floor(self.config.max_fee_rate_sat_vb * vsize)
-        log.warning("close %s of %s carries %d descendant(s) (%d vB, %d sat in all): a replacement must pay "
-                    "%d sat%s", previous_txid, what, package.descendant_count - 1,
-                    package.descendant_vsize - package.vsize, package.descendant_fee, floor,
-                    "; waiting for the deadline" if wait else "",
-                    extra={"event": "close_pinned", "txid": previous_txid})
+        log.warning(
+            "close %s of %s carries %d descendant(s) (%d vB, %d sat in all): a replacement must pay %d sat%s",
+            previous_txid,
+            what,
+            package.descendant_count - 1,
+            package.descendant_vsize - package.vsize,
+            package.descendant_fee,
+            floor,
+            "; waiting for the deadline" if wait else "",
+            extra={"event": "close_pinned", "txid": previous_txid},
+        )
         return -1 if wait else floor
 
     def _build(
@@ -347,8 +364,9 @@ class Closer:
                 tx = ch.build_close(payout, rate, min_fee_sat=min_fee_sat)
                 return tx, (rec.deposit_sat - sum(o.nValue for o in tx.vout)) / tx_vsize(tx)
             except CloseUneconomic as err:
-                raise CloseUneconomic(f"a close of {rec.amount_sat} sat cannot pay the {min_fee_sat} sat "
-                                      f"its replacement needs: {err}") from err
+                raise CloseUneconomic(
+                    f"a close of {rec.amount_sat} sat cannot pay the {min_fee_sat} sat its replacement needs: {err}"
+                ) from err
         try:
             return ch.build_close(payout, rate), rate
         except CloseUneconomic:
@@ -358,8 +376,11 @@ class Closer:
                 except CloseUneconomic:
                     # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
                     self.store.mark_uneconomic(rec.channel_id)
-                    log.warning("channel %s: %d sat do not pay for a close; left to the payer's refund",
-                                rec.channel_id, rec.amount_sat)
+                    log.warning(
+                        "channel %s: %d sat do not pay for a close; left to the payer's refund",
+                        rec.channel_id,
+                        rec.amount_sat,
+                    )
                     return None
         # a bump the payment cannot afford: the most it can pay, if that still raises the rate
         tx, affordable = ch.build_close_at_most(payout, rate)
@@ -414,8 +435,12 @@ class Closer:
         """Count and log a close this process sent again because the node no longer had it (a
         restart without its mempool, an eviction, the close's block left the chain)."""
         self.events["rebroadcast"] += 1
-        log.warning("close %s of %s was in neither the node's mempool nor its chain: sent again", txid, cid,
-                    extra={"event": "close_rebroadcast", "channel_id": cid, "txid": txid})
+        log.warning(
+            "close %s of %s was in neither the node's mempool nor its chain: sent again",
+            txid,
+            cid,
+            extra={"event": "close_rebroadcast", "channel_id": cid, "txid": txid},
+        )
 
     async def outbid(self, rec: PayeeRecord, conflict_txid: str) -> str | None:
         """Replace an unconfirmed conflicting spend of the funding (the payer's refund, valid from

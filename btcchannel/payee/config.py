@@ -39,6 +39,7 @@ def _is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
+
 #: The close is sent ``close_margin_blocks`` before expiry and can be replaced from the next block
 #: on; the payer's refund is valid from expiry: below 2 blocks a stuck close never gets a bump.
 MIN_CLOSE_MARGIN_BLOCKS = 2
@@ -55,53 +56,53 @@ class ServerConfig:
     network: str = "regtest"
     host: str = "127.0.0.1"
     port: int = 0
-    payee_address: str | None = None        # where closes pay; None: a fresh node-wallet address
+    payee_address: str | None = None  # where closes pay; None: a fresh node-wallet address
     min_deposit_sat: int = 10_000
     max_deposit_sat: int = 100_000_000
     min_lifetime_blocks: int = 12
     max_lifetime_blocks: int = 4320
-    close_margin_blocks: int = 6            # close this many blocks before expiry (at least 2)
-    min_confirmations: int = 1              # depth at which a funding opens the channel (>= 1)
-    final_confirmations: int = 6            # depth at which a close or a conflict is final
-    proposal_ttl_s: float = 600.0           # an unfunded proposal lapses after this
-    max_proposals: int = 100                # cap on unfunded proposals (too_many_channels)
-    max_proposals_per_client: int = 10      # the same cap per client address
-    proposal_cooldown_s: float = 600.0      # a lapsed or cancelled proposal counts against its client's cap this long
-    proposal_grace_s: float = 10.0          # with the total cap full, the oldest proposal of the client holding
-                                            # the most, unfunded after this long, gives way to a client with fewer
-    trusted_proxies: tuple[str, ...] = ()   # addresses/networks of reverse proxies whose X-Forwarded-For is believed
-    retention_s: float = 7 * 86400.0       # failed rows without payments are deleted after this
-    close_fee_rate_sat_vb: float | None = None   # None: the node's estimate
+    close_margin_blocks: int = 6  # close this many blocks before expiry (at least 2)
+    min_confirmations: int = 1  # depth at which a funding opens the channel (>= 1)
+    final_confirmations: int = 6  # depth at which a close or a conflict is final
+    proposal_ttl_s: float = 600.0  # an unfunded proposal lapses after this
+    max_proposals: int = 100  # cap on unfunded proposals (too_many_channels)
+    max_proposals_per_client: int = 10  # the same cap per client address
+    proposal_cooldown_s: float = 600.0  # a lapsed or cancelled proposal counts against its client's cap this long
+    proposal_grace_s: float = 10.0  # with the total cap full, the oldest proposal of the client holding
+    # the most, unfunded after this long, gives way to a client with fewer
+    trusted_proxies: tuple[str, ...] = ()  # addresses/networks of reverse proxies whose X-Forwarded-For is believed
+    retention_s: float = 7 * 86400.0  # failed rows without payments are deleted after this
+    close_fee_rate_sat_vb: float | None = None  # None: the node's estimate
     fee_conf_target: int = 6
     fallback_fee_rate_sat_vb: float = 2.0
-    bump_after_blocks: int = 3              # RBF-bump a close unconfirmed after this many blocks
+    bump_after_blocks: int = 3  # RBF-bump a close unconfirmed after this many blocks
     bump_factor: float = 2.0
     max_fee_rate_sat_vb: float = 1000.0
-    poll_interval_s: float = 1.0            # watcher period (and the tip follower's)
-    max_tip_age_s: float = 10.0             # payments refused when the node's tip is older than this
-    max_block_age_s: float | None = None    # ... or when its best block is older than this (None: per network)
-    price_sat: int = 0                      # metered service: price per unit (0: none)
-    mode: str = "prepay"                    # "prepay" or "postpay"
-    credit_limit_sat: int = 0               # postpay: unpaid total allowed (per channel)
-    credit_cap_per_payer_sat: int | None = None   # postpay: unpaid total across one payer key's channels
+    poll_interval_s: float = 1.0  # watcher period (and the tip follower's)
+    max_tip_age_s: float = 10.0  # payments refused when the node's tip is older than this
+    max_block_age_s: float | None = None  # ... or when its best block is older than this (None: per network)
+    price_sat: int = 0  # metered service: price per unit (0: none)
+    mode: str = "prepay"  # "prepay" or "postpay"
+    credit_limit_sat: int = 0  # postpay: unpaid total allowed (per channel)
+    credit_cap_per_payer_sat: int | None = None  # postpay: unpaid total across one payer key's channels
     credit_cap_per_client_sat: int | None = None  # ... across one client address's channels
-    credit_cap_total_sat: int | None = None       # ... across all channels (None: no cap)
-    allow_plain_http: bool = False          # paid routes over plain HTTP from non-loopback clients
-    payment_timeout_s: float = 30.0         # postpay: time to pay what is owed
-    idle_timeout_s: float | None = None     # prepay: close an open channel without a payment this long
+    credit_cap_total_sat: int | None = None  # ... across all channels (None: no cap)
+    allow_plain_http: bool = False  # paid routes over plain HTTP from non-loopback clients
+    payment_timeout_s: float = 30.0  # postpay: time to pay what is owed
+    idle_timeout_s: float | None = None  # prepay: close an open channel without a payment this long
     max_body_bytes: int = MAX_BODY
-    body_timeout_s: float = 10.0            # a request body must arrive whole within this (else 400, connection closed)
-    header_timeout_s: float = 15.0          # a connection must complete a request's headers within this of opening
-                                            # (or of its last answer), else it is closed
-    max_header_bytes: int = 8190            # longest request line and header field
-    max_headers: int = 64                   # most header fields in a request
-    store_url: str | None = None            # postgresql://... shared by several instances; None: <datadir>/payee.db
-    public_url: str | None = None           # where payers reach the protocol endpoints (the 402's URLs), e.g.
-                                            # https://api.example/btc; None: the request's Host (see origin_policy)
-    trust_host_header: bool = False         # build the 402's URLs from the Host header even on a public address
-    metrics_host: str = "127.0.0.1"         # the separate /metrics listener (see payee.metrics)
-    metrics_port: int = 0                   # (0: a free port, recorded in server.json)
-    metrics_public: bool = False            # serve /metrics on the payee's own port instead (anyone can read it)
+    body_timeout_s: float = 10.0  # a request body must arrive whole within this (else 400, connection closed)
+    header_timeout_s: float = 15.0  # a connection must complete a request's headers within this of opening
+    # (or of its last answer), else it is closed
+    max_header_bytes: int = 8190  # longest request line and header field
+    max_headers: int = 64  # most header fields in a request
+    store_url: str | None = None  # postgresql://... shared by several instances; None: <datadir>/payee.db
+    public_url: str | None = None  # where payers reach the protocol endpoints (the 402's URLs), e.g.
+    # https://api.example/btc; None: the request's Host (see origin_policy)
+    trust_host_header: bool = False  # build the 402's URLs from the Host header even on a public address
+    metrics_host: str = "127.0.0.1"  # the separate /metrics listener (see payee.metrics)
+    metrics_port: int = 0  # (0: a free port, recorded in server.json)
+    metrics_public: bool = False  # serve /metrics on the payee's own port instead (anyone can read it)
 
     @property
     def block_age_bound_s(self) -> float | None:
@@ -123,7 +124,8 @@ class ServerConfig:
             raise ValueError(
                 f"close_margin_blocks={self.close_margin_blocks} leaves no block in which a stuck close can be "
                 f"fee-bumped before the payer's refund is valid (the close is sent close_margin_blocks blocks "
-                f"before expiry and replaced at the earliest one block later): use at least {MIN_CLOSE_MARGIN_BLOCKS}")
+                f"before expiry and replaced at the earliest one block later): use at least {MIN_CLOSE_MARGIN_BLOCKS}"
+            )
         if self.bump_after_blocks < 1:
             raise ValueError("bump_after_blocks must be at least 1")
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
@@ -150,7 +152,8 @@ class ServerConfig:
             raise ValueError(
                 f"the payee listens on {self.host} on {self.network} and sells metered requests: set public_url "
                 "(the URL payers reach it at; the 402's URLs are built from it), or trust_host_header if a "
-                "proxy in front sets the Host header")
+                "proxy in front sets the Host header"
+            )
         if self.store_url is not None and not is_postgres_url(self.store_url):
             raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
         try:
@@ -165,8 +168,12 @@ class ServerConfig:
         is set): on regtest, on a loopback address, or when the operator says so
         (``trust_host_header``). On a public address a client could otherwise point other payers
         (through a cache) at any host it names."""
-        return (self.public_url is not None or self.trust_host_header or self.network == "regtest"
-                or _is_loopback(self.host))
+        return (
+            self.public_url is not None
+            or self.trust_host_header
+            or self.network == "regtest"
+            or _is_loopback(self.host)
+        )
 
     def is_trusted_proxy(self, address: str) -> bool:
         """Whether ``address`` is one of the configured reverse proxies (``trusted_proxies``)."""
@@ -203,7 +210,8 @@ class ServerConfig:
             found.append(
                 f"bump_after_blocks={self.bump_after_blocks} >= close_margin_blocks={self.close_margin_blocks}: "
                 f"a stuck close is bumped automatically only in the last {self.urgent_blocks} block(s) before "
-                f"expiry (the deadline schedule), never periodically before that")
+                f"expiry (the deadline schedule), never periodically before that"
+            )
         return found
 
     @property
@@ -221,12 +229,16 @@ class ServerConfig:
     def terms(self) -> Terms:
         """The terms this payee requires of new channels (no end conditions: the payer proposes those)."""
         idle = None if self.idle_timeout_s is None else max(1, round(self.idle_timeout_s * 1000))
-        return Terms(self.price_sat, self.mode, self.credit_limit_sat, max(1, round(self.payment_timeout_s * 1000)), idle)
+        return Terms(
+            self.price_sat, self.mode, self.credit_limit_sat, max(1, round(self.payment_timeout_s * 1000)), idle
+        )
 
     @property
     def proposal_limits(self) -> ProposalLimits:
         """The accepted deposit range and channel lifetime, as the core's rules."""
-        return ProposalLimits(self.min_deposit_sat, self.max_deposit_sat, self.min_lifetime_blocks, self.max_lifetime_blocks)
+        return ProposalLimits(
+            self.min_deposit_sat, self.max_deposit_sat, self.min_lifetime_blocks, self.max_lifetime_blocks
+        )
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict of the fields."""

@@ -119,8 +119,10 @@ def state_headers(rec: PayeeRecord) -> dict[str, str]:
 
 def www_authenticate(params: Mapping[str, Any]) -> str:
     """``Btcchannel k="v", ...`` (RFC 9110 auth-params; quotes and backslashes escaped)."""
+
     def q(v: Any) -> str:
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
     return "Btcchannel " + ", ".join(f"{k}={q(v)}" for k, v in params.items() if v is not None)
 
 
@@ -158,8 +160,17 @@ class PaymentGate:
         except ValueError:
             return False
 
-    async def admit(self, method: str, target: str, headers: Mapping[str, str], units: int,
-                    origin: str, *, body: bytes | None = None, peer: str | None = None) -> Charge | GateAnswer:
+    async def admit(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        units: int,
+        origin: str,
+        *,
+        body: bytes | None = None,
+        peer: str | None = None,
+    ) -> Charge | GateAnswer:
         """Admit a request for ``units`` units (``origin``: the request's ``scheme://host``; ``body``:
         the request's body, which auth v2 covers; ``peer``: the client's address).
 
@@ -225,23 +236,34 @@ class PaymentGate:
         rec = await self.svc.after_payment(charge.rec)
         self._payments += 1
         if self._payments == 1 or self._payments % self.log_every == 0:
-            log.info("payment on %s: total %d sat (%d requests paid through this gate)", rec.channel_id,
-                     rec.amount_sat, self._payments, extra={"event": "payment", "channel_id": rec.channel_id,
-                                                            "amount_sat": rec.amount_sat, "payments": self._payments})
+            log.info(
+                "payment on %s: total %d sat (%d requests paid through this gate)",
+                rec.channel_id,
+                rec.amount_sat,
+                self._payments,
+                extra={
+                    "event": "payment",
+                    "channel_id": rec.channel_id,
+                    "amount_sat": rec.amount_sat,
+                    "payments": self._payments,
+                },
+            )
         return self._charged_headers(charge.metering, rec)
 
     @staticmethod
     def _charged_headers(metering: Metering, rec: PayeeRecord) -> dict[str, str]:
-        return {HDR_PAID: str(rec.amount_sat), HDR_OWED: str(metering.owed_total(rec.owed_sat, rec.amount_sat)),
-                **state_headers(rec)}
+        return {
+            HDR_PAID: str(rec.amount_sat),
+            HDR_OWED: str(metering.owed_total(rec.owed_sat, rec.amount_sat)),
+            **state_headers(rec),
+        }
 
     async def failed(self, charge: Charge) -> None:
         """The handler raised: nothing was served, nothing is charged (a replay was never charged)."""
         if charge.rec is not None and charge.metering is not None and not charge.replay:
             await self.svc.unserve(charge.rec, charge.units, charge.key)
 
-    def payment_required(self, cid: str | None, units: int, origin: str,
-                         rec: PayeeRecord | None = None) -> GateAnswer:
+    def payment_required(self, cid: str | None, units: int, origin: str, rec: PayeeRecord | None = None) -> GateAnswer:
         """The 402: the terms, absolute URLs to open a channel, the network, what to pay next
         (``rec``: the channel's row when the caller has it)."""
         svc = self.svc
@@ -252,16 +274,28 @@ class PaymentGate:
         base = self.protocol_url or origin.rstrip("/")
         info = svc.info()
         payment = body["payment"]
-        payment.update({
-            "info_url": f"{base}/v1/info", "channels_url": f"{base}/v1/channels", "network": info["network"],
-            "terms": info.get("terms"), "route_price_sat": metering.price_sat * units,
-            "payee_pubkey": rec.params.get("payee_pubkey") if rec is not None else None,
-        })
-        header = www_authenticate({
-            "realm": base, "network": info["network"], "info": payment["info_url"],
-            "channels": payment["channels_url"], "price_sat": payment["route_price_sat"], "units": units,
-            "mode": metering.mode, "channel": cid,
-        })
+        payment.update(
+            {
+                "info_url": f"{base}/v1/info",
+                "channels_url": f"{base}/v1/channels",
+                "network": info["network"],
+                "terms": info.get("terms"),
+                "route_price_sat": metering.price_sat * units,
+                "payee_pubkey": rec.params.get("payee_pubkey") if rec is not None else None,
+            }
+        )
+        header = www_authenticate(
+            {
+                "realm": base,
+                "network": info["network"],
+                "info": payment["info_url"],
+                "channels": payment["channels_url"],
+                "price_sat": payment["route_price_sat"],
+                "units": units,
+                "mode": metering.mode,
+                "channel": cid,
+            }
+        )
         return GateAnswer(402, body, {"WWW-Authenticate": header, **(state_headers(rec) if rec is not None else {})})
 
 

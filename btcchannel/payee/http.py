@@ -15,7 +15,8 @@ Entry points (what the CLI calls)::
     async def serve(config: ServerConfig, node: Node, *,
                     ready: Callable[[str], None] | None = None,
                     app_hook: Callable[[web.Application], None] | None = None) -> None
-        # opens the store (<datadir>/payee.db, or config.store_url: postgresql://...), binds host:port (port 0: a free one), writes
+        # opens the store (<datadir>/payee.db, or config.store_url: postgresql://...), binds host:port (port 0: a
+        # free one), writes
         # <datadir>/server.json {"url": ...}, calls ready(url), runs until cancelled
         # (e.g. SIGINT/SIGTERM), then shuts down cleanly. app_hook may add routes
         # (metered.add_file_route, an application's own paid handlers).
@@ -40,7 +41,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -74,8 +75,18 @@ from btcchannel.payee.watcher import Watcher
 from btcchannel.store import PayeeStore, open_payee_store
 from btcchannel.wire import channel_object, check_channel_id, parse_body
 
-__all__ = ["SERVICE", "CLOSER", "WATCHER", "ClientFault", "app_runner", "create_app", "serve", "main", "read_body",
-           "error_response"]
+__all__ = [
+    "SERVICE",
+    "CLOSER",
+    "WATCHER",
+    "ClientFault",
+    "app_runner",
+    "create_app",
+    "serve",
+    "main",
+    "read_body",
+    "error_response",
+]
 
 log = logging.getLogger("btcchannel.payee.http")
 
@@ -149,7 +160,9 @@ def _body(request: web.Request) -> Awaitable[bytes]:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except ClientFault as err:
@@ -228,8 +241,11 @@ async def _close(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + CLOSE_WAIT_S
     while (
-        rec.state is ChannelState.CLOSING and rec.close_txid is None and rec.signature is not None
-        and not is_uneconomic(rec) and loop.time() < deadline
+        rec.state is ChannelState.CLOSING
+        and rec.close_txid is None
+        and rec.signature is not None
+        and not is_uneconomic(rec)
+        and loop.time() < deadline
     ):
         done = asyncio.ensure_future(closer.close_done(cid))
         try:  # asyncio.wait, not wait_for: it never swallows a cancellation of this handler
@@ -301,9 +317,16 @@ def app_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:
     ``max_header_bytes`` per line and field, ``max_headers`` fields, at most ``LINGER_S`` spent
     draining a body left unread after the answer; aiohttp's reports of malformed requests go to
     the app's :class:`ClientErrorLog` (counted, INFO, rate-limited)."""
-    return web.AppRunner(app, access_log=None, keepalive_timeout=config.header_timeout_s,
-                         max_line_size=config.max_header_bytes, max_field_size=config.max_header_bytes,
-                         max_headers=config.max_headers, logger=app[CLIENT_ERRORS], lingering_time=LINGER_S)
+    return web.AppRunner(
+        app,
+        access_log=None,
+        keepalive_timeout=config.header_timeout_s,
+        max_line_size=config.max_header_bytes,
+        max_field_size=config.max_header_bytes,
+        max_headers=config.max_headers,
+        logger=app[CLIENT_ERRORS],
+        lingering_time=LINGER_S,
+    )
 
 
 async def serve(
@@ -330,8 +353,9 @@ async def serve(
         url = f"http://{config.host}:{port}"
         tmp = config.datadir / "server.json.tmp"
         metrics = app.get(METRICS)
-        tmp.write_text(json.dumps({"url": url, "pid": os.getpid(),
-                                   "metrics_url": metrics.url if metrics is not None else None}))
+        tmp.write_text(
+            json.dumps({"url": url, "pid": os.getpid(), "metrics_url": metrics.url if metrics is not None else None})
+        )
         os.replace(tmp, config.datadir / "server.json")
         log.info("payee service on %s", url)
         if ready is not None:
@@ -364,16 +388,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per RPC call
 
     async def run() -> None:
-        node = Node(n["url"], cookie_file=Path(n["cookie_file"]) if n.get("cookie_file") else None,
-                    auth=tuple(n["auth"]) if n.get("auth") else None, wallet=n.get("wallet"))
+        node = Node(
+            n["url"],
+            cookie_file=Path(n["cookie_file"]) if n.get("cookie_file") else None,
+            auth=tuple(n["auth"]) if n.get("auth") else None,
+            wallet=n.get("wallet"),
+        )
+
         def hook(app: web.Application) -> None:
             if spec.get("file"):
                 add_file_route(app, Path(spec["file"]), chunk_size=int(spec.get("chunk_size", 1024)))
             if spec.get("backup_db"):
                 from btcchannel.payee.backup import install_backup
 
-                install_backup(app, config.db_path, Path(spec["backup_db"]),
-                               synchronous=not spec.get("backup_async", False))
+                install_backup(
+                    app, config.db_path, Path(spec["backup_db"]), synchronous=not spec.get("backup_async", False)
+                )
 
         task = asyncio.ensure_future(serve(config, node, app_hook=hook))
         loop = asyncio.get_running_loop()

@@ -52,9 +52,9 @@ from aiohttp import web
 
 from btcchannel.errors import BadRequest
 from btcchannel.payee.appkeys import SERVICE
-from btcchannel.payee.service import PayeeService
 from btcchannel.payee.gate import PaymentGate, gate_of
 from btcchannel.payee.sell import serve_gated
+from btcchannel.payee.service import PayeeService
 from btcchannel.wire import check_decimal
 
 __all__ = ["paid", "add_paid_route", "add_file_route", "payment_required", "Handler"]
@@ -102,11 +102,16 @@ def add_file_route(app: web.Application, path: Path, *, chunk_size: int = 1024, 
     async def meta(request: web.Request) -> web.Response:
         size = data_path.stat().st_size
         svc = request.app[SERVICE]
-        return web.json_response({
-            "name": data_path.name, "size": size, "chunk_size": chunk_size,
-            "chunks": (size + chunk_size - 1) // chunk_size, "price_sat": svc.config.price_sat,
-            "mode": svc.config.mode,
-        })
+        return web.json_response(
+            {
+                "name": data_path.name,
+                "size": size,
+                "chunk_size": chunk_size,
+                "chunks": (size + chunk_size - 1) // chunk_size,
+                "price_sat": svc.config.price_sat,
+                "mode": svc.config.mode,
+            }
+        )
 
     def _index(request: web.Request) -> int:
         idx = check_decimal(request.match_info["index"], "chunk index")

@@ -69,10 +69,12 @@ class _StoreCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         totals = state_totals(self.store)
         channels = GaugeMetricFamily("btcchannel_channels", "Channels by state.", labels=["state"])
-        paid = GaugeMetricFamily("btcchannel_paid_sat", "Best payment summed over the channels of a state, sat.",
-                                 labels=["state"])
-        deposit = GaugeMetricFamily("btcchannel_deposit_sat", "Deposits summed over the channels of a state, sat.",
-                                    labels=["state"])
+        paid = GaugeMetricFamily(
+            "btcchannel_paid_sat", "Best payment summed over the channels of a state, sat.", labels=["state"]
+        )
+        deposit = GaugeMetricFamily(
+            "btcchannel_deposit_sat", "Deposits summed over the channels of a state, sat.", labels=["state"]
+        )
         for state, t in sorted(totals.items()):
             channels.add_metric([state], t.channels)
             paid.add_metric([state], t.amount_sat)
@@ -80,15 +82,20 @@ class _StoreCollector(Collector):
         yield channels
         yield paid
         yield deposit
-        yield GaugeMetricFamily("btcchannel_chain_tip_height", "The chain height the service last saw.",
-                                value=self.tip.height)
+        yield GaugeMetricFamily(
+            "btcchannel_chain_tip_height", "The chain height the service last saw.", value=self.tip.height
+        )
         age = self.tip.age_s()
-        yield GaugeMetricFamily("btcchannel_node_tip_age_seconds",
-                                "Seconds since the node last answered a tip query (-1: never).",
-                                value=-1.0 if age is None else age)
-        yield GaugeMetricFamily("btcchannel_node_problem",
-                                "1 while the node's view cannot be trusted (initial block download, wrong chain).",
-                                value=0.0 if self.tip.problem is None else 1.0)
+        yield GaugeMetricFamily(
+            "btcchannel_node_tip_age_seconds",
+            "Seconds since the node last answered a tip query (-1: never).",
+            value=-1.0 if age is None else age,
+        )
+        yield GaugeMetricFamily(
+            "btcchannel_node_problem",
+            "1 while the node's view cannot be trusted (initial block download, wrong chain).",
+            value=0.0 if self.tip.problem is None else 1.0,
+        )
 
 
 class _ClientErrors(Collector):
@@ -98,9 +105,11 @@ class _ClientErrors(Collector):
         self.errors = errors
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("btcchannel_client_errors", "Requests a client got wrong, by kind "
-                                     "(answered 400 or dropped; logged at INFO at most once a minute).",
-                                     labels=["kind"])
+        family = CounterMetricFamily(
+            "btcchannel_client_errors",
+            "Requests a client got wrong, by kind (answered 400 or dropped; logged at INFO at most once a minute).",
+            labels=["kind"],
+        )
         for kind, n in sorted(self.errors.kinds.items()):
             family.add_metric([kind], n)
         yield family
@@ -114,26 +123,40 @@ class _CloserCollector(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         events = self.closer.events
-        yield CounterMetricFamily("btcchannel_close_rebroadcasts",
-                                  "Recorded closes the node no longer had (restarted without its mempool, "
-                                  "evicted, their block invalidated), sent again by the payee.",
-                                  value=events["rebroadcast"])
-        yield CounterMetricFamily("btcchannel_close_pinned",
-                                  "Replacements of a close that had to outbid descendants hung on it.",
-                                  value=events["pinned"])
+        yield CounterMetricFamily(
+            "btcchannel_close_rebroadcasts",
+            "Recorded closes the node no longer had (restarted without its mempool, "
+            "evicted, their block invalidated), sent again by the payee.",
+            value=events["rebroadcast"],
+        )
+        yield CounterMetricFamily(
+            "btcchannel_close_pinned",
+            "Replacements of a close that had to outbid descendants hung on it.",
+            value=events["pinned"],
+        )
 
 
 def install_metrics(app: web.Application) -> MetricsEndpoint:
     """Add the counting middleware to the payee's ``app`` (not started yet) and ``GET /metrics`` on
     the metrics listener (or, with ``metrics_public``, on the app itself)."""
     registry = CollectorRegistry()
-    requests = Counter("btcchannel_http_requests", "HTTP requests by route and status.", ["route", "status"],
-                       registry=registry)
-    latency = Histogram("btcchannel_http_request_seconds", "HTTP request latency by route.", ["route"],
-                        registry=registry, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0))
-    payments = Counter("btcchannel_payments", "Payments acknowledged: POST .../payments answered 200 (kind "
-                       "channel), or a paid request carrying a payment answered below 400 (kind metered).",
-                       ["kind"], registry=registry)
+    requests = Counter(
+        "btcchannel_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "btcchannel_http_request_seconds",
+        "HTTP request latency by route.",
+        ["route"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+    )
+    payments = Counter(
+        "btcchannel_payments",
+        "Payments acknowledged: POST .../payments answered 200 (kind "
+        "channel), or a paid request carrying a payment answered below 400 (kind metered).",
+        ["kind"],
+        registry=registry,
+    )
     svc = app[SERVICE]
     registry.register(_StoreCollector(svc.store, svc.tip))
     if CLIENT_ERRORS in app:

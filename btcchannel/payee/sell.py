@@ -35,8 +35,9 @@ __all__ = ["Seller", "serve_gated"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler, units: int,
-                      protocol_path: str = "") -> web.StreamResponse:
+async def serve_gated(
+    gate: PaymentGate, request: web.Request, handler: Handler, units: int, protocol_path: str = ""
+) -> web.StreamResponse:
     """Admit ``request`` for ``units`` units, run ``handler`` if admitted, charge what it served.
 
     Served (charged): any answer with a status below 500, returned or raised (``raise
@@ -44,8 +45,15 @@ async def serve_gated(gate: PaymentGate, request: web.Request, handler: Handler,
     charged): a status of 500 or more, or an exception other than an HTTP answer raised before
     anything was sent."""
     body = await request.read() if request.body_exists else None  # auth v2 covers it (kept for the handler)
-    admitted = await gate.admit(request.method, request.raw_path, request.headers, units,
-                                f"{request.scheme}://{request.host}{protocol_path}", body=body, peer=request.remote)
+    admitted = await gate.admit(
+        request.method,
+        request.raw_path,
+        request.headers,
+        units,
+        f"{request.scheme}://{request.host}{protocol_path}",
+        body=body,
+        peer=request.remote,
+    )
     if not isinstance(admitted, Charge):
         return web.json_response(admitted.body, status=admitted.status, headers=admitted.headers)
     try:
@@ -95,6 +103,7 @@ class Seller:
             @functools.wraps(handler)
             async def wrapper(request: web.Request) -> web.StreamResponse:
                 return await serve_gated(self.gate, request, handler, units, self.protocol_path)
+
             return wrapper
 
         return deco

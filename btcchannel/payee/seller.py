@@ -47,7 +47,6 @@ from aiohttp import web
 
 from btcchannel.bitcoind.locate import default_datadir, find_node
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.payee.appkeys import SERVICE
 from btcchannel.payee.asgi import ASGIApp, Message, PaidRoutes, Receive, Scope, Send
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.gate import PaymentGate
@@ -63,20 +62,36 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["PaidService", "read_config_file"]
 
 #: the node options of the command line's [global] table, as PaidService's arguments
-_GLOBAL = {"network": "network", "datadir": "datadir", "wallet": "wallet", "rpc-url": "rpc_url",
-           "rpc-cookie": "rpc_cookie", "rpc-user": "rpc_user", "rpc-password": "rpc_password",
-           "bitcoin-datadir": "bitcoin_datadir", "bitcoin-conf": "bitcoin_conf"}
+_GLOBAL = {
+    "network": "network",
+    "datadir": "datadir",
+    "wallet": "wallet",
+    "rpc-url": "rpc_url",
+    "rpc-cookie": "rpc_cookie",
+    "rpc-user": "rpc_user",
+    "rpc-password": "rpc_password",
+    "bitcoin-datadir": "bitcoin_datadir",
+    "bitcoin-conf": "bitcoin_conf",
+}
 _GLOBAL_OTHER = frozenset({"json", "verbose", "log-json", "payer-backup"})
 #: the terms of the command line's [serve] table, as ServerConfig fields
-_SERVE = {"price-sat": "price_sat", "mode": "mode", "credit-limit-sat": "credit_limit_sat",
-          "payment-timeout": "payment_timeout_s", "idle-timeout": "idle_timeout_s",
-          "close-margin-blocks": "close_margin_blocks", "min-confirmations": "min_confirmations",
-          "payee-address": "payee_address", "store": "store_url"}
+_SERVE = {
+    "price-sat": "price_sat",
+    "mode": "mode",
+    "credit-limit-sat": "credit_limit_sat",
+    "payment-timeout": "payment_timeout_s",
+    "idle-timeout": "idle_timeout_s",
+    "close-margin-blocks": "close_margin_blocks",
+    "min-confirmations": "min_confirmations",
+    "payee-address": "payee_address",
+    "store": "store_url",
+}
 _SERVE_OTHER = frozenset({"host", "port", "serve-file", "chunk-size", "metrics", "backup-db", "backup-interval"})
 #: the header by which the ASGI side tells btcchannel's service the buyer's address
 _CLIENT_HEADER = "X-Btcchannel-Client"
-_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length",
-                  _CLIENT_HEADER.lower()})
+_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "host", "content-length", _CLIENT_HEADER.lower()}
+)
 
 
 def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -105,18 +120,40 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 class PaidService:
     """btcchannel's payee service inside a seller's own app (aiohttp or ASGI), found as the CLI finds it."""
 
-    def __init__(self, *, network: str | None = None, datadir: str | Path | None = None,
-                 config: str | Path | None = None, wallet: str | None = None, rpc_url: str | None = None,
-                 rpc_cookie: str | Path | None = None, rpc_user: str | None = None, rpc_password: str | None = None,
-                 bitcoin_datadir: str | Path | None = None, bitcoin_conf: str | Path | None = None,
-                 protocol_path: str = "/btc", node: Node | None = None, **fields: Any) -> None:
-        given = {"network": network, "datadir": datadir, "wallet": wallet, "rpc_url": rpc_url,
-                 "rpc_cookie": rpc_cookie, "rpc_user": rpc_user, "rpc_password": rpc_password,
-                 "bitcoin_datadir": bitcoin_datadir, "bitcoin_conf": bitcoin_conf}
+    def __init__(
+        self,
+        *,
+        network: str | None = None,
+        datadir: str | Path | None = None,
+        config: str | Path | None = None,
+        wallet: str | None = None,
+        rpc_url: str | None = None,
+        rpc_cookie: str | Path | None = None,
+        rpc_user: str | None = None,
+        rpc_password: str | None = None,
+        bitcoin_datadir: str | Path | None = None,
+        bitcoin_conf: str | Path | None = None,
+        protocol_path: str = "/btc",
+        node: Node | None = None,
+        **fields: Any,
+    ) -> None:
+        given = {
+            "network": network,
+            "datadir": datadir,
+            "wallet": wallet,
+            "rpc_url": rpc_url,
+            "rpc_cookie": rpc_cookie,
+            "rpc_user": rpc_user,
+            "rpc_password": rpc_password,
+            "bitcoin_datadir": bitcoin_datadir,
+            "bitcoin_conf": bitcoin_conf,
+        }
         config = config or os.environ.get("BTCCHANNEL_CONFIG")
         from_file, file_fields = read_config_file(Path(config)) if config else ({}, {})
-        opts: dict[str, Any] = {k: v if v is not None else os.environ.get(f"BTCCHANNEL_{k.upper()}", from_file.get(k))
-                for k, v in given.items()}
+        opts: dict[str, Any] = {
+            k: v if v is not None else os.environ.get(f"BTCCHANNEL_{k.upper()}", from_file.get(k))
+            for k, v in given.items()
+        }
         net = str(opts["network"] or "regtest")
         root = Path(opts["datadir"]).expanduser() if opts["datadir"] else default_datadir()
         self.config = ServerConfig(datadir=root / net, network=net, **{**file_fields, **fields})
@@ -126,10 +163,16 @@ class PaidService:
             return Path(v).expanduser() if v else None
 
         self.node = node or find_node(
-            net, wallet=opts["wallet"] or "payee", rpc_url=opts["rpc_url"], rpc_cookie=as_path(opts["rpc_cookie"]),
-            rpc_user=opts["rpc_user"], rpc_password=opts["rpc_password"],
-            bitcoin_datadir=as_path(opts["bitcoin_datadir"]), bitcoin_conf=as_path(opts["bitcoin_conf"]),
-            regtest_dirs=(root / "regtest-node", default_datadir() / "regtest-node"))
+            net,
+            wallet=opts["wallet"] or "payee",
+            rpc_url=opts["rpc_url"],
+            rpc_cookie=as_path(opts["rpc_cookie"]),
+            rpc_user=opts["rpc_user"],
+            rpc_password=opts["rpc_password"],
+            bitcoin_datadir=as_path(opts["bitcoin_datadir"]),
+            bitcoin_conf=as_path(opts["bitcoin_conf"]),
+            regtest_dirs=(root / "regtest-node", default_datadir() / "regtest-node"),
+        )
         self._own_node = node is None
         self.config.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = open_payee_store(self.config.store_target)
@@ -180,7 +223,7 @@ class PaidService:
             if scope["type"] == "http":
                 path = _route_path(scope)
                 if path == prefix or path.startswith(prefix + "/"):
-                    await self._forward(scope, receive, send, path[len(prefix):] or "/")
+                    await self._forward(scope, receive, send, path[len(prefix) :] or "/")
                     return
             await gated(scope, receive, send)
 
@@ -239,31 +282,51 @@ class PaidService:
             body += msg.get("body", b"")
             if len(body) > self.config.max_body_bytes or not msg.get("more_body"):
                 break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])
-                   if k.decode("latin-1").lower() not in _HOP}
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers", [])
+            if k.decode("latin-1").lower() not in _HOP
+        }
         client = scope.get("client")
         headers[_CLIENT_HEADER] = f"{self._token} {client[0] if client else ''}"
-        url = self._internal_url + path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+        url = (
+            self._internal_url
+            + path
+            + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+        )
         try:
             async with self._session.request(scope["method"], url, headers=headers, data=body) as resp:
                 data = await resp.read()
-                out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()
-                       if k.lower() not in _HOP]
+                out = [
+                    (k.lower().encode("latin-1"), v.encode("latin-1"))
+                    for k, v in resp.headers.items()
+                    if k.lower() not in _HOP
+                ]
                 status = resp.status
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            status, data, out = 502, b'{"error": {"code": "internal", "message": "payee service unreachable"}}', [
-                (b"content-type", b"application/json")]
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*out, (b"content-length", str(len(data)).encode())]})
+            status, data, out = (
+                502,
+                b'{"error": {"code": "internal", "message": "payee service unreachable"}}',
+                [(b"content-type", b"application/json")],
+            )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*out, (b"content-length", str(len(data)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
 
 def _client_address(token: str) -> Any:
     """A middleware of btcchannel's app: a request the ASGI side handed over (it carries this
     process's ``token``) is seen from the buyer's address, so per-client limits apply per buyer."""
+
     @web.middleware
-    async def client_address(request: web.Request,
-                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def client_address(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         claimed = request.headers.get(_CLIENT_HEADER)
         if claimed is not None:
             given, _, address = claimed.partition(" ")
@@ -278,5 +341,5 @@ def _route_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
     if root and (path == root or path.startswith(root + "/")):
-        return path[len(root):] or "/"
+        return path[len(root) :] or "/"
     return path

@@ -34,8 +34,8 @@ from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import Capacity, Metering, Terms, not_open_error
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
-    ChannelClosed,
     BadRequest,
+    ChannelClosed,
     ChannelError,
     CreditCapReached,
     FundingMismatch,
@@ -160,18 +160,33 @@ class PayeeService:
         self._admit_proposal(client)
         key_index, payee_priv = self.store.reserve_key()  # committed before the key is used: never reused
         params = ChannelParams(
-            network=cfg.network, payer_pubkey=payer_pubkey, payee_pubkey=keys.public_key(payee_priv),
-            expiry_height=expiry, deposit_sat=deposit, payer_script=payer_script, script_version=script_version,
+            network=cfg.network,
+            payer_pubkey=payer_pubkey,
+            payee_pubkey=keys.public_key(payee_priv),
+            expiry_height=expiry,
+            deposit_sat=deposit,
+            payer_script=payer_script,
+            script_version=script_version,
         )
         cid = secrets.token_hex(16)
         now = time.time()
         self.store.insert_proposal(
             PayeeRecord(
-                channel_id=cid, state=ChannelState.PROPOSED, params=params.to_json(), privkey=payee_priv,
-                deposit_sat=deposit, expiry_height=expiry, created_at=now, lapse_at=now + cfg.proposal_ttl_s,
-                max_units=terms.max_units, max_total_sat=terms.max_total_sat, created_height=tip,
+                channel_id=cid,
+                state=ChannelState.PROPOSED,
+                params=params.to_json(),
+                privkey=payee_priv,
+                deposit_sat=deposit,
+                expiry_height=expiry,
+                created_at=now,
+                lapse_at=now + cfg.proposal_ttl_s,
+                max_units=terms.max_units,
+                max_total_sat=terms.max_total_sat,
+                created_height=tip,
                 terms=terms.to_json(),
-                payout_script=self.closer.payee_script.hex() or None, client=client, key_index=key_index,
+                payout_script=self.closer.payee_script.hex() or None,
+                client=client,
+                key_index=key_index,
             )
         )
         return {
@@ -265,8 +280,9 @@ class PayeeService:
         if auth.counter == rec.request_counter and rec.last_request is not None and rec.last_request == key:
             return key, True
         if auth.counter <= rec.request_counter:
-            raise Unauthorized(f"request counter {auth.counter} is not above {rec.request_counter}",
-                               last_counter=rec.request_counter)
+            raise Unauthorized(
+                f"request counter {auth.counter} is not above {rec.request_counter}", last_counter=rec.request_counter
+            )
         return key, False
 
     def exact_retry(self, cid: str, amount: int, sig: bytes) -> PayeeRecord | None:
@@ -277,8 +293,15 @@ class PayeeService:
         return None
 
     async def accept(
-        self, cid: str, amount_sat: int, signature: bytes, *, units_delta: int = 0, owed_sat: int | None = None,
-        request_counter: int = 0, last_request: bytes | None = None,
+        self,
+        cid: str,
+        amount_sat: int,
+        signature: bytes,
+        *,
+        units_delta: int = 0,
+        owed_sat: int | None = None,
+        request_counter: int = 0,
+        last_request: bytes | None = None,
     ) -> PayeeRecord | None:
         """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
 
@@ -296,9 +319,17 @@ class PayeeService:
                 if pending is not None:
                     await asyncio.wait([pending])  # its outcome is the first request's to report
                 return None
-            fut = asyncio.ensure_future(self.store.record_payment_async(
-                cid, amount_sat, signature, units_delta=units_delta, owed_sat=owed_sat,
-                request_counter=request_counter, last_request=last_request))
+            fut = asyncio.ensure_future(
+                self.store.record_payment_async(
+                    cid,
+                    amount_sat,
+                    signature,
+                    units_delta=units_delta,
+                    owed_sat=owed_sat,
+                    request_counter=request_counter,
+                    last_request=last_request,
+                )
+            )
             self._pending[cid] = fut
             try:
                 stored = await fut
@@ -327,8 +358,13 @@ class PayeeService:
         (``payment_count_reached``) and the agreed end time (``end_time_reached``)."""
         terms = self.terms_of(rec)
         reason = terms.metering.end_condition(
-            units=rec.units, max_units=terms.max_units, paid_sat=rec.amount_sat, owed_sat=rec.owed_sat,
-            max_total_sat=terms.max_total_sat, deposit_sat=rec.deposit_sat, capacity=lambda: self.capacity_of(rec),
+            units=rec.units,
+            max_units=terms.max_units,
+            paid_sat=rec.amount_sat,
+            owed_sat=rec.owed_sat,
+            max_total_sat=terms.max_total_sat,
+            deposit_sat=rec.deposit_sat,
+            capacity=lambda: self.capacity_of(rec),
         )
         if reason is None and terms.max_payments is not None and rec.payments >= terms.max_payments:
             reason = "payment_count_reached"
@@ -381,7 +417,7 @@ class PayeeService:
                 rec = await self._stored(cid, await self.accept(cid, amount, sig), amount, sig)
         except ChannelError:
             retried = self.exact_retry(cid, amount, sig)  # the stored payment again: its stored result,
-            if retried is None:                           # whatever the channel's state now
+            if retried is None:  # whatever the channel's state now
                 raise
             rec = retried
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
@@ -402,8 +438,9 @@ class PayeeService:
         stored = await self.accept(cid, amount, sig, owed_sat=amount if settles else None)
         return await self._stored(cid, stored, amount, sig)
 
-    async def charge_prepay(self, rec: PayeeRecord, amount: int, sig: bytes, units: int = 1,
-                            counter: int = 0, key: bytes | None = None) -> PayeeRecord:
+    async def charge_prepay(
+        self, rec: PayeeRecord, amount: int, sig: bytes, units: int = 1, counter: int = 0, key: bytes | None = None
+    ) -> PayeeRecord:
         """Prepay: store the payment covering ``units`` more units (exactly previous total + price*units)
         for the request ``counter`` (idempotency key ``key``). The caller has checked the chain view
         (a stale view never ends a channel for a wrong amount)."""
@@ -423,8 +460,9 @@ class PayeeService:
             raise StalePayment("payment already used")
         return stored
 
-    async def charge_postpay(self, rec: PayeeRecord, units: int = 1, counter: int = 0,
-                             key: bytes | None = None) -> PayeeRecord | None:
+    async def charge_postpay(
+        self, rec: PayeeRecord, units: int = 1, counter: int = 0, key: bytes | None = None
+    ) -> PayeeRecord | None:
         """Postpay: serve ``units`` on credit if the unpaid total stays within the channel's limit
         (None if not) and the outstanding credit across channels within the payee's caps
         (``CreditCapReached`` if not). ``counter``: the authenticated request's; a request whose
@@ -440,8 +478,9 @@ class PayeeService:
             new_owed = terms.metering.credit(rec.owed_sat, rec.amount_sat, units, self.capacity_of(rec))
             if new_owed is None:
                 return None
-            stored = await self.store.record_credit_async(cid, rec.owed_sat, new_owed, units, counter,
-                                                          last_request=key, caps=caps)
+            stored = await self.store.record_credit_async(
+                cid, rec.owed_sat, new_owed, units, counter, last_request=key, caps=caps
+            )
             if stored is not None:
                 return stored
             rec = self.store.get(cid)
@@ -457,7 +496,9 @@ class PayeeService:
         cfg = self.config
         caps: list[tuple[str | None, Any, int]] = []
         if cfg.credit_cap_per_payer_sat is not None:
-            caps.append(("payer_pubkey", rec.payer_pubkey or rec.params.get("payer_pubkey"), cfg.credit_cap_per_payer_sat))
+            caps.append(
+                ("payer_pubkey", rec.payer_pubkey or rec.params.get("payer_pubkey"), cfg.credit_cap_per_payer_sat)
+            )
         if cfg.credit_cap_per_client_sat is not None and rec.client is not None:
             caps.append(("client", rec.client, cfg.credit_cap_per_client_sat))
         if cfg.credit_cap_total_sat is not None:
@@ -471,11 +512,14 @@ class PayeeService:
         names = {"payer_pubkey": "this payer key's", "client": "this client's", None: "the payee's total"}
         for column, value, limit in caps:
             if self.store.outstanding_credit(column, value) + added > limit:
-                raise CreditCapReached(f"{names[column]} outstanding credit across channels would pass its cap of "
-                                       f"{limit} sat: settle what is owed on another channel first")
+                raise CreditCapReached(
+                    f"{names[column]} outstanding credit across channels would pass its cap of "
+                    f"{limit} sat: settle what is owed on another channel first"
+                )
 
-    async def use_surplus(self, rec: PayeeRecord, units: int, counter: int,
-                          key: bytes | None = None) -> PayeeRecord | None:
+    async def use_surplus(
+        self, rec: PayeeRecord, units: int, counter: int, key: bytes | None = None
+    ) -> PayeeRecord | None:
         """Prepay without a payment: serve ``units`` from the prepaid surplus, the paid total above
         what was served, whatever carried it (a payment on ``/payments``, or units whose handler
         failed); None if it is short (the request needs a payment)."""
@@ -489,8 +533,9 @@ class PayeeService:
         """A charged request whose handler failed: not charged after all. Prepay: what was paid for
         its units is surplus, the next requests' credit; postpay: the owed total goes back down."""
         metering = self.terms_of(rec).metering
-        await self.store.unserve_async(rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0,
-                                       key)
+        await self.store.unserve_async(
+            rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0, key
+        )
 
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:
         """``POST /v1/channels/{id}/close``: the payer's signed close request."""
@@ -508,23 +553,40 @@ class PayeeService:
         """``GET /v1/info``."""
         cfg = self.config
         return {
-            "version": 1, "network": cfg.network, "tip_height": self.tip_height,
-            "min_deposit_sat": cfg.min_deposit_sat, "max_deposit_sat": cfg.max_deposit_sat,
-            "min_lifetime_blocks": cfg.min_lifetime_blocks, "max_lifetime_blocks": cfg.max_lifetime_blocks,
-            "close_margin_blocks": cfg.close_margin_blocks, "min_confirmations": cfg.min_confirmations,
-            "price_sat": cfg.price_sat, "mode": cfg.mode, "credit_limit_sat": cfg.credit_limit_sat,
-            "terms": cfg.terms.required().to_json(), "script_versions": list(script.SCRIPT_VERSIONS),
-            "revision": 2, "auth_versions": [1, 2],
-            "proposal_ttl_s": cfg.proposal_ttl_s, "max_proposals": cfg.max_proposals,
-            "max_proposals_per_client": cfg.max_proposals_per_client, "proposal_cooldown_s": cfg.proposal_cooldown_s,
+            "version": 1,
+            "network": cfg.network,
+            "tip_height": self.tip_height,
+            "min_deposit_sat": cfg.min_deposit_sat,
+            "max_deposit_sat": cfg.max_deposit_sat,
+            "min_lifetime_blocks": cfg.min_lifetime_blocks,
+            "max_lifetime_blocks": cfg.max_lifetime_blocks,
+            "close_margin_blocks": cfg.close_margin_blocks,
+            "min_confirmations": cfg.min_confirmations,
+            "price_sat": cfg.price_sat,
+            "mode": cfg.mode,
+            "credit_limit_sat": cfg.credit_limit_sat,
+            "terms": cfg.terms.required().to_json(),
+            "script_versions": list(script.SCRIPT_VERSIONS),
+            "revision": 2,
+            "auth_versions": [1, 2],
+            "proposal_ttl_s": cfg.proposal_ttl_s,
+            "max_proposals": cfg.max_proposals,
+            "max_proposals_per_client": cfg.max_proposals_per_client,
+            "proposal_cooldown_s": cfg.proposal_cooldown_s,
             "credit_cap_per_payer_sat": cfg.credit_cap_per_payer_sat,
-            "credit_cap_per_client_sat": cfg.credit_cap_per_client_sat, "credit_cap_total_sat": cfg.credit_cap_total_sat,
-            "final_confirmations": cfg.final_confirmations, **self.chain_view(),
+            "credit_cap_per_client_sat": cfg.credit_cap_per_client_sat,
+            "credit_cap_total_sat": cfg.credit_cap_total_sat,
+            "final_confirmations": cfg.final_confirmations,
+            **self.chain_view(),
         }
 
     def chain_view(self) -> dict[str, Any]:
         """How fresh the payee's view of the chain is (part of ``/v1/info``)."""
         reason = self.tip.stale_reason(self.config.max_tip_age_s)
         age = self.tip.age_s()
-        return {"chain_fresh": reason is None, "chain_problem": reason,
-                "tip_age_s": None if age is None else round(age, 3), "max_tip_age_s": self.config.max_tip_age_s}
+        return {
+            "chain_fresh": reason is None,
+            "chain_problem": reason,
+            "tip_age_s": None if age is None else round(age, 3),
+            "max_tip_age_s": self.config.max_tip_age_s,
+        }

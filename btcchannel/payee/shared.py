@@ -45,8 +45,9 @@ class ChainTip:
     checked_at: float | None = None
     problem: str | None = None
 
-    def update(self, state: ChainState, network: str, max_block_age_s: float | None = None,
-               now: float | None = None) -> None:
+    def update(
+        self, state: ChainState, network: str, max_block_age_s: float | None = None, now: float | None = None
+    ) -> None:
         """Take a fresh answer of the node (``network``: the payee's configured network;
         ``max_block_age_s``: how old its best block may be, by wall clock ``now``)."""
         expected = BITCOIND_CHAIN[network]
@@ -56,8 +57,10 @@ class ChainTip:
         elif state.ibd:
             self.problem = "the node is in initial block download"
         elif max_block_age_s is not None and block_age is not None and block_age > max_block_age_s:
-            self.problem = (f"the node's best block is {block_age:.0f}s old (more than {max_block_age_s:g}s):"
-                            " it may be cut off from the network")
+            self.problem = (
+                f"the node's best block is {block_age:.0f}s old (more than {max_block_age_s:g}s):"
+                " it may be cut off from the network"
+            )
         else:
             self.problem = None
         self.height, self.best_hash = state.height, state.best_hash
@@ -99,7 +102,11 @@ class Channels:
         """The core ``PayeeChannel`` of a stored row, in the row's state."""
         best = Payment(rec.amount_sat, rec.signature) if rec.signature is not None else None
         return PayeeChannel.restore(
-            self.params_of(rec), rec.privkey, rec.state, best=best, close_margin_blocks=self.close_margin_blocks,
+            self.params_of(rec),
+            rec.privkey,
+            rec.state,
+            best=best,
+            close_margin_blocks=self.close_margin_blocks,
         )
 
     def get(self, cid: str) -> PayeeChannel:

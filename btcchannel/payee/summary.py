@@ -26,17 +26,24 @@ def payee_summary(store: PayeeStore, tip_height: int | None) -> dict[str, Any]:
         return (x.channels, x.amount_sat, x.deposit_sat) if x else (0, 0, 0)
 
     closed, closing, opened = t(ChannelState.CLOSED), t(ChannelState.CLOSING), t(ChannelState.OPEN)
-    rates = [r.close_fee_rate for r in store.list([ChannelState.CLOSING, ChannelState.CLOSED])
-             if r.close_fee_rate is not None]
+    rates = [
+        r.close_fee_rate
+        for r in store.list([ChannelState.CLOSING, ChannelState.CLOSED])
+        if r.close_fee_rate is not None
+    ]
     open_recs = store.list([ChannelState.OPEN])
     nearest = min((r.expiry_height for r in open_recs), default=None)
     return {
         "channels": {state: x.channels for state, x in sorted(totals.items())},
         "earned_sat": closed[1],
         "pending_close": {"channels": closing[0], "amount_sat": closing[1]},
-        "open": {"channels": opened[0], "amount_sat": opened[1], "deposit_sat": opened[2],
-                 "nearest_expiry_height": nearest,
-                 "blocks_to_nearest_expiry": None if nearest is None or tip_height is None else nearest - tip_height},
+        "open": {
+            "channels": opened[0],
+            "amount_sat": opened[1],
+            "deposit_sat": opened[2],
+            "nearest_expiry_height": nearest,
+            "blocks_to_nearest_expiry": None if nearest is None or tip_height is None else nearest - tip_height,
+        },
         "close_fee_rate_sat_vb": {"min": min(rates), "max": max(rates), "last": rates[-1]} if rates else None,
         "tip_height": tip_height,
     }
@@ -55,8 +62,10 @@ def _nearest(o: dict[str, Any]) -> str:
     if left > 0:
         return f", nearest expiry in {_count(left, 'block')}"
     ago = "" if left == 0 else f", {_count(-left, 'block')} ago"
-    return (f", expired at height {o['nearest_expiry_height']}{ago}: not closed in time (was `serve` "
-            "running?); the payer can refund it")
+    return (
+        f", expired at height {o['nearest_expiry_height']}{ago}: not closed in time (was `serve` "
+        "running?); the payer can refund it"
+    )
 
 
 def summary_text(doc: dict[str, Any]) -> str:
@@ -68,8 +77,8 @@ def summary_text(doc: dict[str, Any]) -> str:
         f"pending closes {_count(p['channels'], 'channel')}, {p['amount_sat']} sat",
         f"open           {_count(o['channels'], 'channel')}, {o['amount_sat']} sat paid of {o['deposit_sat']} sat "
         "deposits" + _nearest(o),
-        "close fees     " + (f"{rates['min']:.2f}-{rates['max']:.2f} sat/vB (last {rates['last']:.2f})" if rates
-                             else "none yet"),
+        "close fees     "
+        + (f"{rates['min']:.2f}-{rates['max']:.2f} sat/vB (last {rates['last']:.2f})" if rates else "none yet"),
         "channels       " + (", ".join(f"{k} {v}" for k, v in doc["channels"].items()) or "none"),
     ]
     return "\n".join(lines)

@@ -114,8 +114,8 @@ class Watcher:
         self.closer = closer
         self.tip = tip
         self.follower = BlockFollower(node, store.chain_cursor())
-        self._full_pass = True   # the first pass looks at every channel
-        self.notifier: BlockNotifier | None = None   # the node's block announcements, while run() runs
+        self._full_pass = True  # the first pass looks at every channel
+        self.notifier: BlockNotifier | None = None  # the node's block announcements, while run() runs
         self._retry: set[str] = set()  # channels the last pass failed to look at
         self._claims: list[str] | None = None  # closes claimed by this pass, sent (batched) at its end
 
@@ -280,10 +280,16 @@ class Watcher:
             return True  # funding, closing: pending until their transactions are deep enough
         if tip >= closing_height(rec.expiry_height, self.config.close_margin_blocks):
             return True
-        return agreed_terms(rec, self.config.terms).timed_end(  # payment/idle timeout, end time
-            owed_sat=rec.owed_sat, paid_sat=rec.amount_sat, owed_since=rec.owed_since, paid_at=rec.paid_at,
-            now=time.time(),
-        ) is not None
+        return (
+            agreed_terms(rec, self.config.terms).timed_end(  # payment/idle timeout, end time
+                owed_sat=rec.owed_sat,
+                paid_sat=rec.amount_sat,
+                owed_since=rec.owed_since,
+                paid_at=rec.paid_at,
+                now=time.time(),
+            )
+            is not None
+        )
 
     async def check(self, rec: PayeeRecord, tip: int) -> None:
         """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed."""
@@ -372,7 +378,10 @@ class Watcher:
             await self._close(cid, "expiry_margin")
             return
         reason = agreed_terms(rec, cfg.terms).timed_end(
-            owed_sat=rec.owed_sat, paid_sat=rec.amount_sat, owed_since=rec.owed_since, paid_at=rec.paid_at,
+            owed_sat=rec.owed_sat,
+            paid_sat=rec.amount_sat,
+            owed_since=rec.owed_since,
+            paid_at=rec.paid_at,
             now=time.time(),
         )
         if reason is not None:  # payment_timeout, idle_timeout, end_time_reached
@@ -452,8 +461,12 @@ class Watcher:
         urgent = close_is_urgent(rec.expiry_height, tip, cfg.close_margin_blocks)
         if not urgent and tip - rec.close_height < cfg.bump_after_blocks:
             return
-        log.info("close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
-                 cid, tip - rec.close_height, rec.expiry_height - tip)
+        log.info(
+            "close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
+            cid,
+            tip - rec.close_height,
+            rec.expiry_height - tip,
+        )
         try:
             await self.closer.bump(cid, cfg.max_fee_rate_sat_vb if urgent else None, deadline=urgent)
         except ChannelError as err:
@@ -463,8 +476,12 @@ class Watcher:
         """An open channel whose funding left the active chain (a reorg) or fell below its depth:
         back to ``funding`` at once (payments refused) until the funding is back at depth."""
         if self.store.funding_lost(rec.channel_id, depth):
-            log.warning("channel %s: its funding %s left the chain (depth %d): no payments until it is back",
-                        rec.channel_id, rec.funding_txid, depth)
+            log.warning(
+                "channel %s: its funding %s left the chain (depth %d): no payments until it is back",
+                rec.channel_id,
+                rec.funding_txid,
+                depth,
+            )
         self.closer.channels.invalidate(rec.channel_id)
 
     # -- spends of the funding output ----------------------------------------------------

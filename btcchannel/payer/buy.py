@@ -55,8 +55,10 @@ class Budget:
     def check(self, challenge: Challenge) -> None:
         """``TermsRefused`` if the route's price is over the budget (nothing is paid then)."""
         if self.max_price_sat is not None and challenge.unit_price_sat > self.max_price_sat:
-            raise TermsRefused(f"the route asks {challenge.unit_price_sat} sat per unit ({challenge.price_sat} sat "
-                               f"for {challenge.units} units), over the limit {self.max_price_sat}")
+            raise TermsRefused(
+                f"the route asks {challenge.unit_price_sat} sat per unit ({challenge.price_sat} sat "
+                f"for {challenge.units} units), over the limit {self.max_price_sat}"
+            )
         if self.max_total_sat is not None and challenge.price_sat > self.max_total_sat:
             raise TermsRefused(f"the route costs {challenge.price_sat} sat, over the total limit {self.max_total_sat}")
 
@@ -71,18 +73,27 @@ class NoChannel(NotOpen):
         self.open_command = open_command(challenge)
 
 
-def open_command(challenge: Challenge, deposit_sat: int | None = None,
-                 lifetime_blocks: int = DEFAULT_LIFETIME_BLOCKS) -> str:
+def open_command(
+    challenge: Challenge, deposit_sat: int | None = None, lifetime_blocks: int = DEFAULT_LIFETIME_BLOCKS
+) -> str:
     """``btcchannel open <protocol URL> ...`` for the route of ``challenge`` (a deposit of 100 of
     its requests unless given; the route's unit price as the limit)."""
     deposit = deposit_sat or max(10_000, 100 * challenge.price_sat)
-    return (f"btcchannel open {shlex.quote(challenge.protocol_url)} --deposit-sat {deposit} "
-            f"--lifetime-blocks {lifetime_blocks} --max-price-sat {challenge.unit_price_sat}")
+    return (
+        f"btcchannel open {shlex.quote(challenge.protocol_url)} --deposit-sat {deposit} "
+        f"--lifetime-blocks {lifetime_blocks} --max-price-sat {challenge.unit_price_sat}"
+    )
 
 
-async def channel_for_challenge(client: PayerClient, challenge: Challenge, budget: Budget | None = None, *,
-                                channel_id: str | None = None, open_timeout: float = 600.0,
-                                progress: Progress | None = None) -> str:
+async def channel_for_challenge(
+    client: PayerClient,
+    challenge: Challenge,
+    budget: Budget | None = None,
+    *,
+    channel_id: str | None = None,
+    open_timeout: float = 600.0,
+    progress: Progress | None = None,
+) -> str:
     """The open channel to pay ``challenge`` with (see the module); the budget is checked first."""
     budget = budget or Budget()
     budget.check(challenge)
@@ -91,10 +102,19 @@ async def channel_for_challenge(client: PayerClient, challenge: Challenge, budge
             channel_id = await client.pick_channel(challenge.protocol_url, min_remaining_sat=challenge.price_sat)
         except NotOpen as exc:
             if budget.deposit_sat is None:
-                raise NoChannel(challenge, f"no usable channel to {challenge.protocol_url} ({exc.message}); "
-                                           f"the route costs {challenge.price_sat} sat") from None
-            return await client.open_channel(challenge.protocol_url, budget.deposit_sat, budget.lifetime_blocks,
-                                             open_timeout=open_timeout, limits=budget.limits, progress=progress)
+                raise NoChannel(
+                    challenge,
+                    f"no usable channel to {challenge.protocol_url} ({exc.message}); "
+                    f"the route costs {challenge.price_sat} sat",
+                ) from None
+            return await client.open_channel(
+                challenge.protocol_url,
+                budget.deposit_sat,
+                budget.lifetime_blocks,
+                open_timeout=open_timeout,
+                limits=budget.limits,
+                progress=progress,
+            )
     await client.wait_open(channel_id, timeout=open_timeout)
     return channel_id
 

@@ -66,8 +66,9 @@ def is_challenge(status: int, headers: Mapping[str, str]) -> bool:
 class Paying:
     """One request being paid: its channel's lock is held from :meth:`Buyer.begin` to :meth:`close`."""
 
-    def __init__(self, buyer: Buyer, continuous: ContinuousPayer, challenge: Challenge, method: str, url: str,
-                 body: bytes | None) -> None:
+    def __init__(
+        self, buyer: Buyer, continuous: ContinuousPayer, challenge: Challenge, method: str, url: str, body: bytes | None
+    ) -> None:
         self.buyer = buyer
         self.continuous = continuous
         self.challenge = challenge
@@ -136,14 +137,27 @@ class Paying:
 class Buyer:
     """Pays ``Btcchannel`` 402 challenges within a budget, for httpx and requests (see the module)."""
 
-    def __init__(self, *, max_price_sat: int | None = None, deposit_sat: int | None = None,
-                 max_total_sat: int | None = None, lifetime_blocks: int = 144, network: str | None = None,
-                 datadir: str | Path | None = None, wallet: str | None = None, rpc_url: str | None = None,
-                 rpc_cookie: str | Path | None = None, rpc_user: str | None = None,
-                 rpc_password: str | None = None, min_remaining_sat: int | None = None,
-                 min_blocks_left: int | None = None, open_timeout_s: float = 600.0) -> None:
-        self.budget = Budget(max_price_sat=max_price_sat, max_total_sat=None, deposit_sat=deposit_sat,
-                             lifetime_blocks=lifetime_blocks)
+    def __init__(
+        self,
+        *,
+        max_price_sat: int | None = None,
+        deposit_sat: int | None = None,
+        max_total_sat: int | None = None,
+        lifetime_blocks: int = 144,
+        network: str | None = None,
+        datadir: str | Path | None = None,
+        wallet: str | None = None,
+        rpc_url: str | None = None,
+        rpc_cookie: str | Path | None = None,
+        rpc_user: str | None = None,
+        rpc_password: str | None = None,
+        min_remaining_sat: int | None = None,
+        min_blocks_left: int | None = None,
+        open_timeout_s: float = 600.0,
+    ) -> None:
+        self.budget = Budget(
+            max_price_sat=max_price_sat, max_total_sat=None, deposit_sat=deposit_sat, lifetime_blocks=lifetime_blocks
+        )
         if deposit_sat is None:
             raise ValueError("a buyer needs deposit_sat: the deposit of each channel it opens")
         #: the most this buyer pays in all (None: no limit); :attr:`spent_sat` is what it has paid
@@ -155,16 +169,21 @@ class Buyer:
         self.datadir = root / self.network
         cookie = rpc_cookie or env("BTCCHANNEL_RPC_COOKIE")
         self._node_args: dict[str, Any] = {
-            "wallet": wallet or env("BTCCHANNEL_WALLET") or "payer", "rpc_url": rpc_url or env("BTCCHANNEL_RPC_URL"),
-            "rpc_cookie": Path(cookie) if cookie else None, "rpc_user": rpc_user or env("BTCCHANNEL_RPC_USER"),
+            "wallet": wallet or env("BTCCHANNEL_WALLET") or "payer",
+            "rpc_url": rpc_url or env("BTCCHANNEL_RPC_URL"),
+            "rpc_cookie": Path(cookie) if cookie else None,
+            "rpc_user": rpc_user or env("BTCCHANNEL_RPC_USER"),
             "rpc_password": rpc_password or env("BTCCHANNEL_RPC_PASSWORD"),
-            "regtest_dirs": (root / "regtest-node", default_datadir() / "regtest-node")}
+            "regtest_dirs": (root / "regtest-node", default_datadir() / "regtest-node"),
+        }
         find_node(self.network, **self._node_args)  # a missing node is an error here, not at the first 402
         self.policy = RolloverPolicy(
-            deposit_sat=deposit_sat, lifetime_blocks=lifetime_blocks,
+            deposit_sat=deposit_sat,
+            lifetime_blocks=lifetime_blocks,
             min_remaining_sat=min_remaining_sat if min_remaining_sat is not None else deposit_sat // 10,
             min_blocks_left=min_blocks_left if min_blocks_left is not None else min(lifetime_blocks - 1, 12),
-            open_timeout_s=open_timeout_s)
+            open_timeout_s=open_timeout_s,
+        )
         self._continuous: dict[str, ContinuousPayer] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -222,13 +241,16 @@ class Buyer:
         """Start paying ``challenge`` for ``method url``: the budget is checked, the channel found or opened."""
         self.budget.check(challenge)
         if self.max_total_sat is not None and self.spent_sat + challenge.price_sat > self.max_total_sat:
-            raise TermsRefused(f"the route costs {challenge.price_sat} sat: over what is left of the budget "
-                               f"({self.max_total_sat - self.spent_sat} of {self.max_total_sat} sat)")
+            raise TermsRefused(
+                f"the route costs {challenge.price_sat} sat: over what is left of the budget "
+                f"({self.max_total_sat - self.spent_sat} of {self.max_total_sat} sat)"
+            )
         client = await self._client_now()
         continuous = self._continuous.get(challenge.protocol_url)
         if continuous is None:
-            continuous = self._continuous[challenge.protocol_url] = ContinuousPayer(client, challenge.protocol_url,
-                                                                               self.policy)
+            continuous = self._continuous[challenge.protocol_url] = ContinuousPayer(
+                client, challenge.protocol_url, self.policy
+            )
         paying = Paying(self, continuous, challenge, method, url, body)
         await paying._take(await continuous._payer())
         return paying
@@ -262,13 +284,15 @@ class Buyer:
     def __enter__(self) -> Buyer:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     async def __aenter__(self) -> Buyer:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()

@@ -98,10 +98,15 @@ class Challenge:
         channels = params.get("channels", payment.get("channels_url"))
         if units is None or price is None or not info:
             raise ProtocolViolation("the payee's 402 names no route price (no Btcchannel challenge)")
-        return cls(units=_int(units, "units"), price_sat=_int(price, "route price"), info_url=str(info),
-                   channels_url=str(channels or ""), network=params.get("network", payment.get("network")),
-                   mode=params.get("mode", payment.get("mode")),
-                   channel_id=params.get("channel", payment.get("channel_id")))
+        return cls(
+            units=_int(units, "units"),
+            price_sat=_int(price, "route price"),
+            info_url=str(info),
+            channels_url=str(channels or ""),
+            network=params.get("network", payment.get("network")),
+            mode=params.get("mode", payment.get("mode")),
+            channel_id=params.get("channel", payment.get("channel_id")),
+        )
 
     def units_for(self, metering: Metering) -> int:
         """The units to pay for under the channel's agreed ``metering``: ProtocolViolation unless
@@ -111,5 +116,6 @@ class Challenge:
         if metering.cost(self.units) != self.price_sat:
             raise ProtocolViolation(
                 f"the route costs {self.price_sat} sat for {self.units} units, but the channel's agreed price "
-                f"is {metering.price_sat} sat a unit: not paid")
+                f"is {metering.price_sat} sat a unit: not paid"
+            )
         return self.units

@@ -63,11 +63,13 @@ from typing import Any, Mapping
 import aiohttp
 from yarl import URL
 
+from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayerChannel
 from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import PayerLimits, Terms, not_open_error
+from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
     BadRequest,
     ChannelError,
@@ -75,7 +77,6 @@ from btcchannel.errors import (
     FundingNotFound,
     InsufficientFunds,
     MeteredChannel,
-    NotOpen,
     OpenTimeout,
     ProtocolViolation,
     RpcInsufficientFunds,
@@ -84,7 +85,6 @@ from btcchannel.errors import (
     UnknownChannel,
     WrongNetwork,
 )
-from btcchannel.bitcoind.rpc import Node
 from btcchannel.payer.http import PayeeHttp
 from btcchannel.payer.refund import Refunds
 from btcchannel.payer.views import (
@@ -99,11 +99,9 @@ from btcchannel.payer.views import (
 )
 from btcchannel.store import PayerRecord, PayerStore
 from btcchannel.store.ops import write_payer_backup
-from btcchannel.core.tx import OutPoint
 from btcchannel.wire import auth_header_v2
 
 __all__ = ["PayerClient", "Progress", "payee_unreachable"]
-
 
 
 class PayerClient(PayeeHttp, Refunds):
@@ -132,7 +130,7 @@ class PayerClient(PayeeHttp, Refunds):
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
         self._terms: dict[str, Terms] = {}  # agreed terms, parsed
-        self._needed: dict[str, int] = {}   # confirmations each payee asks for (from its info)
+        self._needed: dict[str, int] = {}  # confirmations each payee asks for (from its info)
 
     async def __aenter__(self) -> PayerClient:
         return self
@@ -162,11 +160,16 @@ class PayerClient(PayeeHttp, Refunds):
     def _current(self, rec: PayerRecord) -> PayerChannel:
         """The channel's machine: the cached one while it matches the stored row, else rebuilt (and checked)."""
         ch = self._open.get(rec.channel_id)
-        if (ch is None or ch.state is not rec.state or ch.amount_sat != rec.amount_sat
-                or (ch.payment.signature if ch.payment else None) != rec.signature):
+        if (
+            ch is None
+            or ch.state is not rec.state
+            or ch.amount_sat != rec.amount_sat
+            or (ch.payment.signature if ch.payment else None) != rec.signature
+        ):
             ch = self._channel(rec)
             self._open[rec.channel_id] = ch
         return ch
+
     def record(self, channel_id: str) -> PayerRecord:
         """The stored channel, refused (``UnknownChannel``) when it belongs to another network."""
         rec = self.store.get(channel_id)
@@ -209,22 +212,35 @@ class PayerClient(PayeeHttp, Refunds):
         each step (see :data:`Progress`). ``script_version`` and ``payer_address``: see :meth:`propose`.
         """
         report = progress or no_progress
-        cid = await self.propose(server_url, deposit_sat, lifetime_blocks, max_units=max_units,
-                                 max_total_sat=max_total_sat, limits=limits, progress=report,
-                                 script_version=script_version, payer_address=payer_address)
+        cid = await self.propose(
+            server_url,
+            deposit_sat,
+            lifetime_blocks,
+            max_units=max_units,
+            max_total_sat=max_total_sat,
+            limits=limits,
+            progress=report,
+            script_version=script_version,
+            payer_address=payer_address,
+        )
         params = ChannelParams.from_json(self.store.get(cid).params)
         try:
-            outpoint = await self.node.fund_output(params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb)
+            outpoint = await self.node.fund_output(
+                params.funding_script, deposit_sat, fee_rate_sat_vb=self.fee_rate_sat_vb
+            )
         except RpcInsufficientFunds as exc:
             # the wallet refused to build the transaction: nothing exists to refund, no row is kept
             self.store.delete(cid)
-            raise InsufficientFunds(f"the wallet cannot fund a deposit of {deposit_sat} sat plus fees "
-                                    f"({exc.message})") from exc
+            raise InsufficientFunds(
+                f"the wallet cannot fund a deposit of {deposit_sat} sat plus fees ({exc.message})"
+            ) from exc
         except BaseException:
             self.store.set_state(cid, ChannelState.FAILED)  # maybe sent: kept (failed) until `forget`
             raise
         self.record_funding(cid, outpoint)
-        report("funded", {"channel_id": cid, "funding_txid": outpoint.txid, **await mempool_fee(self.node, outpoint.txid)})
+        report(
+            "funded", {"channel_id": cid, "funding_txid": outpoint.txid, **await mempool_fee(self.node, outpoint.txid)}
+        )
         await self._register_funding(cid)
         if wait_open:
             await self.wait_open(cid, open_timeout, progress=report)
@@ -256,12 +272,14 @@ class PayerClient(PayeeHttp, Refunds):
         check_payee_url(server_url)
         info = await self.info(server_url)
         if info.get("network") != self.network:
-            raise WrongNetwork(f"the payee at {server_url} runs on {info.get('network')}, and this payer on "
-                               f"{self.network}")
+            raise WrongNetwork(
+                f"the payee at {server_url} runs on {info.get('network')}, and this payer on {self.network}"
+            )
         low, high = info.get("min_lifetime_blocks"), info.get("max_lifetime_blocks")
         if isinstance(low, int) and isinstance(high, int) and not low <= lifetime_blocks <= high:
-            raise ExpiryOutOfRange(f"a lifetime of {lifetime_blocks} blocks is outside the payee's range: "
-                                   f"{low} to {high} blocks")
+            raise ExpiryOutOfRange(
+                f"a lifetime of {lifetime_blocks} blocks is outside the payee's range: {low} to {high} blocks"
+            )
         offered = info.get("script_versions")
         offered = offered if isinstance(offered, list) else [script.SCRIPT_LEGACY]
         if script_version is None:
@@ -270,8 +288,11 @@ class PayerClient(PayeeHttp, Refunds):
             raise BadRequest(f"the payee does not offer script version {script_version} (it offers {offered})")
         limits = limits or PayerLimits()
         if max_units is not None or max_total_sat is not None:
-            limits = replace(limits, max_units=max_units if max_units is not None else limits.max_units,
-                             max_total_sat=max_total_sat if max_total_sat is not None else limits.max_total_sat)
+            limits = replace(
+                limits,
+                max_units=max_units if max_units is not None else limits.max_units,
+                max_total_sat=max_total_sat if max_total_sat is not None else limits.max_total_sat,
+            )
         terms = limits.accept(self._required_terms(info))
         tip = await self.node.tip_height()
         expiry = tip + lifetime_blocks
@@ -279,15 +300,22 @@ class PayerClient(PayeeHttp, Refunds):
         key_index, privkey = self.store.reserve_key()  # committed before the key is used: never reused
         pubkey = keys.public_key(privkey)
         body: dict[str, Any] = {
-            "payer_pubkey": pubkey.hex(), "deposit_sat": deposit_sat,
-            "expiry_height": expiry, "payer_script": payer_script.hex(),
+            "payer_pubkey": pubkey.hex(),
+            "deposit_sat": deposit_sat,
+            "expiry_height": expiry,
+            "payer_script": payer_script.hex(),
         }
         if script_version != script.SCRIPT_LEGACY:  # a payee from before script versions is never asked
             body["script_version"] = script_version
         legacy = "terms" not in info  # a payee from before agreed terms: the old end-condition fields
         if legacy:
-            body.update({k: v for k, v in (("max_units", terms.max_units), ("max_total_sat", terms.max_total_sat))
-                         if v is not None})
+            body.update(
+                {
+                    k: v
+                    for k, v in (("max_units", terms.max_units), ("max_total_sat", terms.max_total_sat))
+                    if v is not None
+                }
+            )
         else:
             body["terms"] = terms.to_json()
         _, ans = await self.request("POST", f"{server_url.rstrip('/')}/v1/channels", body)
@@ -298,22 +326,41 @@ class PayerClient(PayeeHttp, Refunds):
         self._needed[cid] = int(info.get("min_confirmations") or 1)
         self.store.insert(
             PayerRecord(
-                channel_id=cid, server_url=server_url, state=ChannelState.PROPOSED, params=params.to_json(),
-                privkey=privkey, deposit_sat=deposit_sat, expiry_height=expiry, terms=terms.to_json(),
+                channel_id=cid,
+                server_url=server_url,
+                state=ChannelState.PROPOSED,
+                params=params.to_json(),
+                privkey=privkey,
+                deposit_sat=deposit_sat,
+                expiry_height=expiry,
+                terms=terms.to_json(),
                 key_index=key_index,
             )
         )
         if self.backup_file is not None:  # the key is backed up before a satoshi is sent to it
             write_payer_backup(self.store.export_backup(), self.backup_file)
-        report("proposed", {"channel_id": cid, "deposit_sat": deposit_sat, "expiry_height": expiry,
-                            "funding_address": params.funding_address, "script_version": script_version})
+        report(
+            "proposed",
+            {
+                "channel_id": cid,
+                "deposit_sat": deposit_sat,
+                "expiry_height": expiry,
+                "funding_address": params.funding_address,
+                "script_version": script_version,
+            },
+        )
         return cid
 
     def record_funding(self, channel_id: str, outpoint: OutPoint) -> None:
         """Store the funding outpoint of a proposed channel (state ``funding``); the payee is not told yet."""
         params = ChannelParams.from_json(self.store.get(channel_id).params).with_funding(outpoint)
-        self.store.set_state(channel_id, ChannelState.FUNDING, funding_txid=outpoint.txid, funding_vout=outpoint.vout,
-                             params=params.to_json())
+        self.store.set_state(
+            channel_id,
+            ChannelState.FUNDING,
+            funding_txid=outpoint.txid,
+            funding_vout=outpoint.vout,
+            params=params.to_json(),
+        )
 
     async def register_funding(self, channel_id: str, patience: float = 15.0) -> dict[str, Any]:
         """Tell the payee the stored funding outpoint (retrying ``funding_not_found`` for ``patience`` s)."""
@@ -327,8 +374,15 @@ class PayerClient(PayeeHttp, Refunds):
     def _check_proposal(
         self, ans: Any, pubkey: bytes, payer_script: bytes, deposit_sat: int, expiry: int, script_version: int
     ) -> ChannelParams:
-        want = {"channel_id", "payee_pubkey", "witness_script", "funding_address", "funding_script",
-                "deposit_sat", "expiry_height"}
+        want = {
+            "channel_id",
+            "payee_pubkey",
+            "witness_script",
+            "funding_address",
+            "funding_script",
+            "deposit_sat",
+            "expiry_height",
+        }
         if not isinstance(ans, dict) or not want <= set(ans):
             raise ProtocolViolation("the proposal answer lacks fields")
         cid = ans["channel_id"]
@@ -336,14 +390,22 @@ class PayerClient(PayeeHttp, Refunds):
             raise ProtocolViolation("bad channel_id")
         try:
             payee_pubkey = keys.check_public_key(bytes.fromhex(ans["payee_pubkey"]))
-            params = ChannelParams(network=self.network, payer_pubkey=pubkey, payee_pubkey=payee_pubkey,
-                                   expiry_height=expiry, deposit_sat=deposit_sat, payer_script=payer_script,
-                                   script_version=script_version)
+            params = ChannelParams(
+                network=self.network,
+                payer_pubkey=pubkey,
+                payee_pubkey=payee_pubkey,
+                expiry_height=expiry,
+                deposit_sat=deposit_sat,
+                payer_script=payer_script,
+                script_version=script_version,
+            )
         except (ChannelError, TypeError, ValueError) as exc:
             raise ProtocolViolation(f"the payee's proposal is invalid: {exc}") from exc
         if ans.get("script_version", script.SCRIPT_LEGACY) != script_version:
-            raise ProtocolViolation(f"asked for script version {script_version}, the payee answered "
-                                    f"{ans.get('script_version')!r}: not funding")
+            raise ProtocolViolation(
+                f"asked for script version {script_version}, the payee answered "
+                f"{ans.get('script_version')!r}: not funding"
+            )
         if (
             ans["witness_script"] != params.witness_script.hex()
             or ans["funding_script"] != params.funding_script.hex()
@@ -359,8 +421,9 @@ class PayerClient(PayeeHttp, Refunds):
         deadline = time.monotonic() + patience
         while True:
             try:
-                _, obj = await self.request("POST", self._url(rec, "/funding"),
-                                            {"txid": rec.funding_txid, "vout": rec.funding_vout})
+                _, obj = await self.request(
+                    "POST", self._url(rec, "/funding"), {"txid": rec.funding_txid, "vout": rec.funding_vout}
+                )
                 break
             except FundingNotFound:
                 # the payee's node may not have seen our transaction yet (propagation)
@@ -374,8 +437,18 @@ class PayerClient(PayeeHttp, Refunds):
         if not isinstance(obj, dict) or obj.get("channel_id") != rec.channel_id:
             raise ProtocolViolation("the channel object names another channel")
         state = obj.get("state")
-        if state in (ChannelState.OPEN, ChannelState.CLOSING, ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED) and state != rec.state:
-            if not (rec.state is ChannelState.REFUNDED):
+        if (
+            state
+            in (
+                ChannelState.OPEN,
+                ChannelState.CLOSING,
+                ChannelState.CLOSED,
+                ChannelState.REFUNDED,
+                ChannelState.FAILED,
+            )
+            and state != rec.state
+        ):
+            if rec.state is not ChannelState.REFUNDED:
                 fields: dict[str, Any] = {}
                 if obj.get("close_txid"):
                     fields["close_txid"] = obj["close_txid"]
@@ -395,8 +468,9 @@ class PayerClient(PayeeHttp, Refunds):
         self._note_remote(rec, obj)
         return dict(obj)
 
-    async def wait_open(self, channel_id: str, timeout: float = 600.0, *,
-                        progress: Progress | None = None) -> dict[str, Any]:
+    async def wait_open(
+        self, channel_id: str, timeout: float = 600.0, *, progress: Progress | None = None
+    ) -> dict[str, Any]:
         """Poll the payee until the channel is ``open``.
 
         ``OpenTimeout`` after ``timeout`` s (saying how many confirmations the funding has);
@@ -419,11 +493,15 @@ class PayerClient(PayeeHttp, Refunds):
             confs = await self.node.tx_confirmations(txid) if txid else None
             if confs != seen:
                 seen = confs
-                report("confirmations", {"channel_id": channel_id, "funding_txid": txid,
-                                         "confirmations": confs or 0, "needed": needed})
+                report(
+                    "confirmations",
+                    {"channel_id": channel_id, "funding_txid": txid, "confirmations": confs or 0, "needed": needed},
+                )
             if time.monotonic() > deadline:
-                raise OpenTimeout(f"channel {channel_id} is funded by {txid} but not open after {timeout:g} s "
-                                  f"({confs or 0} of {needed} confirmations)")
+                raise OpenTimeout(
+                    f"channel {channel_id} is funded by {txid} but not open after {timeout:g} s "
+                    f"({confs or 0} of {needed} confirmations)"
+                )
             await asyncio.sleep(0.2)
 
     def _agreed(self, rec: PayerRecord) -> Terms:
@@ -457,7 +535,11 @@ class PayerClient(PayeeHttp, Refunds):
             raise not_open_error(ChannelState(rec.state))
         if rec.terms is not None:
             self._agreed(rec).check_signable(
-                amount, units_received=rec.units, units_ahead=units_ahead, payments=rec.payments, now=time.time(),
+                amount,
+                units_received=rec.units,
+                units_ahead=units_ahead,
+                payments=rec.payments,
+                now=time.time(),
             )
         ch = self._current(rec)
         payment = ch.sign_payment(amount)
@@ -467,8 +549,14 @@ class PayerClient(PayeeHttp, Refunds):
         ch.commit_payment(payment)
         return payment
 
-    def request_auth(self, channel_id: str, method: str, url: str, body: bytes | None = None,
-                     payment_headers: Mapping[str, str] | None = None) -> str:
+    def request_auth(
+        self,
+        channel_id: str,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        payment_headers: Mapping[str, str] | None = None,
+    ) -> str:
         """The ``X-Btcchannel-Auth`` value of one metered request (auth v2, ``v2.<counter>.<signature>``):
         the channel key's signature over the channel, the next counter, ``method``, ``url``'s authority
         and raw target, the SHA-256 of ``body`` and the payment headers the request carries. The
@@ -477,8 +565,14 @@ class PayerClient(PayeeHttp, Refunds):
         counter = self.store.next_request_counter(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
 
-    async def request_auth_async(self, channel_id: str, method: str, url: str, body: bytes | None = None,
-                                 payment_headers: Mapping[str, str] | None = None) -> str:
+    async def request_auth_async(
+        self,
+        channel_id: str,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        payment_headers: Mapping[str, str] | None = None,
+    ) -> str:
         """:meth:`request_auth` with the counter stored through the group commit."""
         counter = await self.store.next_request_counter_async(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
@@ -488,11 +582,26 @@ class PayerClient(PayeeHttp, Refunds):
         """The wall clock in microseconds: the floor of each request counter (never its only source)."""
         return time.time_ns() // 1000
 
-    def _signed_auth(self, channel_id: str, counter: int, method: str, url: str, body: bytes | None,
-                     payment_headers: Mapping[str, str] | None) -> str:
+    def _signed_auth(
+        self,
+        channel_id: str,
+        counter: int,
+        method: str,
+        url: str,
+        body: bytes | None,
+        payment_headers: Mapping[str, str] | None,
+    ) -> str:
         u = URL(url)  # the authority and raw target exactly as aiohttp sends them (percent-encoded)
-        return auth_header_v2(self.store.get(channel_id).privkey, channel_id, counter, method,
-                              u.host_port_subcomponent or "", u.raw_path_qs, body, payment_headers)
+        return auth_header_v2(
+            self.store.get(channel_id).privkey,
+            channel_id,
+            counter,
+            method,
+            u.host_port_subcomponent or "",
+            u.raw_path_qs,
+            body,
+            payment_headers,
+        )
 
     def resync_request_counter(self, channel_id: str, last_counter: int) -> None:
         """The payee answered 401 naming ``last_counter`` as the last one it accepted (this store lost
@@ -539,7 +648,8 @@ class PayerClient(PayeeHttp, Refunds):
             raise MeteredChannel(
                 f"channel {rec.channel_id} is metered ({terms.price_sat} sat a unit, {terms.mode}): it pays only "
                 f"for units received ({rec.units} so far, {cap} sat), so {target - rec.amount_sat} sat more "
-                "cannot be paid on its own")
+                "cannot be paid on its own"
+            )
 
     async def refresh(self, payee_timeout: float = 5.0) -> int:
         """Bring every channel up to the chain's and the payee's view; the tip height.
@@ -593,7 +703,6 @@ class PayerClient(PayeeHttp, Refunds):
                 if rec.state is wanted:
                     return rec.channel_id
         raise none_usable(url, recs)
-
 
     async def pick_channel(self, url: str, min_remaining_sat: int = 1) -> str:
         """The channel to pay ``url``'s payee with: the newest one the payee reports ``open`` with

@@ -72,8 +72,9 @@ class ContinuousPayer:
     async def __aenter__(self) -> ContinuousPayer:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -121,8 +122,9 @@ class ContinuousPayer:
 
     async def _open(self) -> str:
         p = self.policy
-        return await self.client.open_channel(self.server_url, p.deposit_sat, p.lifetime_blocks,
-                                              open_timeout=p.open_timeout_s)
+        return await self.client.open_channel(
+            self.server_url, p.deposit_sat, p.lifetime_blocks, open_timeout=p.open_timeout_s
+        )
 
     async def _switch(self, *, wait: bool) -> MeteredPayer:
         """Move to the next channel (opening it now if none is on the way) and close the old one."""

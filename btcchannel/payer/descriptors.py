@@ -34,8 +34,13 @@ from btcchannel.core.state import TERMINAL_STATES
 from btcchannel.errors import BadRequest
 from btcchannel.store import PayerRecord, PayerStore
 
-__all__ = ["DescriptorBackup", "channel_descriptor", "descriptor_backup", "payer_key_expression",
-           "write_descriptor_backup"]
+__all__ = [
+    "DescriptorBackup",
+    "channel_descriptor",
+    "descriptor_backup",
+    "payer_key_expression",
+    "write_descriptor_backup",
+]
 
 
 def payer_key_expression(store: PayerStore, rec: PayerRecord) -> str:
@@ -44,7 +49,11 @@ def payer_key_expression(store: PayerStore, rec: PayerRecord) -> str:
     params = ChannelParams.from_json(rec.params)
     if not rec.privkey or public_key(rec.privkey) != params.payer_pubkey:
         raise BadRequest(f"channel {rec.channel_id} has no usable key in this datadir (restore its seed)")
-    if rec.key_index is not None and store.has_seed() and derive_channel_key(store.seed(), rec.key_index) == rec.privkey:
+    if (
+        rec.key_index is not None
+        and store.has_seed()
+        and derive_channel_key(store.seed(), rec.key_index) == rec.privkey
+    ):
         return seed_key_expression(store.seed(), rec.key_index, params.network)
     return wif(rec.privkey, params.network)
 
@@ -76,15 +85,23 @@ def descriptor_backup(store: PayerStore, keys: bool = True) -> DescriptorBackup:
             continue
         params = ChannelParams.from_json(rec.params)
         if keys and params.script_version != SCRIPT_DESCRIPTOR:
-            out.left_out.append({"channel_id": rec.channel_id,
-                                 "reason": "legacy script: refund it with btcchannel (backup export)"})
+            out.left_out.append(
+                {"channel_id": rec.channel_id, "reason": "legacy script: refund it with btcchannel (backup export)"}
+            )
             continue
-        out.requests.append({"desc": channel_descriptor(store, rec, private=keys),
-                             "timestamp": int(rec.created_at), "label": f"btcchannel {rec.channel_id}"})
+        out.requests.append(
+            {
+                "desc": channel_descriptor(store, rec, private=keys),
+                "timestamp": int(rec.created_at),
+                "label": f"btcchannel {rec.channel_id}",
+            }
+        )
     return out
 
 
-def write_descriptor_backup(backup: DescriptorBackup, path: str | os.PathLike[str], *, replace_any: bool = False) -> None:
+def write_descriptor_backup(
+    backup: DescriptorBackup, path: str | os.PathLike[str], *, replace_any: bool = False
+) -> None:
     """Write the requests as a JSON array to ``path`` (0600, atomically replaced); an existing file is
     replaced only with ``replace_any`` (BadRequest otherwise)."""
     dest = Path(path)

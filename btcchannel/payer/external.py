@@ -29,7 +29,15 @@ from btcchannel.core.descriptor import funding_descriptor
 from btcchannel.core.params import ChannelParams
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint, tx_id
-from btcchannel.errors import BadRequest, ChannelClosed, ChannelError, FundingMismatch, NotOpen, OpenTimeout, RpcAlreadyInChain
+from btcchannel.errors import (
+    BadRequest,
+    ChannelClosed,
+    ChannelError,
+    FundingMismatch,
+    NotOpen,
+    OpenTimeout,
+    RpcAlreadyInChain,
+)
 from btcchannel.payer.views import to_payee
 
 if TYPE_CHECKING:
@@ -42,8 +50,9 @@ def _params(client: PayerClient, channel_id: str) -> ChannelParams:
     return ChannelParams.from_json(client.record(channel_id).params)
 
 
-async def funding_request(client: PayerClient, channel_id: str, *, fee_rate_sat_vb: float | None = None
-                          ) -> dict[str, Any]:
+async def funding_request(
+    client: PayerClient, channel_id: str, *, fee_rate_sat_vb: float | None = None
+) -> dict[str, Any]:
     """What funds proposed channel ``channel_id``: ``funding_address``, ``amount_sat`` (exactly),
     ``amount_btc``, the output's ``descriptor`` and ``psbt`` (base64; None when the node's wallet
     cannot fund it: pay the address from any wallet instead, with ``psbt_problem`` saying why)."""
@@ -54,14 +63,28 @@ async def funding_request(client: PayerClient, channel_id: str, *, fee_rate_sat_
     if fee_rate_sat_vb is not None:
         options["fee_rate"] = f"{fee_rate_sat_vb:.3f}"
     try:
-        made = await client.node.call("walletcreatefundedpsbt", [], [{params.funding_address: sat_to_btc(params.deposit_sat)}],
-                                      0, options, True, wallet=client.node.wallet)
+        made = await client.node.call(
+            "walletcreatefundedpsbt",
+            [],
+            [{params.funding_address: sat_to_btc(params.deposit_sat)}],
+            0,
+            options,
+            True,
+            wallet=client.node.wallet,
+        )
         psbt = str(made["psbt"])
     except ChannelError as exc:  # no wallet, no funds: the address and the amount still fund it
         problem = str(exc)
-    return {"channel_id": channel_id, "funding_address": params.funding_address, "amount_sat": params.deposit_sat,
-            "amount_btc": sat_to_btc(params.deposit_sat), "descriptor": funding_descriptor(params),
-            "expiry_height": params.expiry_height, "psbt": psbt, "psbt_problem": problem}
+    return {
+        "channel_id": channel_id,
+        "funding_address": params.funding_address,
+        "amount_sat": params.deposit_sat,
+        "amount_btc": sat_to_btc(params.deposit_sat),
+        "descriptor": funding_descriptor(params),
+        "expiry_height": params.expiry_height,
+        "psbt": psbt,
+        "psbt_problem": problem,
+    }
 
 
 def funding_outpoint(params: ChannelParams, tx_hex: str) -> OutPoint:
@@ -87,8 +110,10 @@ async def fund_with_tx(client: PayerClient, channel_id: str, tx_hex: str) -> Out
     outpoint = funding_outpoint(ChannelParams.from_json(rec.params), tx_hex)
     state = (await client.status(channel_id)).get("state")
     if state != ChannelState.PROPOSED:  # lapsed or cancelled: a funding now would be locked until the expiry
-        raise ChannelClosed(f"the payee reports channel {channel_id} {state}, not a proposal awaiting its funding: "
-                            "not broadcasting (open a new channel)")
+        raise ChannelClosed(
+            f"the payee reports channel {channel_id} {state}, not a proposal awaiting its funding: "
+            "not broadcasting (open a new channel)"
+        )
     try:
         await client.node.broadcast(tx_hex.strip())
     except RpcAlreadyInChain:
@@ -112,9 +137,11 @@ async def wait_for_funding(client: PayerClient, channel_id: str, timeout: float,
                 await client.register_funding(channel_id)
                 return outpoint
         if time.monotonic() > deadline:
-            raise OpenTimeout(f"no funding of channel {channel_id} ({params.deposit_sat} sat to "
-                              f"{params.funding_address}) in a block after {timeout:g} s; it can still be "
-                              f"registered with `open URL --funding-tx HEX --channel {channel_id}`")
+            raise OpenTimeout(
+                f"no funding of channel {channel_id} ({params.deposit_sat} sat to "
+                f"{params.funding_address}) in a block after {timeout:g} s; it can still be "
+                f"registered with `open URL --funding-tx HEX --channel {channel_id}`"
+            )
         await asyncio.sleep(poll_s)
 
 

@@ -88,7 +88,10 @@ class PayeeHttp:
         try:
             if "terms" in info:
                 return Terms.from_json(info["terms"]).required()
-            return Terms(int(info.get("price_sat") or 0), str(info.get("mode") or "prepay"),
-                         int(info.get("credit_limit_sat") or 0))
+            return Terms(
+                int(info.get("price_sat") or 0),
+                str(info.get("mode") or "prepay"),
+                int(info.get("credit_limit_sat") or 0),
+            )
         except (ChannelError, TypeError, ValueError) as exc:
             raise ProtocolViolation(f"the payee's terms are invalid: {exc}") from None

@@ -44,8 +44,9 @@ class BtcchannelAuth(httpx.Auth):
             return
         response.read()
         challenge = Challenge.from_answer(response.headers, response.content)
-        paying: Paying = self.buyer.call(self.buyer.begin(request.method, str(request.url), challenge,
-                                                          request.content or None))
+        paying: Paying = self.buyer.call(
+            self.buyer.begin(request.method, str(request.url), challenge, request.content or None)
+        )
         try:
             while True:
                 _set(request, self.buyer.call(paying.headers()))
@@ -63,8 +64,9 @@ class BtcchannelAuth(httpx.Auth):
             return
         await response.aread()
         challenge = Challenge.from_answer(response.headers, response.content)
-        paying = await self.buyer.acall(self.buyer.begin(request.method, str(request.url), challenge,
-                                                         request.content or None))
+        paying = await self.buyer.acall(
+            self.buyer.begin(request.method, str(request.url), challenge, request.content or None)
+        )
         try:
             while True:
                 _set(request, await self.buyer.acall(paying.headers()))

@@ -41,15 +41,29 @@ from btcchannel.wait import wait_until_async
 
 __all__ = ["LightNode"]
 
-_NETWORKS = {"mainnet": bdk.Network.BITCOIN, "testnet": bdk.Network.TESTNET, "testnet4": bdk.Network.TESTNET4,
-             "signet": bdk.Network.SIGNET, "regtest": bdk.Network.REGTEST}
+_NETWORKS = {
+    "mainnet": bdk.Network.BITCOIN,
+    "testnet": bdk.Network.TESTNET,
+    "testnet4": bdk.Network.TESTNET4,
+    "signet": bdk.Network.SIGNET,
+    "regtest": bdk.Network.REGTEST,
+}
 
 
 class LightNode(Node):
     """A BDK wallet synced by compact block filters from ``peers``; the payer's view of the chain."""
 
-    def __init__(self, descriptor: str, change_descriptor: str, network: str, peers: Sequence[tuple[str, int]],
-                 datadir: str | Path, *, fee_rate_sat_vb: float = 2.0, sync_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        descriptor: str,
+        change_descriptor: str,
+        network: str,
+        peers: Sequence[tuple[str, int]],
+        datadir: str | Path,
+        *,
+        fee_rate_sat_vb: float = 2.0,
+        sync_timeout: float = 60.0,
+    ) -> None:
         super().__init__("light://", auth=("", ""))  # no RPC: every method used by the payer is overridden
         if network not in _NETWORKS:
             raise NodeUnavailable(f"unknown network {network!r}")
@@ -100,8 +114,10 @@ class LightNode(Node):
             await asyncio.wait_for(self._synced.wait(), self.sync_timeout)
         except asyncio.TimeoutError:
             await self.aclose()
-            raise NodeUnavailable(f"no compact block filter sync from {len(self._peers)} peer(s) in "
-                                  f"{self.sync_timeout:g} s ({self._problem or 'no answer'})") from None
+            raise NodeUnavailable(
+                f"no compact block filter sync from {len(self._peers)} peer(s) in "
+                f"{self.sync_timeout:g} s ({self._problem or 'no answer'})"
+            ) from None
         return self
 
     async def _sync_forever(self) -> None:
@@ -146,9 +162,11 @@ class LightNode(Node):
 
     async def wait_for_height(self, height: int, timeout: float = 60.0) -> int:
         """Wait until the synced tip reaches ``height``; the tip."""
+
         async def reached() -> int | None:
             tip = await self.tip_height()
             return tip if tip >= height else None
+
         try:
             return await wait_until_async(reached, timeout=timeout, what=f"the light wallet to sync to height {height}")
         except TimeoutError as exc:
@@ -172,8 +190,12 @@ class LightNode(Node):
         """Pay exactly ``amount_sat`` to ``script`` from the wallet, sign, broadcast; the outpoint."""
         rate = max(1, round(fee_rate_sat_vb or self.fee_rate_sat_vb))
         try:
-            psbt = (bdk.TxBuilder().add_recipient(bdk.Script(script), bdk.Amount.from_sat(amount_sat))
-                    .fee_rate(bdk.FeeRate.from_sat_per_vb(rate)).finish(self._wallet))
+            psbt = (
+                bdk.TxBuilder()
+                .add_recipient(bdk.Script(script), bdk.Amount.from_sat(amount_sat))
+                .fee_rate(bdk.FeeRate.from_sat_per_vb(rate))
+                .finish(self._wallet)
+            )
             if not self._wallet.sign(psbt):
                 raise RpcWalletError("the light wallet could not sign the funding")
         except RpcWalletError:
@@ -182,8 +204,11 @@ class LightNode(Node):
             raise RpcWalletError(f"the light wallet cannot fund {amount_sat} sat: {exc}") from None
         tx = psbt.extract_tx()
         txid = str(tx.compute_txid())
-        vout = next(n for n, out in enumerate(tx.output()) if out.script_pubkey.to_bytes() == script
-                    and out.value.to_sat() == amount_sat)
+        vout = next(
+            n
+            for n, out in enumerate(tx.output())
+            if out.script_pubkey.to_bytes() == script and out.value.to_sat() == amount_sat
+        )
         await self.broadcast(tx.serialize().hex())
         return OutPoint(txid, vout)
 
@@ -214,15 +239,20 @@ class LightNode(Node):
         return None
 
     async def get_transaction(self, txid: str, blockhash: str | None = None) -> dict[str, Any] | None:
-        """(``blockhash``: the full node's lookup hint, unused here.) A wallet transaction as ``{"txid", "hex", "confirmations", "vin"}``; None if the wallet does not know it."""
+        """A wallet transaction as ``{"txid", "hex", "confirmations", "vin"}``; None if the wallet does not
+        know it (``blockhash``: the full node's lookup hint, unused here)."""
         for ctx in self._canonical():
             tx = ctx.transaction
             if str(tx.compute_txid()) == txid:
                 height = self._height_of(ctx)
-                return {"txid": txid, "hex": tx.serialize().hex(),
-                        "confirmations": 0 if height is None else await self.tip_height() - height + 1,
-                        "vin": [{"txid": str(i.previous_output.txid), "vout": int(i.previous_output.vout)}
-                                for i in tx.input()]}
+                return {
+                    "txid": txid,
+                    "hex": tx.serialize().hex(),
+                    "confirmations": 0 if height is None else await self.tip_height() - height + 1,
+                    "vin": [
+                        {"txid": str(i.previous_output.txid), "vout": int(i.previous_output.vout)} for i in tx.input()
+                    ],
+                }
         return None
 
     async def get_txout(self, outpoint: OutPoint, include_mempool: bool = True) -> TxOutInfo | None:
@@ -232,8 +262,10 @@ class LightNode(Node):
         for ctx in self._canonical():
             tx, height = ctx.transaction, self._height_of(ctx)
             if height is not None or include_mempool:
-                if any(str(i.previous_output.txid) == outpoint.txid and int(i.previous_output.vout) == outpoint.vout
-                       for i in tx.input()):
+                if any(
+                    str(i.previous_output.txid) == outpoint.txid and int(i.previous_output.vout) == outpoint.vout
+                    for i in tx.input()
+                ):
                     return None
             if str(tx.compute_txid()) == outpoint.txid and outpoint.vout < len(tx.output()):
                 if height is None and not include_mempool:
@@ -248,5 +280,5 @@ def _ip(host: str) -> Any:
     addr = ipaddress.ip_address(host)
     if isinstance(addr, ipaddress.IPv4Address):
         return bdk.IpAddress.from_ipv4(*addr.packed)
-    parts = [int.from_bytes(addr.packed[i:i + 2], "big") for i in range(0, 16, 2)]
+    parts = [int.from_bytes(addr.packed[i : i + 2], "big") for i in range(0, 16, 2)]
     return bdk.IpAddress.from_ipv6(*parts)

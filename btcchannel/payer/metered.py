@@ -141,17 +141,20 @@ class MeteredPayer:
             await self.client.status(self.channel_id)  # did the payee get our last one?
             rec = store.get(self.channel_id)
             if (
-                rec.amount_sat > rec.acked_sat and rec.signature is not None
+                rec.amount_sat > rec.acked_sat
+                and rec.signature is not None
                 and rec.amount_sat == metering.prepay_amount(rec.acked_sat, units)
             ):
                 return Payment(rec.amount_sat, rec.signature)  # never reached the payee: send it again
         if rec.terms is not None and rec.acked_sat >= metering.cost(rec.units + units):
             return None  # paid for and not served: the payee's unit credit
-        return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units),
-                                           units_ahead=units)
+        return await self.client.sign_next(
+            self.channel_id, metering.prepay_amount(rec.amount_sat, units), units_ahead=units
+        )
 
-    async def fetch(self, url: str, method: str = "GET", *, units: int | None = 1,
-                    data: bytes | None = None) -> tuple[int, bytes]:
+    async def fetch(
+        self, url: str, method: str = "GET", *, units: int | None = 1, data: bytes | None = None
+    ) -> tuple[int, bytes]:
         """Request ``url`` paying for ``units`` units; returns (status, body). Errors are typed.
 
         ``units=None``: pay what the route's 402 asks (see :meth:`request`, which also gives the
@@ -160,8 +163,16 @@ class MeteredPayer:
         answer = await self.request(url, method, units=units, data=data)
         return answer.status, answer.body
 
-    async def request(self, url: str, method: str = "GET", *, units: int | None = None, data: bytes | None = None,
-                      headers: Mapping[str, str] | None = None, allow_redirects: bool = True) -> PaidResponse:
+    async def request(
+        self,
+        url: str,
+        method: str = "GET",
+        *,
+        units: int | None = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        allow_redirects: bool = True,
+    ) -> PaidResponse:
         """Request ``url`` and pay for it: the status, headers and body (:class:`PaidResponse`).
 
         Without ``units`` the route says what it costs: the request is first sent without a
@@ -170,8 +181,9 @@ class MeteredPayer:
         more, e.g. on the credit of a failed request, is served at once). Nothing is ever
         signed for an amount other than the route's price. :meth:`stream` gives the answer
         unread."""
-        async with self.stream(url, method, units=units, data=data, headers=headers,
-                               allow_redirects=allow_redirects) as resp:
+        async with self.stream(
+            url, method, units=units, data=data, headers=headers, allow_redirects=allow_redirects
+        ) as resp:
             try:
                 body = await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -179,9 +191,16 @@ class MeteredPayer:
             return PaidResponse(resp.status, resp.headers.copy(), body)
 
     @contextlib.asynccontextmanager
-    async def stream(self, url: str, method: str = "GET", *, units: int | None = None, data: bytes | None = None,
-                     headers: Mapping[str, str] | None = None,
-                     allow_redirects: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def stream(
+        self,
+        url: str,
+        method: str = "GET",
+        *,
+        units: int | None = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        allow_redirects: bool = True,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
         """As :meth:`request`, but the paid answer is given unread (``async for chunk in
         resp.content.iter_chunked(n)``), and released when the block ends."""
         async with self._lock:
@@ -189,8 +208,9 @@ class MeteredPayer:
             while True:
                 sent = {**(headers or {}), **await exchange.headers()}
                 try:
-                    resp = await self.client.session.request(method, url, headers=sent, data=data,
-                                                             allow_redirects=allow_redirects)
+                    resp = await self.client.session.request(
+                        method, url, headers=sent, data=data, allow_redirects=allow_redirects
+                    )
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     raise self.client.unreachable(method, url, exc) from exc
                 try:
@@ -247,8 +267,9 @@ class MeteredPayer:
         """Held for one request at a time on the channel."""
         return self._lock
 
-    async def _after_served(self, metering: Metering, units: int, payment: Payment | None,
-                            resp_headers: Mapping[str, str]) -> None:
+    async def _after_served(
+        self, metering: Metering, units: int, payment: Payment | None, resp_headers: Mapping[str, str]
+    ) -> None:
         """A served answer: count its units, and in postpay settle when the credit runs out."""
         if payment is None and metering.mode == "prepay":
             self._failed_units = max(0, self._failed_units - units)
@@ -377,6 +398,8 @@ class Exchange:
         owed = int(headers[HDR_OWED])
         units, rest = divmod(owed - metering.cost(rec.units), metering.price_sat)
         if rest or units < 0:
-            raise ProtocolViolation(f"the payee reports {owed} sat owed after {rec.units} units at "
-                                    f"{metering.price_sat} sat: not a whole number of units more")
+            raise ProtocolViolation(
+                f"the payee reports {owed} sat owed after {rec.units} units at "
+                f"{metering.price_sat} sat: not a whole number of units more"
+            )
         return units

@@ -41,8 +41,13 @@ class Refunds:
         for utxo in found.get("unspents", []) if isinstance(found, dict) else []:
             if btc_to_sat(utxo["amount"]) == params.deposit_sat:
                 op = OutPoint(str(utxo["txid"]), int(utxo["vout"]))
-                self.store.set_state(rec.channel_id, ChannelState.FUNDING, funding_txid=op.txid, funding_vout=op.vout,
-                                     params=params.with_funding(op).to_json())
+                self.store.set_state(
+                    rec.channel_id,
+                    ChannelState.FUNDING,
+                    funding_txid=op.txid,
+                    funding_vout=op.vout,
+                    params=params.with_funding(op).to_json(),
+                )
                 return op
         raise NotOpen("the channel was never funded")
 
@@ -87,6 +92,10 @@ class Refunds:
         self.store.set_state(channel_id, ChannelState.REFUNDED, refund_txid=txid)
         amount = int(tx.vout[0].nValue)
         fee = rec.deposit_sat - amount
-        return {"channel_id": channel_id, "refund_txid": txid, "amount_sat": amount, "fee_sat": fee,
-                "fee_rate_sat_vb": round(fee / tx_vsize(tx), 2)}
-
+        return {
+            "channel_id": channel_id,
+            "refund_txid": txid,
+            "amount_sat": amount,
+            "fee_sat": fee,
+            "fee_rate_sat_vb": round(fee / tx_vsize(tx), 2),
+        }

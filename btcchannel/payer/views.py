@@ -17,7 +17,18 @@ from btcchannel.core.tx import OutPoint
 from btcchannel.errors import BadUrl, ChannelError, NotOpen, PayeeUnreachable
 from btcchannel.store import PayerRecord, PayerStore
 
-__all__ = ["CLOSE_FINAL_CONFIRMATIONS", "Progress", "check_payee_url", "no_progress", "mempool_fee", "none_usable", "payee_unreachable", "payer_summary", "refresh_from_chain", "to_payee"]
+__all__ = [
+    "CLOSE_FINAL_CONFIRMATIONS",
+    "Progress",
+    "check_payee_url",
+    "no_progress",
+    "mempool_fee",
+    "none_usable",
+    "payee_unreachable",
+    "payer_summary",
+    "refresh_from_chain",
+    "to_payee",
+]
 
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -41,8 +52,10 @@ def check_payee_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         bare = url.split("://", 1)[-1]
-        raise BadUrl(f"{url!r} is not a payee URL: it needs http:// or https:// and a host, "
-                     f"e.g. http://{bare or '127.0.0.1:8402'}")
+        raise BadUrl(
+            f"{url!r} is not a payee URL: it needs http:// or https:// and a host, "
+            f"e.g. http://{bare or '127.0.0.1:8402'}"
+        )
 
 
 def payee_unreachable(method: str, url: str, exc: BaseException, timeout: float) -> PayeeUnreachable:
@@ -61,8 +74,11 @@ def payee_unreachable(method: str, url: str, exc: BaseException, timeout: float)
 def to_payee(recs: list[PayerRecord], url: str) -> list[PayerRecord]:
     """The channels to ``url``'s payee (same scheme, host and port), newest first (``recs`` oldest first)."""
     want = urlsplit(url)
-    return [rec for rec in reversed(recs)
-            if (urlsplit(rec.server_url).scheme, urlsplit(rec.server_url).netloc) == (want.scheme, want.netloc)]
+    return [
+        rec
+        for rec in reversed(recs)
+        if (urlsplit(rec.server_url).scheme, urlsplit(rec.server_url).netloc) == (want.scheme, want.netloc)
+    ]
 
 
 def none_usable(url: str, recs: list[PayerRecord]) -> NotOpen:
@@ -70,11 +86,14 @@ def none_usable(url: str, recs: list[PayerRecord]) -> NotOpen:
     want = urlsplit(url)
     base = f"{want.scheme}://{want.netloc}"
     if not recs:
-        return NotOpen(f"no channel to {base}: open one with `btcchannel open {base} "
-                       "--deposit-sat N --lifetime-blocks N`")
-    why = "; ".join(f"{r.channel_id} is {r.state.value}"
-                    + (" with nothing left of its deposit" if r.state is ChannelState.OPEN else "")
-                    for r in recs[:5])
+        return NotOpen(
+            f"no channel to {base}: open one with `btcchannel open {base} --deposit-sat N --lifetime-blocks N`"
+        )
+    why = "; ".join(
+        f"{r.channel_id} is {r.state.value}"
+        + (" with nothing left of its deposit" if r.state is ChannelState.OPEN else "")
+        for r in recs[:5]
+    )
     return NotOpen(f"no usable channel to {base} ({why}): open a new one with `btcchannel open {base} ...`")
 
 
@@ -94,12 +113,19 @@ def payer_summary(recs: list[PayerRecord], tip_height: int | None) -> dict[str, 
     ``refundable_later`` leaves out the channels whose close is under way."""
     spent = sum(r.acked_sat for r in recs if r.state in (ChannelState.CLOSING, ChannelState.CLOSED))
     live = [r for r in recs if r.state in (ChannelState.OPEN, ChannelState.FUNDING)]
-    funded = [(r, None if tip_height is None else r.expiry_height - tip_height) for r in recs
-              if r.funding_txid is not None and r.state not in (ChannelState.CLOSED, ChannelState.REFUNDED)]
+    funded = [
+        (r, None if tip_height is None else r.expiry_height - tip_height)
+        for r in recs
+        if r.funding_txid is not None and r.state not in (ChannelState.CLOSED, ChannelState.REFUNDED)
+    ]
 
     def item(r: PayerRecord, left: int | None) -> dict[str, Any]:
-        return {"channel_id": r.channel_id, "deposit_sat": r.deposit_sat, "expiry_height": r.expiry_height,
-                "blocks_left": left}
+        return {
+            "channel_id": r.channel_id,
+            "deposit_sat": r.deposit_sat,
+            "expiry_height": r.expiry_height,
+            "blocks_left": left,
+        }
 
     by_state: dict[str, int] = {}
     for r in recs:
@@ -107,12 +133,16 @@ def payer_summary(recs: list[PayerRecord], tip_height: int | None) -> dict[str, 
     return {
         "channels": dict(sorted(by_state.items())),
         "spent_sat": spent,
-        "open": {"channels": len(live), "deposit_sat": sum(r.deposit_sat for r in live),
-                 "amount_sat": sum(r.acked_sat for r in live),
-                 "remaining_sat": sum(r.deposit_sat - r.acked_sat for r in live)},
+        "open": {
+            "channels": len(live),
+            "deposit_sat": sum(r.deposit_sat for r in live),
+            "amount_sat": sum(r.acked_sat for r in live),
+            "remaining_sat": sum(r.deposit_sat - r.acked_sat for r in live),
+        },
         "refundable": [item(r, left) for r, left in funded if left is not None and left <= 0],
-        "refundable_later": [item(r, left) for r, left in funded
-                             if (left is None or left > 0) and r.state is not ChannelState.CLOSING],
+        "refundable_later": [
+            item(r, left) for r, left in funded if (left is None or left > 0) and r.state is not ChannelState.CLOSING
+        ],
         "tip_height": tip_height,
     }
 
@@ -122,7 +152,8 @@ async def refresh_from_chain(store: PayerStore, node: Node) -> int:
 
     A channel whose deposit was spent by a confirmed transaction other than the payer's own
     refund becomes ``closing`` (its close txid recorded, found on chain when the payee did not
-    report it), then ``closed`` once that close has :data:`CLOSE_FINAL_CONFIRMATIONS`; a channel the payee reported ended whose deposit is still unspent stays as it is
+    report it), then ``closed`` once that close has :data:`CLOSE_FINAL_CONFIRMATIONS`; a channel the payee reported
+    ended whose deposit is still unspent stays as it is
     (``refund`` decides).
     """
     tip = await node.tip_height()

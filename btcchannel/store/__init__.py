@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 
-from btcchannel.core.state import ChannelState, TERMINAL_STATES
+from btcchannel.core.state import TERMINAL_STATES, ChannelState
 from btcchannel.store._db import StoreSchemaError, open_private_file
 from btcchannel.store.payee import PayeeRecord, PayeeStore
 from btcchannel.store.payer import PayerRecord, PayerStore

@@ -156,7 +156,8 @@ class Database:
 
     def _row(self, channel_id: str) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(
-            f"SELECT * FROM {TABLE} WHERE channel_id=?", (channel_id,)).fetchone()
+            f"SELECT * FROM {TABLE} WHERE channel_id=?", (channel_id,)
+        ).fetchone()
         return row
 
     # -- migrations --------------------------------------------------------------

@@ -62,6 +62,7 @@ class Connection(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
     def close(self) -> None: ...
 
+
 #: one queued statement: sql, args, the loop and the future to resolve there
 _Item = tuple[str, Sequence[Any], asyncio.AbstractEventLoop, "asyncio.Future[list[dict[str, Any]]]"]
 
@@ -72,8 +73,9 @@ AfterCommit = Callable[[list[tuple[str, Sequence[Any], int]]], None]
 MAX_BATCH = 1000
 
 
-def _resolve(fut: asyncio.Future[list[dict[str, Any]]], rows: list[dict[str, Any]] | None,
-             exc: BaseException | None) -> None:
+def _resolve(
+    fut: asyncio.Future[list[dict[str, Any]]], rows: list[dict[str, Any]] | None, exc: BaseException | None
+) -> None:
     if fut.done():  # the caller gave up (cancelled); the write is committed regardless
         return
     if exc is not None:
@@ -175,7 +177,9 @@ class GroupWriter:
                 pass
 
     def _after_commit(
-        self, items: list[_Item], results: list[tuple[list[dict[str, Any]] | None, BaseException | None]],
+        self,
+        items: list[_Item],
+        results: list[tuple[list[dict[str, Any]] | None, BaseException | None]],
     ) -> list[tuple[list[dict[str, Any]] | None, BaseException | None]]:
         """Hand the committed statements to :attr:`after_commit`; if it fails, none is acknowledged."""
         hook = self.after_commit

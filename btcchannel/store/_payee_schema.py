@@ -44,8 +44,7 @@ _V1: Migration = (
 )
 
 _V2_CLOSE_UNECONOMIC: Migration = (
-    "ALTER TABLE channels ADD COLUMN close_uneconomic INTEGER NOT NULL DEFAULT 0"
-    " CHECK (close_uneconomic IN (0, 1))",
+    "ALTER TABLE channels ADD COLUMN close_uneconomic INTEGER NOT NULL DEFAULT 0 CHECK (close_uneconomic IN (0, 1))",
     "UPDATE channels SET close_uneconomic=1,"
     " end_reason=NULLIF(substr(end_reason, 1, length(end_reason) - length('+close_uneconomic')), '')"
     " WHERE substr(end_reason, -length('+close_uneconomic')) = '+close_uneconomic'",
@@ -85,7 +84,12 @@ _V8_METERED_V2: Migration = (
 
 #: every migration, in order (the schema version is the number applied)
 MIGRATIONS: tuple[Migration, ...] = (
-    _V1, _V2_CLOSE_UNECONOMIC, _V3_TERMS, _V4_CLOSE_INTENT, _V5_CHAIN_CURSOR, _V6_PROPOSAL_CLIENT,
+    _V1,
+    _V2_CLOSE_UNECONOMIC,
+    _V3_TERMS,
+    _V4_CLOSE_INTENT,
+    _V5_CHAIN_CURSOR,
+    _V6_PROPOSAL_CLIENT,
     SEED_MIGRATION,  # 7: the seed, its next key index, each channel's key_index
     _V8_METERED_V2,  # 8: the last charged request's key, the payer key as a column (credit caps)
 )

@@ -28,13 +28,18 @@ SEED_MIGRATION: Migration = (
     "ALTER TABLE channels ADD COLUMN key_index INTEGER",
     "CREATE UNIQUE INDEX IF NOT EXISTS channels_key_index ON channels (key_index) WHERE key_index IS NOT NULL",
 )
-PG_SEED_MIGRATION: Migration = (SEED_MIGRATION[0].replace("BLOB", "BYTEA").replace("next_index INTEGER", "next_index BIGINT"),
-                                "ALTER TABLE channels ADD COLUMN key_index BIGINT", SEED_MIGRATION[2])
+PG_SEED_MIGRATION: Migration = (
+    SEED_MIGRATION[0].replace("BLOB", "BYTEA").replace("next_index INTEGER", "next_index BIGINT"),
+    "ALTER TABLE channels ADD COLUMN key_index BIGINT",
+    SEED_MIGRATION[2],
+)
 
 
 #: a new seed starts past every index stored channels hold (their keys came from a seed now lost)
-_INSERT_SEED = ("INSERT INTO seed (id, seed, next_index)"
-                " VALUES (1, ?, (SELECT COALESCE(max(key_index) + 1, 0) FROM channels)) ON CONFLICT DO NOTHING")
+_INSERT_SEED = (
+    "INSERT INTO seed (id, seed, next_index)"
+    " VALUES (1, ?, (SELECT COALESCE(max(key_index) + 1, 0) FROM channels)) ON CONFLICT DO NOTHING"
+)
 
 
 class SeedKeys:
@@ -76,8 +81,9 @@ class SeedKeys:
     def reserve_key(self) -> tuple[int, bytes]:
         """Durably reserve the next index (committed before this returns) and derive its key."""
         seed = self.seed()
-        index = int(self._db.execute(
-            "UPDATE seed SET next_index=next_index+1 WHERE id=1 RETURNING next_index-1").fetchone()[0])
+        index = int(
+            self._db.execute("UPDATE seed SET next_index=next_index+1 WHERE id=1 RETURNING next_index-1").fetchone()[0]
+        )
         return index, derive_channel_key(seed, index)
 
     def raise_next_index(self, index: int) -> None:
@@ -88,7 +94,9 @@ class SeedKeys:
     def _keyed_rows(self, missing_only: bool) -> list[sqlite3.Row]:
         return self._db.execute(
             "SELECT channel_id, params, key_index, privkey FROM channels WHERE key_index IS NOT NULL"
-            + (" AND length(privkey)=0" if missing_only else "") + " ORDER BY key_index").fetchall()
+            + (" AND length(privkey)=0" if missing_only else "")
+            + " ORDER BY key_index"
+        ).fetchall()
 
     def _check_derives(self, seed: bytes, missing_only: bool) -> dict[str, bytes]:
         """The keys ``seed`` derives for the seeded channels, each checked against its stored public key."""
@@ -117,6 +125,8 @@ class SeedKeys:
             raise BadRequest("channels have lost their keys: restore the seed first (`seed restore`)")
         derived = self._check_derives(self.seed(), missing_only=True)
         for cid, privkey in derived.items():
-            self._db.execute("UPDATE channels SET privkey=?, updated_at=? WHERE channel_id=? AND length(privkey)=0",
-                             (privkey, time.time(), cid))
+            self._db.execute(
+                "UPDATE channels SET privkey=?, updated_at=? WHERE channel_id=? AND length(privkey)=0",
+                (privkey, time.time(), cid),
+            )
         return len(derived)

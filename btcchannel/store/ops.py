@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from btcchannel.errors import BadRequest
-
 from btcchannel.store._db import TABLE, Database, open_private_file
 
 __all__ = ["BACKUP_KIND", "StateTotal", "online_backup", "state_totals", "write_payer_backup"]

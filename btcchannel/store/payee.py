@@ -19,7 +19,8 @@ Entry points::
     PayeeStore.transition(channel_id, event, **fields) -> PayeeRecord | None
     PayeeRecord                                        # one row; state is a ChannelState
 
-Schema versions (the migrations are in :mod:`btcchannel.store._payee_schema`): 1 is the unversioned schema of earlier releases; 2 turns the
+Schema versions (the migrations are in :mod:`btcchannel.store._payee_schema`): 1 is the unversioned schema of earlier
+releases; 2 turns the
 ``+close_uneconomic`` suffix of ``end_reason`` into the boolean column
 ``close_uneconomic``; 3 adds the agreed ``terms`` (JSON, NULL for older channels), the number
 of stored ``payments``, ``paid_at`` (the time of the last one) and ``request_counter`` (the last
@@ -39,7 +40,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Iterable, Mapping, Sequence
+from typing import Any, Final, Iterable, Mapping, Sequence
 
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
@@ -129,6 +130,7 @@ class PayeeRecord:
 
 # ------------------------------------------------------------------ the state table
 
+
 def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
     """The ``SET state=...`` fragment of ``event`` and the source states it applies to.
 
@@ -151,10 +153,21 @@ def _marks(values: Iterable[object]) -> str:
 
 
 #: columns :meth:`PayeeStore.transition` may set along with the state
-_TRANSITION_FIELDS: Final = frozenset({
-    "funding_txid", "funding_vout", "confirmations", "funding_inputs", "lapse_at", "end_reason",
-    "close_claimed_at", "close_txid", "close_txids", "exception_txid", "close_uneconomic",
-})
+_TRANSITION_FIELDS: Final = frozenset(
+    {
+        "funding_txid",
+        "funding_vout",
+        "confirmations",
+        "funding_inputs",
+        "lapse_at",
+        "end_reason",
+        "close_claimed_at",
+        "close_txid",
+        "close_txids",
+        "exception_txid",
+        "close_uneconomic",
+    }
+)
 _JSON_FIELDS: Final = frozenset({"funding_inputs", "close_txids"})
 _PAYEE_JSON = ("params", "close_txids", "funding_inputs")
 
@@ -231,8 +244,7 @@ class PayeeStore(SeedKeys, Database):
     def count_unfunded(self, ended_since: float, client: str | None = None) -> int:
         """Proposals waiting for their funding plus the unfunded ones (lapsed, cancelled) that ended
         after ``ended_since``: what counts against the proposal caps (of ``client`` if given)."""
-        sql = ("SELECT COUNT(*) FROM channels WHERE funding_txid IS NULL"
-               " AND (state=? OR (state=? AND updated_at>?))")
+        sql = "SELECT COUNT(*) FROM channels WHERE funding_txid IS NULL AND (state=? OR (state=? AND updated_at>?))"
         args: list[Any] = [_S.PROPOSED.value, _S.FAILED.value, ended_since]
         if client is not None:
             sql += " AND client=?"
@@ -271,7 +283,8 @@ class PayeeStore(SeedKeys, Database):
         """Delete ``failed`` rows without payments that ended before ``ended_before`` (lapsed or
         cancelled proposals, failed fundings): the retention of rows that hold nothing owed."""
         cur = self._db.execute(
-            "DELETE FROM channels WHERE state=? AND amount_sat=0 AND updated_at<?", (_S.FAILED.value, ended_before))
+            "DELETE FROM channels WHERE state=? AND amount_sat=0 AND updated_at<?", (_S.FAILED.value, ended_before)
+        )
         return int(cur.rowcount)
 
     def count_proposals(self) -> int:
@@ -295,8 +308,7 @@ class PayeeStore(SeedKeys, Database):
             sets.append(f"{name}=?")
             args.append(json.dumps(value) if name in _JSON_FIELDS else value)
         sets.append("updated_at=?")
-        sql = (f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=? AND state IN ({_marks(sources)})"
-               " RETURNING *")
+        sql = f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=? AND state IN ({_marks(sources)}) RETURNING *"
         return sql, [*args, time.time(), channel_id, *sources]
 
     def transition(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
@@ -333,13 +345,33 @@ class PayeeStore(SeedKeys, Database):
             "INSERT INTO channels (channel_id, state, params, privkey, deposit_sat, expiry_height, created_at,"
             " lapse_at, max_units, max_total_sat, created_height, updated_at, terms, payout_script, client, key_index,"
             " payer_pubkey) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (rec.channel_id, _S.PROPOSED.value, json.dumps(rec.params), rec.privkey, rec.deposit_sat,
-             rec.expiry_height, rec.created_at or now, rec.lapse_at, rec.max_units, rec.max_total_sat,
-             rec.created_height, now, json.dumps(rec.terms) if rec.terms is not None else None,
-             rec.payout_script, rec.client, rec.key_index, rec.params.get("payer_pubkey")))
+            (
+                rec.channel_id,
+                _S.PROPOSED.value,
+                json.dumps(rec.params),
+                rec.privkey,
+                rec.deposit_sat,
+                rec.expiry_height,
+                rec.created_at or now,
+                rec.lapse_at,
+                rec.max_units,
+                rec.max_total_sat,
+                rec.created_height,
+                now,
+                json.dumps(rec.terms) if rec.terms is not None else None,
+                rec.payout_script,
+                rec.client,
+                rec.key_index,
+                rec.params.get("payer_pubkey"),
+            ),
+        )
 
     def set_funding(
-        self, channel_id: str, txid: str, vout: int, confirmations: int,
+        self,
+        channel_id: str,
+        txid: str,
+        vout: int,
+        confirmations: int,
         funding_inputs: _Inputs | None = None,
     ) -> bool:
         """``proposed`` -> ``funding`` with the funding outpoint; False if not proposed any more.
@@ -348,10 +380,18 @@ class PayeeStore(SeedKeys, Database):
         let the watcher name the transaction that double-spent a funding.
         """
         try:
-            return self.transition(
-                channel_id, "funding", funding_txid=txid, funding_vout=vout, confirmations=confirmations,
-                funding_inputs=funding_inputs or [], lapse_at=None,
-            ) is not None
+            return (
+                self.transition(
+                    channel_id,
+                    "funding",
+                    funding_txid=txid,
+                    funding_vout=vout,
+                    confirmations=confirmations,
+                    funding_inputs=funding_inputs or [],
+                    lapse_at=None,
+                )
+                is not None
+            )
         except sqlite3.IntegrityError as exc:
             raise FundingMismatch("this funding outpoint is already used by another channel") from exc
 
@@ -379,16 +419,35 @@ class PayeeStore(SeedKeys, Database):
 
     @staticmethod
     def _payment_sql(
-        channel_id: str, amount_sat: int, signature: bytes, units_delta: int, owed_sat: int | None,
-        request_counter: int, last_request: bytes | None = None,
+        channel_id: str,
+        amount_sat: int,
+        signature: bytes,
+        units_delta: int,
+        owed_sat: int | None,
+        request_counter: int,
+        last_request: bytes | None = None,
     ) -> tuple[str, tuple[Any, ...]]:
         now = time.time()
         settle = "" if owed_sat is None else " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
-        sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1," + settle +
-               " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request),"
-               " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
-        args: tuple[Any, ...] = (amount_sat, signature, units_delta, *(() if owed_sat is None else (owed_sat,)),
-                                 request_counter, last_request, now, now, channel_id, _S.OPEN.value, amount_sat)
+        sql = (
+            "UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1,"
+            + settle
+            + " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request),"
+            " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *"
+        )
+        args: tuple[Any, ...] = (
+            amount_sat,
+            signature,
+            units_delta,
+            *(() if owed_sat is None else (owed_sat,)),
+            request_counter,
+            last_request,
+            now,
+            now,
+            channel_id,
+            _S.OPEN.value,
+            amount_sat,
+        )
         return sql, args
 
     def record_payment(
@@ -431,51 +490,81 @@ class PayeeStore(SeedKeys, Database):
         """:meth:`record_payment` through the group-commit writer: the event loop never waits on
         the disk, and the result is returned only once the batch holding it is committed.
         ``last_request``: the idempotency key of the metered request the payment pays for."""
-        sql, args = self._payment_sql(channel_id, amount_sat, signature, units_delta, owed_sat, request_counter,
-                                      last_request)
+        sql, args = self._payment_sql(
+            channel_id, amount_sat, signature, units_delta, owed_sat, request_counter, last_request
+        )
         rows = await self.writer.submit(sql, args)
         return _payee_from_row(rows[0]) if rows else None
 
     @staticmethod
-    def _credit_sql(channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
-                    request_counter: int, last_request: bytes | None = None,
-                    caps: Sequence[tuple[str | None, Any, int]] = ()) -> tuple[str, tuple[Any, ...]]:
+    def _credit_sql(
+        channel_id: str,
+        expected_owed: int,
+        new_owed: int,
+        units_delta: int,
+        request_counter: int,
+        last_request: bytes | None = None,
+        caps: Sequence[tuple[str | None, Any, int]] = (),
+    ) -> tuple[str, tuple[Any, ...]]:
         now = time.time()
-        sql = ("UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
-               " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request), updated_at=?"
-               " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<?")
-        args: list[Any] = [new_owed, units_delta, now, request_counter, last_request, now, channel_id, _S.OPEN.value,
-                           expected_owed, max(request_counter, 1)]
+        sql = (
+            "UPDATE channels SET owed_sat=?, units=units+?, owed_since=COALESCE(owed_since, ?),"
+            " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request), updated_at=?"
+            " WHERE channel_id=? AND state=? AND owed_sat=? AND request_counter<?"
+        )
+        args: list[Any] = [
+            new_owed,
+            units_delta,
+            now,
+            request_counter,
+            last_request,
+            now,
+            channel_id,
+            _S.OPEN.value,
+            expected_owed,
+            max(request_counter, 1),
+        ]
         added = None
         for column, value, limit in caps:  # the outstanding credit across channels stays within each cap
             if added is None:
                 row = "(SELECT MAX(c.owed_sat, c.amount_sat) FROM channels c WHERE c.channel_id=?)"
                 added, added_args = f"(? - {row})", [new_owed, channel_id]
             where = "" if column is None else f" AND {column}=?"
-            sql += (f" AND (SELECT COALESCE(SUM(o.owed_sat - o.amount_sat), 0) FROM channels o"
-                    f" WHERE o.state IN (?, ?) AND o.owed_sat > o.amount_sat{where.replace(' AND ', ' AND o.')})"
-                    f" + {added} <= ?")
+            sql += (
+                f" AND (SELECT COALESCE(SUM(o.owed_sat - o.amount_sat), 0) FROM channels o"
+                f" WHERE o.state IN (?, ?) AND o.owed_sat > o.amount_sat{where.replace(' AND ', ' AND o.')})"
+                f" + {added} <= ?"
+            )
             args += [_S.OPEN.value, _S.FUNDING.value, *(() if column is None else (value,)), *added_args, limit]
         return sql + " RETURNING *", tuple(args)
 
-    def record_credit(self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int,
-                      request_counter: int = 0) -> bool:
+    def record_credit(
+        self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int, request_counter: int = 0
+    ) -> bool:
         """Postpay: a unit served on credit (CAS on the owed total, and on the request counter being
         below ``request_counter``, which it becomes: a replayed request is never credited twice)."""
         sql, args = self._credit_sql(channel_id, expected_owed, new_owed, units_delta, request_counter)
         return bool(self._db.execute(sql, args).fetchall())
 
     async def record_credit_async(
-        self, channel_id: str, expected_owed: int, new_owed: int, units_delta: int, request_counter: int = 0,
-        *, last_request: bytes | None = None, caps: Sequence[tuple[str | None, Any, int]] = (),
+        self,
+        channel_id: str,
+        expected_owed: int,
+        new_owed: int,
+        units_delta: int,
+        request_counter: int = 0,
+        *,
+        last_request: bytes | None = None,
+        caps: Sequence[tuple[str | None, Any, int]] = (),
     ) -> PayeeRecord | None:
         """:meth:`record_credit` through the group-commit writer: the updated row, or None if the
         owed total or the counter changed under us, or a cap would be passed. ``caps``: (column,
         value, limit) triples, each bounding the outstanding credit (owed minus paid, over open and
         funding channels) of the channels whose ``column`` is ``value`` (None: all channels), this
         unit included; checked in the same statement as the write."""
-        return await self._returning(*self._credit_sql(channel_id, expected_owed, new_owed, units_delta,
-                                                       request_counter, last_request, caps))
+        return await self._returning(
+            *self._credit_sql(channel_id, expected_owed, new_owed, units_delta, request_counter, last_request, caps)
+        )
 
     def outstanding_credit(self, column: str | None = None, value: Any = None) -> int:
         """The unpaid credit (owed minus paid) over open and funding channels (whose ``column`` is ``value``)."""
@@ -485,20 +574,27 @@ class PayeeStore(SeedKeys, Database):
         row = self._db.execute(
             "SELECT COALESCE(SUM(owed_sat - amount_sat), 0) FROM channels WHERE state IN (?, ?)"
             f" AND owed_sat > amount_sat{where}",
-            (_S.OPEN.value, _S.FUNDING.value, *(() if column is None else (value,)))).fetchone()
+            (_S.OPEN.value, _S.FUNDING.value, *(() if column is None else (value,))),
+        ).fetchone()
         return int(row[0])
 
     @staticmethod
-    def _unserve_sql(channel_id: str, units: int, owed_delta: int, last_request: bytes | None) -> tuple[str, tuple[Any, ...]]:
+    def _unserve_sql(
+        channel_id: str, units: int, owed_delta: int, last_request: bytes | None
+    ) -> tuple[str, tuple[Any, ...]]:
         forget = "last_request=CASE WHEN last_request=? THEN NULL ELSE last_request END"
         if owed_delta == 0:
-            return (f"UPDATE channels SET units=units-?, {forget}, updated_at=?"
-                    " WHERE channel_id=? AND units>=? RETURNING channel_id",
-                    (units, last_request, time.time(), channel_id, units))
-        return (f"UPDATE channels SET units=units-?, owed_sat=owed_sat-?, {forget},"
-                " owed_since=CASE WHEN owed_sat-?<=amount_sat THEN NULL ELSE owed_since END, updated_at=?"
-                " WHERE channel_id=? AND units>=? AND owed_sat>=? RETURNING channel_id",
-                (units, owed_delta, last_request, owed_delta, time.time(), channel_id, units, owed_delta))
+            return (
+                f"UPDATE channels SET units=units-?, {forget}, updated_at=?"
+                " WHERE channel_id=? AND units>=? RETURNING channel_id",
+                (units, last_request, time.time(), channel_id, units),
+            )
+        return (
+            f"UPDATE channels SET units=units-?, owed_sat=owed_sat-?, {forget},"
+            " owed_since=CASE WHEN owed_sat-?<=amount_sat THEN NULL ELSE owed_since END, updated_at=?"
+            " WHERE channel_id=? AND units>=? AND owed_sat>=? RETURNING channel_id",
+            (units, owed_delta, last_request, owed_delta, time.time(), channel_id, units, owed_delta),
+        )
 
     def unserve(self, channel_id: str, units: int, owed_delta: int = 0, last_request: bytes | None = None) -> bool:
         """A charged request whose handler failed: its ``units`` are not counted as served. Prepay
@@ -508,30 +604,47 @@ class PayeeStore(SeedKeys, Database):
         sql, args = self._unserve_sql(channel_id, units, owed_delta, last_request)
         return bool(self._db.execute(sql, args).fetchall())
 
-    async def unserve_async(self, channel_id: str, units: int, owed_delta: int = 0,
-                            last_request: bytes | None = None) -> bool:
+    async def unserve_async(
+        self, channel_id: str, units: int, owed_delta: int = 0, last_request: bytes | None = None
+    ) -> bool:
         """:meth:`unserve` through the group-commit writer."""
         return await self._changed(*self._unserve_sql(channel_id, units, owed_delta, last_request))
 
     @staticmethod
-    def _surplus_sql(channel_id: str, units: int, price_sat: int, request_counter: int,
-                     last_request: bytes | None) -> tuple[str, tuple[Any, ...]]:
+    def _surplus_sql(
+        channel_id: str, units: int, price_sat: int, request_counter: int, last_request: bytes | None
+    ) -> tuple[str, tuple[Any, ...]]:
         now = time.time()  # a unit served from what was paid ahead is activity: paid_at (the idle timer) moves
-        return ("UPDATE channels SET units=units+?, request_counter=?, last_request=?, paid_at=?, updated_at=?"
-                " WHERE channel_id=? AND state=? AND amount_sat - units * ? >= ? AND request_counter<? RETURNING *",
-                (units, request_counter, last_request, now, now, channel_id, _S.OPEN.value, price_sat,
-                 price_sat * units, request_counter))
+        return (
+            "UPDATE channels SET units=units+?, request_counter=?, last_request=?, paid_at=?, updated_at=?"
+            " WHERE channel_id=? AND state=? AND amount_sat - units * ? >= ? AND request_counter<? RETURNING *",
+            (
+                units,
+                request_counter,
+                last_request,
+                now,
+                now,
+                channel_id,
+                _S.OPEN.value,
+                price_sat,
+                price_sat * units,
+                request_counter,
+            ),
+        )
 
-    def use_surplus(self, channel_id: str, units: int, price_sat: int, request_counter: int,
-                    last_request: bytes | None = None) -> PayeeRecord | None:
+    def use_surplus(
+        self, channel_id: str, units: int, price_sat: int, request_counter: int, last_request: bytes | None = None
+    ) -> PayeeRecord | None:
         """Prepay: serve ``units`` from the prepaid surplus (``amount_sat - price_sat * units`` served)
         for the authenticated request ``request_counter``; None if the surplus is short (or the counter used)."""
-        rows = self._db.execute(*self._surplus_sql(channel_id, units, price_sat, request_counter,
-                                                   last_request)).fetchall()
+        rows = self._db.execute(
+            *self._surplus_sql(channel_id, units, price_sat, request_counter, last_request)
+        ).fetchall()
         return _payee_from_row(rows[0]) if rows else None
 
-    async def use_surplus_async(self, channel_id: str, units: int, price_sat: int, request_counter: int,
-                                last_request: bytes | None = None) -> PayeeRecord | None:
+    async def use_surplus_async(
+        self, channel_id: str, units: int, price_sat: int, request_counter: int, last_request: bytes | None = None
+    ) -> PayeeRecord | None:
         """:meth:`use_surplus` through the group-commit writer."""
         return await self._returning(*self._surplus_sql(channel_id, units, price_sat, request_counter, last_request))
 
@@ -571,8 +684,17 @@ class PayeeStore(SeedKeys, Database):
         return self._update(
             "UPDATE channels SET close_tx=?, close_tx_txid=?, close_txids=?, close_fee_rate=?, updated_at=?"
             " WHERE channel_id=? AND state=? AND close_txid IS ?" + fence,
-            (raw_tx, txid, json.dumps(txids), fee_rate, time.time(), channel_id, _S.CLOSING.value, previous_txid,
-             *fence_args),
+            (
+                raw_tx,
+                txid,
+                json.dumps(txids),
+                fee_rate,
+                time.time(),
+                channel_id,
+                _S.CLOSING.value,
+                previous_txid,
+                *fence_args,
+            ),
         )
 
     def record_close_intents(
@@ -590,9 +712,7 @@ class PayeeStore(SeedKeys, Database):
         self._db.execute("COMMIT" if ok else "ROLLBACK")
         return ok
 
-    def set_close_tx(
-        self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None
-    ) -> bool:
+    def set_close_tx(self, channel_id: str, txid: str, fee_rate: float, height: int, previous_txid: str | None) -> bool:
         """Record a broadcast close (or its RBF replacement), CAS on the previous close txid and on
         the leadership (:meth:`_fence`)."""
         rec = self.get(channel_id)
@@ -601,8 +721,17 @@ class PayeeStore(SeedKeys, Database):
         return self._update(
             "UPDATE channels SET close_txid=?, close_txids=?, close_fee_rate=?, close_height=?, updated_at=?"
             " WHERE channel_id=? AND state=? AND close_txid IS ?" + fence,
-            (txid, json.dumps(txids), fee_rate, height, time.time(), channel_id, _S.CLOSING.value, previous_txid,
-             *fence_args),
+            (
+                txid,
+                json.dumps(txids),
+                fee_rate,
+                height,
+                time.time(),
+                channel_id,
+                _S.CLOSING.value,
+                previous_txid,
+                *fence_args,
+            ),
         )
 
     def release_close_claim(self, channel_id: str) -> bool:
@@ -637,9 +766,16 @@ class PayeeStore(SeedKeys, Database):
         if state not in (_S.REFUNDED, _S.FAILED):
             raise ValueError(state)
         event = ChannelState(state).value  # these events are named after the state they lead to
-        return self.transition(
-            channel_id, event, exception_txid=txid, end_reason=reason, close_uneconomic=False,
-        ) is not None
+        return (
+            self.transition(
+                channel_id,
+                event,
+                exception_txid=txid,
+                end_reason=reason,
+                close_uneconomic=False,
+            )
+            is not None
+        )
 
     def lapse_proposals(self, now: float | None = None) -> int:
         """Unfunded proposals past their lapse time -> ``failed`` (reason ``lapsed``)."""

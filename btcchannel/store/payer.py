@@ -52,9 +52,9 @@ class PayerRecord:
     privkey: bytes
     deposit_sat: int
     expiry_height: int
-    amount_sat: int = 0          # latest signed (stored before sending)
+    amount_sat: int = 0  # latest signed (stored before sending)
     signature: bytes | None = None
-    acked_sat: int = 0           # latest the payee acknowledged
+    acked_sat: int = 0  # latest the payee acknowledged
     funding_txid: str | None = None
     funding_vout: int | None = None
     close_txid: str | None = None
@@ -103,13 +103,24 @@ _V2_TERMS: Migration = (
     "ALTER TABLE channels ADD COLUMN payments INTEGER NOT NULL DEFAULT 0",
 )
 
-_V4_REQUEST_COUNTER: Migration = (
-    "ALTER TABLE channels ADD COLUMN request_counter INTEGER NOT NULL DEFAULT 0",
-)
+_V4_REQUEST_COUNTER: Migration = ("ALTER TABLE channels ADD COLUMN request_counter INTEGER NOT NULL DEFAULT 0",)
 
 _PAYER_FIELDS = (
-    "channel_id", "server_url", "state", "params", "privkey", "deposit_sat", "expiry_height", "amount_sat",
-    "signature", "acked_sat", "funding_txid", "funding_vout", "close_txid", "refund_txid", "created_at",
+    "channel_id",
+    "server_url",
+    "state",
+    "params",
+    "privkey",
+    "deposit_sat",
+    "expiry_height",
+    "amount_sat",
+    "signature",
+    "acked_sat",
+    "funding_txid",
+    "funding_vout",
+    "close_txid",
+    "refund_txid",
+    "created_at",
     "updated_at",
 )
 
@@ -156,9 +167,17 @@ class PayerStore(SeedKeys, Database):
             "INSERT INTO channels (channel_id, server_url, state, params, privkey, deposit_sat, expiry_height,"
             " created_at, updated_at, terms, key_index) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
-                rec.channel_id, rec.server_url, ChannelState(rec.state).value, json.dumps(rec.params),
-                rec.privkey, rec.deposit_sat, rec.expiry_height, rec.created_at or now, now,
-                json.dumps(rec.terms) if rec.terms is not None else None, rec.key_index,
+                rec.channel_id,
+                rec.server_url,
+                ChannelState(rec.state).value,
+                json.dumps(rec.params),
+                rec.privkey,
+                rec.deposit_sat,
+                rec.expiry_height,
+                rec.created_at or now,
+                now,
+                json.dumps(rec.terms) if rec.terms is not None else None,
+                rec.key_index,
             ),
         )
 
@@ -208,14 +227,18 @@ class PayerStore(SeedKeys, Database):
         """:meth:`save_signed` through the group commit: True once committed, False if not higher."""
         rows = await self.writer.submit(
             "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, updated_at=?"
-            " WHERE channel_id=? AND amount_sat<? RETURNING channel_id", (amount_sat, signature, time.time(), channel_id, amount_sat))
+            " WHERE channel_id=? AND amount_sat<? RETURNING channel_id",
+            (amount_sat, signature, time.time(), channel_id, amount_sat),
+        )
         return bool(rows)
 
     @staticmethod
     def _counter_sql(channel_id: str, at_least: int) -> tuple[str, tuple[Any, ...]]:
-        return ("UPDATE channels SET request_counter=MAX(request_counter + 1, ?), updated_at=?"
-                " WHERE channel_id=? AND request_counter < 9223372036854775807 RETURNING request_counter",
-                (at_least, time.time(), channel_id))
+        return (
+            "UPDATE channels SET request_counter=MAX(request_counter + 1, ?), updated_at=?"
+            " WHERE channel_id=? AND request_counter < 9223372036854775807 RETURNING request_counter",
+            (at_least, time.time(), channel_id),
+        )
 
     def next_request_counter(self, channel_id: str, at_least: int) -> int:
         """Take the channel's next metered-request counter, ``max(stored + 1, at_least)``, and store it
@@ -235,14 +258,17 @@ class PayerStore(SeedKeys, Database):
     def raise_request_counter(self, channel_id: str, at_least: int) -> None:
         """Resync: the payee accepted ``at_least`` already (a counter lost with an older copy of this
         store): the next counter is above it."""
-        self._db.execute("UPDATE channels SET request_counter=MAX(request_counter, ?), updated_at=? WHERE channel_id=?",
-                         (at_least, time.time(), channel_id))
+        self._db.execute(
+            "UPDATE channels SET request_counter=MAX(request_counter, ?), updated_at=? WHERE channel_id=?",
+            (at_least, time.time(), channel_id),
+        )
 
     async def set_acked_async(self, channel_id: str, amount_sat: int) -> None:
         """:meth:`set_acked` through the group commit (returns once committed)."""
         await self.writer.submit(
             "UPDATE channels SET acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
-            (amount_sat, time.time(), channel_id))
+            (amount_sat, time.time(), channel_id),
+        )
 
     # -- backup ----------------------------------------------------------------
     def export_backup(self, keys: bool = True) -> dict[str, Any]:
@@ -276,9 +302,7 @@ class PayerStore(SeedKeys, Database):
             names = _PAYER_FIELDS + _PAYER_EXTRA
             cols = ",".join(names)
             q = ",".join("?" * len(names))
-            cur = self._db.execute(
-                f"INSERT OR IGNORE INTO channels ({cols}) VALUES ({q})", [vals[k] for k in names]
-            )
+            cur = self._db.execute(f"INSERT OR IGNORE INTO channels ({cols}) VALUES ({q})", [vals[k] for k in names])
             if cur.rowcount == 1:
                 n += 1
                 continue
@@ -287,8 +311,10 @@ class PayerStore(SeedKeys, Database):
                 (vals["amount_sat"], vals["signature"], time.time(), vals["channel_id"], vals["amount_sat"]),
             )
             n += cur.rowcount
-            self._db.execute("UPDATE channels SET privkey=? WHERE channel_id=? AND length(privkey)=0",
-                             (vals["privkey"], vals["channel_id"]))  # a key this row lost
+            self._db.execute(
+                "UPDATE channels SET privkey=? WHERE channel_id=? AND length(privkey)=0",
+                (vals["privkey"], vals["channel_id"]),
+            )  # a key this row lost
         self.restore_keys()
         return n
 
@@ -320,12 +346,16 @@ class PayerStore(SeedKeys, Database):
                 derived = None
         if vals["privkey"] is None:
             if derived is None:
-                raise BadRequest(f"channel {vals['channel_id']} has no key in the backup and this datadir's seed"
-                                 " does not derive it: restore its seed first (`seed restore`)")
+                raise BadRequest(
+                    f"channel {vals['channel_id']} has no key in the backup and this datadir's seed"
+                    " does not derive it: restore its seed first (`seed restore`)"
+                )
             vals["privkey"] = derived
         vals["key_index"] = index if derived is not None else None
-        taken = self._db.execute("SELECT channel_id FROM channels WHERE key_index=? AND channel_id<>?",
-                                 (vals["key_index"], vals["channel_id"])).fetchone()
+        taken = self._db.execute(
+            "SELECT channel_id FROM channels WHERE key_index=? AND channel_id<>?",
+            (vals["key_index"], vals["channel_id"]),
+        ).fetchone()
         if taken is not None:
             raise BadRequest(f"key index {vals['key_index']} already belongs to channel {taken[0]}")
         return vals

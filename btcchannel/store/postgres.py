@@ -60,8 +60,8 @@ from btcchannel.store.payee import PayeeStore
 __all__ = ["PG_MIGRATIONS", "PgConnection", "PgPayeeStore"]
 
 #: advisory lock keys (any 64-bit numbers, fixed for the project)
-LEADER_KEY: Final = 0x6274_6363_6c65_6164   # "btccleader"
-MIGRATE_KEY: Final = 0x6274_6363_6d69_6772  # "btccmigr"
+LEADER_KEY: Final = 0x6274_6363_6C65_6164  # "btccleader"
+MIGRATE_KEY: Final = 0x6274_6363_6D69_6772  # "btccmigr"
 
 _PG_V1: Migration = (
     """CREATE TABLE IF NOT EXISTS channels (
@@ -100,8 +100,7 @@ _PG_V1: Migration = (
 )
 
 _PG_V2_CLOSE_UNECONOMIC: Migration = (
-    "ALTER TABLE channels ADD COLUMN close_uneconomic INTEGER NOT NULL DEFAULT 0"
-    " CHECK (close_uneconomic IN (0, 1))",
+    "ALTER TABLE channels ADD COLUMN close_uneconomic INTEGER NOT NULL DEFAULT 0 CHECK (close_uneconomic IN (0, 1))",
     "UPDATE channels SET close_uneconomic=1,"
     " end_reason=NULLIF(left(end_reason, length(end_reason) - length('+close_uneconomic')), '')"
     " WHERE right(end_reason, length('+close_uneconomic')) = '+close_uneconomic'",
@@ -142,14 +141,19 @@ _PG_V8_METERED_V2: Migration = (
 #: 10 s of unacknowledged data) instead of the kernel's defaults (minutes to hours): its next check
 #: fails and the instance stops leading (ignored on a Unix socket)
 LOCK_SESSION_PARAMS: Final[dict[str, Any]] = {
-    "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
-    "tcp_user_timeout": 10_000, "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+    "connect_timeout": 10,
 }
 
 #: the leader epoch: one row, raised by each instance that takes the leader lock (outside the
 #: versioned schema, like ``btcchannel_schema``: it holds no channel data)
-_LEADER_TABLE: Final = ("CREATE TABLE IF NOT EXISTS btcchannel_leader"
-                        " (id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL)")
+_LEADER_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS btcchannel_leader (id INTEGER PRIMARY KEY CHECK (id = 1), epoch BIGINT NOT NULL)"
+)
 
 #: whether the lock's session holds the leader lock and the epoch is still ``?`` (the bigint key
 #: of an advisory lock is its classid (high 32 bits) and objid (low 32 bits), objsubid 1)
@@ -161,8 +165,14 @@ _STILL_LEADS: Final = (
 
 #: the SQLite store's migrations in PostgreSQL's dialect, same numbers, same meaning
 PG_MIGRATIONS: Final[tuple[Migration, ...]] = (
-    _PG_V1, _PG_V2_CLOSE_UNECONOMIC, _PG_V3_TERMS, _PG_V4_CLOSE_INTENT, _PG_V5_CHAIN_CURSOR, _PG_V6_PROPOSAL_CLIENT,
-    PG_SEED_MIGRATION, _PG_V8_METERED_V2,
+    _PG_V1,
+    _PG_V2_CLOSE_UNECONOMIC,
+    _PG_V3_TERMS,
+    _PG_V4_CLOSE_INTENT,
+    _PG_V5_CHAIN_CURSOR,
+    _PG_V6_PROPOSAL_CLIENT,
+    PG_SEED_MIGRATION,
+    _PG_V8_METERED_V2,
 )
 
 
@@ -228,7 +238,7 @@ class PgPayeeStore(PayeeStore):
 
     MIGRATIONS = PG_MIGRATIONS
 
-    def __init__(self, url: str) -> None:  # noqa: super().__init__ opens SQLite files
+    def __init__(self, url: str) -> None:  # no super().__init__(): it opens SQLite files
         self.url = url
         self.path = Path("postgresql")  # for messages only; the URL may carry a password
         self._db = PgConnection(url)  # type: ignore[assignment]
@@ -266,7 +276,8 @@ class PgPayeeStore(PayeeStore):
             if current > self.latest_version():
                 raise StoreSchemaError(
                     f"the PostgreSQL database has schema version {current}, newer than this btcchannel "
-                    f"understands ({self.latest_version()}); upgrade btcchannel to open it")
+                    f"understands ({self.latest_version()}); upgrade btcchannel to open it"
+                )
             for version in range(current + 1, self.latest_version() + 1):
                 for sql in self.MIGRATIONS[version - 1]:
                     db.execute(sql)
@@ -293,7 +304,8 @@ class PgPayeeStore(PayeeStore):
                 return False
             row = self._lead.execute(
                 "INSERT INTO btcchannel_leader (id, epoch) VALUES (1, 1)"
-                " ON CONFLICT (id) DO UPDATE SET epoch = btcchannel_leader.epoch + 1 RETURNING epoch").fetchone()
+                " ON CONFLICT (id) DO UPDATE SET epoch = btcchannel_leader.epoch + 1 RETURNING epoch"
+            ).fetchone()
             assert row is not None
             self.epoch, self._leading = int(row["epoch"]), True
             return True
@@ -309,7 +321,8 @@ class PgPayeeStore(PayeeStore):
             return False
         try:
             row = self._lead.execute(
-                _STILL_LEADS, ((LEADER_KEY >> 32) & 0xFFFF_FFFF, LEADER_KEY & 0xFFFF_FFFF, self.epoch)).fetchone()
+                _STILL_LEADS, ((LEADER_KEY >> 32) & 0xFFFF_FFFF, LEADER_KEY & 0xFFFF_FFFF, self.epoch)
+            ).fetchone()
             if row is not None and bool(row["ok"]):
                 return True
         except psycopg.Error:
@@ -335,4 +348,3 @@ class PgPayeeStore(PayeeStore):
         """Stop the writer, release the leader lock (its connection), close."""
         self._drop_lead()
         super().close()
-

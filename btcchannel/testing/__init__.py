@@ -10,16 +10,45 @@
 """
 
 from btcchannel.testing.chain import (
-    Chain, ChannelView, TxView, assert_node_error, assert_node_error_async, node_for, sats, tx_of,
+    Chain,
+    ChannelView,
+    TxView,
+    assert_node_error,
+    assert_node_error_async,
+    node_for,
+    sats,
+    tx_of,
 )
 from btcchannel.testing.payee import (
-    PAYEE_MODULE, RunningPayee, ServerProcess, fast_config, running_payee, start_payee,
+    PAYEE_MODULE,
+    RunningPayee,
+    ServerProcess,
+    fast_config,
+    running_payee,
+    start_payee,
 )
 from btcchannel.testing.payer import confirm_close, open_channel, wait_close_broadcast, wait_status
 from btcchannel.wait import wait_until, wait_until_async
 
 __all__ = [
-    "PAYEE_MODULE", "Chain", "ChannelView", "RunningPayee", "ServerProcess", "TxView", "assert_node_error",
-    "assert_node_error_async", "confirm_close", "fast_config", "node_for", "open_channel", "running_payee", "sats",
-    "start_payee", "tx_of", "wait_close_broadcast", "wait_status", "wait_until", "wait_until_async",
+    "PAYEE_MODULE",
+    "Chain",
+    "ChannelView",
+    "RunningPayee",
+    "ServerProcess",
+    "TxView",
+    "assert_node_error",
+    "assert_node_error_async",
+    "confirm_close",
+    "fast_config",
+    "node_for",
+    "open_channel",
+    "running_payee",
+    "sats",
+    "start_payee",
+    "tx_of",
+    "wait_close_broadcast",
+    "wait_status",
+    "wait_until",
+    "wait_until_async",
 ]

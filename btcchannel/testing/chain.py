@@ -68,7 +68,9 @@ def assert_node_error(
 
 
 async def assert_node_error_async(
-    expected: int | type[NodeError], call: Callable[..., Awaitable[Any]] | Awaitable[Any], *args: Any,
+    expected: int | type[NodeError],
+    call: Callable[..., Awaitable[Any]] | Awaitable[Any],
+    *args: Any,
     message: str | None = None,
 ) -> NodeError:
     """:func:`assert_node_error` for a coroutine function (with ``args``) or an awaitable."""
@@ -90,7 +92,7 @@ class TxView:
     fee_sat: int
     confirmations: int
     height: int | None
-    outputs: list[tuple[int, str, str]]   # (value_sat, scriptPubKey hex, address or "")
+    outputs: list[tuple[int, str, str]]  # (value_sat, scriptPubKey hex, address or "")
 
     @property
     def fee_rate(self) -> float:
@@ -157,7 +159,7 @@ class Chain:
         try:
             await self.rpc("createwallet", name)
         except NodeError as e:
-            if e.rpc_code != RPC_WALLET_ERROR:      # "already exists"
+            if e.rpc_code != RPC_WALLET_ERROR:  # "already exists"
                 raise
             try:
                 await self.rpc("loadwallet", name)
@@ -209,6 +211,7 @@ class Chain:
     async def wait_confirmed(self, txid: str, what: str, timeout: float = WAIT_S) -> None:
         async def confirmed() -> bool:
             return await self.confirmations(txid) >= 1
+
         await wait_until_async(confirmed, timeout=timeout, what=f"{what} {txid} to confirm")
 
     async def view(self, txid: str) -> TxView:
@@ -230,8 +233,12 @@ class Chain:
         if tx.get("blockhash"):
             height = int((await self.rpc("getblockheader", tx["blockhash"]))["height"])
         return TxView(
-            txid=txid, vsize=int(tx["vsize"]), fee_sat=inputs - sum(v for v, _, _ in outputs),
-            confirmations=int(tx.get("confirmations", 0)), height=height, outputs=outputs,
+            txid=txid,
+            vsize=int(tx["vsize"]),
+            fee_sat=inputs - sum(v for v, _, _ in outputs),
+            confirmations=int(tx.get("confirmations", 0)),
+            height=height,
+            outputs=outputs,
         )
 
     async def spenders(self, txid: str, vout: int, from_height: int) -> list[str]:
@@ -274,6 +281,7 @@ class Chain:
         async def synced() -> bool:
             index = (await self.rpc("getindexinfo")).get("txindex")
             return index is None or bool(index["synced"])
+
         await wait_until_async(synced, timeout=WAIT_S, what="the txindex to sync")
         for wallet in ("miner", *wallets):
             await self.ensure_wallet(wallet)
@@ -283,8 +291,10 @@ class Chain:
         if await self.balance_sat("miner") < sum(fund.values()) + 100_000_000:
             await self.mine(101)
         for wallet, amount in fund.items():
-            txid = str(await self.rpc("sendtoaddress", await self.new_address(wallet), sat_to_btc(amount),
-                                      wallet="miner"))
-            await wait_until_async(lambda: self.in_mempool(txid), timeout=WAIT_S,
-                                   what=f"the funding of {wallet} to reach the mempool")
+            txid = str(
+                await self.rpc("sendtoaddress", await self.new_address(wallet), sat_to_btc(amount), wallet="miner")
+            )
+            await wait_until_async(
+                lambda: self.in_mempool(txid), timeout=WAIT_S, what=f"the funding of {wallet} to reach the mempool"
+            )
         await self.mine(1)

@@ -21,8 +21,10 @@ class CliProcess:
         self.datadir = datadir
         self.env = {
             **os.environ,
-            "BTCCHANNEL_DATADIR": str(datadir), "BTCCHANNEL_RPC_URL": node.rpc_url,
-            "BTCCHANNEL_RPC_USER": node.rpc_user, "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
+            "BTCCHANNEL_DATADIR": str(datadir),
+            "BTCCHANNEL_RPC_URL": node.rpc_url,
+            "BTCCHANNEL_RPC_USER": node.rpc_user,
+            "BTCCHANNEL_RPC_PASSWORD": node.rpc_password,
             "BTCCHANNEL_WALLET": wallet,
         }
 

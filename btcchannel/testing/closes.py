@@ -36,16 +36,21 @@ class ChannelPair:
     amount_sat: int
 
 
-def fund_channels(bitcoind: RegtestNode, amounts: list[int], deposit_sat: int, *,
-                  lifetime_blocks: int = 100) -> list[ChannelPair]:
+def fund_channels(
+    bitcoind: RegtestNode, amounts: list[int], deposit_sat: int, *, lifetime_blocks: int = 100
+) -> list[ChannelPair]:
     """One channel per amount, funded in one confirmed transaction, each paid that amount."""
     expiry = bitcoind.tip_height() + lifetime_blocks
     drafts = []
     for _ in amounts:
         payer_key, payee_key = generate_private_key(), generate_private_key()
         params = ChannelParams(
-            network="regtest", payer_pubkey=public_key(payer_key), payee_pubkey=public_key(payee_key),
-            expiry_height=expiry, deposit_sat=deposit_sat, payer_script=p2wpkh_script(public_key(payer_key)),
+            network="regtest",
+            payer_pubkey=public_key(payer_key),
+            payee_pubkey=public_key(payee_key),
+            expiry_height=expiry,
+            deposit_sat=deposit_sat,
+            payer_script=p2wpkh_script(public_key(payer_key)),
         )
         drafts.append((params, payer_key, payee_key))
     outputs = {p.funding_address: f"{deposit_sat / 1e8:.8f}" for p, _, _ in drafts}
@@ -73,8 +78,12 @@ def close_summary(bitcoind: RegtestNode, txid: str) -> dict[str, Any]:
         prev = tx_of(bitcoind, vin["txid"])
         value_in += sats(prev["vout"][vin["vout"]]["value"])
     outputs = [sats(o["value"]) for o in tx["vout"]]
-    return {"vsize": int(tx["vsize"]), "fee_sat": value_in - sum(outputs), "outputs": outputs,
-            "inputs": [(v["txid"], v["vout"]) for v in tx["vin"]]}
+    return {
+        "vsize": int(tx["vsize"]),
+        "fee_sat": value_in - sum(outputs),
+        "outputs": outputs,
+        "inputs": [(v["txid"], v["vout"]) for v in tx["vin"]],
+    }
 
 
 def store_open_channels(store: PayeeStore, pairs: list[ChannelPair], payout_script: bytes) -> list[str]:
@@ -85,11 +94,19 @@ def store_open_channels(store: PayeeStore, pairs: list[ChannelPair], payout_scri
         params, best = pair.payee.params, pair.payee.best
         assert params.funding is not None and best is not None
         cid = secrets.token_hex(16)
-        store.insert_proposal(PayeeRecord(
-            channel_id=cid, state=ChannelState.PROPOSED, params=params.to_json(), privkey=pair.payee.privkey,
-            deposit_sat=params.deposit_sat, expiry_height=params.expiry_height, created_at=time.time(),
-            created_height=0, payout_script=payout_script.hex(),
-        ))
+        store.insert_proposal(
+            PayeeRecord(
+                channel_id=cid,
+                state=ChannelState.PROPOSED,
+                params=params.to_json(),
+                privkey=pair.payee.privkey,
+                deposit_sat=params.deposit_sat,
+                expiry_height=params.expiry_height,
+                created_at=time.time(),
+                created_height=0,
+                payout_script=payout_script.hex(),
+            )
+        )
         store.set_funding(cid, params.funding.txid, params.funding.vout, 1)
         store.set_confirmations(cid, 1, open_now=True)
         assert store.record_payment(cid, best.amount_sat, best.signature) is not None

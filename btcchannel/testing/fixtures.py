@@ -77,8 +77,15 @@ class PayeeFactory:
         """:func:`fast_config` in ``<tmp_path>/<name>``."""
         return fast_config(self.folder / name, **kw)
 
-    async def start(self, config: ServerConfig | None = None, *, wallet: str = "miner",
-                    hook: AppHook | None = None, run_watcher: bool = True, **config_kw: Any) -> RunningPayee:
+    async def start(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        wallet: str = "miner",
+        hook: AppHook | None = None,
+        run_watcher: bool = True,
+        **config_kw: Any,
+    ) -> RunningPayee:
         """Start a payee in this process (``config`` defaults to :meth:`config` with ``config_kw``)."""
         if config is None:
             config = self.config(**config_kw)
@@ -134,7 +141,9 @@ class PayerFactory:
 
 @pytest_asyncio.fixture
 async def payee_factory(
-    bitcoind: RegtestNode, tmp_path: Path, request: pytest.FixtureRequest,
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[PayeeFactory]:
     """Payee services for this test; stopped at its end, which fails on an ERROR they logged."""
     errors = _ErrorRecords()
@@ -151,8 +160,10 @@ async def payee_factory(
     lines = [f"{r.name} {r.levelname} {r.getMessage()}" for r in errors.records]
     lines += [line for proc in factory.processes for line in proc.error_lines()]
     if lines and request.node.get_closest_marker(ALLOW_ERRORS_MARKER) is None:
-        pytest.fail("the payee logged errors (mark the test allow_payee_errors if they are expected):\n"
-                    + "\n".join(lines), pytrace=False)
+        pytest.fail(
+            "the payee logged errors (mark the test allow_payee_errors if they are expected):\n" + "\n".join(lines),
+            pytrace=False,
+        )
 
 
 @pytest_asyncio.fixture

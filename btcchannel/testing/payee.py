@@ -29,7 +29,7 @@ from btcchannel.payee.service import PayeeService
 from btcchannel.store import PayeeStore, open_payee_store
 from btcchannel.wait import wait_until_async
 
-PAYEE_MODULE = "btcchannel.payee"   # run as ``python -m PAYEE_MODULE CONFIG.json``
+PAYEE_MODULE = "btcchannel.payee"  # run as ``python -m PAYEE_MODULE CONFIG.json``
 START_TIMEOUT_S = 30.0
 _ERROR_LINE = re.compile(r" btcchannel[\w.]* (ERROR|CRITICAL) ")
 
@@ -39,8 +39,14 @@ AppHook = Callable[[web.Application], None]
 def fast_config(datadir: Path, **kw: Any) -> ServerConfig:
     """A payee configuration for tests: 50 ms polling, 6-block minimum lifetime, 2 sat/vB closes,
     closes and conflicts final at 1 confirmation (tests of depth and reorgs ask for more)."""
-    base: dict[str, Any] = dict(poll_interval_s=0.05, min_lifetime_blocks=6, close_margin_blocks=3,
-                                min_deposit_sat=10_000, close_fee_rate_sat_vb=2.0, final_confirmations=1)
+    base: dict[str, Any] = dict(
+        poll_interval_s=0.05,
+        min_lifetime_blocks=6,
+        close_margin_blocks=3,
+        min_deposit_sat=10_000,
+        close_fee_rate_sat_vb=2.0,
+        final_confirmations=1,
+    )
     base.update(kw)
     return ServerConfig(datadir=datadir, **base)
 
@@ -48,8 +54,9 @@ def fast_config(datadir: Path, **kw: Any) -> ServerConfig:
 class RunningPayee:
     """A payee service listening on ``url``; :meth:`stop` (idempotent) shuts it down."""
 
-    def __init__(self, app: web.Application, runner: web.AppRunner, url: str, store: PayeeStore,
-                 config: ServerConfig, node: Node) -> None:
+    def __init__(
+        self, app: web.Application, runner: web.AppRunner, url: str, store: PayeeStore, config: ServerConfig, node: Node
+    ) -> None:
         self.app, self.runner, self.url, self.store = app, runner, url, store
         self.config, self.node = config, node
         self.stopped = False
@@ -69,7 +76,11 @@ class RunningPayee:
 
 
 async def start_payee(
-    config: ServerConfig, node: Node, hook: AppHook | None = None, *, run_watcher: bool = True,
+    config: ServerConfig,
+    node: Node,
+    hook: AppHook | None = None,
+    *,
+    run_watcher: bool = True,
 ) -> RunningPayee:
     """Start the payee's app for ``config`` on ``config.host`` and a free port (``config.port`` if set)."""
     config.datadir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -96,7 +107,11 @@ async def start_payee(
 
 @contextlib.asynccontextmanager
 async def running_payee(
-    config: ServerConfig, node: Node, hook: AppHook | None = None, *, run_watcher: bool = True,
+    config: ServerConfig,
+    node: Node,
+    hook: AppHook | None = None,
+    *,
+    run_watcher: bool = True,
 ) -> AsyncIterator[RunningPayee]:
     """:func:`start_payee`, stopped when the block ends."""
     payee = await start_payee(config, node, hook, run_watcher=run_watcher)
@@ -136,13 +151,25 @@ class ServerProcess:
         self.config.datadir.mkdir(parents=True, exist_ok=True)
         info = self.config.datadir / "server.json"
         info.unlink(missing_ok=True)
-        self.spec.write_text(json.dumps({"config": cfg, "node": {
-            "url": self.bitcoind.rpc_url, "cookie_file": str(self.bitcoind.cookie_file), "wallet": self.wallet}}))
+        self.spec.write_text(
+            json.dumps(
+                {
+                    "config": cfg,
+                    "node": {
+                        "url": self.bitcoind.rpc_url,
+                        "cookie_file": str(self.bitcoind.cookie_file),
+                        "wallet": self.wallet,
+                    },
+                }
+            )
+        )
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", PAYEE_MODULE, str(self.spec)],
-                                         stdout=log, stderr=subprocess.STDOUT)
-        await wait_until_async(lambda: info.exists() or self._exited(), timeout=START_TIMEOUT_S,
-                               what="the payee process to listen")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", PAYEE_MODULE, str(self.spec)], stdout=log, stderr=subprocess.STDOUT
+            )
+        await wait_until_async(
+            lambda: info.exists() or self._exited(), timeout=START_TIMEOUT_S, what="the payee process to listen"
+        )
         assert not self._exited(), f"payee process died:\n{self.log_file.read_text()[-3000:]}"
         self.url = str(json.loads(info.read_text())["url"])
         return self.url

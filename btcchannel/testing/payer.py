@@ -22,8 +22,14 @@ class Miner(Protocol):
 
 
 async def open_channel(
-    client: PayerClient, miner: Miner, url: str, deposit: int = 1_000_000, lifetime: int = 60,
-    *, timeout: float = OPEN_TIMEOUT_S, **kw: Any,
+    client: PayerClient,
+    miner: Miner,
+    url: str,
+    deposit: int = 1_000_000,
+    lifetime: int = 60,
+    *,
+    timeout: float = OPEN_TIMEOUT_S,
+    **kw: Any,
 ) -> str:
     """Propose a channel to the payee at ``url``, fund it, mine a block, wait until the payee
     calls it open; returns the channel id. ``kw`` go to :meth:`PayerClient.open_channel`."""
@@ -36,8 +42,12 @@ async def open_channel(
 
 
 async def wait_status(
-    client: PayerClient, cid: str, ok: Callable[[dict[str, Any]], bool], what: str,
-    *, timeout: float = OPEN_TIMEOUT_S,
+    client: PayerClient,
+    cid: str,
+    ok: Callable[[dict[str, Any]], bool],
+    what: str,
+    *,
+    timeout: float = OPEN_TIMEOUT_S,
 ) -> dict[str, Any]:
     """Poll the payee's view of channel ``cid`` until ``ok(view)``; returns that view."""
 
@@ -48,19 +58,31 @@ async def wait_status(
     return await wait_until_async(status, timeout=timeout, what=what)
 
 
-async def wait_close_broadcast(client: PayerClient, chain: Chain, cid: str, *, timeout: float = OPEN_TIMEOUT_S,
-                               ) -> dict[str, Any]:
+async def wait_close_broadcast(
+    client: PayerClient,
+    chain: Chain,
+    cid: str,
+    *,
+    timeout: float = OPEN_TIMEOUT_S,
+) -> dict[str, Any]:
     """Wait until the payee reports a close txid and the node has it in its mempool (or a block)."""
-    obj = await wait_status(client, cid, lambda o: bool(o.get("close_txid")) and o["state"] in ("closing", "closed"),
-                            "the payee to broadcast its close", timeout=timeout)
+    obj = await wait_status(
+        client,
+        cid,
+        lambda o: bool(o.get("close_txid")) and o["state"] in ("closing", "closed"),
+        "the payee to broadcast its close",
+        timeout=timeout,
+    )
     await chain.wait_known(str(obj["close_txid"]), "close", timeout=timeout)
     return obj
 
 
-async def confirm_close(client: PayerClient, chain: Chain, cid: str, close_txid: str, *,
-                        timeout: float = OPEN_TIMEOUT_S) -> dict[str, Any]:
+async def confirm_close(
+    client: PayerClient, chain: Chain, cid: str, close_txid: str, *, timeout: float = OPEN_TIMEOUT_S
+) -> dict[str, Any]:
     """Mine a block, wait for ``close_txid`` to confirm and for the payee to call the channel closed."""
     await chain.mine(1)
     await chain.wait_confirmed(close_txid, "close", timeout=timeout)
-    return await wait_status(client, cid, lambda o: bool(o["state"] == "closed"),
-                             "the payee to mark the channel closed", timeout=timeout)
+    return await wait_status(
+        client, cid, lambda o: bool(o["state"] == "closed"), "the payee to mark the channel closed", timeout=timeout
+    )

@@ -54,15 +54,18 @@ if importlib.util.find_spec("pytest_asyncio") is not None:
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--btcchannel-node", choices=sorted(NODE_KINDS), default="full",
+        "--btcchannel-node",
+        choices=sorted(NODE_KINDS),
+        default="full",
         help="the session bitcoind: full (every block, a transaction index) or pruned "
-             "(-prune=550, no transaction index)",
+        "(-prune=550, no transaction index)",
     )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "allow_payee_errors: the test provokes payee errors on purpose; "
+        "markers",
+        "allow_payee_errors: the test provokes payee errors on purpose; "
         "do not fail it for ERROR records its payee services log",
     )
 
@@ -97,7 +100,8 @@ def bitcoind_binary(request: pytest.FixtureRequest) -> BitcoindBinary:
 
 @pytest.fixture(scope="session")
 def bitcoind(
-    bitcoind_binary: BitcoindBinary, tmp_path_factory: pytest.TempPathFactory,
+    bitcoind_binary: BitcoindBinary,
+    tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> Iterator[RegtestNode]:
     """A regtest node for the whole session, mined past height 200 (``--btcchannel-node``: its kind)."""
@@ -137,7 +141,8 @@ def funded_wallet(bitcoind: RegtestNode) -> str:
 
 @pytest.fixture
 def node_factory(
-    bitcoind_binary: BitcoindBinary, request: pytest.FixtureRequest,
+    bitcoind_binary: BitcoindBinary,
+    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., RegtestNode]]:
     """Start extra regtest nodes for one test (``node_factory(zmq=False)``: one that announces no
@@ -146,8 +151,7 @@ def node_factory(
     nodes: list[RegtestNode] = []
 
     def start(*, zmq: bool = True, **options: Any) -> RegtestNode:
-        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary, zmq=zmq,
-                           **options)
+        node = RegtestNode(datadir=tmp_path_factory.mktemp("extra-node"), binary=bitcoind_binary, zmq=zmq, **options)
         nodes.append(node)
         return node.start()
 

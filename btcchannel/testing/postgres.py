@@ -86,14 +86,17 @@ def start_postgres(folder: Path) -> PostgresServer:
     initdb, pg_ctl = found
     data = folder / "pgdata"
     sock = Path(tempfile.mkdtemp(prefix="btcpg-"))  # a short path: Unix socket names are limited
-    subprocess.run([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "utf8"],
-                   check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([pg_ctl, "-D", str(data), "-w", "-l", str(folder / "postgres.log"),
-                    "-o", f"-h '' -k {sock}", "start"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "utf8"], check=True, stdout=subprocess.DEVNULL
+    )
+    subprocess.run(
+        [pg_ctl, "-D", str(data), "-w", "-l", str(folder / "postgres.log"), "-o", f"-h '' -k {sock}", "start"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
     def stop() -> None:
-        subprocess.run([pg_ctl, "-D", str(data), "-w", "-m", "fast", "stop"], check=False,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([pg_ctl, "-D", str(data), "-w", "-m", "fast", "stop"], check=False, stdout=subprocess.DEVNULL)
         shutil.rmtree(sock, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
 
@@ -109,7 +112,8 @@ def terminate_leader(url: str) -> int | None:
             "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             " AND classid::bigint = %s AND objid::bigint = %s",
-            ((LEADER_KEY >> 32) & 0xFFFF_FFFF, LEADER_KEY & 0xFFFF_FFFF)).fetchone()
+            ((LEADER_KEY >> 32) & 0xFFFF_FFFF, LEADER_KEY & 0xFFFF_FFFF),
+        ).fetchone()
         if row is None:
             return None
         conn.execute("SELECT pg_terminate_backend(%s)", (row[0],))

@@ -62,8 +62,10 @@ async def read_channel(chain: Chain, client: PayerClient, cid: str) -> ChannelVi
     view = await chain.channel_view(rec.funding_txid, rec.funding_vout, ("payer", "payee"))
     value, spk, _ = view.funding.outputs[rec.funding_vout]
     check(value == rec.deposit_sat, f"the funding output holds {value} sat, not the deposit {rec.deposit_sat}")
-    check(spk == ChannelParams.from_json(rec.params).funding_script.hex(),
-          "the funding output does not pay the channel's script")
+    check(
+        spk == ChannelParams.from_json(rec.params).funding_script.hex(),
+        "the funding output does not pay the channel's script",
+    )
     check(view.funding.height is not None, "the funding transaction is not confirmed")
     check(len(view.spenders) == 1, f"{len(view.spenders)} confirmed spends of the funding outpoint")
     assert view.spend is not None
@@ -82,4 +84,3 @@ def split(report: ChannelView, deposit: int | None = None, paid: int | None = No
         check(r + f == paid, f"payee {r} + fee {f} != last correct payment {paid}")
         check(c == deposit - paid, f"payer change {c} != deposit {deposit} - {paid}")
     return r, c, f, report.spend
-

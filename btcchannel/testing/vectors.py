@@ -46,9 +46,9 @@ REFUND_FEE_RATE_SAT_VB = 3.0
 SIGNING = {
     "payer": "ECDSA, RFC 6979 nonce without extra entropy, low-S, strict DER",
     "payee_close": "ECDSA, RFC 6979 nonce with extra entropy i (32 bytes, i little-endian; none for i = 0), "
-                   "i = 0, 1, ... until the DER encoding is 70 bytes (low R, low S), strict DER, SIGHASH_ALL",
+    "i = 0, 1, ... until the DER encoding is 70 bytes (low R, low S), strict DER, SIGHASH_ALL",
     "payer_refund": "as payee_close (70 bytes of DER, so that the refund's size and fee are known before it is "
-                    "signed), SIGHASH_ALL",
+    "signed), SIGHASH_ALL",
     "verification": "any strict-DER (BIP66), low-S (BIP146) signature that verifies is accepted",
 }
 
@@ -64,8 +64,13 @@ def _close(params: ChannelParams, payer: PayerChannel, amount: int) -> dict[str,
         "sighash_type": payment_sighash_type(amount, DEPOSIT_SAT),
         "digest": params.sighash().digest(amount).hex(),
         "signature": payment.signature.hex(),
-        "close_tx": {"payee_script": PAYEE_SCRIPT.hex(), "fee_rate_sat_vb": FEE_RATE_SAT_VB, "txid": tx_id(tx),
-                     "vsize": tx_vsize(tx), "hex": tx_hex(tx)},
+        "close_tx": {
+            "payee_script": PAYEE_SCRIPT.hex(),
+            "fee_rate_sat_vb": FEE_RATE_SAT_VB,
+            "txid": tx_id(tx),
+            "vsize": tx_vsize(tx),
+            "hex": tx_hex(tx),
+        },
     }
 
 
@@ -74,13 +79,19 @@ def _descriptor_channel() -> dict[str, Any]:
     funding script and address, the descriptor (public, and with the payer's key as WIF), a partial
     payment with its close and the payer's refund at the expiry."""
     params = ChannelParams(
-        network=NETWORK, payer_pubkey=public_key(PAYER_KEY), payee_pubkey=public_key(PAYEE_KEY),
-        expiry_height=EXPIRY_HEIGHT, deposit_sat=DEPOSIT_SAT, payer_script=PAYER_SCRIPT, funding=FUNDING,
+        network=NETWORK,
+        payer_pubkey=public_key(PAYER_KEY),
+        payee_pubkey=public_key(PAYEE_KEY),
+        expiry_height=EXPIRY_HEIGHT,
+        deposit_sat=DEPOSIT_SAT,
+        payer_script=PAYER_SCRIPT,
+        funding=FUNDING,
         script_version=SCRIPT_DESCRIPTOR,
     )
     payer = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN)
     refund = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN).build_refund(
-        EXPIRY_HEIGHT, FEE_RATE_SAT_VB, PAYEE_SCRIPT)
+        EXPIRY_HEIGHT, FEE_RATE_SAT_VB, PAYEE_SCRIPT
+    )
     return {
         "script_version": SCRIPT_DESCRIPTOR,
         "witness_script": params.witness_script.hex(),
@@ -89,48 +100,86 @@ def _descriptor_channel() -> dict[str, Any]:
         "descriptor": funding_descriptor(params),
         "private_descriptor": funding_descriptor(params, payer_key=wif(PAYER_KEY, NETWORK)),
         "payment": _close(params, payer, PARTIAL_AMOUNTS[0]),
-        "refund_tx": {"dest_script": PAYEE_SCRIPT.hex(), "fee_rate_sat_vb": FEE_RATE_SAT_VB, "txid": tx_id(refund),
-                      "vsize": tx_vsize(refund), "hex": tx_hex(refund)},
+        "refund_tx": {
+            "dest_script": PAYEE_SCRIPT.hex(),
+            "fee_rate_sat_vb": FEE_RATE_SAT_VB,
+            "txid": tx_id(refund),
+            "vsize": tx_vsize(refund),
+            "hex": tx_hex(refund),
+        },
     }
 
 
 def vectors() -> dict[str, Any]:
     """Every vector, as the JSON document ``docs/vectors.json`` holds."""
     params = ChannelParams(
-        network=NETWORK, payer_pubkey=public_key(PAYER_KEY), payee_pubkey=public_key(PAYEE_KEY),
-        expiry_height=EXPIRY_HEIGHT, deposit_sat=DEPOSIT_SAT, payer_script=PAYER_SCRIPT, funding=FUNDING,
+        network=NETWORK,
+        payer_pubkey=public_key(PAYER_KEY),
+        payee_pubkey=public_key(PAYEE_KEY),
+        expiry_height=EXPIRY_HEIGHT,
+        deposit_sat=DEPOSIT_SAT,
+        payer_script=PAYER_SCRIPT,
+        funding=FUNDING,
     )
     payer = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN)
     payments = [_close(params, payer, amount) for amount in PARTIAL_AMOUNTS]
     full = _close(params, PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN), DEPOSIT_SAT)
     counter, method, target = 1_700_000_000_000_000, "GET", "/v1/file/7"
-    refund = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN).build_refund(EXPIRY_HEIGHT, REFUND_FEE_RATE_SAT_VB)
+    refund = PayerChannel.restore(params, PAYER_KEY, ChannelState.OPEN).build_refund(
+        EXPIRY_HEIGHT, REFUND_FEE_RATE_SAT_VB
+    )
     return {
         "description": "btcchannel protocol test vectors, revision 2 (docs/PROTOCOL.md); amounts in satoshis, "
-                       "hex lowercase, txids in display order. Regenerate: python -m btcchannel.testing.vectors",
+        "hex lowercase, txids in display order. Regenerate: python -m btcchannel.testing.vectors",
         "revision": 2,
         "signing": SIGNING,
         "network": NETWORK,
-        "keys": {"payer_privkey": PAYER_KEY.hex(), "payer_pubkey": params.payer_pubkey.hex(),
-                 "payee_privkey": PAYEE_KEY.hex(), "payee_pubkey": params.payee_pubkey.hex()},
-        "params": {"deposit_sat": DEPOSIT_SAT, "expiry_height": EXPIRY_HEIGHT, "payer_script": PAYER_SCRIPT.hex(),
-                   "funding_txid": FUNDING.txid, "funding_vout": FUNDING.vout},
+        "keys": {
+            "payer_privkey": PAYER_KEY.hex(),
+            "payer_pubkey": params.payer_pubkey.hex(),
+            "payee_privkey": PAYEE_KEY.hex(),
+            "payee_pubkey": params.payee_pubkey.hex(),
+        },
+        "params": {
+            "deposit_sat": DEPOSIT_SAT,
+            "expiry_height": EXPIRY_HEIGHT,
+            "payer_script": PAYER_SCRIPT.hex(),
+            "funding_txid": FUNDING.txid,
+            "funding_vout": FUNDING.vout,
+        },
         "witness_script": params.witness_script.hex(),
         "funding_script": params.funding_script.hex(),
         "funding_address": params.funding_address,
         "payments": payments,
         "full_drain": full,
-        "close_request": {"channel_id": CHANNEL_ID, "digest": close_request_digest(CHANNEL_ID).hex(),
-                          "signature": payer.close_request_signature(CHANNEL_ID).hex()},
-        "request_auth": {"channel_id": CHANNEL_ID, "counter": counter, "method": method, "target": target,
-                         "digest": request_digest(CHANNEL_ID, counter, method, target).hex(),
-                         "header": f"{counter}.{payer.request_signature(CHANNEL_ID, counter, method, target).hex()}"},
+        "close_request": {
+            "channel_id": CHANNEL_ID,
+            "digest": close_request_digest(CHANNEL_ID).hex(),
+            "signature": payer.close_request_signature(CHANNEL_ID).hex(),
+        },
+        "request_auth": {
+            "channel_id": CHANNEL_ID,
+            "counter": counter,
+            "method": method,
+            "target": target,
+            "digest": request_digest(CHANNEL_ID, counter, method, target).hex(),
+            "header": f"{counter}.{payer.request_signature(CHANNEL_ID, counter, method, target).hex()}",
+        },
         "request_auth_v2": _auth_v2(payer.privkey, counter + 1),
-        "capacity": {"payer_dust_sat": dust_limit(PAYER_SCRIPT), "payee_dust_sat": dust_limit(PAYEE_SCRIPT),
-                     "max_partial_sat": params.capacity.max_partial_sat},
-        "refund": {"fee_rate_sat_vb": REFUND_FEE_RATE_SAT_VB, "dest_script": PAYER_SCRIPT.hex(),
-                   "locktime": EXPIRY_HEIGHT, "sequence": REFUND_SEQUENCE, "txid": tx_id(refund),
-                   "vsize": tx_vsize(refund), "hex": tx_hex(refund)},
+        "capacity": {
+            "payer_dust_sat": dust_limit(PAYER_SCRIPT),
+            "payee_dust_sat": dust_limit(PAYEE_SCRIPT),
+            "max_partial_sat": params.capacity.max_partial_sat,
+        },
+        "refund": {
+            "fee_rate_sat_vb": REFUND_FEE_RATE_SAT_VB,
+            "dest_script": PAYER_SCRIPT.hex(),
+            "locktime": EXPIRY_HEIGHT,
+            "sequence": REFUND_SEQUENCE,
+            "txid": tx_id(refund),
+            "vsize": tx_vsize(refund),
+            "hex": tx_hex(refund),
+        },
         "descriptor_channel": _descriptor_channel(),
     }
 
@@ -139,12 +188,22 @@ def _auth_v2(channel_key: bytes, counter: int) -> dict[str, Any]:
     """A paid POST with a body and a payment, authenticated by auth v2."""
     method, authority, target, body = "POST", "api.example:8443", "/v1/echo?q=a%20b", b'{"q": 1}'
     payment = {HDR_AMOUNT: "1100", HDR_SIGNATURE: "3044" + "00" * 68 + "83"}
-    digest = request_digest_v2(CHANNEL_ID, counter, method, authority, target, body_sha256(body),
-                               payment[HDR_AMOUNT], payment[HDR_SIGNATURE])
-    return {"channel_id": CHANNEL_ID, "counter": counter, "method": method, "authority": authority, "target": target,
-            "body_hex": body.hex(), "body_sha256": body_sha256(body).hex(), "amount_header": payment[HDR_AMOUNT],
-            "signature_header": payment[HDR_SIGNATURE], "digest": digest.hex(),
-            "header": auth_header_v2(channel_key, CHANNEL_ID, counter, method, authority, target, body, payment)}
+    digest = request_digest_v2(
+        CHANNEL_ID, counter, method, authority, target, body_sha256(body), payment[HDR_AMOUNT], payment[HDR_SIGNATURE]
+    )
+    return {
+        "channel_id": CHANNEL_ID,
+        "counter": counter,
+        "method": method,
+        "authority": authority,
+        "target": target,
+        "body_hex": body.hex(),
+        "body_sha256": body_sha256(body).hex(),
+        "amount_header": payment[HDR_AMOUNT],
+        "signature_header": payment[HDR_SIGNATURE],
+        "digest": digest.hex(),
+        "header": auth_header_v2(channel_key, CHANNEL_ID, counter, method, authority, target, body, payment),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,8 +35,15 @@ class CountingNode(Node):
         return await super().call(method, *params, wallet=wallet)
 
 
-def open_watched_channels(store: PayeeStore, bitcoind: RegtestNode, wallet: str, n: int,
-                          *, deposit_sat: int = 10_000, lifetime_blocks: int = 1000) -> list[str]:
+def open_watched_channels(
+    store: PayeeStore,
+    bitcoind: RegtestNode,
+    wallet: str,
+    n: int,
+    *,
+    deposit_sat: int = 10_000,
+    lifetime_blocks: int = 1000,
+) -> list[str]:
     """``n`` open channels in ``store``, funded by one transaction from ``wallet`` and mined."""
     tip = bitcoind.tip_height()
     payer_script = script.address_to_script(bitcoind.new_address(wallet), "regtest")
@@ -45,22 +52,32 @@ def open_watched_channels(store: PayeeStore, bitcoind: RegtestNode, wallet: str,
     for _ in range(n):
         payee_priv = keys.generate_private_key()
         params = ChannelParams(
-            network="regtest", payer_pubkey=keys.public_key(keys.generate_private_key()),
-            payee_pubkey=keys.public_key(payee_priv), expiry_height=tip + lifetime_blocks,
-            deposit_sat=deposit_sat, payer_script=payer_script,
+            network="regtest",
+            payer_pubkey=keys.public_key(keys.generate_private_key()),
+            payee_pubkey=keys.public_key(payee_priv),
+            expiry_height=tip + lifetime_blocks,
+            deposit_sat=deposit_sat,
+            payer_script=payer_script,
         )
         made.append((secrets.token_hex(16), params, payee_priv))
-    txid = bitcoind.rpc("sendmany", "", {p.funding_address: sat_to_btc(deposit_sat) for _, p, _ in made},
-                        wallet=wallet)
+    txid = bitcoind.rpc("sendmany", "", {p.funding_address: sat_to_btc(deposit_sat) for _, p, _ in made}, wallet=wallet)
     vouts = {o["scriptPubKey"]["hex"]: o["n"] for o in bitcoind.transaction(txid)["vout"]}
     bitcoind.mine(1)
     now = time.time()
     for cid, params, priv in made:
-        store.insert_proposal(PayeeRecord(
-            channel_id=cid, state=ChannelState.PROPOSED, params=params.to_json(), privkey=priv,
-            deposit_sat=deposit_sat, expiry_height=params.expiry_height, created_at=now, created_height=tip,
-            payout_script=payout.hex(),
-        ))
+        store.insert_proposal(
+            PayeeRecord(
+                channel_id=cid,
+                state=ChannelState.PROPOSED,
+                params=params.to_json(),
+                privkey=priv,
+                deposit_sat=deposit_sat,
+                expiry_height=params.expiry_height,
+                created_at=now,
+                created_height=tip,
+                payout_script=payout.hex(),
+            )
+        )
         store.set_funding(cid, txid, vouts[params.funding_script.hex()], 1)
         store.set_confirmations(cid, 1, open_now=True)
     return [cid for cid, _, _ in made]
