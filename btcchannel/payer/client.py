@@ -87,6 +87,7 @@ from btcchannel.errors import (
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.payer.http import PayeeHttp
 from btcchannel.payer.refund import Refunds
+from btcchannel.payer.reported import state_after_report
 from btcchannel.payer.views import (
     Progress,
     check_payee_url,
@@ -373,13 +374,12 @@ class PayerClient(PayeeHttp, Refunds):
     def _note_remote(self, rec: PayerRecord, obj: Any) -> None:
         if not isinstance(obj, dict) or obj.get("channel_id") != rec.channel_id:
             raise ProtocolViolation("the channel object names another channel")
-        state = obj.get("state")
-        if state in (ChannelState.OPEN, ChannelState.CLOSING, ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED) and state != rec.state:
-            if not (rec.state is ChannelState.REFUNDED):
-                fields: dict[str, Any] = {}
-                if obj.get("close_txid"):
-                    fields["close_txid"] = obj["close_txid"]
-                self.store.set_state(rec.channel_id, state, **fields)
+        state = state_after_report(rec.state, obj.get("state"), rec.channel_id)  # stepped through the table
+        if state is not None:
+            fields: dict[str, Any] = {}
+            if obj.get("close_txid"):
+                fields["close_txid"] = obj["close_txid"]
+            self.store.set_state(rec.channel_id, state, **fields)
         if rec.terms is not None and obj.get("terms") is not None and obj["terms"] != rec.terms:
             raise TermsChanged(f"the payee now states other terms than agreed: {obj['terms']!r}")
         amt = obj.get("amount_sat")
@@ -505,7 +505,9 @@ class PayerClient(PayeeHttp, Refunds):
             raise ProtocolViolation(f"payment of {payment.amount_sat} answered with {ans!r}")
         await self.store.set_acked_async(rec.channel_id, payment.amount_sat)
         if ans.get("state") in (ChannelState.CLOSING, ChannelState.CLOSED):
-            self.store.set_state(rec.channel_id, str(ans["state"]))
+            state = state_after_report(self.store.get(rec.channel_id).state, ans["state"], rec.channel_id)
+            if state is not None:
+                self.store.set_state(rec.channel_id, state)
         return payment.amount_sat
 
     async def pay(self, channel_id: str, increment: int | None = None, *, amount: int | None = None) -> int:
@@ -545,16 +547,19 @@ class PayerClient(PayeeHttp, Refunds):
         """Bring every channel up to the chain's and the payee's view; the tip height.
 
         The chain first (:func:`~btcchannel.payer.views.refresh_from_chain`), then the payee, for
-        each channel whose funding is confirmed but that it has not yet reported open, and each
-        closing one (the payee says when its close is final); a payee that does not answer within
-        ``payee_timeout`` seconds leaves the stored state as it is.
+        each channel whose funding is confirmed but that it has not yet reported open, each open
+        one whose funding is no longer in a block (a reorg: the payee reports it ``funding`` again),
+        and each closing one (the payee says when its close is final); a payee that does not answer
+        within ``payee_timeout`` seconds leaves the stored state as it is.
         """
         tip = await refresh_from_chain(self.store, self.node)
         for rec in self.store.list():
-            if rec.state not in (ChannelState.FUNDING, ChannelState.CLOSING) or rec.funding_txid is None:
+            if rec.state not in (ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING) \
+                    or rec.funding_txid is None:
                 continue
-            if rec.state is ChannelState.FUNDING and not await self.node.tx_confirmations(rec.funding_txid):
-                continue
+            if rec.state is not ChannelState.CLOSING and \
+                    bool(await self.node.tx_confirmations(rec.funding_txid)) is (rec.state is ChannelState.OPEN):
+                continue  # funding with no block yet, or open with its funding in one: nothing to ask
             try:
                 await asyncio.wait_for(self.status(rec.channel_id), payee_timeout)
             except (ChannelError, asyncio.TimeoutError):
