@@ -107,7 +107,7 @@ __all__ = ["PayerClient", "Progress", "payee_unreachable"]
 
 
 
-class PayerClient(PayeeHttp, Refunds):
+class PayerClient(PayeeHttp):
     """The payer: one datadir (its ``payer.db``) and one node wallet that funds channels."""
 
     def __init__(
@@ -129,6 +129,8 @@ class PayerClient(PayeeHttp, Refunds):
         self.store = PayerStore(self.datadir / "payer.db")
         if self.store.has_seed():
             self.store.restore_keys()  # a key lost from the row is re-derived (and checked) from the seed
+        #: the way back to a deposit after expiry (:meth:`refund` and :meth:`refund_details` use it)
+        self.refunds = Refunds(self.store, node, self.network, self.record)
         self._session: aiohttp.ClientSession | None = None
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
@@ -579,6 +581,23 @@ class PayerClient(PayeeHttp, Refunds):
             await self._send(rec, Payment(rec.amount_sat, rec.signature))
             obj = await self.status(channel_id)
         return obj
+
+    async def refund(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> str:
+        """Take the whole deposit back through the timelocked path once the chain reaches the expiry;
+        the refund txid (:meth:`refund_details` says more)."""
+        res = await self.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb, dest_address=dest_address)
+        return str(res["refund_txid"])
+
+    async def refund_details(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> dict[str, Any]:
+        """Refund (:meth:`btcchannel.payer.refund.Refunds.refund_details`; the fee rate defaults to the
+        client's ``fee_rate_sat_vb``, then the node's estimate): ``refund_txid``, ``amount_sat``,
+        ``fee_sat``, ``fee_rate_sat_vb``."""
+        return await self.refunds.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb or self.fee_rate_sat_vb,
+                                                 dest_address=dest_address)
 
     async def close(self, channel_id: str) -> dict[str, Any]:
         """Ask the payee to close with the last payment (signed close request)."""
