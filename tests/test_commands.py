@@ -42,7 +42,7 @@ def test_the_command_line_imports_no_store() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            found += [f"{path.name}: {n}" for n in names if n == "btcchannel.store" or n.startswith("btcchannel.store.")]
+            found += [f"{path.name}: {n}" for n in names if (n + ".").startswith("btcchannel.store.")]
     assert found == []
 
 

@@ -255,7 +255,8 @@ def channel(settings: Settings, channel_id: str, close_tx: bool, fee_rate: float
       btcchannel channel 5f0c...e1 --close-tx --fee-rate 2
       btcchannel channel 5f0c...e1 --descriptor --private
     """
-    from btcchannel.payee.commands import channel_doc, close_tx as signed_close
+    from btcchannel.payee.commands import channel_doc
+    from btcchannel.payee.commands import close_tx as signed_close
 
     if descriptor or private:
         doc = _descriptor(settings, channel_id, private)
