@@ -25,6 +25,8 @@ Entry points (what the CLI calls)::
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
         async def refund(self, channel_id: str, *, fee_rate_sat_vb=None, dest_address=None) -> str  # txid
         async def refund_details(...same...) -> dict[str, Any]   # txid, amount, fee, fee rate
+        refunds: Refunds                                # the refund component both call (payer/refund.py)
+        async def refresh(self) -> int                  # every channel up to the chain's and the payee's view
         def channel_for(self, url: str) -> str          # the open/funding channel to url's payee (local view)
         async def pick_channel(self, url: str) -> str   # a usable channel, asking the payee (NotOpen: why none)
         async def get_object(self, url: str) -> dict[str, Any]   # GET JSON outside the protocol
@@ -37,7 +39,9 @@ signs a lower amount than one it may have handed out. Every HTTP call has a
 timeout; a payee that cannot be reached raises ``PayeeUnreachable`` (never
 ``NodeUnavailable``, which is about the bitcoind); the payee's error codes come
 back as the typed errors of ``btcchannel.errors``; an answer that contradicts
-the protocol raises ``ProtocolViolation``.
+the protocol raises ``ProtocolViolation``. Each state the payee reports is stepped
+through the core's transition table (:mod:`btcchannel.payer.reported`): a report
+the table does not lead to from the stored state is logged and ignored.
 
 The terms are agreed at open: the payer reads the payee's required terms
 (``GET /v1/info``), refuses them if they are outside its :class:`PayerLimits`
