@@ -17,10 +17,13 @@ from btcchannel.cli._hints import hint_for
 from btcchannel.errors import BadRequest, ChannelError, OpenTimeout
 
 if TYPE_CHECKING:
-    from btcchannel.payer.metered import MeteredPayer
     from btcchannel.payer.client import PayerClient
+    from btcchannel.payer.metered import MeteredPayer
+    from btcchannel.payer.views import Progress
 
 __all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refreshed_tip", "refund"]
+
+_MINE = "btcchannel regtest mine 1"
 
 
 @click.command("open")
@@ -86,27 +89,8 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
         end_time=int(end_time.replace(tzinfo=timezone.utc).timestamp()) if end_time is not None else None,
     )
 
-    mine = "btcchannel regtest mine 1"
     on_regtest = settings.network == "regtest"
-
-    def progress(event: str, f: dict[str, Any]) -> None:
-        if settings.json:
-            return
-        if event == "proposed":
-            line = f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, expiry height {f['expiry_height']}"
-        elif event == "funded":
-            fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
-            line = f"funding transaction {f['funding_txid']} broadcast{fee}"
-            if on_regtest and not no_wait:  # said at once: nothing else will confirm it
-                line += (f"\nregtest mines no block by itself: run `{mine}` (in another terminal) to confirm "
-                         f"the funding; waiting up to {timeout:g} s")
-        elif event == "confirmations":
-            line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
-            if on_regtest and f["confirmations"] < f["needed"]:
-                line += f" (regtest: `{mine}`)"
-        else:
-            line = f"channel {f['channel_id']} is open"
-        click.echo(line, err=True)
+    progress = _open_progress_printer(settings, wait_s=None if no_wait else timeout)
 
     async def run(client: PayerClient) -> dict[str, Any]:
         if funding_tx is not None:
@@ -134,7 +118,7 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
     except OpenTimeout as e:
         if not on_regtest:
             raise
-        fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{mine}`")
+        fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{_MINE}`")
     if obj["state"] == "proposed":
         emit(settings, obj, f"channel {obj['channel_id']} proposed: fund it, then "
                             f"`btcchannel open {url} --funding-tx HEX --channel {obj['channel_id']}`")
@@ -142,9 +126,37 @@ def open_cmd(settings: Settings, url: str, deposit_sat: int | None, lifetime_blo
     state = obj["state"]
     after = "" if state == "open" else "; it opens once the funding confirms (`btcchannel list` shows it)"
     if state != "open" and on_regtest:
-        after += f"; on regtest confirm it with `{mine}`"
+        after += f"; on regtest confirm it with `{_MINE}`"
     emit(settings, obj, f"channel {obj['channel_id']} {state}: deposit {obj['deposit_sat']} sat, "
                         f"expiry height {obj['expiry_height']}, funding {obj.get('funding_txid')}{after}")
+
+
+def _open_progress_printer(settings: Settings, wait_s: float | None) -> Progress:
+    """What ``open`` says on stderr at each step (nothing under ``--json``); ``wait_s``: how long it
+    waits for the channel to open (None: it does not wait). On regtest it says how to mine."""
+    on_regtest = settings.network == "regtest"
+
+    def progress(event: str, f: dict[str, Any]) -> None:
+        if settings.json:
+            return
+        if event == "proposed":
+            line = (f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, "
+                    f"expiry height {f['expiry_height']}")
+        elif event == "funded":
+            fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
+            line = f"funding transaction {f['funding_txid']} broadcast{fee}"
+            if on_regtest and wait_s is not None:  # said at once: nothing else will confirm it
+                line += (f"\nregtest mines no block by itself: run `{_MINE}` (in another terminal) to confirm "
+                         f"the funding; waiting up to {wait_s:g} s")
+        elif event == "confirmations":
+            line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
+            if on_regtest and f["confirmations"] < f["needed"]:
+                line += f" (regtest: `{_MINE}`)"
+        else:
+            line = f"channel {f['channel_id']} is open"
+        click.echo(line, err=True)
+
+    return progress
 
 
 async def _fund_externally(client: PayerClient, url: str, channel_id: str | None, funding_tx: str,
