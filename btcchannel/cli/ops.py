@@ -8,21 +8,9 @@ from typing import Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, plural, run_async, warn_node_unknown, with_node
-from btcchannel.errors import ChannelError
+from btcchannel.cli._app import Settings, emit, node_tip, plural, run_async, warn_node_unknown, with_node
 
 __all__ = ["COMMANDS", "forget", "restore", "summary"]
-
-
-def _tip(settings: Settings, wallet: str) -> tuple[int | None, ChannelError | None]:
-    """The node's tip height, or None and the error when no node answers (the totals need none)."""
-    async def tip(node: Any) -> int:
-        return int(await node.tip_height())
-
-    try:
-        return run_async(with_node(settings, wallet, tip)), None
-    except ChannelError as e:
-        return None, e
 
 
 @click.command()
@@ -41,7 +29,7 @@ def summary(settings: Settings) -> None:
 
     has_payee, has_payer = payee.has_store(settings.datadir), payer.has_store(settings.datadir)
     tip, node_error = (None, None) if not (has_payee or has_payer) else \
-        _tip(settings, "payee" if has_payee else "payer")
+        node_tip(settings, "payee" if has_payee else "payer")
     doc: dict[str, Any] = {"payee": None, "payer": None, "tip_height": tip}
     if node_error is not None:
         doc["node_error"] = {"code": node_error.code, "message": node_error.message}

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, run_async, table, warn_node_unknown, with_client, with_node
-from btcchannel.errors import ChannelError
+from btcchannel.cli._app import Settings, emit, node_tip, run_async, table, warn_node_unknown, with_client, with_node
 
 if TYPE_CHECKING:
     from btcchannel.bitcoind.rpc import Node
@@ -36,18 +35,12 @@ def _tip_or_none(settings: Settings, wallet: str, doc: dict[str, Any] | None = N
                  warn: bool = True) -> int | None:
     """The node's tip height, or None when no node answers (listing works without one: unless
     ``warn`` is False, a warning says so and ``doc`` gets ``node_error``)."""
-    async def tip(node: Node) -> int:
-        return await node.tip_height()
-
-    try:
-        return run_async(with_node(settings, wallet, tip))
-    except ChannelError as e:
-        if not warn:
-            return None
+    tip, e = node_tip(settings, wallet)
+    if e is not None and warn:
         warn_node_unknown(settings, e, "blocks_left is unknown; the states are as the payee's service last stored them")
         if doc is not None:
             doc["node_error"] = {"code": e.code, "message": e.message}
-        return None
+    return tip
 
 
 def _value_text(v: Any) -> str:
