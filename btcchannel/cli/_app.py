@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageProblem", "error_document", "Group", "RootGroup", "Settings",
-    "default_datadir", "emit", "fail", "main", "make_node", "node_endpoint", "NodeEndpoint", "plural", "run_async", "table", "warn_node_unknown",
+    "default_datadir", "emit", "fail", "main", "make_node", "node_endpoint", "node_tip", "NodeEndpoint", "plural", "run_async", "table", "warn_node_unknown",
     "with_client", "with_node",
 ]
 
@@ -336,6 +336,17 @@ def make_node(settings: Settings, default_wallet: str) -> Node:
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run one command's coroutine to completion."""
     return asyncio.run(coro)
+
+
+def node_tip(settings: Settings, wallet: str) -> tuple[int | None, ChannelError | None]:
+    """The node's tip height, or None and the error when no node answers (a listing needs none)."""
+    async def tip(node: Node) -> int:
+        return await node.tip_height()
+
+    try:
+        return run_async(with_node(settings, wallet, tip)), None
+    except ChannelError as e:
+        return None, e
 
 
 async def with_node(settings: Settings, wallet: str, body: Callable[[Node], Awaitable[T]]) -> T:

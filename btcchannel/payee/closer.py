@@ -42,6 +42,7 @@ from btcchannel.errors import (
     CloseUneconomic,
     InternalError,
     NodeUnavailable,
+    NothingToReplace,
     RpcAlreadyInChain,
     RpcVerifyError,
     RpcVerifyRejected,
@@ -491,10 +492,24 @@ async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> d
 async def operator_bump(
     config: ServerConfig, node: Node, channel_id: str, fee_rate_sat_vb: float | None = None
 ) -> dict[str, Any]:
-    """RBF-bump ``channel_id``'s unconfirmed close (default: ``bump_factor`` times its rate)."""
+    """RBF-bump ``channel_id``'s unconfirmed close (default: ``bump_factor`` times its rate): its channel
+    object with ``replaced_txid`` and both fee rates (``old_fee_rate_sat_vb``, ``new_fee_rate_sat_vb``).
+    ``NothingToReplace`` when there is no close in the mempool (none, or confirmed) or it was not replaced."""
     closer = await _operator_closer(config, node)
     try:
+        before = closer.store.get(channel_id)
+        old = before.close_txid
+        if before.state is not ChannelState.CLOSING or old is None:
+            raise NothingToReplace(f"channel {channel_id} is {before.state.value}: it has no close to replace")
+        confs = await node.tx_confirmations(old)
+        if confs:
+            raise NothingToReplace(f"the close {old} of channel {channel_id} is confirmed "
+                                   f"({confs} confirmations): nothing to replace")
         await closer.bump(channel_id, fee_rate_sat_vb)
-        return channel_object(closer.store.get(channel_id))
+        after = closer.store.get(channel_id)
+        if after.close_txid in (None, old):
+            raise NothingToReplace(f"the close {old} of channel {channel_id} was not replaced")
+        return {**channel_object(after), "replaced_txid": old, "old_fee_rate_sat_vb": before.close_fee_rate,
+                "new_fee_rate_sat_vb": after.close_fee_rate}
     finally:
         closer.store.close()

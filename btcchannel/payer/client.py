@@ -25,6 +25,8 @@ Entry points (what the CLI calls)::
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
         async def refund(self, channel_id: str, *, fee_rate_sat_vb=None, dest_address=None) -> str  # txid
         async def refund_details(...same...) -> dict[str, Any]   # txid, amount, fee, fee rate
+        refunds: Refunds                                # the refund component both call (payer/refund.py)
+        async def refresh(self) -> int                  # every channel up to the chain's and the payee's view
         def channel_for(self, url: str) -> str          # the open/funding channel to url's payee (local view)
         async def pick_channel(self, url: str) -> str   # a usable channel, asking the payee (NotOpen: why none)
         async def get_object(self, url: str) -> dict[str, Any]   # GET JSON outside the protocol
@@ -37,7 +39,9 @@ signs a lower amount than one it may have handed out. Every HTTP call has a
 timeout; a payee that cannot be reached raises ``PayeeUnreachable`` (never
 ``NodeUnavailable``, which is about the bitcoind); the payee's error codes come
 back as the typed errors of ``btcchannel.errors``; an answer that contradicts
-the protocol raises ``ProtocolViolation``.
+the protocol raises ``ProtocolViolation``. Each state the payee reports is stepped
+through the core's transition table (:mod:`btcchannel.payer.reported`): a report
+the table does not lead to from the stored state is logged and ignored.
 
 The terms are agreed at open: the payer reads the payee's required terms
 (``GET /v1/info``), refuses them if they are outside its :class:`PayerLimits`
@@ -87,6 +91,7 @@ from btcchannel.errors import (
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.payer.http import PayeeHttp
 from btcchannel.payer.refund import Refunds
+from btcchannel.payer.reported import state_after_report
 from btcchannel.payer.views import (
     Progress,
     check_payee_url,
@@ -106,7 +111,7 @@ __all__ = ["PayerClient", "Progress", "payee_unreachable"]
 
 
 
-class PayerClient(PayeeHttp, Refunds):
+class PayerClient(PayeeHttp):
     """The payer: one datadir (its ``payer.db``) and one node wallet that funds channels."""
 
     def __init__(
@@ -128,6 +133,8 @@ class PayerClient(PayeeHttp, Refunds):
         self.store = PayerStore(self.datadir / "payer.db")
         if self.store.has_seed():
             self.store.restore_keys()  # a key lost from the row is re-derived (and checked) from the seed
+        #: the way back to a deposit after expiry (:meth:`refund` and :meth:`refund_details` use it)
+        self.refunds = Refunds(self.store, node, self.network, self.record)
         self._session: aiohttp.ClientSession | None = None
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
@@ -373,13 +380,12 @@ class PayerClient(PayeeHttp, Refunds):
     def _note_remote(self, rec: PayerRecord, obj: Any) -> None:
         if not isinstance(obj, dict) or obj.get("channel_id") != rec.channel_id:
             raise ProtocolViolation("the channel object names another channel")
-        state = obj.get("state")
-        if state in (ChannelState.OPEN, ChannelState.CLOSING, ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED) and state != rec.state:
-            if not (rec.state is ChannelState.REFUNDED):
-                fields: dict[str, Any] = {}
-                if obj.get("close_txid"):
-                    fields["close_txid"] = obj["close_txid"]
-                self.store.set_state(rec.channel_id, state, **fields)
+        state = state_after_report(rec.state, obj.get("state"), rec.channel_id)  # stepped through the table
+        if state is not None:
+            fields: dict[str, Any] = {}
+            if obj.get("close_txid"):
+                fields["close_txid"] = obj["close_txid"]
+            self.store.set_state(rec.channel_id, state, **fields)
         if rec.terms is not None and obj.get("terms") is not None and obj["terms"] != rec.terms:
             raise TermsChanged(f"the payee now states other terms than agreed: {obj['terms']!r}")
         amt = obj.get("amount_sat")
@@ -505,7 +511,9 @@ class PayerClient(PayeeHttp, Refunds):
             raise ProtocolViolation(f"payment of {payment.amount_sat} answered with {ans!r}")
         await self.store.set_acked_async(rec.channel_id, payment.amount_sat)
         if ans.get("state") in (ChannelState.CLOSING, ChannelState.CLOSED):
-            self.store.set_state(rec.channel_id, str(ans["state"]))
+            state = state_after_report(self.store.get(rec.channel_id).state, ans["state"], rec.channel_id)
+            if state is not None:
+                self.store.set_state(rec.channel_id, state)
         return payment.amount_sat
 
     async def pay(self, channel_id: str, increment: int | None = None, *, amount: int | None = None) -> int:
@@ -545,16 +553,19 @@ class PayerClient(PayeeHttp, Refunds):
         """Bring every channel up to the chain's and the payee's view; the tip height.
 
         The chain first (:func:`~btcchannel.payer.views.refresh_from_chain`), then the payee, for
-        each channel whose funding is confirmed but that it has not yet reported open, and each
-        closing one (the payee says when its close is final); a payee that does not answer within
-        ``payee_timeout`` seconds leaves the stored state as it is.
+        each channel whose funding is confirmed but that it has not yet reported open, each open
+        one whose funding is no longer in a block (a reorg: the payee reports it ``funding`` again),
+        and each closing one (the payee says when its close is final); a payee that does not answer
+        within ``payee_timeout`` seconds leaves the stored state as it is.
         """
         tip = await refresh_from_chain(self.store, self.node)
         for rec in self.store.list():
-            if rec.state not in (ChannelState.FUNDING, ChannelState.CLOSING) or rec.funding_txid is None:
+            if rec.state not in (ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING) \
+                    or rec.funding_txid is None:
                 continue
-            if rec.state is ChannelState.FUNDING and not await self.node.tx_confirmations(rec.funding_txid):
-                continue
+            if rec.state is not ChannelState.CLOSING and \
+                    bool(await self.node.tx_confirmations(rec.funding_txid)) is (rec.state is ChannelState.OPEN):
+                continue  # funding with no block yet, or open with its funding in one: nothing to ask
             try:
                 await asyncio.wait_for(self.status(rec.channel_id), payee_timeout)
             except (ChannelError, asyncio.TimeoutError):
@@ -574,6 +585,23 @@ class PayerClient(PayeeHttp, Refunds):
             await self._send(rec, Payment(rec.amount_sat, rec.signature))
             obj = await self.status(channel_id)
         return obj
+
+    async def refund(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> str:
+        """Take the whole deposit back through the timelocked path once the chain reaches the expiry;
+        the refund txid (:meth:`refund_details` says more)."""
+        res = await self.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb, dest_address=dest_address)
+        return str(res["refund_txid"])
+
+    async def refund_details(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> dict[str, Any]:
+        """Refund (:meth:`btcchannel.payer.refund.Refunds.refund_details`; the fee rate defaults to the
+        client's ``fee_rate_sat_vb``, then the node's estimate): ``refund_txid``, ``amount_sat``,
+        ``fee_sat``, ``fee_rate_sat_vb``."""
+        return await self.refunds.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb or self.fee_rate_sat_vb,
+                                                 dest_address=dest_address)
 
     async def close(self, channel_id: str) -> dict[str, Any]:
         """Ask the payee to close with the last payment (signed close request)."""

@@ -5,8 +5,8 @@ One row per channel with the payer's key, the parameters and the latest
 amount the payee has acknowledged. A crashed payer therefore never signs a
 lower amount than one it may already have handed out; on resume the client
 reconciles with ``GET /v1/channels/{id}``. The state is the payee's, as last
-reported (``set_state``), so it is recorded as given rather than stepped
-through the transition table.
+reported: the client steps each report through the transition table
+(:mod:`btcchannel.payer.reported`) and records the result (``set_state``).
 
 Entry points::
 
