@@ -18,7 +18,7 @@ import pytest
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.payee.http import CLOSER, WATCHER
-from btcchannel.payee.metrics import install_metrics
+from btcchannel.payee.metrics import METRICS, install_metrics
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing import node_for, sats, tx_of, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
@@ -87,7 +87,7 @@ def _fee(bitcoind: RegtestNode, txid: str, deposits: int) -> int:
 
 async def _metric(srv: RunningPayee, name: str) -> float:
     async with httpx.AsyncClient(timeout=10) as http:
-        text = (await http.get(f"{srv.url}/metrics")).text
+        text = (await http.get(str(srv.app[METRICS].url))).text  # (the metrics listener)
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
