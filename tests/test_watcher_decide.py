@@ -318,3 +318,11 @@ def test_the_decisions_import_nothing_that_does_io() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"}).stdout.split()
     assert out == ["btcchannel.payee.decide"]
+
+
+def test_the_watcher_answers_every_fact_and_performs_every_action() -> None:
+    from btcchannel.payee.watcher import Watcher
+
+    watcher = Watcher.__new__(Watcher)  # (the tables name bound methods only: no node, no store)
+    assert set(watcher._gatherers) == set(Fact)
+    assert set(watcher._actions) == set(Action.__subclasses__())

@@ -369,7 +369,7 @@ def _closing(f: Facts) -> Step:
     if f.close_depth is UNKNOWN:
         return Need(Fact.CLOSE_DEPTH, ch.close_txid)
     if f.close_depth is not None and f.close_depth >= 1:  # mined: final, or a reorg may take it out
-        return MarkClosed(ch.close_txid) if f.policy.final(f.close_depth) else Nothing()
+        return _closed_if_final(f.policy, ch.close_txid, f.close_depth)
     if f.close_depth == 0:
         return _bump(f)
     # our last close is neither mined nor in the mempool: who spent the funding?
@@ -467,11 +467,16 @@ def _vanished(f: Facts) -> Step:
     return Nothing()
 
 
+def _closed_if_final(policy: Policy, txid: str, depth: int | None) -> Step:
+    """Closed by our close ``txid`` once it is final; until then (a reorg may take it out) watched."""
+    return MarkClosed(txid) if policy.final(depth) else Nothing()
+
+
 def _final_close(f: Facts, txid: str) -> Step:
     """One of our closes spends the funding: closed by it once it is final."""
     if f.spender_depth is UNKNOWN:
         return Need(Fact.SPENDER_DEPTH, txid)
-    return MarkClosed(txid) if f.policy.final(f.spender_depth) else Nothing()
+    return _closed_if_final(f.policy, txid, f.spender_depth)
 
 
 def _ours_or_conflict(f: Facts, spender: str) -> Step:
@@ -507,7 +512,7 @@ def _judge_spend(policy: Policy, ch: ChannelView, spender: str, spend: SpendSeen
         if ch.state is ChannelState.CLOSING:
             # the payee branch: only this payee can sign it, so it is one of our closes (e.g.
             # recorded by another process): adopted once final
-            return MarkClosed(spender) if policy.final(spend.depth) else Nothing()
+            return _closed_if_final(policy, spender, spend.depth)
         # our own close sent outside the service (the operator's --close-tx): no more payments
         return Close("operator", alone=True)
     if not policy.final(spend.depth):
