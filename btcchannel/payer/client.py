@@ -461,8 +461,10 @@ class PayerClient(PayeeHttp, Refunds):
             )
         ch = self._current(rec)
         payment = ch.sign_payment(amount)
-        # group commit: durable (with the other payments signed meanwhile) before it is sent
-        if not await self.store.save_signed_async(channel_id, payment.amount_sat, payment.signature):
+        # group commit: durable (with the other payments signed meanwhile) before it is sent; the same
+        # commit writes the units received so far and extends the request counters if they run low
+        if not await self.store.save_signed_async(channel_id, payment.amount_sat, payment.signature,
+                                                  counter_floor=self.clock_us()):
             raise StalePayment("a higher payment is already stored")
         ch.commit_payment(payment)
         return payment
@@ -473,7 +475,8 @@ class PayerClient(PayeeHttp, Refunds):
         the channel key's signature over the channel, the next counter, ``method``, ``url``'s authority
         and raw target, the SHA-256 of ``body`` and the payment headers the request carries. The
         counter is ``max(stored + 1, microsecond clock)``, stored before it is used: it never repeats
-        or goes down, across restarts and clock steps."""
+        or goes down, across restarts and clock steps (handed out from a block reserved durably in the
+        store, so most requests commit nothing for it)."""
         counter = self.store.next_request_counter(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
 

@@ -231,7 +231,7 @@ class MeteredPayer:
             return False
         if not isinstance(last, int) or isinstance(last, bool) or not 0 <= last < 2**63 - 1:
             return False
-        if last < self.client.store.get(self.channel_id).request_counter:
+        if last < self.client.store.last_request_counter(self.channel_id):
             return False  # our counter is already above it: not a lost counter, do not loop
         self.client.resync_request_counter(self.channel_id, last)
         return True
