@@ -27,7 +27,8 @@ serves the same handler free (``/free``) and paid (``/paid``, 1 sat, prepay, one
 bought with ``MeteredPayer.fetch``), one loop per channel in the payer processes, in one run. The
 last line is ``metered_per_s=<x> free_per_s=<y> ratio=<x/y> p50_ms=<a> p99_ms=<b>
 payee_cpu_us_per_request=<c> free_cpu_us_per_request=<d> framework=<f> channels=<n>``
-(latencies and CPU of the paid requests; ``--profile DIR`` profiles the seller process).
+(latencies and CPU of the paid requests; ``--profile DIR`` profiles the seller process, ``--py-spy DIR``
+samples its stacks in each phase with ``py-spy``, all threads, when it is installed).
 """
 
 from __future__ import annotations
@@ -285,12 +286,20 @@ def run_metered(args: argparse.Namespace) -> None:
         all_do(workers, "free 0.5")
         figures = {}
         for phase in ("free", "paid"):
+            spy = None
+            if args.py_spy:  # sampled stacks of the seller (all threads, native frames excluded) in this phase
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(seller.pid), "--duration", str(int(args.duration)),
+                                        "--rate", "250", "--threads", "--nonblocking", "--format", "raw", "--output",
+                                        str(Path(args.py_spy) / f"seller-{args.framework}-{args.channels}ch-{phase}.txt")],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = cpu_s(seller.pid)
             payers_before = sum(cpu_s(w.p.pid) for w in workers)
             answers = all_do(workers, f"{phase} {args.duration}")
             used = cpu_s(seller.pid) - before
             payers_used = sum(cpu_s(w.p.pid) for w in workers) - payers_before
             count = sum(a["count"] for a in answers)
+            if spy is not None:
+                spy.wait(60)
             figures[phase] = {"rate": rate(answers), "cpu_us": used / max(count, 1) * 1e6,
                               "payer_cpu_us": payers_used / max(count, 1) * 1e6,
                               "lat": sorted(x for a in answers for x in a["lat_ms"]), "count": count}
@@ -529,6 +538,7 @@ def main() -> None:
     ap.add_argument("--profile", help="write cProfile files (payer workers, payees) to this folder")
     ap.add_argument("--route", choices=["payments", "metered"], default="payments",
                     help="metered: a seller's route, free and paid, in one run")
+    ap.add_argument("--py-spy", help="--route metered: write py-spy's sampled stacks of the seller, per phase, to this folder")
     ap.add_argument("--framework", choices=["aiohttp", "asgi"], default="aiohttp", help="--route metered: the seller's")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--seller", help=argparse.SUPPRESS)

@@ -148,7 +148,7 @@ class MeteredPayer:
         if rec.terms is not None and rec.acked_sat >= metering.cost(rec.units + units):
             return None  # paid for and not served: the payee's unit credit
         return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units),
-                                           units_ahead=units)
+                                           units_ahead=units, record=rec)
 
     async def fetch(self, url: str, method: str = "GET", *, units: int | None = 1,
                     data: bytes | None = None) -> tuple[int, bytes]:
