@@ -40,6 +40,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from btcchannel.core.keys import public_key
@@ -322,7 +323,8 @@ class PayerStore(SeedKeys, Database):
         counters[channel_id] = (counter, reserved)
         return counter
 
-    def _new_block(self, channel_id: str, at_least: int, rows: list[Any], bound_of: Any) -> int | None:
+    def _new_block(self, channel_id: str, at_least: int, rows: Sequence[Any],
+                   bound_of: Callable[[Any], Any]) -> int | None:
         """Take the block a reserve statement stored (its new bound in ``rows``): the next counter, or
         None if counters handed out meanwhile are already past it."""
         if not rows:
