@@ -293,11 +293,16 @@ def run_metered(args: argparse.Namespace) -> None:
                                         str(Path(args.py_spy) / f"seller-{args.framework}-{args.channels}ch-{phase}.txt")],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = cpu_s(seller.pid)
+            threads_before = thread_cpu_s(seller.pid)
             payers_before = sum(cpu_s(w.p.pid) for w in workers)
             answers = all_do(workers, f"{phase} {args.duration}")
             used = cpu_s(seller.pid) - before
             payers_used = sum(cpu_s(w.p.pid) for w in workers) - payers_before
             count = sum(a["count"] for a in answers)
+            threads_after = thread_cpu_s(seller.pid)
+            by_thread = {n: (t - threads_before.get(n, 0.0)) / max(count, 1) * 1e6 for n, t in threads_after.items()}
+            print(f"{phase}: seller CPU per request by thread (us): "
+                  + ", ".join(f"{n} {us:.0f}" for n, us in sorted(by_thread.items()) if us >= 1))
             if spy is not None:
                 spy.wait(60)
             figures[phase] = {"rate": rate(answers), "cpu_us": used / max(count, 1) * 1e6,
@@ -420,6 +425,19 @@ def open_store(config: ServerConfig) -> PayeeStore:
 
         return open_payee_store(config.store_url)
     return PayeeStore(config.db_path)
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """User + system CPU seconds each thread of a process has used so far, by thread name (Linux)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def cpu_s(pid: int) -> float:
