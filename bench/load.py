@@ -185,14 +185,23 @@ def run_seller(spec: dict[str, Any]) -> None:
     service = PaidService(datadir=spec["datadir"], wallet="miner", rpc_url=spec["rpc_url"],
                           rpc_cookie=spec["cookie_file"], price_sat=1, **fields)
     payload = {"answer": 42}
+
+    def commits() -> dict[str, int]:  # the group commit's counters (not a paid route: the bench reads them)
+        writer = service.store.writer
+        return {"batches": writer.batches, "statements": writer.statements}
+
     if spec["framework"] == "aiohttp":
         from aiohttp import web
 
         async def answer(request: web.Request) -> web.Response:
             return web.json_response(payload)
 
+        async def stats(request: web.Request) -> web.Response:
+            return web.json_response(commits())
+
         app = web.Application()
         app.router.add_get("/free", answer)
+        app.router.add_get("/commits", stats)
         app.router.add_get("/paid", service.paid(price_sat=1)(answer))
         service.mount(app)
         web.run_app(app, host="127.0.0.1", port=spec["port"], access_log=None, print=None)
@@ -209,6 +218,10 @@ def run_seller(spec: dict[str, Any]) -> None:
         @api.get("/paid")
         async def paid() -> dict[str, int]:
             return payload
+
+        @api.get("/commits")
+        async def stats() -> dict[str, int]:
+            return commits()
 
         uvicorn.run(service.asgi(api, {"/paid": 1}), host="127.0.0.1", port=spec["port"], log_level="warning",
                     access_log=False)
@@ -294,6 +307,7 @@ def run_metered(args: argparse.Namespace) -> None:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             before = cpu_s(seller.pid)
             threads_before = thread_cpu_s(seller.pid)
+            commits_before = get_json(f"{origin}/commits")
             payers_before = sum(cpu_s(w.p.pid) for w in workers)
             answers = all_do(workers, f"{phase} {args.duration}")
             used = cpu_s(seller.pid) - before
@@ -301,8 +315,13 @@ def run_metered(args: argparse.Namespace) -> None:
             count = sum(a["count"] for a in answers)
             threads_after = thread_cpu_s(seller.pid)
             by_thread = {n: (t - threads_before.get(n, 0.0)) / max(count, 1) * 1e6 for n, t in threads_after.items()}
+            commits_after = get_json(f"{origin}/commits")
+            batches = commits_after["batches"] - commits_before["batches"]
+            statements = commits_after["statements"] - commits_before["statements"]
             print(f"{phase}: seller CPU per request by thread (us): "
-                  + ", ".join(f"{n} {us:.0f}" for n, us in sorted(by_thread.items()) if us >= 1))
+                  + ", ".join(f"{n} {us:.0f}" for n, us in sorted(by_thread.items()) if us >= 1)
+                  + f"; group commit: {batches} commits of {statements} statements"
+                  + (f" ({statements / batches:.1f} per commit)" if batches else ""))
             if spy is not None:
                 spy.wait(60)
             figures[phase] = {"rate": rate(answers), "cpu_us": used / max(count, 1) * 1e6,
@@ -425,6 +444,14 @@ def open_store(config: ServerConfig) -> PayeeStore:
 
         return open_payee_store(config.store_url)
     return PayeeStore(config.db_path)
+
+
+def get_json(url: str) -> Any:
+    """GET ``url``'s JSON body (the bench's own side channel to the seller)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
