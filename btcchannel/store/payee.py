@@ -369,13 +369,10 @@ class PayeeStore(SeedKeys, Database):
         settle = "" if owed_sat is None else " owed_since=CASE WHEN owed_sat<=? THEN NULL ELSE owed_since END,"
         sql = ("UPDATE channels SET amount_sat=?, signature=?, units=units+?, payments=payments+1," + settle +
                " request_counter=MAX(request_counter, ?), last_request=COALESCE(?, last_request),"
-               " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<?")
+               " paid_at=?, updated_at=? WHERE channel_id=? AND state=? AND amount_sat<? RETURNING *")
         args: tuple[Any, ...] = (amount_sat, signature, units_delta, *(() if owed_sat is None else (owed_sat,)),
                                  request_counter, last_request, now, now, channel_id, _S.OPEN.value, amount_sat)
-        if request_counter:  # a metered request's payment: its counter is still unused (compare-and-set)
-            sql += " AND request_counter<?"
-            args += (request_counter,)
-        return sql + " RETURNING *", args
+        return sql, args
 
     def record_payment(
         self,
