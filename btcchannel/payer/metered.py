@@ -338,8 +338,8 @@ class Exchange:
         if status == 402:
             if body is not None and payer._error_code(body) == "credit_cap_reached":
                 payer._raise(status, body)  # the payee's cap across channels: settling this one does not help
-            challenge = Challenge.from_answer(headers, body)
             if self.units is None:  # the route names its price: pay exactly that, or nothing
+                challenge = Challenge.from_answer(headers, body)
                 self.challenge = challenge
                 self.units = challenge.units_for(metering)
                 return False
