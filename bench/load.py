@@ -455,11 +455,12 @@ def get_json(url: str) -> Any:
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
-    """User + system CPU seconds each thread of a process has used so far, by thread name (Linux)."""
+    """User + system CPU seconds the threads of a process have used so far (Linux): its main thread
+    (the event loop) and the others together (the group commit's writer, executors)."""
     out: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = (task / "comm").read_text().strip()
+            name = "main" if task.name == str(pid) else "other threads"
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the thread ended
