@@ -24,11 +24,11 @@ one; a restored backup resyncs from the payee's 401).
 **One durable commit per paid request.** Counters are reserved in blocks (:data:`COUNTER_BLOCK`) and
 handed out from memory below the stored bound, so most requests commit no counter; a payment that
 finds its block running low extends it in the payment's own commit (``save_signed_async(...,
-counter_bound=...)``). The units received (and the total the payee acknowledged with them) are
-counted in memory (``add_units``) and written by the next payment's commit (or :meth:`flush_units`,
-:meth:`close`): a crash may lose that count, never raise it, and an under-count is what the metered
-protocol recovers from (the payee's 402 for a unit it has no credit for is counted as received).
-:meth:`get` and :meth:`find` report the stored row plus what is counted in memory.
+counter_floor=...)``). The units received (and the total the payee acknowledged with them) are
+written at once but without waiting for the disk (``add_units``: no fsync): a killed process loses
+nothing, an operating system crash may lose the last count, never raise it, and an under-count is
+what the metered protocol recovers from (the payee's 402 for a unit it has no credit for is counted
+as received).
 A channel with a ``key_index`` has its key derived from the seed, and :meth:`PayerStore.restore_keys`
 re-derives a lost key; the ``privkey`` column stays authoritative (older channels have random keys).
 """
@@ -152,18 +152,9 @@ class PayerStore(SeedKeys, Database):
     PUBKEY_FIELD = "payer_pubkey"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        #: per channel, the units received and the acked total counted in memory, not yet written
-        self._units: dict[str, tuple[int, int]] = {}
         #: per channel, (the last request counter handed out, the bound reserved in the store)
         self._counters: dict[str, tuple[int, int]] = {}
         super().__init__(path)
-
-    def _with_pending(self, rec: PayerRecord) -> PayerRecord:
-        pending = self._units.get(rec.channel_id)
-        if pending is not None:
-            rec.units += pending[0]
-            rec.acked_sat = max(rec.acked_sat, pending[1])
-        return rec
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
@@ -175,12 +166,12 @@ class PayerStore(SeedKeys, Database):
     def find(self, channel_id: str) -> PayerRecord | None:
         """The channel's row or None."""
         row = self._row(channel_id)
-        return None if row is None else self._with_pending(_payer_from_row(row))
+        return None if row is None else _payer_from_row(row)
 
     def list(self) -> list[PayerRecord]:
         """All channels, oldest first."""
         rows = self._db.execute("SELECT * FROM channels ORDER BY created_at").fetchall()
-        return [self._with_pending(_payer_from_row(r)) for r in rows]
+        return [_payer_from_row(r) for r in rows]
 
     def insert(self, rec: PayerRecord) -> None:
         """Store a new channel (before anything is funded)."""
@@ -197,7 +188,6 @@ class PayerStore(SeedKeys, Database):
 
     def delete(self, channel_id: str) -> bool:
         """Remove a channel's row (the caller decides that it holds nothing); whether one was removed."""
-        self._units.pop(channel_id, None)
         self._counters.pop(channel_id, None)
         return self._db.execute("DELETE FROM channels WHERE channel_id=?", (channel_id,)).rowcount == 1
 
@@ -216,60 +206,32 @@ class PayerStore(SeedKeys, Database):
         if cur.rowcount != 1:
             raise UnknownChannel(f"no channel {channel_id}")
 
-    def _signed_sql(self, channel_id: str, amount_sat: int, signature: bytes, units: int, acked: int,
+    @staticmethod
+    def _signed_sql(channel_id: str, amount_sat: int, signature: bytes,
                     counter_bound: int) -> tuple[str, tuple[Any, ...]]:
-        return ("UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, units=units+?,"
-                " acked_sat=MAX(acked_sat, ?), request_counter=MAX(request_counter, ?), updated_at=?"
+        return ("UPDATE channels SET amount_sat=?, signature=?, payments=payments+1,"
+                " request_counter=MAX(request_counter, ?), updated_at=?"
                 " WHERE channel_id=? AND amount_sat<? RETURNING request_counter",
-                (amount_sat, signature, units, acked, counter_bound, time.time(), channel_id, amount_sat))
-
-    def _take_pending(self, channel_id: str) -> tuple[int, int]:
-        """The units (and acked total) counted in memory, taken out for a commit that writes them (an
-        under-count meanwhile is safe; :meth:`_put_back` if the commit does not happen)."""
-        return self._units.pop(channel_id, (0, 0))
-
-    def _put_back(self, channel_id: str, pending: tuple[int, int]) -> None:
-        if pending != (0, 0):
-            units, acked = self._units.get(channel_id, (0, 0))
-            self._units[channel_id] = (units + pending[0], max(acked, pending[1]))
+                (amount_sat, signature, counter_bound, time.time(), channel_id, amount_sat))
 
     def save_signed(self, channel_id: str, amount_sat: int, signature: bytes) -> bool:
-        """Durably store a signed payment before it is sent; False unless it is higher than the stored one.
-        The units received counted in memory are written with it."""
-        pending = self._take_pending(channel_id)
-        ok = False
-        try:
-            ok = bool(self._db.execute(*self._signed_sql(channel_id, amount_sat, signature, *pending, 0)).fetchall())
-        finally:
-            if not ok:
-                self._put_back(channel_id, pending)
-        return ok
+        """Durably store a signed payment before it is sent; False unless it is higher than the stored one."""
+        return bool(self._db.execute(*self._signed_sql(channel_id, amount_sat, signature, 0)).fetchall())
 
     def add_units(self, channel_id: str, units: int, acked_sat: int | None = None) -> None:
-        """Count ``units`` more metered units received (and the total the payee acknowledged with them).
+        """Record ``units`` more metered units received (and the total the payee acknowledged with them).
 
-        Counted in memory, written by the channel's next payment (or :meth:`flush_units`): no commit
-        per unit. A crash may lose the count (an under-count, which the protocol recovers), never
-        raise it."""
-        self._put_back(channel_id, (units, acked_sat or 0))
-
-    def flush_units(self) -> None:
-        """Write the units received (and acked totals) counted in memory (also on :meth:`close`)."""
-        pending = self._units
-        while pending:
-            cid, (units, acked) = pending.popitem()
+        Written at once without waiting for the disk (``synchronous=NORMAL`` for this statement, so no
+        fsync on the event loop): it survives the process being killed; an operating system crash may
+        lose it (an under-count: the payer signs less, and the protocol recovers the count), never raise it."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
             self._db.execute(
                 "UPDATE channels SET units=units+?, acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
-                (units, acked, time.time(), cid),
+                (units, acked_sat or 0, time.time(), channel_id),
             )
-
-    def close(self) -> None:
-        """Write what is counted in memory, then close (see :meth:`Database.close`)."""
-        try:
-            self.flush_units()
-        except sqlite3.Error:
-            pass  # an under-count: recovered by the protocol
-        super().close()
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def set_acked(self, channel_id: str, amount_sat: int) -> None:
         """Record the amount the payee acknowledged (never lowers it)."""
@@ -291,13 +253,7 @@ class PayerStore(SeedKeys, Database):
             last, reserved = held
             if max(last + 1, counter_floor) + COUNTER_BLOCK // 2 > reserved:
                 bound = min(max(last + 1, counter_floor) + COUNTER_BLOCK, _MAX_COUNTER)
-        pending = self._take_pending(channel_id)
-        rows: list[dict[str, Any]] = []
-        try:
-            rows = await self.writer.submit(*self._signed_sql(channel_id, amount_sat, signature, *pending, bound))
-        finally:
-            if not rows:
-                self._put_back(channel_id, pending)
+        rows = await self.writer.submit(*self._signed_sql(channel_id, amount_sat, signature, bound))
         if rows and bound and int(rows[0]["request_counter"]) == bound:
             held = self._counters.get(channel_id)
             if held is not None:  # (not dropped by a resync meanwhile) the block now ends at ``bound``
