@@ -165,7 +165,8 @@ class PaymentGate:
 
         Checks, in order: a channel named (402 otherwise), the transport (``tls_required``), the
         channel (``unknown_channel``), the authentication (``unauthorized``), then the payment or
-        credit. The channel's row is read once; every write (the prepay payment, the surplus used,
+        credit. The channel's row is the one kept in memory (read once when it is not; every write is a
+        compare-and-set, re-decided on the stored row when it loses); every write (the prepay payment, the surplus used,
         postpay credit) goes through the store's group commit, so the event loop never waits on the disk."""
         svc = self.svc
         rec: PayeeRecord | None = None
@@ -178,14 +179,19 @@ class PaymentGate:
             if not self.secure(origin, peer):
                 raise TlsRequired("paid requests need TLS (or a loopback client)")
             cid = check_channel_id(cid_h)
-            rec = svc.store.get(cid)
+            rec = svc.row(cid)  # an open channel's row is kept in memory: no read per request
             metering = svc.terms_of(rec).metering  # the channel's agreed terms
             if not metering.enabled:
                 return Charge(None, units)
             auth = parse_auth(headers.get(HDR_AUTH))
-            key, replay = svc.authenticate(rec, auth, PaidRequest.of(method, target, headers, body))
-            if replay:
-                return Charge(rec, units, metering, key, replay=True)
+            request = PaidRequest.of(method, target, headers, body)
+            key, replay = svc.authenticate(rec, auth, request)
+            if replay:  # served free: only if the stored row (not just the kept one) says it is the last charged
+                svc.invalidate(cid)
+                rec = svc.row(cid)
+                key, replay = svc.authenticate(rec, auth, request)
+                if replay:
+                    return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             svc.require_fresh_chain()  # once: no payment, surplus or credit is used on a stale chain view
             charged: PayeeRecord | None

@@ -139,6 +139,7 @@ class PayerClient(PayeeHttp):
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
         self._terms: dict[str, Terms] = {}  # agreed terms, parsed
+        self._keys: dict[str, bytes] = {}  # channel keys (never change once stored)
         self._needed: dict[str, int] = {}   # confirmations each payee asks for (from its info)
 
     async def __aenter__(self) -> PayerClient:
@@ -174,9 +175,10 @@ class PayerClient(PayeeHttp):
             ch = self._channel(rec)
             self._open[rec.channel_id] = ch
         return ch
-    def record(self, channel_id: str) -> PayerRecord:
-        """The stored channel, refused (``UnknownChannel``) when it belongs to another network."""
-        rec = self.store.get(channel_id)
+    def record(self, channel_id: str, rec: PayerRecord | None = None) -> PayerRecord:
+        """The stored channel (``rec``: as the caller just read it), refused (``UnknownChannel``) when it
+        belongs to another network."""
+        rec = self.store.get(channel_id) if rec is None else rec
         network = rec.params.get("network")
         if network != self.network:
             raise UnknownChannel(f"channel {channel_id} is a {network} channel, and this client runs on {self.network}")
@@ -446,14 +448,17 @@ class PayerClient(PayeeHttp):
             lock = self._signing[channel_id] = asyncio.Lock()
         return lock
 
-    async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment:
+    async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0,
+                        record: PayerRecord | None = None) -> Payment:
         """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered.
 
         ``AmountNotAgreed`` if the agreed terms do not allow it, given the units received so far
-        and ``units_ahead`` units being paid for in advance (prepay).
+        and ``units_ahead`` units being paid for in advance (prepay). ``record``: the channel's row
+        as the caller read it, from which it chose ``amount`` (else it is read here); the store
+        refuses an amount not above the one stored.
         """
         async with self._lock(channel_id):
-            return await self._sign_locked(channel_id, amount, self.record(channel_id), units_ahead)
+            return await self._sign_locked(channel_id, amount, self.record(channel_id, record), units_ahead)
 
     async def _sign_locked(self, channel_id: str, amount: int, rec: PayerRecord, units_ahead: int = 0) -> Payment:
         if rec.state is ChannelState.FUNDING:
@@ -467,8 +472,10 @@ class PayerClient(PayeeHttp):
             )
         ch = self._current(rec)
         payment = ch.sign_payment(amount)
-        # group commit: durable (with the other payments signed meanwhile) before it is sent
-        if not await self.store.save_signed_async(channel_id, payment.amount_sat, payment.signature):
+        # group commit: durable (with the other payments signed meanwhile) before it is sent; the same
+        # commit writes the units received so far and extends the request counters if they run low
+        if not await self.store.save_signed_async(channel_id, payment.amount_sat, payment.signature,
+                                                  counter_floor=self.clock_us()):
             raise StalePayment("a higher payment is already stored")
         ch.commit_payment(payment)
         return payment
@@ -479,7 +486,8 @@ class PayerClient(PayeeHttp):
         the channel key's signature over the channel, the next counter, ``method``, ``url``'s authority
         and raw target, the SHA-256 of ``body`` and the payment headers the request carries. The
         counter is ``max(stored + 1, microsecond clock)``, stored before it is used: it never repeats
-        or goes down, across restarts and clock steps."""
+        or goes down, across restarts and clock steps (handed out from a block reserved durably in the
+        store, so most requests commit nothing for it)."""
         counter = self.store.next_request_counter(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
 
@@ -497,7 +505,12 @@ class PayerClient(PayeeHttp):
     def _signed_auth(self, channel_id: str, counter: int, method: str, url: str, body: bytes | None,
                      payment_headers: Mapping[str, str] | None) -> str:
         u = URL(url)  # the authority and raw target exactly as aiohttp sends them (percent-encoded)
-        return auth_header_v2(self.store.get(channel_id).privkey, channel_id, counter, method,
+        key = self._keys.get(channel_id)
+        if key is None:
+            key = self.store.get(channel_id).privkey
+            if key:  # (a lost key is re-derived by ``restore_keys``: not kept while empty)
+                self._keys[channel_id] = key
+        return auth_header_v2(key, channel_id, counter, method,
                               u.host_port_subcomponent or "", u.raw_path_qs, body, payment_headers)
 
     def resync_request_counter(self, channel_id: str, last_counter: int) -> None:

@@ -148,7 +148,7 @@ class MeteredPayer:
         if rec.terms is not None and rec.acked_sat >= metering.cost(rec.units + units):
             return None  # paid for and not served: the payee's unit credit
         return await self.client.sign_next(self.channel_id, metering.prepay_amount(rec.amount_sat, units),
-                                           units_ahead=units)
+                                           units_ahead=units, record=rec)
 
     async def fetch(self, url: str, method: str = "GET", *, units: int | None = 1,
                     data: bytes | None = None) -> tuple[int, bytes]:
@@ -231,7 +231,7 @@ class MeteredPayer:
             return False
         if not isinstance(last, int) or isinstance(last, bool) or not 0 <= last < 2**63 - 1:
             return False
-        if last < self.client.store.get(self.channel_id).request_counter:
+        if last < self.client.store.last_request_counter(self.channel_id):
             return False  # our counter is already above it: not a lost counter, do not loop
         self.client.resync_request_counter(self.channel_id, last)
         return True
