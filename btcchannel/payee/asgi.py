@@ -98,7 +98,8 @@ class PaidRoutes:
     For another ASGI app, the templates are matched against the path without ``root_path``.
     A path that matches no route of the app but lies under a priced template's fixed prefix is
     answered 404 without running the app (it is never served unpaid). :meth:`attach` refuses a
-    price that matches no route of the wrapped app. FastAPI routes can also carry their price
+    price that matches no route of the wrapped app, or a websocket route (only HTTP requests are
+    metered; a websocket under a priced mount or template is closed, code 1008, unserved). FastAPI routes can also carry their price
     themselves: ``dependencies=[Depends(paid.costs(250))]``.
     """
 
@@ -158,6 +159,9 @@ class PaidRoutes:
         self._table = None
 
         async def gated(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "websocket" and self._prices().lookup(scope) is not None:
+                await send({"type": "websocket.close", "code": 1008})  # priced (a mount): never served unpaid
+                return
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
@@ -277,6 +281,8 @@ class _PriceTable:
                 known = ", ".join(sorted({t for t, _r in flat})) or "none"
                 raise ValueError(f"no route of the app matches the price for {method} {template!r} (routes: {known})")
             for route in hits:
+                if _is_websocket(route):
+                    raise ValueError(f"{template!r} is a websocket route: the gate meters HTTP requests only")
                 by_route.setdefault(id(route), {})[method] = price
         return cls(by_route, routes, [], sorted({p for p in prefixes if p}))
 
@@ -328,6 +334,11 @@ def _app_routes(app: Any) -> list[Any] | None:
     if routes is None:
         routes = getattr(getattr(app, "router", None), "routes", None)
     return list(routes) if isinstance(routes, (list, tuple)) else None
+
+
+def _is_websocket(route: Any) -> bool:
+    """Whether ``route`` is a websocket route (Starlette's, or FastAPI's subclass of it)."""
+    return any(cls.__name__ == "WebSocketRoute" for cls in type(route).__mro__)
 
 
 def _allows(route: Any, method: str) -> bool:

@@ -1,0 +1,211 @@
+"""The seller's path against hostile buyers and sellers, on real servers and a real regtest node:
+a buyer's budget holds under concurrent requests, a handler's charged 4xx reaches the caller as its
+answer and counts against the budget, a lying 402 never makes a buyer fund a channel it will not
+use, a route no channel can carry opens nothing, and a websocket route cannot be priced (the gate
+cannot meter it, so it would be served unpaid)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import requests
+from aiohttp import web
+from fastapi import FastAPI, WebSocket
+from starlette.routing import Mount, Router, WebSocketRoute
+
+from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.errors import TermsRefused
+from btcchannel.payee.asgi import PaidRoutes
+from btcchannel.payee.metered import add_paid_route
+from btcchannel.payer.buyer import Buyer
+from btcchannel.testing import RunningPayee, wait_until_async
+from btcchannel.testing.fixtures import PayeeFactory
+from btcchannel.wire import HDR_PAID
+
+PRICE = 250
+DEPOSIT = 10_000
+
+
+@contextlib.asynccontextmanager
+async def _mining(bitcoind: RegtestNode) -> AsyncIterator[None]:
+    """Mine a block whenever a transaction waits in the mempool (fundings and closes confirm)."""
+    stop = asyncio.Event()
+
+    async def miner() -> None:
+        while not stop.is_set():
+            await wait_until_async(lambda: stop.is_set() or bool(bitcoind.rpc("getrawmempool")), timeout=300,
+                                   interval=0.05, what="a transaction to mine")
+            if not stop.is_set():
+                bitcoind.mine(1)
+
+    task = asyncio.ensure_future(miner())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def _seller(payee_factory: PayeeFactory) -> RunningPayee:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"answer": 42})
+
+    async def missing(request: web.Request) -> web.StreamResponse:  # the seller's own 404, after payment
+        return web.json_response({"detail": "no such item"}, status=404)
+
+    def hook(app: web.Application) -> None:
+        add_paid_route(app, "GET", "/answer", answer, units=PRICE)
+        add_paid_route(app, "GET", "/missing", missing, units=PRICE)
+
+    return await payee_factory.start(hook=hook, price_sat=1, mode="prepay")
+
+
+def _buyer(bitcoind: RegtestNode, wallet: str, datadir: Path, **budget: Any) -> Buyer:
+    return Buyer(datadir=datadir, wallet=wallet, rpc_url=bitcoind.rpc_url, rpc_user=bitcoind.rpc_user,
+                 rpc_password=bitcoind.rpc_password, **{"max_price_sat": 1, "deposit_sat": DEPOSIT, **budget})
+
+
+def _paid_at(srv: RunningPayee, channels: list[str]) -> int:
+    return sum(srv.store.get(cid).amount_sat for cid in channels)
+
+
+async def test_concurrent_requests_stay_within_the_total_budget(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path,
+) -> None:
+    srv = await _seller(payee_factory)
+    url = f"{srv.url}/answer"
+    async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer", max_total_sat=2 * PRICE) as buyer:
+        async with _mining(bitcoind), httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120) as http:
+            results = await asyncio.gather(*(http.get(url) for _ in range(5)), return_exceptions=True)
+        channels = buyer.channels
+        served = [r for r in results if isinstance(r, httpx.Response) and r.status_code == 200]
+        refused = [r for r in results if isinstance(r, TermsRefused)]
+        assert (len(served), len(refused)) == (2, 3), results
+        assert buyer.spent_sat == 2 * PRICE
+    assert _paid_at(srv, channels) == 2 * PRICE  # nothing paid over the budget
+
+
+@pytest.mark.parametrize("kind", ["httpx", "requests"])
+async def test_a_charged_4xx_is_the_callers_answer_and_counts_against_the_budget(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path, kind: str,
+) -> None:
+    srv = await _seller(payee_factory)
+
+    def buy(buyer: Buyer) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        if kind == "httpx":
+            with httpx.Client(auth=buyer.httpx_auth(), timeout=120) as http:
+                for path in ("/missing", "/answer", "/missing"):
+                    resp = http.get(srv.url + path)
+                    out.append((resp.status_code, resp.json()))
+        else:
+            with requests.Session() as http:
+                http.auth = buyer.requests_auth()
+                for path in ("/missing", "/answer", "/missing"):
+                    answer = http.get(srv.url + path, timeout=120)
+                    out.append((answer.status_code, answer.json()))
+        return out
+
+    async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer", max_total_sat=3 * PRICE) as buyer:
+        async with _mining(bitcoind):
+            seen = await asyncio.to_thread(buy, buyer)
+            assert seen == [(404, {"detail": "no such item"}), (200, {"answer": 42}), (404, {"detail": "no such item"})]
+            assert buyer.spent_sat == 3 * PRICE  # the 404s were charged: they count
+            with pytest.raises(TermsRefused):  # and the budget is spent
+                await asyncio.to_thread(buy, buyer)
+        channels = buyer.channels
+    assert _paid_at(srv, channels) == 3 * PRICE
+
+
+async def test_a_lying_402_makes_the_buyer_fund_nothing(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path,
+) -> None:
+    """A route whose 402 claims 1 sat while the payee's agreed terms are 250 sat a unit: the buyer's
+    per-unit limit refuses the payee's terms before anything is funded."""
+    payee = await payee_factory.start(price_sat=PRICE, mode="prepay")
+
+    async def lure(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"payment": {}}, status=402, headers={"WWW-Authenticate": (
+            f'Btcchannel realm="{payee.url}", network="regtest", info="{payee.url}/v1/info", '
+            f'channels="{payee.url}/v1/channels", price_sat="1", units="1", mode="prepay"')})
+
+    def hook(app: web.Application) -> None:
+        app.router.add_get("/x", lure)
+
+    liar = await payee_factory.start(payee_factory.config("liar"), hook=hook)
+    before = bitcoind.rpc("getmempoolinfo")["size"]
+    async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer") as buyer:
+        async with httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120) as http:
+            with pytest.raises(TermsRefused):
+                await http.get(f"{liar.url}/x")
+        assert buyer.channels == []
+    assert bitcoind.rpc("getmempoolinfo")["size"] == before  # no funding was sent
+
+
+async def test_a_route_no_channel_can_carry_opens_nothing(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path,
+) -> None:
+    async def dear(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"dear": True})
+
+    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "GET", "/dear", dear, units=2 * DEPOSIT),
+                                    price_sat=1, mode="prepay")
+    before = bitcoind.rpc("getmempoolinfo")["size"]
+    async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer") as buyer:
+        async with httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120) as http:
+            with pytest.raises(TermsRefused, match="deposit"):
+                await http.get(f"{srv.url}/dear")
+        assert buyer.channels == []
+    assert bitcoind.rpc("getmempoolinfo")["size"] == before
+
+
+class _Gate:
+    def units_for(self, price_sat: int) -> int:
+        return price_sat
+
+
+def test_a_websocket_route_cannot_be_priced() -> None:
+    api = FastAPI()
+
+    @api.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        raise AssertionError("not reached")
+
+    paid = PaidRoutes({"/ws": 10})
+    paid.wrap(api)
+    with pytest.raises(ValueError, match="websocket"):
+        paid.attach(_Gate())  # type: ignore[arg-type]
+
+
+async def test_a_websocket_under_a_priced_mount_is_refused() -> None:
+    ran: list[str] = []
+
+    async def ws(websocket: Any) -> None:
+        ran.append("ws")
+        await websocket.accept()
+        await websocket.close()
+
+    app = Router(routes=[Mount("/paid", routes=[WebSocketRoute("/ws", ws)])])
+    paid = PaidRoutes({"/paid": 10})
+    gated = paid.wrap(app)
+    paid.attach(_Gate())  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+    incoming: list[dict[str, Any]] = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}]
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/paid/ws", "raw_path": b"/paid/ws", "root_path": "", "headers": [],
+             "query_string": b"", "scheme": "ws", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "subprotocols": []}
+    await gated(scope, receive, send)  # type: ignore[arg-type]
+    assert ran == [] and sent[0]["type"] == "websocket.close"
