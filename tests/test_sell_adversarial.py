@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import requests
+import uvicorn
 from aiohttp import web
 from fastapi import FastAPI, WebSocket
 from starlette.routing import Mount, Router, WebSocketRoute
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.errors import TermsRefused
-from btcchannel.payee.asgi import PaidRoutes
+from btcchannel.payee.asgi import PaidRoutes, payee_service
 from btcchannel.payee.metered import add_paid_route
 from btcchannel.payer.buyer import Buyer
 from btcchannel.testing import RunningPayee, wait_until_async
@@ -209,3 +212,131 @@ async def test_a_websocket_under_a_priced_mount_is_refused() -> None:
              "subprotocols": []}
     await gated(scope, receive, send)  # type: ignore[arg-type]
     assert ran == [] and sent[0]["type"] == "websocket.close"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def _raw(origin: str, request_line: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """``request_line`` written byte for byte; (status, body)."""
+    parts = urlsplit(origin)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        head = [request_line, f"Host: {parts.netloc}", "Connection: close", "Content-Length: 0",
+                *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+    top, _, body = raw.partition(b"\r\n\r\n")
+    return int(top.split(b" ", 2)[1]), body
+
+
+async def test_asgi_path_and_method_tricks_never_run_a_priced_handler(
+    payee_factory: PayeeFactory, tmp_path: Path,
+) -> None:
+    """Raw request targets a router might see differently from the pricing: each is answered 402
+    (priced), or by the app without running the handler (404, 405, a redirect)."""
+    config = payee_factory.config(price_sat=1)
+    node = payee_factory.node()
+    paid = PaidRoutes({"/items/{item_id}": 250, "/answer": 100, "/docs-area": 50})
+    ran: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with payee_service(config, node) as service:
+            paid.attach(service.gate())
+            yield
+
+    api = FastAPI(lifespan=lifespan)
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: str) -> dict[str, str]:
+        ran.append(f"item {item_id}")
+        return {"item": item_id}
+
+    @api.get("/answer")
+    async def answer() -> dict[str, int]:
+        ran.append("answer")
+        return {"answer": 42}
+
+    async def area(scope: Any, receive: Any, send: Any) -> None:  # a mounted raw ASGI app, priced whole
+        ran.append("area " + scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"area"})
+
+    api.mount("/docs-area", area)
+
+    @api.get("/{anything:path}")
+    async def catch_all(anything: str) -> dict[str, str]:  # a free catch-all after the priced routes
+        return {"free": anything}
+
+    server = uvicorn.Server(uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=_free_port(),
+                                           log_level="warning", lifespan="on"))
+    task = asyncio.ensure_future(server.serve())
+    try:
+        await wait_until_async(lambda: server.started or task.done(), timeout=30, what="uvicorn started")
+        origin = f"http://127.0.0.1:{server.config.port}"
+        for line in ["GET /answer HTTP/1.1", "GET /answer?x=1 HTTP/1.1",
+                     "GET /items/7 HTTP/1.1", "GET /items%2F7 HTTP/1.1", "GET /items/%37 HTTP/1.1",
+                     "GET /%61nswer HTTP/1.1",
+                     "GET /docs-area/x HTTP/1.1", "POST /docs-area/x HTTP/1.1",
+                     "GET /docs-area/../answer HTTP/1.1"]:
+            status, body = await _raw(origin, line)
+            assert status == 402, (line, status, body)
+        for line in ["HEAD /answer HTTP/1.1", "OPTIONS /answer HTTP/1.1", "POST /answer HTTP/1.1", "get /answer HTTP/1.1",
+                     "GET /answer/ HTTP/1.1", "GET //answer HTTP/1.1", "GET /ANSWER HTTP/1.1",
+                     "GET /answer/../answer HTTP/1.1", "GET /items/7/ HTTP/1.1", "GET /items/a%2Fb HTTP/1.1",
+                     f"GET {origin}/answer HTTP/1.1", "GET /docs-area HTTP/1.1"]:
+            status, body = await _raw(origin, line)
+            assert status != 200 or b"free" in body, (line, status, body)
+        assert ran == []  # no priced handler ran unpaid
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.parametrize("kind", ["httpx", "httpx-async", "requests"])
+async def test_a_402_behind_a_redirect_is_paid_where_it_was_answered(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, funded_wallet: str, tmp_path: Path, kind: str,
+) -> None:
+    """A free route that redirects to a paid route of another host: the paid request goes to the
+    URL that answered 402, signed for it, paid once (never with another host's signature)."""
+    seller = await _seller(payee_factory)
+
+    async def go(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(f"{seller.url}/answer")
+
+    def hook(app: web.Application) -> None:
+        app.router.add_get("/go", go)
+
+    front = await payee_factory.start(payee_factory.config("front"), hook=hook)
+    url = f"{front.url}/go"
+
+    def buy_sync(buyer: Buyer) -> tuple[int, Any, str]:
+        if kind == "httpx":
+            with httpx.Client(auth=buyer.httpx_auth(), timeout=120, follow_redirects=True) as http:
+                resp = http.get(url)
+                return resp.status_code, resp.json(), str(resp.url)
+        with requests.Session() as session:
+            session.auth = buyer.requests_auth()
+            answer = session.get(url, timeout=120)
+            return answer.status_code, answer.json(), answer.url
+
+    async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer") as buyer:
+        async with _mining(bitcoind):
+            if kind == "httpx-async":
+                async with httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120, follow_redirects=True) as http:
+                    resp = await http.get(url)
+                    seen: tuple[int, Any, str] = (resp.status_code, resp.json(), str(resp.url))
+            else:
+                seen = await asyncio.to_thread(buy_sync, buyer)
+        channels = buyer.channels
+        assert seen == (200, {"answer": 42}, f"{seller.url}/answer")
+        assert buyer.spent_sat == PRICE
+    assert _paid_at(seller, channels) == PRICE
