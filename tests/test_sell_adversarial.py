@@ -26,6 +26,7 @@ from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.errors import TermsRefused
 from btcchannel.payee.asgi import PaidRoutes, payee_service
 from btcchannel.payee.metered import add_paid_route
+from btcchannel.payee.seller import PaidService
 from btcchannel.payer.buyer import Buyer
 from btcchannel.testing import RunningPayee, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
@@ -340,3 +341,14 @@ async def test_a_402_behind_a_redirect_is_paid_where_it_was_answered(
         assert seen == (200, {"answer": 42}, f"{seller.url}/answer")
         assert buyer.spent_sat == PRICE
     assert _paid_at(seller, channels) == PRICE
+
+
+async def test_a_public_seller_needs_its_public_url(payee_factory: PayeeFactory, tmp_path: Path) -> None:
+    """PaidService's own listener is internal (loopback): on a real network the 402's URLs must come
+    from the configured public URL, never from a buyer's Host header."""
+    node = payee_factory.node()
+    with pytest.raises(ValueError, match="public_url"):
+        PaidService(network="signet", datadir=tmp_path, price_sat=1, node=node)
+    seller = PaidService(network="signet", datadir=tmp_path, price_sat=1, node=node,
+                         public_url="https://api.example/btc")
+    await seller.stop()
