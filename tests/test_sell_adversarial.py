@@ -28,7 +28,9 @@ from btcchannel.payee.asgi import PaidRoutes, payee_service
 from btcchannel.payee.metered import add_paid_route
 from btcchannel.payee.seller import PaidService
 from btcchannel.payer.buyer import Buyer
-from btcchannel.testing import RunningPayee, wait_until_async
+from btcchannel.payer.client import PayerClient
+from btcchannel.payer.metered import MeteredPayer
+from btcchannel.testing import RunningPayee, open_channel, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 from btcchannel.wire import HDR_PAID
 
@@ -352,3 +354,32 @@ async def test_a_public_seller_needs_its_public_url(payee_factory: PayeeFactory,
     seller = PaidService(network="signet", datadir=tmp_path, price_sat=1, node=node,
                          public_url="https://api.example/btc")
     await seller.stop()
+
+
+async def test_a_lost_paid_answer_is_received_by_the_exact_retry(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_client: PayerClient,
+) -> None:
+    """The connection breaks after the payee charged the unit (its answer is lost): the payer sends the
+    exact request again and receives the unit it paid for, charged once."""
+    calls: list[int] = []
+
+    async def fragile(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        if len(calls) == 1:
+            assert request.transport is not None
+            request.transport.close()  # the answer of the charged request never arrives
+        return web.Response(text="the unit")
+
+    srv = await payee_factory.start(hook=lambda app: add_paid_route(app, "GET", "/unit", fragile),
+                                    price_sat=100, mode="prepay")
+    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000)
+    payer = MeteredPayer(payer_client, cid)
+    try:
+        answer = await payer.request(f"{srv.url}/unit", units=1)
+        assert (answer.status, answer.body, len(calls)) == (200, b"the unit", 2)
+        assert (await payer.request(f"{srv.url}/unit", units=1)).status == 200
+    finally:
+        await payer.aclose()
+    rec = srv.store.get(cid)
+    assert (rec.amount_sat, rec.units) == (200, 2)  # two units received, two paid
+    assert payer_client.store.get(cid).acked_sat == 200
