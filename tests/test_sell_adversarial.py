@@ -383,3 +383,48 @@ async def test_a_lost_paid_answer_is_received_by_the_exact_retry(
     rec = srv.store.get(cid)
     assert (rec.amount_sat, rec.units) == (200, 2)  # two units received, two paid
     assert payer_client.store.get(cid).acked_sat == 200
+
+
+async def test_an_asgi_paid_body_is_bounded(payee_factory: PayeeFactory) -> None:
+    """The gate reads a priced request's body whole (auth v2 covers it) before anything else: past the
+    bound it stops reading and answers 413, so no client can make it hold an unbounded body."""
+    config = payee_factory.config(price_sat=1)
+    node = payee_factory.node()
+    paid = PaidRoutes({"/upload": 10}, max_body_bytes=64 * 1024)
+    ran: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with payee_service(config, node) as service:
+            paid.attach(service.gate())
+            yield
+
+    api = FastAPI(lifespan=lifespan)
+
+    @api.post("/upload")
+    async def upload() -> dict[str, str]:
+        ran.append(1)
+        return {"ok": "yes"}
+
+    server = uvicorn.Server(uvicorn.Config(paid.wrap(api), host="127.0.0.1", port=_free_port(),
+                                           log_level="warning", lifespan="on"))
+    task = asyncio.ensure_future(server.serve())
+    try:
+        await wait_until_async(lambda: server.started or task.done(), timeout=30, what="uvicorn started")
+        async with httpx.AsyncClient(timeout=30) as http:
+            url = f"http://127.0.0.1:{server.config.port}/upload"
+            big = await http.post(url, content=b"x" * (256 * 1024), headers={"X-Btcchannel-Channel": "00" * 16})
+            assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
+
+            async def chunks() -> AsyncIterator[bytes]:  # chunked: no Content-Length to refuse up front
+                for _ in range(16):
+                    yield b"y" * 16384
+
+            streamed = await http.post(url, content=chunks())
+            assert streamed.status_code == 413
+            small = await http.post(url, content=b"z" * 1024)
+            assert small.status_code == 402  # within the bound: the gate answers as ever
+        assert ran == []
+    finally:
+        server.should_exit = True
+        await task
