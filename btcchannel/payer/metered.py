@@ -200,6 +200,9 @@ class MeteredPayer:
                     resp.release()
                     raise
                 if done:
+                    if resp.status >= 400:  # a charged 4xx of the handler: counted, then the typed error
+                        resp.release()
+                        self._raise(resp.status, error_body or b"")
                     break
                 resp.release()
         try:
@@ -328,7 +331,8 @@ class Exchange:
         return out
 
     async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
-        """What came back: True when served (its units counted), False to send again."""
+        """What came back: True when served (its units counted; a 4xx of the handler, which carries
+        ``X-Btcchannel-Paid``, was served and charged too), False to send again."""
         payer = self.payer
         metering = await payer.metering()
         client = payer.client
@@ -357,7 +361,9 @@ class Exchange:
             if metering.mode == "prepay":
                 payer._failed_units += self.units  # a paid request is never answered 402: not served
             raise ProtocolViolation(f"payment refused: {(body or b'')[:200]!r}")
-        if status >= 400:
+        if 400 <= status < 500 and HDR_PAID in headers:
+            pass  # the handler's own 4xx, served and charged (the payee's errors carry no X-Btcchannel-Paid)
+        elif status >= 400:
             if status >= 500 and self.payment is not None and metering.mode == "prepay":
                 payer._failed_units += self.units or 0  # not served, not charged: credited to the next request
             payer._raise(status, body or b"")
