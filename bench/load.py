@@ -31,7 +31,8 @@ serves the same handler free (``/free``) and paid (``/paid``, 1 sat, prepay, one
 bought with ``MeteredPayer.fetch``), one loop per channel in the payer processes, in one run. The
 last line is ``metered_per_s=<x> free_per_s=<y> ratio=<x/y> p50_ms=<a> p99_ms=<b>
 payee_cpu_us_per_request=<c> free_cpu_us_per_request=<d> framework=<f> channels=<n>``
-(latencies and CPU of the paid requests; ``--profile DIR`` profiles the seller process).
+(latencies and CPU of the paid requests; ``--profile DIR`` profiles the seller process, ``--py-spy DIR``
+samples its stacks in each phase with ``py-spy``, all threads, when it is installed).
 """
 
 from __future__ import annotations
@@ -193,14 +194,23 @@ def run_seller(spec: dict[str, Any]) -> None:
         **fields,
     )
     payload = {"answer": 42}
+
+    def commits() -> dict[str, int]:  # the group commit's counters (not a paid route: the bench reads them)
+        writer = service.store.writer
+        return {"batches": writer.batches, "statements": writer.statements}
+
     if spec["framework"] == "aiohttp":
         from aiohttp import web
 
         async def answer(request: web.Request) -> web.Response:
             return web.json_response(payload)
 
+        async def stats(request: web.Request) -> web.Response:
+            return web.json_response(commits())
+
         app = web.Application()
         app.router.add_get("/free", answer)
+        app.router.add_get("/commits", stats)
         app.router.add_get("/paid", service.paid(price_sat=1)(answer))
         service.mount(app)
         web.run_app(app, host="127.0.0.1", port=spec["port"], access_log=None, print=None)
@@ -217,6 +227,10 @@ def run_seller(spec: dict[str, Any]) -> None:
         @api.get("/paid")
         async def paid() -> dict[str, int]:
             return payload
+
+        @api.get("/commits")
+        async def stats() -> dict[str, int]:
+            return commits()
 
         uvicorn.run(
             service.asgi(api, {"/paid": 1}), host="127.0.0.1", port=spec["port"], log_level="warning", access_log=False
@@ -323,12 +337,49 @@ def run_metered(args: argparse.Namespace) -> None:
         all_do(workers, "free 0.5")
         figures = {}
         for phase in ("free", "paid"):
+            spy = None
+            if args.py_spy:  # sampled stacks of the seller (all threads, native frames excluded) in this phase
+                spy = subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(seller.pid),
+                        "--duration",
+                        str(int(args.duration)),
+                        "--rate",
+                        "250",
+                        "--threads",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(Path(args.py_spy) / f"seller-{args.framework}-{args.channels}ch-{phase}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             before = cpu_s(seller.pid)
+            threads_before = thread_cpu_s(seller.pid)
+            commits_before = get_json(f"{origin}/commits")
             payers_before = sum(cpu_s(w.p.pid) for w in workers)
             answers = all_do(workers, f"{phase} {args.duration}")
             used = cpu_s(seller.pid) - before
             payers_used = sum(cpu_s(w.p.pid) for w in workers) - payers_before
             count = sum(a["count"] for a in answers)
+            threads_after = thread_cpu_s(seller.pid)
+            by_thread = {n: (t - threads_before.get(n, 0.0)) / max(count, 1) * 1e6 for n, t in threads_after.items()}
+            commits_after = get_json(f"{origin}/commits")
+            batches = commits_after["batches"] - commits_before["batches"]
+            statements = commits_after["statements"] - commits_before["statements"]
+            print(
+                f"{phase}: seller CPU per request by thread (us): "
+                + ", ".join(f"{n} {us:.0f}" for n, us in sorted(by_thread.items()) if us >= 1)
+                + f"; group commit: {batches} commits of {statements} statements"
+                + (f" ({statements / batches:.1f} per commit)" if batches else "")
+            )
+            if spy is not None:
+                spy.wait(60)
             figures[phase] = {
                 "rate": rate(answers),
                 "cpu_us": used / max(count, 1) * 1e6,
@@ -476,6 +527,28 @@ def open_store(config: ServerConfig) -> PayeeStore:
     return PayeeStore(config.db_path)
 
 
+def get_json(url: str) -> Any:
+    """GET ``url``'s JSON body (the bench's own side channel to the seller)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """User + system CPU seconds the threads of a process have used so far (Linux): its main thread
+    (the event loop) and the others together (the group commit's writer, executors)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = "main" if task.name == str(pid) else "other threads"
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -492,7 +565,7 @@ def rate(answers: list[dict[str, Any]]) -> float:
     return sum(a["count"] for a in answers) / max(a["elapsed"] for a in answers)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:  # noqa: C901
     work = Path(tempfile.mkdtemp(prefix="btcchannel-load-"))
     profile = Path(args.profile).resolve() if args.profile else None
     if profile is not None:
@@ -634,6 +707,9 @@ def main() -> None:
         choices=["payments", "metered"],
         default="payments",
         help="metered: a seller's route, free and paid, in one run",
+    )
+    ap.add_argument(
+        "--py-spy", help="--route metered: write py-spy's sampled stacks of the seller, per phase, to this folder"
     )
     ap.add_argument("--framework", choices=["aiohttp", "asgi"], default="aiohttp", help="--route metered: the seller's")
     ap.add_argument("--worker", help=argparse.SUPPRESS)

@@ -8,6 +8,14 @@ set, :data:`WIRE_CODES`, is derived from the classes. Errors are translated into
 messages and exit codes only at the edges (the HTTP server and the CLI); library
 code raises these and nothing else on purpose.
 
+The classes come in three sections: the wire codes (``wire = True``, exactly the
+table of PROTOCOL.md), the local codes, and the node's RPC errors (local code
+``node_error``). As h11 tells a protocol error of the peer from its own, every
+error says where it arose: ``remote`` is True on an error the other party reported
+(the payer's client rebuilds the payee's error body with :func:`error_for_code`)
+and False on one raised in this process, so a caller can tell "the payee refused"
+from "this payer refused" under one code (e.g. ``bad_request``).
+
 :class:`NodeError` has one subclass per bitcoind RPC error code that callers
 test for (as python-bitcoinlib's ``rpc.py`` does), so callers write
 ``except RpcInvalidAddressOrKey:`` instead of comparing numbers;
@@ -32,6 +40,9 @@ class ChannelError(Exception):
     code: ClassVar[str] = "internal"
     http_status: ClassVar[int] = 500
     wire: ClassVar[bool] = False
+    #: True when the other party reported this error (the payer rebuilt it from the payee's error
+    #: body, :func:`error_for_code`); False when it was raised in this process
+    remote: bool = False
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.code.replace("_", " "))
@@ -331,6 +342,115 @@ class StoreSchemaError(ChannelError):
     http_status = 500
 
 
+class PayeeUnreachable(ChannelError):
+    """The payer could not reach the payee over HTTP: connection refused, timed out or broken.
+
+    Code ``payee_unreachable`` (local, never sent by a payee), HTTP status 502.
+    Distinct from :class:`NodeUnavailable`, which is about the bitcoind.
+    """
+
+    code = "payee_unreachable"
+    http_status = 502
+    wire = False
+
+
+class TermsRefused(ChannelError):
+    """The payer refuses the payee's terms: outside the limits it was given (price over
+    ``max_price_sat``, ...). Code ``terms_refused`` (local, raised by the payer before any funding)."""
+
+    code = "terms_refused"
+    http_status = 409
+    wire = False
+
+
+class TermsChanged(ChannelError):
+    """The payee's answer states other terms than the ones agreed at open (or none). Code
+    ``terms_changed`` (local): the payer keeps the agreed terms and signs nothing else."""
+
+    code = "terms_changed"
+    http_status = 502
+    wire = False
+
+
+class AmountNotAgreed(ChannelError):
+    """The payer was asked to sign a total the agreed terms do not allow: above its own count of
+    units received times the agreed price, above the agreed total, past the agreed number of
+    payments or the agreed end time. Code ``amount_not_agreed`` (local; nothing is signed)."""
+
+    code = "amount_not_agreed"
+    http_status = 409
+    wire = False
+
+
+class OpenTimeout(ChannelError):
+    """A funded channel that the payee did not report open within the wait the caller gave
+    (its funding is not confirmed enough yet). Nothing is lost: the channel opens once the
+    funding confirms. Local code ``open_timeout``, HTTP 504."""
+
+    code = "open_timeout"
+    http_status = 504
+
+
+class NothingToReplace(ChannelError):
+    """A fee bump that would replace nothing: the channel has no close in the mempool (it is
+    open, or its close already confirmed). Local code ``nothing_to_replace``, HTTP 409."""
+
+    code = "nothing_to_replace"
+    http_status = 409
+
+
+class AlreadyRefunded(ChannelError):
+    """A refund of a channel whose deposit was already taken back (or spent by a close).
+    Local code ``already_refunded``, HTTP 409."""
+
+    code = "already_refunded"
+    http_status = 409
+
+
+class WrongNetwork(ChannelError):
+    """The payee runs on another network than the one the payer was started for (``--network``,
+    or ``network=`` of :class:`~btcchannel.payer.client.PayerClient`): a configuration mistake
+    on the caller's side, not a protocol breach. Local code ``wrong_network``, HTTP 409."""
+
+    code = "wrong_network"
+    http_status = 409
+
+
+class BadBackup(ChannelError):
+    """A payer backup that cannot be imported: not JSON, not a btcchannel payer backup, a
+    malformed entry, or a keyless entry this datadir's seed does not derive.
+    Local code ``bad_backup``, HTTP 400."""
+
+    code = "bad_backup"
+    http_status = 400
+
+
+class InsufficientFunds(ChannelError):
+    """The node wallet cannot pay for a funding (RPC_WALLET_INSUFFICIENT_FUNDS, or the wallet's
+    "Insufficient funds" answer); nothing was sent. Local code ``insufficient_funds``, HTTP 409."""
+
+    code = "insufficient_funds"
+    http_status = 409
+
+
+class BadUrl(ChannelError):
+    """A payee URL that is not an absolute ``http://`` or ``https://`` URL with a host.
+    Local code ``bad_url``, HTTP 400."""
+
+    code = "bad_url"
+    http_status = 400
+
+
+class MeteredChannel(AmountNotAgreed):
+    """A direct payment (``pay``) on a metered channel (the agreed price per unit is above 0)
+    beyond what the units received allow: such a channel pays for units as they are bought
+    (``MeteredPayer``, the ``fetch`` command), never an amount on its own. Nothing is signed.
+    Local code ``metered_channel``, HTTP 409."""
+
+    code = "metered_channel"
+    http_status = 409
+
+
 # --- the node's RPC errors (local code ``node_error``) ------------------------
 
 
@@ -479,123 +599,18 @@ WIRE_CODES: frozenset[str] = frozenset(cls.code for cls in _subclasses(ChannelEr
 """The error codes of the wire protocol (the classes with ``wire = True``)."""
 
 
-def error_for_code(code: str, message: str = "") -> ChannelError:
-    """Rebuild a typed error from a code (used by the payer's client).
+def error_for_code(code: str, message: str = "", *, remote: bool = True) -> ChannelError:
+    """Rebuild a typed error from a code the other party sent (the payer's client does, from the
+    payee's error body); it is marked ``remote`` (pass ``remote=False`` for one raised here).
 
     A code shared by a family (``node_error``: :class:`NodeError` and its
     per-RPC-code subclasses) gives the family's root; an unknown code a plain
     :class:`ChannelError` whose message defaults to the code.
     """
+    err = ChannelError(message or code)
     for cls in _subclasses(ChannelError):  # a class comes before its subclasses
         if cls.code == code:
-            return cls(message)
-    return ChannelError(message or code)
-
-
-class PayeeUnreachable(ChannelError):
-    """The payer could not reach the payee over HTTP: connection refused, timed out or broken.
-
-    Code ``payee_unreachable`` (local, never sent by a payee), HTTP status 502.
-    Distinct from :class:`NodeUnavailable`, which is about the bitcoind.
-    """
-
-    code = "payee_unreachable"
-    http_status = 502
-    wire = False
-
-
-class TermsRefused(ChannelError):
-    """The payer refuses the payee's terms: outside the limits it was given (price over
-    ``max_price_sat``, ...). Code ``terms_refused`` (local, raised by the payer before any funding)."""
-
-    code = "terms_refused"
-    http_status = 409
-    wire = False
-
-
-class TermsChanged(ChannelError):
-    """The payee's answer states other terms than the ones agreed at open (or none). Code
-    ``terms_changed`` (local): the payer keeps the agreed terms and signs nothing else."""
-
-    code = "terms_changed"
-    http_status = 502
-    wire = False
-
-
-class AmountNotAgreed(ChannelError):
-    """The payer was asked to sign a total the agreed terms do not allow: above its own count of
-    units received times the agreed price, above the agreed total, past the agreed number of
-    payments or the agreed end time. Code ``amount_not_agreed`` (local; nothing is signed)."""
-
-    code = "amount_not_agreed"
-    http_status = 409
-    wire = False
-
-
-class OpenTimeout(ChannelError):
-    """A funded channel that the payee did not report open within the wait the caller gave
-    (its funding is not confirmed enough yet). Nothing is lost: the channel opens once the
-    funding confirms. Local code ``open_timeout``, HTTP 504."""
-
-    code = "open_timeout"
-    http_status = 504
-
-
-class NothingToReplace(ChannelError):
-    """A fee bump that would replace nothing: the channel has no close in the mempool (it is
-    open, or its close already confirmed). Local code ``nothing_to_replace``, HTTP 409."""
-
-    code = "nothing_to_replace"
-    http_status = 409
-
-
-class AlreadyRefunded(ChannelError):
-    """A refund of a channel whose deposit was already taken back (or spent by a close).
-    Local code ``already_refunded``, HTTP 409."""
-
-    code = "already_refunded"
-    http_status = 409
-
-
-class WrongNetwork(ChannelError):
-    """The payee runs on another network than the one the payer was started for (``--network``,
-    or ``network=`` of :class:`~btcchannel.payer.client.PayerClient`): a configuration mistake
-    on the caller's side, not a protocol breach. Local code ``wrong_network``, HTTP 409."""
-
-    code = "wrong_network"
-    http_status = 409
-
-
-class BadBackup(ChannelError):
-    """A payer backup that cannot be imported: not JSON, not a btcchannel payer backup, a
-    malformed entry, or a keyless entry this datadir's seed does not derive.
-    Local code ``bad_backup``, HTTP 400."""
-
-    code = "bad_backup"
-    http_status = 400
-
-
-class InsufficientFunds(ChannelError):
-    """The node wallet cannot pay for a funding (RPC_WALLET_INSUFFICIENT_FUNDS, or the wallet's
-    "Insufficient funds" answer); nothing was sent. Local code ``insufficient_funds``, HTTP 409."""
-
-    code = "insufficient_funds"
-    http_status = 409
-
-
-class BadUrl(ChannelError):
-    """A payee URL that is not an absolute ``http://`` or ``https://`` URL with a host.
-    Local code ``bad_url``, HTTP 400."""
-
-    code = "bad_url"
-    http_status = 400
-
-
-class MeteredChannel(AmountNotAgreed):
-    """A direct payment (``pay``) on a metered channel (the agreed price per unit is above 0)
-    beyond what the units received allow: such a channel pays for units as they are bought
-    (``MeteredPayer``, the ``fetch`` command), never an amount on its own. Nothing is signed.
-    Local code ``metered_channel``, HTTP 409."""
-
-    code = "metered_channel"
-    http_status = 409
+            err = cls(message)
+            break
+    err.remote = remote
+    return err

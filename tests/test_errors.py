@@ -3,6 +3,7 @@ typed RPC errors chosen by code (no node needed; test_node.py checks them on a r
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -159,3 +160,68 @@ def test_rpc_constants_are_bitcoinds_codes() -> None:
     }
     for name, number in api.items():
         assert getattr(errors, name).RPC_ERROR_CODE == number, name
+
+
+def test_local_codes_follow_the_wire_section() -> None:
+    """errors.py has one section per kind, in this order: the wire codes, the local codes, the
+    node's RPC errors; no class of one kind in another's section, none after them."""
+    source = Path(errors.__file__).read_text()
+    lines = source.splitlines()
+
+    def section(title: str) -> int:
+        return next(i for i, line in enumerate(lines, 1) if line.startswith(f"# --- {title}"))
+
+    bounds = [section("local codes"), section("the node's RPC errors"), section("codes")]
+    kinds = ["wire", "local", "node", "helpers"]
+    defined = {node.name: node.lineno for node in ast.parse(source).body if isinstance(node, ast.ClassDef)}
+    for cls in all_classes():
+        if cls.__module__ != errors.__name__:
+            continue
+        where = kinds[sum(defined[cls.__name__] > b for b in bounds)]
+        kind = "node" if issubclass(cls, NodeError) else "wire" if cls.wire else "local"
+        assert where == kind, f"{cls.__name__} ({kind}) is in the {where} section"
+
+
+def test_remote_marks_what_the_other_party_reported() -> None:
+    """h11's local/remote distinction: an error rebuilt from the payee's error body is remote, one
+    raised here is not; the mark is the instance's (the class keeps False)."""
+    rebuilt = error_for_code("bad_request", "the payee refused it")
+    assert isinstance(rebuilt, errors.BadRequest) and rebuilt.remote
+    assert error_for_code("no_such_code").remote and error_for_code("node_error").remote
+    assert not error_for_code("bad_request", remote=False).remote
+    assert not errors.BadRequest("refused here").remote
+    assert not NodeError.from_rpc(-5, "No such transaction").remote
+    assert not errors.BadRequest.remote and not ChannelError.remote
+
+
+async def test_the_payers_http_layer_marks_the_payees_errors_remote() -> None:
+    from aiohttp import web
+
+    from btcchannel.payer.http import PayeeHttp
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"code": "not_open", "message": "not open yet"}}, status=409)
+
+    app = web.Application()
+    app.router.add_get("/v1/info", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    class Http(PayeeHttp):
+        timeout = 5.0
+        _session = None
+
+    http = Http()
+    try:
+        with pytest.raises(errors.NotOpen) as got:
+            await http.info(f"http://127.0.0.1:{port}")
+        assert got.value.remote and got.value.message == "not open yet"
+        with pytest.raises(errors.BadUrl) as local:
+            await http.info("127.0.0.1:1")
+        assert not local.value.remote
+    finally:
+        await http.session.close()
+        await runner.cleanup()

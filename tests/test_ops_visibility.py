@@ -91,9 +91,10 @@ def test_metrics_summary_chain_view_forget_and_a_clean_sigterm(
     assert m[("btcchannel_chain_tip_height", ())] == bitcoind.tip_height()
     assert 0 <= m[("btcchannel_node_tip_age_seconds", ())] < 30 and m[("btcchannel_node_problem", ())] == 0
     route = (("route", "/v1/file/{index}"),)
-    # 4 paid chunks, and the first fetch's unpaid request that reads the route's price from its 402
+    # four paid chunks, and the unpaid request of `fetch URL` that reads the route's price (its 402)
     assert m[("btcchannel_http_request_seconds_count", route)] == 5.0
     assert m[("btcchannel_http_requests_total", (("route", "/v1/file/{index}"), ("status", "200")))] == 4.0
+    assert m[("btcchannel_http_requests_total", (("route", "/v1/file/{index}"), ("status", "402")))] == 1.0
 
     # the payee's log: JSON lines, the first payment as an event
     events = [json.loads(line) for line in (tmp_path / "payee.log").read_text().splitlines()]

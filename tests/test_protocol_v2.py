@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -318,9 +319,17 @@ async def test_a_clock_jump_and_a_restart_do_not_lock_the_channel(
         assert (await payer.fetch(f"{srv.url}/v1/file/2"))[0] == 200
     finally:
         await payer.aclose()
-    assert srv.store.get(cid).request_counter == ahead + 2 == restarted.store.get(cid).request_counter
+    # counters are reserved in blocks: the restarted payer starts above the stored bound, which is
+    # above every counter used before (so nothing used before the restart is ever used again)
+    used = srv.store.get(cid).request_counter
+    assert ahead < used <= restarted.store.get(cid).request_counter
+    await restarted.aclose()
     # a payer store that lost its counter (restored from an older copy) resyncs once from the 401
-    restarted.store._db.execute("UPDATE channels SET request_counter=0 WHERE channel_id=?", (cid,))  # noqa: SLF001
+    db = sqlite3.connect(restarted.store.path)
+    with db:
+        db.execute("UPDATE channels SET request_counter=0 WHERE channel_id=?", (cid,))
+    db.close()
+    restarted = payer_factory("payer")
     payer = MeteredPayer(restarted, cid)
     try:
         assert (await payer.fetch(f"{srv.url}/v1/file/3"))[0] == 200
@@ -480,3 +489,43 @@ async def test_an_asgi_paid_post_is_signed_over_its_body(
     finally:
         server.should_exit = True
         await task
+
+
+async def test_a_retry_served_while_its_original_fails_keeps_the_unit_charged(
+    bitcoind: RegtestNode,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+) -> None:
+    """The exact retry of a charged request, served while its original still runs: when the original
+    then fails (5xx), the unit the retry delivered stays charged (no credit for a served unit)."""
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        calls.append("in")
+        if len(calls) == 1:  # the original: waits (bounded) for its retry to be served, then fails
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(release.wait(), timeout=10)
+            raise web.HTTPServiceUnavailable()
+        release.set()
+        return web.Response(text="the work")
+
+    srv = await payee_factory.start(
+        hook=lambda app: add_paid_route(app, "GET", "/work", flaky), price_sat=PRICE, mode="prepay"
+    )
+    client = payer_client
+    cid = await open_channel(client, bitcoind, srv.url, 100_000)
+    url = f"{srv.url}/work"
+    payment = await client.sign_next(cid, PRICE, units_ahead=1)
+    pay = {HDR_CHANNEL: cid, HDR_AMOUNT: str(payment.amount_sat), HDR_SIGNATURE: payment.signature.hex()}
+    headers = {**pay, HDR_AUTH: client.request_auth(cid, "GET", url, None, pay)}
+    original = asyncio.ensure_future(_raw(srv.url, "GET", "/work", headers))
+    await wait_until_async(lambda: len(calls) == 1, timeout=10, what="the original running")
+    retry = await _raw(srv.url, "GET", "/work", headers)
+    first = await original
+    assert (first[0], retry[0]) == (503, 200)
+    rec = srv.store.get(cid)
+    assert (rec.amount_sat, rec.units) == (PRICE, 1)  # one payment, one unit served, nothing credited back
+    auth_only = {HDR_CHANNEL: cid, HDR_AUTH: client.request_auth(cid, "GET", url)}
+    status, _, raw = await _raw(srv.url, "GET", "/work", auth_only)
+    assert status == 402, raw  # no credit left to serve from

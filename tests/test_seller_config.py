@@ -34,9 +34,9 @@ def test_paid_service_settings_in_order(tmp_path: Path, monkeypatch: pytest.Monk
     node = Node("http://127.0.0.1:1", auth=("u", "p"))  # never called: nothing is started
     monkeypatch.delenv("BTCCHANNEL_NETWORK", raising=False)
     monkeypatch.setenv("BTCCHANNEL_DATADIR", str(tmp_path / "env"))
-    service = PaidService(config=_config(tmp_path), node=node)
+    service = PaidService(config=_config(tmp_path, 'public-url = "https://shop.example/btc"\n'), node=node)
     try:
-        assert service.config.network == "signet"
+        assert service.config.network == "signet" and service.config.public_url == "https://shop.example/btc"
         assert service.config.datadir == tmp_path / "env" / "signet"  # the variable wins over the file
         assert (service.config.price_sat, service.config.mode, service.config.credit_limit_sat) == (2, "postpay", 40)
         assert service.config.db_path.exists()

@@ -162,7 +162,7 @@ def _apt_value(name: str) -> str:
     return m.group(1) if m else ""
 
 
-def debian_archive_uri() -> str:
+def debian_archive_uri() -> str:  # noqa: C901
     """The Debian archive URI this machine's own apt configuration uses."""
     etc = Path("/etc/apt")
     sourcelist = _apt_value("Dir::Etc::sourcelist") or "sources.list"

@@ -378,7 +378,7 @@ class Node:
             self.note_block(txid, str(res["blockhash"]))
         return dict(res)
 
-    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:
+    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:  # noqa: C901
         """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool.
 
         A transaction seen in a block (see :meth:`get_transaction`) counts that block's

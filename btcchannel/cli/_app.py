@@ -49,6 +49,7 @@ __all__ = [
     "main",
     "make_node",
     "node_endpoint",
+    "node_tip",
     "NodeEndpoint",
     "plural",
     "run_async",
@@ -425,6 +426,18 @@ def make_node(settings: Settings, default_wallet: str) -> Node:
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run one command's coroutine to completion."""
     return asyncio.run(coro)
+
+
+def node_tip(settings: Settings, wallet: str) -> tuple[int | None, ChannelError | None]:
+    """The node's tip height, or None and the error when no node answers (a listing needs none)."""
+
+    async def tip(node: Node) -> int:
+        return await node.tip_height()
+
+    try:
+        return run_async(with_node(settings, wallet, tip)), None
+    except ChannelError as e:
+        return None, e
 
 
 async def with_node(settings: Settings, wallet: str, body: Callable[[Node], Awaitable[T]]) -> T:

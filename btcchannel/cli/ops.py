@@ -8,22 +8,9 @@ from typing import Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, plural, run_async, warn_node_unknown, with_client, with_node
-from btcchannel.errors import ChannelError, IllegalTransition
+from btcchannel.cli._app import Settings, emit, node_tip, plural, run_async, warn_node_unknown, with_node
 
 __all__ = ["COMMANDS", "forget", "restore", "summary"]
-
-
-def _tip(settings: Settings, wallet: str) -> tuple[int | None, ChannelError | None]:
-    """The node's tip height, or None and the error when no node answers (the totals need none)."""
-
-    async def tip(node: Any) -> int:
-        return int(await node.tip_height())
-
-    try:
-        return run_async(with_node(settings, wallet, tip)), None
-    except ChannelError as e:
-        return None, e
 
 
 @click.command()
@@ -35,15 +22,14 @@ def summary(settings: Settings) -> None:
     Example:
       btcchannel summary
     """
-    from btcchannel.payee.summary import payee_summary, summary_text
-    from btcchannel.payer.views import payer_summary
-    from btcchannel.store import PayeeStore, PayerStore
+    from btcchannel.cli.payer import refreshed_tip
+    from btcchannel.payee import commands as payee
+    from btcchannel.payee.summary import summary_text
+    from btcchannel.payer import commands as payer
 
-    payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
+    has_payee, has_payer = payee.has_store(settings.datadir), payer.has_store(settings.datadir)
     tip, node_error = (
-        (None, None)
-        if not (payee_db.exists() or payer_db.exists())
-        else _tip(settings, "payee" if payee_db.exists() else "payer")
+        (None, None) if not (has_payee or has_payer) else node_tip(settings, "payee" if has_payee else "payer")
     )
     doc: dict[str, Any] = {"payee": None, "payer": None, "tip_height": tip}
     if node_error is not None:
@@ -54,25 +40,14 @@ def summary(settings: Settings) -> None:
             "blocks to expiry and refundable channels are unknown; the payer's states are as last stored",
         )
     parts: list[str] = []
-    if payee_db.exists():
-        with PayeeStore(payee_db) as store:
-            doc["payee"] = payee_summary(store, tip)
+    if has_payee:
+        doc["payee"] = payee.summary(settings.datadir, tip)
         parts.append("payee\n" + _indent(summary_text(doc["payee"])))
-    if payer_db.exists():
-        payer_tip = _refreshed_tip(settings) if node_error is None else None  # as `list`: chain and payee
-        with PayerStore(payer_db) as pstore:
-            doc["payer"] = payer_summary(pstore.list(), payer_tip if payer_tip is not None else tip)
+    if has_payer:
+        payer_tip = refreshed_tip(settings)[0] if node_error is None else None  # as `list`: chain and payee
+        doc["payer"] = payer.summary(settings.datadir, payer_tip if payer_tip is not None else tip)
         parts.append("payer\n" + _indent(_payer_text(doc["payer"])))
     emit(settings, doc, "\n".join(parts) if parts else f"no channels in {settings.datadir}")
-
-
-def _refreshed_tip(settings: Settings) -> int | None:
-    """The payer's records brought up to the chain's and the payees' view (as ``list`` does); the
-    tip (None without a node)."""
-    try:
-        return run_async(with_client(settings, lambda client: client.refresh()))
-    except ChannelError:
-        return None
 
 
 def _indent(text: str) -> str:
@@ -118,20 +93,9 @@ def forget(settings: Settings, channel_id: str) -> None:
     Example:
       btcchannel forget 5f0c...e1
     """
-    from btcchannel.core.state import ChannelState
-    from btcchannel.store import PayerStore
+    from btcchannel.payer.commands import forget as forget_channel
 
-    with PayerStore(settings.datadir / "payer.db") as store:
-        rec = store.get(channel_id)
-        dead = rec.state in (ChannelState.FAILED, ChannelState.CLOSED, ChannelState.REFUNDED) or (
-            rec.state is ChannelState.PROPOSED and rec.funding_txid is None
-        )
-        if not dead:
-            raise IllegalTransition(
-                f"channel {channel_id} is {rec.state.value}: it may still hold the deposit; "
-                "only failed, unfunded or ended channels are forgotten"
-            )
-        store.delete(channel_id)
+    forget_channel(settings.datadir, channel_id)
     emit(settings, {"channel_id": channel_id, "forgotten": True}, f"channel {channel_id} forgotten")
 
 

@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from btcchannel.cli._app import Settings, emit, run_async, table, warn_node_unknown, with_client, with_node
-from btcchannel.core.state import ChannelState
-from btcchannel.errors import ChannelError, NothingToReplace
+from btcchannel.cli._app import Settings, emit, node_tip, run_async, table, warn_node_unknown, with_client, with_node
 
 if TYPE_CHECKING:
     from btcchannel.bitcoind.rpc import Node
@@ -38,19 +36,12 @@ def _tip_or_none(
 ) -> int | None:
     """The node's tip height, or None when no node answers (listing works without one: unless
     ``warn`` is False, a warning says so and ``doc`` gets ``node_error``)."""
-
-    async def tip(node: Node) -> int:
-        return await node.tip_height()
-
-    try:
-        return run_async(with_node(settings, wallet, tip))
-    except ChannelError as e:
-        if not warn:
-            return None
+    tip, e = node_tip(settings, wallet)
+    if e is not None and warn:
         warn_node_unknown(settings, e, "blocks_left is unknown; the states are as the payee's service last stored them")
         if doc is not None:
             doc["node_error"] = {"code": e.code, "message": e.message}
-        return None
+    return tip
 
 
 def _value_text(v: Any) -> str:
@@ -346,11 +337,9 @@ def channels(settings: Settings) -> None:
     Example:
       btcchannel channels
     """
-    from btcchannel.store import PayeeStore
-    from btcchannel.wire import channel_object
+    from btcchannel.payee.commands import channel_docs
 
-    with PayeeStore(settings.datadir / "payee.db") as store:
-        objs = [channel_object(r) for r in store.list()]
+    objs = channel_docs(settings.datadir)
     doc: dict[str, Any] = {"channels": objs}
     tip = _tip_or_none(settings, "payee", doc, warn=bool(objs))  # nothing is unknown in an empty list
     doc["tip_height"] = tip
@@ -420,8 +409,8 @@ def channel(
       btcchannel channel 5f0c...e1 --close-tx --fee-rate 2
       btcchannel channel 5f0c...e1 --descriptor --private
     """
-    from btcchannel.store import PayeeStore
-    from btcchannel.wire import channel_object
+    from btcchannel.payee.commands import channel_doc
+    from btcchannel.payee.commands import close_tx as signed_close
 
     if descriptor or private:
         doc = _descriptor(settings, channel_id, private)
@@ -429,12 +418,15 @@ def channel(
         return
     if close_tx:
         doc = run_async(
-            with_node(settings, "payee", lambda node: _close_tx(settings, node, channel_id, fee_rate, address))
+            with_node(
+                settings,
+                "payee",
+                lambda node: signed_close(settings.datadir, settings.network, node, channel_id, fee_rate, address),
+            )
         )
         emit(settings, doc, str(doc["hex"]))
         return
-    with PayeeStore(settings.datadir / "payee.db") as store:
-        obj = channel_object(store.get(channel_id))
+    obj = channel_doc(settings.datadir, channel_id)
     tip = _tip_or_none(settings, "payee")
     obj["blocks_left"] = None if tip is None else obj["expiry_height"] - tip
     emit(settings, obj, _channel_text(obj))
@@ -443,77 +435,24 @@ def channel(
 def _descriptor(settings: Settings, channel_id: str, private: bool) -> dict[str, Any]:
     """The descriptor of ``channel_id`` as this datadir holds it: the payer's row first (``private``
     needs it), else the payee's (public keys only)."""
-    from btcchannel.core.descriptor import funding_descriptor
-    from btcchannel.core.params import ChannelParams
-    from btcchannel.errors import BadRequest, UnknownChannel
-    from btcchannel.payer.descriptors import channel_descriptor
-    from btcchannel.store import PayeeStore, PayerStore
+    from btcchannel.errors import BadRequest
+    from btcchannel.payee.commands import descriptor_doc as payee_descriptor
+    from btcchannel.payer.commands import descriptor_doc as payer_descriptor
 
-    payer_db, payee_db = settings.datadir / "payer.db", settings.datadir / "payee.db"
-    if payer_db.exists():
-        with PayerStore(payer_db) as store:
-            rec = store.find(channel_id)
-            if rec is not None:
-                params = ChannelParams.from_json(rec.params)
-                return {
-                    "channel_id": channel_id,
-                    "role": "payer",
-                    "script_version": params.script_version,
-                    "private": private,
-                    "descriptor": channel_descriptor(store, rec, private),
-                }
+    doc = payer_descriptor(settings.datadir, channel_id, private)
+    if doc is not None:
+        return doc
     if private:
         raise BadRequest(f"--private needs the payer's datadir, and channel {channel_id} is not a payer's channel here")
-    if not payee_db.exists():
-        raise UnknownChannel(f"no channel {channel_id}")
-    with PayeeStore(payee_db) as payee_store:
-        params = ChannelParams.from_json(payee_store.get(channel_id).params)
-    return {
-        "channel_id": channel_id,
-        "role": "payee",
-        "script_version": params.script_version,
-        "private": False,
-        "descriptor": funding_descriptor(params),
-    }
-
-
-async def _close_tx(
-    settings: Settings, node: Node, channel_id: str, fee_rate: float | None, address: str | None
-) -> dict[str, Any]:
-    """The payee's last state of ``channel_id`` as a fully signed close: the best payment, the payee's
-    signature, a fee at ``fee_rate`` (or the most the payment affords below it)."""
-    from btcchannel.core import script
-    from btcchannel.core.terms import MIN_RELAY_FEE_RATE
-    from btcchannel.core.tx import tx_hex, tx_id, tx_vsize
-    from btcchannel.payee.shared import Channels
-    from btcchannel.store import PayeeStore
-
-    with PayeeStore(settings.datadir / "payee.db") as store:
-        rec = store.get(channel_id)
-        ch = Channels(store, 0).build(rec)
-    payout = script.check_payout_script(script.address_to_script(address or await node.new_address(), settings.network))
-    rate = max(fee_rate or await node.estimate_fee_rate(), MIN_RELAY_FEE_RATE)
-    tx, rate = ch.build_close_at_most(payout, rate)
-    return {
-        "channel_id": channel_id,
-        "amount_sat": rec.amount_sat,
-        "txid": tx_id(tx),
-        "hex": tx_hex(tx),
-        "vsize": tx_vsize(tx),
-        "fee_rate_sat_vb": round(rate, 3),
-    }
+    return payee_descriptor(settings.datadir, channel_id)
 
 
 def _payee_only(settings: Settings, channel_id: str) -> bool:
     """Whether this datadir knows ``channel_id`` as the payee's and not as the payer's."""
-    from btcchannel.store import PayeeStore, PayerStore
+    from btcchannel.payee import commands as payee
+    from btcchannel.payer import commands as payer
 
-    def known(store: PayeeStore | PayerStore) -> bool:
-        with store:
-            return store.find(channel_id) is not None
-
-    payee_db, payer_db = settings.datadir / "payee.db", settings.datadir / "payer.db"
-    return payee_db.exists() and known(PayeeStore(payee_db)) and not (payer_db.exists() and known(PayerStore(payer_db)))
+    return payee.knows(settings.datadir, channel_id) and not payer.knows(settings.datadir, channel_id)
 
 
 @click.command("close")
@@ -556,46 +495,15 @@ def bump(settings: Settings, channel_id: str, fee_rate: float) -> None:
       btcchannel bump 5f0c...e1 --fee-rate 25
     """
     from btcchannel.payee.closer import operator_bump
-    from btcchannel.store import PayeeStore
 
     config = _server_config(settings)
-
-    async def run(node: Node) -> dict[str, Any]:
-        with PayeeStore(config.db_path) as store:
-            before = store.get(channel_id)
-        old = before.close_txid
-        if before.state is not ChannelState.CLOSING or old is None:
-            raise NothingToReplace(f"channel {channel_id} is {before.state.value}: it has no close to replace")
-        confs = await node.tx_confirmations(old)
-        if confs:
-            raise NothingToReplace(
-                f"the close {old} of channel {channel_id} is confirmed ({confs} confirmations): nothing to replace"
-            )
-        obj = await operator_bump(config, node, channel_id, fee_rate)
-        if obj.get("close_txid") in (None, old):
-            raise NothingToReplace(f"the close {old} of channel {channel_id} was not replaced")
-        return {
-            **obj,
-            "replaced_txid": old,
-            "old_fee_rate_sat_vb": before.close_fee_rate,
-            "new_fee_rate_sat_vb": await _close_fee_rate(config.db_path, channel_id),
-        }
-
-    obj = run_async(with_node(settings, "payee", run))
+    obj = run_async(with_node(settings, "payee", lambda node: operator_bump(config, node, channel_id, fee_rate)))
     emit(
         settings,
         obj,
         f"close {obj['replaced_txid']} ({obj['old_fee_rate_sat_vb']:.2f} sat/vB) replaced by "
         f"{obj['close_txid']} ({obj['new_fee_rate_sat_vb']:.2f} sat/vB)",
     )
-
-
-async def _close_fee_rate(db_path: Path, channel_id: str) -> float | None:
-    """The fee rate the payee's store records for ``channel_id``'s current close."""
-    from btcchannel.store import PayeeStore
-
-    with PayeeStore(db_path) as store:
-        return store.get(channel_id).close_fee_rate
 
 
 COMMANDS: tuple[click.Command, ...] = (serve, channels, channel, close_cmd, bump)

@@ -14,14 +14,16 @@ import click
 
 from btcchannel.cli._app import Group, Settings, emit, fail, plural, run_async, table, warn_node_unknown, with_client
 from btcchannel.cli._hints import hint_for
-from btcchannel.core.state import ChannelState
-from btcchannel.errors import BadBackup, BadRequest, ChannelError, OpenTimeout
+from btcchannel.errors import BadRequest, ChannelError, OpenTimeout
 
 if TYPE_CHECKING:
     from btcchannel.payer.client import PayerClient
     from btcchannel.payer.metered import MeteredPayer
+    from btcchannel.payer.views import Progress
 
-__all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refund"]
+__all__ = ["COMMANDS", "backup", "fetch", "list_cmd", "open_cmd", "pay", "refreshed_tip", "refund"]
+
+_MINE = "btcchannel regtest mine 1"
 
 
 @click.command("open")
@@ -127,7 +129,7 @@ def open_cmd(
       btcchannel open http://127.0.0.1:8402 --funding-tx 0200000000010...
     """
     from btcchannel.core.terms import PayerLimits
-    from btcchannel.payer.views import mempool_fee
+    from btcchannel.payer.commands import opened_doc
 
     limits = PayerLimits(
         max_price_sat=max_price_sat,
@@ -139,32 +141,8 @@ def open_cmd(
         end_time=int(end_time.replace(tzinfo=timezone.utc).timestamp()) if end_time is not None else None,
     )
 
-    mine = "btcchannel regtest mine 1"
     on_regtest = settings.network == "regtest"
-
-    def progress(event: str, f: dict[str, Any]) -> None:
-        if settings.json:
-            return
-        if event == "proposed":
-            line = (
-                f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, "
-                f"expiry height {f['expiry_height']}"
-            )
-        elif event == "funded":
-            fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
-            line = f"funding transaction {f['funding_txid']} broadcast{fee}"
-            if on_regtest and not no_wait:  # said at once: nothing else will confirm it
-                line += (
-                    f"\nregtest mines no block by itself: run `{mine}` (in another terminal) to confirm "
-                    f"the funding; waiting up to {timeout:g} s"
-                )
-        elif event == "confirmations":
-            line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
-            if on_regtest and f["confirmations"] < f["needed"]:
-                line += f" (regtest: `{mine}`)"
-        else:
-            line = f"channel {f['channel_id']} is open"
-        click.echo(line, err=True)
+    progress = _open_progress_printer(settings, wait_s=None if no_wait else timeout)
 
     async def run(client: PayerClient) -> dict[str, Any]:
         if funding_tx is not None:
@@ -200,10 +178,7 @@ def open_cmd(
             )
         if not no_wait and (psbt or funding_tx is not None):
             await client.wait_open(cid, timeout, progress=progress)
-        obj = await client.status(cid)
-        rec = client.store.get(cid)
-        obj.update(await mempool_fee(client.node, rec.funding_txid or ""))
-        return obj
+        return await opened_doc(client, cid)
 
     if funding_tx is None and (deposit_sat is None or lifetime_blocks is None):
         raise click.UsageError("--deposit-sat and --lifetime-blocks are required (except with --funding-tx)")
@@ -213,7 +188,7 @@ def open_cmd(
     except OpenTimeout as e:
         if not on_regtest:
             raise
-        fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{mine}`")
+        fail(e, settings.json, hint=f"{hint_for(e)}; on regtest mine a block for it: `{_MINE}`")
     if obj["state"] == "proposed":
         emit(
             settings,
@@ -225,13 +200,45 @@ def open_cmd(
     state = obj["state"]
     after = "" if state == "open" else "; it opens once the funding confirms (`btcchannel list` shows it)"
     if state != "open" and on_regtest:
-        after += f"; on regtest confirm it with `{mine}`"
+        after += f"; on regtest confirm it with `{_MINE}`"
     emit(
         settings,
         obj,
         f"channel {obj['channel_id']} {state}: deposit {obj['deposit_sat']} sat, "
         f"expiry height {obj['expiry_height']}, funding {obj.get('funding_txid')}{after}",
     )
+
+
+def _open_progress_printer(settings: Settings, wait_s: float | None) -> Progress:
+    """What ``open`` says on stderr at each step (nothing under ``--json``); ``wait_s``: how long it
+    waits for the channel to open (None: it does not wait). On regtest it says how to mine."""
+    on_regtest = settings.network == "regtest"
+
+    def progress(event: str, f: dict[str, Any]) -> None:
+        if settings.json:
+            return
+        if event == "proposed":
+            line = (
+                f"channel {f['channel_id']} proposed: deposit {f['deposit_sat']} sat, "
+                f"expiry height {f['expiry_height']}"
+            )
+        elif event == "funded":
+            fee = "" if f["fee_sat"] is None else f" (fee {f['fee_sat']} sat, {f['fee_rate_sat_vb']} sat/vB)"
+            line = f"funding transaction {f['funding_txid']} broadcast{fee}"
+            if on_regtest and wait_s is not None:  # said at once: nothing else will confirm it
+                line += (
+                    f"\nregtest mines no block by itself: run `{_MINE}` (in another terminal) to confirm "
+                    f"the funding; waiting up to {wait_s:g} s"
+                )
+        elif event == "confirmations":
+            line = f"waiting for confirmations: {f['confirmations']}/{f['needed']}"
+            if on_regtest and f["confirmations"] < f["needed"]:
+                line += f" (regtest: `{_MINE}`)"
+        else:
+            line = f"channel {f['channel_id']} is open"
+        click.echo(line, err=True)
+
+    return progress
 
 
 async def _fund_externally(
@@ -303,22 +310,9 @@ def pay(settings: Settings, channel_id: str, amount_sat: int) -> None:
     Example:
       btcchannel pay 5f0c...e1 --amount-sat 1000
     """
+    from btcchannel.payer.commands import pay_doc
 
-    async def run(client: PayerClient) -> dict[str, Any]:
-        before = client.store.get(channel_id).acked_sat
-        total = await client.pay(channel_id, amount_sat)
-        rec = client.store.get(channel_id)
-        return {
-            "channel_id": channel_id,
-            "increment_sat": total - before,
-            "amount_sat": total,
-            "deposit_sat": rec.deposit_sat,
-            "remaining_sat": rec.deposit_sat - total,
-            "state": rec.state.value,
-            "closing": rec.state is not ChannelState.OPEN,
-        }
-
-    doc = run_async(with_client(settings, run))
+    doc = run_async(with_client(settings, lambda client: pay_doc(client, channel_id, amount_sat)))
     text = (
         f"paid {doc['increment_sat']} sat more: total {doc['amount_sat']} of the {doc['deposit_sat']} sat "
         f"deposit, {doc['remaining_sat']} sat remaining"
@@ -380,6 +374,7 @@ def fetch(
       btcchannel fetch http://127.0.0.1:8402/v1/file --out data.bin
     """
     from btcchannel.payer.buy import Budget, NoChannel, ask_price, channel_for_challenge
+    from btcchannel.payer.commands import acked_sat, channel_totals
     from btcchannel.payer.metered import MeteredPayer
 
     budget = Budget(
@@ -406,11 +401,11 @@ def fetch(
                     client, challenge, budget, channel_id=channel_id, progress=None if settings.json else _open_progress
                 )
                 payer = MeteredPayer(client, cid)
-                before = client.store.get(cid).acked_sat
+                before = acked_sat(client, cid)
                 units = challenge.units_for(await payer.metering())
                 answer = await payer.request(url, method, units=units)
                 body = answer.body
-                paid = client.store.get(cid).acked_sat - before
+                paid = acked_sat(client, cid) - before
         if out is not None:
             out.write_bytes(body)
         elif not settings.json:
@@ -423,14 +418,7 @@ def fetch(
             "out": str(out) if out else None,
         }
         if cid is not None:
-            rec = client.store.get(cid)
-            doc.update(
-                {
-                    "amount_sat": rec.acked_sat,
-                    "remaining_sat": rec.deposit_sat - rec.acked_sat,
-                    "state": rec.state.value,
-                }
-            )
+            doc.update(channel_totals(client, cid))
         if out is None and settings.json:
             doc["body_base64"] = base64.b64encode(body).decode()
         return doc
@@ -451,6 +439,16 @@ def fetch(
             f"fetched {doc['bytes']} bytes in {doc['units']} paid units; "
             f"channel {doc['channel_id']} total {doc.get('amount_sat')} sat",
         )
+
+
+def refreshed_tip(settings: Settings) -> tuple[int | None, ChannelError | None]:
+    """The payer's channels brought up to the chain's and their payees' view
+    (:meth:`~btcchannel.payer.client.PayerClient.refresh`); the tip height, or None and the error
+    when no node answers (the stored view then stands)."""
+    try:
+        return run_async(with_client(settings, lambda client: client.refresh())), None
+    except ChannelError as e:
+        return None, e
 
 
 def _open_progress(event: str, f: dict[str, Any]) -> None:
@@ -510,49 +508,20 @@ def list_cmd(settings: Settings) -> None:
     Example:
       btcchannel list
     """
-    from btcchannel.store import PayerStore
+    from btcchannel.payer.commands import channel_list, has_channels
 
-    with PayerStore(settings.datadir / "payer.db") as store:
-        known = bool(store.list())
     tip: int | None = None
     node_error: ChannelError | None = None
-    if known:
-        try:  # the chain's view, and the payee's for channels the chain has moved on
-            tip = run_async(with_client(settings, lambda client: client.refresh()))
-        except ChannelError as e:
-            node_error = e  # no node: the stored view, said to be one
+    if has_channels(settings.datadir):  # the chain's view, and the payee's for channels the chain has moved on
+        tip, node_error = refreshed_tip(settings)
+        if node_error is not None:  # no node: the stored view, said to be one
             warn_node_unknown(
                 settings,
-                e,
-                "the states below are as last stored (a funding or close may have "
-                "confirmed since) and blocks_left is unknown",
+                node_error,
+                "the states below are as last stored (a funding or close may "
+                "have confirmed since) and blocks_left is unknown",
             )
-    with PayerStore(settings.datadir / "payer.db") as store:
-        recs = store.list()
-    objs: list[dict[str, Any]] = []
-    for r in recs:
-        left = None if tip is None else r.expiry_height - tip
-        expired = (
-            left is not None
-            and left <= 0
-            and r.state in (ChannelState.OPEN, ChannelState.FUNDING, ChannelState.CLOSING)
-        )
-        objs.append(
-            {
-                "channel_id": r.channel_id,
-                "server_url": r.server_url,
-                "state": r.state.value,
-                "deposit_sat": r.deposit_sat,
-                "amount_sat": r.acked_sat,
-                "signed_sat": r.amount_sat,
-                "expiry_height": r.expiry_height,
-                "blocks_left": left,
-                "refundable": expired,
-                "funding_txid": r.funding_txid,
-                "close_txid": r.close_txid,
-                "refund_txid": r.refund_txid,
-            }
-        )
+    objs = channel_list(settings.datadir, tip)
     rows = [
         [
             o["channel_id"],
@@ -611,15 +580,10 @@ def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool, de
       btcchannel backup export channels.json
       btcchannel backup export --descriptors descriptors.json
     """
-    from btcchannel.store import PayerStore
-    from btcchannel.store.ops import write_payer_backup
+    from btcchannel.payer.commands import export_backup, export_descriptors
 
     if descriptors:
-        from btcchannel.payer.descriptors import descriptor_backup, write_descriptor_backup
-
-        with PayerStore(settings.datadir / "payer.db") as store:
-            found = descriptor_backup(store, keys=not no_keys)
-        write_descriptor_backup(found, file, replace_any=force)
+        found = export_descriptors(settings.datadir, file, keys=not no_keys, replace_any=force)
         left = "".join(f"\nleft out {d['channel_id']}: {d['reason']}" for d in found.left_out)
         emit(
             settings,
@@ -627,14 +591,8 @@ def backup_export(settings: Settings, file: Path, force: bool, no_keys: bool, de
             f"{len(found.requests)} channel descriptors written to {file}{left}",
         )
         return
-    with PayerStore(settings.datadir / "payer.db") as store:
-        data = store.export_backup(keys=not no_keys)
-    write_payer_backup(data, file, replace_any=force)
-    emit(
-        settings,
-        {"file": str(file), "channels": len(data["channels"])},
-        f"{plural(len(data['channels']), 'channel')} written to {file}",
-    )
+    n = export_backup(settings.datadir, file, keys=not no_keys, replace_any=force)
+    emit(settings, {"file": str(file), "channels": n}, f"{plural(n, 'channel')} written to {file}")
 
 
 @backup.command("import")
@@ -647,17 +605,9 @@ def backup_import(settings: Settings, file: Path) -> None:
     Example:
       btcchannel backup import channels.json
     """
-    from btcchannel.store import PayerStore
+    from btcchannel.payer.commands import import_backup
 
-    try:
-        data = json.loads(file.read_text())
-    except ValueError as e:
-        raise BadBackup(f"{file} is not a backup: not JSON ({e})") from e
-    with PayerStore(settings.datadir / "payer.db") as store:
-        try:
-            n = store.import_backup(data)
-        except BadRequest as e:  # the store's word for a file it cannot take
-            raise BadBackup(f"{file}: {e.message}") from e
+    n = import_backup(settings.datadir, file)
     emit(settings, {"file": str(file), "imported": n}, f"{plural(n, 'channel')} imported from {file}")
 
 

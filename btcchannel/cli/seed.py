@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
 import click
 
 from btcchannel.cli._app import Group, Settings, emit, read_secret
 from btcchannel.errors import BadRequest
-
-if TYPE_CHECKING:
-    from btcchannel.store import PayeeStore, PayerStore
 
 __all__ = ["COMMANDS", "seed"]
 
@@ -27,10 +24,26 @@ _ROLE = click.option(
 )
 
 
-def _open(settings: Settings, role: str) -> PayeeStore | PayerStore:
-    from btcchannel.store import PayeeStore, PayerStore
+def _seed_info(settings: Settings, role: str) -> tuple[bytes, int]:
+    """``role``'s seed (created if there is none) and next key index."""
+    if role == "payee":
+        from btcchannel.payee.commands import seed_info as payee_seed
 
-    return PayeeStore(settings.datadir / "payee.db") if role == "payee" else PayerStore(settings.datadir / "payer.db")
+        return payee_seed(settings.datadir)
+    from btcchannel.payer.commands import seed_info as payer_seed
+
+    return payer_seed(settings.datadir)
+
+
+def _restore_seed(settings: Settings, role: str, value: bytes) -> tuple[bool, int]:
+    """Install ``value`` as ``role``'s seed; whether it was new and how many keys were restored."""
+    if role == "payee":
+        from btcchannel.payee.commands import restore_seed as payee_restore
+
+        return payee_restore(settings.datadir, value)
+    from btcchannel.payer.commands import restore_seed as payer_restore
+
+    return payer_restore(settings.datadir, value)
 
 
 @click.group(cls=Group)
@@ -53,8 +66,7 @@ def seed_show(settings: Settings, role: str) -> None:
     Example:
       btcchannel seed show --role payee
     """
-    with _open(settings, role) as store:
-        value, nxt = store.seed(), store.next_key_index()
+    value, nxt = _seed_info(settings, role)
     emit(
         settings,
         {"seed": value.hex(), "next_key_index": nxt, "warning": _WARNING},
@@ -94,9 +106,7 @@ def seed_restore(settings: Settings, seed_hex: str | None, from_file: TextIO | N
         value = bytes.fromhex(seed_hex)
     except ValueError:
         raise BadRequest("the seed must be hex") from None
-    with _open(settings, role) as store:
-        installed = store.restore_seed(value)
-        n = store.restore_keys()
+    installed, n = _restore_seed(settings, role, value)
     emit(
         settings,
         {"installed": installed, "keys_restored": n},

@@ -11,7 +11,9 @@ allows. States (both sides)::
     proposed/funding/open/closing --failed--> failed
 
 :func:`next_state` follows an edge or raises IllegalTransition; :func:`sources`
-lists the states an event may fire in (a store's ``WHERE state IN (...)``).
+lists the states an event may fire in (a store's ``WHERE state IN (...)``);
+:func:`events_between` is the shortest run of events from one state to another
+(how the payer steps through a state the payee reports, having missed the ones between).
 :func:`classify_spend` tells a close from the payer's refund by the witness
 that spent the funding output.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "TERMINAL_STATES",
     "next_state",
     "sources",
+    "events_between",
     "SpendKind",
     "classify_spend",
 ]
@@ -117,6 +120,28 @@ def next_state(state: ChannelState, event: ChannelEvent | str) -> ChannelState:
 def sources(event: ChannelEvent | str) -> frozenset[ChannelState]:
     """The states ``event`` may fire in; IllegalTransition for an unknown event."""
     return _SOURCES[_event(event)]
+
+
+def events_between(state: ChannelState, target: ChannelState) -> tuple[ChannelEvent, ...]:
+    """The shortest run of events that takes ``state`` to ``target`` along :data:`TRANSITIONS` (empty
+    when they are the same; among runs of one length, the first in the table's order);
+    IllegalTransition when the table leads nowhere near (``target`` is behind ``state``, or
+    ``state`` is terminal)."""
+    if state is target:
+        return ()
+    paths: dict[ChannelState, tuple[ChannelEvent, ...]] = {state: ()}
+    frontier = [state]
+    while frontier:
+        reached: list[ChannelState] = []
+        for here in frontier:
+            for (src, event), dst in TRANSITIONS.items():
+                if src is here and dst not in paths:
+                    paths[dst] = (*paths[here], event)
+                    if dst is target:
+                        return paths[dst]
+                    reached.append(dst)
+        frontier = reached
+    raise IllegalTransition(f"no run of events leads from state {state.value!r} to {target.value!r}")
 
 
 class SpendKind(str, enum.Enum):

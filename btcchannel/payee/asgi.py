@@ -98,9 +98,14 @@ class PaidRoutes:
     For another ASGI app, the templates are matched against the path without ``root_path``.
     A path that matches no route of the app but lies under a priced template's fixed prefix is
     answered 404 without running the app (it is never served unpaid). :meth:`attach` refuses a
-    price that matches no route of the wrapped app. FastAPI routes can also carry their price
-    themselves: ``dependencies=[Depends(paid.costs(250))]``.
+    price that matches no route of the wrapped app, or a websocket route (only HTTP requests are
+    metered; a websocket under a priced mount or template is closed, code 1008, unserved). FastAPI
+    routes can also carry their price themselves: ``dependencies=[Depends(paid.costs(250))]``.
     """
+
+    #: the largest body a priced request may have (the gate reads it whole before the app runs, since
+    #: auth v2 covers it): a bigger one is answered 413 ``too_large`` (as aiohttp's ``client_max_size``)
+    max_body_bytes = 1 << 20
 
     def __init__(
         self,
@@ -108,6 +113,7 @@ class PaidRoutes:
         gate: PaymentGate | None = None,
         *,
         protocol_path: str = "",
+        max_body_bytes: int | None = None,
     ) -> None:
         self.prices: dict[tuple[str, str], int] = {
             ((k[0].upper(), k[1]) if isinstance(k, tuple) else ("*", k)): v for k, v in (prices or {}).items()
@@ -117,6 +123,8 @@ class PaidRoutes:
         self.protocol_path = protocol_path.rstrip("/")
         self._app: ASGIApp | None = None
         self._table: _PriceTable | None = None
+        if max_body_bytes is not None:
+            self.max_body_bytes = max_body_bytes
 
     def costs(self, price_sat: int) -> Callable[[], Awaitable[None]]:
         """A FastAPI dependency that prices its route: ``@api.get(path, dependencies=[Depends(paid.costs(250))])``.
@@ -164,6 +172,9 @@ class PaidRoutes:
         self._table = None
 
         async def gated(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "websocket" and self._prices().lookup(scope) is not None:
+                await send({"type": "websocket.close", "code": 1008})  # priced (a mount): never served unpaid
+                return
             if scope["type"] != "http":
                 await app(scope, receive, send)
                 return
@@ -191,7 +202,22 @@ class PaidRoutes:
         origin = f"{scope.get('scheme', 'http')}://{headers.get('host') or 'localhost'}"
         if self.protocol_path:
             origin += scope.get("root_path", "") + self.protocol_path
-        body, receive = await _read_body(receive)  # auth v2 covers it; the app receives it as sent
+        read = await _read_body(receive, self.max_body_bytes)  # auth v2 covers it; the app receives it as sent
+        if read is None:
+            await _send_json(
+                send,
+                GateAnswer(
+                    413,
+                    {
+                        "error": {
+                            "code": "too_large",
+                            "message": f"a paid request's body is limited to {self.max_body_bytes} bytes",
+                        }
+                    },
+                ),
+            )
+            return
+        body, receive = read
         client = scope.get("client")
         admitted = await gate.admit(
             scope["method"],
@@ -301,6 +327,8 @@ class _PriceTable:
                 known = ", ".join(sorted({t for t, _r in flat})) or "none"
                 raise ValueError(f"no route of the app matches the price for {method} {template!r} (routes: {known})")
             for route in hits:
+                if _is_websocket(route):
+                    raise ValueError(f"{template!r} is a websocket route: the gate meters HTTP requests only")
                 by_route.setdefault(id(route), {})[method] = price
         return cls(by_route, routes, [], sorted({p for p in prefixes if p}))
 
@@ -354,6 +382,11 @@ def _app_routes(app: Any) -> list[Any] | None:
     return list(routes) if isinstance(routes, (list, tuple)) else None
 
 
+def _is_websocket(route: Any) -> bool:
+    """Whether ``route`` is a websocket route (Starlette's, or FastAPI's subclass of it)."""
+    return any(cls.__name__ == "WebSocketRoute" for cls in type(route).__mro__)
+
+
 def _allows(route: Any, method: str) -> bool:
     methods = getattr(route, "methods", None)
     return not methods or method.upper() in methods
@@ -397,17 +430,23 @@ def _find(routes: list[Any], scope: Scope) -> list[Any]:
     return partial
 
 
-async def _read_body(receive: Receive) -> tuple[bytes, Receive]:
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, Receive] | None:
     """The request's whole body, and a ``receive`` that hands it to the app as one message (then
-    whatever the server sends next, e.g. ``http.disconnect``)."""
+    whatever the server sends next, e.g. ``http.disconnect``); None once it passes ``limit`` bytes
+    (nothing more is read: memory stays bounded whatever a client sends)."""
     chunks: list[bytes] = []
+    size = 0
     first: Message | None = None
     while True:
         message = await receive()
         if message["type"] != "http.request":  # the client left: the app sees that, after the body
             first = message
             break
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)

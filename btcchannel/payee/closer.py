@@ -42,11 +42,12 @@ from btcchannel.errors import (
     CloseUneconomic,
     InternalError,
     NodeUnavailable,
+    NothingToReplace,
     RpcAlreadyInChain,
     RpcVerifyError,
     RpcVerifyRejected,
 )
-from btcchannel.payee.batch import batch_of, bump_batch, close_claimed
+from btcchannel.payee.batch import Batches
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.leadership import AlwaysLeads, Leadership
 from btcchannel.payee.shared import Channels
@@ -92,6 +93,8 @@ class Closer:
         #: ``rebroadcast``: a recorded close the node no longer had, sent again by this process;
         #: ``pinned``: a close whose replacement had to outbid descendants the payer hung on it
         self.events: Counter[str] = Counter()
+        #: the batching component: closes claimed in one watcher pass share one transaction
+        self.batches = Batches(self)
 
     async def start(self) -> None:
         """Fix the payout script of the channels proposed from now on: the configured address, or a
@@ -183,8 +186,8 @@ class Closer:
 
     async def close_claimed(self, cids: list[str]) -> None:
         """Broadcast the closes claimed with :meth:`claim_only`: one transaction for those that can
-        share it (:mod:`btcchannel.payee.batch`), each of the others alone; logs failures."""
-        await close_claimed(self, cids)
+        share it (:attr:`batches`), each of the others alone; logs failures."""
+        await self.batches.close_claimed(cids)
 
     def done(self, cid: str) -> None:
         """This process finished its broadcast attempt for ``cid`` (wakes :meth:`close_done`)."""
@@ -394,14 +397,14 @@ class Closer:
     # -- bump and rebroadcast -----------------------------------------------------------
     async def bump(self, cid: str, fee_rate: float | None = None, *, deadline: bool = False) -> str | None:
         """RBF: replace our unconfirmed close with one at a higher fee rate. A close shared by several
-        channels is replaced by one keeping every payment (:func:`~btcchannel.payee.batch.bump_batch`;
-        ``deadline``: the watcher's deadline bump, whose rate the batch decides per member)."""
+        channels is replaced by one keeping every payment (:meth:`Batches.bump`; ``deadline``: the
+        watcher's deadline bump, whose rate the batch decides per member)."""
         rec = self.store.get(cid)
         if rec.state is not ChannelState.CLOSING or rec.close_txid is None:
             return rec.close_txid
-        group = batch_of(self, rec)
+        group = self.batches.of(rec)
         if len(group) > 1:
-            return await bump_batch(self, group, None if deadline else fee_rate)
+            return await self.batches.bump(group, None if deadline else fee_rate)
         estimate = await self.fee_rate() if fee_rate is None else 0.0
         rate = bump_fee_rate(rec.close_fee_rate, fee_rate, self.config.bump_factor, estimate)
         return await self.broadcast(cid, rate, rec.close_txid, deadline=deadline)
@@ -516,10 +519,29 @@ async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> d
 async def operator_bump(
     config: ServerConfig, node: Node, channel_id: str, fee_rate_sat_vb: float | None = None
 ) -> dict[str, Any]:
-    """RBF-bump ``channel_id``'s unconfirmed close (default: ``bump_factor`` times its rate)."""
+    """RBF-bump ``channel_id``'s unconfirmed close (default: ``bump_factor`` times its rate): its channel
+    object with ``replaced_txid`` and both fee rates (``old_fee_rate_sat_vb``, ``new_fee_rate_sat_vb``).
+    ``NothingToReplace`` when there is no close in the mempool (none, or confirmed) or it was not replaced."""
     closer = await _operator_closer(config, node)
     try:
+        before = closer.store.get(channel_id)
+        old = before.close_txid
+        if before.state is not ChannelState.CLOSING or old is None:
+            raise NothingToReplace(f"channel {channel_id} is {before.state.value}: it has no close to replace")
+        confs = await node.tx_confirmations(old)
+        if confs:
+            raise NothingToReplace(
+                f"the close {old} of channel {channel_id} is confirmed ({confs} confirmations): nothing to replace"
+            )
         await closer.bump(channel_id, fee_rate_sat_vb)
-        return channel_object(closer.store.get(channel_id))
+        after = closer.store.get(channel_id)
+        if after.close_txid in (None, old):
+            raise NothingToReplace(f"the close {old} of channel {channel_id} was not replaced")
+        return {
+            **channel_object(after),
+            "replaced_txid": old,
+            "old_fee_rate_sat_vb": before.close_fee_rate,
+            "new_fee_rate_sat_vb": after.close_fee_rate,
+        }
     finally:
         closer.store.close()

@@ -113,7 +113,7 @@ class ServerConfig:
             return self.max_block_age_s
         return None if self.network == "regtest" else DEFAULT_MAX_BLOCK_AGE_S
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         self.datadir = Path(self.datadir)
         script.check_network(self.network)
         if self.min_confirmations < 1:

@@ -138,6 +138,10 @@ class PaymentGate:
         protocol_url = protocol_url or svc.config.public_url  # the configured public URL over the Host header
         self.protocol_url = protocol_url.rstrip("/") if protocol_url else None
         self._payments = 0
+        #: charged requests whose handler runs now, by idempotency key, and how many exact retries of
+        #: each were served meanwhile: a served retry delivered the unit, so the original's failure
+        #: gives nothing back (the key is dropped when the original ends)
+        self._running: dict[bytes, int] = {}
 
     def units_for(self, price_sat: int) -> int:
         """The units of the payee's unit price that make ``price_sat`` (ValueError unless a multiple)."""
@@ -160,7 +164,7 @@ class PaymentGate:
         except ValueError:
             return False
 
-    async def admit(
+    async def admit(  # noqa: C901
         self,
         method: str,
         target: str,
@@ -176,7 +180,8 @@ class PaymentGate:
 
         Checks, in order: a channel named (402 otherwise), the transport (``tls_required``), the
         channel (``unknown_channel``), the authentication (``unauthorized``), then the payment or
-        credit. The channel's row is read once; every write (the prepay payment, the surplus used,
+        credit. The channel's row is the one kept in memory (read once when it is not; every write is a
+        compare-and-set, re-decided on the stored row when it loses); every write (the prepay payment, the surplus used,
         postpay credit) goes through the store's group commit, so the event loop never waits on the disk."""
         svc = self.svc
         rec: PayeeRecord | None = None
@@ -189,14 +194,19 @@ class PaymentGate:
             if not self.secure(origin, peer):
                 raise TlsRequired("paid requests need TLS (or a loopback client)")
             cid = check_channel_id(cid_h)
-            rec = svc.store.get(cid)
+            rec = svc.row(cid)  # an open channel's row is kept in memory: no read per request
             metering = svc.terms_of(rec).metering  # the channel's agreed terms
             if not metering.enabled:
                 return Charge(None, units)
             auth = parse_auth(headers.get(HDR_AUTH))
-            key, replay = svc.authenticate(rec, auth, PaidRequest.of(method, target, headers, body))
-            if replay:
-                return Charge(rec, units, metering, key, replay=True)
+            request = PaidRequest.of(method, target, headers, body)
+            key, replay = svc.authenticate(rec, auth, request)
+            if replay:  # served free: only if the stored row (not just the kept one) says it is the last charged
+                svc.invalidate(cid)
+                rec = svc.row(cid)
+                key, replay = svc.authenticate(rec, auth, request)
+                if replay:
+                    return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             svc.require_fresh_chain()  # once: no payment, surplus or credit is used on a stale chain view
             charged: PayeeRecord | None
@@ -217,6 +227,8 @@ class PaymentGate:
                 raise
             if charged is None:
                 return self.payment_required(cid, units, origin, svc.store.get(cid))
+            if key is not None:
+                self._running[key] = 0
             return Charge(charged, units, metering, key)
         except ChannelError as err:
             wire = wire_error(err)
@@ -229,10 +241,13 @@ class PaymentGate:
         if charge.rec is None or charge.metering is None:
             return {}
         if charge.replay:  # the last charged request again: served, charged once already
+            if status < 500 and charge.key is not None and charge.key in self._running:
+                self._running[charge.key] += 1  # its original still runs: this one delivered the unit
             return self._charged_headers(charge.metering, self.svc.store.get(charge.rec.channel_id))
         if status >= 500:
-            await self.svc.unserve(charge.rec, charge.units, charge.key)
+            await self._give_back(charge)
             return state_headers(self.svc.store.get(charge.rec.channel_id))
+        self._ended(charge)
         rec = await self.svc.after_payment(charge.rec)
         self._payments += 1
         if self._payments == 1 or self._payments % self.log_every == 0:
@@ -261,7 +276,19 @@ class PaymentGate:
     async def failed(self, charge: Charge) -> None:
         """The handler raised: nothing was served, nothing is charged (a replay was never charged)."""
         if charge.rec is not None and charge.metering is not None and not charge.replay:
-            await self.svc.unserve(charge.rec, charge.units, charge.key)
+            await self._give_back(charge)
+
+    def _ended(self, charge: Charge) -> int:
+        """The original of ``charge`` ended: the exact retries of it served meanwhile."""
+        return self._running.pop(charge.key, 0) if charge.key is not None else 0
+
+    async def _give_back(self, charge: Charge) -> None:
+        """A charged request not served: its units back, unless a retry of it was served meanwhile."""
+        assert charge.rec is not None
+        if self._ended(charge):
+            log.info("a retry of a failed request on %s was served: its units stay charged", charge.rec.channel_id)
+            return
+        await self.svc.unserve(charge.rec, charge.units, charge.key)
 
     def payment_required(self, cid: str | None, units: int, origin: str, rec: PayeeRecord | None = None) -> GateAnswer:
         """The 402: the terms, absolute URLs to open a channel, the network, what to pay next

@@ -26,7 +26,9 @@ The node and the payee's state are found as ``btcchannel serve`` finds them: ``n
 variables, else the ``config`` file's ``[global]`` table (its ``[serve]`` table gives the terms:
 ``price-sat``, ``mode``, ``credit-limit-sat``...), else the defaults; on regtest a node left
 running by ``btcchannel regtest start`` is found too. Other :class:`ServerConfig` fields are
-keyword arguments.
+keyword arguments. Off regtest a seller needs ``public_url`` (``public-url`` in ``[serve]``): where
+buyers reach the protocol, e.g. ``https://api.example/btc``; the 402's URLs are built from it, never
+from a buyer's ``Host`` header (unless ``trust_host_header``).
 
 Under ASGI the protocol's requests are handed to btcchannel's aiohttp service, which listens on a
 loopback port of its own; the buyer only ever sees the seller's port.
@@ -85,6 +87,8 @@ _SERVE = {
     "min-confirmations": "min_confirmations",
     "payee-address": "payee_address",
     "store": "store_url",
+    "public-url": "public_url",
+    "trust-host-header": "trust_host_header",
 }
 _SERVE_OTHER = frozenset({"host", "port", "serve-file", "chunk-size", "metrics", "backup-db", "backup-interval"})
 #: the header by which the ASGI side tells btcchannel's service the buyer's address
@@ -158,6 +162,14 @@ class PaidService:
         root = Path(opts["datadir"]).expanduser() if opts["datadir"] else default_datadir()
         self.config = ServerConfig(datadir=root / net, network=net, **{**file_fields, **fields})
         self.protocol_path = "/" + protocol_path.strip("/")
+        cfg = self.config
+        if cfg.price_sat > 0 and net != "regtest" and cfg.public_url is None and not cfg.trust_host_header:
+            # (config.host is the internal loopback listener here, not where the seller's app is reached)
+            raise ValueError(
+                f"a seller on {net} needs public_url: where buyers reach the protocol (e.g. "
+                f"https://api.example{self.protocol_path}); the 402's URLs are built from it, never "
+                "from a request's Host header (or trust_host_header=True behind a proxy that sets it)"
+            )
 
         def as_path(v: Any) -> Path | None:
             return Path(v).expanduser() if v else None

@@ -82,6 +82,7 @@ class PayeeService:
         self.tip = tip
         self._pending: dict[str, asyncio.Future[PayeeRecord | None]] = {}  # payments being committed
         self._terms: dict[str, Terms] = {}  # each channel's agreed terms (fixed at its proposal)
+        self._capacity: dict[str, Capacity] = {}  # each channel's capacity (fixed by its parameters)
 
     @property
     def tip_height(self) -> int:
@@ -108,8 +109,19 @@ class PayeeService:
         return self.channels.get(cid)
 
     def invalidate(self, cid: str) -> None:
-        """Forget the cached channel (after any state change)."""
+        """Forget the cached channel and row (after any state change)."""
         self.channels.invalidate(cid)
+
+    def row(self, cid: str) -> PayeeRecord:
+        """The channel's current row for the payment path: an open channel's is kept in memory, as
+        this process's commits wrote it (no read per request); see :meth:`Channels.row`."""
+        return self.channels.row(cid)
+
+    def _kept(self, rec: PayeeRecord | None) -> PayeeRecord | None:
+        """``rec``, a row a commit returned, kept as the channel's current one."""
+        if rec is not None:
+            self.channels.remember(rec)
+        return rec
 
     def terms_of(self, rec: PayeeRecord) -> Terms:
         """The terms channel ``rec`` was agreed under (never the payee's later configuration).
@@ -340,12 +352,17 @@ class PayeeService:
                 if self._pending.get(cid) is fut:
                     del self._pending[cid]
             if stored is not None:
+                self.channels.remember(stored)
                 return stored
             # the row changed under us (another process, a close): decide again on fresh data
             self.invalidate(cid)
             rec = self.store.get(cid)
             if rec.state is not ChannelState.OPEN:
                 raise self._state_error(rec)
+            if request_counter and rec.request_counter >= request_counter:
+                raise Unauthorized(
+                    f"request counter {request_counter} is already used", last_counter=rec.request_counter
+                )
         raise InternalError("payment could not be stored (concurrent updates)")
 
     def verify_only(self, rec: PayeeRecord, amount_sat: int, signature: bytes) -> None:
@@ -373,8 +390,12 @@ class PayeeService:
         return reason
 
     def capacity_of(self, rec: PayeeRecord) -> Capacity:
-        """Which cumulative amounts the channel can carry (the core's dust rule)."""
-        return ChannelParams.from_json(rec.params).capacity
+        """Which cumulative amounts the channel can carry (the core's dust rule; kept per channel:
+        its parameters never change)."""
+        cap = self._capacity.get(rec.channel_id)
+        if cap is None:
+            cap = self._capacity[rec.channel_id] = ChannelParams.from_json(rec.params).capacity
+        return cap
 
     def can_pay(self, rec: PayeeRecord, amount_sat: int) -> bool:
         """Whether the channel can carry a payment of ``amount_sat`` (the core's dust rule)."""
@@ -452,6 +473,10 @@ class PayeeService:
         try:
             terms.metering.check_prepay(rec.amount_sat, amount, units)
         except WrongAmount:
+            fresh = self.store.get(cid)  # ``rec`` may be the kept row: never end a channel on a stale one
+            if (fresh.amount_sat, fresh.units, fresh.state) != (rec.amount_sat, rec.units, rec.state):
+                self.invalidate(cid)
+                return await self.charge_prepay(fresh, amount, sig, units, counter, key)
             self.verify_only(rec, amount, sig)  # a forged request must not end the channel
             await self.closer.claim_async(cid, "wrong_amount")
             raise
@@ -482,7 +507,9 @@ class PayeeService:
                 cid, rec.owed_sat, new_owed, units, counter, last_request=key, caps=caps
             )
             if stored is not None:
+                self.channels.remember(stored)
                 return stored
+            self.channels.forget_row(cid)  # the kept row was behind: decide again on the stored one
             rec = self.store.get(cid)
             if counter and rec.request_counter >= counter:
                 raise Unauthorized(f"request counter {counter} is already used", last_counter=rec.request_counter)
@@ -527,15 +554,19 @@ class PayeeService:
             raise self._state_error(rec)
         terms = self.terms_of(rec)
         Metering.check_units(rec.units, terms.max_units, units)
-        return await self.store.use_surplus_async(rec.channel_id, units, terms.metering.price_sat, counter, key)
+        return self._kept(
+            await self.store.use_surplus_async(rec.channel_id, units, terms.metering.price_sat, counter, key)
+        )
 
     async def unserve(self, rec: PayeeRecord, units: int, key: bytes | None = None) -> None:
         """A charged request whose handler failed: not charged after all. Prepay: what was paid for
         its units is surplus, the next requests' credit; postpay: the owed total goes back down."""
         metering = self.terms_of(rec).metering
+        self.channels.forget_row(rec.channel_id)  # units and the owed total go back: read the row afresh
         await self.store.unserve_async(
             rec.channel_id, units, metering.cost(units) if metering.mode == "postpay" else 0, key
         )
+        self.channels.forget_row(rec.channel_id)
 
     def close_request(self, cid: str, body: dict[str, Any]) -> PayeeRecord:
         """``POST /v1/channels/{id}/close``: the payer's signed close request."""

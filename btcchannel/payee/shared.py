@@ -5,7 +5,8 @@
 - :func:`agreed_terms`: a channel's agreed terms (the payee's current ones for a channel
   proposed before terms were stored);
 - :class:`Channels`: the core channels rebuilt from stored rows, with a cache of open ones
-  that whoever changes a channel's state invalidates.
+  (and of their current rows, as the payment path's commits wrote them) that whoever changes a
+  channel's state invalidates.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Channels:
         self.store = store
         self.close_margin_blocks = close_margin_blocks
         self._cache: dict[str, PayeeChannel] = {}
+        self._rows: dict[str, PayeeRecord] = {}
 
     @staticmethod
     def params_of(rec: PayeeRecord) -> ChannelParams:
@@ -119,11 +121,46 @@ class Channels:
                 self._cache[cid] = ch
         return ch
 
+    def row(self, cid: str) -> PayeeRecord:
+        """An open channel's current row as the last commit of this process wrote it (read from the
+        store on a miss; ``UnknownChannel`` if there is none). It may lag behind another process's
+        writes: decisions taken on it are written with compare-and-set, and re-taken on fresh data
+        when that fails."""
+        rec = self._rows.get(cid)
+        if rec is None:
+            rec = self.store.get(cid)
+            self.remember(rec)
+        return rec
+
+    def remember(self, rec: PayeeRecord) -> None:
+        """Keep ``rec``, a row a commit just returned (only an open channel's, and never one older than
+        the row kept: the charged request counter and the paid total only grow)."""
+        cid = rec.channel_id
+        if rec.state is not ChannelState.OPEN:
+            self._rows.pop(cid, None)
+            return
+        kept = self._rows.get(cid)
+        if kept is None or (
+            rec.request_counter >= kept.request_counter
+            and rec.amount_sat >= kept.amount_sat
+            and rec.units + rec.owed_sat >= kept.units + kept.owed_sat
+        ):
+            self._rows[cid] = rec
+        else:
+            self._rows.pop(cid, None)  # commits seen out of order: read it again when next needed
+
+    def forget_row(self, cid: str) -> None:
+        """Drop the kept row (it was changed by a write that returned no row)."""
+        self._rows.pop(cid, None)
+
     def prune(self, live: set[str]) -> None:
         """Forget the cached channels not in ``live``."""
         for cid in [c for c in self._cache if c not in live]:
             del self._cache[cid]
+        for cid in [c for c in self._rows if c not in live]:
+            del self._rows[cid]
 
     def invalidate(self, cid: str) -> None:
-        """Forget the cached channel (after any state change)."""
+        """Forget the cached channel and row (after any state change)."""
         self._cache.pop(cid, None)
+        self._rows.pop(cid, None)

@@ -34,6 +34,10 @@ refused at start only when it deleted a block after the last one processed (``no
   confirmed, bumps the fee by RBF when it stayed unconfirmed for
   ``bump_after_blocks`` blocks, rebroadcasts a dropped close, and records a
   conflicting spend.
+
+Each look at a channel is decided by :func:`btcchannel.payee.decide.decide` (pure: facts in, one
+action out, tested without a node): the watcher only answers the facts it asks for, from the node
+and the store, and performs the action it chooses through the closer and the store.
 """
 
 from __future__ import annotations
@@ -41,17 +45,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from btcchannel.bitcoind.chain import BlockFollower, chain_state, mempool_spender, require_blocks_after
 from btcchannel.bitcoind.notify import BlockNotifier
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.core.state import ChannelState, SpendKind, classify_spend
-from btcchannel.core.terms import close_is_urgent, closing_height
+from btcchannel.core.state import ChannelState, classify_spend
+from btcchannel.core.terms import closing_height
 from btcchannel.core.tx import OutPoint
-from btcchannel.errors import ChannelError, NodeError
+from btcchannel.errors import ChannelError, InternalError, NodeError
 from btcchannel.payee.closer import Closer, is_uneconomic
 from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.decide import (
+    Action,
+    Bump,
+    ChannelView,
+    Close,
+    Conflict,
+    Fact,
+    Facts,
+    FundingLost,
+    MarkClosed,
+    Need,
+    Nothing,
+    Open,
+    Outbid,
+    Policy,
+    Rebroadcast,
+    RecordDepth,
+    Resend,
+    SendClose,
+    SpendSeen,
+    decide,
+)
 from btcchannel.payee.shared import ChainTip, agreed_terms
 from btcchannel.store import PayeeRecord, PayeeStore
 
@@ -60,14 +87,9 @@ __all__ = ["Watcher"]
 log = logging.getLogger("btcchannel.payee.watcher")
 
 
-def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]], node: Node | None = None) -> set[str]:
-    """The channels a block touches: its funding or close transaction, or a spend of the funding
-    output or of the funding's inputs (a double-spend).
-
-    With ``node``, each watched transaction and spend found is noted there with its block (the
-    follower's own index: later lookups by txid need no ``-txindex``)."""
-    if not blocks:
-        return set()
+def _watched(live: list[PayeeRecord]) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
+    """(the watched transactions, the watched outpoints), each to its channel: a channel's funding
+    and closes, its funding output and the funding's inputs."""
     txids: dict[str, str] = {}
     outpoints: dict[tuple[str, int], str] = {}
     for rec in live:
@@ -79,6 +101,18 @@ def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]], node: Node |
             txids[txid] = cid
         for txid, vout in rec.funding_inputs:
             outpoints[(str(txid), int(vout))] = cid
+    return txids, outpoints
+
+
+def _touched(live: list[PayeeRecord], blocks: list[dict[str, Any]], node: Node | None = None) -> set[str]:
+    """The channels a block touches: its funding or close transaction, or a spend of the funding
+    output or of the funding's inputs (a double-spend).
+
+    With ``node``, each watched transaction and spend found is noted there with its block (the
+    follower's own index: later lookups by txid need no ``-txindex``)."""
+    if not blocks:
+        return set()
+    txids, outpoints = _watched(live)
     touched: set[str] = set()
     for block in blocks:
         block_hash, height = str(block.get("hash")), int(block.get("height", -1))
@@ -280,72 +314,98 @@ class Watcher:
             return True  # funding, closing: pending until their transactions are deep enough
         if tip >= closing_height(rec.expiry_height, self.config.close_margin_blocks):
             return True
-        return (
-            agreed_terms(rec, self.config.terms).timed_end(  # payment/idle timeout, end time
-                owed_sat=rec.owed_sat,
-                paid_sat=rec.amount_sat,
-                owed_since=rec.owed_since,
-                paid_at=rec.paid_at,
-                now=time.time(),
-            )
-            is not None
+        return self._timed_end(rec) is not None
+
+    def _timed_end(self, rec: PayeeRecord) -> str | None:
+        """The agreed end condition time alone has reached (payment or idle timeout, end time), if any."""
+        return agreed_terms(rec, self.config.terms).timed_end(
+            owed_sat=rec.owed_sat,
+            paid_sat=rec.amount_sat,
+            owed_since=rec.owed_since,
+            paid_at=rec.paid_at,
+            now=time.time(),
+        )
+
+    # -- one look at one channel: the facts the decision asks for, the action it chooses ---------
+    def _policy(self) -> Policy:
+        cfg = self.config
+        return Policy(
+            min_confirmations=cfg.min_confirmations,
+            final_confirmations=cfg.final_confirmations,
+            close_margin_blocks=cfg.close_margin_blocks,
+            bump_after_blocks=cfg.bump_after_blocks,
+        )
+
+    def _view(self, rec: PayeeRecord) -> ChannelView:
+        """What the decisions read of ``rec``."""
+        return ChannelView(
+            state=rec.state,
+            expiry_height=rec.expiry_height,
+            confirmations=rec.confirmations,
+            close_txid=rec.close_txid,
+            close_tx_txid=rec.close_tx_txid,
+            close_txids=tuple(rec.close_txids),
+            close_height=rec.close_height,
+            signed=rec.signature is not None,
+            uneconomic=is_uneconomic(rec),
+            timed_end=self._timed_end(rec) if rec.state is ChannelState.OPEN else None,
         )
 
     async def check(self, rec: PayeeRecord, tip: int) -> None:
-        """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed."""
-        if rec.state is ChannelState.FUNDING:
-            await self._check_funding(rec)
-        elif rec.state is ChannelState.OPEN:
-            await self._check_open(rec, tip)
-        elif rec.state is ChannelState.CLOSING:
-            await self._check_closing(rec, tip)
+        """Look at one channel (as read in ``rec``) at chain height ``tip`` and act on what changed:
+        answer each fact :func:`~btcchannel.payee.decide.decide` needs (from the node or the store),
+        then perform the action it chooses (and go on deciding after one that goes on)."""
+        look = _Look(rec, Facts(self._view(rec), tip, self._policy()))
+        for _ in range(_MAX_STEPS):
+            step = decide(look.facts)
+            if isinstance(step, Need):
+                look.facts = look.facts.learn(step.fact, await self._gatherers[step.fact](look, step))
+                continue
+            await self._actions[type(step)](look, step)
+            if not step.goes_on:
+                return
+        raise InternalError(f"channel {rec.channel_id}: no decision after {_MAX_STEPS} steps")
 
-    # -- per state -------------------------------------------------------------------
-    async def _check_funding(self, rec: PayeeRecord) -> None:
-        cid = rec.channel_id
-        info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
-        if info is not None:
-            if info.confirmations >= self.config.min_confirmations:
-                self.store.set_confirmations(cid, info.confirmations, open_now=True)
-                self.closer.channels.invalidate(cid)
-            elif info.confirmations != rec.confirmations:
-                self.store.set_confirmations(cid, info.confirmations, open_now=False)
-            return
-        await self._spent_elsewhere(rec)
+    @property
+    def _gatherers(self) -> dict[Fact, Callable[[_Look, Need], Awaitable[object]]]:
+        return {
+            Fact.FUNDING_OUT: self._funding_out,
+            Fact.CONFIRMED_SPENDER: self._confirmed_spender,
+            Fact.FUNDING_DEPTH: lambda look, _: self._funding_depth(look.rec),
+            Fact.SPENDER: self._spender,
+            Fact.DOUBLE_SPENDER: lambda look, _: self._double_spender(look.rec),
+            Fact.DOUBLE_SPENDER_DEPTH: self._depth,
+            Fact.SPENDER_DEPTH: self._depth,
+            Fact.CLOSE_DEPTH: self._depth,
+            Fact.SPEND: self._spend_seen,
+            Fact.FRESH: self._fresh,
+            Fact.LATEST_CLOSE: self._latest_close,
+        }
 
-    async def _funding_vanished(self, rec: PayeeRecord) -> None:
-        """The funding transaction is gone (double-spent, or evicted): ``failed`` once the
-        transaction that spends one of its inputs has ``final_confirmations``."""
-        cid = rec.channel_id
-        conflict = None
-        for txid, vout in rec.funding_inputs:
-            conflict = await self.node.find_spender(OutPoint(txid, int(vout)), rec.created_height)
-            if conflict is not None:
-                break
-        if conflict is None:
-            return
-        if self._final(await self.node.tx_confirmations(conflict)):
-            self.store.mark_exception(cid, ChannelState.FAILED, conflict, "funding_double_spent")
-            self.closer.channels.invalidate(cid)
-            log.warning("funding of %s double-spent by %s", cid, conflict)
-        elif rec.confirmations != 0:
-            self.store.set_confirmations(cid, 0, open_now=False)
+    @property
+    def _actions(self) -> dict[type[Action], Callable[[_Look, Any], Awaitable[None]]]:
+        return {
+            Nothing: _nothing,
+            RecordDepth: self._record_depth,
+            Open: self._open,
+            FundingLost: self._funding_lost,
+            Close: self._claim,
+            MarkClosed: self._mark_closed,
+            Conflict: self._conflict,
+            Bump: self._bump,
+            Rebroadcast: self._rebroadcast,
+            Outbid: self._outbid,
+            Resend: self._resend,
+            SendClose: self._send_close,
+        }
 
-    async def _find_spender(self, rec: PayeeRecord) -> tuple[bool, str | None]:
-        """(whether the funding still exists, the txid spending its output or None). Blocks are
-        scanned only for a confirmed funding whose output is spent in the chain; a funding that
-        vanished is handed to :meth:`_funding_vanished`."""
-        spender = await self.node.confirmed_spender(_outpoint(rec))  # the follower saw it: no lookup
-        if spender is not None:
-            return True, spender
-        depth = await self._funding_depth(rec)
-        if depth is None:
-            await self._funding_vanished(rec)
-            return False, None
-        if depth == 0:
-            return True, await mempool_spender(self.node, _outpoint(rec))
-        tip = await self.node.tip_height()
-        return True, await self.node.find_spender(_outpoint(rec), max(rec.created_height, tip - depth + 1))
+    # -- facts ---------------------------------------------------------------------------
+    async def _funding_out(self, look: _Look, need: Need) -> int | None:
+        info = await self.node.get_txout(_outpoint(look.rec), include_mempool=True)
+        return None if info is None else info.confirmations
+
+    async def _confirmed_spender(self, look: _Look, need: Need) -> str | None:
+        return await self.node.confirmed_spender(_outpoint(look.rec))  # the follower saw it: no lookup
 
     async def _funding_depth(self, rec: PayeeRecord) -> int | None:
         """Confirmations of the funding transaction (0: in the mempool; None: in neither). Found
@@ -357,35 +417,76 @@ class Watcher:
             return info.confirmations
         return await self.node.tx_confirmations(_outpoint(rec).txid, search_from=rec.created_height)
 
-    async def _check_open(self, rec: PayeeRecord, tip: int) -> None:
-        cid = rec.channel_id
-        cfg = self.config
-        info = await self.node.get_txout(_outpoint(rec), include_mempool=True)
-        if info is None:
-            if await self.node.confirmed_spender(_outpoint(rec)) is None:  # (a confirmed spend: it exists)
-                depth = await self._funding_depth(rec)
-                if depth is None or depth < cfg.min_confirmations:
-                    self._funding_lost(rec, depth or 0)
-                    return
-            await self._spent_elsewhere(rec)
-            return
-        if info.confirmations < cfg.min_confirmations:
-            self._funding_lost(rec, info.confirmations)
-            return
-        if info.confirmations != rec.confirmations:
-            self.store.set_confirmations(cid, info.confirmations, open_now=False)
-        if tip >= closing_height(rec.expiry_height, cfg.close_margin_blocks):
-            await self._close(cid, "expiry_margin")
-            return
-        reason = agreed_terms(rec, cfg.terms).timed_end(
-            owed_sat=rec.owed_sat,
-            paid_sat=rec.amount_sat,
-            owed_since=rec.owed_since,
-            paid_at=rec.paid_at,
-            now=time.time(),
-        )
-        if reason is not None:  # payment_timeout, idle_timeout, end_time_reached
-            await self._close(cid, reason)
+    async def _spender(self, look: _Look, need: Need) -> str | None:
+        """The spend of an existing funding's output: in the mempool for a funding there, else in the
+        blocks from the funding's own (scanned only for a confirmed funding whose output is spent)."""
+        depth = look.facts.funding_depth
+        if depth == 0:
+            return await mempool_spender(self.node, _outpoint(look.rec))
+        assert isinstance(depth, int)
+        tip = await self.node.tip_height()
+        return await self.node.find_spender(_outpoint(look.rec), max(look.rec.created_height, tip - depth + 1))
+
+    async def _double_spender(self, rec: PayeeRecord) -> str | None:
+        """A spend of one of the funding transaction's inputs (it double-spent the funding)."""
+        for txid, vout in rec.funding_inputs:
+            conflict = await self.node.find_spender(OutPoint(txid, int(vout)), rec.created_height)
+            if conflict is not None:
+                return conflict
+        return None
+
+    async def _depth(self, look: _Look, need: Need) -> int | None:
+        assert need.txid is not None
+        return await self.node.tx_confirmations(need.txid)
+
+    async def _spend_seen(self, look: _Look, need: Need) -> SpendSeen | None:
+        """The spend ``need.txid`` of the funding output: the kind its witness shows, its depth."""
+        assert need.txid is not None
+        rec = look.fresh or look.rec
+        tx = await self.node.get_transaction(need.txid)
+        if tx is None:
+            return None
+        kind = None
+        for vin in tx.get("vin", []):
+            if vin.get("txid") == rec.funding_txid and vin.get("vout") == rec.funding_vout:
+                witness = [bytes.fromhex(item) for item in vin.get("txinwitness", [])]
+                kind = classify_spend(witness, self.closer.channels.params_of(rec).witness_script)
+        return SpendSeen(kind, int(tx.get("confirmations", 0)))
+
+    async def _fresh(self, look: _Look, need: Need) -> ChannelView:
+        look.fresh = self.store.get(look.rec.channel_id)
+        return self._view(look.fresh)
+
+    async def _latest_close(self, look: _Look, need: Need) -> str | None:
+        return self.store.get(look.rec.channel_id).close_txid
+
+    # -- actions -------------------------------------------------------------------------
+    async def _record_depth(self, look: _Look, act: RecordDepth) -> None:
+        self.store.set_confirmations(look.rec.channel_id, act.confirmations, open_now=False)
+        look.facts = look.facts.with_depth(act.confirmations)
+
+    async def _open(self, look: _Look, act: Open) -> None:
+        self.store.set_confirmations(look.rec.channel_id, act.confirmations, open_now=True)
+        self.closer.channels.invalidate(look.rec.channel_id)
+
+    async def _funding_lost(self, look: _Look, act: FundingLost) -> None:
+        """An open channel whose funding left the active chain (a reorg) or fell below its depth:
+        back to ``funding`` at once (payments refused) until the funding is back at depth."""
+        rec = look.rec
+        if self.store.funding_lost(rec.channel_id, act.confirmations):
+            log.warning(
+                "channel %s: its funding %s left the chain (depth %d): no payments until it is back",
+                rec.channel_id,
+                rec.funding_txid,
+                act.confirmations,
+            )
+        self.closer.channels.invalidate(rec.channel_id)
+
+    async def _claim(self, look: _Look, act: Close) -> None:
+        if act.alone:
+            self.closer.claim(look.rec.channel_id, act.reason)
+        else:
+            await self._close(look.rec.channel_id, act.reason)
 
     async def _close(self, cid: str, reason: str) -> None:
         """Claim ``cid``'s close; within a pass its broadcast waits for the pass's end, to share one
@@ -395,149 +496,86 @@ class Watcher:
         elif self.closer.claim_only(cid, reason) is not None:
             self._claims.append(cid)
 
-    async def _check_closing(self, rec: PayeeRecord, tip: int) -> None:
-        cid = rec.channel_id
-        if rec.close_tx_txid is not None and rec.close_tx_txid != rec.close_txid:
-            try:  # a close recorded, its broadcast not (the process died, or the node refused it)
-                if await self.closer.resume(rec):
-                    rec = self.store.get(cid)
-            except ChannelError as err:
-                log.warning("recorded close %s of %s not sent: %s", rec.close_tx_txid, cid, err)
-                if rec.close_txid is None and await self.node.get_txout(_outpoint(rec), include_mempool=True) is None:
-                    await self._spent_elsewhere(rec)  # refused because a refund got there first: outbid it
-                    return
-        if rec.close_txid is None:
-            if rec.signature is None or is_uneconomic(rec):
-                # ended without any (economic) payment: nothing to broadcast; the payer refunds after expiry
-                if await self.node.get_txout(_outpoint(rec), include_mempool=True) is None:
-                    await self._spent_elsewhere(rec)
-                return
-            if self.closer.adopt(cid):
-                try:
-                    await self.closer.broadcast(cid, None, None)
-                except ChannelError as err:
-                    log.warning("close of %s failed: %s", cid, err)
-                    if await self.node.get_txout(_outpoint(rec), include_mempool=True) is None:
-                        await self._spent_elsewhere(rec)
-            return
-        conf = await self.node.tx_confirmations(rec.close_txid)
-        if conf is not None and conf >= 1:
-            if self._final(conf):
-                self.store.mark_closed(cid, rec.close_txid)
-                log.info("channel %s closed by %s", cid, rec.close_txid)
-            return  # mined, not final yet: keep watching (a reorg may take it out again)
-        if conf == 0:
-            await self._bump_if_due(rec, tip)
-            return
-        # our last close is neither mined nor in the mempool: who spent the funding?
-        exists, spender = await self._find_spender(rec)
-        if not exists:
-            return
-        if spender is None:
-            try:
-                await self.closer.rebroadcast(rec)
-            except NodeError as err:
-                log.warning("rebroadcast of %s's close refused: %s", cid, err)
-            return
-        if spender in rec.close_txids:
-            if self._final(await self.node.tx_confirmations(spender)):
-                self.store.mark_closed(cid, spender)
-            return
-        await self._record_conflict(rec, spender)
+    async def _mark_closed(self, look: _Look, act: MarkClosed) -> None:
+        """The one place a channel is marked closed: by a close of ours at final depth."""
+        self.store.mark_closed(look.rec.channel_id, act.txid)
+        log.info("channel %s closed by %s", look.rec.channel_id, act.txid)
 
-    def _final(self, depth: int | None) -> bool:
-        """Whether a transaction at ``depth`` is final (``final_confirmations``)."""
-        return depth is not None and depth >= self.config.final_confirmations
+    async def _conflict(self, look: _Look, act: Conflict) -> None:
+        cid = look.rec.channel_id
+        self.store.mark_exception(cid, act.state, act.txid, act.reason)
+        self.closer.channels.invalidate(cid)
+        if act.reason == "funding_double_spent":
+            log.warning("funding of %s double-spent by %s", cid, act.txid)
+        else:
+            log.warning("channel %s: funding spent by %s (%s)", cid, act.txid, act.reason)
 
-    async def _bump_if_due(self, rec: PayeeRecord, tip: int) -> None:
+    async def _bump(self, look: _Look, act: Bump) -> None:
         """RBF-bump an unconfirmed close: every ``bump_after_blocks`` blocks, and in each of the last
         ``urgent_blocks`` blocks before the payer's refund is valid to ``max_fee_rate_sat_vb`` or the
         most the payment affords (deadline-aware: the fee rises as the deadline nears)."""
-        cfg, cid = self.config, rec.channel_id
-        if rec.close_height is None or rec.close_height >= tip:
-            return  # at most one replacement per block
-        if self.store.get(cid).close_txid != rec.close_txid:
-            return  # replaced in this pass already (a batch is bumped by its first member looked at)
-        urgent = close_is_urgent(rec.expiry_height, tip, cfg.close_margin_blocks)
-        if not urgent and tip - rec.close_height < cfg.bump_after_blocks:
-            return
+        rec, cfg = look.rec, self.config
         log.info(
             "close of %s unconfirmed after %d blocks, %d before expiry: RBF bump",
-            cid,
-            tip - rec.close_height,
-            rec.expiry_height - tip,
+            rec.channel_id,
+            act.waited,
+            rec.expiry_height - look.facts.tip,
         )
         try:
-            await self.closer.bump(cid, cfg.max_fee_rate_sat_vb if urgent else None, deadline=urgent)
+            await self.closer.bump(rec.channel_id, cfg.max_fee_rate_sat_vb if act.urgent else None, deadline=act.urgent)
         except ChannelError as err:
-            log.info("bump of %s not done: %s", cid, err)
+            log.info("bump of %s not done: %s", rec.channel_id, err)
 
-    def _funding_lost(self, rec: PayeeRecord, depth: int) -> None:
-        """An open channel whose funding left the active chain (a reorg) or fell below its depth:
-        back to ``funding`` at once (payments refused) until the funding is back at depth."""
-        if self.store.funding_lost(rec.channel_id, depth):
-            log.warning(
-                "channel %s: its funding %s left the chain (depth %d): no payments until it is back",
-                rec.channel_id,
-                rec.funding_txid,
-                depth,
-            )
-        self.closer.channels.invalidate(rec.channel_id)
+    async def _rebroadcast(self, look: _Look, act: Rebroadcast) -> None:
+        try:
+            await self.closer.rebroadcast(look.rec)
+        except NodeError as err:
+            log.warning("rebroadcast of %s's close refused: %s", look.rec.channel_id, err)
 
-    # -- spends of the funding output ----------------------------------------------------
-    async def _spent_elsewhere(self, rec: PayeeRecord) -> None:
-        _, spender = await self._find_spender(rec)
-        if spender is None:
-            return
-        if spender in rec.close_txids:
-            if self._final(await self.node.tx_confirmations(spender)):
-                self.store.mark_closed(rec.channel_id, spender)
-            return
-        await self._record_conflict(rec, spender)
+    async def _outbid(self, look: _Look, act: Outbid) -> None:
+        rec = look.fresh or look.rec
+        try:
+            await self.closer.outbid(rec, act.txid)
+        except ChannelError as err:
+            log.warning("channel %s: cannot outbid %s: %s", rec.channel_id, act.txid, err)
 
-    async def _record_conflict(self, rec: PayeeRecord, spender: str) -> None:
-        # decide on fresh data: a close may have been claimed and broadcast since ``rec`` was read
-        rec = self.store.get(rec.channel_id)
-        if rec.state in (ChannelState.CLOSED, ChannelState.REFUNDED, ChannelState.FAILED):
-            return
-        if spender in rec.close_txids:
-            if self._final(await self.node.tx_confirmations(spender)):
-                self.store.mark_closed(rec.channel_id, spender)
-            return
-        # (our own closes are in close_txids before they are broadcast: anything else is a conflict,
-        # also while our first close is not sent yet, e.g. refused because this conflict came first)
-        state, reason = ChannelState.FAILED, "conflicting_spend"
-        tx = await self.node.get_transaction(spender)
-        if tx is not None:
-            for vin in tx.get("vin", []):
-                if vin.get("txid") == rec.funding_txid and vin.get("vout") == rec.funding_vout:
-                    witness = [bytes.fromhex(item) for item in vin.get("txinwitness", [])]
-                    kind = classify_spend(witness, self.closer.channels.params_of(rec).witness_script)
-                    if kind is SpendKind.REFUND:
-                        state, reason = ChannelState.REFUNDED, "payer_refund"
-                    elif kind is SpendKind.CLOSE and rec.state is ChannelState.CLOSING:
-                        # the payee branch: only this payee can sign it, so it is one of our closes
-                        # (e.g. recorded by another process); adopt it
-                        if self._final(int(tx.get("confirmations", 0))):
-                            self.store.mark_closed(rec.channel_id, spender)
-                        return
-                    elif kind is SpendKind.CLOSE:
-                        # our own close, sent outside the service (the operator's --close-tx): no
-                        # more payments on this funding; closed by it once it is final
-                        self.closer.claim(rec.channel_id, "operator")
-                        return
-            depth = int(tx.get("confirmations", 0))
-            if not self._final(depth):
-                # not final: a refund in the mempool (or a few blocks deep) can still be replaced or reorged
-                if depth == 0 and rec.signature is not None and not is_uneconomic(rec):
-                    if rec.state is not ChannelState.CLOSING:
-                        self.closer.claim(rec.channel_id, "expiry_margin")  # its close then outbids
-                        return
-                    try:
-                        await self.closer.outbid(rec, spender)
-                    except ChannelError as err:
-                        log.warning("channel %s: cannot outbid %s: %s", rec.channel_id, spender, err)
-                return
-        self.store.mark_exception(rec.channel_id, state, spender, reason)
-        self.closer.channels.invalidate(rec.channel_id)
-        log.warning("channel %s: funding spent by %s (%s)", rec.channel_id, spender, reason)
+    async def _resend(self, look: _Look, act: Resend) -> None:
+        """Send a close recorded, its broadcast not (the process died, or the node refused it)."""
+        rec = look.rec
+        try:
+            if await self.closer.resume(rec):
+                look.rec = self.store.get(rec.channel_id)
+            resent = True
+        except ChannelError as err:
+            log.warning("recorded close %s of %s not sent: %s", rec.close_tx_txid, rec.channel_id, err)
+            resent = False
+        look.facts = look.facts.after_send(self._view(look.rec), resent=resent)
+
+    async def _send_close(self, look: _Look, act: SendClose) -> None:
+        """Send the claimed close if this process is to (claimed here, or a stale claim taken over)."""
+        cid = look.rec.channel_id
+        sent = True
+        if self.closer.adopt(cid):
+            try:
+                await self.closer.broadcast(cid, None, None)
+            except ChannelError as err:
+                log.warning("close of %s failed: %s", cid, err)
+                sent = False
+        look.facts = look.facts.after_send(look.facts.channel, sent=sent)
+
+
+#: a look at one channel never takes more decisions than this (each fact is asked once; a few actions go on)
+_MAX_STEPS = 32
+
+
+@dataclass
+class _Look:
+    """One look at one channel: the row as last read (``fresh``: read again for a spend), the facts."""
+
+    rec: PayeeRecord
+    facts: Facts
+    fresh: PayeeRecord | None = None
+
+
+async def _nothing(look: _Look, act: Nothing) -> None:
+    return None

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from btcchannel.bitcoind.locate import default_datadir, find_node
 from btcchannel.bitcoind.rpc import Node
+from btcchannel.core.terms import PayerLimits
 from btcchannel.errors import AmountOutOfRange, ChannelClosed, ChannelClosing, NotOpen, TermsRefused
 from btcchannel.payer.buy import Budget
 from btcchannel.payer.challenge import Challenge, parse_www_authenticate
@@ -63,11 +64,29 @@ def is_challenge(status: int, headers: Mapping[str, str]) -> bool:
     return parse_www_authenticate(value) is not None
 
 
+class _BudgetedPayer(ContinuousPayer):
+    """A continuous payer that opens each channel under the buyer's limits: a payee whose agreed
+    price is over ``max_price_sat`` is refused before anything is funded (whatever its 402 said)."""
+
+    def __init__(self, client: PayerClient, server_url: str, policy: RolloverPolicy, limits: PayerLimits) -> None:
+        super().__init__(client, server_url, policy)
+        self.limits = limits
+        #: held while the current channel is found or opened: concurrent first requests open one channel
+        self.opening = asyncio.Lock()
+
+    async def _open(self) -> str:
+        p = self.policy
+        return await self.client.open_channel(
+            self.server_url, p.deposit_sat, p.lifetime_blocks, open_timeout=p.open_timeout_s, limits=self.limits
+        )
+
+
 class Paying:
-    """One request being paid: its channel's lock is held from :meth:`Buyer.begin` to :meth:`close`."""
+    """One request being paid: its channel's lock is held from :meth:`Buyer.begin` to :meth:`close`;
+    the route's price is reserved in the buyer's budget until then (spent if it was served)."""
 
     def __init__(
-        self, buyer: Buyer, continuous: ContinuousPayer, challenge: Challenge, method: str, url: str, body: bytes | None
+        self, buyer: Buyer, continuous: _BudgetedPayer, challenge: Challenge, method: str, url: str, body: bytes | None
     ) -> None:
         self.buyer = buyer
         self.continuous = continuous
@@ -78,6 +97,7 @@ class Paying:
         self.payer: MeteredPayer | None = None
         self.exchange: Exchange | None = None
         self._switched = False
+        self._reserved = challenge.price_sat  # held in the buyer's budget until served or closed
 
     async def _take(self, payer: MeteredPayer) -> None:
         await payer.lock.acquire()
@@ -99,11 +119,11 @@ class Paying:
             raise
         self._switched = True
         self._release()
-        current = self.continuous._current
-        if current is not None and current is not self.payer:  # another request already moved on
-            await self._take(current)
-            return
-        await self._take(await self.continuous._switch(wait=True))
+        async with self.continuous.opening:  # one switch at a time: the next channel is used once
+            current = self.continuous._current
+            if current is None or current is self.payer:  # no other request moved on yet
+                current = await self.continuous._switch(wait=True)
+        await self._take(current)
 
     async def headers(self) -> dict[str, str]:
         """The channel's headers for the next attempt."""
@@ -125,10 +145,17 @@ class Paying:
             return False
         if done:
             self.buyer.spent_sat += self.challenge.price_sat
+            self._unreserve()
         return done
 
+    def _unreserve(self) -> None:
+        self.buyer._reserved_sat -= self._reserved
+        self._reserved = 0
+
     async def close(self) -> None:
-        """Release the channel; start opening the next one if this one nears its end."""
+        """Release the channel and what is left of the reservation; start opening the next channel
+        if this one nears its end."""
+        self._unreserve()
         self._release()
         if self.payer is not None:
             await self.continuous._maybe_prepare(self.payer.channel_id)
@@ -163,6 +190,7 @@ class Buyer:
         #: the most this buyer pays in all (None: no limit); :attr:`spent_sat` is what it has paid
         self.max_total_sat = max_total_sat
         self.spent_sat = 0
+        self._reserved_sat = 0  # the prices of the requests being paid now (within the budget with spent_sat)
         env = os.environ.get
         self.network = network or env("BTCCHANNEL_NETWORK") or "regtest"
         root = Path(datadir or env("BTCCHANNEL_DATADIR") or default_datadir()).expanduser()
@@ -184,7 +212,7 @@ class Buyer:
             min_blocks_left=min_blocks_left if min_blocks_left is not None else min(lifetime_blocks - 1, 12),
             open_timeout_s=open_timeout_s,
         )
-        self._continuous: dict[str, ContinuousPayer] = {}
+        self._continuous: dict[str, _BudgetedPayer] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: PayerClient | None = None
@@ -238,21 +266,40 @@ class Buyer:
 
     # -- paying (on the buyer's loop) ------------------------------------------------------
     async def begin(self, method: str, url: str, challenge: Challenge, body: bytes | None = None) -> Paying:
-        """Start paying ``challenge`` for ``method url``: the budget is checked, the channel found or opened."""
+        """Start paying ``challenge`` for ``method url``: the budget is checked and the route's price
+        reserved in it (requests in flight at once never pay more than the budget together), the
+        channel found or opened (one at a time per payee: concurrent first requests open one)."""
         self.budget.check(challenge)
-        if self.max_total_sat is not None and self.spent_sat + challenge.price_sat > self.max_total_sat:
+        if challenge.price_sat > self.policy.deposit_sat:
+            raise TermsRefused(
+                f"the route costs {challenge.price_sat} sat, more than a channel's deposit "
+                f"({self.policy.deposit_sat} sat) can pay: no channel is opened"
+            )
+        committed = self.spent_sat + self._reserved_sat
+        if self.max_total_sat is not None and committed + challenge.price_sat > self.max_total_sat:
             raise TermsRefused(
                 f"the route costs {challenge.price_sat} sat: over what is left of the budget "
-                f"({self.max_total_sat - self.spent_sat} of {self.max_total_sat} sat)"
+                f"({self.max_total_sat - committed} of {self.max_total_sat} sat)"
             )
-        client = await self._client_now()
-        continuous = self._continuous.get(challenge.protocol_url)
-        if continuous is None:
-            continuous = self._continuous[challenge.protocol_url] = ContinuousPayer(
-                client, challenge.protocol_url, self.policy
-            )
-        paying = Paying(self, continuous, challenge, method, url, body)
-        await paying._take(await continuous._payer())
+        self._reserved_sat += challenge.price_sat
+        paying: Paying | None = None
+        try:
+            client = await self._client_now()
+            continuous = self._continuous.get(challenge.protocol_url)
+            if continuous is None:
+                continuous = self._continuous[challenge.protocol_url] = _BudgetedPayer(
+                    client, challenge.protocol_url, self.policy, PayerLimits(max_price_sat=self.budget.max_price_sat)
+                )
+            paying = Paying(self, continuous, challenge, method, url, body)
+            async with continuous.opening:
+                payer = await continuous._payer()
+            await paying._take(payer)
+        except BaseException:
+            if paying is not None:
+                paying._unreserve()
+            else:
+                self._reserved_sat -= challenge.price_sat
+            raise
         return paying
 
     async def _aclose(self) -> None:

@@ -25,6 +25,8 @@ Entry points (what the CLI calls)::
         async def close(self, channel_id: str) -> dict[str, Any]     # signed close request
         async def refund(self, channel_id: str, *, fee_rate_sat_vb=None, dest_address=None) -> str  # txid
         async def refund_details(...same...) -> dict[str, Any]   # txid, amount, fee, fee rate
+        refunds: Refunds                                # the refund component both call (payer/refund.py)
+        async def refresh(self) -> int                  # every channel up to the chain's and the payee's view
         def channel_for(self, url: str) -> str          # the open/funding channel to url's payee (local view)
         async def pick_channel(self, url: str) -> str   # a usable channel, asking the payee (NotOpen: why none)
         async def get_object(self, url: str) -> dict[str, Any]   # GET JSON outside the protocol
@@ -37,7 +39,9 @@ signs a lower amount than one it may have handed out. Every HTTP call has a
 timeout; a payee that cannot be reached raises ``PayeeUnreachable`` (never
 ``NodeUnavailable``, which is about the bitcoind); the payee's error codes come
 back as the typed errors of ``btcchannel.errors``; an answer that contradicts
-the protocol raises ``ProtocolViolation``.
+the protocol raises ``ProtocolViolation``. Each state the payee reports is stepped
+through the core's transition table (:mod:`btcchannel.payer.reported`): a report
+the table does not lead to from the stored state is logged and ignored.
 
 The terms are agreed at open: the payer reads the payee's required terms
 (``GET /v1/info``), refuses them if they are outside its :class:`PayerLimits`
@@ -87,6 +91,7 @@ from btcchannel.errors import (
 )
 from btcchannel.payer.http import PayeeHttp
 from btcchannel.payer.refund import Refunds
+from btcchannel.payer.reported import state_after_report
 from btcchannel.payer.views import (
     Progress,
     check_payee_url,
@@ -104,7 +109,7 @@ from btcchannel.wire import auth_header_v2
 __all__ = ["PayerClient", "Progress", "payee_unreachable"]
 
 
-class PayerClient(PayeeHttp, Refunds):
+class PayerClient(PayeeHttp):
     """The payer: one datadir (its ``payer.db``) and one node wallet that funds channels."""
 
     def __init__(
@@ -126,10 +131,13 @@ class PayerClient(PayeeHttp, Refunds):
         self.store = PayerStore(self.datadir / "payer.db")
         if self.store.has_seed():
             self.store.restore_keys()  # a key lost from the row is re-derived (and checked) from the seed
+        #: the way back to a deposit after expiry (:meth:`refund` and :meth:`refund_details` use it)
+        self.refunds = Refunds(self.store, node, self.network, self.record)
         self._session: aiohttp.ClientSession | None = None
         self._signing: dict[str, asyncio.Lock] = {}  # per channel: choose, sign and store one amount at a time
         self._open: dict[str, PayerChannel] = {}  # open channels' machines, valid while they match the row
         self._terms: dict[str, Terms] = {}  # agreed terms, parsed
+        self._keys: dict[str, bytes] = {}  # channel keys (never change once stored)
         self._needed: dict[str, int] = {}  # confirmations each payee asks for (from its info)
 
     async def __aenter__(self) -> PayerClient:
@@ -170,9 +178,10 @@ class PayerClient(PayeeHttp, Refunds):
             self._open[rec.channel_id] = ch
         return ch
 
-    def record(self, channel_id: str) -> PayerRecord:
-        """The stored channel, refused (``UnknownChannel``) when it belongs to another network."""
-        rec = self.store.get(channel_id)
+    def record(self, channel_id: str, rec: PayerRecord | None = None) -> PayerRecord:
+        """The stored channel (``rec``: as the caller just read it), refused (``UnknownChannel``) when it
+        belongs to another network."""
+        rec = self.store.get(channel_id) if rec is None else rec
         network = rec.params.get("network")
         if network != self.network:
             raise UnknownChannel(f"channel {channel_id} is a {network} channel, and this client runs on {self.network}")
@@ -436,23 +445,12 @@ class PayerClient(PayeeHttp, Refunds):
     def _note_remote(self, rec: PayerRecord, obj: Any) -> None:
         if not isinstance(obj, dict) or obj.get("channel_id") != rec.channel_id:
             raise ProtocolViolation("the channel object names another channel")
-        state = obj.get("state")
-        if (
-            state
-            in (
-                ChannelState.OPEN,
-                ChannelState.CLOSING,
-                ChannelState.CLOSED,
-                ChannelState.REFUNDED,
-                ChannelState.FAILED,
-            )
-            and state != rec.state
-        ):
-            if rec.state is not ChannelState.REFUNDED:
-                fields: dict[str, Any] = {}
-                if obj.get("close_txid"):
-                    fields["close_txid"] = obj["close_txid"]
-                self.store.set_state(rec.channel_id, state, **fields)
+        state = state_after_report(rec.state, obj.get("state"), rec.channel_id)  # stepped through the table
+        if state is not None:
+            fields: dict[str, Any] = {}
+            if obj.get("close_txid"):
+                fields["close_txid"] = obj["close_txid"]
+            self.store.set_state(rec.channel_id, state, **fields)
         if rec.terms is not None and obj.get("terms") is not None and obj["terms"] != rec.terms:
             raise TermsChanged(f"the payee now states other terms than agreed: {obj['terms']!r}")
         amt = obj.get("amount_sat")
@@ -518,14 +516,18 @@ class PayerClient(PayeeHttp, Refunds):
             lock = self._signing[channel_id] = asyncio.Lock()
         return lock
 
-    async def sign_next(self, channel_id: str, amount: int, *, units_ahead: int = 0) -> Payment:
+    async def sign_next(
+        self, channel_id: str, amount: int, *, units_ahead: int = 0, record: PayerRecord | None = None
+    ) -> Payment:
         """Sign cumulative ``amount`` and store it durably (not sent). Used by ``pay`` and metered.
 
         ``AmountNotAgreed`` if the agreed terms do not allow it, given the units received so far
-        and ``units_ahead`` units being paid for in advance (prepay).
+        and ``units_ahead`` units being paid for in advance (prepay). ``record``: the channel's row
+        as the caller read it, from which it chose ``amount`` (else it is read here); the store
+        refuses an amount not above the one stored.
         """
         async with self._lock(channel_id):
-            return await self._sign_locked(channel_id, amount, self.record(channel_id), units_ahead)
+            return await self._sign_locked(channel_id, amount, self.record(channel_id, record), units_ahead)
 
     async def _sign_locked(self, channel_id: str, amount: int, rec: PayerRecord, units_ahead: int = 0) -> Payment:
         if rec.state is ChannelState.FUNDING:
@@ -543,8 +545,11 @@ class PayerClient(PayeeHttp, Refunds):
             )
         ch = self._current(rec)
         payment = ch.sign_payment(amount)
-        # group commit: durable (with the other payments signed meanwhile) before it is sent
-        if not await self.store.save_signed_async(channel_id, payment.amount_sat, payment.signature):
+        # group commit: durable (with the other payments signed meanwhile) before it is sent; the same
+        # commit writes the units received so far and extends the request counters if they run low
+        if not await self.store.save_signed_async(
+            channel_id, payment.amount_sat, payment.signature, counter_floor=self.clock_us()
+        ):
             raise StalePayment("a higher payment is already stored")
         ch.commit_payment(payment)
         return payment
@@ -561,7 +566,8 @@ class PayerClient(PayeeHttp, Refunds):
         the channel key's signature over the channel, the next counter, ``method``, ``url``'s authority
         and raw target, the SHA-256 of ``body`` and the payment headers the request carries. The
         counter is ``max(stored + 1, microsecond clock)``, stored before it is used: it never repeats
-        or goes down, across restarts and clock steps."""
+        or goes down, across restarts and clock steps (handed out from a block reserved durably in the
+        store, so most requests commit nothing for it)."""
         counter = self.store.next_request_counter(channel_id, self.clock_us())
         return self._signed_auth(channel_id, counter, method, url, body, payment_headers)
 
@@ -592,15 +598,13 @@ class PayerClient(PayeeHttp, Refunds):
         payment_headers: Mapping[str, str] | None,
     ) -> str:
         u = URL(url)  # the authority and raw target exactly as aiohttp sends them (percent-encoded)
+        key = self._keys.get(channel_id)
+        if key is None:
+            key = self.store.get(channel_id).privkey
+            if key:  # (a lost key is re-derived by ``restore_keys``: not kept while empty)
+                self._keys[channel_id] = key
         return auth_header_v2(
-            self.store.get(channel_id).privkey,
-            channel_id,
-            counter,
-            method,
-            u.host_port_subcomponent or "",
-            u.raw_path_qs,
-            body,
-            payment_headers,
+            key, channel_id, counter, method, u.host_port_subcomponent or "", u.raw_path_qs, body, payment_headers
         )
 
     def resync_request_counter(self, channel_id: str, last_counter: int) -> None:
@@ -614,7 +618,9 @@ class PayerClient(PayeeHttp, Refunds):
             raise ProtocolViolation(f"payment of {payment.amount_sat} answered with {ans!r}")
         await self.store.set_acked_async(rec.channel_id, payment.amount_sat)
         if ans.get("state") in (ChannelState.CLOSING, ChannelState.CLOSED):
-            self.store.set_state(rec.channel_id, str(ans["state"]))
+            state = state_after_report(self.store.get(rec.channel_id).state, ans["state"], rec.channel_id)
+            if state is not None:
+                self.store.set_state(rec.channel_id, state)
         return payment.amount_sat
 
     async def pay(self, channel_id: str, increment: int | None = None, *, amount: int | None = None) -> int:
@@ -655,16 +661,22 @@ class PayerClient(PayeeHttp, Refunds):
         """Bring every channel up to the chain's and the payee's view; the tip height.
 
         The chain first (:func:`~btcchannel.payer.views.refresh_from_chain`), then the payee, for
-        each channel whose funding is confirmed but that it has not yet reported open, and each
-        closing one (the payee says when its close is final); a payee that does not answer within
-        ``payee_timeout`` seconds leaves the stored state as it is.
+        each channel whose funding is confirmed but that it has not yet reported open, each open
+        one whose funding is no longer in a block (a reorg: the payee reports it ``funding`` again),
+        and each closing one (the payee says when its close is final); a payee that does not answer
+        within ``payee_timeout`` seconds leaves the stored state as it is.
         """
         tip = await refresh_from_chain(self.store, self.node)
         for rec in self.store.list():
-            if rec.state not in (ChannelState.FUNDING, ChannelState.CLOSING) or rec.funding_txid is None:
+            if (
+                rec.state not in (ChannelState.FUNDING, ChannelState.OPEN, ChannelState.CLOSING)
+                or rec.funding_txid is None
+            ):
                 continue
-            if rec.state is ChannelState.FUNDING and not await self.node.tx_confirmations(rec.funding_txid):
-                continue
+            if rec.state is not ChannelState.CLOSING and bool(await self.node.tx_confirmations(rec.funding_txid)) is (
+                rec.state is ChannelState.OPEN
+            ):
+                continue  # funding with no block yet, or open with its funding in one: nothing to ask
             try:
                 await asyncio.wait_for(self.status(rec.channel_id), payee_timeout)
             except (ChannelError, asyncio.TimeoutError):
@@ -684,6 +696,24 @@ class PayerClient(PayeeHttp, Refunds):
             await self._send(rec, Payment(rec.amount_sat, rec.signature))
             obj = await self.status(channel_id)
         return obj
+
+    async def refund(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> str:
+        """Take the whole deposit back through the timelocked path once the chain reaches the expiry;
+        the refund txid (:meth:`refund_details` says more)."""
+        res = await self.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb, dest_address=dest_address)
+        return str(res["refund_txid"])
+
+    async def refund_details(
+        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
+    ) -> dict[str, Any]:
+        """Refund (:meth:`btcchannel.payer.refund.Refunds.refund_details`; the fee rate defaults to the
+        client's ``fee_rate_sat_vb``, then the node's estimate): ``refund_txid``, ``amount_sat``,
+        ``fee_sat``, ``fee_rate_sat_vb``."""
+        return await self.refunds.refund_details(
+            channel_id, fee_rate_sat_vb=fee_rate_sat_vb or self.fee_rate_sat_vb, dest_address=dest_address
+        )
 
     async def close(self, channel_id: str) -> dict[str, Any]:
         """Ask the payee to close with the last payment (signed close request)."""

@@ -2,7 +2,7 @@
 
 :class:`PayeeHttp` is the base of :class:`~btcchannel.payer.client.PayerClient`: every call
 has a timeout; a payee that cannot be reached raises ``PayeeUnreachable``; the payee's error
-codes come back as the typed errors of ``btcchannel.errors``; an answer that contradicts the
+codes come back as the typed errors of ``btcchannel.errors``, marked ``remote``; an answer that contradicts the
 protocol raises ``ProtocolViolation``.
 """
 
@@ -50,7 +50,7 @@ class PayeeHttp:
         if status >= 400:
             err = data.get("error") if isinstance(data, dict) else None
             if isinstance(err, dict) and isinstance(err.get("code"), str):
-                raise error_for_code(err["code"], str(err.get("message", "")))
+                raise error_for_code(err["code"], str(err.get("message", "")), remote=True)  # the payee's word
             raise ProtocolViolation(f"{method} {url}: HTTP {status} without an error body")
         return status, data
 

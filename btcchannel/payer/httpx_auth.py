@@ -5,7 +5,9 @@ request made through ``httpx.Client`` or ``httpx.AsyncClient`` (made by :meth:`B
         resp = http.get("https://api.example/answer")         # paid if the route asks for it
 
 The request goes out as it is; on a ``Btcchannel`` 402 it is sent again with the channel's
-headers and exactly the route's payment (:class:`~btcchannel.payer.buyer.Buyer`). The response
+headers and exactly the route's payment (:class:`~btcchannel.payer.buyer.Buyer`). A 402 reached
+through a redirect (``follow_redirects=True``) is paid at the URL that answered it, as requests does
+(the signature covers that request; the budget applies as to any route). The response
 is httpx's own: headers, ``iter_bytes()`` and ``client.stream(...)`` work as ever (only an
 error answer's body is read by the flow).
 """
@@ -43,6 +45,8 @@ class BtcchannelAuth(httpx.Auth):
         if not is_challenge(response.status_code, response.headers):
             return
         response.read()
+        request = response.request  # the request the 402 answered (after redirects: the last hop's)
+        request.read()
         challenge = Challenge.from_answer(response.headers, response.content)
         paying: Paying = self.buyer.call(
             self.buyer.begin(request.method, str(request.url), challenge, request.content or None)
@@ -63,6 +67,8 @@ class BtcchannelAuth(httpx.Auth):
         if not is_challenge(response.status_code, response.headers):
             return
         await response.aread()
+        request = response.request  # the request the 402 answered (after redirects: the last hop's)
+        await request.aread()
         challenge = Challenge.from_answer(response.headers, response.content)
         paying = await self.buyer.acall(
             self.buyer.begin(request.method, str(request.url), challenge, request.content or None)

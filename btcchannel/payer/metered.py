@@ -149,7 +149,7 @@ class MeteredPayer:
         if rec.terms is not None and rec.acked_sat >= metering.cost(rec.units + units):
             return None  # paid for and not served: the payee's unit credit
         return await self.client.sign_next(
-            self.channel_id, metering.prepay_amount(rec.amount_sat, units), units_ahead=units
+            self.channel_id, metering.prepay_amount(rec.amount_sat, units), units_ahead=units, record=rec
         )
 
     async def fetch(
@@ -220,6 +220,9 @@ class MeteredPayer:
                     resp.release()
                     raise
                 if done:
+                    if resp.status >= 400:  # a charged 4xx of the handler: counted, then the typed error
+                        resp.release()
+                        self._raise(resp.status, error_body or b"")
                     break
                 resp.release()
         try:
@@ -251,7 +254,7 @@ class MeteredPayer:
             return False
         if not isinstance(last, int) or isinstance(last, bool) or not 0 <= last < 2**63 - 1:
             return False
-        if last < self.client.store.get(self.channel_id).request_counter:
+        if last < self.client.store.last_request_counter(self.channel_id):
             return False  # our counter is already above it: not a lost counter, do not loop
         self.client.resync_request_counter(self.channel_id, last)
         return True
@@ -348,8 +351,9 @@ class Exchange:
         out[HDR_AUTH] = await payer._sign(self.method, self.url, self.data, out)
         return out
 
-    async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
-        """What came back: True when served (its units counted), False to send again."""
+    async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:  # noqa: C901
+        """What came back: True when served (its units counted; a 4xx of the handler, which carries
+        ``X-Btcchannel-Paid``, was served and charged too), False to send again."""
         payer = self.payer
         metering = await payer.metering()
         client = payer.client
@@ -378,7 +382,9 @@ class Exchange:
             if metering.mode == "prepay":
                 payer._failed_units += self.units  # a paid request is never answered 402: not served
             raise ProtocolViolation(f"payment refused: {(body or b'')[:200]!r}")
-        if status >= 400:
+        if 400 <= status < 500 and HDR_PAID in headers:
+            pass  # the handler's own 4xx, served and charged (the payee's errors carry no X-Btcchannel-Paid)
+        elif status >= 400:
             if status >= 500 and self.payment is not None and metering.mode == "prepay":
                 payer._failed_units += self.units or 0  # not served, not charged: credited to the next request
             payer._raise(status, body or b"")

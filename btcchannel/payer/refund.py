@@ -1,6 +1,7 @@
 """The payer's way back to its deposit: the timelocked refund once the chain reaches the expiry.
 
-:class:`Refunds` is a part of :class:`btcchannel.payer.client.PayerClient`. The chain, not the
+:class:`Refunds` is a component the payer's client holds (:attr:`btcchannel.payer.client.PayerClient.refunds`;
+the client's ``refund`` and ``refund_details`` call it). The chain, not the
 payee's report, decides whether a refund is still possible: a deposit still unspent in a block can
 be taken back even if the payee said the channel ended, and a funding the payer broadcast but never
 recorded (its process died in between) is found on the chain by its script.
@@ -8,6 +9,7 @@ recorded (its process died in between) is found on the chain by its script.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from btcchannel.amounts import btc_to_sat
@@ -24,15 +26,14 @@ __all__ = ["Refunds"]
 
 
 class Refunds:
-    """The refund methods of the payer's client (they use its store, node and network)."""
+    """The payer's refunds over its store and node: ``record`` gives the stored channel (refusing one
+    of another network), ``network`` checks a destination address."""
 
-    store: PayerStore
-    node: Node
-    network: str
-    fee_rate_sat_vb: float | None
-
-    def record(self, channel_id: str) -> PayerRecord:
-        raise NotImplementedError  # the client's: the stored channel of this client's network
+    def __init__(self, store: PayerStore, node: Node, network: str, record: Callable[[str], PayerRecord]) -> None:
+        self.store = store
+        self.node = node
+        self.network = network
+        self.record = record
 
     async def _find_funding(self, rec: PayerRecord, params: ChannelParams) -> OutPoint:
         """A funding broadcast but never recorded (the process died in between): the unspent output of
@@ -51,21 +52,15 @@ class Refunds:
                 return op
         raise NotOpen("the channel was never funded")
 
-    async def refund(
-        self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
-    ) -> str:
-        """Take the whole deposit back through the timelocked path; the refund txid (see :meth:`refund_details`)."""
-        res = await self.refund_details(channel_id, fee_rate_sat_vb=fee_rate_sat_vb, dest_address=dest_address)
-        return str(res["refund_txid"])
-
     async def refund_details(
         self, channel_id: str, *, fee_rate_sat_vb: float | None = None, dest_address: str | None = None
     ) -> dict[str, Any]:
         """Refund and say what it did: ``refund_txid``, ``amount_sat`` (back to the payer), ``fee_sat``,
         ``fee_rate_sat_vb``.
 
-        ``NotExpired`` before expiry; ``AlreadyRefunded`` when this payer refunded already or the
-        deposit is spent (by a close or a refund); ``NotOpen`` when the channel was never funded.
+        ``fee_rate_sat_vb``: sat/vB [default: the node's estimate]. ``NotExpired`` before expiry;
+        ``AlreadyRefunded`` when this payer refunded already or the deposit is spent (by a close or a
+        refund); ``NotOpen`` when the channel was never funded.
         """
         rec = self.record(channel_id)
         params = ChannelParams.from_json(rec.params)
@@ -85,7 +80,7 @@ class Refunds:
             state = ChannelState.CLOSING
         ch = PayerChannel.restore(params, rec.privkey, state)
         tip = await self.node.tip_height()
-        rate = fee_rate_sat_vb or self.fee_rate_sat_vb or await self.node.estimate_fee_rate()
+        rate = fee_rate_sat_vb or await self.node.estimate_fee_rate()
         dest = script.address_to_script(dest_address, self.network) if dest_address else None
         tx = ch.build_refund(tip, rate, dest)
         txid = await self.node.broadcast(tx.serialize().hex())

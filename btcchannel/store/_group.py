@@ -85,6 +85,15 @@ def _resolve(
         fut.set_result(rows)
 
 
+#: one statement's answer: its future, and its rows or its error
+_Answer = tuple["asyncio.Future[list[dict[str, Any]]]", "list[dict[str, Any]] | None", "BaseException | None"]
+
+
+def _resolve_all(answers: list[_Answer]) -> None:
+    for fut, rows, exc in answers:
+        _resolve(fut, rows, exc)
+
+
 class GroupWriter:
     """A writer thread with its own SQLite connection that batches statements into one commit each."""
 
@@ -170,10 +179,13 @@ class GroupWriter:
         self.batches += 1
         self.statements += sum(1 for rows, _ in results if rows is not None)
         results = self._after_commit(items, results)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Answer]] = {}
         for (_sql, _args, loop, fut), (rows, err) in zip(items, results):
+            by_loop.setdefault(loop, []).append((fut, rows, err))
+        for loop, answers in by_loop.items():  # one wake-up of each loop per commit, not one per statement
             try:
-                loop.call_soon_threadsafe(_resolve, fut, rows, err)
-            except RuntimeError:  # that loop is closed: nobody waits for this answer any more
+                loop.call_soon_threadsafe(_resolve_all, answers)
+            except RuntimeError:  # that loop is closed: nobody waits for these answers any more
                 pass
 
     def _after_commit(

@@ -42,6 +42,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Iterable, Mapping, Sequence
 
+import orjson
+
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
@@ -185,6 +187,8 @@ class PayeeStore(SeedKeys, Database):
     """The payee's channels: one row each, best payment only, CAS state changes from the core's table."""
 
     MIGRATIONS, PUBKEY_FIELD = _MIGRATIONS, "payee_pubkey"
+    #: per channel: the raw ``params`` and ``terms`` last committed, and their parsed values
+    _parsed: dict[str, tuple[Any, Any, Any, Any]]
 
     #: a second durable copy of every stored payment, written before the payment is acknowledged
     #: (the payee's synchronous backup); the group-commit writer calls it as its ``after_commit``
@@ -332,7 +336,29 @@ class PayeeStore(SeedKeys, Database):
     async def _returning(self, sql: str, args: Sequence[Any]) -> PayeeRecord | None:
         """Run one ``... RETURNING *`` statement through the group-commit writer: the row once committed."""
         rows = await self.writer.submit(sql, args)
-        return _payee_from_row(rows[0]) if rows else None
+        return self._committed(rows[0]) if rows else None
+
+    def _committed(self, row: Mapping[str, Any]) -> PayeeRecord:
+        """A row a commit returned, as a record: the channel's ``params`` and ``terms`` (which never
+        change once stored) parsed once per channel, not per payment."""
+        memo: dict[str, tuple[Any, Any, Any, Any]] | None = getattr(self, "_parsed", None)
+        if memo is None:
+            memo = {}
+            self._parsed = memo
+        cid, params, terms = row["channel_id"], row["params"], row["terms"]
+        kept = memo.get(cid)
+        if kept is None or kept[0] != params or kept[1] != terms:
+            parsed = _payee_from_row(row)
+            memo[cid] = (params, terms, parsed.params, parsed.terms)
+            return parsed
+        d = dict(row)
+        d["params"], d["terms"] = kept[2], kept[3]
+        for name in ("close_txids", "funding_inputs"):
+            d[name] = orjson.loads(d[name])
+        d["privkey"] = bytes(d["privkey"])
+        if d["signature"] is not None:
+            d["signature"] = bytes(d["signature"])
+        return PayeeRecord(**d)
 
     async def _changed(self, sql: str, args: Sequence[Any]) -> bool:
         """Run one ``UPDATE ... RETURNING channel_id`` through the writer: whether it hit the row."""
@@ -494,7 +520,7 @@ class PayeeStore(SeedKeys, Database):
             channel_id, amount_sat, signature, units_delta, owed_sat, request_counter, last_request
         )
         rows = await self.writer.submit(sql, args)
-        return _payee_from_row(rows[0]) if rows else None
+        return self._committed(rows[0]) if rows else None
 
     @staticmethod
     def _credit_sql(

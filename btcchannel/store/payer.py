@@ -5,8 +5,8 @@ One row per channel with the payer's key, the parameters and the latest
 amount the payee has acknowledged. A crashed payer therefore never signs a
 lower amount than one it may already have handed out; on resume the client
 reconciles with ``GET /v1/channels/{id}``. The state is the payee's, as last
-reported (``set_state``), so it is recorded as given rather than stepped
-through the transition table.
+reported: the client steps each report through the transition table
+(:mod:`btcchannel.payer.reported`) and records the result (``set_state``).
 
 Entry points::
 
@@ -17,8 +17,18 @@ Entry points::
 Schema versions: 1 is the unversioned schema of earlier releases; 2 adds the agreed ``terms``,
 the metered ``units`` received and the number of signed ``payments``; 3 adds the seed (one per
 payer datadir), its next key index and each channel's ``key_index`` (see :mod:`btcchannel.core.seed`);
-4 adds ``request_counter``, the last metered-request counter used (auth v2: durable, so a restart or a
-clock stepped back never reuses or lowers it; a restored backup resyncs from the payee's 401).
+4 adds ``request_counter``, the bound of the metered-request counters reserved (auth v2: every counter used
+is at or below it, so a restart, which starts above it, or a clock stepped back never reuses or lowers
+one; a restored backup resyncs from the payee's 401).
+
+**One durable commit per paid request.** Counters are reserved in blocks (:data:`COUNTER_BLOCK`) and
+handed out from memory below the stored bound, so most requests commit no counter; a payment that
+finds its block running low extends it in the payment's own commit (``save_signed_async(...,
+counter_floor=...)``). The units received (and the total the payee acknowledged with them) are
+written at once but without waiting for the disk (``add_units``: no fsync): a killed process loses
+nothing, an operating system crash may lose the last count, never raise it, and an under-count is
+what the metered protocol recovers from (the payee's 402 for a unit it has no credit for is counted
+as received).
 A channel with a ``key_index`` has its key derived from the seed, and :meth:`PayerStore.restore_keys`
 re-derives a lost key; the ``privkey`` column stays authoritative (older channels have random keys).
 """
@@ -26,8 +36,10 @@ re-derives a lost key; the ``privkey`` column stays authoritative (older channel
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,11 +149,23 @@ def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
     return PayerRecord(**d)
 
 
+#: metered-request counters reserved per commit: 30 s of the microsecond clock (the counters' floor)
+COUNTER_BLOCK = 30_000_000
+
+#: the largest counter (auth v2: below 2^63)
+_MAX_COUNTER = 2**63 - 1
+
+
 class PayerStore(SeedKeys, Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
     MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION, _V4_REQUEST_COUNTER)
     PUBKEY_FIELD = "payer_pubkey"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        #: per channel, (the last request counter handed out, the bound reserved in the store)
+        self._counters: dict[str, tuple[int, int]] = {}
+        super().__init__(path)
 
     def get(self, channel_id: str) -> PayerRecord:
         """The channel's row; ``UnknownChannel`` if there is none."""
@@ -183,6 +207,7 @@ class PayerStore(SeedKeys, Database):
 
     def delete(self, channel_id: str) -> bool:
         """Remove a channel's row (the caller decides that it holds nothing); whether one was removed."""
+        self._counters.pop(channel_id, None)
         return self._db.execute("DELETE FROM channels WHERE channel_id=?", (channel_id,)).rowcount == 1
 
     def set_state(self, channel_id: str, state: ChannelState | str, **fields: Any) -> None:
@@ -200,21 +225,35 @@ class PayerStore(SeedKeys, Database):
         if cur.rowcount != 1:
             raise UnknownChannel(f"no channel {channel_id}")
 
+    @staticmethod
+    def _signed_sql(
+        channel_id: str, amount_sat: int, signature: bytes, counter_bound: int
+    ) -> tuple[str, tuple[Any, ...]]:
+        return (
+            "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1,"
+            " request_counter=MAX(request_counter, ?), updated_at=?"
+            " WHERE channel_id=? AND amount_sat<? RETURNING request_counter",
+            (amount_sat, signature, counter_bound, time.time(), channel_id, amount_sat),
+        )
+
     def save_signed(self, channel_id: str, amount_sat: int, signature: bytes) -> bool:
         """Durably store a signed payment before it is sent; False unless it is higher than the stored one."""
-        cur = self._db.execute(
-            "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, updated_at=?"
-            " WHERE channel_id=? AND amount_sat<?",
-            (amount_sat, signature, time.time(), channel_id, amount_sat),
-        )
-        return cur.rowcount == 1
+        return bool(self._db.execute(*self._signed_sql(channel_id, amount_sat, signature, 0)).fetchall())
 
     def add_units(self, channel_id: str, units: int, acked_sat: int | None = None) -> None:
-        """Record ``units`` more metered units received (and the total the payee acknowledged with them)."""
-        self._db.execute(
-            "UPDATE channels SET units=units+?, acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
-            (units, acked_sat or 0, time.time(), channel_id),
-        )
+        """Record ``units`` more metered units received (and the total the payee acknowledged with them).
+
+        Written at once without waiting for the disk (``synchronous=NORMAL`` for this statement, so no
+        fsync on the event loop): it survives the process being killed; an operating system crash may
+        lose it (an under-count: the payer signs less, and the protocol recovers the count), never raise it."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._db.execute(
+                "UPDATE channels SET units=units+?, acked_sat=MAX(acked_sat, ?), updated_at=? WHERE channel_id=?",
+                (units, acked_sat or 0, time.time(), channel_id),
+            )
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def set_acked(self, channel_id: str, amount_sat: int) -> None:
         """Record the amount the payee acknowledged (never lowers it)."""
@@ -223,37 +262,93 @@ class PayerStore(SeedKeys, Database):
             (amount_sat, time.time(), channel_id),
         )
 
-    async def save_signed_async(self, channel_id: str, amount_sat: int, signature: bytes) -> bool:
-        """:meth:`save_signed` through the group commit: True once committed, False if not higher."""
-        rows = await self.writer.submit(
-            "UPDATE channels SET amount_sat=?, signature=?, payments=payments+1, updated_at=?"
-            " WHERE channel_id=? AND amount_sat<? RETURNING channel_id",
-            (amount_sat, signature, time.time(), channel_id, amount_sat),
-        )
+    async def save_signed_async(
+        self, channel_id: str, amount_sat: int, signature: bytes, *, counter_floor: int | None = None
+    ) -> bool:
+        """:meth:`save_signed` through the group commit: True once committed, False if not higher.
+
+        With ``counter_floor`` (the clock, the floor of the next counters) the same commit also extends
+        the channel's reserved request counters when fewer than half a block is left, so the request
+        that carries this payment commits nothing else."""
+        bound = 0
+        held = self._counters.get(channel_id) if counter_floor is not None else None
+        if held is not None and counter_floor is not None:
+            last, reserved = held
+            if max(last + 1, counter_floor) + COUNTER_BLOCK // 2 > reserved:
+                bound = min(max(last + 1, counter_floor) + COUNTER_BLOCK, _MAX_COUNTER)
+        rows = await self.writer.submit(*self._signed_sql(channel_id, amount_sat, signature, bound))
+        if rows and bound and int(rows[0]["request_counter"]) == bound:
+            held = self._counters.get(channel_id)
+            if held is not None:  # (not dropped by a resync meanwhile) the block now ends at ``bound``
+                self._counters[channel_id] = (held[0], max(held[1], bound))
         return bool(rows)
 
     @staticmethod
-    def _counter_sql(channel_id: str, at_least: int) -> tuple[str, tuple[Any, ...]]:
+    def _reserve_sql(channel_id: str, at_least: int) -> tuple[str, tuple[Any, ...]]:
         return (
-            "UPDATE channels SET request_counter=MAX(request_counter + 1, ?), updated_at=?"
-            " WHERE channel_id=? AND request_counter < 9223372036854775807 RETURNING request_counter",
-            (at_least, time.time(), channel_id),
+            "UPDATE channels SET request_counter=MIN(MAX(request_counter + 1, ?) + ?, ?), updated_at=?"
+            " WHERE channel_id=? AND request_counter < ? RETURNING request_counter",
+            (at_least, COUNTER_BLOCK, _MAX_COUNTER, time.time(), channel_id, _MAX_COUNTER),
         )
 
-    def next_request_counter(self, channel_id: str, at_least: int) -> int:
-        """Take the channel's next metered-request counter, ``max(stored + 1, at_least)``, and store it
-        (committed before it returns, so no counter is used twice, across restarts and clock steps)."""
-        rows = self._db.execute(*self._counter_sql(channel_id, at_least)).fetchall()
+    def _hand_out(self, channel_id: str, at_least: int) -> int | None:
+        """The next counter from the reserved block, or None if it needs a new block."""
+        counters = self._counters
+        held = counters.get(channel_id)
+        if held is None:
+            return None
+        last, reserved = held
+        counter = max(last + 1, at_least)
+        if counter > reserved:
+            return None
+        counters[channel_id] = (counter, reserved)
+        return counter
+
+    def _new_block(
+        self, channel_id: str, at_least: int, rows: Sequence[Any], bound_of: Callable[[Any], Any]
+    ) -> int | None:
+        """Take the block a reserve statement stored (its new bound in ``rows``): the next counter, or
+        None if counters handed out meanwhile are already past it."""
         if not rows:
             raise UnknownChannel(f"no channel {channel_id} (or its request counter is exhausted)")
-        return int(rows[0][0])
+        bound = int(bound_of(rows[0]))
+        counter = max(at_least, bound - COUNTER_BLOCK)  # max(stored before + 1, at_least): above every one used
+        held = self._counters.get(channel_id)
+        if held is not None:  # another task took a block meanwhile: stay above what it handed out
+            counter, bound = max(counter, held[0] + 1), max(bound, held[1])
+        if counter > bound:
+            return None
+        self._counters[channel_id] = (counter, bound)
+        return counter
+
+    def next_request_counter(self, channel_id: str, at_least: int) -> int:
+        """Take the channel's next metered-request counter, ``max(last + 1, at_least)``: handed out from
+        the block reserved in the store (durable before any counter of it is used), a new block
+        reserved when it runs out. No counter is used twice, across restarts (which start above the
+        stored bound) and clock steps."""
+        while True:
+            counter = self._hand_out(channel_id, at_least)
+            if counter is None:
+                rows = self._db.execute(*self._reserve_sql(channel_id, at_least)).fetchall()
+                counter = self._new_block(channel_id, at_least, rows, lambda r: r[0])
+            if counter is not None:
+                return counter
 
     async def next_request_counter_async(self, channel_id: str, at_least: int) -> int:
-        """:meth:`next_request_counter` through the group commit."""
-        rows = await self.writer.submit(*self._counter_sql(channel_id, at_least))
-        if not rows:
-            raise UnknownChannel(f"no channel {channel_id} (or its request counter is exhausted)")
-        return int(rows[0]["request_counter"])
+        """:meth:`next_request_counter`, a new block reserved through the group commit."""
+        while True:
+            counter = self._hand_out(channel_id, at_least)
+            if counter is None:
+                rows = await self.writer.submit(*self._reserve_sql(channel_id, at_least))
+                counter = self._new_block(channel_id, at_least, rows, lambda r: r["request_counter"])
+            if counter is not None:
+                return counter
+
+    def last_request_counter(self, channel_id: str) -> int:
+        """The last counter handed out on the channel (after a restart: the stored bound, which is
+        at or above every counter used before)."""
+        held = self._counters.get(channel_id)
+        return held[0] if held is not None else self.get(channel_id).request_counter
 
     def raise_request_counter(self, channel_id: str, at_least: int) -> None:
         """Resync: the payee accepted ``at_least`` already (a counter lost with an older copy of this
@@ -262,6 +357,13 @@ class PayerStore(SeedKeys, Database):
             "UPDATE channels SET request_counter=MAX(request_counter, ?), updated_at=? WHERE channel_id=?",
             (at_least, time.time(), channel_id),
         )
+        held = self._counters.get(channel_id)
+        if held is not None:
+            last, reserved = held
+            if at_least >= reserved:
+                del self._counters[channel_id]
+            else:
+                self._counters[channel_id] = (max(last, at_least), reserved)
 
     async def set_acked_async(self, channel_id: str, amount_sat: int) -> None:
         """:meth:`set_acked` through the group commit (returns once committed)."""
