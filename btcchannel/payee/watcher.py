@@ -28,7 +28,7 @@ refused at start only when it deleted a block after the last one processed (``no
   ``exception_txid``); a close of ours sent outside the service (``--close-tx``) claims the
   close at once (no more payments) and is adopted at final depth. The closes a pass claims
   are sent at the end of that pass, in one transaction for those that can share it
-  (:mod:`btcchannel.payee.batch`).
+  (:class:`btcchannel.payee.closer.Batches`).
 - ``closing``: broadcasts the close if the claim's process died before doing
   so, marks ``closed`` once our close (or one of its RBF replacements)
   confirmed, bumps the fee by RBF when it stayed unconfirmed for

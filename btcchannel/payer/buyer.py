@@ -39,7 +39,7 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.terms import PayerLimits
 from btcchannel.errors import AmountOutOfRange, ChannelClosed, ChannelClosing, NotOpen, TermsRefused
 from btcchannel.payer.buy import Budget
-from btcchannel.payer.challenge import Challenge, parse_www_authenticate
+from btcchannel.payer.challenge import Challenge, is_challenge
 from btcchannel.payer.client import PayerClient
 from btcchannel.payer.continuous import ContinuousPayer, RolloverPolicy
 from btcchannel.payer.metered import Exchange, MeteredPayer
@@ -54,14 +54,6 @@ T = TypeVar("T")
 
 # the channel ended or cannot pay this request: the next one pays it
 _SWITCH_ERRORS = (AmountOutOfRange, ChannelClosed, ChannelClosing, NotOpen)
-
-
-def is_challenge(status: int, headers: Mapping[str, str]) -> bool:
-    """Whether an answer is a ``Btcchannel`` 402 challenge."""
-    if status != 402:
-        return False
-    value = headers.get("WWW-Authenticate") or headers.get("www-authenticate") or ""
-    return parse_www_authenticate(value) is not None
 
 
 class _BudgetedPayer(ContinuousPayer):

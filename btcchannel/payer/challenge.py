@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from btcchannel.core.terms import Metering
 from btcchannel.errors import ProtocolViolation
 
-__all__ = ["Challenge", "parse_www_authenticate"]
+__all__ = ["Challenge", "ChallengePayer", "PayingRequest", "is_challenge", "parse_www_authenticate"]
+
+T = TypeVar("T")
 
 _PARAM = re.compile(r'\s*([A-Za-z0-9_\-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*,?')
 
@@ -119,3 +121,34 @@ class Challenge:
                 f"is {metering.price_sat} sat a unit: not paid"
             )
         return self.units
+
+
+def is_challenge(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether an answer is a ``Btcchannel`` 402 challenge."""
+    if status != 402:
+        return False
+    value = headers.get("WWW-Authenticate") or headers.get("www-authenticate") or ""
+    return parse_www_authenticate(value) is not None
+
+
+class PayingRequest(Protocol):
+    """One request being paid (:class:`btcchannel.payer.buyer.Paying`): the headers of its next
+    attempt, what came back (True: done), and the end of it."""
+
+    async def headers(self) -> dict[str, str]: ...
+
+    async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+class ChallengePayer(Protocol):
+    """What the HTTP-client integrations (:mod:`btcchannel.payer.httpx_auth`,
+    :mod:`btcchannel.payer.requests_auth`) need of a buyer (:class:`btcchannel.payer.buyer.Buyer`):
+    its own event loop, reached from synchronous and asynchronous callers, and paying a challenge."""
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+    async def acall(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+    async def begin(self, method: str, url: str, challenge: Challenge, body: bytes | None = None) -> PayingRequest: ...

@@ -18,8 +18,7 @@ from collections.abc import AsyncGenerator, Generator
 
 import httpx
 
-from btcchannel.payer.buyer import Buyer, Paying, is_challenge
-from btcchannel.payer.challenge import Challenge
+from btcchannel.payer.challenge import Challenge, ChallengePayer, PayingRequest, is_challenge
 from btcchannel.wire import HDR_AMOUNT, HDR_SIGNATURE
 
 __all__ = ["BtcchannelAuth"]
@@ -37,7 +36,7 @@ class BtcchannelAuth(httpx.Auth):
 
     requires_request_body = True  # a paid request is sent again, body included
 
-    def __init__(self, buyer: Buyer) -> None:
+    def __init__(self, buyer: ChallengePayer) -> None:
         self.buyer = buyer
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
@@ -48,7 +47,7 @@ class BtcchannelAuth(httpx.Auth):
         request = response.request  # the request the 402 answered (after redirects: the last hop's)
         request.read()
         challenge = Challenge.from_answer(response.headers, response.content)
-        paying: Paying = self.buyer.call(
+        paying: PayingRequest = self.buyer.call(
             self.buyer.begin(request.method, str(request.url), challenge, request.content or None)
         )
         try:

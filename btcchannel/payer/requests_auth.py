@@ -16,8 +16,7 @@ from typing import Any
 import requests
 from requests.auth import AuthBase
 
-from btcchannel.payer.buyer import Buyer, is_challenge
-from btcchannel.payer.challenge import Challenge
+from btcchannel.payer.challenge import Challenge, ChallengePayer, is_challenge
 from btcchannel.wire import HDR_AMOUNT, HDR_SIGNATURE
 
 __all__ = ["BtcchannelRequestsAuth"]
@@ -26,7 +25,7 @@ __all__ = ["BtcchannelRequestsAuth"]
 class BtcchannelRequestsAuth(AuthBase):
     """Pays ``Btcchannel`` 402 challenges through a :class:`Buyer`."""
 
-    def __init__(self, buyer: Buyer) -> None:
+    def __init__(self, buyer: ChallengePayer) -> None:
         self.buyer = buyer
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
