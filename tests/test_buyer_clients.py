@@ -6,8 +6,6 @@ channel is opened at the protocol URL the 402 names and the next one before the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -20,37 +18,13 @@ from btcchannel.errors import TermsRefused
 from btcchannel.payee.metered import add_paid_route
 from btcchannel.payer.buyer import Buyer
 from btcchannel.store import PayerStore
-from btcchannel.testing import RunningPayee, wait_until_async
+from btcchannel.testing import RunningPayee, mining
 from btcchannel.testing.fixtures import PayeeFactory
 from btcchannel.wire import HDR_PAID
 
 PRICE = 250
 DEPOSIT = 10_000  # 40 requests a channel: 45 take two channels
 REQUESTS = 45
-
-
-@contextlib.asynccontextmanager
-async def _mining(bitcoind: RegtestNode) -> AsyncIterator[None]:
-    """Mine a block whenever a transaction waits in the mempool (fundings and closes confirm)."""
-    stop = asyncio.Event()
-
-    async def miner() -> None:
-        while not stop.is_set():
-            await wait_until_async(
-                lambda: stop.is_set() or bool(bitcoind.rpc("getrawmempool")),
-                timeout=300,
-                interval=0.05,
-                what="a transaction to mine",
-            )
-            if not stop.is_set():
-                bitcoind.mine(1)
-
-    task = asyncio.ensure_future(miner())
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
 
 
 async def _seller(payee_factory: PayeeFactory) -> RunningPayee:
@@ -116,7 +90,7 @@ async def test_sync_clients_buy_across_a_rollover(
     datadir = tmp_path / "buyer"
     buyer = _buyer(bitcoind, funded_wallet, datadir)
     try:
-        async with _mining(bitcoind):
+        async with mining(bitcoind):
             seen = await asyncio.to_thread(_buy_sync, buyer, f"{srv.url}/answer", kind)
         channels = buyer.channels
     finally:
@@ -138,7 +112,7 @@ async def test_async_httpx_buys_across_a_rollover_within_its_budget(
     url = f"{srv.url}/answer"
     datadir = tmp_path / "buyer"
     async with _buyer(bitcoind, funded_wallet, datadir, max_total_sat=REQUESTS * PRICE) as buyer:
-        async with _mining(bitcoind), httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=60) as http:
+        async with mining(bitcoind), httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=60) as http:
             for i in range(REQUESTS):
                 resp = await http.get(url, params={"n": i})
                 assert resp.status_code == 200 and resp.json()["n"] == str(i)

@@ -30,35 +30,11 @@ from btcchannel.payee.seller import PaidService
 from btcchannel.payer.buyer import Buyer
 from btcchannel.payer.client import PayerClient
 from btcchannel.payer.metered import MeteredPayer
-from btcchannel.testing import RunningPayee, open_channel, wait_until_async
+from btcchannel.testing import RunningPayee, mining, open_channel, wait_until_async
 from btcchannel.testing.fixtures import PayeeFactory
 
 PRICE = 250
 DEPOSIT = 10_000
-
-
-@contextlib.asynccontextmanager
-async def _mining(bitcoind: RegtestNode) -> AsyncIterator[None]:
-    """Mine a block whenever a transaction waits in the mempool (fundings and closes confirm)."""
-    stop = asyncio.Event()
-
-    async def miner() -> None:
-        while not stop.is_set():
-            await wait_until_async(
-                lambda: stop.is_set() or bool(bitcoind.rpc("getrawmempool")),
-                timeout=300,
-                interval=0.05,
-                what="a transaction to mine",
-            )
-            if not stop.is_set():
-                bitcoind.mine(1)
-
-    task = asyncio.ensure_future(miner())
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
 
 
 async def _seller(payee_factory: PayeeFactory) -> RunningPayee:
@@ -99,7 +75,7 @@ async def test_concurrent_requests_stay_within_the_total_budget(
     srv = await _seller(payee_factory)
     url = f"{srv.url}/answer"
     async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer", max_total_sat=2 * PRICE) as buyer:
-        async with _mining(bitcoind), httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120) as http:
+        async with mining(bitcoind), httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120) as http:
             results = await asyncio.gather(*(http.get(url) for _ in range(5)), return_exceptions=True)
         channels = buyer.channels
         served = [r for r in results if isinstance(r, httpx.Response) and r.status_code == 200]
@@ -135,7 +111,7 @@ async def test_a_charged_4xx_is_the_callers_answer_and_counts_against_the_budget
         return out
 
     async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer", max_total_sat=3 * PRICE) as buyer:
-        async with _mining(bitcoind):
+        async with mining(bitcoind):
             seen = await asyncio.to_thread(buy, buyer)
             assert seen == [(404, {"detail": "no such item"}), (200, {"answer": 42}), (404, {"detail": "no such item"})]
             assert buyer.spent_sat == 3 * PRICE  # the 404s were charged: they count
@@ -398,7 +374,7 @@ async def test_a_402_behind_a_redirect_is_paid_where_it_was_answered(
             return answer.status_code, answer.json(), answer.url
 
     async with _buyer(bitcoind, funded_wallet, tmp_path / "buyer") as buyer:
-        async with _mining(bitcoind):
+        async with mining(bitcoind):
             if kind == "httpx-async":
                 async with httpx.AsyncClient(auth=buyer.httpx_auth(), timeout=120, follow_redirects=True) as http:
                     resp = await http.get(url)

@@ -27,7 +27,7 @@ from btcchannel.testing.payee import (
     running_payee,
     start_payee,
 )
-from btcchannel.testing.payer import confirm_close, open_channel, wait_close_broadcast, wait_status
+from btcchannel.testing.payer import confirm_close, mining, open_channel, wait_close_broadcast, wait_status
 from btcchannel.wait import wait_until, wait_until_async
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "assert_node_error_async",
     "confirm_close",
     "fast_config",
+    "mining",
     "node_for",
     "open_channel",
     "running_payee",

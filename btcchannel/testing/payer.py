@@ -1,17 +1,48 @@
 """The payer's side for tests and the demo: open a channel (fund it, mine, wait until it is open),
-wait for the payee to report a channel state, for its close to be broadcast and confirmed."""
+wait for the payee to report a channel state, for its close to be broadcast and confirmed, and
+mine whatever waits in the mempool while a buyer opens and renews channels by itself."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from btcchannel.payer.client import PayerClient
 from btcchannel.testing.chain import Chain
 from btcchannel.wait import wait_until_async
 
+if TYPE_CHECKING:
+    from btcchannel.bitcoind.regtest import RegtestNode
+
 OPEN_TIMEOUT_S = 30.0
+
+
+@contextlib.asynccontextmanager
+async def mining(bitcoind: RegtestNode) -> AsyncIterator[None]:
+    """Mine a block whenever a transaction waits in ``bitcoind``'s mempool (fundings and closes a
+    buyer sends by itself confirm), until the block exits."""
+    stop = asyncio.Event()
+
+    async def miner() -> None:
+        while not stop.is_set():
+            await wait_until_async(
+                lambda: stop.is_set() or bool(bitcoind.rpc("getrawmempool")),
+                timeout=300,
+                interval=0.05,
+                what="a transaction to mine",
+            )
+            if not stop.is_set():
+                bitcoind.mine(1)
+
+    task = asyncio.ensure_future(miner())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 class Miner(Protocol):
