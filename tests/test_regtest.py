@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,11 +23,27 @@ from btcchannel.wait import wait_until
 pytest_plugins = ["pytester"]
 
 
-def test_fetch_cold_then_warm(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class ColdFetch:
+    """One cold fetch into an empty cache, shared by the fetch tests of this module."""
+
+    cache: Path
+    binary: BitcoindBinary
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def cold_fetch(tmp_path_factory: pytest.TempPathFactory) -> ColdFetch:
+    cache = tmp_path_factory.mktemp("fetch-cache")
     assert debian_archive_uri().startswith(("http://", "https://", "file:"))
     t0 = time.monotonic()
-    cold = fetch_bitcoind(cache=tmp_path)
-    cold_s = time.monotonic() - t0
+    binary = fetch_bitcoind(cache=cache)
+    return ColdFetch(cache, binary, time.monotonic() - t0)
+
+
+def test_fetch_cold_then_warm(cold_fetch: ColdFetch) -> None:
+    tmp_path = cold_fetch.cache
+    cold = cold_fetch.binary
     assert "Bitcoin" in cold.version
     assert (tmp_path / "knots" / ".complete").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("knots-")], "staging folder left behind"
@@ -33,11 +51,13 @@ def test_fetch_cold_then_warm(tmp_path: Path) -> None:
     warm = fetch_bitcoind(cache=tmp_path)
     warm_s = time.monotonic() - t0
     assert warm == cold
-    print(f"\nprovisioning: cold {cold_s:.1f}s, warm {warm_s:.2f}s")
+    print(f"\nprovisioning: cold {cold_fetch.seconds:.1f}s, warm {warm_s:.2f}s")
 
 
-def test_broken_cache_is_refetched(tmp_path: Path) -> None:
-    fetch_bitcoind(cache=tmp_path)
+def test_broken_cache_is_refetched(cold_fetch: ColdFetch, tmp_path: Path) -> None:
+    # a copy of a complete cache (the cold fetch's), then damaged
+    shutil.copytree(cold_fetch.cache / "knots", tmp_path / "knots", symlinks=True)
+    assert fetch_bitcoind(cache=tmp_path).bitcoind[0].startswith(str(tmp_path))  # the copy is a working cache
     (tmp_path / "knots" / "usr" / "bin" / "bitcoind").unlink()  # a damaged cache
     again = fetch_bitcoind(cache=tmp_path)
     assert (tmp_path / "knots" / "usr" / "bin" / "bitcoind").exists()
