@@ -13,10 +13,11 @@ This module is the RPC edge of the library:
   the way out (never floats);
 - failures are typed: an unreachable, timed-out, warming-up or
   credential-refusing node raises :class:`~btcchannel.errors.NodeUnavailable`,
-  an RPC error raises the :class:`~btcchannel.errors.NodeError` subclass for
-  its code (e.g. :class:`~btcchannel.errors.RpcInvalidAddressOrKey`; a plain
-  ``NodeError`` for other codes), with the node's code in ``rpc_code`` (the
-  ``RPC_*`` constants below name the codes that have a class);
+  an RPC error raises the class registered for its code in
+  :mod:`btcchannel.bitcoind.errors` (e.g.
+  :class:`~btcchannel.bitcoind.errors.RpcInvalidAddressOrKey`; a plain
+  :class:`~btcchannel.errors.NodeError` for other codes), with the node's code
+  in ``rpc_code``;
 - authentication is either ``rpcuser``/``rpcpassword`` (``auth=``) or the
   node's cookie file (``cookie_file=``, normally ``<datadir>/<network>/.cookie``),
   which is read lazily and read again when the node refuses it (bitcoind writes
@@ -49,64 +50,19 @@ import orjson
 from bitcoinrpc import BitcoinRPC, RPCError
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.core.tx import OutPoint
-from btcchannel.errors import (
-    NodeError,
-    NodePruned,
-    NodeUnavailable,
-    RpcAlreadyInChain,
-    RpcDeserializationError,
-    RpcInsufficientFunds,
+from btcchannel.bitcoind.errors import (
     RpcInvalidAddressOrKey,
     RpcInvalidParameter,
     RpcInWarmup,
-    RpcMethodNotFound,
     RpcMiscError,
-    RpcTypeError,
-    RpcVerifyError,
     RpcVerifyRejected,
-    RpcWalletAlreadyLoaded,
-    RpcWalletError,
     RpcWalletNotFound,
-    RpcWalletNotSpecified,
+    from_rpc,
 )
+from btcchannel.core.tx import OutPoint
+from btcchannel.errors import NodeError, NodePruned, NodeUnavailable
 
-__all__ = [
-    "Node",
-    "TxOutInfo",
-    "RPC_MISC_ERROR",
-    "RPC_TYPE_ERROR",
-    "RPC_DESERIALIZATION_ERROR",
-    "RPC_WALLET_ALREADY_LOADED",
-    "RPC_INVALID_ADDRESS_OR_KEY",
-    "RPC_WALLET_ERROR",
-    "RPC_WALLET_INSUFFICIENT_FUNDS",
-    "RPC_VERIFY_ERROR",
-    "RPC_VERIFY_REJECTED",
-    "RPC_VERIFY_ALREADY_IN_CHAIN",
-    "RPC_IN_WARMUP",
-    "RPC_INVALID_PARAMETER",
-    "RPC_METHOD_NOT_FOUND",
-    "RPC_WALLET_NOT_FOUND",
-    "RPC_WALLET_NOT_SPECIFIED",
-]
-
-# bitcoind's RPC error codes (src/rpc/protocol.h), named after the error classes that carry them.
-RPC_MISC_ERROR = RpcMiscError.RPC_ERROR_CODE  # -1
-RPC_TYPE_ERROR = RpcTypeError.RPC_ERROR_CODE  # -3
-RPC_WALLET_ERROR = RpcWalletError.RPC_ERROR_CODE  # -4
-RPC_INVALID_ADDRESS_OR_KEY = RpcInvalidAddressOrKey.RPC_ERROR_CODE  # -5
-RPC_WALLET_INSUFFICIENT_FUNDS = RpcInsufficientFunds.RPC_ERROR_CODE  # -6
-RPC_INVALID_PARAMETER = RpcInvalidParameter.RPC_ERROR_CODE  # -8
-RPC_WALLET_NOT_FOUND = RpcWalletNotFound.RPC_ERROR_CODE  # -18
-RPC_WALLET_NOT_SPECIFIED = RpcWalletNotSpecified.RPC_ERROR_CODE  # -19
-RPC_DESERIALIZATION_ERROR = RpcDeserializationError.RPC_ERROR_CODE  # -22
-RPC_VERIFY_ERROR = RpcVerifyError.RPC_ERROR_CODE  # -25
-RPC_VERIFY_REJECTED = RpcVerifyRejected.RPC_ERROR_CODE  # -26
-RPC_VERIFY_ALREADY_IN_CHAIN = RpcAlreadyInChain.RPC_ERROR_CODE  # -27
-RPC_IN_WARMUP = RpcInWarmup.RPC_ERROR_CODE  # -28
-RPC_WALLET_ALREADY_LOADED = RpcWalletAlreadyLoaded.RPC_ERROR_CODE  # -35
-RPC_METHOD_NOT_FOUND = RpcMethodNotFound.RPC_ERROR_CODE  # -32601
+__all__ = ["Node", "TxOutInfo"]
 
 _HEADERS = {"content-type": "application/json"}
 _BTC_PER_KVB_IN_SAT_PER_VB = 100_000_000 / 1000  # a fee rate in BTC/kvB times this is sat/vB
@@ -243,7 +199,7 @@ class Node:
             return await self._endpoint(wallet).acall(method, params)
         except RPCError as e:
             message = str(e.error.get("message", ""))
-            error = NodeError.from_rpc(int(e.error.get("code", 0)), f"{method}: {message}")
+            error = from_rpc(int(e.error.get("code", 0)), f"{method}: {message}")
             if isinstance(error, RpcInWarmup):
                 raise NodeUnavailable(f"{method}: the node is starting: {message}") from e
             raise error from e
@@ -263,10 +219,10 @@ class Node:
         endpoint, which also serves the default wallet). Parameters go out as
         JSON: pass amounts as BTC strings (see :func:`btcchannel.amounts.sat_to_btc`).
 
-        Raises the :class:`NodeError` subclass for the code (with ``rpc_code``;
-        see :meth:`NodeError.from_rpc`) when the node answers with an error, :class:`NodeUnavailable` when it cannot
-        be reached, times out,
-        is still starting, or refuses the credentials.
+        Raises the :class:`NodeError` subclass for the code (with ``rpc_code``; see
+        :func:`~btcchannel.bitcoind.errors.from_rpc`) when the node answers with an error,
+        :class:`NodeUnavailable` when it cannot be reached, times out, is still starting, or
+        refuses the credentials.
         """
         plist = list(params)
         if self._cookie_file is not None:
@@ -507,10 +463,10 @@ class Node:
         """Send a signed transaction to the network; returns its txid.
 
         Broadcasting a transaction already in the mempool returns its txid again;
-        one already confirmed raises :class:`~btcchannel.errors.RpcAlreadyInChain`;
-        a rejected one :class:`~btcchannel.errors.RpcVerifyRejected` or
-        :class:`~btcchannel.errors.RpcVerifyError` (missing or spent inputs), one
-        that does not decode :class:`~btcchannel.errors.RpcDeserializationError`.
+        one already confirmed raises :class:`~btcchannel.bitcoind.errors.RpcAlreadyInChain`;
+        a rejected one :class:`~btcchannel.bitcoind.errors.RpcVerifyRejected` or
+        :class:`~btcchannel.bitcoind.errors.RpcVerifyError` (missing or spent inputs), one
+        that does not decode :class:`~btcchannel.bitcoind.errors.RpcDeserializationError`.
         """
         return str(await self.call("sendrawtransaction", tx_hex))
 
@@ -550,7 +506,7 @@ class Node:
         after it, signed, checked with ``testmempoolaccept``, broadcast, and
         checked to be in the mempool. ``fee_rate_sat_vb`` overrides the wallet's
         own fee choice. Raises :class:`NodeError` if any step fails (an
-        underfunded wallet: :class:`~btcchannel.errors.RpcWalletError`, "Insufficient
+        underfunded wallet: :class:`~btcchannel.bitcoind.errors.RpcWalletError`, "Insufficient
         funds"); the wallet's coins are not left locked.
         """
         if isinstance(amount_sat, bool) or not isinstance(amount_sat, int) or amount_sat <= 0:
