@@ -90,6 +90,15 @@ def _sats(value: Any, what: str) -> int:
         raise NodeError(f"the node returned an invalid amount for {what}: {value!r}") from e
 
 
+def _http_error(method: str, status: int) -> NodeError | NodeUnavailable:
+    """The error for an HTTP error status of the node's RPC server (not an RPC error reply)."""
+    if status in (401, 403):
+        return NodeUnavailable(f"{method}: the node refused the RPC credentials (HTTP {status})")
+    if status == 503:
+        return NodeUnavailable(f"{method}: the node is busy (HTTP 503)")
+    return NodeError(f"{method}: HTTP {status} from the node")
+
+
 _K = TypeVar("_K")
 _V = TypeVar("_V")
 _REMEMBERED = 10_000  # entries of each of the node client's memories of the chain
@@ -231,20 +240,21 @@ class Node:
         try:
             return await self._acall_once(method, plist, wallet)
         except httpx.HTTPStatusError as e:
-            status = e.response.status_code
-            if status == 401 and self._cookie_file is not None:
-                # bitcoind writes a fresh cookie each time it starts: re-read and retry once (also
-                # when a concurrent call re-read it first)
-                if await self._load_cookie(refresh=True) or self._cookie != sent_with:
-                    try:
-                        return await self._acall_once(method, plist, wallet)
-                    except httpx.HTTPStatusError as e2:
-                        e, status = e2, e2.response.status_code
-            if status in (401, 403):
-                raise NodeUnavailable(f"{method}: the node refused the RPC credentials (HTTP {status})") from e
-            if status == 503:
-                raise NodeUnavailable(f"{method}: the node is busy (HTTP 503)") from e
-            raise NodeError(f"{method}: HTTP {status} from the node") from e
+            refused = e
+        if refused.response.status_code == 401 and await self._cookie_renewed(sent_with):
+            try:  # once, with the new cookie
+                return await self._acall_once(method, plist, wallet)
+            except httpx.HTTPStatusError as e:
+                refused = e
+        raise _http_error(method, refused.response.status_code) from refused
+
+    async def _cookie_renewed(self, sent_with: tuple[str, str] | None) -> bool:
+        """After a 401: whether the cookie file now holds another cookie than the one the call was
+        sent with (bitcoind writes a fresh cookie each time it starts; a concurrent call may have
+        read it first)."""
+        if self._cookie_file is None:
+            return False
+        return await self._load_cookie(refresh=True) or self._cookie != sent_with
 
     # ------------------------------------------------------------------ chain
 
@@ -334,50 +344,72 @@ class Node:
             self.note_block(txid, str(res["blockhash"]))
         return dict(res)
 
-    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:  # noqa: C901
+    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:
         """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool.
 
-        A transaction seen in a block (see :meth:`get_transaction`) counts that block's
-        confirmations, read from its header, so a pruned block still counts; else it is found as
-        :meth:`get_transaction` finds it, else through the
-        wallet (its own transactions); with ``search_from``, else by reading the blocks from the
-        tip down to that height (newest first; :class:`~btcchannel.errors.NodePruned` if the node
-        pruned one of them).
+        Asked in turn until one answers: the header of a block the transaction was seen in (see
+        :meth:`get_transaction`; headers are kept when blocks are pruned, so a pruned block still
+        counts), the transaction as :meth:`get_transaction` finds it, the wallet (its own
+        transactions), and with ``search_from`` the blocks from the tip down to that height (newest
+        first; :class:`~btcchannel.errors.NodePruned` if the node pruned one of them).
         """
+        conf = await self._confirmations_of_seen_block(txid)
+        if conf is None:
+            conf = await self._confirmations_as_found(txid)
+        if conf is None and self.wallet is not None:
+            conf = await self._confirmations_in_wallet(txid)
+        if conf is None and search_from is not None and not await self.has_txindex():  # (a txindex would have found it)
+            conf = await self._search_blocks(txid, search_from)
+        return conf
+
+    async def _confirmations_of_seen_block(self, txid: str) -> int | None:
+        """The confirmations of the block ``txid`` was seen in, read from its header; None when no
+        block is known, or that block left the active chain (then it is forgotten)."""
         block = await self._block_of(txid)
-        if block is not None:  # its block's header says (headers are kept when blocks are pruned)
-            try:
-                conf = int((await self.call("getblockheader", block)).get("confirmations", -1))
-            except RpcInvalidAddressOrKey:
-                conf = -1
-            if conf > 0:
-                return conf
-            self._seen_in.pop(txid, None)  # that block left the active chain
+        if block is None:
+            return None
+        conf = await self._block_confirmations(block)
+        if conf > 0:
+            return conf
+        self._seen_in.pop(txid, None)  # that block left the active chain
+        return None
+
+    async def _block_confirmations(self, block_hash: str) -> int:
+        """The confirmations of block ``block_hash`` from its header (kept when the block is pruned):
+        -1 for a block off the active chain, or one the node does not know."""
+        try:
+            header = await self.call("getblockheader", block_hash)
+        except RpcInvalidAddressOrKey:
+            return -1
+        return int(header.get("confirmations", -1))
+
+    async def _confirmations_as_found(self, txid: str) -> int | None:
+        """The confirmations :meth:`get_transaction` reports (0 in the mempool); None when it does not
+        find ``txid``, or finds it only in a block no longer in the active chain and not back in the
+        mempool."""
         tx = await self.get_transaction(txid)
-        if tx is not None:
-            conf = int(tx.get("confirmations", 0))
-            if conf > 0 or "blockhash" not in tx:
-                return conf
-            # in a block no longer in the active chain: it counts only if it is back in the mempool
-            self._seen_in.pop(txid, None)
-            if await self._in_mempool(txid):
-                return 0
-        if self.wallet is not None:
-            try:  # the wallet knows its own transactions
-                wtx = await self.call("gettransaction", txid, wallet=self.wallet)
-            except (RpcInvalidAddressOrKey, RpcWalletNotFound):
-                wtx = None
-            if wtx is not None:
-                conf = int(wtx.get("confirmations", 0))
-                if conf > 0:
-                    if wtx.get("blockhash"):
-                        self.note_block(txid, str(wtx["blockhash"]))
-                    return conf
-                # a wallet transaction that was replaced or conflicted: only if (back) in the mempool
-                if conf == 0 and await self._in_mempool(txid):
-                    return 0
-        if search_from is not None and not await self.has_txindex():  # (a txindex would have found it)
-            return await self._search_blocks(txid, search_from)
+        if tx is None:
+            return None
+        conf = int(tx.get("confirmations", 0))
+        if conf > 0 or "blockhash" not in tx:
+            return conf
+        self._seen_in.pop(txid, None)  # in a block that left the active chain
+        return 0 if await self._in_mempool(txid) else None
+
+    async def _confirmations_in_wallet(self, txid: str) -> int | None:
+        """The confirmations the wallet knows of its own transaction ``txid`` (its block noted); 0 for
+        one replaced or conflicted that is (back) in the mempool; None when the wallet does not say."""
+        try:
+            wtx = await self.call("gettransaction", txid, wallet=self.wallet)
+        except (RpcInvalidAddressOrKey, RpcWalletNotFound):
+            return None
+        conf = int(wtx.get("confirmations", 0))
+        if conf > 0:
+            if wtx.get("blockhash"):
+                self.note_block(txid, str(wtx["blockhash"]))
+            return conf
+        if conf == 0 and await self._in_mempool(txid):
+            return 0
         return None
 
     async def has_txindex(self) -> bool:
@@ -392,11 +424,9 @@ class Node:
         since :attr:`followed_after` are read again)."""
         searched = self._searched.get(txid)
         if searched is not None:
-            try:
-                if int((await self.call("getblockheader", searched[1])).get("confirmations", -1)) > 0:
-                    start = max(start, searched[0] + 1)
-            except RpcInvalidAddressOrKey:
-                pass
+            searched_height, searched_hash = searched  # the top block of the last search
+            if await self._block_confirmations(searched_hash) > 0:  # still in the active chain
+                start = max(start, searched_height + 1)
         tip = await self.tip_height()
         top = tip if self.followed_after is None else min(tip, self.followed_after)
         if top < max(start, 0):
@@ -561,9 +591,9 @@ class Node:
         """
         known = self._confirmed_spends.get(outpoint)
         if known is not None and known[1] >= from_height:
-            if (await self.tx_confirmations(known[0]) or 0) > 0:
-                return known[0]
-            del self._confirmed_spends[outpoint]
+            spender = await self.confirmed_spender(outpoint)
+            if spender is not None:
+                return spender
         scanned_to = from_height - 1  # blocks up to here are known not to spend it
         while True:
             tip = await self.tip_height()
@@ -589,9 +619,11 @@ class Node:
         known = self._confirmed_spends.get(outpoint)
         if known is None:
             return None
-        if (await self.tx_confirmations(known[0]) or 0) > 0:
-            return known[0]
-        del self._confirmed_spends[outpoint]
+        txid = known[0]
+        confirmations = await self.tx_confirmations(txid)
+        if confirmations is not None and confirmations > 0:
+            return txid
+        del self._confirmed_spends[outpoint]  # a reorganisation took it out of the chain
         return None
 
     async def _mempool_spender(self, outpoint: OutPoint) -> str | None:
