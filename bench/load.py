@@ -400,12 +400,7 @@ def run_metered(args: argparse.Namespace) -> None:
             f"framework={args.framework} channels={args.channels}"
         )
     finally:
-        for w in workers:
-            try:
-                w.send("quit")
-                w.p.wait(30)
-            except (OSError, subprocess.TimeoutExpired):
-                w.p.kill()
+        quit_workers(workers)
         if seller is not None:
             seller.send_signal(signal.SIGINT)
             try:
@@ -666,14 +661,18 @@ def check_durable(args: argparse.Namespace, work: Path, config: ServerConfig, wo
     return len(acked)
 
 
-def stop_all(workers: list[Proc], payees: list[subprocess.Popen[bytes]]) -> None:
-    """Quit the payer workers and stop the payees (killed when they do not end within 30 s)."""
+def quit_workers(workers: list[Proc]) -> None:
+    """Quit the payer workers (killed when they do not end within 30 s)."""
     for w in workers:
         try:
             w.send("quit")
             w.p.wait(30)
         except (OSError, subprocess.TimeoutExpired):
             w.p.kill()
+
+
+def stop_payees(payees: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the payees (killed when they do not end within 30 s)."""
     for p in payees:
         p.send_signal(signal.SIGTERM)
         try:
@@ -721,7 +720,8 @@ def run(args: argparse.Namespace) -> None:
             f"instances={args.instances} backup={args.backup}"
         )
     finally:
-        stop_all(workers, payees)
+        quit_workers(workers)
+        stop_payees(payees)
         bitcoind.stop()
         if pg is not None:
             pg.stop()
