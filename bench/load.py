@@ -400,12 +400,7 @@ def run_metered(args: argparse.Namespace) -> None:
             f"framework={args.framework} channels={args.channels}"
         )
     finally:
-        for w in workers:
-            try:
-                w.send("quit")
-                w.p.wait(30)
-            except (OSError, subprocess.TimeoutExpired):
-                w.p.kill()
+        quit_workers(workers)
         if seller is not None:
             seller.send_signal(signal.SIGINT)
             try:
@@ -565,7 +560,129 @@ def rate(answers: list[dict[str, Any]]) -> float:
     return sum(a["count"] for a in answers) / max(a["elapsed"] for a in answers)
 
 
-def run(args: argparse.Namespace) -> None:  # noqa: C901
+def check_options(args: argparse.Namespace) -> None:
+    """Options that do not go together (SystemExit before anything starts)."""
+    if args.store == "postgresql" and args.backup != "none":
+        raise SystemExit("--backup copies the SQLite payee.db: not with --store postgresql")
+    if args.store != "postgresql" and args.instances > 1:
+        raise SystemExit("several instances share a PostgreSQL store: add --store postgresql")
+
+
+def start_payees(
+    args: argparse.Namespace,
+    work: Path,
+    bitcoind: RegtestNode,
+    pg_url: str | None,
+    profile: Path | None,
+    payees: list[subprocess.Popen[bytes]],
+) -> tuple[ServerConfig, list[str]]:
+    """``args.instances`` payee processes on one store (appended to ``payees`` as they start, so
+    that they are stopped whatever fails): the last one's configuration and every one's URL."""
+    urls = []
+    for k in range(args.instances):
+        config = ServerConfig(
+            datadir=work / f"payee{k}",
+            close_fee_rate_sat_vb=2.0,
+            max_proposals=args.channels + 10,
+            min_lifetime_blocks=12,
+            max_lifetime_blocks=LIFETIME + 10,
+            **({"store_url": pg_url} if pg_url else {}),
+        )
+        proc, url = start_payee(
+            work,
+            f"payee{k}",
+            config,
+            bitcoind,
+            profile / f"payee{k}.prof" if profile is not None else None,
+            args.backup,
+        )
+        payees.append(proc)
+        urls.append(url)
+    return config, urls
+
+
+def start_payers(
+    args: argparse.Namespace,
+    work: Path,
+    bitcoind: RegtestNode,
+    urls: list[str],
+    profile: Path | None,
+    workers: list[Proc],
+) -> None:
+    """``args.payers`` payer worker processes sharing ``args.channels`` channels, each with a funded
+    wallet of its own (appended to ``workers`` as they start)."""
+    payers = min(args.payers, args.channels)
+    shares = [args.channels // payers + (1 if i < args.channels % payers else 0) for i in range(payers)]
+    fund_payers(bitcoind, [(f"payer{i}", n) for i, n in enumerate(shares)])
+    first = 0
+    for i, n in enumerate(shares):
+        spec = {
+            "rpc_url": bitcoind.rpc_url,
+            "cookie_file": str(bitcoind.cookie_file),
+            "wallet": f"payer{i}",
+            "datadir": str(work / f"payer{i}"),
+            "urls": urls,
+            "channels": n,
+            "first": first,
+            "profile": str(profile / f"payer{i}.prof") if profile is not None else None,
+        }
+        first += n
+        spec_file = work / f"payer{i}.json"
+        spec_file.write_text(json.dumps(spec))
+        workers.append(Proc(spec_file))
+
+
+def measured(workers: list[Proc], pids: dict[str, list[int | None]], cmd: str, what: str) -> list[dict[str, Any]]:
+    """The workers' answers to ``cmd``, and the CPU each kind of process spent per ``what`` printed."""
+    before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
+    answers = all_do(workers, cmd)
+    used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
+    n = sum(a["count"] for a in answers)
+    print(f"CPU per {what}: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in used.items()))
+    return answers
+
+
+def check_durable(args: argparse.Namespace, work: Path, config: ServerConfig, workers: list[Proc]) -> int:
+    """Every amount the payee acknowledged to the payers is in its store (and in the synchronous
+    backup, with ``--backup sync``); SystemExit otherwise. Returns the number of channels."""
+    acked: dict[str, int] = {}
+    for a in all_do(workers, "acked"):
+        acked.update(a["acked"])
+    with open_store(config) as store:  # durable: every acknowledged amount is stored
+        lost = [cid for cid, amount in acked.items() if store.get(cid).amount_sat < amount]
+    if lost:
+        raise SystemExit(f"acknowledged payments missing from the payee's store: {lost}")
+    if args.backup == "sync":
+        with PayeeStore(work / "payee0-backup.db") as backup:
+            behind = [cid for cid, amount in acked.items() if backup.get(cid).amount_sat < amount]
+        if behind:
+            raise SystemExit(f"acknowledged payments missing from the synchronous backup: {behind}")
+        print("every acknowledged amount also in the synchronous backup")
+    return len(acked)
+
+
+def quit_workers(workers: list[Proc]) -> None:
+    """Quit the payer workers (killed when they do not end within 30 s)."""
+    for w in workers:
+        try:
+            w.send("quit")
+            w.p.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            w.p.kill()
+
+
+def stop_payees(payees: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the payees (killed when they do not end within 30 s)."""
+    for p in payees:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run(args: argparse.Namespace) -> None:
+    check_options(args)
     work = Path(tempfile.mkdtemp(prefix="btcchannel-load-"))
     profile = Path(args.profile).resolve() if args.profile else None
     if profile is not None:
@@ -582,100 +699,29 @@ def run(args: argparse.Namespace) -> None:  # noqa: C901
     try:
         bitcoind.prepare(201)
         pg_url = pg.create_database("payee") if pg is not None else None
-        if pg_url is not None and args.backup != "none":
-            raise SystemExit("--backup copies the SQLite payee.db: not with --store postgresql")
-        if pg_url is None and args.instances > 1:
-            raise SystemExit("several instances share a PostgreSQL store: add --store postgresql")
-        urls = []
-        for k in range(args.instances):
-            config = ServerConfig(
-                datadir=work / f"payee{k}",
-                close_fee_rate_sat_vb=2.0,
-                max_proposals=args.channels + 10,
-                min_lifetime_blocks=12,
-                max_lifetime_blocks=LIFETIME + 10,
-                **({"store_url": pg_url} if pg_url else {}),
-            )
-            proc, url = start_payee(
-                work,
-                f"payee{k}",
-                config,
-                bitcoind,
-                profile / f"payee{k}.prof" if profile is not None else None,
-                args.backup,
-            )
-            payees.append(proc)
-            urls.append(url)
-        payers = min(args.payers, args.channels)
-        shares = [args.channels // payers + (1 if i < args.channels % payers else 0) for i in range(payers)]
-        fund_payers(bitcoind, [(f"payer{i}", n) for i, n in enumerate(shares)])
-        first = 0
-        for i, n in enumerate(shares):
-            spec = {
-                "rpc_url": bitcoind.rpc_url,
-                "cookie_file": str(bitcoind.cookie_file),
-                "wallet": f"payer{i}",
-                "datadir": str(work / f"payer{i}"),
-                "urls": urls,
-                "channels": n,
-                "first": first,
-                "profile": str(profile / f"payer{i}.prof") if profile is not None else None,
-            }
-            first += n
-            spec_file = work / f"payer{i}.json"
-            spec_file.write_text(json.dumps(spec))
-            workers.append(Proc(spec_file))
+        config, urls = start_payees(args, work, bitcoind, pg_url, profile, payees)
+        start_payers(args, work, bitcoind, urls, profile, workers)
         all_do(workers, "open")
         bitcoind.mine(1)
         all_do(workers, "wait_open")
 
         floor = fsync_floor(work / "payee0", min(args.duration, 3.0), pg_url)
         pids = {"payee": [p.pid for p in payees], "payers": [w.p.pid for w in workers], "bitcoind": [bitcoind.pid]}
-        before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
-        noops = all_do(workers, f"noop {args.duration}")
-        used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
-        noop = rate(noops)
-        n = sum(a["count"] for a in noops)
-        print("CPU per GET /v1/info: " + ", ".join(f"{k} {v / n * 1e6:.0f} us" for k, v in used.items()))
-        before = {k: sum(cpu_s(p) for p in v if p) for k, v in pids.items()}
-        pay = all_do(workers, f"pay {args.duration}")
-        used = {k: sum(cpu_s(p) for p in v if p) - before[k] for k, v in pids.items()}
+        noop = rate(measured(workers, pids, f"noop {args.duration}", "GET /v1/info"))
+        pay = measured(workers, pids, f"pay {args.duration}", "payment")
         payments = rate(pay)
         count = sum(a["count"] for a in pay)
-        print("CPU per payment: " + ", ".join(f"{k} {v / count * 1e6:.0f} us" for k, v in used.items()))
         lat = sorted(x for a in pay for x in a["lat_ms"])
-        acked: dict[str, int] = {}
-        for a in all_do(workers, "acked"):
-            acked.update(a["acked"])
-        with open_store(config) as store:  # durable: every acknowledged amount is stored
-            lost = [cid for cid, amount in acked.items() if store.get(cid).amount_sat < amount]
-        if lost:
-            raise SystemExit(f"acknowledged payments missing from the payee's store: {lost}")
-        if args.backup == "sync":
-            with PayeeStore(work / "payee0-backup.db") as backup:
-                behind = [cid for cid, amount in acked.items() if backup.get(cid).amount_sat < amount]
-            if behind:
-                raise SystemExit(f"acknowledged payments missing from the synchronous backup: {behind}")
-            print("every acknowledged amount also in the synchronous backup")
-        print(f"{len(acked)} channels, {count} payments, every acknowledged amount stored")
+        channels = check_durable(args, work, config, workers)
+        print(f"{channels} channels, {count} payments, every acknowledged amount stored")
         print(
             f"payments_per_s={payments:.0f} p50_ms={percentile(lat, 0.5):.2f} p99_ms={percentile(lat, 0.99):.2f} "
             f"noop_per_s={noop:.0f} fsync_floor_per_s={floor:.0f} channels={args.channels} store={args.store} "
             f"instances={args.instances} backup={args.backup}"
         )
     finally:
-        for w in workers:
-            try:
-                w.send("quit")
-                w.p.wait(30)
-            except (OSError, subprocess.TimeoutExpired):
-                w.p.kill()
-        for p in payees:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        quit_workers(workers)
+        stop_payees(payees)
         bitcoind.stop()
         if pg is not None:
             pg.stop()

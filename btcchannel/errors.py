@@ -9,17 +9,17 @@ messages and exit codes only at the edges (the HTTP server and the CLI); library
 code raises these and nothing else on purpose.
 
 The classes come in three sections: the wire codes (``wire = True``, exactly the
-table of PROTOCOL.md), the local codes, and the node's RPC errors (local code
-``node_error``). As h11 tells a protocol error of the peer from its own, every
-error says where it arose: ``remote`` is True on an error the other party reported
-(the payer's client rebuilds the payee's error body with :func:`error_for_code`)
-and False on one raised in this process, so a caller can tell "the payee refused"
-from "this payer refused" under one code (e.g. ``bad_request``).
+table of PROTOCOL.md), the local codes, and the root of the node's RPC errors
+(:class:`NodeError`, local code ``node_error``). As h11 tells a protocol error of
+the peer from its own, every error says where it arose: ``remote`` is True on an
+error the other party reported (the payer's client rebuilds the payee's error body
+with :func:`error_for_code`) and False on one raised in this process, so a caller
+can tell "the payee refused" from "this payer refused" under one code (e.g.
+``bad_request``).
 
-:class:`NodeError` has one subclass per bitcoind RPC error code that callers
-test for (as python-bitcoinlib's ``rpc.py`` does), so callers write
-``except RpcInvalidAddressOrKey:`` instead of comparing numbers;
-:meth:`NodeError.from_rpc` picks the class for a code.
+The subclasses of :class:`NodeError`, one per bitcoind RPC error code that callers
+test for, belong to the node: they live in :mod:`btcchannel.bitcoind.errors`,
+registered by RPC code as python-bitcoinlib's ``rpc.py`` registers its own.
 """
 
 from __future__ import annotations
@@ -451,7 +451,7 @@ class MeteredChannel(AmountNotAgreed):
     http_status = 409
 
 
-# --- the node's RPC errors (local code ``node_error``) ------------------------
+# --- the node's RPC errors (local code ``node_error``; one class a code: bitcoind.errors) ---
 
 
 class NodeError(ChannelError):
@@ -459,9 +459,9 @@ class NodeError(ChannelError):
 
     Local code ``node_error``, HTTP 502. ``rpc_code`` holds bitcoind's RPC error
     code (``src/rpc/protocol.h``; 0 when the failure is not an RPC error, e.g. a
-    malformed reply). Errors from the node are raised as the subclass for their
-    code (:meth:`from_rpc`), a plain ``NodeError`` for codes without one; every
-    subclass keeps the code ``node_error``.
+    malformed reply). The node client raises the subclass registered for the code
+    (:mod:`btcchannel.bitcoind.errors`, which sets ``RPC_ERROR_CODE``), a plain
+    ``NodeError`` for codes without one; every subclass keeps the code ``node_error``.
     """
 
     code = "node_error"
@@ -471,116 +471,6 @@ class NodeError(ChannelError):
     def __init__(self, message: str = "", rpc_code: int | None = None) -> None:
         super().__init__(message)
         self.rpc_code: int = type(self).RPC_ERROR_CODE if rpc_code is None else rpc_code
-
-    @classmethod
-    def from_rpc(cls, rpc_code: int, message: str) -> NodeError:
-        """The error for an RPC error reply: the subclass for ``rpc_code``, else ``NodeError``.
-
-        The wallet's "Insufficient funds" answer that some calls give as RPC_WALLET_ERROR (-4,
-        ``fundrawtransaction``, ``walletcreatefundedpsbt``) is :class:`RpcInsufficientFunds` too
-        (``rpc_code`` keeps the node's -4)."""
-        if rpc_code == RpcWalletError.RPC_ERROR_CODE and "Insufficient funds" in message:
-            return RpcInsufficientFunds(message, rpc_code=rpc_code)
-        for sub in _subclasses(NodeError):
-            if sub.RPC_ERROR_CODE == rpc_code:
-                return sub(message, rpc_code=rpc_code)
-        return NodeError(message, rpc_code=rpc_code)
-
-
-class RpcMiscError(NodeError):
-    """RPC_MISC_ERROR (-1): a failure without a more specific code (also raised by
-    :class:`~btcchannel.bitcoind.rpc.Node` when a wallet step gives an unusable result)."""
-
-    RPC_ERROR_CODE = -1
-
-
-class RpcTypeError(NodeError):
-    """RPC_TYPE_ERROR (-3): a parameter of the wrong JSON type."""
-
-    RPC_ERROR_CODE = -3
-
-
-class RpcWalletError(NodeError):
-    """RPC_WALLET_ERROR (-4): an unspecified wallet error, e.g. ``fundrawtransaction``'s
-    "Insufficient funds" or ``createwallet`` of a wallet that already exists."""
-
-    RPC_ERROR_CODE = -4
-
-
-class RpcInvalidAddressOrKey(NodeError):
-    """RPC_INVALID_ADDRESS_OR_KEY (-5): also "No such mempool or blockchain
-    transaction" and an unknown block hash."""
-
-    RPC_ERROR_CODE = -5
-
-
-class RpcInsufficientFunds(NodeError):
-    """RPC_WALLET_INSUFFICIENT_FUNDS (-6): the wallet cannot pay (``sendtoaddress``); also the
-    -4 "Insufficient funds" of the funding calls (see :meth:`NodeError.from_rpc`). The payer
-    raises :class:`InsufficientFunds` for it when a funding fails."""
-
-    RPC_ERROR_CODE = -6
-
-
-class RpcInvalidParameter(NodeError):
-    """RPC_INVALID_PARAMETER (-8): e.g. a block height beyond the tip."""
-
-    RPC_ERROR_CODE = -8
-
-
-class RpcWalletNotFound(NodeError):
-    """RPC_WALLET_NOT_FOUND (-18): no wallet of that name is loaded."""
-
-    RPC_ERROR_CODE = -18
-
-
-class RpcWalletNotSpecified(NodeError):
-    """RPC_WALLET_NOT_SPECIFIED (-19): several wallets are loaded and the call named none."""
-
-    RPC_ERROR_CODE = -19
-
-
-class RpcDeserializationError(NodeError):
-    """RPC_DESERIALIZATION_ERROR (-22): a transaction or block that does not decode."""
-
-    RPC_ERROR_CODE = -22
-
-
-class RpcVerifyError(NodeError):
-    """RPC_VERIFY_ERROR (-25): e.g. missing or already spent inputs."""
-
-    RPC_ERROR_CODE = -25
-
-
-class RpcVerifyRejected(NodeError):
-    """RPC_VERIFY_REJECTED (-26): rejected by policy or consensus (e.g. ``non-final``)."""
-
-    RPC_ERROR_CODE = -26
-
-
-class RpcAlreadyInChain(NodeError):
-    """RPC_VERIFY_ALREADY_IN_CHAIN (-27): the transaction is already confirmed."""
-
-    RPC_ERROR_CODE = -27
-
-
-class RpcInWarmup(NodeError):
-    """RPC_IN_WARMUP (-28): the node is still starting. :class:`~btcchannel.bitcoind.rpc.Node`
-    raises :class:`NodeUnavailable` instead, so this one never reaches its callers."""
-
-    RPC_ERROR_CODE = -28
-
-
-class RpcWalletAlreadyLoaded(NodeError):
-    """RPC_WALLET_ALREADY_LOADED (-35): ``loadwallet`` of a loaded wallet."""
-
-    RPC_ERROR_CODE = -35
-
-
-class RpcMethodNotFound(NodeError):
-    """RPC_METHOD_NOT_FOUND (-32601): the node has no such RPC (or it is disabled)."""
-
-    RPC_ERROR_CODE = -32601
 
 
 # --- codes --------------------------------------------------------------------

@@ -33,8 +33,9 @@ from btcchannel import (
     tx_vsize,
 )
 from btcchannel.amounts import btc_to_sat
+from btcchannel.bitcoind.errors import RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.bitcoind.rpc import RPC_VERIFY_ALREADY_IN_CHAIN, RPC_VERIFY_ERROR, RPC_VERIFY_REJECTED, Node
+from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.tx import SIGHASH_NONE_ACP, SIGHASH_SINGLE_ACP
 from btcchannel.errors import NodeError, NotExpired
 
@@ -192,10 +193,10 @@ async def test_200_payments_every_close_accepted_last_confirms_older_rejected(
         assert not ok and reason == "missing-inputs", (index, reason)
         with pytest.raises(NodeError) as e:
             await node.broadcast(older)
-        assert e.value.rpc_code == RPC_VERIFY_ERROR, e.value.message
+        assert e.value.rpc_code == RpcVerifyError.RPC_ERROR_CODE, e.value.message
     with pytest.raises(NodeError) as e:
         await node.broadcast(last_hex)
-    assert e.value.rpc_code == RPC_VERIFY_ALREADY_IN_CHAIN
+    assert e.value.rpc_code == RpcAlreadyInChain.RPC_ERROR_CODE
 
 
 # ---------------------------------------------------------------------------- RBF
@@ -264,7 +265,7 @@ async def test_refund_is_non_final_before_expiry_and_confirms_at_expiry(
     assert not ok and reason is not None and reason.startswith("non-final"), reason
     with pytest.raises(NodeError) as e:
         await node.broadcast(tx_hex(early))
-    assert e.value.rpc_code == RPC_VERIFY_REJECTED and "non-final" in e.value.message
+    assert e.value.rpc_code == RpcVerifyRejected.RPC_ERROR_CODE and "non-final" in e.value.message
 
     bitcoind.mine(1)
     tip = await node.tip_height()

@@ -1,5 +1,6 @@
 """The error hierarchy: wire codes against the protocol document, one class per code,
-typed RPC errors chosen by code (no node needed; test_node.py checks them on a real one)."""
+typed RPC errors registered and chosen by code (no node needed; test_node.py checks them on a
+real one)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ from pathlib import Path
 
 import pytest
 
-import btcchannel.bitcoind.rpc as rpc
 from btcchannel import errors
-from btcchannel.errors import (
-    WIRE_CODES,
-    ChannelError,
-    InternalError,
-    NodeError,
+from btcchannel.bitcoind import errors as node_errors
+from btcchannel.bitcoind.errors import (
+    RPC_ERRORS,
+    RpcInsufficientFunds,
     RpcInvalidAddressOrKey,
     RpcWalletError,
-    error_for_code,
+    from_rpc,
 )
+from btcchannel.errors import WIRE_CODES, ChannelError, InternalError, NodeError, error_for_code
 
 PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 
@@ -105,14 +105,27 @@ def test_error_for_code() -> None:
 
 def test_from_rpc_picks_the_class_for_the_code() -> None:
     for cls in node_family():
-        err = NodeError.from_rpc(cls.RPC_ERROR_CODE, "getfoo: nope")
+        err = from_rpc(cls.RPC_ERROR_CODE, "getfoo: nope")
         assert type(err) is cls
         assert err.rpc_code == cls.RPC_ERROR_CODE and err.message == "getfoo: nope"
         assert err.code == "node_error" and err.http_status == 502
         assert err.to_json() == {"error": {"code": "node_error", "message": "getfoo: nope"}}
-    other = NodeError.from_rpc(-31, "p2p disabled")
+    other = from_rpc(-31, "p2p disabled")
     assert type(other) is NodeError and other.rpc_code == -31
-    assert type(RpcWalletError.from_rpc(-5, "x")) is RpcInvalidAddressOrKey
+    assert type(from_rpc(-4, "createwallet: Database already exists.")) is RpcWalletError
+    short = from_rpc(-4, "fundrawtransaction: Insufficient funds")
+    assert type(short) is RpcInsufficientFunds and short.rpc_code == -4
+
+
+def test_the_node_errors_are_registered_by_code_in_bitcoind() -> None:
+    """Each per-code class lives with the node (bitcoind/errors.py, not the top-level errors.py)
+    and is the one registered for its code; the registry holds nothing else."""
+    family = node_family()
+    assert RPC_ERRORS == {cls.RPC_ERROR_CODE: cls for cls in family}
+    for cls in family:
+        assert cls.__module__ == node_errors.__name__, cls
+        assert cls.__name__ in node_errors.__all__, cls
+        assert not hasattr(errors, cls.__name__), f"{cls.__name__} is still in btcchannel.errors"
 
 
 def test_node_error_constructors() -> None:
@@ -121,11 +134,11 @@ def test_node_error_constructors() -> None:
     assert NodeError("x", -5).rpc_code == -5
     assert RpcInvalidAddressOrKey("x").rpc_code == -5
     with pytest.raises(RpcInvalidAddressOrKey):
-        raise NodeError.from_rpc(-5, "No such mempool or blockchain transaction")
+        raise from_rpc(-5, "No such mempool or blockchain transaction")
 
 
-def test_rpc_constants_are_bitcoinds_codes() -> None:
-    """The numbers of bitcoind's src/rpc/protocol.h, importable from bitcoind.rpc."""
+def test_rpc_codes_are_bitcoinds() -> None:
+    """The numbers of bitcoind's src/rpc/protocol.h, each registered to the class that names it."""
     expected = {
         "RPC_MISC_ERROR": -1,
         "RPC_TYPE_ERROR": -3,
@@ -144,9 +157,8 @@ def test_rpc_constants_are_bitcoinds_codes() -> None:
         "RPC_METHOD_NOT_FOUND": -32601,
     }
     for name, number in expected.items():
-        assert getattr(rpc, name) == number, name
-        assert name in rpc.__all__
-        assert type(NodeError.from_rpc(number, "")) is not NodeError, name
+        assert RPC_ERRORS[number].__doc__.startswith(f"{name} ({number})"), name
+        assert type(from_rpc(number, "")) is not NodeError, name
     api = {
         "RpcInvalidAddressOrKey": -5,
         "RpcWalletError": -4,
@@ -159,7 +171,7 @@ def test_rpc_constants_are_bitcoinds_codes() -> None:
         "RpcMethodNotFound": -32601,
     }
     for name, number in api.items():
-        assert getattr(errors, name).RPC_ERROR_CODE == number, name
+        assert getattr(node_errors, name).RPC_ERROR_CODE == number, name
 
 
 def test_local_codes_follow_the_wire_section() -> None:
@@ -190,7 +202,7 @@ def test_remote_marks_what_the_other_party_reported() -> None:
     assert error_for_code("no_such_code").remote and error_for_code("node_error").remote
     assert not error_for_code("bad_request", remote=False).remote
     assert not errors.BadRequest("refused here").remote
-    assert not NodeError.from_rpc(-5, "No such transaction").remote
+    assert not from_rpc(-5, "No such transaction").remote
     assert not errors.BadRequest.remote and not ChannelError.remote
 
 

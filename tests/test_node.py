@@ -11,20 +11,7 @@ from typing import Any
 import pytest
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.bitcoind.regtest import RegtestNode, free_port
-from btcchannel.bitcoind.rpc import (
-    RPC_METHOD_NOT_FOUND,
-    RPC_VERIFY_ALREADY_IN_CHAIN,
-    RPC_VERIFY_ERROR,
-    RPC_VERIFY_REJECTED,
-    RPC_WALLET_ERROR,
-    Node,
-    TxOutInfo,
-)
-from btcchannel.core.tx import OutPoint
-from btcchannel.errors import (
-    NodeError,
-    NodeUnavailable,
+from btcchannel.bitcoind.errors import (
     RpcAlreadyInChain,
     RpcDeserializationError,
     RpcInsufficientFunds,
@@ -40,6 +27,10 @@ from btcchannel.errors import (
     RpcWalletNotFound,
     RpcWalletNotSpecified,
 )
+from btcchannel.bitcoind.regtest import RegtestNode, free_port
+from btcchannel.bitcoind.rpc import Node, TxOutInfo
+from btcchannel.core.tx import OutPoint
+from btcchannel.errors import NodeError, NodeUnavailable
 
 
 def p2wsh(witness_script: bytes) -> bytes:
@@ -106,7 +97,7 @@ async def test_call_routes_to_wallet_and_types_rpc_errors(node: Node, funded_wal
     assert info["walletname"] == funded_wallet
     with pytest.raises(NodeError) as e:
         await node.call("nosuchmethod")
-    assert e.value.rpc_code == RPC_METHOD_NOT_FOUND
+    assert e.value.rpc_code == RpcMethodNotFound.RPC_ERROR_CODE
     assert e.value.code == "node_error"
     with pytest.raises(NodeError) as e:
         await node.call("getblockhash", 10**7)
@@ -158,7 +149,7 @@ async def test_fund_output_insufficient_funds_leaves_no_coin_locked(
 ) -> None:
     with pytest.raises(NodeError) as e:
         await node.fund_output(SOME_P2WSH, 11 * 100_000_000)
-    assert e.value.rpc_code == RPC_WALLET_ERROR
+    assert e.value.rpc_code == RpcWalletError.RPC_ERROR_CODE
     assert "Insufficient funds" in e.value.message
     assert bitcoind.rpc("listlockunspent", wallet=funded_wallet) == []
     # and the wallet can still spend everything it has
@@ -217,7 +208,7 @@ async def test_broadcast_errors_are_node_errors(node: Node, bitcoind: RegtestNod
     future = spend_hex(bitcoind, funded_wallet, outpoint, 90_000, locktime=tip + 5, sequence=0xFFFFFFFE)
     with pytest.raises(NodeError) as e:
         await node.broadcast(future)
-    assert e.value.rpc_code == RPC_VERIFY_REJECTED
+    assert e.value.rpc_code == RpcVerifyRejected.RPC_ERROR_CODE
     assert "non-final" in e.value.message
 
     with pytest.raises(NodeError) as e:
@@ -229,14 +220,14 @@ async def test_broadcast_errors_are_node_errors(node: Node, bitcoind: RegtestNod
     bitcoind.mine(1)
     with pytest.raises(NodeError) as e:
         await node.broadcast(spend)
-    assert e.value.rpc_code == RPC_VERIFY_ALREADY_IN_CHAIN
+    assert e.value.rpc_code == RpcAlreadyInChain.RPC_ERROR_CODE
     # a conflicting spend of an already spent output: missing inputs
     other = spend_hex(bitcoind, funded_wallet, outpoint, 80_000)
     ok, reason = await node.test_mempool_accept(other)
     assert not ok and reason == "missing-inputs"
     with pytest.raises(NodeError) as e:
         await node.broadcast(other)
-    assert e.value.rpc_code == RPC_VERIFY_ERROR
+    assert e.value.rpc_code == RpcVerifyError.RPC_ERROR_CODE
     assert await node.tx_confirmations(txid) == 1
 
 

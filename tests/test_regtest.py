@@ -14,7 +14,13 @@ import pytest
 from click.testing import CliRunner
 
 from btcchannel.amounts import btc_to_sat
-from btcchannel.bitcoind.binary import BitcoindBinary, debian_archive_uri, fetch_bitcoind
+from btcchannel.bitcoind.binary import (
+    BitcoindBinary,
+    _deb822_uris,
+    _one_line_uris,
+    debian_archive_uri,
+    fetch_bitcoind,
+)
 from btcchannel.bitcoind.regtest import RegtestNode, _pid_alive
 from btcchannel.cli import main
 from btcchannel.errors import NodeError, NodeUnavailable
@@ -52,6 +58,37 @@ def test_fetch_cold_then_warm(cold_fetch: ColdFetch) -> None:
     warm_s = time.monotonic() - t0
     assert warm == cold
     print(f"\nprovisioning: cold {cold_fetch.seconds:.1f}s, warm {warm_s:.2f}s")
+
+
+def test_apt_sources_of_both_formats_name_their_archives() -> None:
+    """The archive URIs read from apt's one-line lists and deb822 ``.sources`` files: enabled
+    ``deb`` entries only, security archives left out (no apt needed)."""
+    one_line = (
+        "# deb http://old.example/debian bookworm main\n"
+        "deb [arch=amd64] http://deb.debian.org/debian bookworm main\n"
+        "deb-src http://src.example/debian bookworm main\n"
+        "deb http://security.debian.org/debian-security bookworm-security main\n"
+        "deb http://mirror.example/debian bookworm-security main\n"
+    )
+    assert _one_line_uris(one_line) == ["http://deb.debian.org/debian"]
+    deb822 = (
+        "Types: deb deb-src\nURIs: http://deb.debian.org/debian http://mirror.example/debian\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n"
+        "\n"
+        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
+        "\n"
+        "Types: deb\nURIs: http://disabled.example/debian\nSuites: bookworm\nEnabled: no\n"
+        "\n"
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n"
+        "\n"
+        "# Types: deb\nTypes: deb\nURIs: http://other.example/debian\n"
+        " continued: line\nSuites: trixie\n"
+    )
+    assert _deb822_uris(deb822) == [
+        "http://deb.debian.org/debian",
+        "http://mirror.example/debian",
+        "http://other.example/debian",
+    ]
 
 
 def test_broken_cache_is_refetched(cold_fetch: ColdFetch, tmp_path: Path) -> None:

@@ -162,46 +162,68 @@ def _apt_value(name: str) -> str:
     return m.group(1) if m else ""
 
 
-def debian_archive_uri() -> str:  # noqa: C901
+def debian_archive_uri() -> str:
     """The Debian archive URI this machine's own apt configuration uses."""
-    etc = Path("/etc/apt")
-    sourcelist = _apt_value("Dir::Etc::sourcelist") or "sources.list"
-    parts = _apt_value("Dir::Etc::sourceparts") or "sources.list.d"
-    files: list[Path] = []
-    main_list = Path(sourcelist) if sourcelist.startswith("/") else etc / sourcelist
-    parts_dir = Path(parts) if parts.startswith("/") else etc / parts
-    if main_list.exists():
-        files.append(main_list)
-    if parts_dir.is_dir():
-        files.extend(sorted(p for p in parts_dir.iterdir() if p.suffix in (".list", ".sources")))
     candidates: list[str] = []
-    for path in files:
+    for path in _apt_source_files():
         try:
             text = path.read_text()
         except OSError:
             continue
-        if path.suffix == ".sources":
-            for stanza in re.split(r"\n\s*\n", text):
-                fields: dict[str, str] = {}
-                for line in stanza.splitlines():
-                    key, sep, value = line.partition(":")
-                    if sep and not line.lstrip().startswith("#") and not line[:1].isspace():
-                        fields[key.strip().lower()] = value.strip()
-                if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes") == "no":
-                    continue
-                suites = fields.get("suites", "")
-                for uri in fields.get("uris", "").split():
-                    if "security" not in suites and "security" not in uri:
-                        candidates.append(uri)
-        else:
-            for line in text.splitlines():
-                m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line)
-                if m and "security" not in m.group(1) and "security" not in m.group(2):
-                    candidates.append(m.group(1))
+        candidates.extend(_deb822_uris(text) if path.suffix == ".sources" else _one_line_uris(text))
     for uri in candidates:
         if uri.rstrip("/").endswith("/debian") or "debian" in uri:
             return uri.rstrip("/")
     raise BitcoindNotFound(f"no Debian archive in this machine's apt sources; {INSTALL_HINT}")
+
+
+def _apt_source_files() -> list[Path]:
+    """The source lists apt reads here: its main list, then the ``.list`` and ``.sources`` files of
+    its parts directory (as ``Dir::Etc::sourcelist`` and ``Dir::Etc::sourceparts`` name them)."""
+    etc = Path("/etc/apt")
+    sourcelist = _apt_value("Dir::Etc::sourcelist") or "sources.list"
+    parts = _apt_value("Dir::Etc::sourceparts") or "sources.list.d"
+    main_list = Path(sourcelist) if sourcelist.startswith("/") else etc / sourcelist
+    parts_dir = Path(parts) if parts.startswith("/") else etc / parts
+    files: list[Path] = []
+    if main_list.exists():
+        files.append(main_list)
+    if parts_dir.is_dir():
+        files.extend(sorted(p for p in parts_dir.iterdir() if p.suffix in (".list", ".sources")))
+    return files
+
+
+def _one_line_uris(text: str) -> list[str]:
+    """The archive URIs of a one-line-style list (``deb [options] URI suite ...``), security ones left out."""
+    uris: list[str] = []
+    for line in text.splitlines():
+        m = re.match(r"\s*deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)", line)
+        if m and "security" not in m.group(1) and "security" not in m.group(2):
+            uris.append(m.group(1))
+    return uris
+
+
+def _deb822_uris(text: str) -> list[str]:
+    """The archive URIs of a deb822-style ``.sources`` file: those of its enabled ``deb`` stanzas,
+    security ones left out."""
+    uris: list[str] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields = _deb822_fields(stanza)
+        if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes") == "no":
+            continue
+        suites = fields.get("suites", "")
+        uris.extend(uri for uri in fields.get("uris", "").split() if "security" not in suites and "security" not in uri)
+    return uris
+
+
+def _deb822_fields(stanza: str) -> dict[str, str]:
+    """A deb822 stanza's fields by lowercase name (comments and continuation lines skipped)."""
+    fields: dict[str, str] = {}
+    for line in stanza.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not line.lstrip().startswith("#") and not line[:1].isspace():
+            fields[key.strip().lower()] = value.strip()
+    return fields
 
 
 def _apt_options(work: Path) -> list[str]:

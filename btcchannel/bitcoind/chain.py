@@ -21,9 +21,10 @@ from types import MappingProxyType
 from typing import Any, Final, Mapping
 
 from btcchannel.amounts import btc_to_sat
+from btcchannel.bitcoind.errors import RpcInvalidAddressOrKey
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core.tx import OutPoint
-from btcchannel.errors import NodeError, NodePruned, RpcInvalidAddressOrKey
+from btcchannel.errors import NodeError, NodePruned
 
 __all__ = [
     "BITCOIND_CHAIN",

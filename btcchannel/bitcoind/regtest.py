@@ -41,14 +41,9 @@ from typing import Any
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
 from btcchannel.bitcoind.binary import BitcoindBinary, find_bitcoind
+from btcchannel.bitcoind.errors import RpcInvalidAddressOrKey, RpcWalletAlreadyLoaded, RpcWalletError
 from btcchannel.bitcoind.rpc import Node
-from btcchannel.errors import (
-    NodeError,
-    NodeUnavailable,
-    RpcInvalidAddressOrKey,
-    RpcWalletAlreadyLoaded,
-    RpcWalletError,
-)
+from btcchannel.errors import NodeError, NodeUnavailable
 from btcchannel.wait import wait_until
 
 __all__ = [
@@ -409,7 +404,7 @@ class RegtestNode:
     def transaction(self, txid: str, verbosity: int = 1, search_blocks: int = 2_000) -> dict[str, Any]:
         """``getrawtransaction txid verbosity``, also without a transaction index: a confirmed
         transaction is looked for in the last ``search_blocks`` blocks (newest first) and read from
-        its block. :class:`~btcchannel.errors.RpcInvalidAddressOrKey` if it is not found."""
+        its block. :class:`~btcchannel.bitcoind.errors.RpcInvalidAddressOrKey` if it is not found."""
         try:
             return dict(self.rpc("getrawtransaction", txid, verbosity))
         except RpcInvalidAddressOrKey:

@@ -13,10 +13,11 @@ This module is the RPC edge of the library:
   the way out (never floats);
 - failures are typed: an unreachable, timed-out, warming-up or
   credential-refusing node raises :class:`~btcchannel.errors.NodeUnavailable`,
-  an RPC error raises the :class:`~btcchannel.errors.NodeError` subclass for
-  its code (e.g. :class:`~btcchannel.errors.RpcInvalidAddressOrKey`; a plain
-  ``NodeError`` for other codes), with the node's code in ``rpc_code`` (the
-  ``RPC_*`` constants below name the codes that have a class);
+  an RPC error raises the class registered for its code in
+  :mod:`btcchannel.bitcoind.errors` (e.g.
+  :class:`~btcchannel.bitcoind.errors.RpcInvalidAddressOrKey`; a plain
+  :class:`~btcchannel.errors.NodeError` for other codes), with the node's code
+  in ``rpc_code``;
 - authentication is either ``rpcuser``/``rpcpassword`` (``auth=``) or the
   node's cookie file (``cookie_file=``, normally ``<datadir>/<network>/.cookie``),
   which is read lazily and read again when the node refuses it (bitcoind writes
@@ -49,64 +50,19 @@ import orjson
 from bitcoinrpc import BitcoinRPC, RPCError
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
-from btcchannel.core.tx import OutPoint
-from btcchannel.errors import (
-    NodeError,
-    NodePruned,
-    NodeUnavailable,
-    RpcAlreadyInChain,
-    RpcDeserializationError,
-    RpcInsufficientFunds,
+from btcchannel.bitcoind.errors import (
     RpcInvalidAddressOrKey,
     RpcInvalidParameter,
     RpcInWarmup,
-    RpcMethodNotFound,
     RpcMiscError,
-    RpcTypeError,
-    RpcVerifyError,
     RpcVerifyRejected,
-    RpcWalletAlreadyLoaded,
-    RpcWalletError,
     RpcWalletNotFound,
-    RpcWalletNotSpecified,
+    from_rpc,
 )
+from btcchannel.core.tx import OutPoint
+from btcchannel.errors import NodeError, NodePruned, NodeUnavailable
 
-__all__ = [
-    "Node",
-    "TxOutInfo",
-    "RPC_MISC_ERROR",
-    "RPC_TYPE_ERROR",
-    "RPC_DESERIALIZATION_ERROR",
-    "RPC_WALLET_ALREADY_LOADED",
-    "RPC_INVALID_ADDRESS_OR_KEY",
-    "RPC_WALLET_ERROR",
-    "RPC_WALLET_INSUFFICIENT_FUNDS",
-    "RPC_VERIFY_ERROR",
-    "RPC_VERIFY_REJECTED",
-    "RPC_VERIFY_ALREADY_IN_CHAIN",
-    "RPC_IN_WARMUP",
-    "RPC_INVALID_PARAMETER",
-    "RPC_METHOD_NOT_FOUND",
-    "RPC_WALLET_NOT_FOUND",
-    "RPC_WALLET_NOT_SPECIFIED",
-]
-
-# bitcoind's RPC error codes (src/rpc/protocol.h), named after the error classes that carry them.
-RPC_MISC_ERROR = RpcMiscError.RPC_ERROR_CODE  # -1
-RPC_TYPE_ERROR = RpcTypeError.RPC_ERROR_CODE  # -3
-RPC_WALLET_ERROR = RpcWalletError.RPC_ERROR_CODE  # -4
-RPC_INVALID_ADDRESS_OR_KEY = RpcInvalidAddressOrKey.RPC_ERROR_CODE  # -5
-RPC_WALLET_INSUFFICIENT_FUNDS = RpcInsufficientFunds.RPC_ERROR_CODE  # -6
-RPC_INVALID_PARAMETER = RpcInvalidParameter.RPC_ERROR_CODE  # -8
-RPC_WALLET_NOT_FOUND = RpcWalletNotFound.RPC_ERROR_CODE  # -18
-RPC_WALLET_NOT_SPECIFIED = RpcWalletNotSpecified.RPC_ERROR_CODE  # -19
-RPC_DESERIALIZATION_ERROR = RpcDeserializationError.RPC_ERROR_CODE  # -22
-RPC_VERIFY_ERROR = RpcVerifyError.RPC_ERROR_CODE  # -25
-RPC_VERIFY_REJECTED = RpcVerifyRejected.RPC_ERROR_CODE  # -26
-RPC_VERIFY_ALREADY_IN_CHAIN = RpcAlreadyInChain.RPC_ERROR_CODE  # -27
-RPC_IN_WARMUP = RpcInWarmup.RPC_ERROR_CODE  # -28
-RPC_WALLET_ALREADY_LOADED = RpcWalletAlreadyLoaded.RPC_ERROR_CODE  # -35
-RPC_METHOD_NOT_FOUND = RpcMethodNotFound.RPC_ERROR_CODE  # -32601
+__all__ = ["Node", "TxOutInfo"]
 
 _HEADERS = {"content-type": "application/json"}
 _BTC_PER_KVB_IN_SAT_PER_VB = 100_000_000 / 1000  # a fee rate in BTC/kvB times this is sat/vB
@@ -132,6 +88,15 @@ def _sats(value: Any, what: str) -> int:
         return btc_to_sat(value)
     except (ValueError, ArithmeticError) as e:
         raise NodeError(f"the node returned an invalid amount for {what}: {value!r}") from e
+
+
+def _http_error(method: str, status: int) -> NodeError | NodeUnavailable:
+    """The error for an HTTP error status of the node's RPC server (not an RPC error reply)."""
+    if status in (401, 403):
+        return NodeUnavailable(f"{method}: the node refused the RPC credentials (HTTP {status})")
+    if status == 503:
+        return NodeUnavailable(f"{method}: the node is busy (HTTP 503)")
+    return NodeError(f"{method}: HTTP {status} from the node")
 
 
 _K = TypeVar("_K")
@@ -243,7 +208,7 @@ class Node:
             return await self._endpoint(wallet).acall(method, params)
         except RPCError as e:
             message = str(e.error.get("message", ""))
-            error = NodeError.from_rpc(int(e.error.get("code", 0)), f"{method}: {message}")
+            error = from_rpc(int(e.error.get("code", 0)), f"{method}: {message}")
             if isinstance(error, RpcInWarmup):
                 raise NodeUnavailable(f"{method}: the node is starting: {message}") from e
             raise error from e
@@ -263,10 +228,10 @@ class Node:
         endpoint, which also serves the default wallet). Parameters go out as
         JSON: pass amounts as BTC strings (see :func:`btcchannel.amounts.sat_to_btc`).
 
-        Raises the :class:`NodeError` subclass for the code (with ``rpc_code``;
-        see :meth:`NodeError.from_rpc`) when the node answers with an error, :class:`NodeUnavailable` when it cannot
-        be reached, times out,
-        is still starting, or refuses the credentials.
+        Raises the :class:`NodeError` subclass for the code (with ``rpc_code``; see
+        :func:`~btcchannel.bitcoind.errors.from_rpc`) when the node answers with an error,
+        :class:`NodeUnavailable` when it cannot be reached, times out, is still starting, or
+        refuses the credentials.
         """
         plist = list(params)
         if self._cookie_file is not None:
@@ -275,20 +240,21 @@ class Node:
         try:
             return await self._acall_once(method, plist, wallet)
         except httpx.HTTPStatusError as e:
-            status = e.response.status_code
-            if status == 401 and self._cookie_file is not None:
-                # bitcoind writes a fresh cookie each time it starts: re-read and retry once (also
-                # when a concurrent call re-read it first)
-                if await self._load_cookie(refresh=True) or self._cookie != sent_with:
-                    try:
-                        return await self._acall_once(method, plist, wallet)
-                    except httpx.HTTPStatusError as e2:
-                        e, status = e2, e2.response.status_code
-            if status in (401, 403):
-                raise NodeUnavailable(f"{method}: the node refused the RPC credentials (HTTP {status})") from e
-            if status == 503:
-                raise NodeUnavailable(f"{method}: the node is busy (HTTP 503)") from e
-            raise NodeError(f"{method}: HTTP {status} from the node") from e
+            refused = e
+        if refused.response.status_code == 401 and await self._cookie_renewed(sent_with):
+            try:  # once, with the new cookie
+                return await self._acall_once(method, plist, wallet)
+            except httpx.HTTPStatusError as e:
+                refused = e
+        raise _http_error(method, refused.response.status_code) from refused
+
+    async def _cookie_renewed(self, sent_with: tuple[str, str] | None) -> bool:
+        """After a 401: whether the cookie file now holds another cookie than the one the call was
+        sent with (bitcoind writes a fresh cookie each time it starts; a concurrent call may have
+        read it first)."""
+        if self._cookie_file is None:
+            return False
+        return await self._load_cookie(refresh=True) or self._cookie != sent_with
 
     # ------------------------------------------------------------------ chain
 
@@ -378,50 +344,72 @@ class Node:
             self.note_block(txid, str(res["blockhash"]))
         return dict(res)
 
-    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:  # noqa: C901
+    async def tx_confirmations(self, txid: str, search_from: int | None = None) -> int | None:
         """Confirmations of ``txid``: ``None`` if unknown to the node, 0 if in the mempool.
 
-        A transaction seen in a block (see :meth:`get_transaction`) counts that block's
-        confirmations, read from its header, so a pruned block still counts; else it is found as
-        :meth:`get_transaction` finds it, else through the
-        wallet (its own transactions); with ``search_from``, else by reading the blocks from the
-        tip down to that height (newest first; :class:`~btcchannel.errors.NodePruned` if the node
-        pruned one of them).
+        Asked in turn until one answers: the header of a block the transaction was seen in (see
+        :meth:`get_transaction`; headers are kept when blocks are pruned, so a pruned block still
+        counts), the transaction as :meth:`get_transaction` finds it, the wallet (its own
+        transactions), and with ``search_from`` the blocks from the tip down to that height (newest
+        first; :class:`~btcchannel.errors.NodePruned` if the node pruned one of them).
         """
+        conf = await self._confirmations_of_seen_block(txid)
+        if conf is None:
+            conf = await self._confirmations_as_found(txid)
+        if conf is None and self.wallet is not None:
+            conf = await self._confirmations_in_wallet(txid)
+        if conf is None and search_from is not None and not await self.has_txindex():  # (a txindex would have found it)
+            conf = await self._search_blocks(txid, search_from)
+        return conf
+
+    async def _confirmations_of_seen_block(self, txid: str) -> int | None:
+        """The confirmations of the block ``txid`` was seen in, read from its header; None when no
+        block is known, or that block left the active chain (then it is forgotten)."""
         block = await self._block_of(txid)
-        if block is not None:  # its block's header says (headers are kept when blocks are pruned)
-            try:
-                conf = int((await self.call("getblockheader", block)).get("confirmations", -1))
-            except RpcInvalidAddressOrKey:
-                conf = -1
-            if conf > 0:
-                return conf
-            self._seen_in.pop(txid, None)  # that block left the active chain
+        if block is None:
+            return None
+        conf = await self._block_confirmations(block)
+        if conf > 0:
+            return conf
+        self._seen_in.pop(txid, None)  # that block left the active chain
+        return None
+
+    async def _block_confirmations(self, block_hash: str) -> int:
+        """The confirmations of block ``block_hash`` from its header (kept when the block is pruned):
+        -1 for a block off the active chain, or one the node does not know."""
+        try:
+            header = await self.call("getblockheader", block_hash)
+        except RpcInvalidAddressOrKey:
+            return -1
+        return int(header.get("confirmations", -1))
+
+    async def _confirmations_as_found(self, txid: str) -> int | None:
+        """The confirmations :meth:`get_transaction` reports (0 in the mempool); None when it does not
+        find ``txid``, or finds it only in a block no longer in the active chain and not back in the
+        mempool."""
         tx = await self.get_transaction(txid)
-        if tx is not None:
-            conf = int(tx.get("confirmations", 0))
-            if conf > 0 or "blockhash" not in tx:
-                return conf
-            # in a block no longer in the active chain: it counts only if it is back in the mempool
-            self._seen_in.pop(txid, None)
-            if await self._in_mempool(txid):
-                return 0
-        if self.wallet is not None:
-            try:  # the wallet knows its own transactions
-                wtx = await self.call("gettransaction", txid, wallet=self.wallet)
-            except (RpcInvalidAddressOrKey, RpcWalletNotFound):
-                wtx = None
-            if wtx is not None:
-                conf = int(wtx.get("confirmations", 0))
-                if conf > 0:
-                    if wtx.get("blockhash"):
-                        self.note_block(txid, str(wtx["blockhash"]))
-                    return conf
-                # a wallet transaction that was replaced or conflicted: only if (back) in the mempool
-                if conf == 0 and await self._in_mempool(txid):
-                    return 0
-        if search_from is not None and not await self.has_txindex():  # (a txindex would have found it)
-            return await self._search_blocks(txid, search_from)
+        if tx is None:
+            return None
+        conf = int(tx.get("confirmations", 0))
+        if conf > 0 or "blockhash" not in tx:
+            return conf
+        self._seen_in.pop(txid, None)  # in a block that left the active chain
+        return 0 if await self._in_mempool(txid) else None
+
+    async def _confirmations_in_wallet(self, txid: str) -> int | None:
+        """The confirmations the wallet knows of its own transaction ``txid`` (its block noted); 0 for
+        one replaced or conflicted that is (back) in the mempool; None when the wallet does not say."""
+        try:
+            wtx = await self.call("gettransaction", txid, wallet=self.wallet)
+        except (RpcInvalidAddressOrKey, RpcWalletNotFound):
+            return None
+        conf = int(wtx.get("confirmations", 0))
+        if conf > 0:
+            if wtx.get("blockhash"):
+                self.note_block(txid, str(wtx["blockhash"]))
+            return conf
+        if conf == 0 and await self._in_mempool(txid):
+            return 0
         return None
 
     async def has_txindex(self) -> bool:
@@ -436,11 +424,9 @@ class Node:
         since :attr:`followed_after` are read again)."""
         searched = self._searched.get(txid)
         if searched is not None:
-            try:
-                if int((await self.call("getblockheader", searched[1])).get("confirmations", -1)) > 0:
-                    start = max(start, searched[0] + 1)
-            except RpcInvalidAddressOrKey:
-                pass
+            searched_height, searched_hash = searched  # the top block of the last search
+            if await self._block_confirmations(searched_hash) > 0:  # still in the active chain
+                start = max(start, searched_height + 1)
         tip = await self.tip_height()
         top = tip if self.followed_after is None else min(tip, self.followed_after)
         if top < max(start, 0):
@@ -507,10 +493,10 @@ class Node:
         """Send a signed transaction to the network; returns its txid.
 
         Broadcasting a transaction already in the mempool returns its txid again;
-        one already confirmed raises :class:`~btcchannel.errors.RpcAlreadyInChain`;
-        a rejected one :class:`~btcchannel.errors.RpcVerifyRejected` or
-        :class:`~btcchannel.errors.RpcVerifyError` (missing or spent inputs), one
-        that does not decode :class:`~btcchannel.errors.RpcDeserializationError`.
+        one already confirmed raises :class:`~btcchannel.bitcoind.errors.RpcAlreadyInChain`;
+        a rejected one :class:`~btcchannel.bitcoind.errors.RpcVerifyRejected` or
+        :class:`~btcchannel.bitcoind.errors.RpcVerifyError` (missing or spent inputs), one
+        that does not decode :class:`~btcchannel.bitcoind.errors.RpcDeserializationError`.
         """
         return str(await self.call("sendrawtransaction", tx_hex))
 
@@ -550,7 +536,7 @@ class Node:
         after it, signed, checked with ``testmempoolaccept``, broadcast, and
         checked to be in the mempool. ``fee_rate_sat_vb`` overrides the wallet's
         own fee choice. Raises :class:`NodeError` if any step fails (an
-        underfunded wallet: :class:`~btcchannel.errors.RpcWalletError`, "Insufficient
+        underfunded wallet: :class:`~btcchannel.bitcoind.errors.RpcWalletError`, "Insufficient
         funds"); the wallet's coins are not left locked.
         """
         if isinstance(amount_sat, bool) or not isinstance(amount_sat, int) or amount_sat <= 0:
@@ -605,9 +591,9 @@ class Node:
         """
         known = self._confirmed_spends.get(outpoint)
         if known is not None and known[1] >= from_height:
-            if (await self.tx_confirmations(known[0]) or 0) > 0:
-                return known[0]
-            del self._confirmed_spends[outpoint]
+            spender = await self.confirmed_spender(outpoint)
+            if spender is not None:
+                return spender
         scanned_to = from_height - 1  # blocks up to here are known not to spend it
         while True:
             tip = await self.tip_height()
@@ -633,9 +619,11 @@ class Node:
         known = self._confirmed_spends.get(outpoint)
         if known is None:
             return None
-        if (await self.tx_confirmations(known[0]) or 0) > 0:
-            return known[0]
-        del self._confirmed_spends[outpoint]
+        txid = known[0]
+        confirmations = await self.tx_confirmations(txid)
+        if confirmations is not None and confirmations > 0:
+            return txid
+        del self._confirmed_spends[outpoint]  # a reorganisation took it out of the chain
         return None
 
     async def _mempool_spender(self, outpoint: OutPoint) -> str | None:

@@ -64,22 +64,14 @@ from collections import Counter
 from typing import Any, Awaitable, Sequence
 
 from btcchannel.bitcoind.chain import MempoolPackage, mempool_package
+from btcchannel.bitcoind.errors import RpcAlreadyInChain, RpcVerifyError, RpcVerifyRejected
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import script
 from btcchannel.core.channel import PayeeChannel, build_multi_close, build_multi_close_at_most
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import MIN_RELAY_FEE_RATE, bump_fee_rate, close_is_urgent, replacement_min_fee
 from btcchannel.core.tx import OutPoint, tx_id, tx_vsize
-from btcchannel.errors import (
-    ChannelError,
-    CloseUneconomic,
-    InternalError,
-    NodeUnavailable,
-    NothingToReplace,
-    RpcAlreadyInChain,
-    RpcVerifyError,
-    RpcVerifyRejected,
-)
+from btcchannel.errors import ChannelError, CloseUneconomic, InternalError, NodeUnavailable, NothingToReplace
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.leadership import AlwaysLeads, Leadership
 from btcchannel.payee.shared import Channels

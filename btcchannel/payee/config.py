@@ -113,9 +113,24 @@ class ServerConfig:
             return self.max_block_age_s
         return None if self.network == "regtest" else DEFAULT_MAX_BLOCK_AGE_S
 
-    def __post_init__(self) -> None:  # noqa: C901
+    def __post_init__(self) -> None:
         self.datadir = Path(self.datadir)
         script.check_network(self.network)
+        self._check_chain_schedule()
+        self._check_node_freshness()
+        self._check_http_limits()
+        self._check_credit_caps()
+        self._check_public_url()
+        if self.store_url is not None and not is_postgres_url(self.store_url):
+            raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
+        try:
+            self.terms  # noqa: B018 - the core validates the terms
+            self.proposal_limits  # noqa: B018
+        except ChannelError as err:
+            raise ValueError(err.message) from None
+
+    def _check_chain_schedule(self) -> None:
+        """The depths a funding opens and a close ends at, and the close's schedule before expiry."""
         if self.min_confirmations < 1:
             raise ValueError("min_confirmations must be at least 1 (an unconfirmed funding can vanish)")
         if self.final_confirmations < 1:
@@ -128,8 +143,16 @@ class ServerConfig:
             )
         if self.bump_after_blocks < 1:
             raise ValueError("bump_after_blocks must be at least 1")
+
+    def _check_node_freshness(self) -> None:
+        """How often the node is asked, and how old its tip and best block may be."""
         if not 0 < self.poll_interval_s < self.max_tip_age_s:
             raise ValueError("max_tip_age_s must be more than poll_interval_s (and both positive)")
+        if self.max_block_age_s is not None and self.max_block_age_s <= 0:
+            raise ValueError("max_block_age_s must be positive")
+
+    def _check_http_limits(self) -> None:
+        """The HTTP listener's trusted proxies (normalised to networks), timeouts and header limits."""
         try:
             self.trusted_proxies = tuple(str(ipaddress.ip_network(p, strict=False)) for p in self.trusted_proxies)
         except ValueError as e:
@@ -138,12 +161,17 @@ class ServerConfig:
             raise ValueError("body_timeout_s and header_timeout_s must be positive")
         if self.max_header_bytes < 256 or self.max_headers < 8:
             raise ValueError("max_header_bytes must be at least 256 and max_headers at least 8")
-        if self.max_block_age_s is not None and self.max_block_age_s <= 0:
-            raise ValueError("max_block_age_s must be positive")
+
+    def _check_credit_caps(self) -> None:
+        """Postpay's caps on outstanding credit across channels: none negative."""
         for cap in ("credit_cap_per_payer_sat", "credit_cap_per_client_sat", "credit_cap_total_sat"):
             value = getattr(self, cap)
             if value is not None and value < 0:
                 raise ValueError(f"{cap} must not be negative")
+
+    def _check_public_url(self) -> None:
+        """Where payers reach the protocol: ``public_url`` is an absolute http(s) URL, and a payee selling
+        metered requests on a public address names it (or trusts the Host header)."""
         if self.public_url is not None:
             parts = urlsplit(self.public_url)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
@@ -154,13 +182,6 @@ class ServerConfig:
                 "(the URL payers reach it at; the 402's URLs are built from it), or trust_host_header if a "
                 "proxy in front sets the Host header"
             )
-        if self.store_url is not None and not is_postgres_url(self.store_url):
-            raise ValueError("store_url must be a postgresql:// URL (leave it unset for SQLite)")
-        try:
-            self.terms  # noqa: B018 - the core validates the terms
-            self.proposal_limits  # noqa: B018
-        except ChannelError as err:
-            raise ValueError(err.message) from None
 
     @property
     def host_header_allowed(self) -> bool:

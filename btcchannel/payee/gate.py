@@ -59,6 +59,7 @@ from btcchannel.wire import (
     HDR_PAID,
     HDR_STATE,
     PaidRequest,
+    RequestAuth,
     check_channel_id,
     parse_auth,
     parse_payment_headers,
@@ -164,7 +165,7 @@ class PaymentGate:
         except ValueError:
             return False
 
-    async def admit(  # noqa: C901
+    async def admit(
         self,
         method: str,
         target: str,
@@ -180,17 +181,16 @@ class PaymentGate:
 
         Checks, in order: a channel named (402 otherwise), the transport (``tls_required``), the
         channel (``unknown_channel``), the authentication (``unauthorized``), then the payment or
-        credit. The channel's row is the one kept in memory (read once when it is not; every write is a
-        compare-and-set, re-decided on the stored row when it loses); every write (the prepay payment, the surplus used,
-        postpay credit) goes through the store's group commit, so the event loop never waits on the disk."""
+        credit. The channel's row is the one kept in memory (read once when it is not; every write
+        is a compare-and-set, re-decided on the stored row when it loses); every write (the prepay
+        payment, the surplus used, postpay credit) goes through the store's group commit, so the
+        event loop never waits on the disk."""
         svc = self.svc
         rec: PayeeRecord | None = None
         try:
             cid_h = headers.get(HDR_CHANNEL)
             if cid_h is None:
-                if not svc.config.metering.enabled:
-                    return Charge(None, units)
-                return self.payment_required(None, units, origin)
+                return self._unnamed(units, origin)
             if not self.secure(origin, peer):
                 raise TlsRequired("paid requests need TLS (or a loopback client)")
             cid = check_channel_id(cid_h)
@@ -199,14 +199,9 @@ class PaymentGate:
             if not metering.enabled:
                 return Charge(None, units)
             auth = parse_auth(headers.get(HDR_AUTH))
-            request = PaidRequest.of(method, target, headers, body)
-            key, replay = svc.authenticate(rec, auth, request)
-            if replay:  # served free: only if the stored row (not just the kept one) says it is the last charged
-                svc.invalidate(cid)
-                rec = svc.row(cid)
-                key, replay = svc.authenticate(rec, auth, request)
-                if replay:
-                    return Charge(rec, units, metering, key, replay=True)
+            rec, key, replay = self._authenticate(rec, auth, PaidRequest.of(method, target, headers, body))
+            if replay:
+                return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             svc.require_fresh_chain()  # once: no payment, surplus or credit is used on a stale chain view
             charged: PayeeRecord | None
@@ -220,20 +215,59 @@ class PaymentGate:
                     if pay is not None:
                         rec = await svc.pay_owed(rec, pay[0], pay[1])
                     charged = await svc.charge_postpay(rec, units, auth.counter, key)
-            except (StalePayment, Unauthorized):
-                now = svc.store.get(cid)  # the same request, retried while its original was being charged?
-                if now.request_counter == auth.counter and now.last_request == key:
-                    return Charge(now, units, metering, key, replay=True)
-                raise
-            if charged is None:
-                return self.payment_required(cid, units, origin, svc.store.get(cid))
-            if key is not None:
-                self._running[key] = 0
-            return Charge(charged, units, metering, key)
+            except (StalePayment, Unauthorized) as err:
+                return self._retried_meanwhile(err, cid, auth.counter, key, units, metering)
+            return self._charged(charged, cid, units, metering, key, origin)
         except ChannelError as err:
-            wire = wire_error(err)
-            current = svc.store.find(rec.channel_id) if rec is not None else None
-            return GateAnswer(wire.http_status, wire.to_json(), state_headers(current) if current is not None else {})
+            return self._refused(err, rec)
+
+    def _unnamed(self, units: int, origin: str) -> Charge | GateAnswer:
+        """A request that names no channel: served free when the payee meters nothing, else the 402
+        that says how to open one and pay."""
+        if not self.svc.config.metering.enabled:
+            return Charge(None, units)
+        return self.payment_required(None, units, origin)
+
+    def _authenticate(
+        self, rec: PayeeRecord, auth: RequestAuth, request: PaidRequest
+    ) -> tuple[PayeeRecord, bytes, bool]:
+        """(the row the request is decided on, its idempotency key, whether it is an exact retry of the
+        last charged request). Such a retry is served free only if the stored row (not just the kept
+        one) says it is the last charged: it is then decided again on that row."""
+        key, replay = self.svc.authenticate(rec, auth, request)
+        if replay:
+            self.svc.invalidate(rec.channel_id)
+            rec = self.svc.row(rec.channel_id)
+            key, replay = self.svc.authenticate(rec, auth, request)
+        return rec, key, replay
+
+    def _retried_meanwhile(
+        self, err: ChannelError, cid: str, counter: int, key: bytes, units: int, metering: Metering
+    ) -> Charge:
+        """A charge refused as stale (or for its counter): a replay when the stored row shows that this
+        same request, retried while its original was being charged, was charged meanwhile; else
+        ``err`` stands."""
+        now = self.svc.store.get(cid)
+        if now.request_counter == counter and now.last_request == key:
+            return Charge(now, units, metering, key, replay=True)
+        raise err
+
+    def _charged(
+        self, charged: PayeeRecord | None, cid: str, units: int, metering: Metering, key: bytes, origin: str
+    ) -> Charge | GateAnswer:
+        """What the payment step gave: the 402 when nothing paid for the units (no payment, surplus
+        or credit left), else the charge, whose handler now runs."""
+        if charged is None:
+            return self.payment_required(cid, units, origin, self.svc.store.get(cid))
+        self._running[key] = 0
+        return Charge(charged, units, metering, key)
+
+    def _refused(self, err: ChannelError, rec: PayeeRecord | None) -> GateAnswer:
+        """``err`` as the payer is told it (:func:`wire_error`), with the channel's state headers when
+        the request named a known channel."""
+        wire = wire_error(err)
+        current = self.svc.store.find(rec.channel_id) if rec is not None else None
+        return GateAnswer(wire.http_status, wire.to_json(), state_headers(current) if current is not None else {})
 
     async def served(self, charge: Charge, status: int) -> dict[str, str]:
         """The handler answered ``status``: charge it (headers to add) or, on 5xx, give the units back.

@@ -67,6 +67,7 @@ from typing import Any, Mapping
 import aiohttp
 from yarl import URL
 
+from btcchannel.bitcoind.errors import RpcInsufficientFunds
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayerChannel
@@ -83,7 +84,6 @@ from btcchannel.errors import (
     MeteredChannel,
     OpenTimeout,
     ProtocolViolation,
-    RpcInsufficientFunds,
     StalePayment,
     TermsChanged,
     UnknownChannel,

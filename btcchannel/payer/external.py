@@ -25,19 +25,12 @@ from bitcoin.core import CTransaction
 from bitcoin.core.serialize import SerializationError
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
+from btcchannel.bitcoind.errors import RpcAlreadyInChain
 from btcchannel.core.descriptor import funding_descriptor
 from btcchannel.core.params import ChannelParams
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint, tx_id
-from btcchannel.errors import (
-    BadRequest,
-    ChannelClosed,
-    ChannelError,
-    FundingMismatch,
-    NotOpen,
-    OpenTimeout,
-    RpcAlreadyInChain,
-)
+from btcchannel.errors import BadRequest, ChannelClosed, ChannelError, FundingMismatch, NotOpen, OpenTimeout
 from btcchannel.payer.views import to_payee
 
 if TYPE_CHECKING:

@@ -34,9 +34,10 @@ from typing import Any, Sequence
 
 import bdkpython as bdk
 
+from btcchannel.bitcoind.errors import RpcWalletError
 from btcchannel.bitcoind.rpc import Node, TxOutInfo
 from btcchannel.core.tx import OutPoint
-from btcchannel.errors import NodeUnavailable, RpcWalletError
+from btcchannel.errors import NodeUnavailable
 from btcchannel.wait import wait_until_async
 
 __all__ = ["LightNode"]

@@ -351,43 +351,18 @@ class Exchange:
         out[HDR_AUTH] = await payer._sign(self.method, self.url, self.data, out)
         return out
 
-    async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:  # noqa: C901
+    async def answered(self, status: int, headers: Mapping[str, str], body: bytes | None) -> bool:
         """What came back: True when served (its units counted; a 4xx of the handler, which carries
         ``X-Btcchannel-Paid``, was served and charged too), False to send again."""
         payer = self.payer
         metering = await payer.metering()
-        client = payer.client
         if status == 401 and not self.resynced and payer._resync(body or b""):
             self.resynced = True  # once: the payee named a counter above ours (a store restored from a backup)
             return False
         if status == 402:
-            if body is not None and payer._error_code(body) == "credit_cap_reached":
-                payer._raise(status, body)  # the payee's cap across channels: settling this one does not help
-            if self.units is None:  # the route names its price: pay exactly that, or nothing
-                self.challenge = Challenge.from_answer(headers, body)
-                self.units = self.challenge.units_for(metering)
-                return False
-            if metering.mode == "prepay" and self.payment is None:
-                if payer._failed_units >= self.units:  # we know they were not served: never paid twice
-                    raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
-                # a unit paid ahead that the payee has no credit for: it was served and its answer
-                # lost (prepay's risk, one request's units); counted as received, then paid afresh
-                client.store.add_units(payer.channel_id, self.units)
-                return False
-            if metering.mode == "postpay":
-                before = client.store.get(payer.channel_id).acked_sat
-                payer._cancel_timer()
-                if await payer._settle() > before:
-                    return False
-            if metering.mode == "prepay":
-                payer._failed_units += self.units  # a paid request is never answered 402: not served
-            raise ProtocolViolation(f"payment refused: {(body or b'')[:200]!r}")
-        if 400 <= status < 500 and HDR_PAID in headers:
-            pass  # the handler's own 4xx, served and charged (the payee's errors carry no X-Btcchannel-Paid)
-        elif status >= 400:
-            if status >= 500 and self.payment is not None and metering.mode == "prepay":
-                payer._failed_units += self.units or 0  # not served, not charged: credited to the next request
-            payer._raise(status, body or b"")
+            return await self._payment_required(metering, headers, body)
+        if status >= 400:
+            self._refused(metering, status, headers, body)
         units = self.units
         if units is None:  # served without a 402 (a free route, a unit credit, postpay credit)
             units = self._served_units(metering, headers)
@@ -395,6 +370,55 @@ class Exchange:
                 return True
         await payer._after_served(metering, units, self.payment, headers)
         return True
+
+    async def _payment_required(self, metering: Metering, headers: Mapping[str, str], body: bytes | None) -> bool:
+        """A 402: False to send the request again (with the units the route names, after a prepaid
+        unit whose answer was lost, or after settling the owed total); typed errors when paying
+        again cannot help."""
+        payer = self.payer
+        if body is not None and payer._error_code(body) == "credit_cap_reached":
+            payer._raise(402, body)  # the payee's cap across channels: settling this one does not help
+        if self.units is None:  # the route names its price: pay exactly that, or nothing
+            self.challenge = Challenge.from_answer(headers, body)
+            self.units = self.challenge.units_for(metering)
+            return False
+        if metering.mode == "prepay" and self.payment is None:
+            self._count_units_paid_ahead(self.units)
+            return False
+        if metering.mode == "postpay" and await self._settled():
+            return False
+        if metering.mode == "prepay":
+            payer._failed_units += self.units  # a paid request is never answered 402: not served
+        raise ProtocolViolation(f"payment refused: {(body or b'')[:200]!r}")
+
+    def _count_units_paid_ahead(self, units: int) -> None:
+        """Prepay, a request sent without a payment answered 402: the units paid ahead that the payee
+        has no credit for were served and their answer lost (prepay's risk, one request's units).
+        They are counted as received, to be paid afresh; never units known to have failed, which
+        would be paid twice."""
+        payer = self.payer
+        if payer._failed_units >= units:  # we know they were not served: never paid twice
+            raise ProtocolViolation("the payee refuses the credit of units it answered as failed")
+        payer.client.store.add_units(payer.channel_id, units)
+
+    async def _settled(self) -> bool:
+        """Postpay, a 402: settle the owed total now (the timer's settlement is not waited for);
+        True when the payee acknowledged more than before."""
+        payer = self.payer
+        before = payer.client.store.get(payer.channel_id).acked_sat
+        payer._cancel_timer()
+        return await payer._settle() > before
+
+    def _refused(self, metering: Metering, status: int, headers: Mapping[str, str], body: bytes | None) -> None:
+        """A status of 400 or more other than 402: the payee's error, raised typed; unless it is the
+        handler's own 4xx, served and charged (the payee's errors carry no ``X-Btcchannel-Paid``). A
+        prepaid request answered 5xx was neither served nor charged: its units are credited to the
+        next request."""
+        if status < 500 and HDR_PAID in headers:
+            return
+        if status >= 500 and self.payment is not None and metering.mode == "prepay":
+            self.payer._failed_units += self.units or 0
+        self.payer._raise(status, body or b"")
 
     def _served_units(self, metering: Metering, headers: Mapping[str, str]) -> int:
         """The units a request sent without a price was charged: from the owed total it reports."""

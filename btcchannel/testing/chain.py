@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from btcchannel.amounts import btc_to_sat, sat_to_btc
+from btcchannel.bitcoind.errors import RpcWalletAlreadyLoaded, RpcWalletError
 from btcchannel.bitcoind.regtest import RegtestNode
-from btcchannel.bitcoind.rpc import RPC_WALLET_ERROR, Node
+from btcchannel.bitcoind.rpc import Node
 from btcchannel.errors import ChannelError, NodeError
 from btcchannel.wait import wait_until_async
 
-RPC_WALLET_ALREADY_LOADED = -35
 WAIT_S = 30.0
 SEARCH_BLOCKS = 2_000  # without a transaction index, confirmed transactions are looked for this deep
 
@@ -158,14 +158,11 @@ class Chain:
         """Create (or load) a descriptor wallet."""
         try:
             await self.rpc("createwallet", name)
-        except NodeError as e:
-            if e.rpc_code != RPC_WALLET_ERROR:  # "already exists"
-                raise
+        except RpcWalletError:  # it already exists
             try:
                 await self.rpc("loadwallet", name)
-            except NodeError as e2:
-                if e2.rpc_code != RPC_WALLET_ALREADY_LOADED:
-                    raise
+            except RpcWalletAlreadyLoaded:
+                pass
 
     async def new_address(self, wallet: str) -> str:
         return str(await self.rpc("getnewaddress", "", "bech32", wallet=wallet))
