@@ -41,7 +41,11 @@ PAIRS = [(s, e) for s in ChannelState for e in ChannelEvent]
 
 
 def test_table_shape() -> None:
-    assert len(TRANSITIONS) == 14
+    assert len(TRANSITIONS) == 15
+    # the one edge that keeps the state: a claimed close found not to pay for its fee stays closing
+    assert [(s, e) for (s, e), t in TRANSITIONS.items() if s is t] == [
+        (ChannelState.CLOSING, ChannelEvent.CLOSE_UNECONOMIC)
+    ]
     # a funding that leaves the active chain takes an open channel back to funding
     assert sources(ChannelEvent.FUNDING_LOST) == {ChannelState.OPEN}
     # a close may be claimed, and a refund seen, before the funding has its depth
