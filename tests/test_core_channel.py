@@ -16,7 +16,7 @@ from btcchannel import ChannelParams, ChannelState, OutPoint, PayeeChannel, Paye
 from btcchannel.core.channel import build_multi_close_at_most
 from btcchannel.core.keys import CURVE_ORDER, _sign, public_key, sign_digest
 from btcchannel.core.script import address_to_script, dust_limit, p2pkh_script, p2wpkh_script, p2wsh_script
-from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, ChannelEvent, next_state
+from btcchannel.core.state import TERMINAL_STATES, TRANSITIONS, ChannelEvent, Transition, next_state
 from btcchannel.core.terms import (
     MIN_RELAY_FEE_RATE,
     bump_fee_rate,
@@ -599,3 +599,79 @@ def test_verify_payment_agrees_with_accept_payment(signed: int, claimed: int) ->
     else:
         with pytest.raises(BadSignature):
             payee.accept_payment(claimed, sig)
+
+
+# --- check, store, commit ----------------------------------------------------------------
+
+
+def test_check_payment_changes_nothing_and_says_what_to_store() -> None:
+    payer, payee = open_pair()
+    first, second = payer.sign_payment(5_000), payer.sign_payment(9_000)
+    checked = payee.check_payment(first.amount_sat, first.signature, tip_height=EXPIRY - 7)
+    assert checked == first
+    assert payee.best is None and payee.state is ChannelState.OPEN  # checked, not kept
+    assert payee.check_payment(first.amount_sat, first.signature) == first  # so it checks the same again
+    assert payee.commit_payment(checked) and payee.best == first
+    assert payee.check_payment(first.amount_sat, first.signature) is None  # exact retry: nothing to store
+    with pytest.raises(StalePayment):
+        payee.check_payment(first.amount_sat, payer.sign_payment(4_000).signature[:-1] + b"\x83")
+    with pytest.raises(StalePayment):
+        payee.check_payment(4_000, payer.sign_payment(4_000).signature)
+    assert payee.check_payment(second.amount_sat, second.signature) == second and payee.best == first
+    with pytest.raises(ChannelClosing):
+        payee.check_payment(second.amount_sat, second.signature, tip_height=EXPIRY - 6)
+    assert payee.best == first
+
+
+def test_a_failed_durable_write_leaves_the_best_unchanged() -> None:
+    payer, payee = open_pair()
+    first, second = payer.sign_payment(5_000), payer.sign_payment(9_000)
+    assert payee.accept_payment(first.amount_sat, first.signature)
+
+    def store(payment: Payment) -> None:
+        raise OSError("disk full")  # the durable write fails
+
+    checked = payee.check_payment(second.amount_sat, second.signature)
+    assert checked is not None
+    with pytest.raises(OSError):
+        store(checked)
+        payee.commit_payment(checked)  # never reached
+    assert payee.best == first and payee.amount_sat == 5_000
+    # the payment is still new to the machine: its retry is checked (and stored) again, not taken as done
+    assert payee.check_payment(second.amount_sat, second.signature) == second
+    assert payee.build_close(PAYEE_SCRIPT, 2.0).vout[0].nValue == DEPOSIT - 5_000  # closes with what was stored
+
+
+def test_commits_in_any_order_keep_the_highest() -> None:
+    payer, payee = open_pair()
+    low, high = payer.sign_payment(5_000), payer.sign_payment(9_000)
+    checked = [payee.check_payment(p.amount_sat, p.signature) for p in (low, high)]  # both in flight
+    assert checked == [low, high]
+    assert payee.commit_payment(high) and not payee.commit_payment(low)  # stored both, committed late
+    assert payee.best == high
+    payee.closing()
+    third = payer.sign_payment(9_500)
+    assert payee.commit_payment(third)  # stored before the close was claimed
+    payee.closed()
+    with pytest.raises(ChannelClosed):
+        payee.commit_payment(payer.sign_payment(9_900))
+    assert payee.best == third
+
+
+def test_the_machines_events_are_records_of_the_table() -> None:
+    params = make_params()
+    payee = PayeeChannel(params, PAYEE_KEY, channel_id="c1")
+    seen = payee.funding_seen(FUNDING, 2, [["ab" * 32, 1]])
+    assert (seen.channel_id, seen.old, seen.new) == ("c1", ChannelState.PROPOSED, ChannelState.FUNDING)
+    assert payee.params.funding == FUNDING and seen.fields["funding_txid"] == FUNDING.txid
+    with pytest.raises(IllegalTransition):
+        payee.funding_seen(OutPoint("77" * 32, 0))  # checked before the params move
+    assert payee.params.funding == FUNDING
+    assert payee.funding_confirmed(3).new is ChannelState.OPEN
+    record = payee.closing("operator", 5.0)
+    assert record == Transition("c1", ChannelEvent.CLOSING, ChannelState.OPEN, ChannelState.CLOSING, record.fields)
+    assert payee.close_uneconomic().new is ChannelState.CLOSING
+    payer = PayerChannel(params, PAYER_KEY)
+    assert payer.funding_broadcast(FUNDING).new is ChannelState.FUNDING and payer.params.funding == FUNDING
+    assert payer.funding_confirmed().new is ChannelState.OPEN
+    assert payer.refunded().new is ChannelState.REFUNDED

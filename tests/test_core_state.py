@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any
 
@@ -18,10 +19,13 @@ from btcchannel.core.state import (
     TRANSITIONS,
     ChannelEvent,
     ChannelState,
+    PayeeLifecycle,
     SpendKind,
+    Transition,
     classify_spend,
     next_state,
     sources,
+    transition,
 )
 from btcchannel.core.tx import CloseInput, OutPoint, build_close_tx, build_refund_tx
 from btcchannel.errors import IllegalTransition
@@ -41,7 +45,11 @@ PAIRS = [(s, e) for s in ChannelState for e in ChannelEvent]
 
 
 def test_table_shape() -> None:
-    assert len(TRANSITIONS) == 14
+    assert len(TRANSITIONS) == 15
+    # the one edge that keeps the state: a claimed close found not to pay for its fee stays closing
+    assert [(s, e) for (s, e), t in TRANSITIONS.items() if s is t] == [
+        (ChannelState.CLOSING, ChannelEvent.CLOSE_UNECONOMIC)
+    ]
     # a funding that leaves the active chain takes an open channel back to funding
     assert sources(ChannelEvent.FUNDING_LOST) == {ChannelState.OPEN}
     # a close may be claimed, and a refund seen, before the funding has its depth
@@ -189,3 +197,126 @@ def test_random_stacks_are_other_unless_they_have_the_exact_shape(stack: list[by
     else:
         assert kind is SpendKind.OTHER
     assert classify_spend(stack + [OTHER_SCRIPT], SCRIPT) is SpendKind.OTHER
+
+
+# --- transition records and the payee's lifecycle ----------------------------------------
+
+
+def test_a_transition_record_is_a_frozen_table_edge() -> None:
+    record = transition("c1", ChannelState.OPEN, "closing", end_reason="operator")
+    assert record == Transition(
+        "c1", ChannelEvent.CLOSING, ChannelState.OPEN, ChannelState.CLOSING, {"end_reason": "operator"}
+    )
+    assert (record.event, record.old, record.new) == (ChannelEvent.CLOSING, ChannelState.OPEN, ChannelState.CLOSING)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.new = ChannelState.CLOSED  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        record.fields["end_reason"] = "other"  # type: ignore[index]
+    assert hash(record) == hash(transition("c1", ChannelState.OPEN, ChannelEvent.CLOSING))  # fields not hashed
+    # no record of an edge the table lacks, whoever builds it
+    with pytest.raises(IllegalTransition):
+        Transition("c1", ChannelEvent.CLOSING, ChannelState.OPEN, ChannelState.CLOSED)
+    with pytest.raises(IllegalTransition):
+        transition("c1", ChannelState.CLOSED, ChannelEvent.FAILED)
+    with pytest.raises(IllegalTransition):
+        transition("c1", ChannelState.OPEN, "no_such_event")
+
+
+@pytest.mark.parametrize("state,event", PAIRS)
+def test_transition_is_the_table(state: ChannelState, event: ChannelEvent) -> None:
+    if (state, event) in TRANSITIONS:
+        record = transition("c", state, event)
+        assert (record.old, record.event, record.new) == (state, event, TRANSITIONS[(state, event)])
+    else:
+        with pytest.raises(IllegalTransition):
+            transition("c", state, event)
+
+
+def test_each_payee_event_records_what_it_sets() -> None:
+    life = PayeeLifecycle("c2")
+    funded = life.funding_seen(OutPoint("ab" * 32, 3), 1, [["cd" * 32, 0]])
+    assert (funded.channel_id, funded.old, funded.new) == ("c2", ChannelState.PROPOSED, ChannelState.FUNDING)
+    assert dict(funded.fields) == {
+        "funding_txid": "ab" * 32,
+        "funding_vout": 3,
+        "confirmations": 1,
+        "funding_inputs": (("cd" * 32, 0),),
+        "lapse_at": None,
+    }
+    assert dict(life.funding_confirmed(6).fields) == {"confirmations": 6} and life.state is ChannelState.OPEN
+    assert dict(life.funding_lost(0).fields) == {"confirmations": 0} and life.state is ChannelState.FUNDING
+    life.funding_confirmed()
+    claimed = life.closing("expiry_margin", 12.5)
+    assert claimed.event is ChannelEvent.CLOSING and claimed.old is ChannelState.OPEN
+    assert dict(claimed.fields) == {"end_reason": "expiry_margin", "close_claimed_at": 12.5}
+    flagged = life.close_uneconomic()
+    assert (flagged.old, flagged.new, dict(flagged.fields)) == (
+        ChannelState.CLOSING,
+        ChannelState.CLOSING,
+        {"close_uneconomic": True},
+    )
+    closed = PayeeLifecycle("c3", ChannelState.CLOSING).closed("ee" * 32, ["dd" * 32])
+    assert closed.fields["close_txids"] == ("dd" * 32, "ee" * 32) and closed.fields["close_txid"] == "ee" * 32
+    assert PayeeLifecycle("c3", ChannelState.CLOSING).closed("dd" * 32, ["dd" * 32]).fields["close_txids"] == (
+        "dd" * 32,
+    )
+    refunded = PayeeLifecycle("c4", ChannelState.OPEN).refunded("ff" * 32, "payer_refund")
+    assert refunded.new is ChannelState.REFUNDED
+    assert dict(refunded.fields) == {
+        "exception_txid": "ff" * 32,
+        "end_reason": "payer_refund",
+        "close_uneconomic": False,
+    }
+    failed = PayeeLifecycle("c5", ChannelState.FUNDING).failed("funding_double_spent", "11" * 32)
+    assert failed.new is ChannelState.FAILED and failed.fields["end_reason"] == "funding_double_spent"
+
+
+def test_only_a_proposal_ends_unfunded_and_only_a_claimed_close_is_uneconomic() -> None:
+    ended = PayeeLifecycle("c6").proposal_ended("lapsed")
+    assert (ended.event, ended.old, ended.new) == (ChannelEvent.FAILED, ChannelState.PROPOSED, ChannelState.FAILED)
+    assert dict(ended.fields) == {"end_reason": "lapsed"}
+    for state in set(ChannelState) - {ChannelState.PROPOSED}:
+        life = PayeeLifecycle("c6", state)
+        with pytest.raises(IllegalTransition):
+            life.proposal_ended("cancelled_by_payer")
+        assert life.state is state  # nothing moved
+    for state in set(ChannelState) - {ChannelState.CLOSING}:
+        life = PayeeLifecycle("c7", state)
+        with pytest.raises(IllegalTransition):
+            life.close_uneconomic()
+        assert life.state is state
+
+
+#: every event of the payee's lifecycle, with arguments
+_PAYEE_EVENTS: dict[str, Any] = {
+    "funding_seen": lambda life: life.funding_seen(FUNDING, 0),
+    "funding_confirmed": lambda life: life.funding_confirmed(1),
+    "funding_lost": lambda life: life.funding_lost(0),
+    "closing": lambda life: life.closing("operator", 1.0),
+    "closed": lambda life: life.closed("aa" * 32),
+    "refunded": lambda life: life.refunded("bb" * 32, "payer_refund"),
+    "failed": lambda life: life.failed("conflicting_spend", "cc" * 32),
+    "proposal_ended": lambda life: life.proposal_ended("lapsed"),
+    "close_uneconomic": lambda life: life.close_uneconomic(),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(list(ChannelState)),
+    st.lists(st.sampled_from(sorted(_PAYEE_EVENTS)), max_size=16),
+)
+def test_no_sequence_of_payee_events_leaves_the_table(start: ChannelState, names: list[str]) -> None:
+    life = PayeeLifecycle("prop", start)
+    reachable = {start} | {target for (source, _), target in TRANSITIONS.items()}
+    for name in names:
+        before = life.state
+        try:
+            record = _PAYEE_EVENTS[name](life)
+        except IllegalTransition:
+            assert life.state is before  # a refused event moves nothing
+            continue
+        assert TRANSITIONS[(record.old, record.event)] is record.new  # an edge of the table, and only that
+        assert record.old is before and life.state is record.new and record.channel_id == "prop"
+        assert before not in TERMINAL_STATES
+        assert life.state in reachable

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from btcchannel.core.state import ChannelState, PayeeLifecycle, Transition, transition
 from btcchannel.errors import BadRequest, FundingMismatch, UnknownChannel
 from btcchannel.store import PayeeRecord, PayeeStore, PayerRecord, PayerStore
 
@@ -181,4 +182,45 @@ def test_record_payment_returns_the_committed_row(tmp_path: Path) -> None:
     other = sqlite3.connect(str(tmp_path / "payee.db"))
     assert other.execute("SELECT amount_sat FROM channels WHERE channel_id=?", (cid,)).fetchone()[0] == 10
     other.close()
+    s.close()
+
+
+def test_a_transition_is_persisted_exactly_and_decided_again_when_its_row_moved(tmp_path: Path) -> None:
+    s = PayeeStore(tmp_path / "payee.db")
+    cid = "ab" * 16
+    s.insert_proposal(_proposal(cid))
+    assert s.set_funding(cid, "11" * 32, 0, 1) and s.set_confirmations(cid, 1, open_now=True)
+    kept = s.get(cid)  # read while open
+    assert s.funding_lost(cid, 0)  # then another writer takes it back to funding
+    # the record decided on the kept row is persisted only while the row is still in its old state
+    assert s.apply(PayeeLifecycle(cid, kept.state).closing("operator", 1.0)) is None
+    assert s.get(cid).state is ChannelState.FUNDING and s.get(cid).end_reason is None
+    # fired on the kept row, it loses that compare-and-set and is decided again on the stored one
+    decided: list[ChannelState] = []
+
+    def claim(life: PayeeLifecycle, rec: PayeeRecord) -> Transition:
+        decided.append(life.state)
+        return life.closing("operator", 2.0)
+
+    claimed = s.fire(cid, claim, kept)
+    assert decided == [ChannelState.OPEN, ChannelState.FUNDING]
+    assert claimed is not None and claimed.state is ChannelState.CLOSING and claimed.close_claimed_at == 2.0
+    # an event the stored state does not allow is not tried; a guard that refuses is not retried
+    assert s.fire(cid, lambda life, _: life.funding_confirmed(1)) is None
+    assert s.mark_uneconomic(cid) and not s.mark_uneconomic(cid)
+    with pytest.raises(ValueError):
+        s.apply(transition(cid, ChannelState.CLOSING, "closed", privkey=b"\x00" * 32))
+    assert s.get(cid).state is ChannelState.CLOSING
+    s.close()
+
+
+def test_a_proposal_ends_unfunded_only_while_it_is_one(tmp_path: Path) -> None:
+    s = PayeeStore(tmp_path / "payee.db")
+    s.insert_proposal(_proposal("01" * 16, lapse_at=time.time() - 1))
+    s.insert_proposal(_proposal("02" * 16, lapse_at=time.time() - 1))
+    assert s.set_funding("02" * 16, "22" * 32, 0, 0)  # funded before it lapsed: no lapse any more
+    assert not s.end_proposal("02" * 16, "cancelled_by_payer")
+    assert s.lapse_proposals() == 1
+    assert s.get("01" * 16).end_reason == "lapsed" and s.get("02" * 16).state is ChannelState.FUNDING
+    assert not s.end_proposal("01" * 16, "cancelled_by_payer")  # failed already
     s.close()

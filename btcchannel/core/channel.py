@@ -3,8 +3,10 @@
 Every rule of a payment's life lives here: monotonic payments, signature
 checks, expiry margins, the close and the refund. Nothing here does I/O;
 callers persist state (``ChannelParams.to_json``, ``Payment.to_json``, the
-``state`` and the best payment), feed chain events in, and rebuild a machine
-mid-life with ``restore``. What the machines stand on lives beside them:
+:class:`~btcchannel.core.state.Transition` each event returns, and the best payment), feed chain
+events in, and rebuild a machine mid-life with ``restore``. Both sides write a payment before
+they commit it: the payer signs, stores, commits; the payee checks, stores, commits. What the
+machines stand on lives beside them:
 :mod:`btcchannel.core.params` (the agreed parameters, a payment, the amount
 range), :mod:`btcchannel.core.state` (the one table saying which event each
 state allows) and :mod:`btcchannel.core.terms` (metering, proposal limits,
@@ -13,7 +15,7 @@ capacity, fee rules).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from btcchannel.core.keys import (
     HALF_ORDER,
@@ -27,7 +29,15 @@ from btcchannel.core.keys import (
 )
 from btcchannel.core.params import ChannelParams, Payment, check_payment_amount
 from btcchannel.core.script import dust_limit
-from btcchannel.core.state import TERMINAL_STATES, ChannelEvent, ChannelState, next_state
+from btcchannel.core.state import (
+    TERMINAL_STATES,
+    ChannelEvent,
+    ChannelState,
+    PayeeLifecycle,
+    StateMachine,
+    Transition,
+    transition,
+)
 from btcchannel.core.terms import closing_height, not_open_error
 from btcchannel.core.tx import (
     SIGHASH_NONE_ACP,
@@ -59,37 +69,12 @@ __all__ = [
 ]
 
 
-class _Machine:
-    """State bookkeeping shared by both sides."""
-
-    params: ChannelParams
-    state: ChannelState
-
-    def _fire(self, event: ChannelEvent) -> None:
-        self.state = next_state(self.state, event)
-
-    def _check_state_has_funding(self) -> None:
-        if self.state not in (ChannelState.PROPOSED, ChannelState.FAILED) and self.params.funding is None:
-            raise BadRequest(f"a channel in state {self.state.value!r} needs its funding outpoint")
-
-    def closing(self) -> None:
-        """A close (or refund) has been broadcast: open -> closing."""
-        self._fire(ChannelEvent.CLOSING)
-
-    def closed(self) -> None:
-        """A close confirmed: open/closing -> closed."""
-        self._fire(ChannelEvent.CLOSED)
-
-    def refunded(self) -> None:
-        """The payer's refund confirmed: open/closing -> refunded."""
-        self._fire(ChannelEvent.REFUNDED)
-
-    def failed(self) -> None:
-        """Give up on the channel (lapsed proposal, funding mismatch, conflicting spend...)."""
-        self._fire(ChannelEvent.FAILED)
+def _check_state_has_funding(machine: PayerChannel | PayeeChannel) -> None:
+    if machine.state not in (ChannelState.PROPOSED, ChannelState.FAILED) and machine.params.funding is None:
+        raise BadRequest(f"a channel in state {machine.state.value!r} needs its funding outpoint")
 
 
-class PayerChannel(_Machine):
+class PayerChannel(StateMachine):
     """The payer's side: signs cumulative payments, asks for the close, builds the refund."""
 
     def __init__(
@@ -105,7 +90,7 @@ class PayerChannel(_Machine):
         self.params = params
         self.privkey = privkey
         self.state = ChannelState(state)
-        self._check_state_has_funding()
+        _check_state_has_funding(self)
         self._sighash: PaymentSighash | None = None
         self.payment: Payment | None = None
         if payment is not None:
@@ -134,16 +119,17 @@ class PayerChannel(_Machine):
             self._sighash = self.params.sighash()
         return self._sighash
 
-    def funding_broadcast(self, outpoint: OutPoint) -> None:
+    def funding_broadcast(self, outpoint: OutPoint) -> Transition:
         """The funding transaction is out: proposed -> funding; the params gain the outpoint."""
-        new_state = next_state(self.state, ChannelEvent.FUNDING)
+        record = transition(self.channel_id, self.state, ChannelEvent.FUNDING)
         self.params = self.params.with_funding(outpoint)
         self._sighash = None
-        self.state = new_state
+        self.state = record.new
+        return record
 
-    def funding_confirmed(self) -> None:
+    def funding_confirmed(self) -> Transition:
         """The funding has its confirmations: funding -> open."""
-        self._fire(ChannelEvent.FUNDING_CONFIRMED)
+        return self.fire(ChannelEvent.FUNDING_CONFIRMED)
 
     def sign_payment(self, amount_sat: int) -> Payment:
         """Sign cumulative ``amount_sat`` (strictly more than the current amount).
@@ -216,8 +202,12 @@ def _sighash_byte(params: ChannelParams, amount_sat: int) -> int:
     return SIGHASH_NONE_ACP if amount_sat == params.deposit_sat else SIGHASH_SINGLE_ACP
 
 
-class PayeeChannel(_Machine):
-    """The payee's side: accepts payments (keeping only the best), closes before expiry."""
+class PayeeChannel(PayeeLifecycle):
+    """The payee's side: accepts payments (keeping only the best), closes before expiry.
+
+    A payment is checked, stored, then committed, as the payer signs, stores, then commits:
+    :meth:`check_payment` changes nothing and says what to store; once the store holds it,
+    :meth:`commit_payment` makes it the best. Its life's events are :class:`PayeeLifecycle`'s."""
 
     def __init__(
         self,
@@ -226,6 +216,7 @@ class PayeeChannel(_Machine):
         state: ChannelState = ChannelState.PROPOSED,
         best: Payment | None = None,
         close_margin_blocks: int = 6,
+        channel_id: str = "",
     ) -> None:
         check_private_key(privkey)
         if public_key(privkey) != params.payee_pubkey:
@@ -233,12 +224,12 @@ class PayeeChannel(_Machine):
         margin_ok = isinstance(close_margin_blocks, int) and not isinstance(close_margin_blocks, bool)
         if not margin_ok or close_margin_blocks < 0:
             raise BadRequest("close_margin_blocks must be a non-negative integer")
+        super().__init__(channel_id, state)
         self.privkey = privkey
-        self.state = ChannelState(state)
         self.close_margin_blocks = close_margin_blocks
         self._verifier = Verifier(params.payer_pubkey)
         self._set_params(params)
-        self._check_state_has_funding()
+        _check_state_has_funding(self)
         self.best: Payment | None = None
         if best is not None:
             if params.funding is None:
@@ -254,11 +245,14 @@ class PayeeChannel(_Machine):
         state: ChannelState,
         best: Payment | None = None,
         close_margin_blocks: int = 6,
+        channel_id: str = "",
     ) -> PayeeChannel:
         """The payee's machine mid-life, rebuilt from storage: ``state`` as stored, ``best`` the best
         stored payment (checked by :meth:`verify_payment` in any state, so a closing channel can
         still build its close)."""
-        return cls(params, privkey, state=state, best=best, close_margin_blocks=close_margin_blocks)
+        return cls(
+            params, privkey, state=state, best=best, close_margin_blocks=close_margin_blocks, channel_id=channel_id
+        )
 
     def _set_params(self, params: ChannelParams) -> None:
         self.params = params
@@ -276,25 +270,22 @@ class PayeeChannel(_Machine):
         """From this tip height on the payee refuses payments and must close."""
         return closing_height(self.params.expiry_height, self.close_margin_blocks)
 
-    def funding_seen(self, outpoint: OutPoint) -> None:
+    def funding_seen(self, outpoint: OutPoint, confirmations: int = 0, inputs: Iterable[Any] = ()) -> Transition:
         """The payer reported its funding: proposed -> funding; the params gain the outpoint."""
-        new_state = next_state(self.state, ChannelEvent.FUNDING)
+        transition(self.channel_id, self.state, ChannelEvent.FUNDING)  # checked before anything moves
         self._set_params(self.params.with_funding(outpoint))
-        self.state = new_state
+        return super().funding_seen(outpoint, confirmations, inputs)
 
-    def funding_confirmed(self) -> None:
-        """The funding has its confirmations: funding -> open."""
-        self._fire(ChannelEvent.FUNDING_CONFIRMED)
+    def check_payment(self, amount_sat: int, signature: bytes, tip_height: int | None = None) -> Payment | None:
+        """Check a payment against the best one, changing nothing: the payment to store (a new best),
+        or None for an exact retry of the current best (nothing to store).
 
-    def accept_payment(self, amount_sat: int, signature: bytes, tip_height: int | None = None) -> bool:
-        """Check and keep a payment if it beats the best one.
-
-        True for a new best, False for an exact retry of the current best.
         Raises NotOpen / ChannelClosing / ChannelClosed by state; ChannelClosing
         when ``tip_height >= expiry - close_margin_blocks``; then the checks of
         :meth:`verify_payment` (AmountOutOfRange, BadSignature), with
         StalePayment (lower, or equal with another signature) between the
-        range and the signature checks.
+        range and the signature checks. Store the payment durably, then
+        :meth:`commit_payment` it.
         """
         if self.state is not ChannelState.OPEN:
             raise not_open_error(self.state)
@@ -304,12 +295,30 @@ class PayeeChannel(_Machine):
         best = self.best
         if best is not None and amount_sat <= best.amount_sat:
             if amount_sat == best.amount_sat and signature == best.signature:
-                return False
+                return None
             raise StalePayment(f"amount {amount_sat} is not above the current {best.amount_sat}")
         assert self._sighash is not None  # OPEN implies a funding outpoint
         self._check_signature(self._sighash, amount_sat, signature)
-        self.best = Payment(amount_sat, signature)
+        return Payment(amount_sat, signature)
+
+    def commit_payment(self, payment: Payment) -> bool:
+        """Make ``payment`` (from :meth:`check_payment`, now stored) the best, if it is above the best
+        one: True; False when a higher one was committed meanwhile (two payments stored
+        concurrently, committed in the other order), and the best stays. NotOpen unless open or
+        closing (a payment stored before the close was claimed)."""
+        if self.state not in (ChannelState.OPEN, ChannelState.CLOSING):
+            raise not_open_error(self.state)
+        if self.best is not None and payment.amount_sat <= self.best.amount_sat:
+            return False
+        self.best = payment
         return True
+
+    def accept_payment(self, amount_sat: int, signature: bytes, tip_height: int | None = None) -> bool:
+        """:meth:`check_payment` then :meth:`commit_payment`, for a machine whose payments are not
+        stored (tests, test vectors, benchmarks): True for a new best, False for an exact retry of
+        the current best. The payee's service stores each payment between the two."""
+        payment = self.check_payment(amount_sat, signature, tip_height)
+        return payment is not None and self.commit_payment(payment)
 
     def verify_payment(self, amount_sat: int, signature: bytes) -> None:
         """Every check :meth:`accept_payment` makes of the payment itself, in any state, storing

@@ -1,4 +1,5 @@
-"""The channel state table: states, typed events, the one table of transitions, spend kinds.
+"""The channel state table: states, typed events, the one table of transitions, the transition
+records the machines emit, the payee's lifecycle, spend kinds.
 
 Both machines (:mod:`btcchannel.core.channel`) and storage derive every state
 change from :data:`TRANSITIONS`; nothing else decides which event a state
@@ -9,11 +10,19 @@ allows. States (both sides)::
     funding --closing--> closing     (a close claimed before the funding has its depth)
     open/closing --closed--> closed        funding/open/closing --refunded--> refunded
     proposed/funding/open/closing --failed--> failed
+    closing --close_uneconomic--> closing  (the payments do not pay for a close: left to the refund)
 
 :func:`next_state` follows an edge or raises IllegalTransition; :func:`sources`
-lists the states an event may fire in (a store's ``WHERE state IN (...)``);
-:func:`events_between` is the shortest run of events from one state to another
-(how the payer steps through a state the payee reports, having missed the ones between).
+lists the states an event may fire in; :func:`events_between` is the shortest run of events
+from one state to another (how the payer steps through a state the payee reports, having missed
+the ones between).
+
+Every state change is a :class:`Transition` record (h11's events: a frozen dataclass), emitted by
+a machine (:class:`StateMachine`, :class:`PayeeLifecycle` for the payee's events and what each one
+sets, and the channel machines built on them) only along an edge of the table: a store persists
+exactly that record, a compare-and-set on its ``old`` state, and on a lost compare-and-set the
+caller reads the row again and asks the machine again.
+
 :func:`classify_spend` tells a close from the payer's refund by the witness
 that spent the funding output.
 """
@@ -21,10 +30,14 @@ that spent the funding output.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, Iterable, Mapping, Sequence
 
 from btcchannel.errors import IllegalTransition
+
+if TYPE_CHECKING:
+    from btcchannel.core.tx import OutPoint
 
 __all__ = [
     "ChannelState",
@@ -34,6 +47,10 @@ __all__ = [
     "next_state",
     "sources",
     "events_between",
+    "Transition",
+    "transition",
+    "StateMachine",
+    "PayeeLifecycle",
     "SpendKind",
     "classify_spend",
 ]
@@ -64,6 +81,8 @@ class ChannelEvent(str, enum.Enum):
     CLOSED = "closed"
     REFUNDED = "refunded"
     FAILED = "failed"
+    #: a claimed close whose payments do not pay for its fee (the state stays ``closing``)
+    CLOSE_UNECONOMIC = "close_uneconomic"
 
     def __str__(self) -> str:
         return self.value
@@ -92,6 +111,7 @@ TRANSITIONS: Final[Mapping[tuple[ChannelState, ChannelEvent], ChannelState]] = M
         (_S.FUNDING, _E.FAILED): _S.FAILED,
         (_S.OPEN, _E.FAILED): _S.FAILED,
         (_S.CLOSING, _E.FAILED): _S.FAILED,
+        (_S.CLOSING, _E.CLOSE_UNECONOMIC): _S.CLOSING,
     }
 )
 
@@ -142,6 +162,139 @@ def events_between(state: ChannelState, target: ChannelState) -> tuple[ChannelEv
                     reached.append(dst)
         frontier = reached
     raise IllegalTransition(f"no run of events leads from state {state.value!r} to {target.value!r}")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One state change of one channel, as a machine decided it: ``event`` took channel
+    ``channel_id`` from ``old`` to ``new`` and sets ``fields`` (what the event carries: the funding
+    outpoint, depths, the end reason...) with it.
+
+    Only an edge of :data:`TRANSITIONS` makes a record (IllegalTransition otherwise), so a store
+    that persists it with a compare-and-set on ``old`` can only ever follow the table."""
+
+    channel_id: str
+    event: ChannelEvent
+    old: ChannelState
+    new: ChannelState
+    fields: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        if TRANSITIONS.get((self.old, self.event)) is not self.new:
+            raise IllegalTransition(
+                f"{getattr(self.event, 'value', self.event)!r} does not take a channel from "
+                f"{getattr(self.old, 'value', self.old)!r} to {getattr(self.new, 'value', self.new)!r}"
+            )
+        if not isinstance(self.fields, MappingProxyType):
+            object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+
+def transition(channel_id: str, state: ChannelState, event: ChannelEvent | str, **fields: Any) -> Transition:
+    """The record of ``event`` fired on channel ``channel_id`` in ``state`` (setting ``fields``):
+    IllegalTransition if the table has no such edge, or the event is unknown."""
+    event = _event(event)
+    state = ChannelState(state)
+    return Transition(channel_id, event, state, next_state(state, event), MappingProxyType(fields))
+
+
+class StateMachine:
+    """A channel's state and the events that move it: each event is checked against
+    :data:`TRANSITIONS` and returns its :class:`Transition` record (the state moves with it)."""
+
+    channel_id: str = ""
+    state: ChannelState
+
+    def fire(self, event: ChannelEvent | str, **fields: Any) -> Transition:
+        """Fire ``event`` (setting ``fields``): its record, the state moved; IllegalTransition (and
+        nothing moved) if the current state does not allow it."""
+        record = transition(self.channel_id, self.state, event, **fields)
+        self.state = record.new
+        return record
+
+    def closing(self) -> Transition:
+        """A close (or refund) has been broadcast, or claimed: funding/open -> closing."""
+        return self.fire(_E.CLOSING)
+
+    def closed(self) -> Transition:
+        """A close confirmed: open/closing -> closed."""
+        return self.fire(_E.CLOSED)
+
+    def refunded(self) -> Transition:
+        """The payer's refund confirmed: funding/open/closing -> refunded."""
+        return self.fire(_E.REFUNDED)
+
+    def failed(self) -> Transition:
+        """Give up on the channel (lapsed proposal, funding mismatch, conflicting spend...)."""
+        return self.fire(_E.FAILED)
+
+
+class PayeeLifecycle(StateMachine):
+    """The payee's view of a channel's life: its state, and each event with what it records.
+
+    Cheap (no keys, no signatures): built from a stored row's id and state wherever only the
+    state matters; :class:`~btcchannel.core.channel.PayeeChannel` is one too. Every method
+    returns the :class:`Transition` a store persists; the field names are the stored channel's."""
+
+    def __init__(self, channel_id: str, state: ChannelState = _S.PROPOSED) -> None:
+        self.channel_id = channel_id
+        self.state = ChannelState(state)
+
+    def funding_seen(self, outpoint: OutPoint, confirmations: int = 0, inputs: Iterable[Any] = ()) -> Transition:
+        """The payer reported its funding ``outpoint`` (``confirmations`` deep; ``inputs``: the
+        [txid, vout] the funding transaction spends): proposed -> funding. A funded proposal no
+        longer lapses."""
+        return self.fire(
+            _E.FUNDING,
+            funding_txid=outpoint.txid,
+            funding_vout=outpoint.vout,
+            confirmations=confirmations,
+            funding_inputs=tuple((str(txid), int(vout)) for txid, vout in inputs),
+            lapse_at=None,
+        )
+
+    def funding_confirmed(self, confirmations: int | None = None) -> Transition:
+        """The funding has its confirmations (``confirmations`` deep): funding -> open."""
+        return self.fire(_E.FUNDING_CONFIRMED, **({} if confirmations is None else {"confirmations": confirmations}))
+
+    def funding_lost(self, confirmations: int = 0) -> Transition:
+        """The funding left the active chain or fell below its depth (now ``confirmations``):
+        open -> funding."""
+        return self.fire(_E.FUNDING_LOST, confirmations=confirmations)
+
+    def closing(self, reason: str | None = None, claimed_at: float | None = None) -> Transition:
+        """The close is claimed (no payment is accepted after it) for ``reason`` at ``claimed_at``:
+        funding/open -> closing."""
+        return self.fire(_E.CLOSING, end_reason=reason, close_claimed_at=claimed_at)
+
+    def closed(self, txid: str | None = None, close_txids: Sequence[str] = ()) -> Transition:
+        """Our close ``txid`` confirmed (``close_txids``: every close of ours so far): open/closing ->
+        closed; ``txid`` joins the closes if missing."""
+        if txid is None:
+            return self.fire(_E.CLOSED)
+        txids = (*close_txids, txid) if txid not in close_txids else tuple(close_txids)
+        return self.fire(_E.CLOSED, close_txid=txid, close_txids=txids)
+
+    def refunded(self, txid: str | None = None, reason: str | None = None) -> Transition:
+        """The payer's refund ``txid`` spent the funding: funding/open/closing -> refunded. ``reason``
+        replaces the end reason whole (an uneconomic close's flag is cleared with it)."""
+        return self.fire(_E.REFUNDED, exception_txid=txid, end_reason=reason, close_uneconomic=False)
+
+    def failed(self, reason: str | None = None, txid: str | None = None) -> Transition:
+        """The channel ends without our close or the refund (a conflicting spend ``txid``, a
+        double-spent funding...): any live state -> failed. ``reason`` replaces the end reason whole."""
+        return self.fire(_E.FAILED, exception_txid=txid, end_reason=reason, close_uneconomic=False)
+
+    def proposal_ended(self, reason: str) -> Transition:
+        """A proposal ends unfunded (``lapsed``, ``cancelled_by_payer``...): proposed -> failed.
+        IllegalTransition in any other state (a funded channel is not cancelled)."""
+        if self.state is not _S.PROPOSED:
+            raise IllegalTransition(f"only a proposal ends unfunded, not a channel in state {self.state.value!r}")
+        return self.fire(_E.FAILED, end_reason=reason)
+
+    def close_uneconomic(self) -> Transition:
+        """The claimed close's payments do not pay for its fee: nothing is broadcast, the payer
+        refunds after the expiry (closing, flagged)."""
+        return self.fire(_E.CLOSE_UNECONOMIC, close_uneconomic=True)
 
 
 class SpendKind(str, enum.Enum):

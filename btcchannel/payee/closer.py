@@ -1,8 +1,9 @@
 """The payee's closer: claim -> build -> broadcast -> bump -> rebroadcast a channel's close.
 
-A close is *claimed* in the store first (``PayeeStore.claim_close``: no payment is accepted
-after that), then built from the best stored payment at the close fee rate (configured, or
-the node's estimate; at most what the payment affords), recorded with its raw transaction
+A close is *claimed* in the store first (the core's ``closing`` event, persisted by
+``PayeeStore.claim_close``: no payment is accepted after that), then built from the best stored
+payment at the close fee rate (configured, or the node's estimate; at most what the payment
+affords), recorded with its raw transaction
 (``set_close_tx``) *before* it is broadcast in the background; each channel's payout script
 is fixed when it is proposed, so a restarted process rebuilds the same close (or a strictly
 higher-fee replacement). ``operator_close`` works with the node down (the running service
@@ -164,13 +165,15 @@ class Closer:
         """Wait until this process finished its broadcast attempt for ``cid``."""
         await self._event(cid).wait()
 
-    def claim(self, cid: str, reason: str) -> PayeeRecord | None:
-        """Claim the close now (no more payments) and broadcast it in the background.
+    def claim(self, cid: str, reason: str, last: PayeeRecord | None = None) -> PayeeRecord | None:
+        """Claim the close now (no more payments) and broadcast it in the background: the core's
+        ``closing`` event, persisted by the store (decided again on the stored row if ``last``, the
+        row as the caller last read it, is behind).
 
         Returns the claimed row, or None when the channel was not open or funding (someone
         else claimed it, or it ended). An instance that does not lead leaves the broadcast to the
         leader (:meth:`_leave_to_leader`)."""
-        rec = self.store.claim_close(cid, reason)
+        rec = self.store.claim_close(cid, reason, last)
         self.channels.invalidate(cid)
         if rec is not None:
             if self.leadership.held:
@@ -180,10 +183,10 @@ class Closer:
                 self._leave_to_leader(cid)
         return rec
 
-    async def claim_async(self, cid: str, reason: str) -> PayeeRecord | None:
+    async def claim_async(self, cid: str, reason: str, last: PayeeRecord | None = None) -> PayeeRecord | None:
         """:meth:`claim` with the claim committed through the store's group-commit writer (the
         payment path's: the event loop never waits on the disk)."""
-        rec = await self.store.claim_close_async(cid, reason)
+        rec = await self.store.claim_close_async(cid, reason, last)
         self.channels.invalidate(cid)
         if rec is not None:
             if self.leadership.held:
@@ -199,10 +202,10 @@ class Closer:
         self.store.release_close_claim(cid)
         log.info("close of %s claimed here; the leading instance sends it", cid)
 
-    def claim_only(self, cid: str, reason: str) -> PayeeRecord | None:
+    def claim_only(self, cid: str, reason: str, last: PayeeRecord | None = None) -> PayeeRecord | None:
         """Claim the close now (no more payments) without broadcasting it: the caller hands it to
         :meth:`close_claimed` (the watcher, at the end of its pass, to batch the closes it claimed)."""
-        rec = self.store.claim_close(cid, reason)
+        rec = self.store.claim_close(cid, reason, last)
         self.channels.invalidate(cid)
         if rec is not None:
             self.claimed.add(cid)
@@ -221,9 +224,9 @@ class Closer:
         """Broadcast one claimed close alone, logging (not raising) failures."""
         await self._broadcast_safely(cid)
 
-    async def close(self, cid: str, reason: str) -> PayeeRecord:
+    async def close(self, cid: str, reason: str, last: PayeeRecord | None = None) -> PayeeRecord:
         """Claim and broadcast the close of ``cid`` (no-op if someone else claimed it); the row after."""
-        rec = self.claim(cid, reason)
+        rec = self.claim(cid, reason, last)
         if rec is not None:
             await self.close_done(cid)
         return self.store.get(cid)
@@ -402,7 +405,7 @@ class Closer:
                     return ch.build_close(payout, MIN_RELAY_FEE_RATE), MIN_RELAY_FEE_RATE
                 except CloseUneconomic:
                     # the payments don't cover a close: nothing to broadcast, the payer refunds after expiry
-                    self.store.mark_uneconomic(rec.channel_id)
+                    self.store.mark_uneconomic(rec.channel_id, rec)
                     log.warning(
                         "channel %s: %d sat do not pay for a close; left to the payer's refund",
                         rec.channel_id,
@@ -527,9 +530,11 @@ async def operator_close(config: ServerConfig, node: Node, channel_id: str) -> d
     closer = await _operator_closer(config, node, need_node=False)
     try:
         rec = closer.store.get(channel_id)
-        if rec.state is ChannelState.PROPOSED:
-            closer.store.mark_exception(channel_id, ChannelState.FAILED, None, "cancelled_by_operator")
-        elif closer.claim(channel_id, "operator") is not None:
+        # a proposal is cancelled; one funded meanwhile is closed instead
+        cancelled = rec.state is ChannelState.PROPOSED and closer.store.end_proposal(
+            channel_id, "cancelled_by_operator"
+        )
+        if not cancelled and closer.claim(channel_id, "operator") is not None:
             await closer.close_done(channel_id)
             after = closer.store.get(channel_id)
             if after.close_txid is None and not after.close_uneconomic:

@@ -29,7 +29,7 @@ from typing import Any
 from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayeeChannel
-from btcchannel.core.params import ChannelParams
+from btcchannel.core.params import ChannelParams, Payment
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import Capacity, Metering, Terms, not_open_error
 from btcchannel.core.tx import OutPoint
@@ -80,7 +80,8 @@ class PayeeService:
         self.closer = closer
         self.channels = closer.channels
         self.tip = tip
-        self._pending: dict[str, asyncio.Future[PayeeRecord | None]] = {}  # payments being committed
+        #: per channel, the payment being stored and its write (committed to the machine once stored)
+        self._pending: dict[str, tuple[Payment, asyncio.Future[PayeeRecord | None]]] = {}
         self._terms: dict[str, Terms] = {}  # each channel's agreed terms (fixed at its proposal)
         self._capacity: dict[str, Capacity] = {}  # each channel's capacity (fixed by its parameters)
 
@@ -235,7 +236,7 @@ class PayeeService:
             return
         waiting = self.store.count_unfunded(now + 1.0, client)  # (only those still waiting: none ended later)
         victim = self.store.evictable_proposal(now - cfg.proposal_grace_s, waiting + 1)
-        if victim is None or not self.store.mark_exception(victim, ChannelState.FAILED, None, "lapsed"):
+        if victim is None or not self.store.end_proposal(victim, "lapsed"):
             raise TooManyChannels("too many unfunded proposals, try later")
 
     async def register_funding(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -315,21 +316,27 @@ class PayeeService:
         request_counter: int = 0,
         last_request: bytes | None = None,
     ) -> PayeeRecord | None:
-        """Verify with the core and durably store a payment: the stored row, or None for an exact retry.
+        """Check with the core, durably store, then commit a payment: the stored row, or None for an
+        exact retry.
 
-        The row is committed through the store's group commit (in one transaction with the other
-        payments waiting then) before this returns; the event loop never waits on the disk. An
-        exact retry of a payment whose commit is still under way waits for that commit, so its
-        answer carries the amount it repeats. Raises the core's errors. The caller has checked the
-        chain view (:meth:`require_fresh_chain`) once for the request."""
+        The core's :meth:`~btcchannel.core.channel.PayeeChannel.check_payment` changes nothing;
+        the row is committed through the store's group commit (in one transaction with the other
+        payments waiting then) before the payment is committed to the channel's machine
+        (:meth:`~btcchannel.core.channel.PayeeChannel.commit_payment`): a write that fails leaves
+        the machine as it was. The event loop never waits on the disk. An exact retry of a payment
+        whose commit is still under way waits for that commit, so its answer carries the amount it
+        repeats. A lost compare-and-set (the row changed under us) is decided again on the stored
+        row. Raises the core's errors. The caller has checked the chain view
+        (:meth:`require_fresh_chain`) once for the request."""
         for _attempt in range(3):
             ch = self.channel(cid)
             if ch.state != ChannelState.OPEN:
                 raise self._state_error(self.store.get(cid))
-            if not ch.accept_payment(amount_sat, signature, tip_height=self.tip_height):
-                pending = self._pending.get(cid)
-                if pending is not None:
-                    await asyncio.wait([pending])  # its outcome is the first request's to report
+            payment = ch.check_payment(amount_sat, signature, tip_height=self.tip_height)
+            pending = self._pending.get(cid)
+            if payment is None or (pending is not None and pending[0] == payment):
+                if pending is not None:  # the same payment being stored: its outcome is the first request's
+                    await asyncio.wait([pending[1]])
                 return None
             fut = asyncio.ensure_future(
                 self.store.record_payment_async(
@@ -342,16 +349,14 @@ class PayeeService:
                     last_request=last_request,
                 )
             )
-            self._pending[cid] = fut
+            self._pending[cid] = (payment, fut)
             try:
-                stored = await fut
-            except BaseException:
-                self.invalidate(cid)  # the cached channel already holds the payment the store may not
-                raise
+                stored = await fut  # a failed write raises here: nothing was committed to the machine
             finally:
-                if self._pending.get(cid) is fut:
+                if self._pending.get(cid, (None, None))[1] is fut:
                     del self._pending[cid]
             if stored is not None:
+                ch.commit_payment(payment)
                 self.channels.remember(stored)
                 return stored
             # the row changed under us (another process, a close): decide again on fresh data
@@ -405,7 +410,7 @@ class PayeeService:
         """Check end conditions on a freshly stored row; start the close if one is met."""
         reason = self.end_condition(rec)
         if reason is not None:
-            claimed = await self.closer.claim_async(rec.channel_id, reason)
+            claimed = await self.closer.claim_async(rec.channel_id, reason, rec)
             if claimed is not None:
                 return claimed
         return rec
@@ -421,9 +426,10 @@ class PayeeService:
                 raise StalePayment(f"a higher payment ({rec.amount_sat} sat) is stored")
         return await self.after_payment(rec)
 
-    def claim_close(self, cid: str, reason: str) -> PayeeRecord | None:
-        """Claim the close now (no more payments) and broadcast it in the background."""
-        return self.closer.claim(cid, reason)
+    def claim_close(self, cid: str, reason: str, rec: PayeeRecord | None = None) -> PayeeRecord | None:
+        """Claim the close now (no more payments) and broadcast it in the background (``rec``: the
+        row as last read, if the caller has it)."""
+        return self.closer.claim(cid, reason, rec)
 
     async def pay(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /v1/channels/{id}/payments`` (plus the postpay rule when metered); the payment is
@@ -574,10 +580,10 @@ class PayeeService:
         rec = self.store.get(cid)
         ch = self.build_channel(rec)
         ch.verify_close_request(cid, sig)
-        if rec.state is ChannelState.PROPOSED:
-            self.store.mark_exception(cid, ChannelState.FAILED, None, "cancelled_by_payer")
-        elif rec.state in (ChannelState.OPEN, ChannelState.FUNDING):
-            self.claim_close(cid, "payer_request")
+        if rec.state is ChannelState.PROPOSED and not self.store.end_proposal(cid, "cancelled_by_payer"):
+            rec = self.store.get(cid)  # funded (or lapsed) meanwhile: decided again
+        if rec.state in (ChannelState.OPEN, ChannelState.FUNDING):
+            self.claim_close(cid, "payer_request", rec)
         return self.store.get(cid)
 
     def info(self) -> dict[str, Any]:

@@ -483,17 +483,19 @@ class Watcher:
         self.closer.channels.invalidate(rec.channel_id)
 
     async def _claim(self, look: _Look, act: Close) -> None:
+        rec = look.fresh or look.rec  # (the core decides again on the stored row if this one is behind)
         if act.alone:
-            self.closer.claim(look.rec.channel_id, act.reason)
+            self.closer.claim(rec.channel_id, act.reason, rec)
         else:
-            await self._close(look.rec.channel_id, act.reason)
+            await self._close(rec, act.reason)
 
-    async def _close(self, cid: str, reason: str) -> None:
-        """Claim ``cid``'s close; within a pass its broadcast waits for the pass's end, to share one
+    async def _close(self, rec: PayeeRecord, reason: str) -> None:
+        """Claim ``rec``'s close; within a pass its broadcast waits for the pass's end, to share one
         transaction with the other closes the pass claims (never longer than this pass)."""
+        cid = rec.channel_id
         if self._claims is None:
-            await self.closer.close(cid, reason)
-        elif self.closer.claim_only(cid, reason) is not None:
+            await self.closer.close(cid, reason, rec)
+        elif self.closer.claim_only(cid, reason, rec) is not None:
             self._claims.append(cid)
 
     async def _mark_closed(self, look: _Look, act: MarkClosed) -> None:

@@ -8,8 +8,9 @@ Modules:
     migrations tracked in ``PRAGMA user_version``.
 ``payee``
     :class:`PayeeStore` (``payee.db``): one row per channel with the best
-    payment only; every state change is a compare-and-set whose states come
-    from the core's transition table (:meth:`PayeeStore.transition`).
+    payment only; every state change is a record of the core's machine
+    (:class:`~btcchannel.core.state.Transition`), persisted with a compare-and-set
+    on its old state (:meth:`PayeeStore.apply`, :meth:`PayeeStore.fire`).
 ``postgres``
     :class:`~btcchannel.store.postgres.PgPayeeStore`: the payee's store in
     PostgreSQL for several payee instances (the same queries; a leader lock).

@@ -6,17 +6,23 @@ one conditional ``UPDATE ... WHERE state IN (open) AND amount_sat < ?`` in
 autocommit mode, so the method returns only once the row is committed and
 fsynced: the HTTP service answers 200 after that.
 
-Every state change is a compare-and-set on the current state through
-:meth:`PayeeStore.transition`: the new state and the ``WHERE state IN (...)``
-both come from the core's transition table, so two service processes sharing
-one database never both close a channel: the close is claimed by
-``claim_close`` (the ``closing`` event), and only the process whose update
-hit the row builds and broadcasts.
+The store decides no state change: the core's machine does
+(:class:`~btcchannel.core.state.PayeeLifecycle`, or the channel's
+:class:`~btcchannel.core.channel.PayeeChannel`), and the store persists exactly the
+:class:`~btcchannel.core.state.Transition` record it emits (:meth:`PayeeStore.apply`): a
+compare-and-set ``UPDATE ... SET state=<new> ... WHERE channel_id=? AND state=<old>``, both states
+the record's, which only an edge of the core's table makes. A lost compare-and-set (the row moved
+on) is decided again on the row read afresh (:meth:`PayeeStore.fire` asks the caller's decision
+again), so two service processes sharing one database never both close a channel: the close is
+claimed by ``claim_close`` (the ``closing`` event), and only the process whose update hit the row
+builds and broadcasts. The named writes (``set_funding``, ``claim_close``, ``mark_closed``...)
+are each one event of the core's lifecycle fired through :meth:`PayeeStore.fire`.
 
 Entry points::
 
     PayeeStore(path)                                   # opens and migrates payee.db
-    PayeeStore.transition(channel_id, event, **fields) -> PayeeRecord | None
+    PayeeStore.apply(transition) -> PayeeRecord | None # persist one record of the core's
+    PayeeStore.fire(channel_id, decide) -> PayeeRecord | None  # decide on the row, apply, re-decide
     PayeeRecord                                        # one row; state is a ChannelState
 
 Schema versions (the migrations are in :mod:`btcchannel.store._payee_schema`): 1 is the unversioned schema of earlier
@@ -40,11 +46,12 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Iterable, Mapping, Sequence
+from typing import Any, Callable, Final, Iterable, Mapping, Sequence
 
 import orjson
 
-from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
+from btcchannel.core.state import ChannelEvent, ChannelState, PayeeLifecycle, Transition, sources
+from btcchannel.core.tx import OutPoint
 from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
 from btcchannel.store._group import AfterCommit
@@ -54,6 +61,8 @@ from btcchannel.store._seed import SeedKeys
 __all__ = ["CLOSE_UNECONOMIC_SUFFIX", "PayeeRecord", "PayeeStore"]
 
 _Inputs = list[list[Any]]
+_Args = list[Any]
+_Applied = list["PayeeRecord | None"]
 _S = ChannelState
 
 #: how ``end_reason`` reported an uneconomic close before it became a column (and still does on the wire)
@@ -130,24 +139,19 @@ class PayeeRecord:
         return (self.end_reason or "") + CLOSE_UNECONOMIC_SUFFIX
 
 
-# ------------------------------------------------------------------ the state table
+# ------------------------------------------------------------------ transitions
 
+#: a decision on a channel: the core's record of the event to fire on it, given its lifecycle and its
+#: row (IllegalTransition: nothing to do in that state)
+Decide = Callable[[PayeeLifecycle, "PayeeRecord"], Transition]
 
-def _state_change(event: str, within: Iterable[ChannelState] | None = None) -> tuple[str, list[str], list[str]]:
-    """The ``SET state=...`` fragment of ``event`` and the source states it applies to.
+#: a lost compare-and-set is decided again on the row read afresh at most this many times
+_FIRE_ATTEMPTS: Final = 5
 
-    ``within`` narrows the sources (e.g. only ``proposed`` lapses). Returns
-    (sql, args of the SET fragment, the source state values for ``WHERE state IN``).
-    """
-    states = [s for s in ChannelState if s in sources(event)]
-    if within is not None:
-        keep = {ChannelState(s) for s in within}
-        states = [s for s in states if s in keep]
-    if not states:
-        raise IllegalTransition(f"event {ChannelEvent(event).value!r} is not allowed in any state asked for")
-    sql = "state=CASE state " + " ".join("WHEN ? THEN ?" for _ in states) + " END"
-    args = [v for s in states for v in (s.value, next_state(s, event).value)]
-    return sql, args, [s.value for s in states]
+#: what an event needs of the row besides its state (not a state list: the state is the record's)
+_GUARDS: Final[Mapping[ChannelEvent, str]] = {
+    ChannelEvent.CLOSE_UNECONOMIC: " AND close_txid IS NULL AND close_uneconomic=0",
+}
 
 
 def _marks(values: Iterable[object]) -> str:
@@ -302,36 +306,121 @@ class PayeeStore(SeedKeys, Database):
         return cur.rowcount == 1
 
     @staticmethod
-    def _transition_sql(channel_id: str, event: str, fields: Mapping[str, Any]) -> tuple[str, Sequence[Any]]:
-        bad = set(fields) - _TRANSITION_FIELDS
+    def _transition_sql(t: Transition) -> tuple[str, _Args]:
+        """``t`` as one compare-and-set: the record's new state and fields, where the row is still in
+        its old state (and meets the event's guard)."""
+        bad = set(t.fields) - _TRANSITION_FIELDS
         if bad:
             raise ValueError(f"transition cannot set {sorted(bad)}")
-        state_sql, args, sources = _state_change(event)
-        sets = [state_sql]
-        for name, value in fields.items():
+        sets = ["state=?"]
+        args: _Args = [t.new.value]
+        for name, value in t.fields.items():
             sets.append(f"{name}=?")
             args.append(json.dumps(value) if name in _JSON_FIELDS else value)
         sets.append("updated_at=?")
-        sql = f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=? AND state IN ({_marks(sources)}) RETURNING *"
-        return sql, [*args, time.time(), channel_id, *sources]
+        sql = (
+            f"UPDATE channels SET {', '.join(sets)} WHERE channel_id=? AND state=?{_GUARDS.get(t.event, '')}"
+            " RETURNING *"
+        )
+        return sql, [*args, time.time(), t.channel_id, t.old.value]
 
-    def transition(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
-        """Fire ``event`` on the row: the state moves by the core's table, ``fields`` are set with it.
+    def apply(self, t: Transition) -> PayeeRecord | None:
+        """Persist the core's record ``t``: the row moves from ``t.old`` to ``t.new`` with ``t.fields``.
 
-        A compare-and-set: ``UPDATE ... WHERE channel_id=? AND state IN
-        (states the event may fire in) RETURNING *``. Returns the updated row,
-        committed, or None when the row was in no such state (or is missing).
-        ``fields`` are columns from a fixed list (funding, confirmations,
-        close and exception columns); JSON columns take Python lists.
-        """
-        sql, args = self._transition_sql(channel_id, event, fields)
-        rows = self._db.execute(sql, args).fetchall()
+        A compare-and-set: ``UPDATE ... WHERE channel_id=? AND state=<t.old> RETURNING *``.
+        Returns the updated row, committed, or None when the row is in another state now (or
+        missing, or the event's guard refused it): read it again and decide again
+        (:meth:`fire`). The fields are columns from a fixed list (funding, confirmations, close
+        and exception columns; ValueError otherwise); FundingMismatch when the funding outpoint is
+        another channel's."""
+        sql, args = self._transition_sql(t)
+        try:
+            rows = self._db.execute(sql, args).fetchall()
+        except sqlite3.IntegrityError as exc:
+            if t.event is ChannelEvent.FUNDING:
+                raise FundingMismatch("this funding outpoint is already used by another channel") from exc
+            raise
         return _payee_from_row(rows[0]) if rows else None  # stepped to the end: committed and fsynced
 
-    async def transition_async(self, channel_id: str, event: str, **fields: Any) -> PayeeRecord | None:
-        """:meth:`transition` through the group-commit writer (the event loop never waits on the disk)."""
-        sql, args = self._transition_sql(channel_id, event, fields)
+    async def apply_async(self, t: Transition) -> PayeeRecord | None:
+        """:meth:`apply` through the group-commit writer (the event loop never waits on the disk)."""
+        sql, args = self._transition_sql(t)
         return await self._returning(sql, args)
+
+    def apply_all(self, records: Sequence[Transition]) -> _Applied:
+        """:meth:`apply` for each record, all in one transaction (one commit): each one's row, or None."""
+        if not records:
+            return []
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            out: _Applied = []
+            for t in records:
+                sql, args = self._transition_sql(t)
+                rows = self._db.execute(sql, args).fetchall()
+                out.append(_payee_from_row(rows[0]) if rows else None)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return out
+
+    def fire(self, channel_id: str, decide: Decide, rec: PayeeRecord | None = None) -> PayeeRecord | None:
+        """Ask ``decide`` (a core lifecycle event) for the transition of channel ``channel_id`` as
+        stored (``rec``, or read now) and :meth:`apply` it; when the compare-and-set is lost, read the
+        row again and ask again. Returns the updated row, or None once the decision raises
+        IllegalTransition (the event is not allowed in the row's state), the row is missing, or the
+        event's guard refused it."""
+        for _attempt in range(_FIRE_ATTEMPTS):
+            if rec is None and (rec := self.find(channel_id)) is None:
+                return None
+            try:
+                t = decide(PayeeLifecycle(channel_id, rec.state), rec)
+            except IllegalTransition:
+                return None
+            stored = self.apply(t)
+            if stored is not None:
+                return stored
+            rec = self._decide_again(channel_id, t)
+            if rec is None:
+                return None
+        return None
+
+    async def fire_async(self, channel_id: str, decide: Decide, rec: PayeeRecord | None = None) -> PayeeRecord | None:
+        """:meth:`fire`, each record applied through the group-commit writer."""
+        for _attempt in range(_FIRE_ATTEMPTS):
+            if rec is None and (rec := self.find(channel_id)) is None:
+                return None
+            try:
+                t = decide(PayeeLifecycle(channel_id, rec.state), rec)
+            except IllegalTransition:
+                return None
+            stored = await self.apply_async(t)
+            if stored is not None:
+                return stored
+            rec = self._decide_again(channel_id, t)
+            if rec is None:
+                return None
+        return None
+
+    def _decide_again(self, channel_id: str, lost: Transition) -> PayeeRecord | None:
+        """The row to decide again on after ``lost`` lost its compare-and-set: the row as stored now;
+        None when there is nothing to decide again (no row, or the row is still in the old state and
+        the event's guard is what refused it)."""
+        fresh = self.find(channel_id)
+        if fresh is None or (fresh.state is lost.old and lost.event in _GUARDS):
+            return None
+        return fresh
+
+    def transition(self, channel_id: str, event: ChannelEvent | str, **fields: Any) -> PayeeRecord | None:
+        """Fire ``event`` (setting ``fields``) on the channel as stored, through the core's table
+        (:meth:`fire`): the updated row, or None when the row's state does not allow it (or is
+        missing). IllegalTransition for an unknown event; ValueError for a column outside the
+        fixed list."""
+        sources(event)  # IllegalTransition for an unknown event
+        bad = set(fields) - _TRANSITION_FIELDS
+        if bad:
+            raise ValueError(f"transition cannot set {sorted(bad)}")
+        return self.fire(channel_id, lambda life, _rec: life.fire(event, **fields))
 
     async def _returning(self, sql: str, args: Sequence[Any]) -> PayeeRecord | None:
         """Run one ``... RETURNING *`` statement through the group-commit writer: the row once committed."""
@@ -400,35 +489,28 @@ class PayeeStore(SeedKeys, Database):
         confirmations: int,
         funding_inputs: _Inputs | None = None,
     ) -> bool:
-        """``proposed`` -> ``funding`` with the funding outpoint; False if not proposed any more.
+        """The core's ``funding`` event: ``proposed`` -> ``funding`` with the funding outpoint; False
+        if not proposed any more. FundingMismatch if another channel has that outpoint.
 
         ``funding_inputs`` ([txid, vout] pairs the funding transaction spends)
         let the watcher name the transaction that double-spent a funding.
         """
-        try:
-            return (
-                self.transition(
-                    channel_id,
-                    "funding",
-                    funding_txid=txid,
-                    funding_vout=vout,
-                    confirmations=confirmations,
-                    funding_inputs=funding_inputs or [],
-                    lapse_at=None,
-                )
-                is not None
-            )
-        except sqlite3.IntegrityError as exc:
-            raise FundingMismatch("this funding outpoint is already used by another channel") from exc
+        outpoint = OutPoint(txid, vout)
+        return (
+            self.fire(channel_id, lambda life, _: life.funding_seen(outpoint, confirmations, funding_inputs or ()))
+            is not None
+        )
 
     def funding_lost(self, channel_id: str, confirmations: int) -> bool:
-        """``open`` -> ``funding``: the funding left the active chain or fell below its depth."""
-        return self.transition(channel_id, "funding_lost", confirmations=confirmations) is not None
+        """The core's ``funding_lost`` event: ``open`` -> ``funding`` (the funding left the active
+        chain or fell below its depth)."""
+        return self.fire(channel_id, lambda life, _: life.funding_lost(confirmations)) is not None
 
     def set_confirmations(self, channel_id: str, confirmations: int, open_now: bool) -> bool:
-        """Record funding confirmations; with ``open_now`` also ``funding`` -> ``open``."""
+        """Record funding confirmations; with ``open_now`` it is the core's ``funding_confirmed``
+        event (``funding`` -> ``open``)."""
         if open_now:
-            return self.transition(channel_id, "funding_confirmed", confirmations=confirmations) is not None
+            return self.fire(channel_id, lambda life, _: life.funding_confirmed(confirmations)) is not None
         return self._update(
             "UPDATE channels SET confirmations=?, updated_at=? WHERE channel_id=?",
             (confirmations, time.time(), channel_id),
@@ -674,17 +756,20 @@ class PayeeStore(SeedKeys, Database):
         """:meth:`use_surplus` through the group-commit writer."""
         return await self._returning(*self._surplus_sql(channel_id, units, price_sat, request_counter, last_request))
 
-    def claim_close(self, channel_id: str, reason: str) -> PayeeRecord | None:
-        """Claim the right to close: ``open``/``funding`` -> ``closing``.
+    def claim_close(self, channel_id: str, reason: str, rec: PayeeRecord | None = None) -> PayeeRecord | None:
+        """Claim the right to close, the core's ``closing`` event: ``open``/``funding`` -> ``closing``.
 
         Returns the row as of the claim (with the best payment to close with)
         to exactly one caller across all processes; None to everyone else.
+        ``rec``: the row as the caller last read it (read here if not given).
         """
-        return self.transition(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
+        return self.fire(channel_id, lambda life, _: life.closing(reason, time.time()), rec)
 
-    async def claim_close_async(self, channel_id: str, reason: str) -> PayeeRecord | None:
+    async def claim_close_async(
+        self, channel_id: str, reason: str, rec: PayeeRecord | None = None
+    ) -> PayeeRecord | None:
         """:meth:`claim_close` through the group-commit writer."""
-        return await self.transition_async(channel_id, "closing", end_reason=reason, close_claimed_at=time.time())
+        return await self.fire_async(channel_id, lambda life, _: life.closing(reason, time.time()), rec)
 
     def reclaim_stale_close(self, channel_id: str, older_than: float) -> bool:
         """Take over a ``closing`` claim that never got a close txid (its process died); fenced
@@ -769,47 +854,40 @@ class PayeeStore(SeedKeys, Database):
             (time.time(), channel_id, _S.CLOSING.value),
         )
 
-    def mark_uneconomic(self, channel_id: str) -> bool:
-        """A claimed close whose payments do not pay for its fee: sets ``close_uneconomic`` (False if set)."""
-        return self._update(
-            "UPDATE channels SET close_uneconomic=1, updated_at=?"
-            " WHERE channel_id=? AND state=? AND close_txid IS NULL AND close_uneconomic=0",
-            (time.time(), channel_id, _S.CLOSING.value),
-        )
+    def mark_uneconomic(self, channel_id: str, rec: PayeeRecord | None = None) -> bool:
+        """The core's ``close_uneconomic`` event: a claimed close whose payments do not pay for its
+        fee is flagged (False if flagged already, or a close was recorded)."""
+        return self.fire(channel_id, lambda life, _: life.close_uneconomic(), rec) is not None
 
     def mark_closed(self, channel_id: str, txid: str) -> bool:
-        """The ``closed`` event once ``txid`` (one of our closes) confirmed."""
-        rec = self.get(channel_id)
-        txids = rec.close_txids + ([txid] if txid not in rec.close_txids else [])
-        return self.transition(channel_id, "closed", close_txid=txid, close_txids=txids) is not None
+        """The core's ``closed`` event once ``txid`` (one of our closes) confirmed."""
+        return self.fire(channel_id, lambda life, rec: life.closed(txid, rec.close_txids)) is not None
 
     def mark_exception(self, channel_id: str, state: ChannelState | str, txid: str | None, reason: str) -> bool:
         """An on-chain exception: the funding was spent by ``txid`` (not our close) or never existed.
 
-        ``state`` is ``refunded`` or ``failed`` (the event of that name fires).
+        ``state`` is ``refunded`` or ``failed`` (the core's event of that name fires).
         ``reason`` replaces ``end_reason`` whole, so ``close_uneconomic`` is cleared with it.
         """
         if state not in (_S.REFUNDED, _S.FAILED):
             raise ValueError(state)
-        event = ChannelState(state).value  # these events are named after the state they lead to
-        return (
-            self.transition(
-                channel_id,
-                event,
-                exception_txid=txid,
-                end_reason=reason,
-                close_uneconomic=False,
-            )
-            is not None
-        )
+        if ChannelState(state) is _S.REFUNDED:
+            return self.fire(channel_id, lambda life, _: life.refunded(txid, reason)) is not None
+        return self.fire(channel_id, lambda life, _: life.failed(reason, txid)) is not None
+
+    def end_proposal(self, channel_id: str, reason: str) -> bool:
+        """The core's end of an unfunded proposal (``lapsed``, ``cancelled_by_payer``...): ``proposed``
+        -> ``failed``; False if the channel is not (or no longer) a proposal."""
+        return self.fire(channel_id, lambda life, _: life.proposal_ended(reason)) is not None
 
     def lapse_proposals(self, now: float | None = None) -> int:
-        """Unfunded proposals past their lapse time -> ``failed`` (reason ``lapsed``)."""
+        """Unfunded proposals past their lapse time -> ``failed`` (reason ``lapsed``), each by the
+        core's :meth:`~btcchannel.core.state.PayeeLifecycle.proposal_ended`, all in one commit; a
+        proposal funded meanwhile keeps its funding (its compare-and-set is lost). How many lapsed."""
         t = time.time() if now is None else now
-        state_sql, args, sources = _state_change("failed", within=[_S.PROPOSED])
-        cur = self._db.execute(
-            f"UPDATE channels SET {state_sql}, end_reason=?, updated_at=?"
-            f" WHERE state IN ({_marks(sources)}) AND lapse_at IS NOT NULL AND lapse_at<?",
-            (*args, "lapsed", t, *sources, t),
-        )
-        return int(cur.rowcount)
+        rows = self._db.execute(
+            "SELECT channel_id, state FROM channels WHERE state=? AND lapse_at IS NOT NULL AND lapse_at<?",
+            (_S.PROPOSED.value, t),
+        ).fetchall()
+        records = [PayeeLifecycle(str(r[0]), ChannelState(r[1])).proposal_ended("lapsed") for r in rows]
+        return sum(1 for rec in self.apply_all(records) if rec is not None)

@@ -64,7 +64,8 @@ def fund_channels(
         payment = payer.sign_payment(amount)
         payer.commit_payment(payment)
         payee = PayeeChannel.restore(funded, payee_key, ChannelState.OPEN)
-        assert payee.accept_payment(payment.amount_sat, payment.signature)
+        checked = payee.check_payment(payment.amount_sat, payment.signature)
+        assert checked is not None and payee.commit_payment(checked)  # stored by store_open_channels
         pairs.append(ChannelPair(payer, payee, amount))
     return pairs
 

@@ -1,0 +1,109 @@
+"""The payee's service checks a payment with the core, stores it, then commits it to the channel's
+machine (no node: a store on disk, the core's machines, a fixed chain tip): a durable write that
+fails leaves the machine's best as it was, with nothing to roll back."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from btcchannel.bitcoind.rpc import Node
+from btcchannel.core.channel import PayerChannel
+from btcchannel.core.keys import public_key
+from btcchannel.core.params import ChannelParams
+from btcchannel.core.script import p2wpkh_script
+from btcchannel.core.state import ChannelState
+from btcchannel.core.tx import OutPoint
+from btcchannel.errors import StalePayment
+from btcchannel.payee.closer import Closer
+from btcchannel.payee.config import ServerConfig
+from btcchannel.payee.service import PayeeService
+from btcchannel.payee.shared import ChainTip
+from btcchannel.store import PayeeRecord, PayeeStore
+
+PAYER_KEY = hashlib.sha256(b"commit-payer").digest()
+PAYEE_KEY = hashlib.sha256(b"commit-payee").digest()
+FUNDING = OutPoint("3c" * 32, 0)
+CID = "c0" * 16
+
+
+def _service(tmp_path: Path) -> tuple[PayeeService, PayerChannel]:
+    config = ServerConfig(datadir=tmp_path)
+    store = PayeeStore(tmp_path / "payee.db")
+    params = ChannelParams(
+        network="regtest",
+        payer_pubkey=public_key(PAYER_KEY),
+        payee_pubkey=public_key(PAYEE_KEY),
+        expiry_height=1_000,
+        deposit_sat=100_000,
+        payer_script=p2wpkh_script(public_key(PAYER_KEY)),
+    )
+    store.insert_proposal(
+        PayeeRecord(
+            channel_id=CID,
+            state=ChannelState.PROPOSED,
+            params=params.to_json(),
+            privkey=PAYEE_KEY,
+            deposit_sat=params.deposit_sat,
+            expiry_height=params.expiry_height,
+            created_at=time.time(),
+        )
+    )
+    assert store.set_funding(CID, FUNDING.txid, FUNDING.vout, 1)
+    assert store.set_confirmations(CID, 1, open_now=True)
+    node = cast(Node, object())  # no payment asks the node anything
+    svc = PayeeService(config, store, node, Closer(config, store, node), ChainTip(height=100))
+    return svc, PayerChannel.restore(params.with_funding(FUNDING), PAYER_KEY, ChannelState.OPEN)
+
+
+async def test_a_failed_write_leaves_the_machine_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc, payer = _service(tmp_path)
+    try:
+        first, second = payer.sign_payment(1_000), payer.sign_payment(2_000)
+        stored = await svc.accept(CID, first.amount_sat, first.signature)
+        assert stored is not None and stored.amount_sat == 1_000
+        machine = svc.channel(CID)
+        assert machine.best == first
+
+        async def disk_full(*args: Any, **kwargs: Any) -> PayeeRecord | None:
+            raise OSError("disk full")
+
+        monkeypatch.setattr(svc.store, "record_payment_async", disk_full)
+        with pytest.raises(OSError):
+            await svc.accept(CID, second.amount_sat, second.signature)
+        assert svc.channel(CID) is machine  # not dropped to undo anything: nothing was committed to it
+        assert machine.best == first and svc.store.get(CID).amount_sat == 1_000
+        monkeypatch.undo()
+        # the same payment again: new to the machine, stored and committed now
+        stored = await svc.accept(CID, second.amount_sat, second.signature)
+        assert stored is not None and stored.amount_sat == 2_000 and machine.best == second
+        assert await svc.accept(CID, second.amount_sat, second.signature) is None  # an exact retry
+        with pytest.raises(StalePayment):
+            await svc.accept(CID, first.amount_sat, first.signature)
+    finally:
+        await svc.closer.aclose()
+        svc.store.close()
+
+
+async def test_a_write_lost_to_another_writer_is_decided_again_on_the_stored_row(tmp_path: Path) -> None:
+    svc, payer = _service(tmp_path)
+    try:
+        first, second, third = (payer.sign_payment(a) for a in (1_000, 2_000, 3_000))
+        assert await svc.accept(CID, first.amount_sat, first.signature) is not None
+        machine = svc.channel(CID)
+        other = PayeeStore(svc.store.path)  # another instance stores a higher payment
+        try:
+            assert other.record_payment(CID, third.amount_sat, third.signature) is not None
+        finally:
+            other.close()
+        with pytest.raises(StalePayment):  # lost its compare-and-set, then refused on the stored best
+            await svc.accept(CID, second.amount_sat, second.signature)
+        assert machine.best == first  # the machine that checked it committed nothing
+        assert svc.channel(CID).best == third  # the one rebuilt from the stored row
+    finally:
+        await svc.closer.aclose()
+        svc.store.close()
