@@ -44,8 +44,10 @@ from typing import Any, Final, Iterable, Mapping, Sequence
 
 import orjson
 
+from btcchannel.core.keys import public_key
+from btcchannel.core.seed import derive_stateless_key
 from btcchannel.core.state import ChannelEvent, ChannelState, next_state, sources
-from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
+from btcchannel.errors import BadRequest, FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
 from btcchannel.store._group import AfterCommit
 from btcchannel.store._payee_schema import MIGRATIONS as _MIGRATIONS
@@ -112,7 +114,9 @@ class PayeeRecord:
     close_tx_txid: str | None = None
     #: who proposed the channel (the client's network address), for the per-client proposal cap
     client: str | None = None
-    key_index: int | None = None  # the key's BIP32 index under the datadir's seed (None: a random key)
+    #: the key's BIP32 index under the datadir's seed; None: a stateless proposal's key (derived from the
+    #: seed and the channel id, no index used) or, for a channel from before seeds, a random key
+    key_index: int | None = None
     #: the idempotency key of the last charged metered request (its exact retry is served, not charged)
     last_request: bytes | None = None
     #: the payer's channel key (hex), a column of its own for the cross-channel credit caps
@@ -207,6 +211,32 @@ class PayeeStore(SeedKeys, Database):
         """The condition (SQL appended to a close's compare-and-set, and its arguments) that holds only
         while this process's leadership is the current one: none on SQLite (see ``PgPayeeStore``)."""
         return "", ()
+
+    def restore_keys(self) -> int:
+        """:meth:`SeedKeys.restore_keys`, and also the lost keys of stateless channels (no
+        ``key_index``): each derived from the seed and its channel id, kept only if it matches the
+        channel's stored public key (a lost random key of an older channel stays lost)."""
+        restored = super().restore_keys()
+        rows = self._db.execute(
+            "SELECT channel_id, params FROM channels WHERE key_index IS NULL AND length(privkey)=0"
+        ).fetchall()
+        if not rows or not self.has_seed():
+            return restored
+        seed = self.seed()
+        for row in rows:
+            cid = str(row["channel_id"])
+            try:
+                privkey = derive_stateless_key(seed, cid)
+            except BadRequest:
+                continue
+            if public_key(privkey).hex() != json.loads(row["params"]).get(self.PUBKEY_FIELD):
+                continue
+            self._db.execute(
+                "UPDATE channels SET privkey=?, updated_at=? WHERE channel_id=? AND length(privkey)=0",
+                (privkey, time.time(), cid),
+            )
+            restored += 1
+        return restored
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -420,6 +450,51 @@ class PayeeStore(SeedKeys, Database):
             )
         except sqlite3.IntegrityError as exc:
             raise FundingMismatch("this funding outpoint is already used by another channel") from exc
+
+    def insert_funded(self, rec: PayeeRecord) -> PayeeRecord:
+        """Store a channel whose first row is its registered funding (a stateless proposal's): state
+        ``funding`` or ``open`` as ``rec`` says, its funding outpoint set, in one statement.
+
+        Idempotent and safe against other instances on the same database: ``INSERT ... ON CONFLICT
+        DO NOTHING``, then the row is read back. The row now stored for the channel with this very
+        outpoint is returned (this call's or an earlier one's: a repeated report is answered with
+        it); ``FundingMismatch`` when the channel is stored with another outpoint, or when another
+        channel holds this outpoint (nothing written)."""
+        if rec.state not in (_S.FUNDING, _S.OPEN) or rec.funding_txid is None or rec.funding_vout is None:
+            raise ValueError("insert_funded takes a funding or open channel with its outpoint")
+        now = time.time()
+        values: dict[str, Any] = {
+            "channel_id": rec.channel_id,
+            "state": _S(rec.state).value,
+            "params": json.dumps(rec.params),
+            "privkey": rec.privkey,
+            "deposit_sat": rec.deposit_sat,
+            "expiry_height": rec.expiry_height,
+            "created_at": rec.created_at or now,
+            "funding_txid": rec.funding_txid,
+            "funding_vout": rec.funding_vout,
+            "confirmations": rec.confirmations,
+            "funding_inputs": json.dumps(rec.funding_inputs),
+            "max_units": rec.max_units,
+            "max_total_sat": rec.max_total_sat,
+            "created_height": rec.created_height,
+            "updated_at": now,
+            "terms": json.dumps(rec.terms) if rec.terms is not None else None,
+            "payout_script": rec.payout_script,
+            "client": rec.client,
+            "key_index": rec.key_index,
+            "payer_pubkey": rec.params.get("payer_pubkey"),
+        }
+        self._db.execute(
+            f"INSERT INTO channels ({', '.join(values)}) VALUES ({_marks(values)}) ON CONFLICT DO NOTHING",
+            tuple(values.values()),
+        )
+        stored = self.find(rec.channel_id)
+        if stored is None:
+            raise FundingMismatch("this funding outpoint is already used by another channel")
+        if (stored.funding_txid, stored.funding_vout) != (rec.funding_txid, rec.funding_vout):
+            raise FundingMismatch("this channel already has a funding outpoint")
+        return stored
 
     def funding_lost(self, channel_id: str, confirmations: int) -> bool:
         """``open`` -> ``funding``: the funding left the active chain or fell below its depth."""
