@@ -156,6 +156,7 @@ async def test_forged_altered_foreign_expired_and_replayed_tokens_are_refused(
     assert _code(await fund(cid, proposal_token=token[:-4])) == (400, "bad_proposal_token")
     assert _code(await fund(cid, proposal_token=token + "A")) == (400, "bad_proposal_token")
     assert _code(await fund(cid, proposal_token=12)) == (400, "bad_proposal_token")
+    assert _code(await fund(cid, proposal_token=None)) == (400, "bad_proposal_token")
     foreign = (await _call(other.url, "POST", "/v1/channels", body))[1]
     assert _code(await fund(foreign["channel_id"], proposal_token=foreign["proposal_token"])) == (
         400,

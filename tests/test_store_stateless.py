@@ -1,7 +1,8 @@
 """A stateless proposal's channel row, written at its first funding report (SQLite and PostgreSQL
 stores): in one statement, idempotent for the same outpoint, refused for another one or an
 outpoint another channel holds, written once by processes racing on one database; its key, not
-indexed, comes back from the seed and the channel id."""
+indexed, comes back from the seed and the channel id. The payer keeps the token with its channel
+and in its backups."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from btcchannel.core.keys import public_key
 from btcchannel.core.seed import derive_stateless_key
 from btcchannel.core.state import ChannelState
 from btcchannel.errors import FundingMismatch
-from btcchannel.store import PayeeRecord, PayeeStore, open_payee_store
+from btcchannel.store import PayeeRecord, PayeeStore, PayerRecord, PayerStore, open_payee_store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -37,7 +38,9 @@ def store(target: str) -> Iterator[PayeeStore]:
         s.close()
 
 
-def _funded(cid: str, txid: str, vout: int = 0, *, state: str = "funding", privkey: bytes = b"\x01" * 32) -> PayeeRecord:
+def _funded(
+    cid: str, txid: str, vout: int = 0, *, state: str = "funding", privkey: bytes = b"\x01" * 32
+) -> PayeeRecord:
     return PayeeRecord(
         channel_id=cid,
         state=state,
@@ -133,3 +136,31 @@ def test_processes_racing_a_funding_report_write_it_once(store: PayeeStore, targ
     else:
         assert sum(won) == len(ids)  # one winner per channel, the others refused
         assert {r.funding_txid[0] for r in rows} <= {"1", "2", "3"}
+
+
+def test_the_payers_token_is_kept_with_its_channel_and_in_its_backups(tmp_path: Path) -> None:
+    with PayerStore(tmp_path / "a" / "payer.db") as a, PayerStore(tmp_path / "b" / "payer.db") as b:
+        assert a.schema_version == PayerStore.latest_version() == 5
+        for cid, token in (("c1" * 16, "dG9rZW4"), ("c2" * 16, None)):
+            a.insert(
+                PayerRecord(
+                    channel_id=cid,
+                    server_url="http://127.0.0.1:1",
+                    state="proposed",
+                    params={"payer_pubkey": "02" + "aa" * 32},
+                    privkey=b"\x01" * 32,
+                    deposit_sat=10_000,
+                    expiry_height=500,
+                    proposal_token=token,
+                    proposal_expires_at=1_700_000_600.0 if token else None,
+                )
+            )
+        assert a.get("c1" * 16).proposal_token == "dG9rZW4" and a.get("c2" * 16).proposal_token is None
+        assert b.import_backup(a.export_backup()) == 2
+        got = b.get("c1" * 16)
+        assert (got.proposal_token, got.proposal_expires_at) == ("dG9rZW4", 1_700_000_600.0)
+        old = a.export_backup()  # a backup written before tokens existed
+        for entry in old["channels"]:
+            del entry["proposal_token"], entry["proposal_expires_at"]
+        with PayerStore(tmp_path / "c" / "payer.db") as c:
+            assert c.import_backup(old) == 2 and c.get("c1" * 16).proposal_token is None

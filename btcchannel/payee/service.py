@@ -1,6 +1,13 @@
 """The payee's logic, no HTTP: proposals, funding registration, payments, metered charging,
 close requests and the service's info (the wire protocol of ``docs/PROTOCOL.md``).
 
+A proposal is stored (and counted against the proposal caps) unless it asks to be stateless:
+then nothing is written or reserved, and its answer carries a ``proposal_token``
+(:class:`~btcchannel.core.proposal.ProposalToken`, MACed with a key from the store's seed, so
+every instance on one database accepts it) from which the first funding report rebuilds and
+writes the channel; the payee's key derives from the seed and the channel id
+(:func:`~btcchannel.core.seed.derive_stateless_key`).
+
 ::
 
     class PayeeService:
@@ -22,6 +29,7 @@ assembles the three.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from typing import Any
@@ -181,7 +189,7 @@ class PayeeService:
         if stateless:
             token = ProposalToken(
                 channel_id=secrets.token_hex(16),
-                issued_at=int(time.time()),
+                issued_at=math.ceil(time.time()),  # (rounded up: a payer's lapse is never after the payee's)
                 created_height=tip,
                 payer_pubkey=payer_pubkey,
                 payer_script=payer_script,
@@ -296,7 +304,7 @@ class PayeeService:
         txid = txid_field(body, "txid")
         vout = int_field(body, "vout", 0, 100_000)
         token = None
-        if body.get("proposal_token") is not None:
+        if "proposal_token" in body:
             token = ProposalToken.decode(body["proposal_token"], self._proposal_secrets()[1], self.config.network)
             if token.channel_id != cid:
                 raise BadProposalToken("proposal_token is for another channel")

@@ -43,6 +43,15 @@ the protocol raises ``ProtocolViolation``. Each state the payee reports is stepp
 through the core's transition table (:mod:`btcchannel.payer.reported`): a report
 the table does not lead to from the stored state is logged and ignored.
 
+A payee whose ``/v1/info`` offers ``stateless_proposals`` is asked for one (unless
+``stateless_proposals`` is set False on the client): it stores nothing until the funding is
+reported, and the answer's ``proposal_token`` is stored with the channel and sent with every
+funding report, the one after a restart included. Until then the payee does not know the channel:
+:meth:`PayerClient.status` answers from the local row (``proposed``; ``failed``, ``lapsed`` once the
+token's time is over, counted on the payer's clock from before it proposed), or reports the stored
+funding again when the first report was lost; :meth:`PayerClient.close` cancels such a proposal
+locally.
+
 The terms are agreed at open: the payer reads the payee's required terms
 (``GET /v1/info``), refuses them if they are outside its :class:`PayerLimits`
 (``TermsRefused``, before anything is funded), proposes them with its end
@@ -401,11 +410,7 @@ class PayerClient(PayeeHttp):
         token = ans.get("proposal_token")
         if token is None:
             return None
-        if (
-            not isinstance(token, str)
-            or not 0 < len(token) <= MAX_TOKEN_CHARS
-            or token.strip(_BASE64URL) != ""
-        ):
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS or token.strip(_BASE64URL) != "":
             raise ProtocolViolation("the proposal answer's proposal_token is not a base64url string")
         return token
 

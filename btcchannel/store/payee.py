@@ -17,7 +17,14 @@ Entry points::
 
     PayeeStore(path)                                   # opens and migrates payee.db
     PayeeStore.transition(channel_id, event, **fields) -> PayeeRecord | None
+    PayeeStore.insert_funded(rec) -> PayeeRecord       # a stateless proposal's row, at its funding
     PayeeRecord                                        # one row; state is a ChannelState
+
+A stateless proposal (see :meth:`btcchannel.payee.service.PayeeService.propose`) has no row until
+its first funding report: :meth:`PayeeStore.insert_funded` writes it directly in ``funding`` or
+``open`` (``INSERT ... ON CONFLICT DO NOTHING``, then read back: instances racing one report write
+it once). Its key has no ``key_index``: it derives from the seed and the channel id, and
+:meth:`PayeeStore.restore_keys` derives it again when it was lost.
 
 Schema versions (the migrations are in :mod:`btcchannel.store._payee_schema`): 1 is the unversioned schema of earlier
 releases; 2 turns the
