@@ -334,7 +334,7 @@ class PayerClient(PayeeHttp):
         if stateless:  # a payee from before stateless proposals is never asked (it refuses unknown fields)
             body["stateless"] = True
         ttl = info.get("proposal_ttl_s")
-        asked_at = time.time()  # before the payee's token is issued: the payer's lapse is never later than its
+        asked_at = time.time()  # before the token is issued: the payer's lapse is never after the payee's
         legacy = "terms" not in info  # a payee from before agreed terms: the old end-condition fields
         if legacy:
             body.update(
@@ -516,13 +516,15 @@ class PayerClient(PayeeHttp):
     def _unfunded_proposal(self, rec: PayerRecord, end_reason: str | None = None) -> dict[str, Any]:
         """The channel object of a stateless proposal without a funding, as this payer knows it (the
         payee holds nothing of it): ``proposed`` while its token is valid, else ``failed`` with
-        ``end_reason`` (default ``lapsed``), recorded in the store."""
+        ``end_reason`` (``lapsed`` when its token's time is over), recorded in the store."""
         lapsed = rec.proposal_expires_at is not None and time.time() >= rec.proposal_expires_at
         state = rec.state
-        if end_reason is not None or lapsed or state is ChannelState.FAILED:
+        if end_reason is None and lapsed:
+            end_reason = "lapsed"
+        if end_reason is not None or state is ChannelState.FAILED:
             if state is not ChannelState.FAILED:
                 self.store.set_state(rec.channel_id, ChannelState.FAILED)
-            state, end_reason = ChannelState.FAILED, end_reason or "lapsed"
+            state = ChannelState.FAILED
         return {
             "channel_id": rec.channel_id,
             "state": state.value,
