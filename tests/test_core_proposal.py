@@ -85,6 +85,29 @@ def test_garbage_is_refused(text: object) -> None:
         ProposalToken.decode(text, MAC_KEY, "regtest")
 
 
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+@pytest.mark.parametrize("script_len", [20, 21, 22])  # tokens of each length mod 4: 0, 2 and 3 characters
+def test_a_token_has_one_spelling_only(script_len: int) -> None:
+    """Other strings that decode to the very same bytes (padding, the standard alphabet's "+" and
+    "/", unused low bits set in the last character) are refused, whatever their MAC says."""
+    tok = _token(payer_script=bytes(range(script_len)))
+    text = tok.encode(MAC_KEY, "regtest")
+    assert ProposalToken.decode(text, MAC_KEY, "regtest") == tok
+    variants = {text + "=" * (-len(text) % 4) or text + "====", text.replace("-", "+").replace("_", "/")}
+    spare = {2: 4, 3: 2}.get(len(text) % 4, 0)  # the last character's unused low bits
+    last = _ALPHABET.index(text[-1])
+    variants |= {text[:-1] + _ALPHABET[last | low] for low in range(1, 1 << spare)}
+    variants.discard(text)
+    if len(text) % 4:
+        assert len(variants) >= 2
+    for other in variants:
+        assert _raw(other.rstrip("=").replace("+", "-").replace("/", "_")) == _raw(text)  # the same bytes
+        with pytest.raises(BadProposalToken, match="canonical"):
+            ProposalToken.decode(other, MAC_KEY, "regtest")
+
+
 def test_a_token_with_a_valid_mac_but_a_malformed_body_is_refused() -> None:
     """Only the payee can MAC; still, a body it cannot parse (another version) is refused, not a crash."""
     body = bytearray(_token().body())

@@ -8,7 +8,8 @@ a key only it holds (:func:`btcchannel.core.seed.proposal_mac_key`)::
                           deposit_sat, expiry_height, script_version, terms).encode(mac_key, network)
     ProposalToken.decode(token, mac_key, network) -> ProposalToken   # BadProposalToken if not ours
 
-The token is base64url (RFC 4648, no padding) of these bytes, integers big-endian:
+The token is base64url (RFC 4648 §5, no padding, the unused low bits of the last character zero:
+exactly one spelling per token, any other is refused) of these bytes, integers big-endian:
 
 ======  ==========================================================================
 bytes   field
@@ -116,6 +117,10 @@ class ProposalToken:
             raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
             raise BadProposalToken("proposal_token is not base64url") from None
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != token:
+            # padding, "+" or "/", or unused low bits set in the last character: another string for
+            # the same bytes (a token has exactly one spelling, so it can be compared as a string)
+            raise BadProposalToken("proposal_token is not canonical base64url (no padding)")
         body, mac = raw[:-_MAC_BYTES], raw[-_MAC_BYTES:]
         if len(raw) <= _MAC_BYTES or not hmac.compare_digest(mac, _mac(mac_key, network, body)):
             raise BadProposalToken("proposal_token was not issued by this payee (or was altered)")
