@@ -2,7 +2,8 @@
 stores): in one statement, idempotent for the same outpoint, refused for another one or an
 outpoint another channel holds, written once by processes racing on one database; its key, not
 indexed, comes back from the seed and the channel id. The payer keeps the token with its channel
-and in its backups."""
+and in its backups. The payee's synchronous backup holds every acknowledged payment of a channel
+written since its last copy."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from btcchannel.core.keys import public_key
 from btcchannel.core.seed import derive_stateless_key
 from btcchannel.core.state import ChannelState
 from btcchannel.errors import FundingMismatch
+from btcchannel.payee.backup import SyncBackup
 from btcchannel.store import PayeeRecord, PayeeStore, PayerRecord, PayerStore, open_payee_store
 
 
@@ -97,6 +99,7 @@ def test_a_stateless_channels_lost_key_comes_back_from_the_seed(store: PayeeStor
 _RACE = """
 import sys
 from btcchannel.errors import FundingMismatch
+from btcchannel.payee.backup import SyncBackup
 from btcchannel.store import PayeeRecord, open_payee_store
 def funded_row(cid, txid):
     return PayeeRecord(channel_id=cid, state="funding", params={"payer_pubkey": "02" + "aa" * 32},
@@ -164,3 +167,34 @@ def test_the_payers_token_is_kept_with_its_channel_and_in_its_backups(tmp_path: 
             del entry["proposal_token"], entry["proposal_expires_at"]
         with PayerStore(tmp_path / "c" / "payer.db") as c:
             assert c.import_backup(old) == 2 and c.get("c1" * 16).proposal_token is None
+
+
+async def test_the_synchronous_backup_holds_a_payment_of_a_channel_written_since_its_last_copy(
+    tmp_path: Path,
+) -> None:
+    """A stateless channel's row is written at its funding report, after the backup's last copy: its
+    first payment, acknowledged once mirrored, takes a whole copy first, so the backup (what
+    ``restore`` closes from) holds the channel, its key and every acknowledged payment."""
+    db, copy = tmp_path / "payee.db", tmp_path / "other-disk" / "payee.db"
+    with PayeeStore(db) as s:
+        sync = SyncBackup(db, copy)  # the copy taken at start: no channel yet
+        s.payment_mirror = sync.mirror
+        s.writer.after_commit = sync.mirror
+        try:
+            key = derive_stateless_key(s.seed(), "c1" * 16)
+            s.insert_funded(_funded("c1" * 16, "66" * 32, state="open", privkey=key))
+            assert s.record_payment("c1" * 16, 1_000, b"\x30" * 8) is not None
+            assert sync.stats.catch_ups == 1  # the backup did not hold the channel: copied whole
+            assert await s.record_payment_async("c1" * 16, 2_000, b"\x31" * 8) is not None
+            assert sync.stats.catch_ups == 1 and sync.stats.mirrored == 2  # now mirrored as is
+            s.insert_funded(_funded("c2" * 16, "77" * 32, state="open"))
+            assert await s.record_payment_async("c2" * 16, 500, b"\x32" * 8) is not None  # through the writer
+            assert sync.stats.catch_ups == 2
+        finally:
+            s.payment_mirror = None
+            s.writer.after_commit = None
+            sync.close()
+    with PayeeStore(copy) as b:
+        got = b.get("c1" * 16)
+        assert (got.state, got.amount_sat, got.signature, got.privkey) == (ChannelState.OPEN, 2_000, b"\x31" * 8, key)
+        assert b.get("c2" * 16).amount_sat == 500
