@@ -1,10 +1,13 @@
 """The payee's service checks a payment with the core, stores it, then commits it to the channel's
 machine (no node: a store on disk, the core's machines, a fixed chain tip): a durable write that
-fails leaves the machine's best as it was, with nothing to roll back."""
+fails leaves the machine's best as it was, with nothing to roll back; two services on one database
+taking concurrent payments of one channel keep the highest."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import random
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -105,5 +108,57 @@ async def test_a_write_lost_to_another_writer_is_decided_again_on_the_stored_row
         assert machine.best == first  # the machine that checked it committed nothing
         assert svc.channel(CID).best == third  # the one rebuilt from the stored row
     finally:
+        await svc.closer.aclose()
+        svc.store.close()
+
+
+async def test_concurrent_payments_through_two_instances_keep_the_highest(tmp_path: Path) -> None:
+    """Two payee services on one database take 40 payments of one channel at once, in shuffled order
+    and alternately: each is stored and acknowledged, or refused stale; the stored best is the
+    highest; each machine's best is at least the highest it acknowledged (a lower one committed late
+    never replaces it); both go on from the stored row."""
+    svc, payer = _service(tmp_path)
+    config = ServerConfig(datadir=tmp_path / "b")
+    store_b = PayeeStore(svc.store.path)
+    node = cast(Node, object())
+    svc_b = PayeeService(config, store_b, node, Closer(config, store_b, node), ChainTip(height=100))
+    try:
+        payments = [payer.sign_payment(1_000 * n) for n in range(1, 41)]
+        order = list(range(40))
+        random.Random(7).shuffle(order)
+
+        async def send(n: int) -> tuple[PayeeService, int, PayeeRecord | None | Exception]:
+            target = (svc, svc_b)[n % 2]
+            p = payments[order[n]]
+            try:
+                return target, p.amount_sat, await target.accept(CID, p.amount_sat, p.signature)
+            except StalePayment as exc:
+                return target, p.amount_sat, exc
+
+        results = await asyncio.gather(*(send(n) for n in range(40)))
+        acked = [(t, amount) for t, amount, got in results if isinstance(got, PayeeRecord)]
+        for _t, amount, got in results:
+            assert isinstance(got, (PayeeRecord, StalePayment)), got  # never an exact retry, nor an error
+            if isinstance(got, PayeeRecord):
+                assert got.amount_sat == amount
+        assert max(a for _t, a in acked) == 40_000 and svc.store.get(CID).amount_sat == 40_000
+        for s in (svc, svc_b):
+            mine = [a for t, a in acked if t is s]
+            best = s.channel(CID).best
+            # the highest it acknowledged at least (a lower one committed late never replaces it), or
+            # a higher one another instance stored (its machine rebuilt from the row on a lost write)
+            assert best is not None and max(mine, default=0) <= best.amount_sat <= 40_000
+        last = payer.sign_payment(41_000)
+        for s in (svc_b, svc):  # each goes on from the stored row
+            if s is svc_b:
+                stored = await s.accept(CID, last.amount_sat, last.signature)
+                assert stored is not None and stored.amount_sat == 41_000
+            else:
+                assert await s.accept(CID, last.amount_sat, last.signature) is None  # an exact retry there
+        with pytest.raises(StalePayment):
+            await svc.accept(CID, payments[-1].amount_sat, payments[-1].signature)
+    finally:
+        await svc_b.closer.aclose()
+        store_b.close()
         await svc.closer.aclose()
         svc.store.close()
