@@ -35,8 +35,24 @@ from btcchannel.payer.views import to_payee
 
 if TYPE_CHECKING:
     from btcchannel.payer.client import PayerClient
+    from btcchannel.store.payer import PayerRecord
 
-__all__ = ["funding_outpoint", "funding_request", "fund_with_tx", "pending_proposal", "wait_for_funding"]
+__all__ = ["LAPSE_MARGIN_S", "funding_outpoint", "funding_request", "fund_with_tx", "pending_proposal", "wait_for_funding"]
+
+
+#: a stateless proposal's funding is not broadcast in the last this many seconds of its token (at
+#: most a tenth of the payee's ``proposal_ttl_s``): the funding report's way to the payee, and the
+#: clocks of the payee's instances (the token is checked on the clock of the one that gets the
+#: report), take some of that time, and a funding the payee refuses is locked until the expiry
+LAPSE_MARGIN_S = 30.0
+
+
+def _lapses_soon(rec: PayerRecord) -> bool:
+    """Whether stateless proposal ``rec`` is within :data:`LAPSE_MARGIN_S` of its token's lapse."""
+    if rec.proposal_expires_at is None:
+        return False
+    margin = min(LAPSE_MARGIN_S, max(rec.proposal_expires_at - rec.created_at, 0.0) / 10)
+    return time.time() >= rec.proposal_expires_at - margin
 
 
 def _params(client: PayerClient, channel_id: str) -> ChannelParams:
@@ -95,7 +111,8 @@ def funding_outpoint(params: ChannelParams, tx_hex: str) -> OutPoint:
 
 async def fund_with_tx(client: PayerClient, channel_id: str, tx_hex: str) -> OutPoint:
     """Check that ``tx_hex`` funds proposed channel ``channel_id`` and that the payee still holds the
-    proposal (ChannelClosed when it lapsed or was cancelled: nothing is broadcast), broadcast it through
+    proposal (ChannelClosed when it lapsed or was cancelled, or a stateless proposal's token lapses
+    within :data:`LAPSE_MARGIN_S`: nothing is broadcast), broadcast it through
     the node (one already in a block is fine), record the outpoint and register it with the payee."""
     rec = client.record(channel_id)
     if rec.state is not ChannelState.PROPOSED or rec.funding_txid is not None:
@@ -105,6 +122,11 @@ async def fund_with_tx(client: PayerClient, channel_id: str, tx_hex: str) -> Out
     if state != ChannelState.PROPOSED:  # lapsed or cancelled: a funding now would be locked until the expiry
         raise ChannelClosed(
             f"the payee reports channel {channel_id} {state}, not a proposal awaiting its funding: "
+            "not broadcasting (open a new channel)"
+        )
+    if _lapses_soon(rec):
+        raise ChannelClosed(
+            f"the payee's token for channel {channel_id} lapses in less than {LAPSE_MARGIN_S:g} s: "
             "not broadcasting (open a new channel)"
         )
     try:
