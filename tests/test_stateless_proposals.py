@@ -2,7 +2,8 @@
 nothing and locks no one out; forged, altered, foreign, expired and replayed tokens are refused with
 their codes; the token's agreed terms hold whatever the payee's configuration became; a payer that
 crashed between its funding and its report reports again; two payee instances on one PostgreSQL
-database racing one report write one channel; a proposal without ``stateless`` is stored as before."""
+database racing one report write one channel; a proposal without ``stateless`` is stored as before;
+the token of a channel that closed or failed funds nothing else."""
 
 from __future__ import annotations
 
@@ -321,3 +322,46 @@ async def test_two_payee_instances_on_postgresql_write_one_channel(
     assert [r.channel_id for r in a.store.list()] == [cid]
     bitcoind.mine(1)
     await wait_until_async(lambda: b.store.get(cid).state is ChannelState.OPEN, timeout=30, what="open")
+
+
+async def test_a_token_replayed_after_its_channel_ended_opens_nothing(
+    bitcoind: RegtestNode, payee_factory: PayeeFactory, payer_factory: PayerFactory
+) -> None:
+    """The token of a channel that closed, or whose funding failed, stays that channel's: the same
+    outpoint again is answered with the channel as it is now, another outpoint paying the same
+    script is refused (``funding_mismatch``, ``channel_closed`` once failed); no second channel,
+    the closed one's payments untouched."""
+    srv = await payee_factory.start(final_confirmations=1)
+    client = payer_factory("replayer")
+    cid = await client.open_channel(srv.url, 60_000, 30, wait_open=False)
+    bitcoind.mine(1)
+    await client.wait_open(cid, timeout=30)
+    assert await client.pay(cid, 5_000) == 5_000
+    await client.close(cid)
+    bitcoind.mine(1)
+    await wait_until_async(lambda: srv.store.get(cid).state is ChannelState.CLOSED, timeout=30, what="closed")
+    mine = client.store.get(cid)
+    assert mine.proposal_token is not None
+    report = {"txid": mine.funding_txid, "vout": mine.funding_vout, "proposal_token": mine.proposal_token}
+    status, obj = await _call(srv.url, "POST", f"/v1/channels/{cid}/funding", report)
+    assert status == 200 and obj["state"] == "closed" and obj["amount_sat"] == 5_000
+    node = payer_factory.node()
+    script_ = ChannelParams.from_json(mine.params).funding_script
+    again = await node.fund_output(script_, 60_000)  # the same funding script, a fresh output
+    replay = {"txid": again.txid, "vout": again.vout, "proposal_token": mine.proposal_token}
+    assert _code(await _call(srv.url, "POST", f"/v1/channels/{cid}/funding", replay)) == (400, "funding_mismatch")
+    # a funding that failed (as a double-spent one does): its token funds nothing else either
+    status, ans = await _call(srv.url, "POST", "/v1/channels", _proposal(bitcoind))
+    assert status == 201
+    first = await node.fund_output(bytes.fromhex(ans["funding_script"]), DEPOSIT)
+    other = ans["channel_id"]
+    body = {"txid": first.txid, "vout": first.vout, "proposal_token": ans["proposal_token"]}
+    assert (await _call(srv.url, "POST", f"/v1/channels/{other}/funding", body))[0] == 200
+    assert srv.store.mark_exception(other, ChannelState.FAILED, None, "funding_vanished")
+    second = await node.fund_output(bytes.fromhex(ans["funding_script"]), DEPOSIT)
+    body = {"txid": second.txid, "vout": second.vout, "proposal_token": ans["proposal_token"]}
+    assert _code(await _call(srv.url, "POST", f"/v1/channels/{other}/funding", body)) == (409, "channel_closed")
+    assert {r.channel_id: (r.funding_txid, r.amount_sat) for r in srv.store.list()} == {
+        cid: (mine.funding_txid, 5_000),
+        other: (first.txid, 0),
+    }
