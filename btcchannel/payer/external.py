@@ -37,7 +37,14 @@ if TYPE_CHECKING:
     from btcchannel.payer.client import PayerClient
     from btcchannel.store.payer import PayerRecord
 
-__all__ = ["LAPSE_MARGIN_S", "funding_outpoint", "funding_request", "fund_with_tx", "pending_proposal", "wait_for_funding"]
+__all__ = [
+    "LAPSE_MARGIN_S",
+    "funding_outpoint",
+    "funding_request",
+    "fund_with_tx",
+    "pending_proposal",
+    "wait_for_funding",
+]
 
 
 #: a stateless proposal's funding is not broadcast in the last this many seconds of its token (at
