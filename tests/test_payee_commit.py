@@ -1,13 +1,15 @@
 """The payee's service checks a payment with the core, stores it, then commits it to the channel's
 machine (no node: a store on disk, the core's machines, a fixed chain tip): a durable write that
 fails leaves the machine's best as it was, with nothing to roll back; two services on one database
-taking concurrent payments of one channel keep the highest."""
+taking concurrent payments of one channel keep the highest; an exact retry is acknowledged only once
+the synchronous backup holds it."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import random
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -22,6 +24,7 @@ from btcchannel.core.script import p2wpkh_script
 from btcchannel.core.state import ChannelState
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import StalePayment
+from btcchannel.payee.backup import SyncBackup
 from btcchannel.payee.closer import Closer
 from btcchannel.payee.config import ServerConfig
 from btcchannel.payee.service import PayeeService
@@ -160,5 +163,57 @@ async def test_concurrent_payments_through_two_instances_keep_the_highest(tmp_pa
     finally:
         await svc_b.closer.aclose()
         store_b.close()
+        await svc.closer.aclose()
+        svc.store.close()
+
+
+class _Unwritable:
+    """A backup database that refuses every write (its disk gone)."""
+
+    in_transaction = False
+
+    def execute(self, *args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def close(self) -> None:
+        """(nothing to close)"""
+
+
+async def test_an_exact_retry_is_acknowledged_only_once_the_synchronous_backup_holds_it(tmp_path: Path) -> None:
+    """A payment committed to payee.db whose write to the synchronous backup failed is not
+    acknowledged; its exact retry writes nothing, so it is acknowledged only after the backup took a
+    whole copy (not at all while the backup cannot be written): ``restore`` never closes below an
+    acknowledged payment."""
+    svc, payer = _service(tmp_path)
+    svc.tip.checked_at = time.monotonic()  # the node's tip just fetched (pay checks the chain view)
+    copy = tmp_path / "other-disk" / "payee.db"
+    sync = SyncBackup(svc.store.path, copy)
+    svc.store.payment_mirror = svc.store.writer.after_commit = sync.mirror
+    svc.store.payment_barrier = sync.catch_up
+    try:
+        first, second = payer.sign_payment(1_000), payer.sign_payment(2_000)
+        assert await svc.accept(CID, first.amount_sat, first.signature) is not None
+        disk, sync._conn = sync._conn, cast(sqlite3.Connection, _Unwritable())  # the backup's disk goes
+        copy_whole = sync._copy_locked
+
+        def gone() -> float:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        sync._copy_locked = gone  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            await svc.accept(CID, second.amount_sat, second.signature)  # in payee.db, not in the backup
+        assert svc.store.get(CID).amount_sat == 2_000 and sync.behind
+        with pytest.raises(sqlite3.OperationalError):  # its retry: still no backup, still no acknowledgement
+            await svc.pay(CID, {"amount_sat": second.amount_sat, "signature": second.signature.hex()})
+        sync._conn, sync._copy_locked = disk, copy_whole  # type: ignore[method-assign]  # the disk is back
+        answer = await svc.pay(CID, {"amount_sat": second.amount_sat, "signature": second.signature.hex()})
+        assert answer["amount_sat"] == 2_000 and not sync.behind and sync.stats.catch_ups == 1
+        with PayeeStore(copy) as backup:
+            assert backup.get(CID).amount_sat == 2_000
+        assert await svc.accept(CID, second.amount_sat, second.signature) is None  # in sync now: no copy
+        assert sync.stats.catch_ups == 1
+    finally:
+        svc.store.payment_mirror = svc.store.writer.after_commit = svc.store.payment_barrier = None
+        sync.close()
         await svc.closer.aclose()
         svc.store.close()

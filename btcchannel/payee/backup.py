@@ -10,7 +10,9 @@ thread. A payment whose channel the backup does not hold in the same state yet (
 opened since the last copy) makes it take a whole copy of ``payee.db`` at once, before the
 acknowledgement. So ``restore`` closes every channel for at least what was acknowledged. If the
 backup cannot be written, the payment is not acknowledged (the payer gets an error and may
-retry). Everything else (proposals, fundings, closes) reaches the backup through the copies.
+retry); ``payee.db`` holds it though, so its exact retry, which writes nothing, is acknowledged
+only after a whole copy (:meth:`SyncBackup.catch_up`, the store's ``payment_barrier``).
+Everything else (proposals, fundings, closes) reaches the backup through the copies.
 
 **Asynchronous** (``synchronous=False``, ``serve --backup-async``): the backup only gets copies,
 so it lags ``payee.db`` by up to ``poll_s`` plus one copy's duration (under load: the
@@ -35,7 +37,7 @@ Entry points::
 
     install_backup(app, db_path, backup_path, *, poll_s=0.5, interval_s=60.0,
                    synchronous=True) -> BackupStats
-    SyncBackup(db_path, backup_path)        # .mirror(statements), .copy() -> seconds, .close()
+    SyncBackup(db_path, backup_path)        # .mirror(statements), .catch_up(), .copy() -> seconds, .close()
     restore_closing(config, node, backup_path) -> list[dict]   # channel objects after the closes
 """
 
@@ -92,6 +94,8 @@ class SyncBackup:
         self.backup_path = backup_path
         self.stats = stats if stats is not None else BackupStats()
         self.lock = threading.Lock()
+        #: a write to the backup failed since its last whole copy: payee.db may hold payments it lacks
+        self.behind = False
         backup_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._conn = connect(backup_path)
         try:
@@ -112,7 +116,17 @@ class SyncBackup:
             source.backup(self._conn)
         finally:
             source.close()
+        self.behind = False
         return time.perf_counter() - start
+
+    def catch_up(self) -> None:
+        """Before an answer acknowledges a payment ``payee.db`` already holds without writing it again
+        (an exact retry, whose first write to the backup may have failed): a whole copy if a write to
+        the backup failed since the last one; raises if that copy fails (nothing is acknowledged)."""
+        with self.lock:
+            if self.behind:
+                self._copy_locked()
+                self.stats.catch_ups += 1
 
     def mirror(self, statements: Sequence[tuple[str, Sequence[Any], int]]) -> None:
         """Run the payments just committed to ``payee.db`` (``(sql, args, rows)``, ``rows`` being how
@@ -120,22 +134,29 @@ class SyncBackup:
         changes fewer rows there (the backup has not got its channel's row or state yet) is
         followed by a whole copy. Returns once the backup holds every one of them."""
         with self.lock:
-            stale = False
-            db = self._conn
-            db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args, rows in statements:
-                    if len(db.execute(sql, args).fetchall()) != rows:
-                        stale = True
-                db.execute("COMMIT")  # synchronous=FULL: durable when this returns
+                self._mirror_locked(statements)
             except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                self.behind = True  # payee.db holds them: the next exact retry copies first
                 raise
-            if stale:
-                self._copy_locked()
-                self.stats.catch_ups += 1
             self.stats.mirrored += len(statements)
+
+    def _mirror_locked(self, statements: Sequence[tuple[str, Sequence[Any], int]]) -> None:
+        stale = False
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args, rows in statements:
+                if len(db.execute(sql, args).fetchall()) != rows:
+                    stale = True
+            db.execute("COMMIT")  # synchronous=FULL: durable when this returns
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if stale:
+            self._copy_locked()
+            self.stats.catch_ups += 1
 
     def close(self) -> None:
         """Close the backup database (after a last :meth:`copy`, if wanted)."""
@@ -211,6 +232,7 @@ def install_backup(
             sync = await asyncio.to_thread(SyncBackup, db_path, backup_path, stats)
             store.payment_mirror = sync.mirror
             store.writer.after_commit = sync.mirror
+            store.payment_barrier = sync.catch_up
         task = asyncio.ensure_future(_run(db_path, backup_path, poll_s, interval_s, stats, sync))
         try:
             yield
@@ -222,6 +244,7 @@ def install_backup(
             if sync is not None:
                 store.payment_mirror = None
                 store.writer.after_commit = None
+                store.payment_barrier = None
                 sync.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -208,6 +208,9 @@ class PayeeStore(SeedKeys, Database):
     #: a second durable copy of every stored payment, written before the payment is acknowledged
     #: (the payee's synchronous backup); the group-commit writer calls it as its ``after_commit``
     payment_mirror: AfterCommit | None = None
+    #: called before an answer acknowledges a payment stored earlier without writing it again (an
+    #: exact retry): the synchronous backup catches up there if one of its writes failed
+    payment_barrier: Callable[[], None] | None = None
 
     def try_lead(self) -> bool:
         """Whether this process runs the watcher and closer: always, on SQLite (see ``PgPayeeStore``)."""
