@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 import uvicorn
 from aiohttp import web
 from fastapi import FastAPI, Request, Response
@@ -156,6 +157,40 @@ async def test_a_lost_prepay_answer_is_served_again_and_charged_once(
     assert [a[0] for a in answers] == [200, 200, 200]
     rec = srv.store.get(cid)
     assert (rec.amount_sat, rec.units, rec.payments) == (2 * PRICE, 2, 2)
+
+
+@pytest.mark.allow_payee_errors
+async def test_a_request_is_served_again_only_once_the_synchronous_backup_holds_its_payment(
+    bitcoind: RegtestNode,
+    tmp_path: Path,
+    payee_factory: PayeeFactory,
+    payer_client: PayerClient,
+) -> None:
+    """Serving the exact retry of a charged request acknowledges its payment: while the synchronous
+    backup is behind and cannot take a copy (its store's payment barrier fails), the retry is not
+    served; once the backup holds it, it is, charged once."""
+    data = _file(tmp_path)
+    srv = await payee_factory.start(
+        hook=lambda app: add_file_route(app, data, chunk_size=CHUNK), price_sat=PRICE, mode="prepay"
+    )
+    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000)
+    headers = await _prepay_headers(payer_client, cid, f"{srv.url}/v1/file/2")
+    assert (await _raw(srv.url, "GET", "/v1/file/2", headers))[0] == 200  # its answer is "lost"
+    barriers: list[str] = []
+
+    def behind_and_unwritable() -> None:
+        barriers.append("failed")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    srv.store.payment_barrier = behind_and_unwritable
+    status, _, raw = await _raw(srv.url, "GET", "/v1/file/2", headers)
+    assert status >= 500 and raw != data.read_bytes()[2 * CHUNK : 3 * CHUNK] and barriers == ["failed"]
+    srv.store.payment_barrier = lambda: barriers.append("caught up")
+    status, _, raw = await _raw(srv.url, "GET", "/v1/file/2", headers)
+    assert status == 200 and raw == data.read_bytes()[2 * CHUNK : 3 * CHUNK]
+    assert barriers == ["failed", "caught up"]
+    rec = srv.store.get(cid)
+    assert (rec.amount_sat, rec.units, rec.payments) == (PRICE, 1, 1)
 
 
 async def test_an_older_counter_is_refused_naming_the_last(

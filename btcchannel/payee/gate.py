@@ -201,6 +201,7 @@ class PaymentGate:
             auth = parse_auth(headers.get(HDR_AUTH))
             rec, key, replay = self._authenticate(rec, auth, PaidRequest.of(method, target, headers, body))
             if replay:
+                await svc.backup_holds_it()  # serving it again acknowledges its payment: the backup holds it
                 return Charge(rec, units, metering, key, replay=True)
             pay = parse_payment_headers(headers)
             svc.require_fresh_chain()  # once: no payment, surplus or credit is used on a stale chain view
@@ -216,7 +217,9 @@ class PaymentGate:
                         rec = await svc.pay_owed(rec, pay[0], pay[1])
                     charged = await svc.charge_postpay(rec, units, auth.counter, key)
             except (StalePayment, Unauthorized) as err:
-                return self._retried_meanwhile(err, cid, auth.counter, key, units, metering)
+                replayed = self._retried_meanwhile(err, cid, auth.counter, key, units, metering)
+                await svc.backup_holds_it()
+                return replayed
             return self._charged(charged, cid, units, metering, key, origin)
         except ChannelError as err:
             return self._refused(err, rec)

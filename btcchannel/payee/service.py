@@ -456,7 +456,7 @@ class PayeeService:
             if payment is None or (pending is not None and pending[0] == payment):
                 if pending is not None:  # the same payment being stored: its outcome is the first request's
                     await asyncio.wait([pending[1]])
-                await self._backup_holds_it()
+                await self.backup_holds_it()
                 return None
             fut = asyncio.ensure_future(
                 self.store.record_payment_async(
@@ -490,8 +490,9 @@ class PayeeService:
                 )
         raise InternalError("payment could not be stored (concurrent updates)")
 
-    async def _backup_holds_it(self) -> None:
-        """Before an exact retry is acknowledged (the payment stored earlier, nothing written now):
+    async def backup_holds_it(self) -> None:
+        """Before an exact retry is acknowledged (the payment stored earlier, nothing written now; a
+        metered request served again is one too):
         the synchronous backup, if one of its writes failed since its last copy, copies ``payee.db``
         whole first (and if it cannot, the retry is not acknowledged)."""
         barrier = self.store.payment_barrier
@@ -574,7 +575,7 @@ class PayeeService:
             retried = self.exact_retry(cid, amount, sig)  # the stored payment again: its stored result,
             if retried is None:  # whatever the channel's state now
                 raise
-            await self._backup_holds_it()
+            await self.backup_holds_it()
             rec = retried
         return {"channel_id": cid, "amount_sat": rec.amount_sat, "state": rec.state}
 
