@@ -236,6 +236,16 @@ class TermsMismatch(ChannelError):
     wire = True
 
 
+class BadProposalToken(ChannelError):
+    """A funding report whose ``proposal_token`` this payee did not issue for this channel: not
+    its MAC (altered, forged, another payee's), malformed, or for another channel id.
+    Wire code ``bad_proposal_token``, HTTP 400."""
+
+    code = "bad_proposal_token"
+    http_status = 400
+    wire = True
+
+
 class ChannelClosing(ChannelError):
     """A payment or request after the channel's close was decided.
     Wire code ``channel_closing``, HTTP 409."""

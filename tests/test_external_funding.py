@@ -177,6 +177,7 @@ async def test_a_funding_tx_for_a_proposal_the_payee_dropped_is_not_broadcast(
     payer_client: PayerClient,
     funded_wallet: str,
 ) -> None:
+    payer_client.stateless_proposals = False  # a proposal the payee stores (and can drop)
     cid = await payer_client.propose(payee.url, 100_000, 20)
     request = await funding_request(payer_client, cid)
     assert request["psbt"] is not None  # the payer's own node wallet can fund it

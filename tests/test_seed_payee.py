@@ -12,7 +12,7 @@ import pytest
 
 from btcchannel.bitcoind.regtest import RegtestNode
 from btcchannel.core.keys import public_key
-from btcchannel.core.seed import derive_channel_key
+from btcchannel.core.seed import derive_channel_key, derive_stateless_key
 from btcchannel.errors import BadRequest
 from btcchannel.store import PayeeRecord, PayeeStore, open_payee_store
 from btcchannel.testing import open_channel, sats, tx_of, wait_until_async
@@ -57,21 +57,29 @@ def test_payee_seed_indexes_and_restore_on_both_stores(store: PayeeStore) -> Non
     assert store.reserve_key()[0] == 3
 
 
+@pytest.mark.parametrize("stateless", [False, True], ids=["stored", "stateless"])
 async def test_payee_restores_wiped_keys_from_its_seed_and_closes(
     bitcoind: RegtestNode,
     payee_factory: PayeeFactory,
     payer_factory: PayerFactory,
+    stateless: bool,
 ) -> None:
+    """A stored proposal's key is the seed's at its index; a stateless proposal's (no index) is the
+    seed's at the path its channel id gives: both come back from the seed alone."""
     cfg = payee_factory.config()
     proc = payee_factory.process(cfg)
     url = await proc.start()
     client = payer_factory(timeout=5)
+    client.stateless_proposals = stateless
     cid = await open_channel(client, bitcoind, url, 300_000, 60)
     for _ in range(5):
         await client.pay(cid, 1_000)
     with PayeeStore(cfg.db_path) as store:
         rec, seed = store.get(cid), store.seed()
-    assert rec.key_index is not None and rec.privkey == derive_channel_key(seed, rec.key_index)
+    if stateless:
+        assert rec.key_index is None and rec.privkey == derive_stateless_key(seed, cid)
+    else:
+        assert rec.key_index is not None and rec.privkey == derive_channel_key(seed, rec.key_index)
     assert rec.params["payee_pubkey"] == public_key(rec.privkey).hex()
     await proc.stop(signal.SIGKILL)
     conn = sqlite3.connect(cfg.db_path)  # the keys are lost, the seed is not

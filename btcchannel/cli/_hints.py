@@ -61,6 +61,8 @@ HINTS: dict[str, str] = {
     "usage": "see --help for the command's options and an example",
     "unauthorized": "the request was not signed by this channel's payer key; pay with the datadir that "
     "opened the channel",
+    "bad_proposal_token": "the payee did not issue this proposal (another payee, or its seed changed): "
+    "open a new channel; a deposit already sent comes back by refund after the expiry",
     "terms_mismatch": "propose the terms the payee states in GET /v1/info (price, mode, credit limit, timeouts)",
     "payment_required": "the request needs a payment or credit on the channel: fetch it through btcchannel's "
     "payer, which pays what the 402 asks",

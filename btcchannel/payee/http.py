@@ -203,7 +203,7 @@ async def _propose(request: web.Request) -> web.Response:
     body = parse_body(
         await _body(request),
         ("payer_pubkey", "deposit_sat", "expiry_height", "payer_script"),
-        ("max_units", "max_total_sat", "terms", "script_version"),
+        ("max_units", "max_total_sat", "terms", "script_version", "stateless"),
     )
     client = svc.config.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
     return web.json_response(svc.propose(body, client=client), status=201)
@@ -212,8 +212,9 @@ async def _propose(request: web.Request) -> web.Response:
 async def _funding(request: web.Request) -> web.Response:
     svc = request.app[SERVICE]
     cid = check_channel_id(request.match_info["cid"])
-    body = parse_body(await _body(request), ("txid", "vout"))
-    return web.json_response(await svc.register_funding(cid, body))
+    body = parse_body(await _body(request), ("txid", "vout"), ("proposal_token",))
+    client = svc.config.client_address(request.remote, request.headers.getall("X-Forwarded-For", []))
+    return web.json_response(await svc.register_funding(cid, body, client=client))
 
 
 async def _payment(request: web.Request) -> web.Response:

@@ -1,6 +1,13 @@
 """The payee's logic, no HTTP: proposals, funding registration, payments, metered charging,
 close requests and the service's info (the wire protocol of ``docs/PROTOCOL.md``).
 
+A proposal is stored (and counted against the proposal caps) unless it asks to be stateless:
+then nothing is written or reserved, and its answer carries a ``proposal_token``
+(:class:`~btcchannel.core.proposal.ProposalToken`, MACed with a key from the store's seed, so
+every instance on one database accepts it) from which the first funding report rebuilds and
+writes the channel; the payee's key derives from the seed and the channel id
+(:func:`~btcchannel.core.seed.derive_stateless_key`).
+
 ::
 
     class PayeeService:
@@ -22,18 +29,22 @@ assembles the three.
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from typing import Any
 
-from btcchannel.bitcoind.rpc import Node
+from btcchannel.bitcoind.rpc import Node, TxOutInfo
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayeeChannel
 from btcchannel.core.params import ChannelParams, Payment
-from btcchannel.core.state import ChannelState
+from btcchannel.core.proposal import ProposalToken
+from btcchannel.core.seed import derive_stateless_key, proposal_mac_key
+from btcchannel.core.state import ChannelState, PayeeLifecycle
 from btcchannel.core.terms import Capacity, Metering, Terms, not_open_error
 from btcchannel.core.tx import OutPoint
 from btcchannel.errors import (
+    BadProposalToken,
     BadRequest,
     ChannelClosed,
     ChannelError,
@@ -45,6 +56,7 @@ from btcchannel.errors import (
     StalePayment,
     TooManyChannels,
     Unauthorized,
+    UnknownChannel,
     WrongAmount,
 )
 from btcchannel.payee.closer import Closer
@@ -84,6 +96,7 @@ class PayeeService:
         self._pending: dict[str, tuple[Payment, asyncio.Future[PayeeRecord | None]]] = {}
         self._terms: dict[str, Terms] = {}  # each channel's agreed terms (fixed at its proposal)
         self._capacity: dict[str, Capacity] = {}  # each channel's capacity (fixed by its parameters)
+        self._secrets: tuple[bytes, bytes] | None = None  # the seed and the proposal MAC key
 
     @property
     def tip_height(self) -> int:
@@ -157,7 +170,8 @@ class PayeeService:
 
     # -- proposals ---------------------------------------------------------------
     def propose(self, body: dict[str, Any], client: str | None = None) -> dict[str, Any]:
-        """``POST /v1/channels``: validate and store a proposal (``client``: the caller's address)."""
+        """``POST /v1/channels``: validate a proposal (``client``: the caller's address) and store it,
+        or, asked with ``"stateless": true``, answer it with a ``proposal_token`` and store nothing."""
         cfg = self.config
         payer_pubkey = keys.check_public_key(hex_field(body, "payer_pubkey", 65))
         payer_script = script.check_payout_script(hex_field(body, "payer_script", 100))
@@ -167,9 +181,28 @@ class PayeeService:
         # the descriptor script when asked for; a client that does not ask (an older one) keeps the legacy script
         version = body.get("script_version")
         script_version = script.SCRIPT_LEGACY if version is None else script.check_script_version(version)
+        stateless = body.get("stateless", False)
+        if not isinstance(stateless, bool):
+            raise BadRequest("stateless must be true or false")
         self.require_fresh_chain()  # the expiry bounds are relative to the tip
         tip = self.tip_height
         cfg.proposal_limits.check_proposal(deposit, expiry, tip)
+        if stateless:
+            token = ProposalToken(
+                channel_id=secrets.token_hex(16),
+                issued_at=math.ceil(time.time()),  # (rounded up: a payer's lapse is never after the payee's)
+                created_height=tip,
+                payer_pubkey=payer_pubkey,
+                payer_script=payer_script,
+                deposit_sat=deposit,
+                expiry_height=expiry,
+                script_version=script_version,
+                terms=terms,
+            )
+            params = self._stateless_params(token)
+            answer = self._proposal_answer(token.channel_id, params, terms)
+            answer["proposal_token"] = token.encode(self._proposal_secrets()[1], cfg.network)
+            return answer
         self._admit_proposal(client)
         key_index, payee_priv = self.store.reserve_key()  # committed before the key is used: never reused
         params = ChannelParams(
@@ -202,17 +235,43 @@ class PayeeService:
                 key_index=key_index,
             )
         )
+        return self._proposal_answer(cid, params, terms)
+
+    @staticmethod
+    def _proposal_answer(cid: str, params: ChannelParams, terms: Terms) -> dict[str, Any]:
         return {
             "channel_id": cid,
             "payee_pubkey": params.payee_pubkey.hex(),
             "witness_script": params.witness_script.hex(),
             "funding_address": params.funding_address,
             "funding_script": params.funding_script.hex(),
-            "deposit_sat": deposit,
-            "expiry_height": expiry,
+            "deposit_sat": params.deposit_sat,
+            "expiry_height": params.expiry_height,
             "terms": terms.to_json(),
-            "script_version": script_version,
+            "script_version": params.script_version,
         }
+
+    def _proposal_secrets(self) -> tuple[bytes, bytes]:
+        """(the store's seed, the proposal MAC key derived from it), read once: the seed of a store
+        never changes once it exists (created here on first use, like the first channel key's)."""
+        if self._secrets is None:
+            seed = self.store.seed()
+            self._secrets = (seed, proposal_mac_key(seed))
+        return self._secrets
+
+    def _stateless_params(self, token: ProposalToken) -> ChannelParams:
+        """The channel parameters a stateless proposal's token stands for (the payee's key derived
+        from the seed and the channel id: nothing reserved, nothing written)."""
+        seed = self._proposal_secrets()[0]
+        return ChannelParams(
+            network=self.config.network,
+            payer_pubkey=token.payer_pubkey,
+            payee_pubkey=keys.public_key(derive_stateless_key(seed, token.channel_id)),
+            expiry_height=token.expiry_height,
+            deposit_sat=token.deposit_sat,
+            payer_script=token.payer_script,
+            script_version=token.script_version,
+        )
 
     def _admit_proposal(self, client: str | None) -> None:
         """Room for one more unfunded proposal from ``client``, or ``TooManyChannels``.
@@ -239,22 +298,44 @@ class PayeeService:
         if victim is None or not self.store.end_proposal(victim, "lapsed"):
             raise TooManyChannels("too many unfunded proposals, try later")
 
-    async def register_funding(self, cid: str, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /v1/channels/{id}/funding``: check the outpoint on the node and record it."""
+    async def register_funding(self, cid: str, body: dict[str, Any], client: str | None = None) -> dict[str, Any]:
+        """``POST /v1/channels/{id}/funding``: check the outpoint on the node and record it. With a
+        ``proposal_token`` (a stateless proposal) the channel's row is written now, in one statement;
+        ``client``: the reporter's address (kept with such a row, for the per-client credit cap)."""
         txid = txid_field(body, "txid")
         vout = int_field(body, "vout", 0, 100_000)
-        rec = self.store.get(cid)
+        token = None
+        if "proposal_token" in body:
+            token = ProposalToken.decode(body["proposal_token"], self._proposal_secrets()[1], self.config.network)
+            if token.channel_id != cid:
+                raise BadProposalToken("proposal_token is for another channel")
+        rec = self.store.find(cid)
+        if rec is None and token is not None:
+            return await self._fund_stateless(token, txid, vout, client)
+        if rec is None:
+            raise UnknownChannel(f"no channel {cid}")
         if rec.state is not ChannelState.PROPOSED:
             if rec.funding_txid == txid and rec.funding_vout == vout:
                 return channel_object(rec)  # idempotent retry
             if rec.state is ChannelState.FAILED:
                 raise ChannelClosed("this proposal has lapsed")
             raise FundingMismatch("this channel already has a funding outpoint")
-        params = self.params_of(rec)
+        info, inputs = await self._check_funding(self.params_of(rec), txid, vout)
+        if not self.store.set_funding(cid, txid, vout, info.confirmations, inputs):
+            return channel_object(self.store.get(cid))
+        if info.confirmations >= self.config.min_confirmations:
+            self.store.set_confirmations(cid, info.confirmations, open_now=True)
+        self.invalidate(cid)
+        return channel_object(self.store.get(cid))
+
+    async def _check_funding(self, params: ChannelParams, txid: str, vout: int) -> tuple[TxOutInfo, list[list[Any]]]:
+        """The output ``txid:vout`` as the node sees it (mempool included) and the outpoints its
+        transaction spends; ``FundingNotFound``/``FundingMismatch`` unless it pays exactly the
+        deposit to the funding script and is not a coinbase's."""
         info = await self.node.get_txout(OutPoint(txid, vout), include_mempool=True)
         if info is None:
             raise FundingNotFound("no such unspent output (mempool or chain)")
-        if info.value_sat != rec.deposit_sat or info.script != params.funding_script:
+        if info.value_sat != params.deposit_sat or info.script != params.funding_script:
             raise FundingMismatch("the output does not pay exactly deposit_sat to funding_script")
         if info.coinbase:
             # unspendable for 100 blocks: the payee could not close before the payer's refund is valid
@@ -263,12 +344,50 @@ class PayeeService:
         tx = await self.node.get_transaction(txid)
         if tx is not None:
             inputs = [[i["txid"], i["vout"]] for i in tx.get("vin", []) if "txid" in i]
-        if not self.store.set_funding(cid, txid, vout, info.confirmations, inputs):
-            return channel_object(self.store.get(cid))
-        if info.confirmations >= self.config.min_confirmations:
-            self.store.set_confirmations(cid, info.confirmations, open_now=True)
-        self.invalidate(cid)
-        return channel_object(self.store.get(cid))
+        return info, inputs
+
+    async def _fund_stateless(self, token: ProposalToken, txid: str, vout: int, client: str | None) -> dict[str, Any]:
+        """The first funding report of a stateless proposal (its token checked): refused
+        ``channel_closed`` once the token is older than ``proposal_ttl_s``; then the node's checks,
+        and the channel's row written directly in ``funding`` (``open`` when deep enough) under the
+        token's agreed terms, whatever the payee's configuration is now. A report racing another
+        (another instance, a retry) writes once: :meth:`PayeeStore.insert_funded`."""
+        cfg = self.config
+        if time.time() - token.issued_at > cfg.proposal_ttl_s:
+            raise ChannelClosed("this proposal has lapsed")
+        params = self._stateless_params(token)
+        info, inputs = await self._check_funding(params, txid, vout)
+        # the row's first state is the core's: a proposal (kept by the payer) that saw its funding,
+        # and, deep enough already, its confirmation
+        life = PayeeLifecycle(token.channel_id)
+        life.funding_seen(OutPoint(txid, vout), info.confirmations, inputs)
+        if info.confirmations >= cfg.min_confirmations:
+            life.funding_confirmed(info.confirmations)
+        terms = token.terms
+        rec = self.store.insert_funded(
+            PayeeRecord(
+                channel_id=token.channel_id,
+                state=life.state,
+                params=params.to_json(),
+                privkey=derive_stateless_key(self._proposal_secrets()[0], token.channel_id),
+                deposit_sat=token.deposit_sat,
+                expiry_height=token.expiry_height,
+                created_at=float(token.issued_at),
+                funding_txid=txid,
+                funding_vout=vout,
+                confirmations=info.confirmations,
+                funding_inputs=inputs,
+                max_units=terms.max_units,
+                max_total_sat=terms.max_total_sat,
+                created_height=token.created_height,
+                terms=terms.to_json(),
+                payout_script=self.closer.payee_script.hex() or None,
+                client=client,
+                key_index=None,  # derived from the seed and the channel id
+            )
+        )
+        self.invalidate(token.channel_id)
+        return channel_object(rec)
 
     # -- payments ----------------------------------------------------------------
     @staticmethod
@@ -610,6 +729,7 @@ class PayeeService:
             "max_proposals": cfg.max_proposals,
             "max_proposals_per_client": cfg.max_proposals_per_client,
             "proposal_cooldown_s": cfg.proposal_cooldown_s,
+            "stateless_proposals": True,
             "credit_cap_per_payer_sat": cfg.credit_cap_per_payer_sat,
             "credit_cap_per_client_sat": cfg.credit_cap_per_client_sat,
             "credit_cap_total_sat": cfg.credit_cap_total_sat,

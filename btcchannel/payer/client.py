@@ -44,6 +44,15 @@ the protocol raises ``ProtocolViolation``. Each state the payee reports is stepp
 through the core's transition table (:mod:`btcchannel.payer.reported`): a report
 the table does not lead to from the stored state is logged and ignored.
 
+A payee whose ``/v1/info`` offers ``stateless_proposals`` is asked for one (unless
+``stateless_proposals`` is set False on the client): it stores nothing until the funding is
+reported, and the answer's ``proposal_token`` is stored with the channel and sent with every
+funding report, the one after a restart included. Until then the payee does not know the channel:
+:meth:`PayerClient.status` answers from the local row (``proposed``; ``failed``, ``lapsed`` once the
+token's time is over, counted on the payer's clock from before it proposed), or reports the stored
+funding again when the first report was lost; :meth:`PayerClient.close` cancels such a proposal
+locally.
+
 The terms are agreed at open: the payer reads the payee's required terms
 (``GET /v1/info``), refuses them if they are outside its :class:`PayerLimits`
 (``TermsRefused``, before anything is funded), proposes them with its end
@@ -73,6 +82,7 @@ from btcchannel.bitcoind.rpc import Node
 from btcchannel.core import keys, script
 from btcchannel.core.channel import PayerChannel
 from btcchannel.core.params import ChannelParams, Payment
+from btcchannel.core.proposal import MAX_TOKEN_CHARS
 from btcchannel.core.state import ChannelState
 from btcchannel.core.terms import PayerLimits, Terms, not_open_error
 from btcchannel.core.tx import OutPoint
@@ -109,6 +119,8 @@ from btcchannel.wire import auth_header_v2
 
 __all__ = ["PayerClient", "Progress", "payee_unreachable"]
 
+_BASE64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
 
 class PayerClient(PayeeHttp):
     """The payer: one datadir (its ``payer.db``) and one node wallet that funds channels."""
@@ -142,6 +154,8 @@ class PayerClient(PayeeHttp):
         self._terms: dict[str, Terms] = {}  # agreed terms, parsed
         self._keys: dict[str, bytes] = {}  # channel keys (never change once stored)
         self._needed: dict[str, int] = {}  # confirmations each payee asks for (from its info)
+        #: ask payees that offer them for stateless proposals (False: always a stored proposal)
+        self.stateless_proposals = True
 
     async def __aenter__(self) -> PayerClient:
         return self
@@ -319,6 +333,11 @@ class PayerClient(PayeeHttp):
         }
         if script_version != script.SCRIPT_LEGACY:  # a payee from before script versions is never asked
             body["script_version"] = script_version
+        stateless = self.stateless_proposals and info.get("stateless_proposals") is True
+        if stateless:  # a payee from before stateless proposals is never asked (it refuses unknown fields)
+            body["stateless"] = True
+        ttl = info.get("proposal_ttl_s")
+        asked_at = time.time()  # before the token is issued: the payer's lapse is never after the payee's
         legacy = "terms" not in info  # a payee from before agreed terms: the old end-condition fields
         if legacy:
             body.update(
@@ -335,6 +354,8 @@ class PayerClient(PayeeHttp):
         if not legacy and ans.get("terms") != terms.to_json():
             raise TermsChanged(f"the payee answered other terms than proposed: {ans.get('terms')!r}; not funding")
         cid = str(ans["channel_id"])
+        token = self._proposal_token(ans) if stateless else None
+        expires = asked_at + ttl if token is not None and isinstance(ttl, (int, float)) else None
         self._needed[cid] = int(info.get("min_confirmations") or 1)
         self.store.insert(
             PayerRecord(
@@ -347,6 +368,8 @@ class PayerClient(PayeeHttp):
                 expiry_height=expiry,
                 terms=terms.to_json(),
                 key_index=key_index,
+                proposal_token=token,
+                proposal_expires_at=expires,
             )
         )
         if self.backup_file is not None:  # the key is backed up before a satoshi is sent to it
@@ -382,6 +405,17 @@ class PayerClient(PayeeHttp):
         """The terms agreed at open (None for a channel stored before terms were)."""
         rec = self.store.get(channel_id)
         return Terms.from_json(rec.terms) if rec.terms is not None else None
+
+    @staticmethod
+    def _proposal_token(ans: dict[str, Any]) -> str | None:
+        """The ``proposal_token`` of a stateless proposal's answer (None: the payee stored the proposal
+        instead); ``ProtocolViolation`` unless it is a base64url string."""
+        token = ans.get("proposal_token")
+        if token is None:
+            return None
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_CHARS or token.strip(_BASE64URL) != "":
+            raise ProtocolViolation("the proposal answer's proposal_token is not a base64url string")
+        return token
 
     def _check_proposal(
         self, ans: Any, pubkey: bytes, payer_script: bytes, deposit_sat: int, expiry: int, script_version: int
@@ -431,11 +465,12 @@ class PayerClient(PayeeHttp):
     async def _register_funding(self, cid: str, patience: float = 15.0) -> dict[str, Any]:
         rec = self.store.get(cid)
         deadline = time.monotonic() + patience
+        report: dict[str, Any] = {"txid": rec.funding_txid, "vout": rec.funding_vout}
+        if rec.proposal_token is not None:  # a stateless proposal: the payee writes the channel now
+            report["proposal_token"] = rec.proposal_token
         while True:
             try:
-                _, obj = await self.request(
-                    "POST", self._url(rec, "/funding"), {"txid": rec.funding_txid, "vout": rec.funding_vout}
-                )
+                _, obj = await self.request("POST", self._url(rec, "/funding"), report)
                 break
             except FundingNotFound:
                 # the payee's node may not have seen our transaction yet (propagation)
@@ -463,11 +498,52 @@ class PayerClient(PayeeHttp):
             self.store.set_acked(rec.channel_id, amt)
 
     async def status(self, channel_id: str) -> dict[str, Any]:
-        """The payee's channel object (and the local record updated from it)."""
+        """The payee's channel object (and the local record updated from it).
+
+        A stateless proposal the payee does not know (``unknown_channel``: it stores nothing before
+        the funding report) is answered here: unfunded, with the local channel object (``proposed``,
+        or ``failed``/``lapsed`` once its token has lapsed, which is then stored); funded, by
+        reporting its funding again (a report lost to a crash), whose answer is the payee's object."""
         rec = self.record(channel_id)
-        _, obj = await self.request("GET", self._url(rec))
+        try:
+            _, obj = await self.request("GET", self._url(rec))
+        except UnknownChannel as exc:
+            if rec.proposal_token is None or not exc.remote:
+                raise
+            if rec.funding_txid is not None:
+                return await self._register_funding(channel_id)
+            return self._unfunded_proposal(rec)
         self._note_remote(rec, obj)
         return dict(obj)
+
+    def _unfunded_proposal(self, rec: PayerRecord, end_reason: str | None = None) -> dict[str, Any]:
+        """The channel object of a stateless proposal without a funding, as this payer knows it (the
+        payee holds nothing of it): ``proposed`` while its token is valid, else ``failed`` with
+        ``end_reason`` (``lapsed`` when its token's time is over), recorded in the store."""
+        lapsed = rec.proposal_expires_at is not None and time.time() >= rec.proposal_expires_at
+        state = rec.state
+        if end_reason is None and lapsed:
+            end_reason = "lapsed"
+        if end_reason is not None or state is ChannelState.FAILED:
+            if state is not ChannelState.FAILED:
+                self.store.set_state(rec.channel_id, ChannelState.FAILED)
+            state = ChannelState.FAILED
+        return {
+            "channel_id": rec.channel_id,
+            "state": state.value,
+            "deposit_sat": rec.deposit_sat,
+            "amount_sat": 0,
+            "expiry_height": rec.expiry_height,
+            "funding_txid": None,
+            "funding_vout": None,
+            "confirmations": 0,
+            "close_txid": None,
+            "units": 0,
+            "owed_sat": 0,
+            "end_reason": end_reason,
+            "exception_txid": None,
+            "terms": rec.terms,
+        }
 
     async def wait_open(
         self, channel_id: str, timeout: float = 600.0, *, progress: Progress | None = None
@@ -719,8 +795,12 @@ class PayerClient(PayeeHttp):
         )
 
     async def close(self, channel_id: str) -> dict[str, Any]:
-        """Ask the payee to close with the last payment (signed close request)."""
+        """Ask the payee to close with the last payment (signed close request). A stateless proposal
+        without a funding is cancelled here alone (the payee holds nothing of it): ``failed``,
+        ``cancelled_by_payer``."""
         rec = self.record(channel_id)
+        if rec.proposal_token is not None and rec.funding_txid is None:
+            return self._unfunded_proposal(rec, "cancelled_by_payer")
         ch = self._channel(rec)
         sig = ch.close_request_signature(channel_id)
         _, obj = await self.request("POST", self._url(rec, "/close"), {"signature": sig.hex()})

@@ -23,7 +23,14 @@ Entry points::
     PayeeStore(path)                                   # opens and migrates payee.db
     PayeeStore.apply(transition) -> PayeeRecord | None # persist one record of the core's
     PayeeStore.fire(channel_id, decide) -> PayeeRecord | None  # decide on the row, apply, re-decide
+    PayeeStore.insert_funded(rec) -> PayeeRecord       # a stateless proposal's row, at its funding
     PayeeRecord                                        # one row; state is a ChannelState
+
+A stateless proposal (see :meth:`btcchannel.payee.service.PayeeService.propose`) has no row until
+its first funding report: :meth:`PayeeStore.insert_funded` writes it directly in ``funding`` or
+``open`` (``INSERT ... ON CONFLICT DO NOTHING``, then read back: instances racing one report write
+it once). Its key has no ``key_index``: it derives from the seed and the channel id, and
+:meth:`PayeeStore.restore_keys` derives it again when it was lost.
 
 Schema versions (the migrations are in :mod:`btcchannel.store._payee_schema`): 1 is the unversioned schema of earlier
 releases; 2 turns the
@@ -50,9 +57,11 @@ from typing import Any, Callable, Final, Iterable, Mapping, Sequence
 
 import orjson
 
+from btcchannel.core.keys import public_key
+from btcchannel.core.seed import derive_stateless_key
 from btcchannel.core.state import ChannelEvent, ChannelState, PayeeLifecycle, Transition, sources
 from btcchannel.core.tx import OutPoint
-from btcchannel.errors import FundingMismatch, IllegalTransition, UnknownChannel
+from btcchannel.errors import BadRequest, FundingMismatch, IllegalTransition, UnknownChannel
 from btcchannel.store._db import Database, decode_row
 from btcchannel.store._group import AfterCommit
 from btcchannel.store._payee_schema import MIGRATIONS as _MIGRATIONS
@@ -121,7 +130,9 @@ class PayeeRecord:
     close_tx_txid: str | None = None
     #: who proposed the channel (the client's network address), for the per-client proposal cap
     client: str | None = None
-    key_index: int | None = None  # the key's BIP32 index under the datadir's seed (None: a random key)
+    #: the key's BIP32 index under the datadir's seed; None: a stateless proposal's key (derived from the
+    #: seed and the channel id, no index used) or, for a channel from before seeds, a random key
+    key_index: int | None = None
     #: the idempotency key of the last charged metered request (its exact retry is served, not charged)
     last_request: bytes | None = None
     #: the payer's channel key (hex), a column of its own for the cross-channel credit caps
@@ -211,6 +222,32 @@ class PayeeStore(SeedKeys, Database):
         """The condition (SQL appended to a close's compare-and-set, and its arguments) that holds only
         while this process's leadership is the current one: none on SQLite (see ``PgPayeeStore``)."""
         return "", ()
+
+    def restore_keys(self) -> int:
+        """:meth:`SeedKeys.restore_keys`, and also the lost keys of stateless channels (no
+        ``key_index``): each derived from the seed and its channel id, kept only if it matches the
+        channel's stored public key (a lost random key of an older channel stays lost)."""
+        restored = super().restore_keys()
+        rows = self._db.execute(
+            "SELECT channel_id, params FROM channels WHERE key_index IS NULL AND length(privkey)=0"
+        ).fetchall()
+        if not rows or not self.has_seed():
+            return restored
+        seed = self.seed()
+        for row in rows:
+            cid = str(row["channel_id"])
+            try:
+                privkey = derive_stateless_key(seed, cid)
+            except BadRequest:
+                continue
+            if public_key(privkey).hex() != json.loads(row["params"]).get(self.PUBKEY_FIELD):
+                continue
+            self._db.execute(
+                "UPDATE channels SET privkey=?, updated_at=? WHERE channel_id=? AND length(privkey)=0",
+                (privkey, time.time(), cid),
+            )
+            restored += 1
+        return restored
 
     # -- reads ---------------------------------------------------------------
     def get(self, channel_id: str) -> PayeeRecord:
@@ -500,6 +537,51 @@ class PayeeStore(SeedKeys, Database):
             self.fire(channel_id, lambda life, _: life.funding_seen(outpoint, confirmations, funding_inputs or ()))
             is not None
         )
+
+    def insert_funded(self, rec: PayeeRecord) -> PayeeRecord:
+        """Store a channel whose first row is its registered funding (a stateless proposal's): state
+        ``funding`` or ``open`` as ``rec`` says, its funding outpoint set, in one statement.
+
+        Idempotent and safe against other instances on the same database: ``INSERT ... ON CONFLICT
+        DO NOTHING``, then the row is read back. The row now stored for the channel with this very
+        outpoint is returned (this call's or an earlier one's: a repeated report is answered with
+        it); ``FundingMismatch`` when the channel is stored with another outpoint, or when another
+        channel holds this outpoint (nothing written)."""
+        if rec.state not in (_S.FUNDING, _S.OPEN) or rec.funding_txid is None or rec.funding_vout is None:
+            raise ValueError("insert_funded takes a funding or open channel with its outpoint")
+        now = time.time()
+        values: dict[str, Any] = {
+            "channel_id": rec.channel_id,
+            "state": _S(rec.state).value,
+            "params": json.dumps(rec.params),
+            "privkey": rec.privkey,
+            "deposit_sat": rec.deposit_sat,
+            "expiry_height": rec.expiry_height,
+            "created_at": rec.created_at or now,
+            "funding_txid": rec.funding_txid,
+            "funding_vout": rec.funding_vout,
+            "confirmations": rec.confirmations,
+            "funding_inputs": json.dumps(rec.funding_inputs),
+            "max_units": rec.max_units,
+            "max_total_sat": rec.max_total_sat,
+            "created_height": rec.created_height,
+            "updated_at": now,
+            "terms": json.dumps(rec.terms) if rec.terms is not None else None,
+            "payout_script": rec.payout_script,
+            "client": rec.client,
+            "key_index": rec.key_index,
+            "payer_pubkey": rec.params.get("payer_pubkey"),
+        }
+        self._db.execute(
+            f"INSERT INTO channels ({', '.join(values)}) VALUES ({_marks(values)}) ON CONFLICT DO NOTHING",
+            tuple(values.values()),
+        )
+        stored = self.find(rec.channel_id)
+        if stored is None:
+            raise FundingMismatch("this funding outpoint is already used by another channel")
+        if (stored.funding_txid, stored.funding_vout) != (rec.funding_txid, rec.funding_vout):
+            raise FundingMismatch("this channel already has a funding outpoint")
+        return stored
 
     def funding_lost(self, channel_id: str, confirmations: int) -> bool:
         """The core's ``funding_lost`` event: ``open`` -> ``funding`` (the funding left the active

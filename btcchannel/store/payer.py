@@ -19,7 +19,9 @@ the metered ``units`` received and the number of signed ``payments``; 3 adds the
 payer datadir), its next key index and each channel's ``key_index`` (see :mod:`btcchannel.core.seed`);
 4 adds ``request_counter``, the bound of the metered-request counters reserved (auth v2: every counter used
 is at or below it, so a restart, which starts above it, or a clock stepped back never reuses or lowers
-one; a restored backup resyncs from the payee's 401).
+one; a restored backup resyncs from the payee's 401); 5 adds ``proposal_token`` (a stateless proposal's
+token, sent with every funding report of the channel) and ``proposal_expires_at`` (when the payer stops
+counting on that token: the payer's clock before it proposed, plus the payee's ``proposal_ttl_s``).
 
 **One durable commit per paid request.** Counters are reserved in blocks (:data:`COUNTER_BLOCK`) and
 handed out from memory below the stored bound, so most requests commit no counter; a payment that
@@ -83,6 +85,10 @@ class PayerRecord:
     key_index: int | None = None
     #: the last metered-request counter this payer used on the channel (auth v2: each is above it)
     request_counter: int = 0
+    #: a stateless proposal's token (the payee stored nothing before the funding report that carries it)
+    proposal_token: str | None = None
+    #: when that token lapses, on the payer's clock (None: no token, or a payee that did not say its TTL)
+    proposal_expires_at: float | None = None
 
     def __post_init__(self) -> None:
         self.state = ChannelState(self.state)
@@ -117,6 +123,11 @@ _V2_TERMS: Migration = (
 
 _V4_REQUEST_COUNTER: Migration = ("ALTER TABLE channels ADD COLUMN request_counter INTEGER NOT NULL DEFAULT 0",)
 
+_V5_PROPOSAL_TOKEN: Migration = (
+    "ALTER TABLE channels ADD COLUMN proposal_token TEXT",
+    "ALTER TABLE channels ADD COLUMN proposal_expires_at REAL",
+)
+
 _PAYER_FIELDS = (
     "channel_id",
     "server_url",
@@ -140,7 +151,7 @@ _SET_STATE_FIELDS = frozenset({"funding_txid", "funding_vout", "close_txid", "re
 
 
 #: optional in a backup (written since schema version 2)
-_PAYER_EXTRA = ("terms", "units", "payments", "key_index")
+_PAYER_EXTRA = ("terms", "units", "payments", "key_index", "proposal_token", "proposal_expires_at")
 
 
 def _payer_from_row(row: sqlite3.Row) -> PayerRecord:
@@ -159,7 +170,7 @@ _MAX_COUNTER = 2**63 - 1
 class PayerStore(SeedKeys, Database):
     """The payer's channels; the signed state is saved before it is sent."""
 
-    MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION, _V4_REQUEST_COUNTER)
+    MIGRATIONS = (_V1, _V2_TERMS, SEED_MIGRATION, _V4_REQUEST_COUNTER, _V5_PROPOSAL_TOKEN)
     PUBKEY_FIELD = "payer_pubkey"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -189,7 +200,8 @@ class PayerStore(SeedKeys, Database):
         now = time.time()
         self._db.execute(
             "INSERT INTO channels (channel_id, server_url, state, params, privkey, deposit_sat, expiry_height,"
-            " created_at, updated_at, terms, key_index) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " created_at, updated_at, terms, key_index, proposal_token, proposal_expires_at)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 rec.channel_id,
                 rec.server_url,
@@ -202,6 +214,8 @@ class PayerStore(SeedKeys, Database):
                 now,
                 json.dumps(rec.terms) if rec.terms is not None else None,
                 rec.key_index,
+                rec.proposal_token,
+                rec.proposal_expires_at,
             ),
         )
 
@@ -439,6 +453,10 @@ class PayerStore(SeedKeys, Database):
             vals["units"] = int(extra["units"] or 0)
             vals["payments"] = int(extra["payments"] or 0)
             index = int(extra["key_index"]) if extra["key_index"] is not None else None
+            token = extra["proposal_token"]
+            vals["proposal_token"] = str(token) if token is not None else None
+            expires = extra["proposal_expires_at"]
+            vals["proposal_expires_at"] = float(expires) if expires is not None else None
         except (KeyError, TypeError, ValueError) as exc:
             raise BadRequest(f"malformed backup entry: {exc}") from exc
         derived = None
