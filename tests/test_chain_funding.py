@@ -76,53 +76,49 @@ async def test_coinbase_funding_refused(
     assert srv.store.get(cid).state == "proposed"
 
 
-async def test_funding_reorged_out_refuses_payments_until_back(
-    bitcoind: RegtestNode,
-    payee: RunningPayee,
-    payer_client: PayerClient,
-) -> None:
-    srv, client = payee, payer_client
-    cid = await open_channel(client, bitcoind, srv.url, 100_000, 60)
-    await client.pay(cid, 10_000)
-    funding = srv.store.get(cid).funding_txid
-    assert funding is not None
-    block = _block_of(bitcoind, funding)
-    bitcoind.rpc("invalidateblock", block)  # the block that confirmed the funding leaves the chain
-    assert funding in bitcoind.rpc("getrawmempool")
-    await _state(srv, cid, "funding")
-    with pytest.raises(NotOpen):
-        await client.pay(cid, 5_000)
-    assert srv.store.get(cid).amount_sat == 10_000
-    bitcoind.rpc("reconsiderblock", block)
-    await _state(srv, cid, "open")
-    assert await client.pay(cid, 5_000) >= 15_000
-    assert srv.store.get(cid).amount_sat >= 15_000
-
-
-async def test_funding_reorged_out_refuses_prepaid_units(
+async def test_funding_reorged_out_refuses_payments_and_prepaid_units_until_back(
     bitcoind: RegtestNode,
     payee_factory: PayeeFactory,
     payer_client: PayerClient,
     tmp_path: Path,
 ) -> None:
+    """One block confirms two fundings, a plain payee's and a prepaying one's; while it is out of
+    the chain both channels are back in ``funding``: payments and prepaid units are refused."""
     data = tmp_path / "data.bin"
     data.write_bytes(bytes(range(256)) * 4)
-    srv = await payee_factory.start(
-        hook=lambda app: add_file_route(app, data, chunk_size=100), price_sat=100, mode="prepay"
+    srv = await payee_factory.start()
+    units = await payee_factory.start(
+        name="prepay", hook=lambda app: add_file_route(app, data, chunk_size=100), price_sat=100, mode="prepay"
     )
-    cid = await open_channel(payer_client, bitcoind, srv.url, 100_000, 60)
-    metered = MeteredPayer(payer_client, cid)
-    assert (await metered.fetch(f"{srv.url}/v1/file/0"))[0] == 200
+    client = payer_client
+    cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
+    units_cid = await client.open_channel(units.url, 100_000, 60, wait_open=False)
+    bitcoind.mine(1)
+    await client.wait_open(cid)
+    await client.wait_open(units_cid)
+    await client.pay(cid, 10_000)
+    metered = MeteredPayer(client, units_cid)
+    assert (await metered.fetch(f"{units.url}/v1/file/0"))[0] == 200
     funding = srv.store.get(cid).funding_txid
-    assert funding is not None
+    units_funding = units.store.get(units_cid).funding_txid
+    assert funding is not None and units_funding is not None
     block = _block_of(bitcoind, funding)
-    bitcoind.rpc("invalidateblock", block)
+    assert _block_of(bitcoind, units_funding) == block
+    bitcoind.rpc("invalidateblock", block)  # the block that confirmed the fundings leaves the chain
+    assert {funding, units_funding} <= set(bitcoind.rpc("getrawmempool"))
     await _state(srv, cid, "funding")
+    await _state(units, units_cid, "funding")
     with pytest.raises(NotOpen):
-        await metered.fetch(f"{srv.url}/v1/file/1")
-    assert (srv.store.get(cid).amount_sat, srv.store.get(cid).units) == (100, 1)
+        await client.pay(cid, 5_000)
+    assert srv.store.get(cid).amount_sat == 10_000
+    with pytest.raises(NotOpen):
+        await metered.fetch(f"{units.url}/v1/file/1")
+    assert (units.store.get(units_cid).amount_sat, units.store.get(units_cid).units) == (100, 1)
     bitcoind.rpc("reconsiderblock", block)
     await _state(srv, cid, "open")
+    await _state(units, units_cid, "open")
+    assert await client.pay(cid, 5_000) >= 15_000
+    assert srv.store.get(cid).amount_sat >= 15_000
 
 
 async def test_funding_reorged_out_and_double_spent_fails_at_final_depth(

@@ -10,13 +10,16 @@ wallet loaded that could have re-sent it."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from bip32 import BIP32
 
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.core.descriptor import add_checksum
 from btcchannel.payee.http import CLOSER, WATCHER
 from btcchannel.payee.metrics import METRICS, install_metrics
 from btcchannel.payer.client import PayerClient
@@ -60,7 +63,15 @@ async def _open(srv: RunningPayee, client: PayerClient, bitcoind: RegtestNode, d
 def _small_coins(bitcoind: RegtestNode, wallet: str, vsize: int = PIN_VSIZE) -> list[dict[str, Any]]:
     """Enough confirmed 2,000 sat coins in ``wallet`` for a child of about ``vsize`` vbytes."""
     n = vsize // 68
-    addresses = [bitcoind.new_address(wallet) for _ in range(n)]
+    # one ranged descriptor imported into the wallet: its n addresses in two calls, not n getnewaddress
+    xprv = BIP32.from_seed(os.urandom(32), network="test").get_xpriv()
+    desc = add_checksum(f"wpkh({xprv}/0/*)")
+    imported = bitcoind.rpc(
+        "importdescriptors", [{"desc": desc, "range": [0, n - 1], "timestamp": "now"}], wallet=wallet
+    )
+    assert imported[0]["success"], imported
+    public = bitcoind.rpc("getdescriptorinfo", desc)["descriptor"]
+    addresses = bitcoind.rpc("deriveaddresses", public, [0, n - 1])
     txid = bitcoind.rpc("sendmany", "", {a: "0.00002" for a in addresses}, wallet="miner")
     bitcoind.mine(1)
     outs = tx_of(bitcoind, txid)["vout"]

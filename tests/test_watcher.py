@@ -1,4 +1,5 @@
-"""The payee's watcher on a real regtest node: end conditions, refunds, conflicts, RBF bumps."""
+"""The payee's watcher on a real regtest node: end conditions, refunds, RBF bumps (the operator's too, up to
+what the payment affords). Its decisions alone are tested without a node in ``test_watcher_decide.py``."""
 
 from __future__ import annotations
 
@@ -100,23 +101,6 @@ async def test_refund_when_payee_gone_is_detected(
     assert srv.store.get(cid).end_reason == "payer_refund"
 
 
-async def test_double_spent_funding_detected(
-    bitcoind: RegtestNode,
-    funded_wallet: str,
-    payee: RunningPayee,
-    payer_client: PayerClient,
-) -> None:
-    srv, client = payee, payer_client
-    cid = await client.open_channel(srv.url, 100_000, 60, wait_open=False)
-    funding = srv.store.get(cid).funding_txid
-    assert srv.store.get(cid).state == "funding"
-    conflict = bitcoind.rpc("bumpfee", funding, wallet=funded_wallet)["txid"]
-    bitcoind.mine(srv.config.final_confirmations)  # a conflict is final only at final depth
-    await wait_until_async(lambda: srv.store.get(cid).state == "failed", timeout=30, what="conflict detected")
-    rec = srv.store.get(cid)
-    assert rec.exception_txid == conflict and rec.end_reason == "funding_double_spent"
-
-
 async def test_rbf_bump_of_stuck_close(
     bitcoind: RegtestNode,
     payee_factory: PayeeFactory,
@@ -127,6 +111,10 @@ async def test_rbf_bump_of_stuck_close(
     cfg = srv.config
     cid = await open_channel(client, bitcoind, srv.url, 200_000, 60)
     await client.pay(cid, 50_000)
+
+    def fee_of(txid: str) -> int:
+        return 200_000 - sum(sats(o["value"]) for o in tx_of(bitcoind, txid)["vout"])
+
     first = (await client.close(cid))["close_txid"]
     assert first in bitcoind.rpc("getrawmempool")
     _mine_empty(bitcoind, 2)  # blocks that leave the close out: it is stuck
@@ -139,36 +127,20 @@ async def test_rbf_bump_of_stuck_close(
     obj = await operator_bump(cfg, srv.node, cid, 10.0)
     third = obj["close_txid"]
     assert third not in (first, second) and third in bitcoind.rpc("getrawmempool")
+    assert fee_of(third) >= 10 * tx_of(bitcoind, third)["vsize"]
+    # a bump the payment cannot fully pay takes the most it can; past that it is refused, not faked
+    obj = await operator_bump(cfg, srv.node, cid, 1000.0)  # 1,000 sat/vB would cost more than 50,000 sat
+    fourth = obj["close_txid"]
+    assert fourth not in (first, second, third) and fourth in bitcoind.rpc("getrawmempool")
+    assert sats(tx_of(bitcoind, fourth)["vout"][1]["value"]) == 294  # the payee keeps exactly its dust limit
+    assert (srv.store.get(cid).close_fee_rate or 0) > 10.0
+    with pytest.raises(CloseUneconomic):
+        await operator_bump(cfg, srv.node, cid, 2000.0)
+    assert srv.store.get(cid).close_txid == fourth
     bitcoind.mine(1)
     await wait_until_async(lambda: srv.store.get(cid).state == "closed", timeout=30, what="closed")
     rec = srv.store.get(cid)
-    assert rec.close_txid == third and rec.close_txids == [first, second, third]
-    close = tx_of(bitcoind, third)
-    fee = 200_000 - sum(sats(o["value"]) for o in close["vout"])
-    assert fee >= 10 * close["vsize"]
+    assert rec.close_txid == fourth and rec.close_txids == [first, second, third, fourth]
+    close = tx_of(bitcoind, fourth)
+    assert fee_of(fourth) >= 10 * close["vsize"]
     assert sats(close["vout"][0]["value"]) == 150_000
-
-
-async def test_bump_beyond_what_the_payment_affords(
-    bitcoind: RegtestNode,
-    payee_factory: PayeeFactory,
-    payer_client: PayerClient,
-) -> None:
-    """A bump the payment cannot fully pay takes the most it can; past that it is refused, not faked."""
-    client = payer_client
-    srv = await payee_factory.start(bump_after_blocks=1000, close_fee_rate_sat_vb=1.0)
-    cfg = srv.config
-    cid = await open_channel(client, bitcoind, srv.url, 100_000, 60)
-    await client.pay(cid, 1_000)
-    first = (await client.close(cid))["close_txid"]
-    obj = await operator_bump(cfg, srv.node, cid, 25.0)  # 25 sat/vB would cost more than 1,000 sat
-    second = obj["close_txid"]
-    assert second != first and second in bitcoind.rpc("getrawmempool")
-    close = tx_of(bitcoind, second)
-    assert sats(close["vout"][1]["value"]) == 294  # the payee keeps exactly its dust limit
-    assert srv.store.get(cid).close_fee_rate is not None and srv.store.get(cid).close_fee_rate > 1.0
-    with pytest.raises(CloseUneconomic):
-        await operator_bump(cfg, srv.node, cid, 50.0)
-    assert srv.store.get(cid).close_txid == second
-    bitcoind.mine(1)
-    await wait_until_async(lambda: srv.store.get(cid).state == "closed", timeout=30, what="closed")

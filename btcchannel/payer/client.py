@@ -4,7 +4,8 @@ Entry points (what the CLI calls)::
 
     class PayerClient:
         def __init__(self, datadir: str | os.PathLike[str], node: Node, *, network: str = "regtest",
-                     timeout: float = 30.0, fee_rate_sat_vb: float | None = None) -> None
+                     timeout: float = 30.0, fee_rate_sat_vb: float | None = None,
+                     open_poll_s: float = 0.2) -> None
         async def aclose(self) -> None                      # also: async with PayerClient(...) as c
         async def info(self, server_url: str) -> dict[str, Any]
         async def open_channel(self, server_url: str, deposit_sat: int, lifetime_blocks: int, *,
@@ -133,6 +134,7 @@ class PayerClient(PayeeHttp):
         timeout: float = 30.0,
         fee_rate_sat_vb: float | None = None,
         backup_file: str | os.PathLike[str] | None = None,
+        open_poll_s: float = 0.2,
     ) -> None:
         self.datadir = Path(datadir)
         self.node = node
@@ -140,6 +142,7 @@ class PayerClient(PayeeHttp):
         self.timeout = timeout
         self.fee_rate_sat_vb = fee_rate_sat_vb
         self.backup_file = Path(backup_file) if backup_file is not None else None  # rewritten on every open
+        self.open_poll_s = open_poll_s  # how often wait_open asks the payee
         self.store = PayerStore(self.datadir / "payer.db")
         if self.store.has_seed():
             self.store.restore_keys()  # a key lost from the row is re-derived (and checked) from the seed
@@ -545,7 +548,7 @@ class PayerClient(PayeeHttp):
     async def wait_open(
         self, channel_id: str, timeout: float = 600.0, *, progress: Progress | None = None
     ) -> dict[str, Any]:
-        """Poll the payee until the channel is ``open``.
+        """Poll the payee (every ``open_poll_s``) until the channel is ``open``.
 
         ``OpenTimeout`` after ``timeout`` s (saying how many confirmations the funding has);
         a channel that ended raises the payment errors' code for its state (``not_open``,
@@ -576,7 +579,7 @@ class PayerClient(PayeeHttp):
                     f"channel {channel_id} is funded by {txid} but not open after {timeout:g} s "
                     f"({confs or 0} of {needed} confirmations)"
                 )
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(self.open_poll_s)
 
     def _agreed(self, rec: PayerRecord) -> Terms:
         """``rec``'s agreed terms (stored at open, never changed), parsed once per channel."""

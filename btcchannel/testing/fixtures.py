@@ -29,6 +29,8 @@ from btcchannel.testing.chain import node_for
 from btcchannel.testing.payee import AppHook, RunningPayee, ServerProcess, fast_config, start_payee
 
 ALLOW_ERRORS_MARKER = "allow_payee_errors"
+#: how often a test's payer asks the payee whether its channel is open (its payee polls as fast)
+OPEN_POLL_S = 0.05
 
 
 class _ErrorRecords(logging.Handler):
@@ -126,7 +128,9 @@ class PayerFactory:
         return self._nodes.node(wallet or self.wallet)
 
     def __call__(self, name: str = "payer", *, wallet: str | None = None, **kw: Any) -> PayerClient:
-        """A :class:`PayerClient` in ``<tmp_path>/<name>`` funding channels from ``wallet``."""
+        """A :class:`PayerClient` in ``<tmp_path>/<name>`` funding channels from ``wallet`` (asking the
+        payee every ``OPEN_POLL_S`` while it waits for a channel to open, unless told otherwise)."""
+        kw.setdefault("open_poll_s", OPEN_POLL_S)
         client = PayerClient(self.folder / name, self.node(wallet), **kw)
         self.clients.append(client)
         return client

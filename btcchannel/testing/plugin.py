@@ -7,7 +7,7 @@ btcchannel gets them:
   past height 200, with a ``miner`` wallet holding mature coins; it keeps a transaction index,
   or, with ``--btcchannel-node=pruned``, runs as most operators' nodes do: ``-prune=550`` and
   no transaction index (:data:`NODE_KINDS`);
-- ``funded_wallet``: the name of a fresh wallet on it holding 10 BTC, confirmed;
+- ``funded_wallet``: the name of a fresh wallet on it holding 10 BTC, confirmed (unloaded after the test);
 - ``node_datadir``: a per-test folder, removed when the test passes and kept
   (its path printed) when it fails;
 - ``node_factory``: starts more nodes for a test (stopped at its end), with the node options of
@@ -25,6 +25,7 @@ The session node's datadir is kept when any test of the session failed.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import shutil
@@ -36,6 +37,7 @@ import pytest
 
 from btcchannel.bitcoind.binary import BitcoindBinary, find_bitcoind
 from btcchannel.bitcoind.regtest import RegtestNode
+from btcchannel.errors import NodeError, NodeUnavailable
 from btcchannel.testing.postgres import PostgresServer, start_postgres
 
 FUNDED_WALLET_SAT = 10 * 100_000_000
@@ -132,11 +134,14 @@ def node_datadir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
-def funded_wallet(bitcoind: RegtestNode) -> str:
-    """The name of a fresh wallet holding 10 BTC, confirmed."""
+def funded_wallet(bitcoind: RegtestNode) -> Iterator[str]:
+    """The name of a fresh wallet holding 10 BTC, confirmed; unloaded after the test (its file stays),
+    so the session node does not keep one more wallet to update for every later block."""
     name = f"funded{next(_wallet_numbers)}"
     bitcoind.fund_wallet(name, FUNDED_WALLET_SAT)
-    return name
+    yield name
+    with contextlib.suppress(NodeError, NodeUnavailable):
+        bitcoind.rpc("unloadwallet", name)
 
 
 @pytest.fixture
