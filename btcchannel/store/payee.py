@@ -53,7 +53,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final, Iterable, Mapping, Sequence
+from typing import Any, Callable, Final, Generator, Iterable, Mapping, Sequence
 
 import orjson
 
@@ -404,12 +404,12 @@ class PayeeStore(SeedKeys, Database):
         self._db.execute("COMMIT")
         return out
 
-    def fire(self, channel_id: str, decide: Decide, rec: PayeeRecord | None = None) -> PayeeRecord | None:
-        """Ask ``decide`` (a core lifecycle event) for the transition of channel ``channel_id`` as
-        stored (``rec``, or read now) and :meth:`apply` it; when the compare-and-set is lost, read the
-        row again and ask again. Returns the updated row, or None once the decision raises
-        IllegalTransition (the event is not allowed in the row's state), the row is missing, or the
-        event's guard refused it."""
+    def _decisions(
+        self, channel_id: str, decide: Decide, rec: PayeeRecord | None
+    ) -> Generator[Transition, PayeeRecord | None, PayeeRecord | None]:
+        """The decide-apply-decide-again loop of :meth:`fire` without its I/O: yields each record to
+        apply and is sent what applying it stored (None: the compare-and-set was lost); returns the
+        updated row, or None (see :meth:`fire`)."""
         for _attempt in range(_FIRE_ATTEMPTS):
             if rec is None and (rec := self.find(channel_id)) is None:
                 return None
@@ -417,7 +417,7 @@ class PayeeStore(SeedKeys, Database):
                 t = decide(PayeeLifecycle(channel_id, rec.state), rec)
             except IllegalTransition:
                 return None
-            stored = self.apply(t)
+            stored = yield t
             if stored is not None:
                 return stored
             rec = self._decide_again(channel_id, t)
@@ -425,22 +425,29 @@ class PayeeStore(SeedKeys, Database):
                 return None
         return None
 
+    def fire(self, channel_id: str, decide: Decide, rec: PayeeRecord | None = None) -> PayeeRecord | None:
+        """Ask ``decide`` (a core lifecycle event) for the transition of channel ``channel_id`` as
+        stored (``rec``, or read now) and :meth:`apply` it; when the compare-and-set is lost, read the
+        row again and ask again. Returns the updated row, or None once the decision raises
+        IllegalTransition (the event is not allowed in the row's state), the row is missing, or the
+        event's guard refused it."""
+        steps = self._decisions(channel_id, decide, rec)
+        try:
+            t = next(steps)
+            while True:
+                t = steps.send(self.apply(t))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
     async def fire_async(self, channel_id: str, decide: Decide, rec: PayeeRecord | None = None) -> PayeeRecord | None:
         """:meth:`fire`, each record applied through the group-commit writer."""
-        for _attempt in range(_FIRE_ATTEMPTS):
-            if rec is None and (rec := self.find(channel_id)) is None:
-                return None
-            try:
-                t = decide(PayeeLifecycle(channel_id, rec.state), rec)
-            except IllegalTransition:
-                return None
-            stored = await self.apply_async(t)
-            if stored is not None:
-                return stored
-            rec = self._decide_again(channel_id, t)
-            if rec is None:
-                return None
-        return None
+        steps = self._decisions(channel_id, decide, rec)
+        try:
+            t = next(steps)
+            while True:
+                t = steps.send(await self.apply_async(t))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
     def _decide_again(self, channel_id: str, lost: Transition) -> PayeeRecord | None:
         """The row to decide again on after ``lost`` lost its compare-and-set: the row as stored now;
