@@ -60,35 +60,33 @@ def test_fetch_cold_then_warm(cold_fetch: ColdFetch) -> None:
     print(f"\nprovisioning: cold {cold_fetch.seconds:.1f}s, warm {warm_s:.2f}s")
 
 
+def _stanza(types: str, uris: str, *lines: str) -> str:
+    """One deb822 ``.sources`` stanza: its types, its URIs, then ``lines`` as they are."""
+    return "\n".join([f"Types: {types}", f"URIs: {uris}", *lines]) + "\n"
+
+
 def test_apt_sources_of_both_formats_name_their_archives() -> None:
     """The archive URIs read from apt's one-line lists and deb822 ``.sources`` files: enabled
     ``deb`` entries only, security archives left out (no apt needed)."""
+    archive, other = "http://archive.example/debian", "http://other.example/debian"
     one_line = (
         "# deb http://old.example/debian bookworm main\n"
-        "deb [arch=amd64] http://deb.debian.org/debian bookworm main\n"
+        f"deb [arch=amd64] {archive} bookworm main\n"
         "deb-src http://src.example/debian bookworm main\n"
-        "deb http://security.debian.org/debian-security bookworm-security main\n"
-        "deb http://mirror.example/debian bookworm-security main\n"
+        "deb http://archive.example/debian-security bookworm-security main\n"
+        f"deb {other} bookworm-security main\n"
     )
-    assert _one_line_uris(one_line) == ["http://deb.debian.org/debian"]
-    deb822 = (
-        "Types: deb deb-src\nURIs: http://deb.debian.org/debian http://mirror.example/debian\n"
-        "Suites: bookworm bookworm-updates\nComponents: main\n"
-        "\n"
-        "Types: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\n"
-        "\n"
-        "Types: deb\nURIs: http://disabled.example/debian\nSuites: bookworm\nEnabled: no\n"
-        "\n"
-        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\n"
-        "\n"
-        "# Types: deb\nTypes: deb\nURIs: http://other.example/debian\n"
-        " continued: line\nSuites: trixie\n"
+    assert _one_line_uris(one_line) == [archive]
+    deb822 = "\n".join(
+        [
+            _stanza("deb deb-src", f"{archive} {other}", "Suites: bookworm bookworm-updates", "Components: main"),
+            _stanza("deb", "http://archive.example/debian-security", "Suites: bookworm-security"),
+            _stanza("deb", "http://disabled.example/debian", "Suites: bookworm", "Enabled: no"),
+            _stanza("deb-src", "http://src.example/debian", "Suites: bookworm"),
+            "# Types: deb\n" + _stanza("deb", "http://third.example/debian", " continued: line", "Suites: trixie"),
+        ]
     )
-    assert _deb822_uris(deb822) == [
-        "http://deb.debian.org/debian",
-        "http://mirror.example/debian",
-        "http://other.example/debian",
-    ]
+    assert _deb822_uris(deb822) == [archive, other, "http://third.example/debian"]
 
 
 def test_broken_cache_is_refetched(cold_fetch: ColdFetch, tmp_path: Path) -> None:
